@@ -1,0 +1,141 @@
+//! Storage micro-benchmarks: append throughput per durability policy and batch size, and
+//! 50-message page reads. Run with `cargo bench -p tern-benches --bench storage`.
+//!
+//! A "batch" of N is N appends (to N different conversations) submitted together and then
+//! awaited, so the writer thread sees up to N queued appends per commit. Bodies are 200
+//! bytes. Sustained throughput at high concurrency and latency percentiles under a fixed
+//! rate are measured by `storage/examples/append_load.rs` (see docs/PERFORMANCE.md).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tern_storage::{
+    AppendRequest, Durability, MessageStore, RocksStore, StoreOptions, group_conversation,
+};
+
+const BODY: usize = 200;
+const CONVS: u64 = 10_000;
+
+fn request(n: u64, body: &Bytes) -> AppendRequest {
+    AppendRequest {
+        conversation: group_conversation(n % CONVS + 1).unwrap(),
+        sender: n % 1000 + 1,
+        client_msg_id: format!("b-{n}"),
+        content_type: 1,
+        custom_type: String::new(),
+        payload: body.clone(),
+        participants: Vec::new(),
+    }
+}
+
+fn append(c: &mut Criterion) {
+    let body = Bytes::from(vec![0x5a; BODY]);
+    let mut g = c.benchmark_group("storage_append");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    for (name, policy) in [
+        ("fsync", Durability::Fsync),
+        (
+            "wal",
+            Durability::Wal {
+                sync_interval_ms: 10,
+            },
+        ),
+        ("memory", Durability::Memory),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), StoreOptions::with_durability(policy)).unwrap();
+        let mut n = 0u64;
+        for batch in [1u64, 64, 512] {
+            g.throughput(Throughput::Elements(batch));
+            g.bench_function(BenchmarkId::new(name, batch), |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let pending: Vec<_> = (0..batch)
+                            .map(|_| {
+                                n += 1;
+                                store.append(request(n, &body))
+                            })
+                            .collect();
+                        for p in pending {
+                            black_box(p.wait().unwrap());
+                        }
+                    }
+                    start.elapsed()
+                })
+            });
+        }
+        store.close().unwrap();
+    }
+    g.finish();
+}
+
+fn reads(c: &mut Criterion) {
+    let body = Bytes::from(vec![0x5a; BODY]);
+    let dir = tempfile::tempdir().unwrap();
+    let conv = group_conversation(1).unwrap();
+    let fill = |store: &RocksStore| {
+        let mut pending = Vec::new();
+        for n in 0..100_000u64 {
+            // Every tenth message goes to the measured conversation, the rest elsewhere.
+            let mut r = request(n, &body);
+            if n % 10 == 0 {
+                r.conversation = conv;
+            }
+            pending.push(store.append(r));
+            if pending.len() == 4096 {
+                pending.drain(..).for_each(|p| {
+                    p.wait().unwrap();
+                });
+            }
+        }
+        pending.into_iter().for_each(|p| {
+            p.wait().unwrap();
+        });
+    };
+    let mut g = c.benchmark_group("storage_read_page_50");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .throughput(Throughput::Elements(50));
+    for stage in ["memtable", "sst"] {
+        let store = RocksStore::open(
+            dir.path(),
+            StoreOptions::with_durability(Durability::Memory),
+        )
+        .unwrap();
+        if stage == "memtable" {
+            fill(&store);
+        }
+        let latest = store.latest_seq(conv).unwrap();
+        assert_eq!(latest, 10_000);
+        let mut i = 0u64;
+        g.bench_function(BenchmarkId::new("forward", stage), |b| {
+            b.iter(|| {
+                i = (i + 97) % (latest - 50);
+                let page = store.read_forward(conv, i + 1, 50).unwrap();
+                assert_eq!(page.len(), 50);
+                black_box(page)
+            })
+        });
+        g.bench_function(BenchmarkId::new("backward", stage), |b| {
+            b.iter(|| {
+                i = (i + 97) % (latest - 50);
+                let page = store.read_backward(conv, i + 51, 50).unwrap();
+                assert_eq!(page.len(), 50);
+                black_box(page)
+            })
+        });
+        // Closing flushes the memtables (Memory policy), so the next stage reads SST files
+        // through the block cache.
+        store.close().unwrap();
+    }
+    g.finish();
+}
+
+criterion_group!(benches, append, reads);
+criterion_main!(benches);

@@ -1,0 +1,1 @@
+//! Shared helpers for Tern benchmarks and the load generator.

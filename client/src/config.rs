@@ -1,0 +1,97 @@
+//! Client configuration.
+
+use std::time::Duration;
+
+use tern_protocol::{MAX_FRAME_DEFAULT, Platform};
+
+use crate::{BackoffConfig, ClientError};
+
+/// How to connect and behave. Build it with [`ClientConfig::new`] and change fields as needed;
+/// every other field has the default written on it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// `host:port` (or an IP socket address written out) of the gateway's TCP listener.
+    pub server: String,
+    /// Signed token minted by the gateway (`tern-gateway token`).
+    pub token: String,
+    /// Stable id of this device or installation, 1..=64 bytes. A second login with the same id
+    /// replaces (kicks) the first.
+    pub device_id: String,
+    /// Default: `Platform::Other`.
+    pub platform: Platform,
+    /// Sent in `Hello.client_version`. Default: `tern-rs/<crate version>`.
+    pub client_version: String,
+    /// The sync position to start from (a `SyncDone.user_version` the application stored);
+    /// default 0, which syncs everything this device has not acknowledged.
+    pub sync_version: u64,
+    /// Ask the server to sync right after login (default true). A send-only client can turn it
+    /// off; reconnects always sync.
+    pub sync_on_login: bool,
+    /// Acknowledge delivered messages automatically (default true): one `Ack` per conversation
+    /// for the highest seq up to which every message was handed to the application, coalesced
+    /// over everything read from the socket at once. Off: call [`Client::ack`](crate::Client::ack).
+    pub auto_ack: bool,
+    /// Reconnect after the connection is lost (default true).
+    pub reconnect: bool,
+    /// Reconnect delays (default 100 ms doubling to 10 s, full jitter).
+    pub backoff: BackoffConfig,
+    /// Bound on TCP connect plus login (default 10 s).
+    pub connect_timeout: Duration,
+    /// Bound on waiting for the answer to a request (default 30 s).
+    pub request_timeout: Duration,
+    /// Ping interval if the server's HelloOk does not give one (default 30 s).
+    pub heartbeat_interval: Duration,
+    /// Largest frame accepted from the server before HelloOk says otherwise (default 1 MiB).
+    pub max_frame_bytes: usize,
+}
+
+impl ClientConfig {
+    /// A config with the given server address, token and device id, and defaults otherwise.
+    pub fn new(
+        server: impl ToString,
+        token: impl Into<String>,
+        device_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            server: server.to_string(),
+            token: token.into(),
+            device_id: device_id.into(),
+            platform: Platform::Other,
+            client_version: concat!("tern-rs/", env!("CARGO_PKG_VERSION")).to_owned(),
+            sync_version: 0,
+            sync_on_login: true,
+            auto_ack: true,
+            reconnect: true,
+            backoff: BackoffConfig::default(),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(30),
+            max_frame_bytes: MAX_FRAME_DEFAULT,
+        }
+    }
+
+    /// Checks the fields once, naming the first bad one.
+    pub fn validate(&self) -> Result<(), ClientError> {
+        let bad = |what: &str| Err(ClientError::Config(what.to_owned()));
+        if self.server.is_empty() {
+            return bad("server: empty");
+        }
+        if self.token.is_empty() {
+            return bad("token: empty");
+        }
+        if self.device_id.is_empty() || self.device_id.len() > 64 {
+            return bad("device_id: must be 1..=64 bytes");
+        }
+        if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
+            return bad("backoff: initial must be > 0 and <= max");
+        }
+        if self.heartbeat_interval.is_zero() {
+            return bad("heartbeat_interval: must be > 0");
+        }
+        if self.max_frame_bytes < 1024 {
+            return bad("max_frame_bytes: must be at least 1024");
+        }
+        Ok(())
+    }
+}

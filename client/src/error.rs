@@ -1,0 +1,91 @@
+//! The SDK's error type.
+
+use std::{io, sync::Arc};
+
+use tern_protocol::{CodecError, ErrorCode, KickReason};
+
+/// Everything a [`Client`](crate::Client) call can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server answered the request with an `Error` frame.
+    #[error("{}: {message}", code.name())]
+    Server {
+        /// The wire error code (tern.proto `ErrorCode`).
+        code: ErrorCode,
+        /// The server's human-readable text; for display only.
+        message: String,
+    },
+    /// The connection was lost before the answer arrived, or the client is between connections.
+    /// The request may or may not have reached the server: retry a send with
+    /// [`Client::send_with_id`](crate::Client::send_with_id) and the same id.
+    #[error("disconnected from the server")]
+    Disconnected,
+    /// The client was closed, or stopped for good (see [`Event::Stopped`](crate::Event)).
+    #[error("client closed")]
+    Closed,
+    /// The server kicked this connection and the client does not reconnect.
+    #[error("kicked by the server: {}: {message}", reason.as_str_name())]
+    Kicked {
+        /// Why.
+        reason: KickReason,
+        /// The server's text.
+        message: String,
+    },
+    /// No answer within the configured request or connect timeout.
+    #[error("timed out")]
+    Timeout,
+    /// The socket failed (connect, read or write).
+    #[error("i/o error: {0}")]
+    Io(Arc<io::Error>),
+    /// The server sent bytes that are not a valid frame.
+    #[error("invalid frame from the server: {0}")]
+    Codec(#[from] CodecError),
+    /// The server sent a frame that makes no sense at this point (e.g. no HelloOk to Hello).
+    #[error("protocol violation by the server: {0}")]
+    Protocol(String),
+    /// A [`ClientConfig`](crate::ClientConfig) field is invalid; the text names it.
+    #[error("invalid client config: {0}")]
+    Config(String),
+}
+
+impl From<io::Error> for ClientError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(Arc::new(e))
+    }
+}
+
+impl ClientError {
+    /// The wire error code, for [`ClientError::Server`].
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// True if reconnecting cannot help: the server rejected the login itself (bad, expired or
+    /// revoked token; unsupported protocol version).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(
+                ErrorCode::TokenInvalid
+                    | ErrorCode::TokenExpired
+                    | ErrorCode::TokenRevoked
+                    | ErrorCode::UnsupportedVersion
+                    | ErrorCode::Unauthenticated
+            )
+        ) || matches!(self, Self::Config(_) | Self::Kicked { .. } | Self::Closed)
+    }
+
+    pub(crate) fn from_wire(e: &tern_protocol::Error) -> Self {
+        Self::Server {
+            code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
+            message: e.message.clone(),
+        }
+    }
+}
+
+/// Result with [`ClientError`].
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

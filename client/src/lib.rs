@@ -1,0 +1,79 @@
+//! Async Rust client for the Tern instant-messaging gateway, and the `tern` command-line client
+//! built on it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tern_client::ClientError> {
+//! use tern_client::{Client, ClientConfig, ContentType, Event, Target};
+//!
+//! let client = Client::connect(ClientConfig::new("127.0.0.1:7600", "TOKEN", "laptop")).await?;
+//! let mut incoming = client.incoming();
+//! let ack = client.send(Target::user("bob"), ContentType::Text as u32, "hi bob").await?;
+//! println!("stored as seq {} of conversation {}", ack.seq, ack.conversation_id);
+//! while let Some(event) = incoming.recv().await {
+//!     if let Event::Message(m) = event {
+//!         println!("{}: {:?}", m.sender, m.payload);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! What it does: one connection task per [`Client`] owns the socket, logs in, matches answers to
+//! requests by request id, hands every (conversation, seq) to the application exactly once
+//! (sync pages and live pushes overlap; see [`dedup`]), acknowledges delivered messages
+//! (coalesced per conversation), pings when idle, and reconnects with exponential backoff and
+//! full jitter, resuming from the last sync position. Requests in flight when a connection
+//! drops fail with [`ClientError::Disconnected`]; retry sends with [`Client::send_with_id`].
+//!
+//! What it does not do: it keeps nothing on disk (store [`Client::sync_version`] yourself to
+//! resume a later process from it), does not reorder messages that arrive out of order, does not
+//! queue requests while disconnected, and speaks only TCP (the transport is an internal enum so
+//! QUIC can be added). It needs a tokio runtime.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod backoff;
+mod client;
+mod config;
+pub mod dedup;
+mod error;
+pub mod line;
+mod session;
+mod transport;
+
+pub use backoff::{Backoff, BackoffConfig};
+pub use client::{Client, Conversation, Incoming, new_client_msg_id};
+pub use config::ClientConfig;
+pub use error::{ClientError, Result};
+pub use tern_protocol::{
+    ContentType, ConversationState, Deliver, ErrorCode, HelloOk, HistoryPage, Kick, KickReason,
+    Platform, SendAck, Target, TargetKind,
+};
+
+/// What the client tells the application, in the order it happened.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// A message, live or from a sync page. Each (conversation_id, seq) comes once.
+    Message(Deliver),
+    /// The conversations that changed, from a sync (before their messages).
+    Conversations(Vec<ConversationState>),
+    /// A sync finished; `user_version` is the new sync position.
+    SyncDone {
+        /// The new sync position.
+        user_version: u64,
+    },
+    /// The server kicked this connection. For `REPLACED` and `REVOKED` the client stops
+    /// ([`Event::Stopped`] follows); otherwise it reconnects.
+    Kicked(Kick),
+    /// The connection was lost; requests in flight failed with [`ClientError::Disconnected`].
+    Disconnected {
+        /// What ended it.
+        reason: ClientError,
+    },
+    /// Logged in again after [`Event::Disconnected`]; a sync from the stored position follows.
+    Reconnected,
+    /// The client gave up (final kick, rejected token, or reconnect turned off); the stream
+    /// ends after this.
+    Stopped(ClientError),
+}

@@ -1,0 +1,363 @@
+//! `tern`: the command-line client. See `tern --help`; output formats are in
+//! `tern_client::line`.
+
+use std::{
+    io::Write,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use tern_client::{
+    Client, ClientConfig, ClientError, ContentType, Conversation, Event, Incoming, Platform,
+    Target, line,
+};
+use tokio::io::AsyncBufReadExt;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Command-line client for the Tern messaging gateway.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version)]
+struct Cli {
+    /// Gateway address, HOST:PORT.
+    #[arg(
+        long,
+        env = "TERN_SERVER",
+        default_value = "127.0.0.1:7600",
+        global = true
+    )]
+    server: String,
+    /// Login token (mint one with `tern-gateway token --user NAME`).
+    #[arg(long, env = "TERN_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Device id to log in as [default: cli-COMMAND, e.g. cli-listen]. A second login with the same device id
+    /// kicks the first.
+    #[arg(long, env = "TERN_DEVICE", global = true)]
+    device: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send one message and print its SendAck: `sent conversation=<id> seq=<n> time=<ms>`.
+    Send {
+        /// Recipient user id.
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        to: Option<String>,
+        /// Recipient group id.
+        #[arg(long)]
+        group: Option<String>,
+        /// Client message id; repeat a send with the same id to retry it safely
+        /// [default: random].
+        #[arg(long)]
+        id: Option<String>,
+        /// The text to send.
+        text: String,
+    },
+    /// Print each incoming message as it arrives, one line each:
+    /// `conversation=<id> seq=<n> from=<user> time=<ms> text=<text>`.
+    Listen {
+        /// Exit 0 after printing this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds (exit 0, or 1 if --count was not reached).
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Print a conversation's history, oldest first, in the `listen` format.
+    History {
+        /// The 1:1 conversation with this user.
+        #[arg(long, required_unless_present_any = ["group", "conversation"], conflicts_with_all = ["group", "conversation"])]
+        with: Option<String>,
+        /// The conversation of this group.
+        #[arg(long, conflicts_with = "conversation")]
+        group: Option<String>,
+        /// The conversation with this id.
+        #[arg(long)]
+        conversation: Option<u64>,
+        /// At most this many messages (the most recent ones before --before).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only messages with a seq below this.
+        #[arg(long)]
+        before: Option<u64>,
+    },
+    /// Chat with a user: lines typed on stdin are sent, incoming messages are printed.
+    Chat {
+        /// The user to chat with.
+        user: String,
+    },
+}
+
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Send { .. } => "send",
+            Self::Listen { .. } => "listen",
+            Self::History { .. } => "history",
+            Self::Chat { .. } => "chat",
+        }
+    }
+}
+
+fn platform() -> Platform {
+    match std::env::consts::OS {
+        "linux" => Platform::Linux,
+        "macos" => Platform::Macos,
+        "windows" => Platform::Windows,
+        _ => Platform::Other,
+    }
+}
+
+fn fail(e: &ClientError) -> ExitCode {
+    eprintln!("{}", line::error(e));
+    ExitCode::FAILURE
+}
+
+/// Prints `text` and flushes; false if stdout is gone (a closed pipe).
+fn print_line(text: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|()| out.flush()).is_ok()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(run(cli));
+    // Do not wait for the blocking stdin reader of `chat`: it cannot be cancelled.
+    runtime.shutdown_background();
+    code
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let Some(token) = cli.token.filter(|t| !t.is_empty()) else {
+        eprintln!("error: a token is required: --token TOKEN or TERN_TOKEN");
+        return ExitCode::from(2);
+    };
+    let device = cli
+        .device
+        .unwrap_or_else(|| format!("cli-{}", cli.command.name()));
+    let mut config = ClientConfig::new(&cli.server, token, device);
+    config.platform = platform();
+    if matches!(cli.command, Command::Send { .. } | Command::History { .. }) {
+        // One request and out: nothing to sync, nothing to reconnect for.
+        config.sync_on_login = false;
+        config.reconnect = false;
+    }
+    let client = match Client::connect(config).await {
+        Ok(client) => client,
+        Err(e) => return fail(&e),
+    };
+    let code = match cli.command {
+        Command::Send {
+            to,
+            group,
+            id,
+            text,
+        } => {
+            let target = match (to, group) {
+                (Some(user), _) => Target::user(user),
+                (None, Some(group)) => Target::group(group),
+                (None, None) => unreachable!("clap requires --to or --group"),
+            };
+            let id = id.unwrap_or_else(tern_client::new_client_msg_id);
+            match client
+                .send_with_id(id, target, ContentType::Text as u32, text)
+                .await
+            {
+                Ok(ack) => {
+                    print_line(&line::send_ack(&ack));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Listen { count, timeout } => listen(&client, count, timeout).await,
+        Command::History {
+            with,
+            group,
+            conversation,
+            limit,
+            before,
+        } => {
+            let conversation = match (with, group, conversation) {
+                (Some(user), _, _) => Conversation::With(Target::user(user)),
+                (None, Some(group), _) => Conversation::With(Target::group(group)),
+                (None, None, Some(id)) => Conversation::Id(id),
+                (None, None, None) => unreachable!("clap requires one of them"),
+            };
+            history(&client, conversation, limit, before.unwrap_or(0)).await
+        }
+        Command::Chat { user } => chat(&client, &user).await,
+    };
+    client.close().await;
+    code
+}
+
+/// What the CLI does with one event; `Some(code)` ends the command.
+fn show(event: Option<Event>) -> Result<bool, ExitCode> {
+    match event {
+        Some(Event::Message(m)) => {
+            if print_line(&line::message(&m)) {
+                Ok(true)
+            } else {
+                Err(ExitCode::SUCCESS)
+            }
+        }
+        Some(Event::Disconnected { reason }) => {
+            eprintln!("# disconnected ({reason}); reconnecting");
+            Ok(false)
+        }
+        Some(Event::Reconnected) => {
+            eprintln!("# reconnected");
+            Ok(false)
+        }
+        Some(Event::Kicked(kick)) => {
+            eprintln!(
+                "# kicked: {} {}",
+                tern_client::KickReason::try_from(kick.reason)
+                    .map_or("UNKNOWN", |r| r.as_str_name()),
+                kick.message
+            );
+            Ok(false)
+        }
+        Some(Event::Stopped(e)) => Err(fail(&e)),
+        None => Err(fail(&ClientError::Closed)),
+        Some(_) => Ok(false),
+    }
+}
+
+async fn next(incoming: &mut Incoming, deadline: Option<Instant>) -> Option<Option<Event>> {
+    match deadline {
+        Some(at) => tokio::time::timeout_at(at.into(), incoming.recv())
+            .await
+            .ok(),
+        None => Some(incoming.recv().await),
+    }
+}
+
+async fn listen(client: &Client, count: Option<u64>, timeout: Option<f64>) -> ExitCode {
+    let mut incoming = client.incoming();
+    if let Some(ok) = client.login() {
+        eprintln!("# listening as user={} device={}", ok.user_id, ok.device_id);
+    }
+    let deadline = match timeout.map(Duration::try_from_secs_f64) {
+        None => None,
+        Some(Ok(d)) => Some(Instant::now() + d),
+        Some(Err(_)) => {
+            eprintln!("error: --timeout must be a non-negative number of seconds");
+            return ExitCode::from(2);
+        }
+    };
+    let mut printed = 0u64;
+    loop {
+        if count.is_some_and(|n| printed >= n) {
+            return ExitCode::SUCCESS;
+        }
+        let Some(event) = next(&mut incoming, deadline).await else {
+            return match count {
+                Some(n) => {
+                    eprintln!("error: timed out after {printed} of {n} messages");
+                    ExitCode::FAILURE
+                }
+                None => ExitCode::SUCCESS,
+            };
+        };
+        match show(event) {
+            Ok(true) => printed += 1,
+            Ok(false) => {}
+            Err(code) => return code,
+        }
+    }
+}
+
+async fn history(client: &Client, conversation: Conversation, limit: u32, before: u64) -> ExitCode {
+    let mut messages = Vec::new();
+    let mut before = before;
+    loop {
+        let remaining = limit.saturating_sub(u32::try_from(messages.len()).unwrap_or(u32::MAX));
+        let page = match client
+            .history(conversation.clone(), before, remaining)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => return fail(&e),
+        };
+        let Some(oldest) = page.messages.last().map(|m| m.seq) else {
+            break;
+        };
+        messages.extend(page.messages);
+        if !page.has_more || limit == 0 || messages.len() >= limit as usize || oldest <= 1 {
+            break;
+        }
+        before = oldest;
+    }
+    if limit > 0 {
+        messages.truncate(limit as usize);
+    }
+    // Pages come newest first; print oldest first.
+    for m in messages.iter().rev() {
+        if !print_line(&line::message(m)) {
+            break;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn chat(client: &Client, user: &str) -> ExitCode {
+    let mut incoming = client.incoming();
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    if let Some(ok) = client.login() {
+        eprintln!("# chatting with {user} as {}; end with Ctrl-D", ok.user_id);
+    }
+    loop {
+        tokio::select! {
+            read = stdin.next_line() => match read {
+                Ok(Some(text)) if text.trim().is_empty() => {}
+                Ok(Some(text)) => {
+                    match client.send(Target::user(user), ContentType::Text as u32, text).await {
+                        Ok(ack) => { print_line(&line::send_ack(&ack)); }
+                        Err(e) => eprintln!("{}", line::error(&e)),
+                    }
+                }
+                Ok(None) => {
+                    // End of input: print what has already arrived, then leave.
+                    while let Some(event) = incoming.try_recv() {
+                        if let Err(code) = show(Some(event)) {
+                            return code;
+                        }
+                    }
+                    return ExitCode::SUCCESS;
+                }
+                Err(e) => {
+                    eprintln!("error: reading stdin: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            event = incoming.recv() => {
+                if let Err(code) = show(event) {
+                    return code;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! The sans-IO core of a client: fed the frames read from the server (`handle_frame`) and the
+//! application's requests, it keeps the de-duplication and sync state and queues what to do:
+//! frames to write (`poll_transmit`), events for the application (`poll_event`) and answers to
+//! requests (`poll_completion`). The async driver in `client.rs` only moves bytes and timers.
+//!
+//! The state outlives connections: de-duplication and the sync position carry over reconnects,
+//! which is what lets a reconnect resume without handing a message over twice.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use tern_protocol::{
+    Ack, Body, Deliver, Frame, Hello, HelloOk, Kick, KickReason, PROTOCOL_VERSION, Ping,
+    SyncRequest,
+};
+
+use crate::{ClientConfig, ClientError, Event, dedup::Dedup};
+
+/// The answer to one request: the response frame's body, or why there is none.
+pub(crate) type Completion = (u64, Result<Body, ClientError>);
+
+#[derive(Debug)]
+pub(crate) struct Session {
+    dedup: Dedup,
+    sync_version: u64,
+    syncing: bool,
+    auto_ack: bool,
+    next_request_id: u64,
+    /// Conversations that handed messages over since the last `flush_acks`.
+    touched: BTreeSet<u64>,
+    transmit: VecDeque<Frame>,
+    events: VecDeque<Event>,
+    completions: VecDeque<Completion>,
+    kick: Option<Kick>,
+    fatal: Option<ClientError>,
+}
+
+impl Session {
+    pub(crate) fn new(config: &ClientConfig) -> Self {
+        Self {
+            dedup: Dedup::new(),
+            sync_version: config.sync_version,
+            syncing: false,
+            auto_ack: config.auto_ack,
+            next_request_id: 1,
+            touched: BTreeSet::new(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            completions: VecDeque::new(),
+            kick: None,
+            fatal: None,
+        }
+    }
+
+    fn next_id(&mut self) -> u64 {
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        id
+    }
+
+    /// The position the next sync starts from (the last `SyncDone.user_version`).
+    pub(crate) fn sync_version(&self) -> u64 {
+        self.sync_version
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_syncing(&self) -> bool {
+        self.syncing
+    }
+
+    /// The Hello that opens a new connection. Not queued: login is done by the driver before
+    /// the session sees any other frame. A reconnect (`resume`) always asks for a sync, so
+    /// nothing sent while the client was away is missed.
+    pub(crate) fn hello(&mut self, config: &ClientConfig, resume: bool) -> Frame {
+        let id = self.next_id();
+        Frame::new(
+            id,
+            Hello {
+                protocol_version: PROTOCOL_VERSION,
+                token: config.token.clone(),
+                device_id: config.device_id.clone(),
+                platform: config.platform.into(),
+                client_version: config.client_version.clone(),
+                sync_version: self.sync_version,
+                sync_on_login: resume || config.sync_on_login,
+                resume_session_id: 0,
+            },
+        )
+    }
+
+    /// A connection logged in; `sync_on_login` is what its Hello asked for.
+    pub(crate) fn on_login(&mut self, _ok: &HelloOk, sync_on_login: bool) {
+        self.syncing = sync_on_login;
+        self.kick = None;
+        self.fatal = None;
+    }
+
+    /// The connection is gone: drop what was not written. De-duplication and the sync position
+    /// stay.
+    pub(crate) fn on_disconnect(&mut self) {
+        self.syncing = false;
+        self.transmit.clear();
+        self.touched.clear();
+    }
+
+    /// Queues a request and returns its request id.
+    pub(crate) fn request(&mut self, body: Body) -> u64 {
+        let id = self.next_id();
+        self.transmit.push_back(Frame::new(id, body));
+        id
+    }
+
+    /// Queues a SyncRequest from the stored position and returns its request id.
+    pub(crate) fn start_sync(&mut self) -> u64 {
+        self.syncing = true;
+        let since_version = self.sync_version;
+        self.request(Body::Sync(SyncRequest {
+            since_version,
+            page_size: 0,
+        }))
+    }
+
+    /// Queues a Ping stamped `now_ms`.
+    pub(crate) fn ping(&mut self, now_ms: u64) -> u64 {
+        self.request(Body::Ping(Ping {
+            client_time_ms: now_ms,
+        }))
+    }
+
+    /// Queues an Ack the application asked for.
+    pub(crate) fn ack(&mut self, conversation_id: u64, seq: u64) {
+        self.dedup.note_acked(conversation_id, seq);
+        self.transmit.push_back(Frame::new(
+            0,
+            Ack {
+                conversation_id,
+                seq,
+            },
+        ));
+    }
+
+    /// Handles one frame from the server.
+    pub(crate) fn handle_frame(&mut self, frame: Frame) {
+        let Frame { request_id, body } = frame;
+        let Some(body) = body else { return };
+        match body {
+            Body::Deliver(message) => self.deliver(message),
+            Body::SyncConversations(page) => {
+                for state in &page.conversations {
+                    self.dedup
+                        .raise_floor(state.conversation_id, state.delivered_seq);
+                }
+                self.events
+                    .push_back(Event::Conversations(page.conversations));
+            }
+            Body::SyncMessages(page) => {
+                if let Some(first) = page.messages.first() {
+                    self.dedup
+                        .floor_if_unknown(page.conversation_id, first.seq.saturating_sub(1));
+                }
+                for mut message in page.messages {
+                    if message.conversation_id == 0 {
+                        message.conversation_id = page.conversation_id;
+                    }
+                    self.deliver(message);
+                }
+            }
+            Body::SyncDone(done) => {
+                self.syncing = false;
+                self.sync_version = self.sync_version.max(done.user_version);
+                // Conversations still without a base kept their place in `touched` (see
+                // `flush_acks`), so the next flush acks what settling bases.
+                self.dedup.settle();
+                self.events.push_back(Event::SyncDone {
+                    user_version: done.user_version,
+                });
+                if request_id != 0 {
+                    self.completions
+                        .push_back((request_id, Ok(Body::SyncDone(done))));
+                }
+            }
+            Body::SyncNeeded(_) => {
+                tracing::debug!("server asked for a sync");
+                self.start_sync();
+            }
+            Body::Kick(kick) => {
+                self.kick = Some(kick.clone());
+                self.events.push_back(Event::Kicked(kick));
+            }
+            Body::Error(error) => {
+                let err = ClientError::from_wire(&error);
+                if error.fatal {
+                    tracing::warn!(request_id, %err, "fatal error from server");
+                    self.fatal = Some(err.clone());
+                }
+                if request_id != 0 {
+                    self.completions.push_back((request_id, Err(err)));
+                } else if !error.fatal {
+                    tracing::warn!(%err, "error from server");
+                }
+            }
+            body @ (Body::SendAck(_) | Body::HistoryPage(_) | Body::Pong(_) | Body::HelloOk(_)) => {
+                self.completions.push_back((request_id, Ok(body)));
+            }
+            other => {
+                tracing::debug!(kind = other.name(), "ignoring unexpected frame from server");
+            }
+        }
+    }
+
+    fn deliver(&mut self, message: Deliver) {
+        if self
+            .dedup
+            .accept(message.conversation_id, message.seq, self.syncing)
+        {
+            self.touched.insert(message.conversation_id);
+            self.events.push_back(Event::Message(message));
+        }
+    }
+
+    /// With auto-ack on, queues one Ack per conversation whose contiguous seq advanced since
+    /// the last call. Call it after handling everything read at once, so acks coalesce.
+    pub(crate) fn flush_acks(&mut self) {
+        if !self.auto_ack {
+            self.touched.clear();
+            return;
+        }
+        let touched = std::mem::take(&mut self.touched);
+        for conversation_id in touched {
+            if let Some(seq) = self.dedup.take_ack(conversation_id) {
+                self.transmit.push_back(Frame::new(
+                    0,
+                    Ack {
+                        conversation_id,
+                        seq,
+                    },
+                ));
+            } else if self.dedup.contiguous(conversation_id).is_none() {
+                // Base still unknown (mid-sync): look again later.
+                self.touched.insert(conversation_id);
+            }
+        }
+    }
+
+    pub(crate) fn has_transmit(&self) -> bool {
+        !self.transmit.is_empty()
+    }
+
+    pub(crate) fn poll_transmit(&mut self) -> Option<Frame> {
+        self.transmit.pop_front()
+    }
+
+    pub(crate) fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    pub(crate) fn poll_completion(&mut self) -> Option<Completion> {
+        self.completions.pop_front()
+    }
+
+    /// A Kick received on this connection, if any.
+    pub(crate) fn kick(&self) -> Option<&Kick> {
+        self.kick.as_ref()
+    }
+
+    /// A fatal Error received on this connection, if any.
+    pub(crate) fn fatal(&self) -> Option<&ClientError> {
+        self.fatal.as_ref()
+    }
+}
+
+/// True if a Kick for this reason means the client must not reconnect.
+pub(crate) fn kick_is_final(kick: &Kick) -> bool {
+    matches!(
+        KickReason::try_from(kick.reason),
+        Ok(KickReason::Replaced | KickReason::Revoked)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use tern_protocol::{
+        ConversationState, SyncConversations, SyncDone, SyncMessages, SyncNeeded, Target,
+    };
+
+    use super::*;
+
+    fn session() -> Session {
+        Session::new(&ClientConfig::new("127.0.0.1:1", "t", "d"))
+    }
+
+    fn msg(conversation_id: u64, seq: u64) -> Deliver {
+        Deliver {
+            conversation_id,
+            seq,
+            sender: "alice".into(),
+            target: Some(Target::user("alice")),
+            server_time_ms: 1000 + seq,
+            client_msg_id: format!("m{seq}"),
+            content_type: 1,
+            custom_type: String::new(),
+            payload: Bytes::from(format!("hello {seq}")),
+        }
+    }
+
+    fn drain(s: &mut Session) -> (Vec<Frame>, Vec<Event>) {
+        let frames = std::iter::from_fn(|| s.poll_transmit()).collect();
+        let events = std::iter::from_fn(|| s.poll_event()).collect();
+        (frames, events)
+    }
+
+    fn seqs(events: &[Event]) -> Vec<(u64, u64)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message(m) => Some((m.conversation_id, m.seq)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn acks(frames: &[Frame]) -> Vec<(u64, u64)> {
+        frames
+            .iter()
+            .filter_map(|f| match &f.body {
+                Some(Body::Ack(a)) => Some((a.conversation_id, a.seq)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn login_sync_racing_live_push_hands_each_message_over_once() {
+        let mut s = session();
+        let hello = s.hello(&ClientConfig::new("x:1", "t", "d"), false);
+        assert!(
+            matches!(hello.body, Some(Body::Hello(ref h)) if h.sync_on_login && h.protocol_version == 1)
+        );
+        s.on_login(&HelloOk::default(), true);
+
+        // Live 4 overtakes the sync pages.
+        s.handle_frame(Frame::new(0, msg(10, 4)));
+        s.flush_acks();
+        let (frames, events) = drain(&mut s);
+        assert_eq!(seqs(&events), [(10, 4)]);
+        assert!(acks(&frames).is_empty(), "no ack while the base is unknown");
+
+        s.handle_frame(Frame::new(
+            1,
+            SyncConversations {
+                conversations: vec![ConversationState {
+                    conversation_id: 10,
+                    delivered_seq: 1,
+                    latest_seq: 4,
+                    ..Default::default()
+                }],
+            },
+        ));
+        s.handle_frame(Frame::new(
+            1,
+            SyncMessages {
+                conversation_id: 10,
+                messages: vec![msg(10, 2), msg(10, 3), msg(10, 4)],
+            },
+        ));
+        s.handle_frame(Frame::new(1, SyncDone { user_version: 42 }));
+        s.handle_frame(Frame::new(0, msg(10, 4)));
+        s.handle_frame(Frame::new(0, msg(10, 5)));
+        s.flush_acks();
+        let (frames, events) = drain(&mut s);
+        assert_eq!(seqs(&events), [(10, 2), (10, 3), (10, 5)]);
+        assert_eq!(acks(&frames), [(10, 5)], "one coalesced ack");
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::SyncDone { user_version: 42 }))
+        );
+        assert_eq!(s.sync_version(), 42);
+        assert!(!s.is_syncing());
+
+        // The next Hello resumes from the stored position.
+        let hello = s.hello(&ClientConfig::new("x:1", "t", "d"), false);
+        assert!(matches!(hello.body, Some(Body::Hello(ref h)) if h.sync_version == 42));
+    }
+
+    #[test]
+    fn sync_needed_asks_for_a_sync_from_the_stored_position() {
+        let mut s = session();
+        s.on_login(&HelloOk::default(), true);
+        s.handle_frame(Frame::new(1, SyncDone { user_version: 7 }));
+        s.handle_frame(Frame::new(0, SyncNeeded { user_version: 9 }));
+        let (frames, _) = drain(&mut s);
+        match &frames[..] {
+            [
+                Frame {
+                    request_id,
+                    body: Some(Body::Sync(r)),
+                },
+            ] => {
+                assert_ne!(*request_id, 0);
+                assert_eq!(r.since_version, 7);
+            }
+            other => panic!("expected one SyncRequest, got {other:?}"),
+        }
+        assert!(s.is_syncing());
+    }
+
+    #[test]
+    fn errors_complete_their_request_with_a_typed_error() {
+        let mut s = session();
+        let id = s.request(Body::Ping(Ping::default()));
+        s.handle_frame(Frame::error(
+            id,
+            tern_protocol::ErrorCode::Forbidden,
+            "no",
+            false,
+        ));
+        let (got, result) = s.poll_completion().unwrap();
+        assert_eq!(got, id);
+        match result {
+            Err(ClientError::Server { code, message }) => {
+                assert_eq!(code, tern_protocol::ErrorCode::Forbidden);
+                assert_eq!(message, "no");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.fatal().is_none());
+    }
+
+    #[test]
+    fn manual_ack_mode_sends_no_acks_by_itself() {
+        let mut cfg = ClientConfig::new("x:1", "t", "d");
+        cfg.auto_ack = false;
+        let mut s = Session::new(&cfg);
+        s.handle_frame(Frame::new(0, msg(1, 1)));
+        s.flush_acks();
+        let (frames, events) = drain(&mut s);
+        assert!(frames.is_empty());
+        assert_eq!(seqs(&events), [(1, 1)]);
+        s.ack(1, 1);
+        let (frames, _) = drain(&mut s);
+        assert_eq!(acks(&frames), [(1, 1)]);
+    }
+
+    #[test]
+    fn replaced_and_revoked_kicks_are_final() {
+        let kick = |r: KickReason| Kick {
+            reason: r.into(),
+            message: String::new(),
+        };
+        assert!(kick_is_final(&kick(KickReason::Replaced)));
+        assert!(kick_is_final(&kick(KickReason::Revoked)));
+        assert!(!kick_is_final(&kick(KickReason::Shutdown)));
+        assert!(!kick_is_final(&kick(KickReason::SlowConsumer)));
+        assert!(!kick_is_final(&kick(KickReason::Idle)));
+    }
+}

@@ -1,0 +1,460 @@
+//! The SDK against a tiny in-process server that speaks the protocol over a real TCP socket:
+//! login, request matching, typed errors, de-duplication of sync pages against live pushes,
+//! auto-ack, SyncNeeded, heartbeats, reconnect with the sync position, and final kicks.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{FakeServer, WAIT, deliver};
+use tern_client::{
+    Client, ClientError, ContentType, ErrorCode, Event, Incoming, KickReason, Target,
+};
+use tern_protocol::{
+    Ack, Body, ConversationState, Frame, HistoryPage, Pong, SendAck, SyncConversations, SyncDone,
+    SyncMessages, SyncNeeded,
+};
+use tokio::time::timeout;
+
+async fn next_event(incoming: &mut Incoming) -> Option<Event> {
+    timeout(WAIT, incoming.recv()).await.expect("no event")
+}
+
+/// Messages until SyncDone; returns (conversation, seq) pairs and the sync version.
+async fn messages_until_sync_done(incoming: &mut Incoming) -> (Vec<(u64, u64)>, u64) {
+    let mut seen = Vec::new();
+    loop {
+        match next_event(incoming).await {
+            Some(Event::Message(m)) => seen.push((m.conversation_id, m.seq)),
+            Some(Event::SyncDone { user_version }) => return (seen, user_version),
+            Some(Event::Conversations(_)) => {}
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn send_gets_its_ack_and_server_errors_are_typed() {
+    let server = FakeServer::start().await;
+    let config = server.config();
+    let (client, peer) = tokio::join!(Client::connect(config), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    assert_eq!(peer.hello.protocol_version, 1);
+    assert_eq!(peer.hello.token, "token-bob");
+    assert_eq!(peer.hello.device_id, "test-device");
+    assert!(peer.hello.sync_on_login);
+    assert_eq!(peer.hello.sync_version, 0);
+    assert_eq!(client.login().unwrap().user_id, "bob");
+
+    let sending = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .send(Target::user("alice"), ContentType::Text as u32, "hi")
+                .await
+        }
+    });
+    let frame = peer.recv_request().await;
+    let Some(Body::Send(send)) = frame.body else {
+        panic!("expected Send, got {frame:?}");
+    };
+    assert_eq!(send.target, Some(Target::user("alice")));
+    assert_eq!(send.payload, Bytes::from_static(b"hi"));
+    assert_eq!(send.client_msg_id.len(), 32, "128-bit hex id");
+    peer.send(Frame::new(
+        frame.request_id,
+        SendAck {
+            client_msg_id: send.client_msg_id.clone(),
+            conversation_id: 12,
+            seq: 1,
+            server_time_ms: 5,
+            duplicate: false,
+        },
+    ))
+    .await;
+    let ack = sending.await.unwrap().unwrap();
+    assert_eq!((ack.conversation_id, ack.seq), (12, 1));
+    assert_eq!(ack.client_msg_id, send.client_msg_id);
+
+    let sending = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .send_with_id("fixed", Target::user("nobody"), 1, "x")
+                .await
+        }
+    });
+    let frame = peer.recv_request().await;
+    assert!(matches!(&frame.body, Some(Body::Send(s)) if s.client_msg_id == "fixed"));
+    peer.send(Frame::error(
+        frame.request_id,
+        ErrorCode::NotFound,
+        "no such user",
+        false,
+    ))
+    .await;
+    match sending.await.unwrap() {
+        Err(ClientError::Server { code, message }) => {
+            assert_eq!(code, ErrorCode::NotFound);
+            assert_eq!(message, "no such user");
+        }
+        other => panic!("expected a server error, got {other:?}"),
+    }
+
+    let paging = tokio::spawn({
+        let client = client.clone();
+        async move { client.history(Target::user("alice"), 0, 2).await }
+    });
+    let frame = peer.recv_request().await;
+    let Some(Body::History(request)) = frame.body else {
+        panic!("expected HistoryRequest, got {frame:?}");
+    };
+    assert_eq!(request.target, Some(Target::user("alice")));
+    assert_eq!(request.limit, 2);
+    peer.send(Frame::new(
+        frame.request_id,
+        HistoryPage {
+            conversation_id: 12,
+            messages: vec![deliver(12, 2), deliver(12, 1)],
+            has_more: false,
+        },
+    ))
+    .await;
+    let page = paging.await.unwrap().unwrap();
+    assert_eq!(page.messages.len(), 2);
+
+    client.close().await;
+    assert!(peer.recv().await.is_none(), "close shuts the connection");
+    assert!(matches!(
+        client.send(Target::user("a"), 1, "x").await,
+        Err(ClientError::Closed)
+    ));
+}
+
+#[tokio::test]
+async fn rejected_login_fails_connect() {
+    let server = FakeServer::start().await;
+    let config = server.config();
+    let refuse = async {
+        let mut peer = server.accept().await;
+        let id = peer.hello_id;
+        peer.send(Frame::error(id, ErrorCode::TokenExpired, "expired", true))
+            .await;
+        peer
+    };
+    let (result, _peer) = tokio::join!(Client::connect(config), refuse);
+    match result {
+        Err(e @ ClientError::Server { .. }) => {
+            assert_eq!(e.code(), Some(ErrorCode::TokenExpired));
+            assert!(e.is_permanent());
+        }
+        other => panic!("expected TOKEN_EXPIRED, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sync_pages_and_live_pushes_are_deduplicated_and_acked() {
+    let server = FakeServer::start().await;
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    let mut incoming = client.incoming();
+
+    // A live push overtakes the login sync, which then repeats it.
+    let id = peer.hello_id;
+    peer.send(Frame::new(0, deliver(5, 3))).await;
+    peer.send(Frame::new(
+        id,
+        SyncConversations {
+            conversations: vec![ConversationState {
+                conversation_id: 5,
+                target: Some(Target::user("alice")),
+                latest_seq: 4,
+                read_seq: 0,
+                delivered_seq: 1,
+                version: 9,
+            }],
+        },
+    ))
+    .await;
+    peer.send(Frame::new(
+        id,
+        SyncMessages {
+            conversation_id: 5,
+            messages: vec![deliver(5, 2), deliver(5, 3), deliver(5, 4)],
+        },
+    ))
+    .await;
+    peer.send(Frame::new(id, SyncDone { user_version: 10 }))
+        .await;
+    peer.send(Frame::new(0, deliver(5, 4))).await;
+    peer.send(Frame::new(0, deliver(5, 5))).await;
+    peer.send(Frame::new(0, deliver(5, 3))).await;
+
+    let (mut seen, version) = messages_until_sync_done(&mut incoming).await;
+    assert_eq!(version, 10);
+    while seen.len() < 4 {
+        match next_event(&mut incoming).await {
+            Some(Event::Message(m)) => seen.push((m.conversation_id, m.seq)),
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    assert_eq!(seen, [(5, 3), (5, 2), (5, 4), (5, 5)]);
+    assert!(incoming.try_recv().is_none(), "nothing handed over twice");
+    assert_eq!(client.sync_version(), 10);
+
+    // Acks: coalesced, increasing, ending at the highest contiguous seq.
+    let mut acks = Vec::new();
+    while acks.last() != Some(&5) {
+        match peer.recv().await.expect("closed").body {
+            Some(Body::Ack(Ack {
+                conversation_id,
+                seq,
+            })) => {
+                assert_eq!(conversation_id, 5);
+                acks.push(seq);
+            }
+            other => panic!("expected Ack, got {other:?}"),
+        }
+    }
+    assert!(acks.windows(2).all(|w| w[0] < w[1]), "acks {acks:?}");
+    assert!(acks.len() <= 3, "acks are coalesced: {acks:?}");
+    assert!(!acks.contains(&3), "no ack while the base was unknown");
+}
+
+#[tokio::test]
+async fn sync_needed_and_explicit_sync_start_from_the_stored_position() {
+    let server = FakeServer::start().await;
+    let mut config = server.config();
+    config.sync_version = 4;
+    config.auto_ack = false;
+    let (client, peer) = tokio::join!(Client::connect(config), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    assert_eq!(peer.hello.sync_version, 4);
+    let mut incoming = client.incoming();
+
+    peer.send(Frame::new(peer.hello_id, SyncDone { user_version: 6 }))
+        .await;
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::SyncDone { user_version: 6 })
+    ));
+    peer.send(Frame::new(0, SyncNeeded { user_version: 8 }))
+        .await;
+    let frame = peer.recv_request().await;
+    assert!(matches!(frame.body, Some(Body::Sync(ref r)) if r.since_version == 6));
+    peer.send(Frame::new(frame.request_id, SyncDone { user_version: 8 }))
+        .await;
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::SyncDone { user_version: 8 })
+    ));
+
+    let syncing = tokio::spawn({
+        let client = client.clone();
+        async move { client.sync().await }
+    });
+    let frame = peer.recv_request().await;
+    assert!(matches!(frame.body, Some(Body::Sync(ref r)) if r.since_version == 8));
+    peer.send(Frame::new(
+        frame.request_id,
+        SyncMessages {
+            conversation_id: 3,
+            messages: vec![deliver(3, 1)],
+        },
+    ))
+    .await;
+    peer.send(Frame::new(frame.request_id, SyncDone { user_version: 9 }))
+        .await;
+    assert_eq!(syncing.await.unwrap().unwrap(), 9);
+    let (seen, _) = messages_until_sync_done(&mut incoming).await;
+    assert_eq!(seen, [(3, 1)]);
+
+    // Manual ack mode: only what the application asks for.
+    client.ack(3, 1).unwrap();
+    let frame = peer.recv().await.unwrap();
+    assert!(matches!(
+        frame.body,
+        Some(Body::Ack(Ack {
+            conversation_id: 3,
+            seq: 1
+        }))
+    ));
+}
+
+#[tokio::test]
+async fn pings_when_idle() {
+    let server = FakeServer::start().await;
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(50));
+    let (client, mut peer) = (client.unwrap(), peer);
+    let frame = peer.recv().await.unwrap();
+    let Some(Body::Ping(ping)) = frame.body else {
+        panic!("expected Ping, got {frame:?}");
+    };
+    assert!(ping.client_time_ms > 0);
+    peer.send(Frame::new(
+        frame.request_id,
+        Pong {
+            client_time_ms: ping.client_time_ms,
+            server_time_ms: 1,
+        },
+    ))
+    .await;
+    // An explicit ping round trip too.
+    let pinging = tokio::spawn({
+        let client = client.clone();
+        async move { client.ping().await }
+    });
+    loop {
+        let frame = peer.recv().await.unwrap();
+        if let Some(Body::Ping(ping)) = frame.body {
+            peer.send(Frame::new(
+                frame.request_id,
+                Pong {
+                    client_time_ms: ping.client_time_ms,
+                    server_time_ms: 1,
+                },
+            ))
+            .await;
+        }
+        if pinging.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(pinging.await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn reconnects_from_the_sync_position_and_fails_requests_in_flight() {
+    let server = FakeServer::start().await;
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    let mut incoming = client.incoming();
+    peer.send(Frame::new(0, deliver(7, 1))).await;
+    peer.send(Frame::new(peer.hello_id, SyncDone { user_version: 21 }))
+        .await;
+    let (seen, _) = messages_until_sync_done(&mut incoming).await;
+    assert_eq!(seen, [(7, 1)]);
+
+    let sending = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .send_with_id("retry-me", Target::user("alice"), 1, "x")
+                .await
+        }
+    });
+    let frame = peer.recv_request().await;
+    assert!(matches!(frame.body, Some(Body::Send(_))));
+    drop(peer); // the connection dies before the SendAck
+    assert!(matches!(
+        sending.await.unwrap(),
+        Err(ClientError::Disconnected)
+    ));
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Disconnected { .. })
+    ));
+
+    let mut peer = server.accept_login(0).await;
+    assert_eq!(
+        peer.hello.sync_version, 21,
+        "resumes from the last SyncDone"
+    );
+    assert!(peer.hello.sync_on_login);
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Reconnected)
+    ));
+
+    // The resumed sync repeats seq 1 and adds seq 2; only 2 is new.
+    let id = peer.hello_id;
+    peer.send(Frame::new(
+        id,
+        SyncMessages {
+            conversation_id: 7,
+            messages: vec![deliver(7, 1), deliver(7, 2)],
+        },
+    ))
+    .await;
+    peer.send(Frame::new(id, SyncDone { user_version: 22 }))
+        .await;
+    let (seen, version) = messages_until_sync_done(&mut incoming).await;
+    assert_eq!(seen, [(7, 2)]);
+    assert_eq!(version, 22);
+
+    // The retry with the same id goes through on the new connection.
+    let sending = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .send_with_id("retry-me", Target::user("alice"), 1, "x")
+                .await
+        }
+    });
+    let frame = peer.recv_request().await;
+    assert!(matches!(&frame.body, Some(Body::Send(s)) if s.client_msg_id == "retry-me"));
+    peer.send(Frame::new(
+        frame.request_id,
+        SendAck {
+            client_msg_id: "retry-me".into(),
+            conversation_id: 7,
+            seq: 3,
+            server_time_ms: 1,
+            duplicate: true,
+        },
+    ))
+    .await;
+    assert!(sending.await.unwrap().unwrap().duplicate);
+}
+
+#[tokio::test]
+async fn a_replaced_kick_stops_the_client_and_a_shutdown_kick_reconnects() {
+    let server = FakeServer::start().await;
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    let mut incoming = client.incoming();
+
+    peer.send(Frame::kick(KickReason::Shutdown, "restarting"))
+        .await;
+    drop(peer);
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Kicked(_))
+    ));
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Disconnected { .. })
+    ));
+    let mut peer = server.accept_login(0).await;
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Reconnected)
+    ));
+
+    peer.send(Frame::kick(KickReason::Replaced, "another login"))
+        .await;
+    drop(peer);
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Kicked(_))
+    ));
+    match next_event(&mut incoming).await {
+        Some(Event::Stopped(ClientError::Kicked { reason, .. })) => {
+            assert_eq!(reason, KickReason::Replaced);
+        }
+        other => panic!("expected Stopped, got {other:?}"),
+    }
+    assert!(next_event(&mut incoming).await.is_none(), "stream ends");
+    assert!(
+        timeout(Duration::from_millis(300), server.listener.accept())
+            .await
+            .is_err(),
+        "no reconnect after REPLACED"
+    );
+    assert!(matches!(
+        client.send(Target::user("a"), 1, "x").await,
+        Err(ClientError::Closed)
+    ));
+}

@@ -1,0 +1,228 @@
+//! Gateway configuration: one typed struct with written defaults, read from an optional TOML file,
+//! overridden by command-line flags and `TERN_*` environment variables, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How durable an append must be before the sender gets its SendAck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledge after the write-ahead log is fsynced (one fsync per group commit). Default.
+    Fsync,
+    /// Acknowledge after the WAL write; fsync every `wal_sync_interval_ms`.
+    Wal,
+    /// No WAL: for tests and benchmarks only.
+    Memory,
+}
+
+/// Every option of the gateway. Field docs are the reference; `tern-gateway --help` and
+/// docs/architecture.md point here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// TCP listen address for client connections. Default `127.0.0.1:7600`.
+    pub tcp: SocketAddr,
+    /// Number of cores (executors) to run; 0 means every available core.
+    pub cores: usize,
+    /// Directory for the message log, the server secret and (later) TLS material.
+    pub data_dir: PathBuf,
+    /// `fsync` (default), `wal` or `memory`.
+    pub durability: Durability,
+    /// WAL sync interval for `durability = "wal"`, in milliseconds.
+    pub wal_sync_interval_ms: u64,
+    /// Secret used to sign tokens (at least 32 characters). Default: generated on first start and
+    /// stored in `<data_dir>/secret`.
+    pub secret: Option<String>,
+    /// Maximum frame size in bytes (the length prefix). Default 1 MiB.
+    pub max_frame_bytes: u32,
+    /// Maximum message payload size in bytes. Default 64 KiB.
+    pub max_payload_bytes: u32,
+    /// A connection that has not sent Hello within this many milliseconds is closed.
+    pub login_timeout_ms: u64,
+    /// Clients are told to ping this often (milliseconds).
+    pub heartbeat_interval_ms: u32,
+    /// A logged-in connection that sends nothing for this long (milliseconds) is closed.
+    pub idle_timeout_ms: u64,
+    /// Maximum simultaneously connected devices per user.
+    pub max_devices_per_user: usize,
+    /// Frames queued for one connection before the server stops pushing to it and asks it to sync.
+    pub outbound_queue_frames: usize,
+    /// Messages per sync or history page (upper bound on what a client may ask for).
+    pub max_page: u32,
+    /// Graceful shutdown bound in milliseconds.
+    pub shutdown_timeout_ms: u64,
+    /// Bytes of io_uring memory glommio locks per core. Keep it small: it counts against
+    /// `ulimit -l` (locked memory).
+    pub io_memory_bytes: usize,
+    /// Idempotency window: a Send repeated within this many seconds with the same client message
+    /// id is answered with the original SendAck.
+    pub dedup_window_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            tcp: "127.0.0.1:7600".parse().expect("static address"),
+            cores: 0,
+            data_dir: PathBuf::from("./tern-data"),
+            durability: Durability::Fsync,
+            wal_sync_interval_ms: 100,
+            secret: None,
+            max_frame_bytes: 1 << 20,
+            max_payload_bytes: 64 << 10,
+            login_timeout_ms: 10_000,
+            heartbeat_interval_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_devices_per_user: 10,
+            outbound_queue_frames: 4096,
+            max_page: 200,
+            shutdown_timeout_ms: 5_000,
+            io_memory_bytes: 512 << 10,
+            dedup_window_secs: 24 * 3600,
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors that name the key.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text (errors are toml's messages, which name the key and line).
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every value once; the error names the bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        }
+        if self.max_frame_bytes < 1024 || self.max_frame_bytes > 64 << 20 {
+            return bad("max_frame_bytes", "must be between 1024 and 67108864");
+        }
+        if self.max_payload_bytes == 0 || self.max_payload_bytes + 1024 > self.max_frame_bytes {
+            return bad(
+                "max_payload_bytes",
+                "must be at least 1 and at least 1024 below max_frame_bytes",
+            );
+        }
+        if self.login_timeout_ms == 0 {
+            return bad("login_timeout_ms", "must be greater than 0");
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return bad("heartbeat_interval_ms", "must be greater than 0");
+        }
+        if self.idle_timeout_ms <= u64::from(self.heartbeat_interval_ms) {
+            return bad(
+                "idle_timeout_ms",
+                "must be greater than heartbeat_interval_ms",
+            );
+        }
+        if self.max_devices_per_user == 0 {
+            return bad("max_devices_per_user", "must be at least 1");
+        }
+        if self.outbound_queue_frames < 16 {
+            return bad("outbound_queue_frames", "must be at least 16");
+        }
+        if self.max_page == 0 || self.max_page > 10_000 {
+            return bad("max_page", "must be between 1 and 10000");
+        }
+        if let Some(s) = &self.secret
+            && s.len() < 32
+        {
+            return bad("secret", "must be at least 32 characters");
+        }
+        if self.io_memory_bytes < 64 << 10 {
+            return bad("io_memory_bytes", "must be at least 65536");
+        }
+        if self.cores > 1024 {
+            return bad("cores", "must be at most 1024 (0 = all cores)");
+        }
+        Ok(())
+    }
+
+    /// The number of executors to start.
+    pub fn effective_cores(&self) -> usize {
+        if self.cores == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.cores
+        }
+    }
+
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_millis(self.login_timeout_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("tcp = \"127.0.0.1:1\"\nbogus_key = 3\n").unwrap_err();
+        assert!(err.contains("bogus_key"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let cfg = Config::from_toml("max_frame_bytes = 10\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("`max_frame_bytes`"), "{err}");
+        let err = Config::from_toml("durability = \"sometimes\"\n").unwrap_err();
+        assert!(err.contains("durability"), "{err}");
+    }
+
+    #[test]
+    fn file_values_override_defaults() {
+        let cfg =
+            Config::from_toml("tcp = \"127.0.0.1:9\"\ndurability = \"wal\"\ncores = 1\n").unwrap();
+        assert_eq!(cfg.tcp, "127.0.0.1:9".parse().unwrap());
+        assert_eq!(cfg.durability, Durability::Wal);
+        assert_eq!(cfg.effective_cores(), 1);
+        assert_eq!(cfg.max_frame_bytes, 1 << 20);
+    }
+}

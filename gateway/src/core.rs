@@ -1,0 +1,438 @@
+//! Per-core state and the messages cores send each other.
+//!
+//! Each executor owns one [`Core`]: the sessions of the users routed to it, the appends of the
+//! conversations routed to it, and the sending side of the lock-free channel mesh to every other
+//! core. Nothing here is shared between threads except the store handle and the config.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use glommio::channels::channel_mesh::Senders;
+use tern_protocol::v1::{Deliver, Frame, SendAck, Target, TargetKind, frame::Body};
+use tern_protocol::{Codec, ErrorCode};
+use tern_storage::{AppendRequest, Appended, Completion, MessageStore, StorageError, UserId};
+
+use crate::config::Config;
+use crate::outbound::Outbound;
+use crate::route::Router;
+use crate::sys::MovedFd;
+use crate::token::Secret;
+
+/// What a login hands to the user's core together with the socket.
+#[derive(Debug)]
+pub struct Login {
+    pub user: String,
+    pub device: String,
+    pub request_id: u64,
+    pub sync_version: u64,
+    pub sync_on_login: bool,
+}
+
+/// Where to send the answer to a Send.
+#[derive(Debug, Clone)]
+pub struct ReplyTo {
+    pub core: usize,
+    pub session: u64,
+    pub request_id: u64,
+}
+
+/// An append routed to the conversation's owner core.
+#[derive(Debug)]
+pub struct AppendMsg {
+    pub req: AppendRequest,
+    pub reply: ReplyTo,
+    pub sender_name: Arc<str>,
+    pub recipient: UserId,
+    pub recipient_name: Arc<str>,
+}
+
+/// Messages between cores (one bounded lock-free SPSC queue per ordered pair of cores).
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// A logged-in connection moving to its user's core.
+    Adopt {
+        fd: MovedFd,
+        leftover: Vec<u8>,
+        login: Login,
+    },
+    /// An append for a conversation this core owns.
+    Append(AppendMsg),
+    /// The result of an append, for the sender's session.
+    Reply { reply: ReplyTo, frame: Bytes },
+    /// A committed message for the online devices of `user` on this core.
+    Deliver {
+        user: UserId,
+        except_session: u64,
+        conv: u64,
+        seq: u64,
+        frame: Bytes,
+    },
+}
+
+/// One session (connection) as the rest of the core sees it.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub id: u64,
+    pub user: UserId,
+    pub device: String,
+    pub out: Outbound,
+    /// Set when the session must end (kicked, shutdown); the reader notices and closes.
+    pub ending: Cell<bool>,
+    pub end_waker: RefCell<Option<Waker>>,
+}
+
+impl SessionHandle {
+    pub fn end(&self) {
+        self.ending.set(true);
+        if let Some(w) = self.end_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once [`SessionHandle::end`] was called.
+    pub async fn ended(&self) {
+        std::future::poll_fn(|cx| {
+            if self.ending.get() {
+                Poll::Ready(())
+            } else {
+                *self.end_waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Per-core state.
+pub struct Core {
+    pub id: usize,
+    pub router: Router,
+    pub cfg: Arc<Config>,
+    pub store: Arc<dyn MessageStore>,
+    pub secret: Secret,
+    pub codec: Codec,
+    pub mesh: Senders<ShardMsg>,
+    pub users: RefCell<HashMap<UserId, Vec<Rc<SessionHandle>>>>,
+    pub sessions: RefCell<HashMap<u64, Rc<SessionHandle>>>,
+    next_session: Cell<u64>,
+    appends: RefCell<VecDeque<(Completion<Appended>, AppendMsg)>>,
+    appends_waker: RefCell<Option<Waker>>,
+    /// Scratch buffer every connection of this core reads into (no per-connection buffer while
+    /// idle).
+    pub read_scratch: RefCell<Vec<u8>>,
+    pub shutdown: Arc<AtomicBool>,
+    pub stopping: Cell<bool>,
+    pub stop_wakers: RefCell<Vec<Waker>>,
+    pub connections: Cell<usize>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("id", &self.id).finish()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Core {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: usize,
+        router: Router,
+        cfg: Arc<Config>,
+        store: Arc<dyn MessageStore>,
+        secret: Secret,
+        mesh: Senders<ShardMsg>,
+        shutdown: Arc<AtomicBool>,
+    ) -> Core {
+        Core {
+            id,
+            router,
+            codec: Codec::new(cfg.max_frame_bytes as usize),
+            cfg,
+            store,
+            secret,
+            mesh,
+            users: RefCell::default(),
+            sessions: RefCell::default(),
+            next_session: Cell::new(1),
+            appends: RefCell::default(),
+            appends_waker: RefCell::default(),
+            read_scratch: RefCell::new(vec![0; 64 << 10]),
+            shutdown,
+            stopping: Cell::new(false),
+            stop_wakers: RefCell::default(),
+            connections: Cell::new(0),
+        }
+    }
+
+    /// A session id unique across the process: core in the top 16 bits.
+    pub fn new_session_id(&self) -> u64 {
+        let n = self.next_session.get();
+        self.next_session.set(n + 1);
+        ((self.id as u64) << 48) | n
+    }
+
+    /// Encodes a frame into its own buffer (length prefix included).
+    pub fn encode(&self, frame: &Frame) -> Bytes {
+        let mut buf = BytesMut::new();
+        let mut codec = self.codec;
+        // The server never builds a frame over the limit: payloads are checked on the way in.
+        if codec.encode(frame, &mut buf).is_err() {
+            let fallback = Frame::error(
+                frame.request_id,
+                ErrorCode::Internal,
+                "response too large",
+                false,
+            );
+            buf.clear();
+            let _ = codec.encode(&fallback, &mut buf);
+        }
+        buf.freeze()
+    }
+
+    /// Resolves when shutdown begins on this core.
+    pub async fn stopped(&self) {
+        std::future::poll_fn(|cx| {
+            if self.stopping.get() {
+                Poll::Ready(())
+            } else {
+                self.stop_wakers.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    pub fn begin_stop(&self) {
+        self.stopping.set(true);
+        for w in self.stop_wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Sends to another core, or handles locally.
+    pub async fn send_to_core(self: &Rc<Self>, core: usize, msg: ShardMsg) {
+        if core == self.id {
+            self.handle(msg);
+            return;
+        }
+        if let Err(_msg) = self.mesh.send_to(core, msg).await {
+            tracing::warn!(core, "cross-core channel closed; message dropped");
+        }
+    }
+
+    /// Handles a message from another core (or from this one). Never blocks.
+    pub fn handle(self: &Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Adopt {
+                fd,
+                leftover,
+                login,
+            } => {
+                let stream = crate::sys::adopt_stream(fd);
+                let core = self.clone();
+                glommio::spawn_local(async move {
+                    crate::session::run_adopted(core, stream, leftover, login).await;
+                })
+                .detach();
+            }
+            ShardMsg::Append(job) => self.submit_append(job),
+            ShardMsg::Reply { reply, frame } => {
+                if let Some(s) = self.sessions.borrow().get(&reply.session) {
+                    s.out.push(frame);
+                }
+            }
+            ShardMsg::Deliver {
+                user,
+                except_session,
+                conv,
+                seq,
+                frame,
+            } => self.deliver_local(user, except_session, conv, seq, &frame),
+        }
+    }
+
+    /// Pushes a committed message to every local session of `user`.
+    pub fn deliver_local(&self, user: UserId, except: u64, conv: u64, seq: u64, frame: &Bytes) {
+        let users = self.users.borrow();
+        let Some(list) = users.get(&user) else {
+            return;
+        };
+        let pending_cap = self.cfg.outbound_queue_frames;
+        for s in list {
+            if s.id != except && s.out.deliver(conv, seq, frame, pending_cap) {
+                tracing::debug!(session = s.id, "slow consumer: live push paused until sync");
+            }
+        }
+    }
+
+    /// Starts an append of a conversation this core owns. Completions are processed in
+    /// submission order by [`Core::run_completions`], so live deliveries of a conversation leave
+    /// in sequence order.
+    pub fn submit_append(&self, job: AppendMsg) {
+        let completion = self.store.append(job.req.clone());
+        self.appends.borrow_mut().push_back((completion, job));
+        if let Some(w) = self.appends_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// The task that turns completed appends into SendAcks and deliveries, in order.
+    pub async fn run_completions(self: Rc<Self>) {
+        loop {
+            let next = std::future::poll_fn(|cx| {
+                let mut q = self.appends.borrow_mut();
+                match q.pop_front() {
+                    Some(item) => Poll::Ready(Some(item)),
+                    None if self.stopping.get() && self.shutdown_complete() => Poll::Ready(None),
+                    None => {
+                        *self.appends_waker.borrow_mut() = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                }
+            })
+            .await;
+            let Some((completion, job)) = next else {
+                return;
+            };
+            let result = completion.await;
+            self.finish_append(job, result).await;
+        }
+    }
+
+    fn shutdown_complete(&self) -> bool {
+        self.sessions.borrow().is_empty()
+    }
+
+    pub fn wake_completions(&self) {
+        if let Some(w) = self.appends_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    async fn finish_append(
+        self: &Rc<Self>,
+        job: AppendMsg,
+        result: Result<Appended, StorageError>,
+    ) {
+        let request_id = job.reply.request_id;
+        let reply_frame = match &result {
+            Ok(a) => Frame {
+                request_id,
+                body: Some(Body::SendAck(SendAck {
+                    client_msg_id: job.req.client_msg_id.clone(),
+                    conversation_id: a.conversation,
+                    seq: a.seq,
+                    server_time_ms: a.server_time_ms,
+                    duplicate: a.duplicate,
+                })),
+            },
+            Err(e) => {
+                let (code, msg) = storage_error_code(e);
+                Frame::error(request_id, code, msg, false)
+            }
+        };
+        if let Ok(a) = result
+            && !a.duplicate
+        {
+            let sender = job.req.sender;
+            let mut deliver = Deliver {
+                conversation_id: a.conversation,
+                seq: a.seq,
+                sender: job.sender_name.to_string(),
+                target: Some(Target {
+                    kind: TargetKind::User as i32,
+                    id: job.sender_name.to_string(),
+                }),
+                server_time_ms: a.server_time_ms,
+                client_msg_id: job.req.client_msg_id.clone(),
+                content_type: job.req.content_type,
+                custom_type: job.req.custom_type.clone(),
+                payload: job.req.payload.clone(),
+            };
+            let to_recipient = self.encode(&Frame {
+                request_id: 0,
+                body: Some(Body::Deliver(deliver.clone())),
+            });
+            let recipient_core = self.router.user(&job.recipient_name).core;
+            self.send_to_core(
+                recipient_core,
+                ShardMsg::Deliver {
+                    user: job.recipient,
+                    except_session: if job.recipient == sender {
+                        job.reply.session
+                    } else {
+                        0
+                    },
+                    conv: a.conversation,
+                    seq: a.seq,
+                    frame: to_recipient,
+                },
+            )
+            .await;
+            if job.recipient != sender {
+                // The sender's other devices see their own message with the peer as target.
+                deliver.target = Some(Target {
+                    kind: TargetKind::User as i32,
+                    id: job.recipient_name.to_string(),
+                });
+                let to_sender = self.encode(&Frame {
+                    request_id: 0,
+                    body: Some(Body::Deliver(deliver)),
+                });
+                self.send_to_core(
+                    job.reply.core,
+                    ShardMsg::Deliver {
+                        user: sender,
+                        except_session: job.reply.session,
+                        conv: a.conversation,
+                        seq: a.seq,
+                        frame: to_sender,
+                    },
+                )
+                .await;
+            }
+        }
+        let frame = self.encode(&reply_frame);
+        self.send_to_core(
+            job.reply.core,
+            ShardMsg::Reply {
+                reply: job.reply,
+                frame,
+            },
+        )
+        .await;
+    }
+}
+
+/// Maps a storage failure to the wire error code and a message for the client.
+pub fn storage_error_code(e: &StorageError) -> (ErrorCode, &'static str) {
+    if e.is_unavailable() {
+        (
+            ErrorCode::Unavailable,
+            "storage is not accepting writes; retry later",
+        )
+    } else {
+        match e {
+            StorageError::InvalidArgument(m) => (ErrorCode::InvalidArgument, m),
+            _ => (ErrorCode::Internal, "storage error"),
+        }
+    }
+}
+
+/// Shared shutdown flag checker: flips every core into stopping mode.
+pub fn check_shutdown(core: &Core) -> bool {
+    core.shutdown.load(Ordering::Relaxed)
+}

@@ -1,0 +1,21 @@
+//! The Tern gateway: the server behind `tern-gateway`.
+//!
+//! One glommio executor per core. Each core accepts on the shared TCP port (SO_REUSEPORT),
+//! reads Hello, and hands the connection to the core that owns the user ([`route::Router`]).
+//! A conversation is owned by the core of its hash: only that core submits its appends to the
+//! store, whose single writer thread group-commits them and assigns sequence numbers. Cores
+//! talk over glommio's lock-free channel mesh. docs/architecture.md draws the whole path.
+//!
+//! What this crate does not do (yet): QUIC and TLS, groups and rooms, the HTTP admin API.
+
+pub mod config;
+pub mod core;
+pub mod outbound;
+pub mod route;
+pub mod server;
+pub mod session;
+pub mod sys;
+pub mod token;
+
+pub use config::Config;
+pub use server::{GatewayError, run};

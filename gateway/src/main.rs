@@ -1,0 +1,162 @@
+//! `tern-gateway`: run the server, or mint a login token.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tern_gateway::config::{Config, Durability};
+use tern_gateway::token::{self, Claims};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Tern instant-messaging gateway.
+///
+/// Without a subcommand it runs the server. Every option can also be set in a TOML file
+/// (--config) or through its TERN_* environment variable; flags win over the environment,
+/// which wins over the file, which wins over the built-in defaults.
+#[derive(Debug, Parser)]
+#[command(name = "tern-gateway", version)]
+struct Cli {
+    /// TOML config file (see Config in gateway/src/config.rs for every key).
+    #[arg(long, env = "TERN_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Data directory (message log, secret). Default ./tern-data.
+    #[arg(long, env = "TERN_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// TCP listen address. Default 127.0.0.1:7600.
+    #[arg(long, env = "TERN_TCP")]
+    tcp: Option<SocketAddr>,
+    /// Number of cores to use (0 = all).
+    #[arg(long, env = "TERN_CORES")]
+    cores: Option<usize>,
+    /// When a message counts as stored: fsync (default), wal or memory.
+    #[arg(long, env = "TERN_DURABILITY")]
+    durability: Option<DurabilityArg>,
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "tern_gateway=debug".
+    #[arg(long, env = "TERN_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DurabilityArg {
+    Fsync,
+    Wal,
+    Memory,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a signed login token for a user.
+    Token {
+        /// The user id (1..=64 bytes).
+        #[arg(long)]
+        user: String,
+        /// Lifetime, e.g. 24h, 30m, 7d.
+        #[arg(long, default_value = "24h")]
+        ttl: humantime::Duration,
+        /// Bind the token to one device id.
+        #[arg(long)]
+        device: Option<String>,
+        /// Absolute expiry (Unix seconds) instead of --ttl; a past value mints an expired token.
+        #[arg(long, conflicts_with = "ttl")]
+        expires_at: Option<u64>,
+    },
+}
+
+fn load_config(cli: &Cli) -> Result<Config, String> {
+    let mut cfg = match &cli.config {
+        Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    if let Some(d) = &cli.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    if let Some(t) = cli.tcp {
+        cfg.tcp = t;
+    }
+    if let Some(c) = cli.cores {
+        cfg.cores = c;
+    }
+    if let Some(d) = cli.durability {
+        cfg.durability = match d {
+            DurabilityArg::Fsync => Durability::Fsync,
+            DurabilityArg::Wal => Durability::Wal,
+            DurabilityArg::Memory => Durability::Memory,
+        };
+    }
+    if let Ok(s) = std::env::var("TERN_SECRET") {
+        cfg.secret = Some(s);
+    }
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cfg = match load_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match &cli.command {
+        Some(Command::Token {
+            user,
+            ttl,
+            device,
+            expires_at,
+        }) => {
+            if !token::valid_id(user) {
+                eprintln!("error: --user must be 1..=64 bytes without control characters");
+                return ExitCode::from(2);
+            }
+            if let Some(d) = device
+                && !token::valid_id(d)
+            {
+                eprintln!("error: --device must be 1..=64 bytes without control characters");
+                return ExitCode::from(2);
+            }
+            let secret = match tern_gateway::server::load_secret(&cfg) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let claims = Claims {
+                v: 1,
+                sub: user.clone(),
+                exp: expires_at.unwrap_or_else(|| token::now_secs() + ttl.as_secs().max(1)),
+                dev: device.clone(),
+            };
+            println!("{}", token::mint(&secret, &claims));
+            ExitCode::SUCCESS
+        }
+        None => {
+            let shutdown = Arc::new(AtomicBool::new(false));
+            match tern_gateway::run(cfg, shutdown, true, |addr| {
+                eprintln!("tern-gateway listening on {addr}");
+            }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! A session's bounded outbound queue and its delivery state (live, syncing, lagging).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::task::{Poll, Waker};
+
+use bytes::Bytes;
+
+/// Whether live messages are pushed to a device right now.
+#[derive(Debug)]
+pub enum DeliveryState {
+    /// Live messages are queued for the device as they are committed.
+    Live,
+    /// A sync is being sent; live messages wait here (bounded) and go out after SyncDone,
+    /// minus those the sync already carried.
+    Syncing {
+        pending: Vec<(u64, u64, Bytes)>,
+        overflow: bool,
+    },
+    /// The device fell behind: live messages are dropped until it syncs. `notified` says whether
+    /// SyncNeeded was queued.
+    Lagging { notified: bool },
+}
+
+/// Frames waiting to be written to one connection.
+///
+/// Live deliveries are refused when `cap` frames are queued (the caller then switches the
+/// session to lagging); responses to the client's own requests are always accepted, because the
+/// reader allows only a bounded number of requests in flight. Holds no allocation when empty.
+#[derive(Debug)]
+pub struct Outbound {
+    queue: RefCell<VecDeque<Bytes>>,
+    cap: usize,
+    writer: RefCell<Option<Waker>>,
+    space: RefCell<Vec<Waker>>,
+    closed: Cell<bool>,
+    pub state: RefCell<DeliveryState>,
+    /// Highest sequence sent per conversation (by sync or live push). A live delivery at or
+    /// below it is a message the device already got through a sync: its Deliver was still
+    /// crossing cores when the sync read the log.
+    high: RefCell<HashMap<u64, u64>>,
+}
+
+impl Outbound {
+    pub fn new(cap: usize) -> Outbound {
+        Outbound {
+            queue: RefCell::new(VecDeque::new()),
+            cap,
+            writer: RefCell::new(None),
+            space: RefCell::new(Vec::new()),
+            closed: Cell::new(false),
+            state: RefCell::new(DeliveryState::Live),
+            high: RefCell::new(HashMap::new()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.borrow().is_empty()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.get()
+    }
+
+    /// Queues a response or control frame regardless of the bound.
+    pub fn push(&self, frame: Bytes) {
+        if self.closed.get() {
+            return;
+        }
+        self.queue.borrow_mut().push_back(frame);
+        self.wake_writer();
+    }
+
+    /// Queues a live delivery if there is room.
+    pub fn try_push(&self, frame: Bytes) -> bool {
+        if self.closed.get() {
+            return true;
+        }
+        let mut q = self.queue.borrow_mut();
+        if q.len() >= self.cap {
+            return false;
+        }
+        q.push_back(frame);
+        drop(q);
+        self.wake_writer();
+        true
+    }
+
+    /// Waits until fewer than `cap` frames are queued. The reader calls it before each request,
+    /// so a client that does not read its socket stops being read too.
+    pub async fn wait_room(&self) {
+        std::future::poll_fn(|cx| {
+            if self.closed.get() || self.queue.borrow().len() < self.cap {
+                Poll::Ready(())
+            } else {
+                self.space.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Waits until the queue has room for bulk output (sync pages), then queues `frame`.
+    pub async fn push_wait(&self, frame: Bytes) {
+        self.wait_room().await;
+        self.push(frame);
+    }
+
+    /// Delivers a live message according to the delivery state. Returns true if the device just
+    /// became lagging.
+    pub fn deliver(&self, conv: u64, seq: u64, frame: &Bytes, pending_cap: usize) -> bool {
+        let mut st = self.state.borrow_mut();
+        match &mut *st {
+            DeliveryState::Live => {
+                if self.high.borrow().get(&conv).is_some_and(|&h| seq <= h) {
+                    return false;
+                }
+                if self.try_push(frame.clone()) {
+                    self.high.borrow_mut().insert(conv, seq);
+                    false
+                } else {
+                    *st = DeliveryState::Lagging { notified: false };
+                    self.wake_writer();
+                    true
+                }
+            }
+            DeliveryState::Syncing { pending, overflow } => {
+                if pending.len() < pending_cap {
+                    pending.push((conv, seq, frame.clone()));
+                } else {
+                    *overflow = true;
+                }
+                false
+            }
+            DeliveryState::Lagging { .. } => false,
+        }
+    }
+
+    pub fn begin_sync(&self) {
+        *self.state.borrow_mut() = DeliveryState::Syncing {
+            pending: Vec::new(),
+            overflow: false,
+        };
+    }
+
+    /// Ends a sync: pushes the live messages that arrived during it and that the sync did not
+    /// already carry, then goes live (or lagging, if too many arrived).
+    pub fn end_sync(&self, synced_upto: &HashMap<u64, u64>) {
+        let old = std::mem::replace(&mut *self.state.borrow_mut(), DeliveryState::Live);
+        if let DeliveryState::Syncing { pending, overflow } = old {
+            {
+                let mut high = self.high.borrow_mut();
+                for (&conv, &upto) in synced_upto {
+                    let h = high.entry(conv).or_insert(0);
+                    *h = (*h).max(upto);
+                }
+            }
+            if overflow {
+                *self.state.borrow_mut() = DeliveryState::Lagging { notified: false };
+                self.wake_writer();
+                return;
+            }
+            for (conv, seq, frame) in pending {
+                if self.high.borrow().get(&conv).is_some_and(|&h| seq <= h) {
+                    continue;
+                }
+                if self.try_push(frame) {
+                    self.high.borrow_mut().insert(conv, seq);
+                } else {
+                    *self.state.borrow_mut() = DeliveryState::Lagging { notified: false };
+                    self.wake_writer();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// For the writer: true if SyncNeeded should be sent now (lagging, not yet told, and the
+    /// queue has drained).
+    pub fn take_sync_needed(&self) -> bool {
+        if !self.queue.borrow().is_empty() {
+            return false;
+        }
+        let mut st = self.state.borrow_mut();
+        if let DeliveryState::Lagging { notified } = &mut *st
+            && !*notified
+        {
+            *notified = true;
+            return true;
+        }
+        false
+    }
+
+    /// For the writer: moves queued frames into `buf` up to about `max` bytes. Returns false if
+    /// nothing was queued.
+    pub fn drain_into(&self, buf: &mut Vec<u8>, max: usize) -> bool {
+        let mut q = self.queue.borrow_mut();
+        if q.is_empty() {
+            return false;
+        }
+        while let Some(f) = q.front() {
+            if !buf.is_empty() && buf.len() + f.len() > max {
+                break;
+            }
+            buf.extend_from_slice(f);
+            q.pop_front();
+        }
+        if q.is_empty() && q.capacity() > 64 {
+            *q = VecDeque::new();
+        }
+        drop(q);
+        for w in self.space.borrow_mut().drain(..) {
+            w.wake();
+        }
+        true
+    }
+
+    /// For the writer: waits for something to write (or close).
+    pub async fn wait_ready(&self) {
+        std::future::poll_fn(|cx| {
+            if self.closed.get() || !self.queue.borrow().is_empty() {
+                return Poll::Ready(());
+            }
+            if let DeliveryState::Lagging { notified: false } = &*self.state.borrow() {
+                return Poll::Ready(());
+            }
+            *self.writer.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Closes the queue: the writer flushes what is queued and stops.
+    pub fn close(&self) {
+        self.closed.set(true);
+        self.wake_writer();
+        for w in self.space.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    fn wake_writer(&self) {
+        if let Some(w) = self.writer.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(n: u8) -> Bytes {
+        Bytes::from(vec![n])
+    }
+
+    #[test]
+    fn live_overflow_turns_lagging_and_drops() {
+        let o = Outbound::new(2);
+        assert!(!o.deliver(1, 1, &b(1), 10));
+        assert!(!o.deliver(1, 2, &b(2), 10));
+        assert!(o.deliver(1, 3, &b(3), 10));
+        assert!(!o.deliver(1, 4, &b(4), 10));
+        assert_eq!(o.len(), 2);
+        assert!(!o.take_sync_needed(), "only once the queue drained");
+        let mut buf = Vec::new();
+        assert!(o.drain_into(&mut buf, 1 << 16));
+        assert_eq!(buf, vec![1, 2]);
+        assert!(o.take_sync_needed());
+        assert!(!o.take_sync_needed());
+    }
+
+    #[test]
+    fn sync_holds_live_and_skips_what_sync_carried() {
+        let o = Outbound::new(100);
+        o.begin_sync();
+        o.deliver(7, 5, &b(5), 10);
+        o.deliver(7, 6, &b(6), 10);
+        o.deliver(8, 1, &b(81), 10);
+        assert_eq!(o.len(), 0);
+        let upto = HashMap::from([(7u64, 5u64)]);
+        o.end_sync(&upto);
+        let mut buf = Vec::new();
+        o.drain_into(&mut buf, 1 << 16);
+        assert_eq!(buf, vec![6, 81]);
+        assert!(matches!(*o.state.borrow(), DeliveryState::Live));
+    }
+
+    #[test]
+    fn late_live_copy_of_a_synced_message_is_dropped() {
+        let o = Outbound::new(100);
+        o.begin_sync();
+        o.end_sync(&HashMap::from([(7u64, 5u64)]));
+        // seq 5 was read by the sync while its Deliver was still in flight.
+        o.deliver(7, 5, &b(5), 10);
+        o.deliver(7, 6, &b(6), 10);
+        o.deliver(7, 6, &b(6), 10);
+        let mut buf = Vec::new();
+        o.drain_into(&mut buf, 1 << 16);
+        assert_eq!(buf, vec![6]);
+    }
+
+    #[test]
+    fn sync_pending_overflow_lags() {
+        let o = Outbound::new(100);
+        o.begin_sync();
+        for s in 1..=3 {
+            o.deliver(1, s, &b(s as u8), 2);
+        }
+        o.end_sync(&HashMap::new());
+        assert!(matches!(
+            *o.state.borrow(),
+            DeliveryState::Lagging { notified: false }
+        ));
+        assert!(o.take_sync_needed());
+    }
+}

@@ -1,0 +1,329 @@
+//! Start-up and shutdown: open the store, start one glommio executor per core, join them into a
+//! channel mesh, listen with SO_REUSEPORT on every core, and stop cleanly on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use tern_storage::{MessageStore, RocksStore, StoreOptions};
+use tracing::{info, warn};
+
+use crate::config::{Config, Durability};
+use crate::core::{Core, ShardMsg};
+use crate::route::Router;
+use crate::token::Secret;
+
+/// Why the gateway could not start or stopped with an error. Each message says what to change.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot use data directory {path}: {message}")]
+    DataDir { path: String, message: String },
+    #[error("cannot open the message log: {0}")]
+    Storage(#[from] tern_storage::StorageError),
+    #[error(
+        "cannot start the I/O executor for core {core}: {message}. Tern needs io_uring (Linux \
+         5.8 or later) and locked memory for it: about {need_kib} KiB per core, the limit is \
+         {limit_kib} KiB. Raise it with `ulimit -l {suggest_kib}` (or LimitMEMLOCK= in a systemd \
+         unit), or lower `io_memory_bytes` / `cores`."
+    )]
+    Executor {
+        core: usize,
+        message: String,
+        need_kib: u64,
+        limit_kib: u64,
+        suggest_kib: u64,
+    },
+    #[error("cannot listen on {addr}: {message}")]
+    Listen { addr: SocketAddr, message: String },
+}
+
+/// A running gateway's handle for tests and embedding: the address it listens on and a way
+/// to stop it.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    flag: Arc<AtomicBool>,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The store options the config asks for.
+pub fn store_options(cfg: &Config) -> StoreOptions {
+    let durability = match cfg.durability {
+        Durability::Fsync => tern_storage::Durability::Fsync,
+        Durability::Wal => tern_storage::Durability::Wal {
+            sync_interval_ms: cfg.wal_sync_interval_ms,
+        },
+        Durability::Memory => tern_storage::Durability::Memory,
+    };
+    let mut o = StoreOptions::with_durability(durability);
+    o.dedup_window.max_age = Duration::from_secs(cfg.dedup_window_secs);
+    o
+}
+
+/// The secret from the config, or the one persisted in the data directory.
+pub fn load_secret(cfg: &Config) -> Result<Secret, GatewayError> {
+    if let Some(s) = &cfg.secret {
+        return Ok(Secret::new(s.as_bytes().to_vec()));
+    }
+    Secret::load_or_create(&cfg.data_dir).map_err(|e| GatewayError::DataDir {
+        path: cfg.data_dir.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Runs the gateway until `shutdown` is set (or SIGTERM/SIGINT when `handle_signals`).
+/// `on_ready` is called with the bound TCP address once every core listens.
+pub fn run(
+    cfg: Config,
+    shutdown: Arc<AtomicBool>,
+    handle_signals: bool,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), GatewayError> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| GatewayError::DataDir {
+        path: cfg.data_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let secret = load_secret(&cfg)?;
+    let store: Arc<dyn MessageStore> = Arc::new(RocksStore::open(
+        cfg.data_dir.join("log"),
+        store_options(&cfg),
+    )?);
+    if handle_signals {
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, shutdown.clone()).map_err(|e| {
+                GatewayError::DataDir {
+                    path: String::new(),
+                    message: format!("cannot install signal handler: {e}"),
+                }
+            })?;
+        }
+    }
+    let result = run_cores(&cfg, store.clone(), secret, shutdown, on_ready);
+    // Flush and close the log whatever happened to the cores.
+    let closed = store.close();
+    result?;
+    closed?;
+    info!("stopped");
+    Ok(())
+}
+
+fn run_cores(
+    cfg: &Config,
+    store: Arc<dyn MessageStore>,
+    secret: Secret,
+    shutdown: Arc<AtomicBool>,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), GatewayError> {
+    let n = cfg.effective_cores();
+    let cpus = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
+    let router = Router::new(n);
+    let cfg = Arc::new(cfg.clone());
+    let mesh = MeshBuilder::<ShardMsg, _>::full(n, 4096);
+    // Bind on core 0 first so that port 0 (tests) resolves to one port every core then shares.
+    let first = std::net::TcpListener::bind(cfg.tcp).map_err(|e| GatewayError::Listen {
+        addr: cfg.tcp,
+        message: e.to_string(),
+    })?;
+    let addr = first.local_addr().map_err(|e| GatewayError::Listen {
+        addr: cfg.tcp,
+        message: e.to_string(),
+    })?;
+    drop(first);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), GatewayError>>();
+    let mut handles = Vec::with_capacity(n);
+    for id in 0..n {
+        let placement = if n <= cpus {
+            Placement::Fixed(id)
+        } else {
+            Placement::Unbound
+        };
+        let mesh = mesh.clone();
+        let core_cfg = cfg.clone();
+        let store = store.clone();
+        let secret = secret.clone();
+        let core_shutdown = shutdown.clone();
+        let ready = ready_tx.clone();
+        let builder = LocalExecutorBuilder::new(placement)
+            .name(&format!("tern-core-{id}"))
+            .io_memory(cfg.io_memory_bytes)
+            .ring_depth(256)
+            .preempt_timer(Duration::from_millis(5));
+        let spawned = builder.spawn(move || async move {
+            core_main(
+                id,
+                router,
+                core_cfg,
+                store,
+                secret,
+                mesh,
+                core_shutdown,
+                addr,
+                ready,
+            )
+            .await
+        });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                shutdown.store(true, Ordering::SeqCst);
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Err(executor_error(id, cfg.io_memory_bytes, e.to_string()));
+            }
+        }
+    }
+    drop(ready_tx);
+    let mut failure = None;
+    let mut died = false;
+    for _ in 0..n {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(_) => {
+                // A core ended before reporting: its executor could not start (the join below
+                // says why).
+                died = true;
+                break;
+            }
+        }
+    }
+    if failure.is_some() || died {
+        shutdown.store(true, Ordering::SeqCst);
+    } else {
+        info!(%addr, cores = n, data_dir = %cfg.data_dir.display(), "tern-gateway listening");
+        on_ready(addr);
+    }
+    for (id, h) in handles.into_iter().enumerate() {
+        if let Err(e) = h.join() {
+            failure.get_or_insert(executor_error(id, cfg.io_memory_bytes, e.to_string()));
+        }
+    }
+    if died && failure.is_none() {
+        failure = Some(executor_error(
+            0,
+            cfg.io_memory_bytes,
+            "the executor stopped".into(),
+        ));
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn executor_error(core: usize, io_memory: usize, message: String) -> GatewayError {
+    let (soft, _) = crate::sys::rlimit(libc::RLIMIT_MEMLOCK);
+    let need_kib = (io_memory as u64 / 1024) + 256;
+    GatewayError::Executor {
+        core,
+        message,
+        need_kib,
+        limit_kib: soft / 1024,
+        suggest_kib: (need_kib * 4).max(65536),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn core_main(
+    id: usize,
+    router: Router,
+    cfg: Arc<Config>,
+    store: Arc<dyn MessageStore>,
+    secret: Secret,
+    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    shutdown: Arc<AtomicBool>,
+    addr: SocketAddr,
+    ready: std::sync::mpsc::Sender<Result<(), GatewayError>>,
+) {
+    let (senders, mut receivers) = match mesh.join().await {
+        Ok(x) => x,
+        Err(_) => {
+            let _ = ready.send(Err(GatewayError::Listen {
+                addr,
+                message: "cannot join the core mesh".into(),
+            }));
+            return;
+        }
+    };
+    let listener = match TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(GatewayError::Listen {
+                addr,
+                message: e.to_string(),
+            }));
+            return;
+        }
+    };
+    let core = Rc::new(Core::new(
+        id,
+        router,
+        cfg.clone(),
+        store,
+        secret,
+        senders,
+        shutdown.clone(),
+    ));
+    for (_from, rx) in receivers.streams() {
+        let core = core.clone();
+        glommio::spawn_local(async move {
+            while let Some(msg) = rx.recv().await {
+                core.handle(msg);
+            }
+        })
+        .detach();
+    }
+    let completions = glommio::spawn_local(core.clone().run_completions());
+    {
+        let core = core.clone();
+        glommio::spawn_local(async move {
+            while !core.shutdown.load(Ordering::Relaxed) {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+            core.begin_stop();
+        })
+        .detach();
+    }
+    let _ = ready.send(Ok(()));
+    crate::session::accept_loop(core.clone(), listener).await;
+    // Shutdown: sessions got Kick(SHUTDOWN) from their readers; wait for them to close.
+    let deadline = std::time::Instant::now() + Duration::from_millis(cfg.shutdown_timeout_ms);
+    while (core.connections.get() > 0 || !core.sessions.borrow().is_empty())
+        && std::time::Instant::now() < deadline
+    {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    if !core.sessions.borrow().is_empty() {
+        warn!(
+            core = id,
+            left = core.sessions.borrow().len(),
+            "shutdown timeout: closing remaining sessions"
+        );
+    }
+    core.wake_completions();
+    let _ = futures_lite::future::or(
+        async {
+            completions.await;
+        },
+        glommio::timer::sleep(Duration::from_millis(500)),
+    )
+    .await;
+}

@@ -1,0 +1,909 @@
+//! Connections: accept, login, hand-off to the user's core, and the logged-in session.
+//!
+//! A connection is read by one task (requests, in order) and written by another (responses and
+//! live deliveries from the session's bounded [`Outbound`](crate::outbound::Outbound) queue).
+//! Reads go through the core's scratch buffer, so an idle connection holds no read buffer.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_lite::future;
+use futures_lite::io::{AsyncRead, AsyncWrite};
+use glommio::net::{TcpListener, TcpStream};
+use tern_protocol::v1::{
+    ConversationState, Deliver, HelloOk, HistoryPage, HistoryRequest, Pong, SyncConversations,
+    SyncDone, SyncMessages, SyncNeeded, Target, TargetKind, frame::Body,
+};
+use tern_protocol::{CodecError, ErrorCode, Frame, KickReason, PROTOCOL_VERSION};
+use tern_storage::{ConversationKind, Peer, StoredMessage, UserId, conversation_kind};
+use tracing::{Instrument, debug, info, warn};
+
+use crate::core::{AppendMsg, Core, Login, ReplyTo, SessionHandle, ShardMsg, now_ms};
+use crate::outbound::Outbound;
+use crate::token::{self, valid_id};
+
+type Stream = Rc<RefCell<TcpStream>>;
+
+/// Accepts connections until shutdown. Hitting the open-file limit is reported (once a second)
+/// and waited out instead of spinning on accept.
+pub async fn accept_loop(core: Rc<Core>, listener: TcpListener) {
+    let mut last_limit_warning: Option<std::time::Instant> = None;
+    loop {
+        let accepted = future::or(async { Some(listener.accept().await) }, async {
+            core.stopped().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => break,
+            Some(Ok(stream)) => {
+                let core = core.clone();
+                core.connections.set(core.connections.get() + 1);
+                glommio::spawn_local(async move {
+                    let peer = stream.peer_addr().ok();
+                    let span = tracing::info_span!("conn", core = core.id, peer = ?peer);
+                    handle_new(core.clone(), stream).instrument(span).await;
+                })
+                .detach();
+            }
+            Some(Err(e)) => {
+                let io: std::io::Error = e.into();
+                let code = io.raw_os_error();
+                if code == Some(libc::EMFILE) || code == Some(libc::ENFILE) {
+                    let now = std::time::Instant::now();
+                    if last_limit_warning.is_none_or(|t| now.duration_since(t).as_secs() >= 1) {
+                        let (soft, _) = open_file_limit();
+                        warn!(
+                            core = core.id,
+                            limit = soft,
+                            "open-file limit reached (ulimit -n = {soft}): not accepting new \
+                             connections until some close"
+                        );
+                        last_limit_warning = Some(now);
+                    }
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                } else {
+                    warn!(core = core.id, error = %io, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+}
+
+pub fn open_file_limit() -> (u64, u64) {
+    crate::sys::rlimit(libc::RLIMIT_NOFILE)
+}
+
+/// Reads once into the core's scratch buffer and appends what arrived to `inbuf`.
+async fn read_some(core: &Core, stream: &Stream, inbuf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut scratch = core.read_scratch.borrow_mut();
+        let mut s = stream.borrow_mut();
+        match Pin::new(&mut *s).poll_read(cx, &mut scratch[..]) {
+            Poll::Ready(Ok(n)) => {
+                inbuf.extend_from_slice(&scratch[..n]);
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    })
+    .await
+}
+
+async fn write_all(stream: &Stream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = std::future::poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, buf))
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// Sends a last frame, then closes so that the peer reads it: shut down writing and drain what
+/// the peer still sends for a short while (closing with unread input would reset the connection
+/// and could destroy the frame in flight).
+async fn close_with(core: &Core, stream: &Stream, frame: &Frame) {
+    let bytes = core.encode(frame);
+    let _ = future::or(
+        async {
+            if write_all(stream, &bytes).await.is_ok() {
+                crate::sys::shutdown(&stream.borrow(), std::net::Shutdown::Write);
+                let mut sink = BytesMut::new();
+                let mut total = 0usize;
+                while total < (1 << 20) {
+                    sink.clear();
+                    match read_some(core, stream, &mut sink).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n,
+                    }
+                }
+            }
+        },
+        glommio::timer::sleep(Duration::from_millis(500)),
+    )
+    .await;
+}
+
+enum First {
+    Frame(Frame),
+    Bad(CodecError),
+    Closed,
+    Timeout,
+}
+
+/// A new connection: wait for Hello, check it, and move the connection to its user's core.
+async fn handle_new(core: Rc<Core>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let stream: Stream = Rc::new(RefCell::new(stream));
+    let mut inbuf = BytesMut::new();
+    let mut codec = core.codec;
+    let first = future::or(
+        async {
+            loop {
+                match codec.decode(&mut inbuf) {
+                    Ok(Some(f)) => return First::Frame(f),
+                    Ok(None) => {}
+                    Err(e) => return First::Bad(e),
+                }
+                match read_some(&core, &stream, &mut inbuf).await {
+                    Ok(0) | Err(_) => return First::Closed,
+                    Ok(_) => {}
+                }
+            }
+        },
+        async {
+            glommio::timer::sleep(core.cfg.login_timeout()).await;
+            First::Timeout
+        },
+    )
+    .await;
+    let frame = match first {
+        First::Frame(f) => f,
+        First::Closed => {
+            core.connections.set(core.connections.get() - 1);
+            return;
+        }
+        First::Timeout => {
+            debug!("login timeout");
+            let f = Frame::error(
+                0,
+                ErrorCode::LoginTimeout,
+                "no Hello within the login timeout",
+                true,
+            );
+            close_with(&core, &stream, &f).await;
+            core.connections.set(core.connections.get() - 1);
+            return;
+        }
+        First::Bad(e) => {
+            debug!(error = %e, "bad first frame");
+            close_with(&core, &stream, &e.to_frame()).await;
+            core.connections.set(core.connections.get() - 1);
+            return;
+        }
+    };
+    let request_id = frame.request_id;
+    let login = match check_hello(&core, frame) {
+        Ok(l) => l,
+        Err((code, msg)) => {
+            debug!(?code, msg, "login refused");
+            close_with(&core, &stream, &Frame::error(request_id, code, msg, true)).await;
+            core.connections.set(core.connections.get() - 1);
+            return;
+        }
+    };
+    let owner = core.router.user(&login.user).core;
+    if owner == core.id {
+        run_session(core, stream, inbuf, login).await;
+        return;
+    }
+    // Move the socket (and whatever was read after Hello) to the user's core.
+    let dup = crate::sys::dup_stream(&stream.borrow());
+    let fd = match dup {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot move connection to its core");
+            close_with(
+                &core,
+                &stream,
+                &Frame::error(request_id, ErrorCode::Internal, "server error", true),
+            )
+            .await;
+            core.connections.set(core.connections.get() - 1);
+            return;
+        }
+    };
+    drop(stream);
+    core.connections.set(core.connections.get() - 1);
+    core.send_to_core(
+        owner,
+        ShardMsg::Adopt {
+            fd,
+            leftover: inbuf.to_vec(),
+            login,
+        },
+    )
+    .await;
+}
+
+fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static str)> {
+    let hello = match frame.body {
+        Some(Body::Hello(h)) => h,
+        _ => return Err((ErrorCode::Unauthenticated, "the first frame must be Hello")),
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err((
+            ErrorCode::UnsupportedVersion,
+            "unsupported protocol_version (this server speaks 1)",
+        ));
+    }
+    let claims = token::verify(&core.secret, &hello.token, token::now_secs()).map_err(|e| {
+        (
+            e.code(),
+            match e {
+                token::TokenError::Expired => "token has expired",
+                token::TokenError::BadSignature => "token signature is wrong",
+                _ => "token is malformed",
+            },
+        )
+    })?;
+    if !valid_id(&hello.device_id) {
+        return Err((
+            ErrorCode::InvalidArgument,
+            "device_id must be 1..=64 bytes without control characters",
+        ));
+    }
+    if let Some(dev) = &claims.dev
+        && dev != &hello.device_id
+    {
+        return Err((
+            ErrorCode::Forbidden,
+            "the token is bound to another device_id",
+        ));
+    }
+    if hello.resume_session_id != 0 {
+        return Err((
+            ErrorCode::InvalidArgument,
+            "resume_session_id is not supported by this server",
+        ));
+    }
+    Ok(Login {
+        user: claims.sub,
+        device: hello.device_id,
+        request_id: frame.request_id,
+        sync_version: hello.sync_version,
+        sync_on_login: hello.sync_on_login,
+    })
+}
+
+/// A connection handed over by another core.
+pub async fn run_adopted(core: Rc<Core>, stream: TcpStream, leftover: Vec<u8>, login: Login) {
+    core.connections.set(core.connections.get() + 1);
+    let span =
+        tracing::info_span!("conn", core = core.id, user = %login.user, device = %login.device);
+    run_session(
+        core,
+        Rc::new(RefCell::new(stream)),
+        BytesMut::from(&leftover[..]),
+        login,
+    )
+    .instrument(span)
+    .await;
+}
+
+/// The logged-in session on the user's core.
+async fn run_session(core: Rc<Core>, stream: Stream, inbuf: BytesMut, login: Login) {
+    let user = match core.store.intern_user(&login.user) {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(error = %e, "cannot register user");
+            let f = Frame::error(login.request_id, ErrorCode::Internal, "server error", true);
+            close_with(&core, &stream, &f).await;
+            core.connections.set(core.connections.get() - 1);
+            return;
+        }
+    };
+    // Register (kicking an older connection of the same device) before anything can be
+    // committed for this session, so that sync + live push cover every message.
+    let registered = {
+        let mut users = core.users.borrow_mut();
+        let list = users.entry(user).or_default();
+        if let Some(pos) = list.iter().position(|s| s.device == login.device) {
+            let old = list.remove(pos);
+            old.out.push(core.encode(&Frame::kick(
+                KickReason::Replaced,
+                "the same device logged in on another connection",
+            )));
+            old.end();
+        }
+        if list.len() >= core.cfg.max_devices_per_user {
+            None
+        } else {
+            let session = Rc::new(SessionHandle {
+                id: core.new_session_id(),
+                user,
+                device: login.device.clone(),
+                out: Outbound::new(core.cfg.outbound_queue_frames),
+                ending: Default::default(),
+                end_waker: Default::default(),
+            });
+            list.push(session.clone());
+            core.sessions
+                .borrow_mut()
+                .insert(session.id, session.clone());
+            Some(session)
+        }
+    };
+    let Some(session) = registered else {
+        let f = Frame::error(
+            login.request_id,
+            ErrorCode::TooManyDevices,
+            "the user has the maximum number of connected devices",
+            true,
+        );
+        close_with(&core, &stream, &f).await;
+        core.connections.set(core.connections.get() - 1);
+        return;
+    };
+    let user_name: Arc<str> = Arc::from(login.user.as_str());
+    info!(session = session.id, "logged in");
+    let writer = glommio::spawn_local(write_loop(core.clone(), stream.clone(), session.clone()));
+    let user_version = core.store.user_version(user).unwrap_or(0);
+    session.out.push(core.encode(&Frame::new(
+        login.request_id,
+        HelloOk {
+            user_id: login.user.clone(),
+            device_id: login.device.clone(),
+            session_id: session.id,
+            server_time_ms: now_ms(),
+            user_version,
+            max_frame_bytes: core.cfg.max_frame_bytes,
+            max_payload_bytes: core.cfg.max_payload_bytes,
+            heartbeat_interval_ms: core.cfg.heartbeat_interval_ms,
+        },
+    )));
+    let mut ctx = Ctx {
+        core: core.clone(),
+        session: session.clone(),
+        user,
+        user_name,
+        acks: Vec::new(),
+    };
+    if login.sync_on_login {
+        // begin_sync happens before the first await inside, so no live message slips between
+        // registration and the sync.
+        ctx.sync(login.request_id, login.sync_version, 0).await;
+    }
+    ctx.read_loop(&stream, inbuf).await;
+
+    // Tear down: unregister, let the writer flush (bounded), close.
+    {
+        let mut users = core.users.borrow_mut();
+        if let Some(list) = users.get_mut(&user) {
+            list.retain(|s| s.id != session.id);
+            if list.is_empty() {
+                users.remove(&user);
+            }
+        }
+        core.sessions.borrow_mut().remove(&session.id);
+    }
+    session.out.close();
+    let _ = future::or(
+        async {
+            writer.await;
+        },
+        glommio::timer::sleep(Duration::from_millis(
+            core.cfg.shutdown_timeout_ms.min(2000),
+        )),
+    )
+    .await;
+    crate::sys::shutdown(&stream.borrow(), std::net::Shutdown::Both);
+    core.connections.set(core.connections.get() - 1);
+    core.wake_completions();
+    info!(session = session.id, "closed");
+}
+
+async fn write_loop(core: Rc<Core>, stream: Stream, session: Rc<SessionHandle>) {
+    let out = &session.out;
+    loop {
+        out.wait_ready().await;
+        if out.take_sync_needed() {
+            let v = core.store.user_version(session.user).unwrap_or(0);
+            out.push(core.encode(&Frame::new(0, SyncNeeded { user_version: v })));
+        }
+        let mut buf = Vec::new();
+        if !out.drain_into(&mut buf, 64 << 10) {
+            if out.is_closed() {
+                return;
+            }
+            continue;
+        }
+        if let Err(e) = write_all(&stream, &buf).await {
+            debug!(error = %e, "write failed");
+            session.end();
+            return;
+        }
+    }
+}
+
+enum Wake {
+    Read(std::io::Result<usize>),
+    Ended,
+    Idle,
+    Stop,
+}
+
+struct Ctx {
+    core: Rc<Core>,
+    session: Rc<SessionHandle>,
+    user: UserId,
+    user_name: Arc<str>,
+    acks: Vec<tern_storage::Completion<u64>>,
+}
+
+impl Ctx {
+    async fn flush_acks(&mut self) {
+        for c in self.acks.drain(..) {
+            if let Err(e) = c.await {
+                debug!(error = %e, "delivered cursor not stored");
+            }
+        }
+    }
+
+    fn reply(&self, frame: &Frame) {
+        self.session.out.push(self.core.encode(frame));
+    }
+
+    fn error(&self, request_id: u64, code: ErrorCode, msg: impl Into<String>) {
+        self.reply(&Frame::error(request_id, code, msg, false));
+    }
+
+    async fn read_loop(&mut self, stream: &Stream, mut inbuf: BytesMut) {
+        let core = self.core.clone();
+        let mut codec = core.codec;
+        loop {
+            loop {
+                if self.session.ending.get() {
+                    return;
+                }
+                match codec.decode(&mut inbuf) {
+                    Ok(Some(frame)) => {
+                        self.session.out.wait_room().await;
+                        if !self.handle(frame).await {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) if !e.is_fatal() => {
+                        self.reply(&e.to_frame());
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "bad frame; closing");
+                        self.reply(&e.to_frame());
+                        self.session.end();
+                        return;
+                    }
+                }
+            }
+            if inbuf.is_empty() && inbuf.capacity() > 0 {
+                // Idle connections keep no read buffer.
+                inbuf = BytesMut::new();
+            }
+            let idle = core.cfg.idle_timeout();
+            let woke = future::or(
+                future::or(
+                    async { Wake::Read(read_some(&core, stream, &mut inbuf).await) },
+                    async {
+                        self.session.ended().await;
+                        Wake::Ended
+                    },
+                ),
+                future::or(
+                    async {
+                        glommio::timer::sleep(idle).await;
+                        Wake::Idle
+                    },
+                    async {
+                        core.stopped().await;
+                        Wake::Stop
+                    },
+                ),
+            )
+            .await;
+            match woke {
+                Wake::Read(Ok(0)) | Wake::Read(Err(_)) | Wake::Ended => return,
+                Wake::Read(Ok(_)) => {}
+                Wake::Idle => {
+                    self.reply(&Frame::kick(
+                        KickReason::Idle,
+                        "no frame within the idle timeout",
+                    ));
+                    return;
+                }
+                Wake::Stop => {
+                    self.reply(&Frame::kick(
+                        KickReason::Shutdown,
+                        "server is shutting down",
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles one request. Returns false if the connection must close.
+    async fn handle(&mut self, frame: Frame) -> bool {
+        let rid = frame.request_id;
+        match frame.body {
+            Some(Body::Ping(p)) => {
+                self.reply(&Frame::new(
+                    rid,
+                    Pong {
+                        client_time_ms: p.client_time_ms,
+                        server_time_ms: now_ms(),
+                    },
+                ));
+            }
+            Some(Body::Send(send)) => self.send(rid, send).await,
+            Some(Body::Ack(ack)) => {
+                if self.may_access(ack.conversation_id) {
+                    // Cursor writes are group-committed by the store; they are awaited before
+                    // this connection's next sync (which reads them) or when many are pending.
+                    self.acks.push(self.core.store.set_delivered(
+                        self.user,
+                        &self.session.device,
+                        ack.conversation_id,
+                        ack.seq,
+                    ));
+                    if self.acks.len() >= 256 {
+                        self.flush_acks().await;
+                    }
+                } else {
+                    self.error(rid, ErrorCode::Forbidden, "not a conversation of this user");
+                }
+            }
+            Some(Body::Sync(req)) => self.sync(rid, req.since_version, req.page_size).await,
+            Some(Body::History(req)) => self.history(rid, req),
+            Some(Body::Hello(_)) => {
+                self.reply(&Frame::error(
+                    rid,
+                    ErrorCode::AlreadyAuthenticated,
+                    "already logged in",
+                    true,
+                ));
+                return false;
+            }
+            Some(_) => {
+                self.error(
+                    rid,
+                    ErrorCode::UnexpectedMessage,
+                    "this message type is sent by the server, not by clients",
+                );
+            }
+            None => {
+                self.error(rid, ErrorCode::UnknownMessage, "unknown message type");
+            }
+        }
+        true
+    }
+
+    fn may_access(&self, conv: u64) -> bool {
+        match conversation_kind(conv) {
+            Some(ConversationKind::Direct { low, high }) => low == self.user || high == self.user,
+            _ => false,
+        }
+    }
+
+    async fn send(&mut self, rid: u64, send: tern_protocol::Send) {
+        let cfg = &self.core.cfg;
+        if send.client_msg_id.is_empty() || send.client_msg_id.len() > 64 {
+            return self.error(
+                rid,
+                ErrorCode::InvalidArgument,
+                "client_msg_id must be 1..=64 bytes",
+            );
+        }
+        if send.payload.len() > cfg.max_payload_bytes as usize {
+            return self.error(
+                rid,
+                ErrorCode::PayloadTooLarge,
+                format!("payload exceeds {} bytes", cfg.max_payload_bytes),
+            );
+        }
+        if send.custom_type.len() > 256 {
+            return self.error(
+                rid,
+                ErrorCode::InvalidArgument,
+                "custom_type must be at most 256 bytes",
+            );
+        }
+        let Some(target) = send.target else {
+            return self.error(rid, ErrorCode::InvalidArgument, "target is required");
+        };
+        match TargetKind::try_from(target.kind) {
+            Ok(TargetKind::User) => {}
+            Ok(TargetKind::Group) | Ok(TargetKind::Room) => {
+                return self.error(
+                    rid,
+                    ErrorCode::InvalidArgument,
+                    "groups and rooms are not supported by this server yet",
+                );
+            }
+            _ => {
+                return self.error(
+                    rid,
+                    ErrorCode::InvalidArgument,
+                    "target.kind must be USER, GROUP or ROOM",
+                );
+            }
+        }
+        if !valid_id(&target.id) {
+            return self.error(
+                rid,
+                ErrorCode::InvalidArgument,
+                "target.id must be 1..=64 bytes without control characters",
+            );
+        }
+        let recipient = match self.core.store.intern_user(&target.id) {
+            Ok(r) => r,
+            Err(e) => {
+                let (code, msg) = crate::core::storage_error_code(&e);
+                return self.error(rid, code, msg);
+            }
+        };
+        let Some(conv) = tern_storage::direct_conversation(self.user, recipient) else {
+            return self.error(rid, ErrorCode::Internal, "user id space exhausted");
+        };
+        let job = AppendMsg {
+            req: tern_storage::AppendRequest {
+                conversation: conv,
+                sender: self.user,
+                client_msg_id: send.client_msg_id,
+                content_type: send.content_type,
+                custom_type: send.custom_type,
+                payload: send.payload,
+                participants: vec![self.user, recipient],
+            },
+            reply: ReplyTo {
+                core: self.core.id,
+                session: self.session.id,
+                request_id: rid,
+            },
+            sender_name: self.user_name.clone(),
+            recipient,
+            recipient_name: Arc::from(target.id.as_str()),
+        };
+        let owner = self.core.router.conversation(conv).core;
+        self.core.send_to_core(owner, ShardMsg::Append(job)).await;
+    }
+
+    fn name_of(&self, cache: &mut HashMap<UserId, String>, id: UserId) -> String {
+        cache
+            .entry(id)
+            .or_insert_with(|| {
+                self.core
+                    .store
+                    .user_name(id)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default()
+            })
+            .clone()
+    }
+
+    fn target_of(&self, cache: &mut HashMap<UserId, String>, conv: u64) -> Option<Target> {
+        match conversation_kind(conv)? {
+            ConversationKind::Direct { low, high } => {
+                let other = if low == self.user { high } else { low };
+                Some(Target {
+                    kind: TargetKind::User as i32,
+                    id: self.name_of(cache, other),
+                })
+            }
+            ConversationKind::Group(g) => Some(Target {
+                kind: TargetKind::Group as i32,
+                id: self
+                    .core
+                    .store
+                    .group_name(g)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default(),
+            }),
+        }
+    }
+
+    fn to_deliver(
+        &self,
+        cache: &mut HashMap<UserId, String>,
+        target: &Option<Target>,
+        m: StoredMessage,
+    ) -> Deliver {
+        Deliver {
+            conversation_id: m.conversation,
+            seq: m.seq,
+            sender: self.name_of(cache, m.sender),
+            target: target.clone(),
+            server_time_ms: m.timestamp_ms,
+            client_msg_id: m.client_msg_id,
+            content_type: m.content_type,
+            custom_type: m.custom_type,
+            payload: m.payload,
+        }
+    }
+
+    /// Sends everything that changed since `since`: conversation states, then each
+    /// conversation's messages after this device's delivered cursor, then SyncDone. Live
+    /// messages committed meanwhile wait in the session and follow SyncDone, minus those the
+    /// sync already carried.
+    async fn sync(&mut self, rid: u64, since: u64, page_size: u32) {
+        self.session.out.begin_sync();
+        self.flush_acks().await;
+        let mut synced_upto: HashMap<u64, u64> = HashMap::new();
+        let result = self
+            .sync_pages(rid, since, page_size, &mut synced_upto)
+            .await;
+        if let Err(e) = result {
+            let (code, msg) = crate::core::storage_error_code(&e);
+            self.error(rid, code, msg);
+        }
+        self.session.out.end_sync(&synced_upto);
+    }
+
+    async fn sync_pages(
+        &mut self,
+        rid: u64,
+        since: u64,
+        page_size: u32,
+        synced_upto: &mut HashMap<u64, u64>,
+    ) -> Result<(), tern_storage::StorageError> {
+        let store = self.core.store.clone();
+        let page = if page_size == 0 {
+            100
+        } else {
+            page_size.min(self.core.cfg.max_page)
+        } as usize;
+        // The version is read before the conversations: anything committed after this point
+        // is either in this sync or newer than the version reported in SyncDone.
+        let version = store.user_version(self.user)?;
+        let convs =
+            store.conversations_changed_since(self.user, since, Some(&self.session.device))?;
+        let mut names = HashMap::new();
+        let mut targets = Vec::with_capacity(convs.len());
+        for chunk in convs.chunks(256) {
+            let mut states = Vec::with_capacity(chunk.len());
+            for c in chunk {
+                let target = match c.peer {
+                    Peer::User(_) | Peer::Group(_) => self.target_of(&mut names, c.conversation),
+                    _ => None,
+                };
+                targets.push(target.clone());
+                states.push(ConversationState {
+                    conversation_id: c.conversation,
+                    target,
+                    latest_seq: c.latest_seq,
+                    read_seq: c.read_seq,
+                    delivered_seq: c.delivered_seq,
+                    version: c.last_version,
+                });
+            }
+            let f = self.core.encode(&Frame::new(
+                rid,
+                SyncConversations {
+                    conversations: states,
+                },
+            ));
+            self.session.out.push_wait(f).await;
+        }
+        for (c, target) in convs.iter().zip(targets) {
+            let mut from = c.delivered_seq + 1;
+            while from <= c.latest_seq {
+                let msgs = store.read_forward(c.conversation, from, page)?;
+                let Some(last) = msgs.last().map(|m| m.seq) else {
+                    break;
+                };
+                let n = msgs.len();
+                let messages = msgs
+                    .into_iter()
+                    .map(|m| self.to_deliver(&mut names, &target, m))
+                    .collect();
+                let f = self.core.encode(&Frame::new(
+                    rid,
+                    SyncMessages {
+                        conversation_id: c.conversation,
+                        messages,
+                    },
+                ));
+                self.session.out.push_wait(f).await;
+                synced_upto.insert(c.conversation, last);
+                from = last + 1;
+                if n < page {
+                    break;
+                }
+            }
+        }
+        let f = self.core.encode(&Frame::new(
+            rid,
+            SyncDone {
+                user_version: version,
+            },
+        ));
+        self.session.out.push_wait(f).await;
+        Ok(())
+    }
+
+    fn history(&mut self, rid: u64, req: HistoryRequest) {
+        let store = self.core.store.clone();
+        let conv = if req.conversation_id != 0 {
+            req.conversation_id
+        } else {
+            let Some(t) = req.target.as_ref() else {
+                return self.error(
+                    rid,
+                    ErrorCode::InvalidArgument,
+                    "conversation_id or target is required",
+                );
+            };
+            if t.kind != TargetKind::User as i32 {
+                return self.error(
+                    rid,
+                    ErrorCode::InvalidArgument,
+                    "only USER targets have history on this server yet",
+                );
+            }
+            match store.lookup_user(&t.id) {
+                Ok(Some(other)) => match tern_storage::direct_conversation(self.user, other) {
+                    Some(c) => c,
+                    None => return self.error(rid, ErrorCode::NotFound, "no such conversation"),
+                },
+                Ok(None) => return self.error(rid, ErrorCode::NotFound, "no such user"),
+                Err(e) => {
+                    let (code, msg) = crate::core::storage_error_code(&e);
+                    return self.error(rid, code, msg);
+                }
+            }
+        };
+        if !self.may_access(conv) {
+            return self.error(rid, ErrorCode::Forbidden, "not a conversation of this user");
+        }
+        let limit = if req.limit == 0 {
+            50
+        } else {
+            req.limit.min(self.core.cfg.max_page)
+        } as usize;
+        match store.read_backward(conv, req.before_seq, limit + 1) {
+            Ok(mut msgs) => {
+                let has_more = msgs.len() > limit;
+                msgs.truncate(limit);
+                let mut names = HashMap::new();
+                let target = self.target_of(&mut names, conv);
+                let messages = msgs
+                    .into_iter()
+                    .map(|m| self.to_deliver(&mut names, &target, m))
+                    .collect();
+                self.reply(&Frame::new(
+                    rid,
+                    HistoryPage {
+                        conversation_id: conv,
+                        messages,
+                        has_more,
+                    },
+                ));
+            }
+            Err(e) => {
+                let (code, msg) = crate::core::storage_error_code(&e);
+                self.error(rid, code, msg);
+            }
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The gateway's only `unsafe`: moving a socket's file descriptor between cores.
+//!
+//! glommio's `TcpStream` is bound to the executor that created it and has no `into_raw_fd`, so a
+//! connection changes core by duplicating its descriptor, dropping the original stream on the
+//! accepting core, and adopting the duplicate on the owning core.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use glommio::net::TcpStream;
+
+/// A descriptor in flight between cores. Closes itself if never adopted.
+#[derive(Debug)]
+pub struct MovedFd(OwnedFd);
+
+/// Duplicates `stream`'s descriptor so the stream can be dropped while the socket lives on.
+pub fn dup_stream(stream: &TcpStream) -> std::io::Result<MovedFd> {
+    let fd: RawFd = stream.as_raw_fd();
+    // SAFETY: `fd` is a valid open descriptor owned by `stream`, which outlives this call.
+    // F_DUPFD_CLOEXEC returns a new descriptor we then own exclusively.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just returned by fcntl and is owned by nobody else.
+    Ok(MovedFd(unsafe { OwnedFd::from_raw_fd(new) }))
+}
+
+/// Adopts a moved descriptor as a stream of the current executor.
+pub fn adopt_stream(fd: MovedFd) -> TcpStream {
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(fd.0);
+    // SAFETY: `raw` is an open, connected TCP socket whose ownership we take over from the
+    // `OwnedFd` (into_raw_fd released it); nothing else refers to it.
+    unsafe { TcpStream::from_raw_fd(raw) }
+}
+
+/// The soft and hard value of a resource limit (0, 0 if it cannot be read).
+pub fn rlimit(resource: libc::__rlimit_resource_t) -> (u64, u64) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid, writable rlimit; getrlimit only writes into it.
+    if unsafe { libc::getrlimit(resource, &mut r) } == 0 {
+        (r.rlim_cur, r.rlim_max)
+    } else {
+        (0, 0)
+    }
+}
+
+/// shutdown(2) on a stream's socket, synchronously (no borrow of the stream is held across an
+/// await). Errors (e.g. already disconnected) are ignored: this is best effort before a close.
+pub fn shutdown(stream: &TcpStream, how: std::net::Shutdown) {
+    let how = match how {
+        std::net::Shutdown::Read => libc::SHUT_RD,
+        std::net::Shutdown::Write => libc::SHUT_WR,
+        std::net::Shutdown::Both => libc::SHUT_RDWR,
+    };
+    // SAFETY: the descriptor is owned by `stream`, which is alive for this call; shutdown(2)
+    // does not touch memory.
+    unsafe {
+        libc::shutdown(stream.as_raw_fd(), how);
+    }
+}

@@ -1,0 +1,274 @@
+//! The storage API: the [`MessageStore`] trait and its request and result types.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::completion::Completion;
+use crate::dedup::DedupWindow;
+use crate::error::{Result, StorageError};
+use crate::ids::{ConversationId, GroupId, Peer, Seq, UserId};
+use crate::record::{MAX_CLIENT_MSG_ID_LEN, MAX_CUSTOM_TYPE_LEN, StoredMessage};
+
+/// One message to append.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AppendRequest {
+    /// The conversation ([`crate::direct_conversation`] or [`crate::group_conversation`]).
+    pub conversation: ConversationId,
+    /// Internal user id of the sender.
+    pub sender: UserId,
+    /// The sender's id for this message, the idempotency key together with `sender`
+    /// (at most 256 bytes; empty = not idempotent).
+    pub client_msg_id: String,
+    /// Application content type.
+    pub content_type: u32,
+    /// Application custom type (at most 1024 bytes).
+    pub custom_type: String,
+    /// The opaque body, stored as is.
+    pub payload: Bytes,
+    /// Users whose conversation index must include this conversation (for a 1:1
+    /// conversation: both users; for groups, members are indexed by
+    /// [`MessageStore::add_member`] and this is usually empty). Costs a write only the first
+    /// time a (user, conversation) pair is seen.
+    pub participants: Vec<UserId>,
+}
+
+impl AppendRequest {
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.conversation == 0 {
+            return Err(StorageError::InvalidArgument("conversation id 0"));
+        }
+        if self.sender == 0 {
+            return Err(StorageError::InvalidArgument("sender id 0"));
+        }
+        if self.client_msg_id.len() > MAX_CLIENT_MSG_ID_LEN {
+            return Err(StorageError::InvalidArgument("client message id too long"));
+        }
+        if self.custom_type.len() > MAX_CUSTOM_TYPE_LEN {
+            return Err(StorageError::InvalidArgument("custom type too long"));
+        }
+        if self.participants.contains(&0) {
+            return Err(StorageError::InvalidArgument("participant id 0"));
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of a successful append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The conversation the message is in (for a duplicate: the original's conversation).
+    pub conversation: ConversationId,
+    /// Its sequence number in the conversation.
+    pub seq: Seq,
+    /// Server timestamp, ms since the Unix epoch (non-decreasing across the whole store).
+    pub server_time_ms: u64,
+    /// The global version assigned to the append (strictly increasing across the store).
+    pub version: u64,
+    /// True if this was a retry of an already stored `(sender, client_msg_id)`: the values
+    /// above are the original's and nothing was written.
+    pub duplicate: bool,
+}
+
+/// When an acknowledged write is durable. See the crate docs, "Durability".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Acknowledge after the batch's WAL record is fsync'ed (one fsync per batch).
+    /// Survives process crashes and power loss.
+    #[default]
+    Fsync,
+    /// Acknowledge after the WAL write reached the OS; a background thread fsyncs the WAL
+    /// every `sync_interval_ms`. Survives process crashes; power loss may lose the last
+    /// `sync_interval_ms` (plus one fsync) of acknowledged writes, always a suffix.
+    Wal {
+        /// Interval of the background WAL fsync, ms (at least 1).
+        sync_interval_ms: u64,
+    },
+    /// No WAL at all: writes live in memtables until a flush. A crash loses everything not
+    /// flushed; a clean [`MessageStore::close`] flushes. For tests and benchmarks.
+    Memory,
+}
+
+/// Options for opening a store. Every field has a documented default.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct StoreOptions {
+    /// Durability policy (default [`Durability::Fsync`]).
+    pub durability: Durability,
+    /// Idempotency window (default 1M entries, 24 h).
+    pub dedup_window: DedupWindow,
+    /// Most writes committed in one batch (default 4096).
+    pub max_batch: usize,
+    /// RocksDB block cache, bytes (default 256 MiB).
+    pub block_cache_bytes: usize,
+    /// Memtable size of the messages column family, bytes (default 64 MiB).
+    pub write_buffer_bytes: usize,
+    /// Entries of the writer's in-memory caches (conversation heads, user-conversation
+    /// records) before they are dropped and reloaded on demand (default 1M each).
+    pub cache_entries: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            durability: Durability::Fsync,
+            dedup_window: DedupWindow::default(),
+            max_batch: 4096,
+            block_cache_bytes: 256 << 20,
+            write_buffer_bytes: 64 << 20,
+            cache_entries: 1_000_000,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Options with the given durability and defaults otherwise.
+    pub fn with_durability(durability: Durability) -> Self {
+        StoreOptions {
+            durability,
+            ..StoreOptions::default()
+        }
+    }
+
+    pub(crate) fn sync_interval(&self) -> Option<Duration> {
+        match self.durability {
+            Durability::Wal { sync_interval_ms } => {
+                Some(Duration::from_millis(sync_interval_ms.max(1)))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One conversation of a user, as reported to sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversationInfo {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// The other side of it.
+    pub peer: Peer,
+    /// False once the user left (or was removed from) the group.
+    pub active: bool,
+    /// Latest sequence number (0 = no message yet).
+    pub latest_seq: Seq,
+    /// The highest version of any change of this conversation relevant to the user
+    /// (newest message, join or leave, the user's read position).
+    pub last_version: u64,
+    /// The user's read position (0 = nothing read).
+    pub read_seq: Seq,
+    /// The asking device's delivered cursor (0 when no device was given).
+    pub delivered_seq: Seq,
+}
+
+/// The durable message log and the metadata sync needs.
+///
+/// Implemented by [`crate::RocksStore`] (durable) and [`crate::MemStore`] (in memory, for
+/// unit tests of higher layers); both are cheap to clone, `Send + Sync`, and behave the same
+/// (one behavioural test suite runs against both).
+///
+/// Writes return a [`Completion`] and never block the calling thread; reads are synchronous
+/// (RocksDB point and short range reads served from memtables and the block cache take
+/// microseconds).
+pub trait MessageStore: Send + Sync + fmt::Debug {
+    /// The internal id of user `name`, allocated on first use (durably, before returning).
+    /// Blocks for one WAL sync under [`Durability::Fsync`] the first time only.
+    fn intern_user(&self, name: &str) -> Result<UserId>;
+    /// The internal id of user `name`, if allocated.
+    fn lookup_user(&self, name: &str) -> Result<Option<UserId>>;
+    /// The name of internal user `id`.
+    fn user_name(&self, id: UserId) -> Result<Option<String>>;
+    /// The internal id of group `name`, allocated on first use.
+    fn intern_group(&self, name: &str) -> Result<GroupId>;
+    /// The internal id of group `name`, if allocated.
+    fn lookup_group(&self, name: &str) -> Result<Option<GroupId>>;
+    /// The name of internal group `id`.
+    fn group_name(&self, id: GroupId) -> Result<Option<String>>;
+
+    /// Adds `user` to `group` and its conversation to the user's index. Resolves to false if
+    /// the user already was a member.
+    fn add_member(&self, group: GroupId, user: UserId) -> Completion<bool>;
+    /// Removes `user` from `group`; the conversation stays in the user's index, inactive.
+    /// Resolves to false if the user was not a member.
+    fn remove_member(&self, group: GroupId, user: UserId) -> Completion<bool>;
+    /// Up to `limit` members of `group` with ids greater than `after` (0 = from the start),
+    /// ascending. Page with `after` = the last id of the previous page.
+    fn members(&self, group: GroupId, after: UserId, limit: usize) -> Result<Vec<UserId>>;
+    /// The groups `user` is a member of, ascending.
+    fn groups_of(&self, user: UserId) -> Result<Vec<GroupId>>;
+
+    /// Appends a message; resolves once it is stored under the durability policy.
+    fn append(&self, req: AppendRequest) -> Completion<Appended>;
+    /// Up to `limit` messages with `seq >= from_seq`, ascending.
+    fn read_forward(
+        &self,
+        conv: ConversationId,
+        from_seq: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>>;
+    /// Up to `limit` messages with `seq < before_seq` (0 = from the latest), newest first.
+    fn read_backward(
+        &self,
+        conv: ConversationId,
+        before_seq: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>>;
+    /// The latest acknowledged sequence number of `conv` (0 if empty).
+    fn latest_seq(&self, conv: ConversationId) -> Result<Seq>;
+
+    /// The user's conversations whose `last_version > since_version`, by conversation id.
+    /// `device` selects whose delivered cursor is reported.
+    fn conversations_changed_since(
+        &self,
+        user: UserId,
+        since_version: u64,
+        device: Option<&str>,
+    ) -> Result<Vec<ConversationInfo>>;
+    /// The user's version: the maximum `last_version` over the user's conversations.
+    fn user_version(&self, user: UserId) -> Result<u64>;
+    /// Moves the user's read position in `conv` forward to `seq` (clamped to the latest
+    /// seq; never backwards). Resolves to the resulting read position.
+    fn set_read(&self, user: UserId, conv: ConversationId, seq: Seq) -> Completion<Seq>;
+    /// The user's read position in `conv`.
+    fn read_seq(&self, user: UserId, conv: ConversationId) -> Result<Seq>;
+    /// Moves a device's delivered cursor forward to `seq` (clamped to the latest seq; never
+    /// backwards). Resolves to the resulting cursor.
+    fn set_delivered(
+        &self,
+        user: UserId,
+        device: &str,
+        conv: ConversationId,
+        seq: Seq,
+    ) -> Completion<Seq>;
+    /// A device's delivered cursor in `conv` (0 if none).
+    fn delivered(&self, user: UserId, device: &str, conv: ConversationId) -> Result<Seq>;
+
+    /// Stops accepting writes, completes everything already queued, makes it durable
+    /// (flushing memtables under [`Durability::Memory`]) and joins the writer. Idempotent.
+    /// Later calls on any clone fail with [`StorageError::Closed`].
+    fn close(&self) -> Result<()>;
+}
+
+pub(crate) fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(StorageError::InvalidArgument("empty name"));
+    }
+    if name.len() > 1024 {
+        return Err(StorageError::InvalidArgument("name too long"));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_device(device: &str) -> Result<()> {
+    if device.len() > 256 {
+        return Err(StorageError::InvalidArgument("device id too long"));
+    }
+    Ok(())
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

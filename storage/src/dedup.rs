@@ -1,0 +1,164 @@
+//! The in-memory idempotency index shared by both stores.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ids::{ConversationId, Seq, UserId};
+
+/// How long an idempotent append is remembered.
+///
+/// A retry of `(sender, client_msg_id)` is recognised as a duplicate if and only if
+///
+/// * the original append was committed (acknowledged, or committed just before a crash),
+/// * the original's server time is at most `max_age` before the retry is processed, and
+/// * fewer than `max_entries` idempotent appends (any sender) were committed after it.
+///
+/// Both stores apply the same rule, and [`crate::RocksStore`] rebuilds the index from its
+/// dedup journal when it opens, so the window survives restarts and crashes. Appends with an
+/// empty client message id are never de-duplicated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupWindow {
+    /// Maximum number of remembered appends (default 1,000,000; about 120 bytes of memory
+    /// each plus the id).
+    pub max_entries: usize,
+    /// Maximum age of a remembered append (default 24 h).
+    pub max_age: Duration,
+}
+
+impl Default for DedupWindow {
+    fn default() -> Self {
+        DedupWindow {
+            max_entries: 1_000_000,
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Where an idempotent append was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DedupEntry {
+    pub conv: ConversationId,
+    pub seq: Seq,
+    pub time_ms: u64,
+    pub version: u64,
+}
+
+pub(crate) type DedupKey = (UserId, Arc<str>);
+
+#[derive(Debug)]
+pub(crate) struct DedupIndex {
+    window: DedupWindow,
+    map: HashMap<DedupKey, DedupEntry>,
+    /// Insertion order (= version order) for eviction.
+    order: VecDeque<(DedupKey, u64 /* time */, u64 /* version */)>,
+}
+
+impl DedupIndex {
+    pub fn new(window: DedupWindow) -> Self {
+        DedupIndex {
+            window,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn max_age_ms(&self) -> u64 {
+        u64::try_from(self.window.max_age.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub fn get(&self, key: &DedupKey, now_ms: u64) -> Option<DedupEntry> {
+        let e = self.map.get(key)?;
+        (e.time_ms.saturating_add(self.max_age_ms()) >= now_ms).then_some(*e)
+    }
+
+    pub fn insert(&mut self, key: DedupKey, e: DedupEntry) {
+        if self.window.max_entries == 0 {
+            return;
+        }
+        self.order.push_back((key.clone(), e.time_ms, e.version));
+        self.map.insert(key, e);
+        while self.order.len() > self.window.max_entries {
+            self.pop_front();
+        }
+    }
+
+    /// Drops entries that left the window by age.
+    pub fn evict_old(&mut self, now_ms: u64) {
+        let age = self.max_age_ms();
+        while let Some((_, t, _)) = self.order.front() {
+            if t.saturating_add(age) >= now_ms {
+                break;
+            }
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((k, _, _)) = self.order.pop_front() {
+            self.map.remove(&k);
+        }
+    }
+
+    /// Forgets entries with version ≥ `from_version` (a failed batch).
+    pub fn rollback(&mut self, from_version: u64) {
+        while let Some((_, _, v)) = self.order.back() {
+            if *v < from_version {
+                break;
+            }
+            if let Some((k, _, _)) = self.order.pop_back() {
+                self.map.remove(&k);
+            }
+        }
+    }
+
+    /// Version of the oldest remembered entry.
+    pub fn oldest_version(&self) -> Option<u64> {
+        self.order.front().map(|(_, _, v)| *v)
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(seq: u64, t: u64) -> DedupEntry {
+        DedupEntry {
+            conv: 1,
+            seq,
+            time_ms: t,
+            version: seq,
+        }
+    }
+
+    #[test]
+    fn window_by_count_age_and_rollback() {
+        let mut d = DedupIndex::new(DedupWindow {
+            max_entries: 2,
+            max_age: Duration::from_millis(100),
+        });
+        let k = |s: &str| (1u64, Arc::<str>::from(s));
+        d.insert(k("a"), e(1, 1000));
+        d.insert(k("b"), e(2, 1000));
+        assert_eq!(d.get(&k("a"), 1000), Some(e(1, 1000)));
+        d.insert(k("c"), e(3, 1050));
+        assert_eq!(d.get(&k("a"), 1050), None, "evicted by count");
+        assert_eq!(
+            d.get(&k("b"), 1100),
+            Some(e(2, 1000)),
+            "exactly max_age old"
+        );
+        assert_eq!(d.get(&k("b"), 1101), None, "older than max_age");
+        d.evict_old(1101);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.oldest_version(), Some(3));
+        d.rollback(3);
+        assert_eq!(d.len(), 0);
+        assert_eq!(d.get(&k("c"), 1050), None);
+    }
+}

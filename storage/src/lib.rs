@@ -1,0 +1,127 @@
+//! Tern's durable message log: the source of truth the gateway acknowledges against and
+//! every device catches up from.
+//!
+//! The API is the [`MessageStore`] trait; [`RocksStore`] implements it on RocksDB and
+//! [`MemStore`] in memory (for unit tests of higher layers). No RocksDB type appears in the
+//! public API.
+//!
+//! * **Append** a message to a conversation: it gets the next sequence number of that
+//!   conversation (1, 2, 3, ...), the server time and a global version. Writes return a
+//!   [`Completion`], a runtime-agnostic future (the gateway awaits it on its glommio
+//!   executors; [`Completion::wait`] blocks a plain thread).
+//! * **Idempotency**: a retry of `(sender, client_msg_id)` within the [`DedupWindow`]
+//!   returns the original sequence number, flagged `duplicate`, and writes nothing.
+//! * **Read** pages forward from a seq or backward from a seq, and the latest seq.
+//! * **Sync state**: each user's conversations with latest seq, read position, per-device
+//!   delivered cursors, and a per-user version so that a device that knows version V asks
+//!   [`MessageStore::conversations_changed_since`] for only what changed.
+//! * **Metadata**: string user and group ids interned to compact `u64`s, group membership.
+//!
+//! What it does **not** do: authorisation (any caller may append to any conversation; the
+//! gateway checks membership), delivery or fan-out, deleting or editing messages, retention,
+//! replication, or sharding across machines. It does not know the wire protocol: payloads
+//! are opaque bytes.
+//!
+//! # Ids
+//!
+//! See [`ids`](crate::direct_conversation): users and groups are interned to `u64`; the id
+//! of a 1:1 conversation packs both user ids (so user ids have 31 bits), group
+//! conversations have the top bit set.
+//!
+//! # Layout (RocksDB column families)
+//!
+//! | column family | key | value | why |
+//! |---|---|---|---|
+//! | `messages` | conv BE ++ seq BE | message record | a conversation is one contiguous key range in seq order: a page read is one seek plus `next`/`prev`; a fixed 8-byte prefix extractor with prefix bloom filters (SST and memtable) makes seeks into a conversation skip files that do not hold it; the latest seq is one `seek_for_prev` |
+//! | `user_convs` | user BE ++ conv BE | user-conversation record (member flag, read position, versions) | all conversations of a user in one range scan (prefix 8) |
+//! | `cursors` | user BE ++ conv BE ++ device | delivered seq | point reads; whole-key bloom |
+//! | `members`, `user_groups` | group ++ user, user ++ group | empty | paged member lists and a user's groups, each a prefix scan |
+//! | `user_ids`, `user_names`, `group_ids`, `group_names` | name, id BE | id, name | interning both ways |
+//! | `dedup_journal` | first version of a batch, BE | the batch's idempotent appends | rebuilds the idempotency index on open |
+//! | `meta` | `format_version`, `version`, `next_user_id`, `next_group_id` | counters | |
+//!
+//! Separate column families keep the small, hot metadata out of the message log's
+//! compactions, and let each have its own prefix extractor, filters and memtable size.
+//! Big-endian keys make byte order numeric order. Record values start with a version byte
+//! ([`decode_record`] documents the message record); the directory's `format_version`
+//! is checked on open ([`StorageError::UnsupportedFormat`]).
+//!
+//! **Keys written per message**: one (`messages`) in the steady state. Per committed batch:
+//! one `meta` key (the version counter) and, if the batch had idempotent appends, one
+//! `dedup_journal` key. A `user_convs` key is written only the first time a participant is
+//! seen in a conversation. The idempotency record is not a second key per message.
+//!
+//! # Sync and versions
+//!
+//! The writer gives every change a **version** from one store-wide counter: each append
+//! (stored inside the message record), each membership change and each read-position change
+//! (stored in the user-conversation record). A conversation's `last_version` for a user is
+//! the maximum of its newest message's version and the user's record's versions; the user's
+//! version is the maximum over their conversations. Versions only grow, so "what changed
+//! since V" is `last_version > V`; it is computed by scanning the user's conversation index
+//! and one `seek_for_prev` per conversation (cost linear in the user's number of
+//! conversations). Delivered cursors are per device and do not change versions.
+//!
+//! Read positions, delivered cursors and membership changes go through the same writer as
+//! appends (batched with them, same durability); they are monotonic (a lower value is a
+//! no-op) and clamped to the conversation's latest seq.
+//!
+//! # Durability
+//!
+//! | policy | acknowledged after | after a process crash | after power loss / kernel crash |
+//! |---|---|---|---|
+//! | [`Durability::Fsync`] (default) | the batch's WAL record is fsync'ed (one fsync per batch) | every acknowledged write is there | every acknowledged write is there |
+//! | [`Durability::Wal`] | the WAL record is written to the OS | every acknowledged write is there | writes acknowledged in the last `sync_interval_ms` (plus one fsync) may be lost, always a suffix of the log: no gaps, and seqs are never reused for acknowledged-and-kept messages |
+//! | [`Durability::Memory`] | the memtable insert | everything since the last flush may be lost (a clean `close` flushes) | same |
+//!
+//! Unacknowledged writes (in flight at a crash) may or may not be there; if one is there,
+//! a retry with the same client message id finds it (idempotency covers both cases).
+//!
+//! # Invariants
+//!
+//! * **Single writer.** One thread per open store (the writer) assigns all sequence numbers
+//!   and versions and owns the idempotency index; everything else only reads. A data
+//!   directory is open at most once: a second open in the same process fails with
+//!   [`StorageError::AlreadyOpen`], in another process with [`StorageError::Locked`]
+//!   (RocksDB's `LOCK` file). So no second writer can exist for any conversation.
+//! * **Sequences.** Per conversation, acknowledged seqs are 1, 2, 3, ... with no gap and no
+//!   reuse, across restarts and crashes: the writer reloads a conversation's head from the
+//!   log, and a batch whose commit fails is rolled back in memory (its ops fail with
+//!   [`StorageError::CommitFailed`]).
+//! * **Ordering.** Appends are sequenced in the order the writer receives them; appends
+//!   submitted from one thread (the conversation's owner core) are sequenced in submission
+//!   order. Server timestamps never decrease; versions strictly increase.
+//! * **What an ack promises.** An `Ok` completion means the write is committed under the
+//!   durability policy and visible to every read that starts afterwards. Reads never see
+//!   uncommitted writes. Completions resolve in batch order.
+//! * **Atomicity.** Everything in a batch (messages, index entries, journal, version
+//!   counter) commits atomically in one `WriteBatch`.
+//! * **Shutdown.** [`MessageStore::close`] (or dropping the last handle) completes every
+//!   write queued before it, syncs, and joins the writer; writes after it resolve to
+//!   [`StorageError::Closed`]. No completion ever hangs.
+
+#![forbid(unsafe_code)]
+
+mod api;
+mod completion;
+mod dedup;
+mod error;
+mod ids;
+mod mem;
+mod record;
+mod rocks;
+
+pub use api::{AppendRequest, Appended, ConversationInfo, Durability, MessageStore, StoreOptions};
+pub use completion::Completion;
+pub use dedup::DedupWindow;
+pub use error::{Result, StorageError};
+pub use ids::{
+    ConversationId, ConversationKind, GroupId, MAX_GROUP_ID, MAX_USER_ID, Peer, Seq, UserId,
+    conversation_kind, direct_conversation, group_conversation,
+};
+pub use mem::MemStore;
+pub use record::{
+    MAX_CLIENT_MSG_ID_LEN, MAX_CUSTOM_TYPE_LEN, MessageRecord, RECORD_VERSION, StoredMessage,
+    decode_record, encode_record,
+};
+pub use rocks::{FORMAT_VERSION, RocksStore};

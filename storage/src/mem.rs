@@ -1,0 +1,422 @@
+//! [`MemStore`]: an in-memory [`MessageStore`] for unit tests of higher layers.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::api::{
+    AppendRequest, Appended, ConversationInfo, MessageStore, check_device, check_name, now_ms,
+};
+use crate::completion::Completion;
+use crate::dedup::{DedupEntry, DedupIndex, DedupWindow};
+use crate::error::{Result, StorageError};
+use crate::ids::{
+    ConversationId, GroupId, MAX_GROUP_ID, MAX_USER_ID, Seq, UserId, group_conversation, peer_of,
+};
+use crate::record::{StoredMessage, UserConvRecord};
+
+/// An in-memory store with the same behaviour as [`crate::RocksStore`] (the same
+/// behavioural test suite runs against both), minus durability: everything is lost when the
+/// last clone is dropped. Writes complete immediately. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct MemStore {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug)]
+struct State {
+    closed: bool,
+    users: Names,
+    groups: Names,
+    messages: BTreeMap<(ConversationId, Seq), StoredMessage>,
+    members: BTreeSet<(GroupId, UserId)>,
+    user_groups: BTreeSet<(UserId, GroupId)>,
+    user_convs: BTreeMap<(UserId, ConversationId), UserConvRecord>,
+    cursors: HashMap<(UserId, ConversationId, String), Seq>,
+    dedup: DedupIndex,
+    version: u64,
+    last_time: u64,
+}
+
+#[derive(Debug, Default)]
+struct Names {
+    by_name: HashMap<String, u64>,
+    by_id: Vec<String>,
+}
+
+impl Names {
+    fn intern(&mut self, name: &str, max: u64) -> Result<u64> {
+        check_name(name)?;
+        if let Some(&id) = self.by_name.get(name) {
+            return Ok(id);
+        }
+        let id = self.by_id.len() as u64 + 1;
+        if id > max {
+            return Err(StorageError::IdSpaceExhausted);
+        }
+        self.by_id.push(name.to_owned());
+        self.by_name.insert(name.to_owned(), id);
+        Ok(id)
+    }
+
+    fn name(&self, id: u64) -> Option<String> {
+        let i = usize::try_from(id.checked_sub(1)?).ok()?;
+        self.by_id.get(i).cloned()
+    }
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        MemStore::new(DedupWindow::default())
+    }
+}
+
+impl MemStore {
+    /// An empty store with the given idempotency window.
+    pub fn new(window: DedupWindow) -> Self {
+        MemStore {
+            state: Arc::new(Mutex::new(State {
+                closed: false,
+                users: Names::default(),
+                groups: Names::default(),
+                messages: BTreeMap::new(),
+                members: BTreeSet::new(),
+                user_groups: BTreeSet::new(),
+                user_convs: BTreeMap::new(),
+                cursors: HashMap::new(),
+                dedup: DedupIndex::new(window),
+                version: 0,
+                last_time: 0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.closed {
+            return Err(StorageError::Closed);
+        }
+        Ok(s)
+    }
+}
+
+impl State {
+    fn head(&self, conv: ConversationId) -> Option<&StoredMessage> {
+        self.messages
+            .range((conv, 0)..=(conv, u64::MAX))
+            .next_back()
+            .map(|(_, m)| m)
+    }
+
+    fn latest(&self, conv: ConversationId) -> Seq {
+        self.head(conv).map_or(0, |m| m.seq)
+    }
+
+    fn next_version(&mut self) -> u64 {
+        self.version += 1;
+        self.version
+    }
+
+    fn append(&mut self, req: AppendRequest) -> Result<Appended> {
+        req.validate()?;
+        let now = now_ms().max(self.last_time);
+        self.last_time = now;
+        self.dedup.evict_old(now);
+        let key = (!req.client_msg_id.is_empty())
+            .then(|| (req.sender, Arc::<str>::from(req.client_msg_id.as_str())));
+        if let Some(k) = &key
+            && let Some(e) = self.dedup.get(k, now)
+        {
+            return Ok(Appended {
+                conversation: e.conv,
+                seq: e.seq,
+                server_time_ms: e.time_ms,
+                version: e.version,
+                duplicate: true,
+            });
+        }
+        let conv = req.conversation;
+        let seq = self.latest(conv) + 1;
+        let version = self.next_version();
+        for &p in &req.participants {
+            self.user_convs.entry((p, conv)).or_insert(UserConvRecord {
+                active: true,
+                member_version: version,
+                ..UserConvRecord::default()
+            });
+        }
+        if let Some(k) = key {
+            self.dedup.insert(
+                k,
+                DedupEntry {
+                    conv,
+                    seq,
+                    time_ms: now,
+                    version,
+                },
+            );
+        }
+        self.messages.insert(
+            (conv, seq),
+            StoredMessage {
+                conversation: conv,
+                seq,
+                version,
+                sender: req.sender,
+                timestamp_ms: now,
+                client_msg_id: req.client_msg_id,
+                content_type: req.content_type,
+                custom_type: req.custom_type,
+                payload: req.payload,
+            },
+        );
+        Ok(Appended {
+            conversation: conv,
+            seq,
+            server_time_ms: now,
+            version,
+            duplicate: false,
+        })
+    }
+
+    fn member(&mut self, group: GroupId, user: UserId, add: bool) -> Result<bool> {
+        let Some(conv) = group_conversation(group) else {
+            return Err(StorageError::InvalidArgument("group id out of range"));
+        };
+        if user == 0 || user > MAX_USER_ID {
+            return Err(StorageError::InvalidArgument("user id out of range"));
+        }
+        if self.members.contains(&(group, user)) == add {
+            return Ok(false);
+        }
+        if add {
+            self.members.insert((group, user));
+            self.user_groups.insert((user, group));
+        } else {
+            self.members.remove(&(group, user));
+            self.user_groups.remove(&(user, group));
+        }
+        let version = self.next_version();
+        let rec = self.user_convs.entry((user, conv)).or_default();
+        rec.active = add;
+        rec.member_version = version;
+        Ok(true)
+    }
+
+    fn set_read(&mut self, user: UserId, conv: ConversationId, seq: Seq) -> Seq {
+        let target = seq.min(self.latest(conv));
+        let current = self.user_convs.get(&(user, conv)).map_or(0, |r| r.read_seq);
+        if target <= current {
+            return current;
+        }
+        let version = self.next_version();
+        let rec = self
+            .user_convs
+            .entry((user, conv))
+            .or_insert(UserConvRecord {
+                active: true,
+                member_version: version,
+                ..UserConvRecord::default()
+            });
+        rec.read_seq = target;
+        rec.read_version = version;
+        target
+    }
+
+    fn set_delivered(&mut self, user: UserId, device: &str, conv: ConversationId, seq: Seq) -> Seq {
+        let target = seq.min(self.latest(conv));
+        let cur = self
+            .cursors
+            .entry((user, conv, device.to_owned()))
+            .or_insert(0);
+        *cur = (*cur).max(target);
+        *cur
+    }
+}
+
+impl MessageStore for MemStore {
+    fn intern_user(&self, name: &str) -> Result<UserId> {
+        self.lock()?.users.intern(name, MAX_USER_ID)
+    }
+
+    fn lookup_user(&self, name: &str) -> Result<Option<UserId>> {
+        Ok(self.lock()?.users.by_name.get(name).copied())
+    }
+
+    fn user_name(&self, id: UserId) -> Result<Option<String>> {
+        Ok(self.lock()?.users.name(id))
+    }
+
+    fn intern_group(&self, name: &str) -> Result<GroupId> {
+        self.lock()?.groups.intern(name, MAX_GROUP_ID)
+    }
+
+    fn lookup_group(&self, name: &str) -> Result<Option<GroupId>> {
+        Ok(self.lock()?.groups.by_name.get(name).copied())
+    }
+
+    fn group_name(&self, id: GroupId) -> Result<Option<String>> {
+        Ok(self.lock()?.groups.name(id))
+    }
+
+    fn add_member(&self, group: GroupId, user: UserId) -> Completion<bool> {
+        Completion::ready(self.lock().and_then(|mut s| s.member(group, user, true)))
+    }
+
+    fn remove_member(&self, group: GroupId, user: UserId) -> Completion<bool> {
+        Completion::ready(self.lock().and_then(|mut s| s.member(group, user, false)))
+    }
+
+    fn members(&self, group: GroupId, after: UserId, limit: usize) -> Result<Vec<UserId>> {
+        let s = self.lock()?;
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        Ok(s.members
+            .range((group, start)..=(group, u64::MAX))
+            .take(limit)
+            .map(|&(_, u)| u)
+            .collect())
+    }
+
+    fn groups_of(&self, user: UserId) -> Result<Vec<GroupId>> {
+        let s = self.lock()?;
+        Ok(s.user_groups
+            .range((user, 0)..=(user, u64::MAX))
+            .map(|&(_, g)| g)
+            .collect())
+    }
+
+    fn append(&self, req: AppendRequest) -> Completion<Appended> {
+        Completion::ready(self.lock().and_then(|mut s| s.append(req)))
+    }
+
+    fn read_forward(
+        &self,
+        conv: ConversationId,
+        from_seq: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let s = self.lock()?;
+        Ok(s.messages
+            .range((conv, from_seq.max(1))..=(conv, u64::MAX))
+            .take(limit)
+            .map(|(_, m)| m.clone())
+            .collect())
+    }
+
+    fn read_backward(
+        &self,
+        conv: ConversationId,
+        before_seq: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let s = self.lock()?;
+        if before_seq == 1 {
+            return Ok(Vec::new());
+        }
+        let last = if before_seq == 0 {
+            u64::MAX
+        } else {
+            before_seq - 1
+        };
+        Ok(s.messages
+            .range((conv, 1)..=(conv, last))
+            .rev()
+            .take(limit)
+            .map(|(_, m)| m.clone())
+            .collect())
+    }
+
+    fn latest_seq(&self, conv: ConversationId) -> Result<Seq> {
+        Ok(self.lock()?.latest(conv))
+    }
+
+    fn conversations_changed_since(
+        &self,
+        user: UserId,
+        since_version: u64,
+        device: Option<&str>,
+    ) -> Result<Vec<ConversationInfo>> {
+        if let Some(d) = device {
+            check_device(d)?;
+        }
+        let s = self.lock()?;
+        let mut out = Vec::new();
+        for (&(_, conv), rec) in s.user_convs.range((user, 0)..=(user, u64::MAX)) {
+            let (latest_seq, msg_version) = s.head(conv).map_or((0, 0), |m| (m.seq, m.version));
+            let last_version = rec.last_version().max(msg_version);
+            if last_version <= since_version {
+                continue;
+            }
+            let delivered_seq = device.map_or(0, |d| {
+                s.cursors
+                    .get(&(user, conv, d.to_owned()))
+                    .copied()
+                    .unwrap_or(0)
+            });
+            out.push(ConversationInfo {
+                conversation: conv,
+                peer: peer_of(user, conv),
+                active: rec.active,
+                latest_seq,
+                last_version,
+                read_seq: rec.read_seq,
+                delivered_seq,
+            });
+        }
+        Ok(out)
+    }
+
+    fn user_version(&self, user: UserId) -> Result<u64> {
+        Ok(self
+            .conversations_changed_since(user, 0, None)?
+            .iter()
+            .map(|c| c.last_version)
+            .max()
+            .unwrap_or(0))
+    }
+
+    fn set_read(&self, user: UserId, conv: ConversationId, seq: Seq) -> Completion<Seq> {
+        Completion::ready(self.lock().map(|mut s| s.set_read(user, conv, seq)))
+    }
+
+    fn read_seq(&self, user: UserId, conv: ConversationId) -> Result<Seq> {
+        Ok(self
+            .lock()?
+            .user_convs
+            .get(&(user, conv))
+            .map_or(0, |r| r.read_seq))
+    }
+
+    fn set_delivered(
+        &self,
+        user: UserId,
+        device: &str,
+        conv: ConversationId,
+        seq: Seq,
+    ) -> Completion<Seq> {
+        if let Err(e) = check_device(device) {
+            return Completion::ready(Err(e));
+        }
+        Completion::ready(
+            self.lock()
+                .map(|mut s| s.set_delivered(user, device, conv, seq)),
+        )
+    }
+
+    fn delivered(&self, user: UserId, device: &str, conv: ConversationId) -> Result<Seq> {
+        check_device(device)?;
+        Ok(self
+            .lock()?
+            .cursors
+            .get(&(user, conv, device.to_owned()))
+            .copied()
+            .unwrap_or(0))
+    }
+
+    fn close(&self) -> Result<()> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.closed = true;
+        Ok(())
+    }
+}

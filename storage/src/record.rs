@@ -1,0 +1,440 @@
+//! Stored record formats and key encodings.
+//!
+//! Every value starts with a format version byte. Decoders reject unknown versions with
+//! [`StorageError::UnknownRecordVersion`] and short or inconsistent input with
+//! [`StorageError::Corrupt`]; they never panic, whatever the input (the fuzz target calls
+//! [`decode_record`]). Integers inside values are little-endian; integers inside keys are
+//! big-endian so that byte order is numeric order.
+//!
+//! Message record, version 1 (the value under `conv BE ++ seq BE` in the messages column
+//! family):
+//!
+//! ```text
+//! 0      u8   record version (1)
+//! 1..9   u64  global version (commit counter) of this append
+//! 9..17  u64  sender (internal user id)
+//! 17..25 u64  server timestamp, ms since the Unix epoch
+//! 25..29 u32  content type
+//! 29..31 u16  client message id length (n)
+//! 31..33 u16  custom type length (m)
+//! 33..   n bytes client message id (UTF-8), m bytes custom type (UTF-8), payload (the rest)
+//! ```
+
+use bytes::Bytes;
+
+use crate::error::{Result, StorageError};
+use crate::ids::{ConversationId, Seq, UserId};
+
+/// The message record version this build writes and reads.
+pub const RECORD_VERSION: u8 = 1;
+const HEADER: usize = 33;
+/// Longest accepted client message id, in bytes.
+pub const MAX_CLIENT_MSG_ID_LEN: usize = 256;
+/// Longest accepted custom type, in bytes.
+pub const MAX_CUSTOM_TYPE_LEN: usize = 1024;
+
+/// A message record borrowed from its encoded bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRecord<'a> {
+    /// Global version (commit counter) of the append.
+    pub version: u64,
+    /// Internal user id of the sender.
+    pub sender: UserId,
+    /// Server timestamp, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Application content type.
+    pub content_type: u32,
+    /// The sender's client message id (idempotency key); may be empty.
+    pub client_msg_id: &'a str,
+    /// Application custom type.
+    pub custom_type: &'a str,
+    /// The opaque message body.
+    pub payload: &'a [u8],
+}
+
+/// Decodes a stored message record. Total: returns an error for any input that is not a
+/// well-formed record of a known version.
+pub fn decode_record(buf: &[u8]) -> Result<MessageRecord<'_>> {
+    let Some(&v) = buf.first() else {
+        return Err(StorageError::Corrupt("empty message record"));
+    };
+    if v != RECORD_VERSION {
+        return Err(StorageError::UnknownRecordVersion {
+            found: v,
+            supported: RECORD_VERSION,
+        });
+    }
+    if buf.len() < HEADER {
+        return Err(StorageError::Corrupt(
+            "message record shorter than its header",
+        ));
+    }
+    let id_len = u16_at(buf, 29) as usize;
+    let ct_len = u16_at(buf, 31) as usize;
+    let rest = &buf[HEADER..];
+    if rest.len() < id_len + ct_len {
+        return Err(StorageError::Corrupt(
+            "message record lengths exceed the record",
+        ));
+    }
+    let client_msg_id = std::str::from_utf8(&rest[..id_len])
+        .map_err(|_| StorageError::Corrupt("client message id is not UTF-8"))?;
+    let custom_type = std::str::from_utf8(&rest[id_len..id_len + ct_len])
+        .map_err(|_| StorageError::Corrupt("custom type is not UTF-8"))?;
+    Ok(MessageRecord {
+        version: u64_at(buf, 1),
+        sender: u64_at(buf, 9),
+        timestamp_ms: u64_at(buf, 17),
+        content_type: u32_at(buf, 25),
+        client_msg_id,
+        custom_type,
+        payload: &rest[id_len + ct_len..],
+    })
+}
+
+/// Appends the encoding of `r` to `out`. Lengths must have been validated
+/// (`client_msg_id` ≤ [`MAX_CLIENT_MSG_ID_LEN`], `custom_type` ≤ [`MAX_CUSTOM_TYPE_LEN`]).
+pub fn encode_record(r: &MessageRecord<'_>, out: &mut Vec<u8>) {
+    debug_assert!(r.client_msg_id.len() <= MAX_CLIENT_MSG_ID_LEN);
+    debug_assert!(r.custom_type.len() <= MAX_CUSTOM_TYPE_LEN);
+    out.reserve(HEADER + r.client_msg_id.len() + r.custom_type.len() + r.payload.len());
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&r.version.to_le_bytes());
+    out.extend_from_slice(&r.sender.to_le_bytes());
+    out.extend_from_slice(&r.timestamp_ms.to_le_bytes());
+    out.extend_from_slice(&r.content_type.to_le_bytes());
+    out.extend_from_slice(&(r.client_msg_id.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(r.custom_type.len() as u16).to_le_bytes());
+    out.extend_from_slice(r.client_msg_id.as_bytes());
+    out.extend_from_slice(r.custom_type.as_bytes());
+    out.extend_from_slice(r.payload);
+}
+
+/// A message as returned by reads. The payload is its own [`Bytes`] (one copy out of the
+/// storage engine), so it can be forwarded to recipients without further copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// Sequence number within the conversation (1, 2, 3, ...).
+    pub seq: Seq,
+    /// Global version (commit counter) of the append; see the crate docs on sync.
+    pub version: u64,
+    /// Internal user id of the sender.
+    pub sender: UserId,
+    /// Server timestamp, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The sender's client message id.
+    pub client_msg_id: String,
+    /// Application content type.
+    pub content_type: u32,
+    /// Application custom type.
+    pub custom_type: String,
+    /// The opaque message body.
+    pub payload: Bytes,
+}
+
+impl StoredMessage {
+    pub(crate) fn from_record(conv: ConversationId, seq: Seq, r: &MessageRecord<'_>) -> Self {
+        StoredMessage {
+            conversation: conv,
+            seq,
+            version: r.version,
+            sender: r.sender,
+            timestamp_ms: r.timestamp_ms,
+            client_msg_id: r.client_msg_id.to_owned(),
+            content_type: r.content_type,
+            custom_type: r.custom_type.to_owned(),
+            payload: Bytes::copy_from_slice(r.payload),
+        }
+    }
+}
+
+/// Per (user, conversation) state, stored in the user-conversation index.
+///
+/// Version 1 layout: `u8 version, u8 flags (bit 0: active member), u64 member_version,
+/// u64 read_seq, u64 read_version` (26 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct UserConvRecord {
+    pub active: bool,
+    /// Version of the last membership change (join, leave, first message).
+    pub member_version: u64,
+    pub read_seq: Seq,
+    /// Version of the last read-position change.
+    pub read_version: u64,
+}
+
+const USER_CONV_LEN: usize = 26;
+
+impl UserConvRecord {
+    pub fn encode(&self) -> [u8; USER_CONV_LEN] {
+        let mut b = [0u8; USER_CONV_LEN];
+        b[0] = RECORD_VERSION;
+        b[1] = u8::from(self.active);
+        b[2..10].copy_from_slice(&self.member_version.to_le_bytes());
+        b[10..18].copy_from_slice(&self.read_seq.to_le_bytes());
+        b[18..26].copy_from_slice(&self.read_version.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        check_version(b)?;
+        if b.len() != USER_CONV_LEN {
+            return Err(StorageError::Corrupt(
+                "user-conversation record has a wrong length",
+            ));
+        }
+        Ok(UserConvRecord {
+            active: b[1] & 1 != 0,
+            member_version: u64_at(b, 2),
+            read_seq: u64_at(b, 10),
+            read_version: u64_at(b, 18),
+        })
+    }
+
+    /// The highest version of any change recorded here.
+    pub fn last_version(&self) -> u64 {
+        self.member_version.max(self.read_version)
+    }
+}
+
+/// A versioned `u64` value (cursors, meta counters): `u8 version, u64 LE`.
+pub(crate) fn encode_u64(v: u64) -> [u8; 9] {
+    let mut b = [0u8; 9];
+    b[0] = RECORD_VERSION;
+    b[1..].copy_from_slice(&v.to_le_bytes());
+    b
+}
+
+pub(crate) fn decode_u64(b: &[u8]) -> Result<u64> {
+    check_version(b)?;
+    if b.len() != 9 {
+        return Err(StorageError::Corrupt("counter record has a wrong length"));
+    }
+    Ok(u64_at(b, 1))
+}
+
+fn check_version(b: &[u8]) -> Result<()> {
+    match b.first() {
+        None => Err(StorageError::Corrupt("empty record")),
+        Some(&RECORD_VERSION) => Ok(()),
+        Some(&found) => Err(StorageError::UnknownRecordVersion {
+            found,
+            supported: RECORD_VERSION,
+        }),
+    }
+}
+
+/// One idempotent append as remembered in the dedup journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JournalEntry {
+    pub sender: UserId,
+    pub conv: ConversationId,
+    pub seq: Seq,
+    pub version: u64,
+    pub client_msg_id: String,
+}
+
+/// Dedup journal value (one per committed batch that had idempotent appends), version 1:
+/// `u8 version, u64 server time ms, u32 count, count × (u64 sender, u64 conv, u64 seq,
+/// u64 version, u16 id length, id bytes)`.
+pub(crate) fn encode_journal_header(time_ms: u64, out: &mut Vec<u8>) {
+    out.clear();
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&time_ms.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+}
+
+pub(crate) fn push_journal_entry(
+    out: &mut Vec<u8>,
+    sender: UserId,
+    conv: ConversationId,
+    seq: Seq,
+    version: u64,
+    id: &str,
+) {
+    out.extend_from_slice(&sender.to_le_bytes());
+    out.extend_from_slice(&conv.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    out.extend_from_slice(id.as_bytes());
+    let n = u32_at(out, 9) + 1;
+    out[9..13].copy_from_slice(&n.to_le_bytes());
+}
+
+pub(crate) fn decode_journal(b: &[u8]) -> Result<(u64, Vec<JournalEntry>)> {
+    check_version(b)?;
+    if b.len() < 13 {
+        return Err(StorageError::Corrupt(
+            "journal record shorter than its header",
+        ));
+    }
+    let time = u64_at(b, 1);
+    let n = u32_at(b, 9) as usize;
+    let mut at = 13;
+    let mut out = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        if b.len() < at + 34 {
+            return Err(StorageError::Corrupt("journal record truncated"));
+        }
+        let len = u16_at(b, at + 32) as usize;
+        let id_at = at + 34;
+        if b.len() < id_at + len {
+            return Err(StorageError::Corrupt("journal record truncated"));
+        }
+        let id = std::str::from_utf8(&b[id_at..id_at + len])
+            .map_err(|_| StorageError::Corrupt("journal id is not UTF-8"))?;
+        out.push(JournalEntry {
+            sender: u64_at(b, at),
+            conv: u64_at(b, at + 8),
+            seq: u64_at(b, at + 16),
+            version: u64_at(b, at + 24),
+            client_msg_id: id.to_owned(),
+        });
+        at = id_at + len;
+    }
+    Ok((time, out))
+}
+
+// Keys.
+
+/// Messages key: `conv BE ++ seq BE`.
+pub(crate) fn msg_key(conv: ConversationId, seq: Seq) -> [u8; 16] {
+    pair_key(conv, seq)
+}
+
+/// Two big-endian u64s.
+pub(crate) fn pair_key(a: u64, b: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&a.to_be_bytes());
+    k[8..].copy_from_slice(&b.to_be_bytes());
+    k
+}
+
+pub(crate) fn split_pair_key(k: &[u8]) -> Result<(u64, u64)> {
+    if k.len() != 16 {
+        return Err(StorageError::Corrupt("key has a wrong length"));
+    }
+    Ok((be_at(k, 0), be_at(k, 8)))
+}
+
+/// Delivered-cursor key: `user BE ++ conv BE ++ device`.
+pub(crate) fn cursor_key(user: UserId, conv: ConversationId, device: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16 + device.len());
+    k.extend_from_slice(&pair_key(user, conv));
+    k.extend_from_slice(device.as_bytes());
+    k
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+pub(crate) fn be_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> MessageRecord<'static> {
+        MessageRecord {
+            version: 42,
+            sender: 7,
+            timestamp_ms: 1_700_000_000_000,
+            content_type: 3,
+            client_msg_id: "c-1",
+            custom_type: "x.custom",
+            payload: b"hello",
+        }
+    }
+
+    #[test]
+    fn record_round_trip() {
+        let mut buf = Vec::new();
+        encode_record(&sample(), &mut buf);
+        assert_eq!(buf.len(), HEADER + 3 + 8 + 5);
+        assert_eq!(decode_record(&buf).unwrap(), sample());
+    }
+
+    #[test]
+    fn record_rejects_garbage_without_panicking() {
+        let mut buf = Vec::new();
+        encode_record(&sample(), &mut buf);
+        assert_eq!(
+            decode_record(&[]),
+            Err(StorageError::Corrupt("empty message record"))
+        );
+        let mut v2 = buf.clone();
+        v2[0] = 2;
+        assert_eq!(
+            decode_record(&v2),
+            Err(StorageError::UnknownRecordVersion {
+                found: 2,
+                supported: 1
+            })
+        );
+        for cut in 0..buf.len() {
+            // Every prefix is either an error or (once past the ids) a shorter payload.
+            if let Ok(r) = decode_record(&buf[..cut]) {
+                assert!(cut >= HEADER + 11);
+                assert_eq!(r.client_msg_id, "c-1");
+            }
+        }
+        let mut bad_len = buf.clone();
+        bad_len[29] = 0xff;
+        assert!(matches!(
+            decode_record(&bad_len),
+            Err(StorageError::Corrupt(_))
+        ));
+        let mut bad_utf8 = buf.clone();
+        bad_utf8[HEADER] = 0xff;
+        assert!(matches!(
+            decode_record(&bad_utf8),
+            Err(StorageError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn user_conv_and_journal_round_trip() {
+        let r = UserConvRecord {
+            active: true,
+            member_version: 5,
+            read_seq: 9,
+            read_version: 11,
+        };
+        assert_eq!(UserConvRecord::decode(&r.encode()).unwrap(), r);
+        assert!(UserConvRecord::decode(&r.encode()[..10]).is_err());
+        assert_eq!(decode_u64(&encode_u64(77)).unwrap(), 77);
+
+        let mut j = Vec::new();
+        encode_journal_header(1234, &mut j);
+        push_journal_entry(&mut j, 1, 2, 3, 4, "a");
+        push_journal_entry(&mut j, 5, 6, 7, 8, "bcd");
+        let (t, e) = decode_journal(&j).unwrap();
+        assert_eq!(t, 1234);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[1].client_msg_id, "bcd");
+        assert_eq!(
+            (e[1].sender, e[1].conv, e[1].seq, e[1].version),
+            (5, 6, 7, 8)
+        );
+        assert!(decode_journal(&j[..j.len() - 1]).is_err());
+    }
+}

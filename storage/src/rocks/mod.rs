@@ -1,0 +1,932 @@
+//! [`RocksStore`]: the durable implementation of [`MessageStore`] on RocksDB.
+
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Options,
+    ReadOptions, SliceTransform, WriteBatch, WriteOptions,
+};
+
+use crate::api::{
+    AppendRequest, Appended, ConversationInfo, Durability, MessageStore, StoreOptions,
+    check_device, check_name, now_ms,
+};
+use crate::completion::Completion;
+use crate::dedup::{DedupEntry, DedupIndex};
+use crate::error::{Result, StorageError, backend};
+use crate::ids::{ConversationId, GroupId, MAX_GROUP_ID, MAX_USER_ID, Seq, UserId, peer_of};
+use crate::record::{
+    StoredMessage, UserConvRecord, be_at, cursor_key, decode_journal, decode_record, decode_u64,
+    encode_u64, msg_key, pair_key, split_pair_key,
+};
+use writer::{Op, Writer};
+
+/// The storage format version this build reads and writes (meta key `format_version`).
+pub const FORMAT_VERSION: u32 = 1;
+
+pub(crate) const CF_MESSAGES: &str = "messages";
+pub(crate) const CF_USER_IDS: &str = "user_ids";
+pub(crate) const CF_USER_NAMES: &str = "user_names";
+pub(crate) const CF_GROUP_IDS: &str = "group_ids";
+pub(crate) const CF_GROUP_NAMES: &str = "group_names";
+pub(crate) const CF_MEMBERS: &str = "members";
+pub(crate) const CF_USER_GROUPS: &str = "user_groups";
+pub(crate) const CF_USER_CONVS: &str = "user_convs";
+pub(crate) const CF_CURSORS: &str = "cursors";
+pub(crate) const CF_JOURNAL: &str = "dedup_journal";
+pub(crate) const CF_META: &str = "meta";
+
+const ALL_CFS: [&str; 11] = [
+    CF_MESSAGES,
+    CF_USER_IDS,
+    CF_USER_NAMES,
+    CF_GROUP_IDS,
+    CF_GROUP_NAMES,
+    CF_MEMBERS,
+    CF_USER_GROUPS,
+    CF_USER_CONVS,
+    CF_CURSORS,
+    CF_JOURNAL,
+    CF_META,
+];
+
+pub(crate) const META_FORMAT: &[u8] = b"format_version";
+pub(crate) const META_VERSION: &[u8] = b"version";
+const META_NEXT_USER: &[u8] = b"next_user_id";
+const META_NEXT_GROUP: &[u8] = b"next_group_id";
+
+/// Directories open in this process (canonical paths). RocksDB's LOCK file already
+/// excludes other processes; this makes the in-process case a clear error too.
+static OPEN_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug)]
+struct DirGuard(PathBuf);
+
+impl DirGuard {
+    fn acquire(path: &Path) -> Result<DirGuard> {
+        let mut open = lock(&OPEN_DIRS);
+        if open.iter().any(|p| p == path) {
+            return Err(StorageError::AlreadyOpen {
+                path: path.to_owned(),
+            });
+        }
+        open.push(path.to_owned());
+        Ok(DirGuard(path.to_owned()))
+    }
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        lock(&OPEN_DIRS).retain(|p| p != &self.0);
+    }
+}
+
+/// The RocksDB handle with the read helpers shared by readers and the writer thread.
+pub(crate) struct Db {
+    pub db: DB,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Db")
+    }
+}
+
+impl Db {
+    pub fn cf(&self, name: &str) -> &ColumnFamily {
+        // Every name in ALL_CFS is opened (or created) by `RocksStore::open`.
+        self.db
+            .cf_handle(name)
+            .expect("column family is opened at start")
+    }
+
+    fn get_u64(&self, cf: &str, key: &[u8]) -> Result<Option<u64>> {
+        match self.db.get_pinned_cf(self.cf(cf), key).map_err(backend)? {
+            Some(v) => decode_u64(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The newest (seq, version) of a conversation.
+    pub fn head(&self, conv: ConversationId) -> Result<Option<(Seq, u64)>> {
+        let mut it = self
+            .db
+            .raw_iterator_cf_opt(self.cf(CF_MESSAGES), prefix_read_opts());
+        head_with(&mut it, conv)
+    }
+
+    pub fn user_conv(&self, user: UserId, conv: ConversationId) -> Result<Option<UserConvRecord>> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_USER_CONVS), pair_key(user, conv))
+            .map_err(backend)?
+        {
+            Some(v) => UserConvRecord::decode(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub fn cursor(&self, key: &[u8]) -> Result<Seq> {
+        Ok(self.get_u64(CF_CURSORS, key)?.unwrap_or(0))
+    }
+
+    pub fn is_member(&self, group: GroupId, user: UserId) -> Result<bool> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_MEMBERS), pair_key(group, user))
+            .map_err(backend)?
+            .is_some())
+    }
+
+    pub fn meta_version(&self) -> Result<u64> {
+        Ok(self.get_u64(CF_META, META_VERSION)?.unwrap_or(0))
+    }
+
+    /// All keys `prefix BE ++ x BE` with `x > after`, up to `limit`, returning `x`.
+    fn scan_pairs(&self, cf: &str, prefix: u64, after: u64, limit: usize) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        let Some(start) = after.checked_add(1) else {
+            return Ok(out);
+        };
+        let mut it = self
+            .db
+            .raw_iterator_cf_opt(self.cf(cf), bounded_opts(prefix));
+        it.seek(pair_key(prefix, start));
+        while out.len() < limit {
+            let Some(k) = it.key() else { break };
+            let (p, x) = split_pair_key(k)?;
+            if p != prefix {
+                break;
+            }
+            out.push(x);
+            it.next();
+        }
+        it.status().map_err(backend)?;
+        Ok(out)
+    }
+}
+
+type RawIter<'a> = rocksdb::DBRawIterator<'a>;
+
+fn head_with(it: &mut RawIter<'_>, conv: ConversationId) -> Result<Option<(Seq, u64)>> {
+    it.seek_for_prev(msg_key(conv, u64::MAX));
+    let out = match it.item() {
+        Some((k, v)) => {
+            let (c, s) = split_pair_key(k)?;
+            if c == conv {
+                Some((s, decode_record(v)?.version))
+            } else {
+                None
+            }
+        }
+        None => None,
+    };
+    it.status().map_err(backend)?;
+    Ok(out)
+}
+
+/// Iteration confined to the seek key's 8-byte prefix (uses the prefix bloom filters).
+fn prefix_read_opts() -> ReadOptions {
+    let mut ro = ReadOptions::default();
+    ro.set_prefix_same_as_start(true);
+    ro
+}
+
+/// Iteration confined to keys starting with `prefix BE`.
+fn bounded_opts(prefix: u64) -> ReadOptions {
+    let mut ro = prefix_read_opts();
+    ro.set_iterate_lower_bound(pair_key(prefix, 0).to_vec());
+    if let Some(next) = prefix.checked_add(1) {
+        ro.set_iterate_upper_bound(pair_key(next, 0).to_vec());
+    }
+    ro
+}
+
+#[derive(Debug)]
+struct Counters {
+    next_user: u64,
+    next_group: u64,
+}
+
+struct Inner {
+    tx: Sender<Op>,
+    closed: AtomicBool,
+    durability: Durability,
+    write_opts: WriteOptions,
+    counters: Mutex<Counters>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    syncer: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+    path: PathBuf,
+    db: Arc<Db>,
+    // Declared last: released after the database above is closed.
+    _guard: DirGuard,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.path)
+            .field("durability", &self.durability)
+            .field("closed", &self.closed)
+            .field("queued", &self.tx.len())
+            .finish()
+    }
+}
+
+/// The durable [`MessageStore`] on RocksDB. Cheap to clone (an `Arc`); all clones share one
+/// writer thread. See the crate docs for the layout and the invariants.
+#[derive(Debug, Clone)]
+pub struct RocksStore {
+    inner: Arc<Inner>,
+}
+
+fn write_options(d: Durability) -> WriteOptions {
+    let mut wo = WriteOptions::default();
+    match d {
+        Durability::Fsync => wo.set_sync(true),
+        Durability::Wal { .. } => wo.set_sync(false),
+        Durability::Memory => wo.disable_wal(true),
+    }
+    wo
+}
+
+fn cf_options(name: &str, opts: &StoreOptions, cache: &Cache) -> Options {
+    let mut o = Options::default();
+    let mut t = BlockBasedOptions::default();
+    t.set_block_cache(cache);
+    t.set_bloom_filter(10.0, false);
+    t.set_cache_index_and_filter_blocks(true);
+    t.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    match name {
+        // Range reads by (conv | user | group) prefix: prefix bloom in SSTs and memtables.
+        CF_MESSAGES | CF_USER_CONVS | CF_MEMBERS | CF_USER_GROUPS => {
+            o.set_prefix_extractor(SliceTransform::create_fixed_prefix(8));
+            o.set_memtable_prefix_bloom_ratio(0.1);
+            t.set_whole_key_filtering(false);
+        }
+        _ => {}
+    }
+    o.set_block_based_table_factory(&t);
+    if name == CF_MESSAGES {
+        o.set_write_buffer_size(opts.write_buffer_bytes);
+        // Room for two memtables being flushed while the third fills: a slow flush on a
+        // busy machine must not stall appends.
+        o.set_max_write_buffer_number(4);
+        // Fresh data is read most (catch-up); keep the top levels uncompressed.
+        o.set_compression_per_level(&[
+            DBCompressionType::None,
+            DBCompressionType::None,
+            DBCompressionType::Lz4,
+            DBCompressionType::Lz4,
+            DBCompressionType::Lz4,
+            DBCompressionType::Lz4,
+            DBCompressionType::Lz4,
+        ]);
+    } else {
+        o.set_write_buffer_size(8 << 20);
+        o.set_compression_type(DBCompressionType::Lz4);
+    }
+    o
+}
+
+impl RocksStore {
+    /// Opens (creating if needed) the store in directory `path`.
+    ///
+    /// Fails with [`StorageError::AlreadyOpen`] if this process has it open,
+    /// [`StorageError::Locked`] if another process does, and
+    /// [`StorageError::UnsupportedFormat`] if it was written by an unknown format version.
+    pub fn open(path: impl AsRef<Path>, opts: StoreOptions) -> Result<RocksStore> {
+        let path = path.as_ref();
+        std::fs::create_dir_all(path)
+            .map_err(|e| StorageError::Backend(format!("create {}: {e}", path.display())))?;
+        let path = path
+            .canonicalize()
+            .map_err(|e| StorageError::Backend(format!("canonicalize {}: {e}", path.display())))?;
+        let guard = DirGuard::acquire(&path)?;
+
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_max_total_wal_size(512 << 20);
+        if opts.durability == Durability::Memory {
+            // Without a WAL, only atomic flushes keep the column families consistent.
+            db_opts.set_atomic_flush(true);
+        }
+        let cache = Cache::new_lru_cache(opts.block_cache_bytes);
+        // Open column families this build does not know too (a newer format may have added
+        // some), so that the format check below can report the version clearly.
+        let existing = DB::list_cf(&db_opts, &path).unwrap_or_default();
+        let mut names: Vec<String> = ALL_CFS.iter().map(|s| s.to_string()).collect();
+        for n in existing {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        let cfs = names
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(n, cf_options(n, &opts, &cache)));
+        let db = DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(|e| {
+            let msg = e.into_string();
+            if msg.contains("lock") || msg.contains("LOCK") {
+                StorageError::Locked {
+                    path: path.clone(),
+                    detail: msg,
+                }
+            } else {
+                StorageError::Backend(msg)
+            }
+        })?;
+        let db = Arc::new(Db { db });
+
+        // Format version.
+        let meta = db.cf(CF_META);
+        match db.db.get_pinned_cf(meta, META_FORMAT).map_err(backend)? {
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(&v[..])
+                    .map(u32::from_le_bytes)
+                    .unwrap_or(u32::MAX);
+                if found != FORMAT_VERSION {
+                    return Err(StorageError::UnsupportedFormat {
+                        path,
+                        found,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+            }
+            None => {
+                let mut wo = WriteOptions::default();
+                wo.set_sync(true);
+                db.db
+                    .put_cf_opt(meta, META_FORMAT, FORMAT_VERSION.to_le_bytes(), &wo)
+                    .map_err(backend)?;
+            }
+        }
+
+        let counters = Counters {
+            next_user: db.get_u64(CF_META, META_NEXT_USER)?.unwrap_or(1),
+            next_group: db.get_u64(CF_META, META_NEXT_GROUP)?.unwrap_or(1),
+        };
+        let version = db.meta_version()?;
+        let (dedup, journal) = load_journal(&db, &opts)?;
+
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let write_opts = write_options(opts.durability);
+        let w = Writer::new(
+            db.clone(),
+            rx,
+            write_options(opts.durability),
+            &opts,
+            version,
+            dedup,
+            journal,
+        );
+        let writer = std::thread::Builder::new()
+            .name("tern-storage-writer".into())
+            .spawn(move || w.run())
+            .map_err(|e| StorageError::Backend(format!("spawn writer: {e}")))?;
+        let syncer = match opts.sync_interval() {
+            Some(every) => Some(spawn_syncer(db.clone(), every)?),
+            None => None,
+        };
+        Ok(RocksStore {
+            inner: Arc::new(Inner {
+                tx,
+                closed: AtomicBool::new(false),
+                durability: opts.durability,
+                write_opts,
+                counters: Mutex::new(counters),
+                writer: Mutex::new(Some(writer)),
+                syncer: Mutex::new(syncer),
+                path,
+                db,
+                _guard: guard,
+            }),
+        })
+    }
+
+    /// The canonical path of the data directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Writes queued for the writer thread (for back-pressure and metrics).
+    pub fn queue_len(&self) -> usize {
+        self.inner.tx.len()
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(StorageError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn submit<T>(&self, make: impl FnOnce(crate::completion::Completer<T>) -> Op) -> Completion<T> {
+        if let Err(e) = self.check_open() {
+            return Completion::ready(Err(e));
+        }
+        let (done, completion) = Completion::channel();
+        // If the writer is gone the op (and its completer) is dropped: the completion
+        // resolves to `Closed`.
+        let _ = self.inner.tx.send(make(done));
+        completion
+    }
+
+    fn intern(&self, name: &str, group: bool) -> Result<u64> {
+        check_name(name)?;
+        self.check_open()?;
+        let (ids_cf, names_cf) = if group {
+            (CF_GROUP_IDS, CF_GROUP_NAMES)
+        } else {
+            (CF_USER_IDS, CF_USER_NAMES)
+        };
+        let db = &self.inner.db;
+        if let Some(id) = db.get_u64(ids_cf, name.as_bytes())? {
+            return Ok(id);
+        }
+        let mut c = lock(&self.inner.counters);
+        // Another thread may have interned it while we waited for the lock.
+        if let Some(id) = db.get_u64(ids_cf, name.as_bytes())? {
+            return Ok(id);
+        }
+        let (next, max, key) = if group {
+            (&mut c.next_group, MAX_GROUP_ID, META_NEXT_GROUP)
+        } else {
+            (&mut c.next_user, MAX_USER_ID, META_NEXT_USER)
+        };
+        let id = *next;
+        if id > max {
+            return Err(StorageError::IdSpaceExhausted);
+        }
+        let mut b = WriteBatch::default();
+        b.put_cf(db.cf(ids_cf), name.as_bytes(), encode_u64(id));
+        let mut named = Vec::with_capacity(name.len() + 1);
+        named.push(crate::record::RECORD_VERSION);
+        named.extend_from_slice(name.as_bytes());
+        b.put_cf(db.cf(names_cf), id.to_be_bytes(), named);
+        b.put_cf(db.cf(CF_META), key, encode_u64(id + 1));
+        db.db
+            .write_opt(b, &self.inner.write_opts)
+            .map_err(backend)?;
+        *next = id + 1;
+        Ok(id)
+    }
+
+    fn lookup(&self, name: &str, group: bool) -> Result<Option<u64>> {
+        self.check_open()?;
+        self.inner.db.get_u64(
+            if group { CF_GROUP_IDS } else { CF_USER_IDS },
+            name.as_bytes(),
+        )
+    }
+
+    fn name_of(&self, id: u64, group: bool) -> Result<Option<String>> {
+        self.check_open()?;
+        let db = &self.inner.db;
+        let cf = db.cf(if group { CF_GROUP_NAMES } else { CF_USER_NAMES });
+        let Some(v) = db.db.get_pinned_cf(cf, id.to_be_bytes()).map_err(backend)? else {
+            return Ok(None);
+        };
+        match v.split_first() {
+            Some((&crate::record::RECORD_VERSION, rest)) => std::str::from_utf8(rest)
+                .map(|s| Some(s.to_owned()))
+                .map_err(|_| StorageError::Corrupt("name is not UTF-8")),
+            Some((&found, _)) => Err(StorageError::UnknownRecordVersion {
+                found,
+                supported: crate::record::RECORD_VERSION,
+            }),
+            None => Err(StorageError::Corrupt("empty name record")),
+        }
+    }
+}
+
+fn spawn_syncer(db: Arc<Db>, every: Duration) -> Result<(Sender<()>, JoinHandle<()>)> {
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let h = std::thread::Builder::new()
+        .name("tern-storage-walsync".into())
+        .spawn(move || {
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                stop_rx.recv_timeout(every)
+            {
+                // A failed sync is retried at the next tick; acknowledged writes were
+                // promised only process-crash durability under this policy.
+                let _ = db.db.flush_wal(true);
+            }
+        })
+        .map_err(|e| StorageError::Backend(format!("spawn WAL sync thread: {e}")))?;
+    Ok((stop_tx, h))
+}
+
+/// Rebuilds the idempotency index from the dedup journal, dropping journal records that
+/// fell out of the window.
+fn load_journal(db: &Db, opts: &StoreOptions) -> Result<(DedupIndex, Vec<(u64, u64)>)> {
+    let now = now_ms();
+    let max_age = u64::try_from(opts.dedup_window.max_age.as_millis()).unwrap_or(u64::MAX);
+    let mut dedup = DedupIndex::new(opts.dedup_window);
+    let mut journal = Vec::new();
+    let mut expired_to: Option<u64> = None;
+    let mut it = db.db.raw_iterator_cf(db.cf(CF_JOURNAL));
+    it.seek_to_first();
+    while let Some((k, v)) = it.item() {
+        if k.len() != 8 {
+            return Err(StorageError::Corrupt(
+                "dedup journal key has a wrong length",
+            ));
+        }
+        let key = be_at(k, 0);
+        let (time, entries) = decode_journal(v)?;
+        if time.saturating_add(max_age) < now {
+            expired_to = Some(key);
+        } else {
+            let mut last = key;
+            for e in entries {
+                last = last.max(e.version);
+                dedup.insert(
+                    (e.sender, Arc::from(e.client_msg_id.as_str())),
+                    DedupEntry {
+                        conv: e.conv,
+                        seq: e.seq,
+                        time_ms: time,
+                        version: e.version,
+                    },
+                );
+            }
+            journal.push((key, last));
+        }
+        it.next();
+    }
+    it.status().map_err(backend)?;
+    drop(it);
+    // Records whose entries were all evicted by count are dropped too.
+    let keep_from = dedup.oldest_version().unwrap_or(u64::MAX);
+    let split = journal.partition_point(|&(_, last)| last < keep_from);
+    if split > 0 {
+        expired_to = Some(expired_to.unwrap_or(0).max(journal[split - 1].0));
+        journal.drain(..split);
+    }
+    if let Some(to) = expired_to {
+        db.db
+            .delete_range_cf(
+                db.cf(CF_JOURNAL),
+                0u64.to_be_bytes(),
+                (to + 1).to_be_bytes(),
+            )
+            .map_err(backend)?;
+    }
+    Ok((dedup, journal))
+}
+
+impl MessageStore for RocksStore {
+    fn intern_user(&self, name: &str) -> Result<UserId> {
+        self.intern(name, false)
+    }
+
+    fn lookup_user(&self, name: &str) -> Result<Option<UserId>> {
+        self.lookup(name, false)
+    }
+
+    fn user_name(&self, id: UserId) -> Result<Option<String>> {
+        self.name_of(id, false)
+    }
+
+    fn intern_group(&self, name: &str) -> Result<GroupId> {
+        self.intern(name, true)
+    }
+
+    fn lookup_group(&self, name: &str) -> Result<Option<GroupId>> {
+        self.lookup(name, true)
+    }
+
+    fn group_name(&self, id: GroupId) -> Result<Option<String>> {
+        self.name_of(id, true)
+    }
+
+    fn add_member(&self, group: GroupId, user: UserId) -> Completion<bool> {
+        self.submit(|done| Op::Member {
+            group,
+            user,
+            add: true,
+            done,
+        })
+    }
+
+    fn remove_member(&self, group: GroupId, user: UserId) -> Completion<bool> {
+        self.submit(|done| Op::Member {
+            group,
+            user,
+            add: false,
+            done,
+        })
+    }
+
+    fn members(&self, group: GroupId, after: UserId, limit: usize) -> Result<Vec<UserId>> {
+        self.check_open()?;
+        self.inner.db.scan_pairs(CF_MEMBERS, group, after, limit)
+    }
+
+    fn groups_of(&self, user: UserId) -> Result<Vec<GroupId>> {
+        self.check_open()?;
+        self.inner
+            .db
+            .scan_pairs(CF_USER_GROUPS, user, 0, usize::MAX)
+    }
+
+    fn append(&self, req: AppendRequest) -> Completion<Appended> {
+        if let Err(e) = req.validate() {
+            return Completion::ready(Err(e));
+        }
+        self.submit(|done| Op::Append(req, done))
+    }
+
+    fn read_forward(
+        &self,
+        conv: ConversationId,
+        from_seq: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        self.check_open()?;
+        let db = &self.inner.db;
+        let mut out = Vec::with_capacity(limit.min(1024));
+        if limit == 0 {
+            return Ok(out);
+        }
+        let mut it = db
+            .db
+            .raw_iterator_cf_opt(db.cf(CF_MESSAGES), bounded_opts(conv));
+        it.seek(msg_key(conv, from_seq.max(1)));
+        while out.len() < limit {
+            let Some((k, v)) = it.item() else { break };
+            let (c, s) = split_pair_key(k)?;
+            if c != conv {
+                break;
+            }
+            out.push(StoredMessage::from_record(c, s, &decode_record(v)?));
+            it.next();
+        }
+        it.status().map_err(backend)?;
+        Ok(out)
+    }
+
+    fn read_backward(
+        &self,
+        conv: ConversationId,
+        before_seq: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        self.check_open()?;
+        let db = &self.inner.db;
+        let mut out = Vec::with_capacity(limit.min(1024));
+        if limit == 0 || before_seq == 1 {
+            return Ok(out);
+        }
+        let last = if before_seq == 0 {
+            u64::MAX
+        } else {
+            before_seq - 1
+        };
+        let mut it = db
+            .db
+            .raw_iterator_cf_opt(db.cf(CF_MESSAGES), bounded_opts(conv));
+        it.seek_for_prev(msg_key(conv, last));
+        while out.len() < limit {
+            let Some((k, v)) = it.item() else { break };
+            let (c, s) = split_pair_key(k)?;
+            if c != conv || s == 0 {
+                break;
+            }
+            out.push(StoredMessage::from_record(c, s, &decode_record(v)?));
+            it.prev();
+        }
+        it.status().map_err(backend)?;
+        Ok(out)
+    }
+
+    fn latest_seq(&self, conv: ConversationId) -> Result<Seq> {
+        self.check_open()?;
+        Ok(self.inner.db.head(conv)?.map_or(0, |(s, _)| s))
+    }
+
+    fn conversations_changed_since(
+        &self,
+        user: UserId,
+        since_version: u64,
+        device: Option<&str>,
+    ) -> Result<Vec<ConversationInfo>> {
+        self.check_open()?;
+        if let Some(d) = device {
+            check_device(d)?;
+        }
+        let db = &self.inner.db;
+        let mut heads = db
+            .db
+            .raw_iterator_cf_opt(db.cf(CF_MESSAGES), prefix_read_opts());
+        let mut it = db
+            .db
+            .raw_iterator_cf_opt(db.cf(CF_USER_CONVS), bounded_opts(user));
+        it.seek(pair_key(user, 0));
+        let mut out = Vec::new();
+        while let Some((k, v)) = it.item() {
+            let (u, conv) = split_pair_key(k)?;
+            if u != user {
+                break;
+            }
+            let rec = UserConvRecord::decode(v)?;
+            let (latest_seq, msg_version) = head_with(&mut heads, conv)?.unwrap_or((0, 0));
+            let last_version = rec.last_version().max(msg_version);
+            if last_version > since_version {
+                let delivered_seq = match device {
+                    Some(d) => db.cursor(&cursor_key(user, conv, d))?,
+                    None => 0,
+                };
+                out.push(ConversationInfo {
+                    conversation: conv,
+                    peer: peer_of(user, conv),
+                    active: rec.active,
+                    latest_seq,
+                    last_version,
+                    read_seq: rec.read_seq,
+                    delivered_seq,
+                });
+            }
+            it.next();
+        }
+        it.status().map_err(backend)?;
+        Ok(out)
+    }
+
+    fn user_version(&self, user: UserId) -> Result<u64> {
+        Ok(self
+            .conversations_changed_since(user, 0, None)?
+            .iter()
+            .map(|c| c.last_version)
+            .max()
+            .unwrap_or(0))
+    }
+
+    fn set_read(&self, user: UserId, conv: ConversationId, seq: Seq) -> Completion<Seq> {
+        self.submit(|done| Op::SetRead {
+            user,
+            conv,
+            seq,
+            done,
+        })
+    }
+
+    fn read_seq(&self, user: UserId, conv: ConversationId) -> Result<Seq> {
+        self.check_open()?;
+        Ok(self
+            .inner
+            .db
+            .user_conv(user, conv)?
+            .map_or(0, |r| r.read_seq))
+    }
+
+    fn set_delivered(
+        &self,
+        user: UserId,
+        device: &str,
+        conv: ConversationId,
+        seq: Seq,
+    ) -> Completion<Seq> {
+        if let Err(e) = check_device(device) {
+            return Completion::ready(Err(e));
+        }
+        let device = device.to_owned();
+        self.submit(|done| Op::SetDelivered {
+            user,
+            conv,
+            device,
+            seq,
+            done,
+        })
+    }
+
+    fn delivered(&self, user: UserId, device: &str, conv: ConversationId) -> Result<Seq> {
+        self.check_open()?;
+        check_device(device)?;
+        self.inner.db.cursor(&cursor_key(user, conv, device))
+    }
+
+    fn close(&self) -> Result<()> {
+        self.inner.close()
+    }
+}
+
+impl Inner {
+    fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        // Everything queued before this marker is committed and completed; anything sent
+        // after it is dropped with the channel and resolves to `Closed`.
+        let _ = self.tx.send(Op::Shutdown);
+        if let Some(h) = lock(&self.writer).take() {
+            let _ = h.join();
+        }
+        if let Some((stop, h)) = lock(&self.syncer).take() {
+            drop(stop);
+            let _ = h.join();
+        }
+        let db = &self.db;
+        match self.durability {
+            Durability::Fsync | Durability::Wal { .. } => db.db.flush_wal(true).map_err(backend),
+            Durability::Memory => {
+                let cfs: Vec<&ColumnFamily> = ALL_CFS.iter().map(|n| db.cf(n)).collect();
+                db.db
+                    .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
+                    .map_err(backend)
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::SeqCst;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::ids::direct_conversation;
+
+    fn msg(conv: u64, id: &str) -> AppendRequest {
+        AppendRequest {
+            conversation: conv,
+            sender: 1,
+            client_msg_id: id.to_owned(),
+            payload: Bytes::from_static(b"x"),
+            participants: vec![1, 2],
+            ..AppendRequest::default()
+        }
+    }
+
+    /// A failed commit consumes no sequence number, leaves no idempotency entry behind, and
+    /// fails every write of its batch with an "unavailable" error.
+    #[test]
+    fn failed_commit_rolls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let c = direct_conversation(1, 2).unwrap();
+        for i in 1..=3 {
+            assert_eq!(s.append(msg(c, &format!("m{i}"))).wait().unwrap().seq, i);
+        }
+        writer::FAIL_COMMITS.store(1, SeqCst);
+        let e = s.append(msg(c, "m4")).wait().unwrap_err();
+        assert!(matches!(e, StorageError::CommitFailed(_)), "{e:?}");
+        assert!(e.is_unavailable());
+        assert_eq!(s.latest_seq(c).unwrap(), 3);
+        let r = s.append(msg(c, "m4")).wait().unwrap();
+        assert_eq!(
+            (r.seq, r.duplicate),
+            (4, false),
+            "no gap, no stale dedup entry"
+        );
+
+        writer::FAIL_COMMITS.store(1, SeqCst);
+        assert!(s.set_read(1, c, 4).wait().is_err());
+        assert_eq!(s.read_seq(1, c).unwrap(), 0);
+        assert_eq!(s.set_read(1, c, 2).wait().unwrap(), 2);
+
+        writer::FAIL_COMMITS.store(1, SeqCst);
+        assert!(s.add_member(5, 1).wait().is_err());
+        assert!(s.members(5, 0, 10).unwrap().is_empty());
+        assert!(s.add_member(5, 1).wait().unwrap());
+
+        // A new conversation whose first batch fails: its index entries are retried too.
+        let c2 = direct_conversation(1, 3).unwrap();
+        writer::FAIL_COMMITS.store(1, SeqCst);
+        assert!(s.append(msg(c2, "n1")).wait().is_err());
+        assert!(s.conversations_changed_since(2, 0, None).unwrap().len() == 1);
+        let mut r = msg(c2, "n1");
+        r.participants = vec![1, 3];
+        assert_eq!(s.append(r).wait().unwrap().seq, 1);
+        assert_eq!(s.conversations_changed_since(3, 0, None).unwrap().len(), 1);
+        let all: Vec<u64> = s
+            .read_forward(c, 1, 100)
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(all, vec![1, 2, 3, 4]);
+    }
+}

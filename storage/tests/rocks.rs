@@ -1,0 +1,290 @@
+//! RocksStore-specific behaviour: restarts, the format check, exclusive opening, shutdown.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tern_storage::{
+    AppendRequest, DedupWindow, Durability, FORMAT_VERSION, MessageStore, RocksStore, StorageError,
+    StoreOptions, direct_conversation, group_conversation,
+};
+
+fn msg(conv: u64, sender: u64, id: &str) -> AppendRequest {
+    AppendRequest {
+        conversation: conv,
+        sender,
+        client_msg_id: id.to_owned(),
+        content_type: 0,
+        custom_type: String::new(),
+        payload: Bytes::from_static(b"body"),
+        participants: Vec::new(),
+    }
+}
+
+fn open(dir: &std::path::Path, d: Durability) -> RocksStore {
+    RocksStore::open(dir, StoreOptions::with_durability(d)).unwrap()
+}
+
+#[test]
+fn restart_continues_sequences_and_keeps_state() {
+    for d in [
+        Durability::Fsync,
+        Durability::Wal {
+            sync_interval_ms: 5,
+        },
+        Durability::Memory,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let c = direct_conversation(1, 2).unwrap();
+        let (alice, g, v_before) = {
+            let s = open(dir.path(), d);
+            let alice = s.intern_user("alice").unwrap();
+            let g = s.intern_group("g").unwrap();
+            assert!(s.add_member(g, alice).wait().unwrap());
+            for i in 1..=5 {
+                let mut r = msg(c, alice, &format!("m{i}"));
+                r.participants = vec![1, 2];
+                assert_eq!(s.append(r).wait().unwrap().seq, i);
+            }
+            assert_eq!(s.set_read(alice, c, 3).wait().unwrap(), 3);
+            assert_eq!(s.set_delivered(alice, "phone", c, 4).wait().unwrap(), 4);
+            let v = s.user_version(alice).unwrap();
+            s.close().unwrap();
+            (alice, g, v)
+        };
+        let s = open(dir.path(), d);
+        assert_eq!(s.latest_seq(c).unwrap(), 5, "{d:?}");
+        let r = s.append(msg(c, alice, "m6")).wait().unwrap();
+        assert_eq!(r.seq, 6);
+        assert!(r.version > v_before, "versions continue after a restart");
+        assert_eq!(s.read_forward(c, 1, 100).unwrap().len(), 6);
+        assert_eq!(s.lookup_user("alice").unwrap(), Some(alice));
+        assert_eq!(s.lookup_group("g").unwrap(), Some(g));
+        let bob = s.intern_user("bob").unwrap();
+        assert_eq!(bob, alice + 1, "ids continue");
+        assert_eq!(s.members(g, 0, 10).unwrap(), vec![alice]);
+        assert_eq!(s.groups_of(alice).unwrap(), vec![g]);
+        assert_eq!(s.read_seq(alice, c).unwrap(), 3);
+        assert_eq!(s.delivered(alice, "phone", c).unwrap(), 4);
+        assert!(s.user_version(alice).unwrap() > v_before);
+        let convs = s.conversations_changed_since(alice, 0, None).unwrap();
+        assert_eq!(convs.len(), 2, "the 1:1 and the group");
+        drop(s);
+        // Dropping the last handle (without close) also flushes and releases the directory.
+        let s = open(dir.path(), d);
+        assert_eq!(s.latest_seq(c).unwrap(), 6, "{d:?}");
+    }
+}
+
+#[test]
+fn idempotent_retry_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = group_conversation(3).unwrap();
+    let mut opts = StoreOptions::default();
+    opts.dedup_window = DedupWindow {
+        max_entries: 2,
+        max_age: Duration::from_secs(3600),
+    };
+    let first = {
+        let s = RocksStore::open(dir.path(), opts.clone()).unwrap();
+        let first = s.append(msg(c, 1, "a")).wait().unwrap();
+        s.append(msg(c, 1, "b")).wait().unwrap();
+        s.append(msg(c, 1, "")).wait().unwrap();
+        s.append(msg(c, 1, "c")).wait().unwrap();
+        first
+    };
+    let s = RocksStore::open(dir.path(), opts.clone()).unwrap();
+    let b = s.append(msg(c, 1, "b")).wait().unwrap();
+    assert!(b.duplicate);
+    assert_eq!(b.seq, 2);
+    assert!(s.append(msg(c, 1, "c")).wait().unwrap().duplicate);
+    let a = s.append(msg(c, 1, "a")).wait().unwrap();
+    assert!(!a.duplicate, "evicted by count, also after a restart");
+    assert_eq!(a.seq, 5);
+    assert_ne!(a.seq, first.seq);
+    drop(s);
+
+    // A window by age, across a restart.
+    let mut short = opts.clone();
+    short.dedup_window = DedupWindow {
+        max_entries: 100,
+        max_age: Duration::from_millis(300),
+    };
+    {
+        let s = RocksStore::open(dir.path(), short.clone()).unwrap();
+        s.append(msg(c, 2, "x")).wait().unwrap();
+    }
+    let s = RocksStore::open(dir.path(), short.clone()).unwrap();
+    assert!(s.append(msg(c, 2, "x")).wait().unwrap().duplicate);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(400));
+    let s = RocksStore::open(dir.path(), short).unwrap();
+    let x = s.append(msg(c, 2, "x")).wait().unwrap();
+    assert!(!x.duplicate);
+    assert_eq!(x.seq, 7);
+}
+
+#[test]
+fn many_batches_keep_the_journal_bounded_and_correct() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = group_conversation(3).unwrap();
+    let mut opts = StoreOptions::with_durability(Durability::Memory);
+    opts.dedup_window = DedupWindow {
+        max_entries: 50,
+        max_age: Duration::from_secs(3600),
+    };
+    {
+        let s = RocksStore::open(dir.path(), opts.clone()).unwrap();
+        // One append per batch: the journal is trimmed in chunks as entries are evicted.
+        for i in 0..400 {
+            assert_eq!(
+                s.append(msg(c, 1, &format!("{i}"))).wait().unwrap().seq,
+                i + 1
+            );
+        }
+    }
+    let s = RocksStore::open(dir.path(), opts).unwrap();
+    assert!(s.append(msg(c, 1, "399")).wait().unwrap().duplicate);
+    assert!(s.append(msg(c, 1, "350")).wait().unwrap().duplicate);
+    let old = s.append(msg(c, 1, "349")).wait().unwrap();
+    assert!(!old.duplicate);
+    assert_eq!(old.seq, 401);
+}
+
+#[test]
+fn unknown_format_version_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path(), Durability::Fsync));
+    {
+        let opts = rocksdb::Options::default();
+        let cfs = rocksdb::DB::list_cf(&opts, dir.path()).unwrap();
+        let db = rocksdb::DB::open_cf(&opts, dir.path(), &cfs).unwrap();
+        let meta = db.cf_handle("meta").unwrap();
+        db.put_cf(meta, b"format_version", 99u32.to_le_bytes())
+            .unwrap();
+    }
+    let err = RocksStore::open(dir.path(), StoreOptions::default()).unwrap_err();
+    match &err {
+        StorageError::UnsupportedFormat {
+            found, supported, ..
+        } => {
+            assert_eq!((*found, *supported), (99, FORMAT_VERSION));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains("99")
+            && text.contains(&dir.path().canonicalize().unwrap().display().to_string())
+    );
+    // The failed open released the directory.
+    assert!(matches!(
+        RocksStore::open(dir.path(), StoreOptions::default()),
+        Err(StorageError::UnsupportedFormat { .. })
+    ));
+}
+
+#[test]
+fn unknown_record_version_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = group_conversation(1).unwrap();
+    {
+        let s = open(dir.path(), Durability::Fsync);
+        s.append(msg(c, 1, "a")).wait().unwrap();
+    }
+    {
+        let opts = rocksdb::Options::default();
+        let cfs = rocksdb::DB::list_cf(&opts, dir.path()).unwrap();
+        let db = rocksdb::DB::open_cf(&opts, dir.path(), &cfs).unwrap();
+        let m = db.cf_handle("messages").unwrap();
+        let mut key = c.to_be_bytes().to_vec();
+        key.extend_from_slice(&2u64.to_be_bytes());
+        db.put_cf(m, key, [9u8, 0, 0]).unwrap();
+    }
+    let s = open(dir.path(), Durability::Fsync);
+    assert_eq!(
+        s.read_forward(c, 1, 10),
+        Err(StorageError::UnknownRecordVersion {
+            found: 9,
+            supported: 1
+        })
+    );
+    assert!(s.read_backward(c, 0, 10).is_err());
+    assert_eq!(
+        s.read_forward(c, 1, 1).unwrap().len(),
+        1,
+        "seq 1 still reads"
+    );
+    // The writer refuses to continue on an unreadable head instead of guessing a seq.
+    assert!(s.append(msg(c, 1, "b")).wait().is_err());
+}
+
+#[test]
+fn double_open_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), Durability::Fsync);
+    let clone = s.clone();
+    match RocksStore::open(dir.path(), StoreOptions::default()) {
+        Err(StorageError::AlreadyOpen { path }) => {
+            assert_eq!(path, dir.path().canonicalize().unwrap());
+        }
+        other => panic!("expected AlreadyOpen, got {other:?}"),
+    }
+    // Another spelling of the same directory is the same directory.
+    let other_spelling = dir.path().join(".");
+    assert!(matches!(
+        RocksStore::open(&other_spelling, StoreOptions::default()),
+        Err(StorageError::AlreadyOpen { .. })
+    ));
+    drop(s);
+    assert!(
+        RocksStore::open(dir.path(), StoreOptions::default()).is_err(),
+        "a clone still holds it"
+    );
+    drop(clone);
+    let again = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!(again.path(), dir.path().canonicalize().unwrap());
+}
+
+#[test]
+fn close_completes_or_fails_every_inflight_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), Durability::Fsync);
+    let c = group_conversation(1).unwrap();
+    let pending: Vec<_> = (0..5000)
+        .map(|i| s.append(msg(c, 1, &format!("{i}"))))
+        .collect();
+    let closer = {
+        let s = s.clone();
+        std::thread::spawn(move || s.close())
+    };
+    let mut ok = Vec::new();
+    for p in pending {
+        match p.wait() {
+            Ok(a) => ok.push(a.seq),
+            Err(StorageError::Closed) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    closer.join().unwrap().unwrap();
+    assert_eq!(ok, (1..=ok.len() as u64).collect::<Vec<_>>());
+    drop(s);
+    let s = open(dir.path(), Durability::Fsync);
+    assert_eq!(s.latest_seq(c).unwrap(), ok.len() as u64);
+}
+
+#[test]
+fn dropping_the_last_handle_completes_queued_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = group_conversation(1).unwrap();
+    let pending: Vec<_> = {
+        let s = open(dir.path(), Durability::Fsync);
+        (0..1000)
+            .map(|i| s.append(msg(c, 1, &format!("{i}"))))
+            .collect()
+    };
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.wait().unwrap().seq, i as u64 + 1);
+    }
+    let s = open(dir.path(), Durability::Fsync);
+    assert_eq!(s.latest_seq(c).unwrap(), 1000);
+}

@@ -1,0 +1,364 @@
+//! Helpers shared by Tern's end-to-end tests: start a real `tern-gateway` process on a temporary
+//! data directory and a free 127.0.0.1 port, mint tokens with its own CLI, and talk to it over
+//! real sockets with the protocol crate's codec.
+//!
+//! The gateway and `tern` binaries are the ones cargo built next to the test executable
+//! (`target/<profile>/`); `scripts/test` builds them before running the tests.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tern_protocol::v1::frame::Body;
+use tern_protocol::{Codec, Frame, Hello, PROTOCOL_VERSION};
+
+/// How long any single wait in a test may take before the test fails (not a sleep: an upper
+/// bound on waiting for an event that should come much sooner).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Path of a binary built by cargo next to the running test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable is in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build it first (`cargo build --release --bins`, which scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A gateway process for one test.
+#[derive(Debug)]
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<String>>>,
+    _tmp: Option<tempfile::TempDir>,
+    extra: Vec<String>,
+}
+
+impl Gateway {
+    /// Starts a gateway on a fresh temporary data directory.
+    pub fn start(extra_args: &[&str]) -> Gateway {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut g = Gateway::start_in(&dir, extra_args);
+        g._tmp = Some(tmp);
+        g
+    }
+
+    /// Starts a gateway on `dir` (which may hold data from an earlier run).
+    pub fn start_in(dir: &Path, extra_args: &[&str]) -> Gateway {
+        Gateway::spawn(dir, "127.0.0.1:0", extra_args)
+    }
+
+    fn spawn(dir: &Path, tcp: &str, extra_args: &[&str]) -> Gateway {
+        let mut cmd = Command::new(binary("tern-gateway"));
+        cmd.arg("--data-dir")
+            .arg(dir)
+            .arg("--tcp")
+            .arg(tcp)
+            .args(extra_args)
+            .env(
+                "TERN_LOG",
+                std::env::var("TERN_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tern-gateway");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(rest) = line.strip_prefix("tern-gateway listening on ") {
+                        let _ = tx.send(rest.trim().to_string());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(WAIT) {
+            Ok(a) => a.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "gateway did not start; its log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Gateway {
+            addr,
+            data_dir: dir.to_path_buf(),
+            child: Some(child),
+            log,
+            _tmp: None,
+            extra: extra_args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// The gateway's log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Mints a token with `tern-gateway token` for this data directory.
+    pub fn token(&self, user: &str) -> String {
+        self.token_with(user, &["--ttl", "1h"])
+    }
+
+    pub fn token_with(&self, user: &str, args: &[&str]) -> String {
+        let out = Command::new(binary("tern-gateway"))
+            .arg("token")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--user")
+            .arg(user)
+            .args(args)
+            .output()
+            .expect("run tern-gateway token");
+        assert!(
+            out.status.success(),
+            "token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// SIGTERM and wait for a clean exit (status 0) within the bound.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), libc::SIGTERM);
+        let status = wait_child(&mut child, WAIT).expect("gateway did not exit after SIGTERM");
+        assert!(
+            status.success(),
+            "gateway exited with {status}:\n{}",
+            self.log()
+        );
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops (SIGTERM) and starts again on the same data directory and port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
+    }
+
+    /// Starts again after `kill` or `stop`, on the same data directory and port.
+    pub fn start_again(&mut self) {
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let deadline = Instant::now() + WAIT;
+        // The old socket may linger briefly in the kernel; SO_REUSEPORT lets us rebind at once.
+        let mut g = loop {
+            let g = std::panic::catch_unwind(|| {
+                Gateway::spawn(&self.data_dir, &self.addr.to_string(), &extra)
+            });
+            match g {
+                Ok(g) => break g,
+                Err(e) if Instant::now() > deadline => std::panic::resume_unwind(e),
+                Err(_) => std::thread::yield_now(),
+            }
+        };
+        self.child = g.child.take();
+        self.log = g.log.clone();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends `sig` to process `pid` (a child of this test).
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) takes plain integers and has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+}
+
+/// Waits for a child to exit, up to `limit`. Polls `try_wait` with a short park between polls
+/// (the process gives no other completion signal).
+pub fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return None;
+        }
+        std::thread::park_timeout(Duration::from_millis(5));
+    }
+}
+
+/// A raw protocol connection: blocking socket + the codec. Every read has a deadline.
+#[derive(Debug)]
+pub struct Conn {
+    pub stream: TcpStream,
+    buf: BytesMut,
+    codec: Codec,
+    next_id: u64,
+}
+
+/// What `Conn::recv` saw.
+#[derive(Debug, PartialEq)]
+pub enum Recv {
+    Frame(Frame),
+    /// The server closed the connection (EOF or reset).
+    Closed,
+}
+
+impl Conn {
+    pub fn connect(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        Conn {
+            stream,
+            buf: BytesMut::new(),
+            codec: Codec::default(),
+            next_id: 1,
+        }
+    }
+
+    /// Connects and logs in; panics unless HelloOk comes back.
+    pub fn login(addr: SocketAddr, token: &str, device: &str) -> (Conn, tern_protocol::HelloOk) {
+        let mut c = Conn::connect(addr);
+        let id = c.send_body(Body::Hello(hello(token, device)));
+        match c.recv_frame() {
+            Frame {
+                request_id,
+                body: Some(Body::HelloOk(ok)),
+            } if request_id == id => (c, ok),
+            other => panic!("expected HelloOk, got {other:?}"),
+        }
+    }
+
+    /// Sends a frame with a fresh request id; returns the id.
+    pub fn send_body(&mut self, body: Body) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send_frame(&Frame {
+            request_id: id,
+            body: Some(body),
+        });
+        id
+    }
+
+    pub fn send_frame(&mut self, frame: &Frame) {
+        let mut out = BytesMut::new();
+        self.codec.encode(frame, &mut out).expect("encode");
+        self.stream.write_all(&out).expect("write");
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// The next frame or the connection's end, waiting at most [`WAIT`].
+    pub fn recv(&mut self) -> Recv {
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(f)) => return Recv::Frame(f),
+                Ok(None) => {}
+                Err(e) => panic!("server sent an undecodable frame: {e}"),
+            }
+            let mut chunk = [0u8; 16 << 10];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Recv::Closed,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    panic!("no frame from the server within {WAIT:?}")
+                }
+                Err(_) => return Recv::Closed,
+            }
+        }
+    }
+
+    pub fn recv_frame(&mut self) -> Frame {
+        match self.recv() {
+            Recv::Frame(f) => f,
+            Recv::Closed => panic!("connection closed while a frame was expected"),
+        }
+    }
+
+    /// Asserts the next frame is an Error with `code` (and returns its request id and
+    /// fatal flag).
+    pub fn expect_error(&mut self, code: tern_protocol::ErrorCode) -> (u64, bool) {
+        match self.recv_frame() {
+            Frame {
+                request_id,
+                body: Some(Body::Error(e)),
+            } => {
+                assert_eq!(e.code, code as i32, "error {e:?}");
+                (request_id, e.fatal)
+            }
+            other => panic!("expected error {code:?}, got {other:?}"),
+        }
+    }
+
+    /// Asserts the server closes the connection next.
+    pub fn expect_closed(&mut self) {
+        match self.recv() {
+            Recv::Closed => {}
+            Recv::Frame(f) => panic!("expected the connection to close, got {f:?}"),
+        }
+    }
+}
+
+pub fn hello(token: &str, device: &str) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        token: token.to_string(),
+        device_id: device.to_string(),
+        platform: tern_protocol::Platform::Linux as i32,
+        client_version: "tern-tests".into(),
+        sync_version: 0,
+        sync_on_login: false,
+        resume_session_id: 0,
+    }
+}
+
+/// The resident set size of a process, in bytes (from /proc).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}

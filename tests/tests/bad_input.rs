@@ -1,0 +1,247 @@
+//! Bad input gets its documented error code, closes only the offending connection, and never
+//! disturbs other sessions.
+
+use bytes::Bytes;
+use tern_protocol::v1::frame::Body;
+use tern_protocol::{ErrorCode, Frame, HistoryRequest, Target};
+use tern_tests::{Conn, Gateway, hello};
+
+/// A healthy pair of sessions that must keep working whatever the bad client does.
+struct Witness {
+    alice: Conn,
+    bob: Conn,
+    n: u64,
+}
+
+impl Witness {
+    fn new(gw: &Gateway) -> Witness {
+        Witness {
+            alice: Conn::login(gw.addr, &gw.token("alice"), "w").0,
+            bob: Conn::login(gw.addr, &gw.token("bob"), "w").0,
+            n: 0,
+        }
+    }
+
+    fn check(&mut self) {
+        self.n += 1;
+        let rid = self.alice.send_body(Body::Send(tern_protocol::Send {
+            client_msg_id: format!("w{}", self.n),
+            target: Some(Target::user("bob")),
+            content_type: 1,
+            custom_type: String::new(),
+            payload: Bytes::from_static(b"still here"),
+        }));
+        let f = self.alice.recv_frame();
+        assert_eq!(f.request_id, rid);
+        let Some(Body::SendAck(a)) = f.body else {
+            panic!("{f:?}")
+        };
+        assert_eq!(a.seq, self.n);
+        let Some(Body::Deliver(d)) = self.bob.recv_frame().body else {
+            panic!("no deliver")
+        };
+        assert_eq!(d.seq, self.n);
+    }
+}
+
+#[test]
+fn garbage_oversize_and_frames_before_login() {
+    let gw = Gateway::start(&[]);
+    let mut w = Witness::new(&gw);
+
+    // Undecodable protobuf body.
+    let mut c = Conn::connect(gw.addr);
+    c.send_raw(&[0, 0, 0, 3, 0xff, 0xff, 0xff]);
+    let (_, fatal) = c.expect_error(ErrorCode::BadFrame);
+    assert!(fatal);
+    c.expect_closed();
+    w.check();
+
+    // A zero-length frame.
+    let mut c = Conn::connect(gw.addr);
+    c.send_raw(&[0, 0, 0, 0]);
+    c.expect_error(ErrorCode::BadFrame);
+    c.expect_closed();
+
+    // A length prefix over the 1 MiB limit is refused before the body arrives.
+    let mut c = Conn::connect(gw.addr);
+    c.send_raw(&[0x7f, 0xff, 0xff, 0xff]);
+    let (_, fatal) = c.expect_error(ErrorCode::FrameTooLarge);
+    assert!(fatal);
+    c.expect_closed();
+    w.check();
+
+    // Anything but Hello first.
+    let mut c = Conn::connect(gw.addr);
+    let rid = c.send_body(Body::Ping(Default::default()));
+    let (answered, fatal) = c.expect_error(ErrorCode::Unauthenticated);
+    assert_eq!((answered, fatal), (rid, true));
+    c.expect_closed();
+
+    // Wrong protocol version.
+    let mut c = Conn::connect(gw.addr);
+    let mut h = hello(&gw.token("carol"), "d");
+    h.protocol_version = 99;
+    c.send_body(Body::Hello(h));
+    c.expect_error(ErrorCode::UnsupportedVersion);
+    c.expect_closed();
+    w.check();
+}
+
+#[test]
+fn bad_tokens_are_refused() {
+    let gw = Gateway::start(&[]);
+    let other = Gateway::start(&[]);
+    let mut w = Witness::new(&gw);
+
+    // Signed by another server's secret.
+    let mut c = Conn::connect(gw.addr);
+    c.send_body(Body::Hello(hello(&other.token("alice"), "d")));
+    c.expect_error(ErrorCode::TokenInvalid);
+    c.expect_closed();
+
+    // Expired.
+    let expired = gw.token_with("alice", &["--expires-at", "1000"]);
+    let mut c = Conn::connect(gw.addr);
+    c.send_body(Body::Hello(hello(&expired, "d")));
+    c.expect_error(ErrorCode::TokenExpired);
+    c.expect_closed();
+
+    // Alice's signature on a payload claiming to be bob: sending as another user is impossible.
+    let alice = gw.token("alice");
+    let bob = gw.token("bob");
+    let forged = format!(
+        "{}.{}",
+        bob.split_once('.').unwrap().0,
+        alice.split_once('.').unwrap().1
+    );
+    let mut c = Conn::connect(gw.addr);
+    c.send_body(Body::Hello(hello(&forged, "d")));
+    c.expect_error(ErrorCode::TokenInvalid);
+    c.expect_closed();
+
+    // Garbage token.
+    let mut c = Conn::connect(gw.addr);
+    c.send_body(Body::Hello(hello("not-a-token", "d")));
+    c.expect_error(ErrorCode::TokenInvalid);
+    c.expect_closed();
+
+    // A token bound to a device cannot log in another device.
+    let bound = gw.token_with("alice", &["--device", "phone"]);
+    let mut c = Conn::connect(gw.addr);
+    c.send_body(Body::Hello(hello(&bound, "laptop")));
+    c.expect_error(ErrorCode::TokenInvalid);
+    c.expect_closed();
+    let (_, ok) = Conn::login(gw.addr, &bound, "phone");
+    assert_eq!(ok.device_id, "phone");
+    w.check();
+}
+
+#[test]
+fn session_errors_after_login() {
+    let gw = Gateway::start(&[]);
+    let mut w = Witness::new(&gw);
+    let (mut carol, _) = Conn::login(gw.addr, &gw.token("carol"), "d");
+
+    // An unknown message type (a newer client): error, connection stays usable.
+    let mut raw = bytes::BytesMut::new();
+    // Frame{request_id: 7, field 99 (length-delimited, empty)}
+    let body = [0x08, 0x07, 0x9a, 0x06, 0x00];
+    raw.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    raw.extend_from_slice(&body);
+    carol.send_raw(&raw);
+    let (rid, fatal) = carol.expect_error(ErrorCode::UnknownMessage);
+    assert_eq!((rid, fatal), (7, false));
+
+    // A server-only message from a client.
+    let rid = carol.send_body(Body::SyncDone(Default::default()));
+    assert_eq!(carol.expect_error(ErrorCode::UnexpectedMessage).0, rid);
+
+    // Reading another user's conversation: erin<->frank history.
+    let (mut erin, _) = Conn::login(gw.addr, &gw.token("erin"), "x");
+    let rid = erin.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: "secret".into(),
+        target: Some(Target::user("frank")),
+        content_type: 1,
+        custom_type: String::new(),
+        payload: Bytes::from_static(b"private"),
+    }));
+    let f = erin.recv_frame();
+    assert_eq!(f.request_id, rid);
+    let Some(Body::SendAck(ack)) = f.body else {
+        panic!("{f:?}")
+    };
+    let rid = carol.send_body(Body::History(HistoryRequest {
+        conversation_id: ack.conversation_id,
+        target: None,
+        before_seq: 0,
+        limit: 10,
+    }));
+    assert_eq!(carol.expect_error(ErrorCode::Forbidden).0, rid);
+    let rid = carol.send_body(Body::Ack(tern_protocol::Ack {
+        conversation_id: ack.conversation_id,
+        seq: 1,
+    }));
+    assert_eq!(carol.expect_error(ErrorCode::Forbidden).0, rid);
+
+    // Invalid sends.
+    let rid = carol.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: String::new(),
+        target: Some(Target::user("bob")),
+        ..Default::default()
+    }));
+    assert_eq!(carol.expect_error(ErrorCode::InvalidArgument).0, rid);
+    let rid = carol.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: "big".into(),
+        target: Some(Target::user("bob")),
+        payload: Bytes::from(vec![0u8; 65 << 10]),
+        ..Default::default()
+    }));
+    assert_eq!(carol.expect_error(ErrorCode::PayloadTooLarge).0, rid);
+    let rid = carol.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: "nobody".into(),
+        target: None,
+        ..Default::default()
+    }));
+    assert_eq!(carol.expect_error(ErrorCode::InvalidArgument).0, rid);
+
+    // Still logged in: a ping works.
+    let rid = carol.send_body(Body::Ping(Default::default()));
+    let f = carol.recv_frame();
+    assert!(matches!(f.body, Some(Body::Pong(_))) && f.request_id == rid);
+
+    // A second Hello closes the connection.
+    let rid = carol.send_body(Body::Hello(hello(&gw.token("carol"), "d")));
+    let (answered, fatal) = carol.expect_error(ErrorCode::AlreadyAuthenticated);
+    assert_eq!((answered, fatal), (rid, true));
+    carol.expect_closed();
+    w.check();
+}
+
+#[test]
+fn login_timeout_and_replaced_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tern.toml");
+    std::fs::write(&cfg, "login_timeout_ms = 200\n").unwrap();
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    let mut w = Witness::new(&gw);
+
+    let mut silent = Conn::connect(gw.addr);
+    let (rid, fatal) = silent.expect_error(ErrorCode::LoginTimeout);
+    assert_eq!((rid, fatal), (0, true));
+    silent.expect_closed();
+
+    // The same device logging in again kicks the older connection.
+    let token = gw.token("dave");
+    let (mut first, _) = Conn::login(gw.addr, &token, "phone");
+    let (_second, _) = Conn::login(gw.addr, &token, "phone");
+    match first.recv_frame() {
+        Frame {
+            body: Some(Body::Kick(k)),
+            ..
+        } => assert_eq!(k.reason, tern_protocol::KickReason::Replaced as i32),
+        other => panic!("expected Kick, got {other:?}"),
+    }
+    first.expect_closed();
+    w.check();
+}

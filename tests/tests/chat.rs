@@ -1,0 +1,352 @@
+//! 1:1 chat end to end: a real gateway process, real sockets, RocksDB in a temp dir.
+
+use bytes::Bytes;
+use tern_protocol::v1::frame::Body;
+use tern_protocol::{Deliver, Frame, HistoryRequest, SendAck, SyncRequest, Target};
+use tern_tests::{Conn, Gateway, hello};
+
+fn send(c: &mut Conn, to: &str, id: &str, text: &str) -> u64 {
+    c.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: id.into(),
+        target: Some(Target::user(to)),
+        content_type: 1,
+        custom_type: String::new(),
+        payload: Bytes::copy_from_slice(text.as_bytes()),
+    }))
+}
+
+fn expect_ack(c: &mut Conn, rid: u64) -> SendAck {
+    match c.recv_frame() {
+        Frame {
+            request_id,
+            body: Some(Body::SendAck(a)),
+        } if request_id == rid => a,
+        other => panic!("expected SendAck for {rid}, got {other:?}"),
+    }
+}
+
+fn send_acked(c: &mut Conn, to: &str, id: &str, text: &str) -> SendAck {
+    let rid = send(c, to, id, text);
+    expect_ack(c, rid)
+}
+
+fn expect_deliver(c: &mut Conn) -> Deliver {
+    match c.recv_frame() {
+        Frame {
+            request_id: 0,
+            body: Some(Body::Deliver(d)),
+        } => d,
+        other => panic!("expected Deliver, got {other:?}"),
+    }
+}
+
+/// Collects a whole sync answer: (conversation states, messages in arrival order, version).
+fn collect_sync(
+    c: &mut Conn,
+    rid: u64,
+) -> (Vec<tern_protocol::ConversationState>, Vec<Deliver>, u64) {
+    let mut convs = Vec::new();
+    let mut msgs = Vec::new();
+    loop {
+        let f = c.recv_frame();
+        match f.body {
+            Some(Body::SyncConversations(s)) if f.request_id == rid => {
+                convs.extend(s.conversations)
+            }
+            Some(Body::SyncMessages(m)) if f.request_id == rid => msgs.extend(m.messages),
+            Some(Body::SyncDone(d)) if f.request_id == rid => return (convs, msgs, d.user_version),
+            other => panic!("unexpected frame during sync: {other:?}"),
+        }
+    }
+}
+
+fn text(d: &Deliver) -> &str {
+    std::str::from_utf8(&d.payload).unwrap()
+}
+
+#[test]
+fn one_to_one_both_ways() {
+    let gw = Gateway::start(&[]);
+    let (mut alice, ok) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    assert_eq!(ok.user_id, "alice");
+    assert_eq!(ok.device_id, "phone");
+    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+
+    let a1 = send_acked(&mut alice, "bob", "m1", "hello bob");
+    assert_eq!(a1.seq, 1);
+    assert_eq!(a1.client_msg_id, "m1");
+    assert!(!a1.duplicate);
+    let d = expect_deliver(&mut bob);
+    assert_eq!(
+        (d.conversation_id, d.seq, d.sender.as_str()),
+        (a1.conversation_id, 1, "alice")
+    );
+    assert_eq!(d.target, Some(Target::user("alice")));
+    assert_eq!(text(&d), "hello bob");
+    assert_eq!(d.server_time_ms, a1.server_time_ms);
+
+    let b1 = send_acked(&mut bob, "alice", "m1", "hi alice");
+    assert_eq!((b1.conversation_id, b1.seq), (a1.conversation_id, 2));
+    let d = expect_deliver(&mut alice);
+    assert_eq!((d.seq, d.sender.as_str(), text(&d)), (2, "bob", "hi alice"));
+}
+
+#[test]
+fn every_device_of_the_recipient_and_the_senders_other_devices_receive() {
+    let gw = Gateway::start(&[]);
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    let (mut alice_laptop, _) = Conn::login(gw.addr, &gw.token("alice"), "laptop");
+    let mut bobs: Vec<Conn> = ["phone", "tablet", "laptop"]
+        .iter()
+        .map(|d| Conn::login(gw.addr, &gw.token("bob"), d).0)
+        .collect();
+    let ack = send_acked(&mut alice, "bob", "x", "to all of bob");
+    for b in &mut bobs {
+        let d = expect_deliver(b);
+        assert_eq!(
+            (d.seq, d.sender.as_str(), text(&d)),
+            (ack.seq, "alice", "to all of bob")
+        );
+    }
+    let own = expect_deliver(&mut alice_laptop);
+    assert_eq!(own.target, Some(Target::user("bob")));
+    assert_eq!((own.seq, own.sender.as_str()), (ack.seq, "alice"));
+    // The sending device gets its SendAck, not a Deliver of its own message.
+    let rid = alice.send_body(Body::Ping(Default::default()));
+    assert!(
+        matches!(alice.recv_frame().body, Some(Body::Pong(_))),
+        "{rid}"
+    );
+}
+
+#[test]
+fn offline_recipient_gets_everything_in_order_on_login() {
+    let gw = Gateway::start(&[]);
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    for i in 1..=250u64 {
+        let a = send_acked(&mut alice, "bob", &format!("m{i}"), &format!("msg {i}"));
+        assert_eq!(a.seq, i);
+    }
+    let mut bob = Conn::connect(gw.addr);
+    let mut h = hello(&gw.token("bob"), "phone");
+    h.sync_on_login = true;
+    let rid = bob.send_body(Body::Hello(h));
+    assert!(matches!(bob.recv_frame().body, Some(Body::HelloOk(_))));
+    let (convs, msgs, version) = collect_sync(&mut bob, rid);
+    assert_eq!(convs.len(), 1);
+    assert_eq!(convs[0].latest_seq, 250);
+    assert_eq!(convs[0].target, Some(Target::user("alice")));
+    assert_eq!(
+        msgs.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=250).collect::<Vec<_>>()
+    );
+    assert_eq!(text(&msgs[249]), "msg 250");
+    assert!(version > 0);
+
+    // Acking moves this device's cursor: the next sync from scratch sends nothing again.
+    bob.send_body(Body::Ack(tern_protocol::Ack {
+        conversation_id: convs[0].conversation_id,
+        seq: 250,
+    }));
+    let rid = bob.send_body(Body::Sync(SyncRequest {
+        since_version: 0,
+        page_size: 0,
+    }));
+    let (convs, msgs, _) = collect_sync(&mut bob, rid);
+    assert_eq!(convs[0].delivered_seq, 250, "{}", gw.log());
+    assert!(msgs.is_empty(), "{msgs:?}");
+}
+
+#[test]
+fn nothing_acknowledged_is_lost_across_restart_and_kill() {
+    let mut gw = Gateway::start(&[]);
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    for i in 1..=20u64 {
+        send_acked(
+            &mut alice,
+            "bob",
+            &format!("a{i}"),
+            &format!("before restart {i}"),
+        );
+    }
+    drop(alice);
+    gw.restart();
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    for i in 21..=40u64 {
+        let a = send_acked(
+            &mut alice,
+            "bob",
+            &format!("a{i}"),
+            &format!("before kill {i}"),
+        );
+        assert_eq!(a.seq, i, "sequence continues after restart");
+    }
+    drop(alice);
+    gw.kill();
+    gw.start_again();
+    let mut bob = Conn::connect(gw.addr);
+    let mut h = hello(&gw.token("bob"), "phone");
+    h.sync_on_login = true;
+    let rid = bob.send_body(Body::Hello(h));
+    assert!(matches!(bob.recv_frame().body, Some(Body::HelloOk(_))));
+    let (_, msgs, _) = collect_sync(&mut bob, rid);
+    assert_eq!(
+        msgs.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=40).collect::<Vec<_>>()
+    );
+    assert_eq!(text(&msgs[0]), "before restart 1");
+    assert_eq!(text(&msgs[39]), "before kill 40");
+}
+
+#[test]
+fn retried_send_gets_the_same_ack_and_is_delivered_once() {
+    let gw = Gateway::start(&[]);
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+    let first = send_acked(&mut alice, "bob", "same-id", "once");
+    let again = send_acked(&mut alice, "bob", "same-id", "once");
+    assert!(again.duplicate);
+    assert_eq!(
+        (again.conversation_id, again.seq, again.server_time_ms),
+        (first.conversation_id, first.seq, first.server_time_ms)
+    );
+    // Also after reconnecting (a retry after a lost ack).
+    drop(alice);
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    let third = send_acked(&mut alice, "bob", "same-id", "once");
+    assert!(third.duplicate);
+    assert_eq!(third.seq, first.seq);
+    let next = send_acked(&mut alice, "bob", "other-id", "twice");
+    assert_eq!(next.seq, first.seq + 1);
+    // Bob sees exactly two messages: the retries produced no Deliver.
+    assert_eq!(expect_deliver(&mut bob).seq, first.seq);
+    let d = expect_deliver(&mut bob);
+    assert_eq!((d.seq, text(&d)), (first.seq + 1, "twice"));
+}
+
+#[test]
+fn sync_racing_with_live_sends_has_no_gap_and_no_duplicate() {
+    let gw = Gateway::start(&[]);
+    let total = 600u64;
+    let addr = gw.addr;
+    let alice_token = gw.token("alice");
+    let (mut alice, _) = Conn::login(addr, &alice_token, "phone");
+    // Some history first, so the sync has pages to send while live messages arrive.
+    for i in 1..=200u64 {
+        send_acked(&mut alice, "bob", &format!("m{i}"), "x");
+    }
+    let sender = std::thread::spawn(move || {
+        for i in 201..=total {
+            let a = send_acked(&mut alice, "bob", &format!("m{i}"), "x");
+            assert_eq!(a.seq, i);
+        }
+    });
+    let mut bob = Conn::connect(addr);
+    let mut h = hello(&gw.token("bob"), "phone");
+    h.sync_on_login = true;
+    let rid = bob.send_body(Body::Hello(h));
+    assert!(matches!(bob.recv_frame().body, Some(Body::HelloOk(_))));
+    let (_, synced, _) = collect_sync(&mut bob, rid);
+    let mut seqs: Vec<u64> = synced.iter().map(|m| m.seq).collect();
+    assert!(!seqs.is_empty());
+    while seqs.last().copied() != Some(total) {
+        seqs.push(expect_deliver(&mut bob).seq);
+    }
+    sender.join().unwrap();
+    assert_eq!(
+        seqs,
+        (1..=total).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+}
+
+#[test]
+fn history_pages_backwards() {
+    let gw = Gateway::start(&[]);
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    for i in 1..=25u64 {
+        send_acked(&mut alice, "bob", &format!("m{i}"), &format!("h{i}"));
+    }
+    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+    let mut before = 0;
+    let mut pages = Vec::new();
+    loop {
+        let rid = bob.send_body(Body::History(HistoryRequest {
+            conversation_id: 0,
+            target: Some(Target::user("alice")),
+            before_seq: before,
+            limit: 10,
+        }));
+        let f = bob.recv_frame();
+        let Some(Body::HistoryPage(p)) = f.body else {
+            panic!("expected HistoryPage, got {f:?}")
+        };
+        assert_eq!(f.request_id, rid);
+        let seqs: Vec<u64> = p.messages.iter().map(|m| m.seq).collect();
+        pages.push((seqs, p.has_more));
+        if !p.has_more {
+            break;
+        }
+        before = p.messages.last().unwrap().seq;
+    }
+    assert_eq!(
+        pages,
+        vec![
+            ((16..=25).rev().collect(), true),
+            ((6..=15).rev().collect(), true),
+            ((1..=5).rev().collect(), false),
+        ]
+    );
+}
+
+#[test]
+fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tern.toml"), "outbound_queue_frames = 64\n").unwrap();
+    let cfg = dir.path().join("tern.toml");
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+    // Bob does not read while 3,000 messages of 8 KiB (24 MiB) are sent to him: far more than
+    // the socket buffers hold, so the server's queue for him fills.
+    let body = "y".repeat(8 << 10);
+    let rss_before = tern_tests::rss_bytes(gw.pid());
+    let total = 3000u64;
+    for i in 1..=total {
+        send_acked(&mut alice, "bob", &format!("s{i}"), &body);
+    }
+    let rss_after = tern_tests::rss_bytes(gw.pid());
+    // The queue holds at most 64 frames; the rest is RocksDB's memtable and caches.
+    assert!(
+        rss_after.saturating_sub(rss_before) < 160 << 20,
+        "gateway grew by {} MiB",
+        (rss_after - rss_before) >> 20
+    );
+    // Bob now reads: some live messages, then SyncNeeded; a sync brings the rest.
+    let mut seen = Vec::new();
+    let version = loop {
+        let f = bob.recv_frame();
+        match f.body {
+            Some(Body::Deliver(d)) => seen.push(d.seq),
+            Some(Body::SyncNeeded(n)) => break n.user_version,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(
+        (seen.len() as u64) < total,
+        "the server stopped pushing at some point"
+    );
+    assert_eq!(seen, (1..=seen.len() as u64).collect::<Vec<_>>());
+    let _ = version;
+    let rid = bob.send_body(Body::Sync(SyncRequest {
+        since_version: 0,
+        page_size: 100,
+    }));
+    let (_, msgs, _) = collect_sync(&mut bob, rid);
+    let synced: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        synced,
+        (1..=total).collect::<Vec<_>>(),
+        "bob never acked, so sync sends all"
+    );
+}
