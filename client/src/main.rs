@@ -36,6 +36,10 @@ struct Cli {
     /// kicks the first.
     #[arg(long, env = "TERN_DEVICE", global = true)]
     device: Option<String>,
+    /// Seconds to keep retrying the first connection while the server refuses it (it may be
+    /// starting). 0 = fail at once.
+    #[arg(long, default_value_t = 5, global = true)]
+    wait: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -163,9 +167,20 @@ async fn run(cli: Cli) -> ExitCode {
         config.sync_on_login = false;
         config.reconnect = false;
     }
-    let client = match Client::connect(config).await {
-        Ok(client) => client,
-        Err(e) => return fail(&e),
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(cli.wait);
+    let mut delay = std::time::Duration::from_millis(20);
+    let client = loop {
+        match Client::connect(config.clone()).await {
+            Ok(client) => break client,
+            Err(tern_client::ClientError::Io(e))
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && std::time::Instant::now() + delay < deadline =>
+            {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_millis(500));
+            }
+            Err(e) => return fail(&e),
+        }
     };
     let code = match cli.command {
         Command::Send {

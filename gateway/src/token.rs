@@ -30,44 +30,58 @@ impl Secret {
     }
 
     /// Reads `<data_dir>/secret`, creating it with 32 random bytes (hex) on first start.
+    ///
+    /// Creation is atomic and race-free: the secret is written to a private temporary file and
+    /// hard-linked into place, so when the server and `tern-gateway token` start at the same
+    /// moment, both end up with the one secret that won.
     pub fn load_or_create(data_dir: &Path) -> std::io::Result<Secret> {
         let path = data_dir.join("secret");
-        match std::fs::read_to_string(&path) {
-            Ok(s) => {
-                let s = s.trim();
-                if s.len() < 32 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{} holds fewer than 32 characters", path.display()),
-                    ));
-                }
-                Ok(Secret(s.as_bytes().to_vec()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(data_dir)?;
-                let bytes: [u8; 32] = rand::random();
-                let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-                write_private(&path, hex.as_bytes())?;
-                Ok(Secret(hex.into_bytes()))
-            }
+        match read_secret(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => return other,
+        }
+        std::fs::create_dir_all(data_dir)?;
+        let bytes: [u8; 32] = rand::random();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let tmp = data_dir.join(format!(
+            ".secret.{}.{:016x}.tmp",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        write_private(&tmp, hex.as_bytes())?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(Secret(hex.into_bytes())),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_secret(&path),
             Err(e) => Err(e),
         }
     }
 }
 
+fn read_secret(path: &Path) -> std::io::Result<Secret> {
+    let s = std::fs::read_to_string(path)?;
+    let s = s.trim();
+    if s.len() < 32 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} holds fewer than 32 characters", path.display()),
+        ));
+    }
+    Ok(Secret(s.as_bytes().to_vec()))
+}
+
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)?;
+        .open(path)?;
     f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    f.sync_all()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,5 +215,18 @@ mod tests {
         let b = Secret::load_or_create(dir.path()).unwrap();
         assert_eq!(a.0, b.0);
         assert_eq!(a.0.len(), 64);
+        // Racing creators agree on one secret.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let p = path.clone();
+                std::thread::spawn(move || Secret::load_or_create(&p).unwrap().0)
+            })
+            .collect();
+        let all: Vec<Vec<u8>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(all.iter().all(|s| s == &all[0]));
+        let leftovers = std::fs::read_dir(&path).unwrap().count();
+        assert_eq!(leftovers, 1, "only the secret file remains");
     }
 }

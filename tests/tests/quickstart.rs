@@ -93,3 +93,72 @@ fn quick_start_send_listen_history() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NOT_FOUND (3003)"), "{err}");
 }
+
+/// Runs the README's quick-start block itself (with a free port and a temporary directory in
+/// place of 7600 and ./demo), so the README cannot drift from what works.
+#[test]
+fn readme_quick_start_runs_as_written() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = readme
+        .split("## Quick start")
+        .nth(1)
+        .expect("quick start section");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("sh block");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = binary("tern").parent().unwrap().to_path_buf();
+    let script = block
+        .lines()
+        .filter(|l| !l.starts_with("export PATH="))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("127.0.0.1:7600", &format!("127.0.0.1:{port}"))
+        .replace("./demo", &dir.path().join("demo").display().to_string());
+    // The listener runs in the background; give it until it printed one line, then stop all.
+    let script = format!(
+        "set -e\n{script}\nfor i in $(seq 1 200); do grep -q 'text=hello bob' \"$LISTEN_OUT\" && break; \
+         sleep 0.05; done\nkill %2 %1\nwait || true\n"
+    );
+    let listen_out = dir.path().join("listen.out");
+    let script = script.replace("listen &", &format!("listen > {} &", listen_out.display()));
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env(
+            "PATH",
+            format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+        )
+        .env("LISTEN_OUT", &listen_out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with("sent conversation=") && lines[0].contains(" seq=1 "),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].contains(" seq=1 from=alice ") && lines[1].ends_with("text=hello bob"),
+        "{stdout}"
+    );
+    let listened = std::fs::read_to_string(&listen_out).unwrap();
+    assert_eq!(listened.lines().count(), 1, "{listened}");
+    assert!(
+        listened.contains(" seq=1 from=alice ") && listened.trim_end().ends_with("text=hello bob")
+    );
+}

@@ -1,0 +1,63 @@
+//! `tern-load`: the load generator for the Tern gateway.
+//!
+//! - `pairs`: sender→receiver pairs pipelining Sends; reports delivered messages per second,
+//!   end-to-end latency from a timestamp in each payload, lost / duplicated / reordered messages,
+//!   and the gateway's CPU time per message.
+//! - `conns`: idle logged-in connections; reports the gateway's memory per connection.
+//!
+//! It shares the machine with the gateway, so it is frugal: one thread, a current-thread tokio
+//! runtime, raw sockets, pre-encoded Send frames patched in place, and a frame scanner that reads
+//! SendAck and Deliver without decoding them into owned messages. It is not a client SDK: it
+//! never syncs, reconnects or retries, because any of those would hide the faults it counts.
+//! It only talks to loopback addresses, and every run ends by itself.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod conns;
+mod login;
+mod pairs;
+mod sys;
+mod token;
+mod wire;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Load generator for the Tern gateway. Every run prints a final `RESULT key=value ...` line.
+#[derive(Debug, Parser)]
+#[command(name = "tern-load", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Sender→receiver pairs: throughput, latency, loss and duplication.
+    Pairs(pairs::PairsArgs),
+    /// Idle logged-in connections: gateway memory per connection.
+    Conns(conns::ConnsArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    sys::raise_nofile();
+    let result = match cli.command {
+        Cmd::Pairs(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("runtime: {e}"))
+            .and_then(|rt| tokio::task::LocalSet::new().block_on(&rt, pairs::run(a))),
+        Cmd::Conns(a) => conns::run(a),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tern-load: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,657 @@
+//! `pairs`: P sender→receiver pairs. Each sender pipelines Sends with at most `window` unanswered;
+//! each receiver checks what arrives against what was acknowledged.
+//!
+//! Every connection is one task on a single-threaded runtime: a sender appends due Sends to one
+//! buffer and writes it with one syscall, then reads SendAcks; a receiver reads Delivers in
+//! batches, stamps the whole batch with one clock read, and acks every `ack_every` messages.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use tern_protocol::{Ack, Body, Codec, Frame, decode_frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::spawn_local;
+
+use crate::login::{self, Conn, parse_duration};
+use crate::sys::{self, ProcSnap};
+use crate::token::Minter;
+use crate::wire::{self, RID_BASE, Scanned, SendTemplate, Stamp, WireError};
+
+/// Options of `tern-load pairs`.
+#[derive(Debug, clap::Args)]
+pub struct PairsArgs {
+    /// Gateway address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:7600")]
+    server: SocketAddr,
+    /// The gateway's data directory, to read its token secret.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Number of sender→receiver pairs (two connections each).
+    #[arg(long, default_value_t = 100)]
+    pairs: u32,
+    /// How long senders send.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Total Sends per second over all senders; 0 = as fast as the window allows.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Sends per sender that may await their SendAck.
+    #[arg(long, default_value_t = 64)]
+    window: u32,
+    /// Payload bytes per message (at least 20: timestamp, sequence, pair).
+    #[arg(long, default_value_t = 200)]
+    payload: usize,
+    /// A receiver sends one Ack per this many messages (and one at the end).
+    #[arg(long, default_value_t = 256)]
+    ack_every: u64,
+    /// After sending stops, how long to wait for outstanding SendAcks and Delivers.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain: Duration,
+    /// Gateway process id: report its CPU time per delivered message and I/O counters.
+    #[arg(long)]
+    gateway_pid: Option<u32>,
+    /// Free text copied into the RESULT line (e.g. the durability under test).
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+struct Shared {
+    t0: Instant,
+    send_end: Instant,
+    drain_end: Instant,
+    pairs: u32,
+    /// Per pair: SendAcks the sender got, published when it has stopped; `u64::MAX` before.
+    final_acked: Vec<Cell<u64>>,
+    latency_ns: RefCell<Histogram<u64>>,
+}
+
+impl Shared {
+    fn ns(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.t0).as_nanos() as u64
+    }
+}
+
+/// Problems one connection saw; summed into the report.
+#[derive(Debug, Default)]
+struct Events {
+    errors: u64,
+    kicks: u64,
+    sync_needed: u64,
+    unexpected: u64,
+    first: Option<String>,
+}
+
+impl Events {
+    fn note(&mut self, what: String) {
+        if self.first.is_none() {
+            self.first = Some(what);
+        }
+    }
+
+    /// Counts a frame the fast scanner does not handle.
+    fn other(&mut self, who: &str, body: &[u8]) -> Result<Option<Frame>, WireError> {
+        let frame = decode_frame(Bytes::copy_from_slice(body))
+            .map_err(|e| WireError(format!("{who}: {e}")))?;
+        match &frame.body {
+            Some(Body::Error(e)) => {
+                self.errors += 1;
+                self.note(format!("{who}: Error code {} {}", e.code, e.message));
+            }
+            Some(Body::Kick(k)) => {
+                self.kicks += 1;
+                self.note(format!("{who}: Kick reason {} {}", k.reason, k.message));
+            }
+            Some(Body::SyncNeeded(_)) => {
+                self.sync_needed += 1;
+                self.note(format!("{who}: SyncNeeded"));
+            }
+            _ => {
+                self.unexpected += 1;
+                self.note(format!("{who}: unexpected {}", frame.body_name()));
+            }
+        }
+        Ok(Some(frame))
+    }
+
+    fn add(&mut self, o: Events) {
+        self.errors += o.errors;
+        self.kicks += o.kicks;
+        self.sync_needed += o.sync_needed;
+        self.unexpected += o.unexpected;
+        if self.first.is_none() {
+            self.first = o.first;
+        }
+    }
+}
+
+/// A bit per per-pair sequence number.
+#[derive(Debug, Default)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    /// Sets bit `i`; returns whether it was already set.
+    fn set(&mut self, i: u64) -> bool {
+        let (w, b) = ((i / 64) as usize, i % 64);
+        if w >= self.0.len() {
+            self.0.resize(w + 1 + w / 2, 0);
+        }
+        let was = self.0[w] >> b & 1 == 1;
+        self.0[w] |= 1 << b;
+        was
+    }
+
+    /// Bits set here and not in `other`.
+    fn missing_from(&self, other: &Bits) -> u64 {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w & !other.0.get(i).copied().unwrap_or(0)).count_ones() as u64)
+            .sum()
+    }
+}
+
+#[derive(Debug, Default)]
+struct SenderOut {
+    sent: u64,
+    acked: u64,
+    dup_acks: u64,
+    acked_bits: Bits,
+    events: Events,
+}
+
+#[derive(Debug, Default)]
+struct RecvOut {
+    delivered: u64,
+    unique: u64,
+    dup: u64,
+    reordered: u64,
+    misrouted: u64,
+    seq_gaps: u64,
+    bits: Bits,
+    last_delivery: Option<Instant>,
+    events: Events,
+}
+
+/// Runs the workload and prints the report; `Ok(false)` if messages were lost or duplicated.
+pub async fn run(a: PairsArgs) -> Result<bool, String> {
+    if !a.server.ip().is_loopback() {
+        return Err("--server must be a loopback address".into());
+    }
+    if a.pairs == 0 || a.window == 0 || a.ack_every == 0 {
+        return Err("--pairs, --window and --ack-every must be at least 1".into());
+    }
+    let minter = Minter::from_data_dir(&a.data_dir)?;
+    let prefix = login::run_prefix();
+    let rate_label = if a.rate == 0 {
+        "max".to_string()
+    } else {
+        format!("{}/s", a.rate)
+    };
+    eprintln!(
+        "tern-load pairs: {} pairs, {:?}, rate {rate_label}, window {}, payload {} B, users {prefix}-sN/-rN",
+        a.pairs, a.duration, a.window, a.payload
+    );
+
+    // Receivers first: a message committed before its receiver is online would not be pushed.
+    let receivers = login_all(&a, &minter, &prefix, 'r').await?;
+    let senders = login_all(&a, &minter, &prefix, 's').await?;
+
+    let gw0 = a.gateway_pid.map(ProcSnap::take).transpose()?;
+    let cpu0 = sys::self_cpu();
+    let t0 = Instant::now();
+    let send_end = t0 + a.duration;
+    let shared = Rc::new(Shared {
+        t0,
+        send_end,
+        drain_end: send_end + a.drain,
+        pairs: a.pairs,
+        final_acked: (0..a.pairs).map(|_| Cell::new(u64::MAX)).collect(),
+        latency_ns: RefCell::new(
+            Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static bounds"),
+        ),
+    });
+    let rate_per_sender = a.rate as f64 / f64::from(a.pairs);
+    let mut send_tasks = Vec::new();
+    let mut recv_tasks = Vec::new();
+    for (i, (s, r)) in senders.into_iter().zip(receivers).enumerate() {
+        let i = i as u32;
+        let tpl = SendTemplate::new(
+            i,
+            &format!("{prefix}-s{i}"),
+            &format!("{prefix}-r{i}"),
+            a.payload,
+        );
+        recv_tasks.push(spawn_local(receiver(shared.clone(), i, r, a.ack_every)));
+        send_tasks.push(spawn_local(sender(
+            shared.clone(),
+            i,
+            s,
+            tpl,
+            u64::from(a.window),
+            rate_per_sender,
+        )));
+    }
+    let mut sends = Vec::new();
+    for t in send_tasks {
+        sends.push(t.await.map_err(|e| format!("sender task: {e}"))?);
+    }
+    let mut recvs = Vec::new();
+    for t in recv_tasks {
+        recvs.push(t.await.map_err(|e| format!("receiver task: {e}"))?);
+    }
+    let gw1 = a.gateway_pid.map(ProcSnap::take).transpose()?;
+    let gen_cpu = sys::self_cpu() - cpu0;
+
+    Ok(report(&a, &shared, &sends, &recvs, gw0.zip(gw1), gen_cpu))
+}
+
+async fn login_all(
+    a: &PairsArgs,
+    minter: &Minter,
+    prefix: &str,
+    role: char,
+) -> Result<Vec<Conn>, String> {
+    let tasks: Vec<_> = (0..a.pairs)
+        .map(|i| {
+            let token = minter.mint(&format!("{prefix}-{role}{i}"));
+            spawn_local(login::connect(a.server, None, token, "load"))
+        })
+        .collect();
+    let mut conns = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        conns.push(t.await.map_err(|e| e.to_string())??);
+    }
+    Ok(conns)
+}
+
+async fn sender(
+    sh: Rc<Shared>,
+    pair: u32,
+    mut conn: Conn,
+    tpl: SendTemplate,
+    window: u64,
+    rate: f64,
+) -> SenderOut {
+    let mut out = SenderOut::default();
+    let who = format!("sender {pair}");
+    // Spread the senders' pacing phases evenly over one interval.
+    let phase = f64::from(pair) / f64::from(sh.pairs);
+    let mut wbuf = Vec::with_capacity(tpl.len() * window as usize);
+    let (mut next, mut outstanding) = (0u64, 0u64);
+    let mut deadline = sh.send_end;
+    let mut sleep = pin!(tokio::time::sleep_until(deadline.into()));
+    loop {
+        let now = Instant::now();
+        let mut wake = sh.send_end;
+        if now < sh.send_end {
+            let mut n = window - outstanding;
+            if rate > 0.0 {
+                let x = now.duration_since(sh.t0).as_secs_f64() * rate - phase;
+                let due = if x < 0.0 { 0 } else { x as u64 + 1 };
+                n = n.min(due.saturating_sub(next));
+                if outstanding + n < window {
+                    let k = (next + n) as f64;
+                    wake = sh.t0 + Duration::from_secs_f64((k + phase) / rate);
+                }
+            }
+            if n > 0 {
+                let ts = sh.ns(now);
+                for _ in 0..n {
+                    tpl.write(&mut wbuf, next, ts);
+                    next += 1;
+                }
+                outstanding += n;
+                out.sent += n;
+                let w = tokio::time::timeout_at(sh.drain_end.into(), conn.stream.write_all(&wbuf));
+                match w.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        out.events.note(format!("{who}: write: {e}"));
+                        break;
+                    }
+                    Err(_) => {
+                        out.events.note(format!("{who}: write blocked until the end of the drain"));
+                        break;
+                    }
+                }
+                wbuf.clear();
+            }
+        } else if outstanding == 0 || now >= sh.drain_end {
+            break;
+        } else {
+            wake = sh.drain_end;
+        }
+        if wake != deadline {
+            deadline = wake;
+            sleep.as_mut().reset(deadline.into());
+        }
+        conn.rbuf.reserve(64 << 10);
+        tokio::select! {
+            biased;
+            r = conn.stream.read_buf(&mut conn.rbuf) => match r {
+                Ok(0) => {
+                    out.events.note(format!("{who}: server closed the connection"));
+                    break;
+                }
+                Err(e) => {
+                    out.events.note(format!("{who}: read: {e}"));
+                    break;
+                }
+                Ok(_) => {}
+            },
+            () = &mut sleep => continue,
+        }
+        let parsed = wire::for_each_frame(&conn.rbuf, |body| {
+            match wire::scan(body)? {
+                Scanned::SendAck { request_id } if request_id & RID_BASE != 0 => {
+                    if out.acked_bits.set(request_id & !RID_BASE) {
+                        out.dup_acks += 1;
+                    } else {
+                        out.acked += 1;
+                        outstanding = outstanding.saturating_sub(1);
+                    }
+                }
+                _ => {
+                    let f = out.events.other(&who, body)?;
+                    if let Some(f) = f
+                        && matches!(f.body, Some(Body::Error(_)))
+                        && f.request_id & RID_BASE != 0
+                    {
+                        // That Send was refused: it will get no SendAck.
+                        outstanding = outstanding.saturating_sub(1);
+                    }
+                }
+            }
+            Ok(())
+        });
+        match parsed {
+            Ok(n) => conn.rbuf.advance(n),
+            Err(e) => {
+                out.events.note(e.0);
+                break;
+            }
+        }
+    }
+    sh.final_acked[pair as usize].set(out.acked);
+    out
+}
+
+async fn receiver(sh: Rc<Shared>, pair: u32, mut conn: Conn, ack_every: u64) -> RecvOut {
+    let mut out = RecvOut::default();
+    let who = format!("receiver {pair}");
+    let mut codec = Codec::new(wire::MAX_FRAME);
+    let (mut conv, mut last_seq, mut acked_seq) = (0u64, 0u64, 0u64);
+    let mut high: Option<u64> = None;
+    let mut since_ack = 0u64;
+    let mut abuf = BytesMut::new();
+    let mut deadline = sh.send_end;
+    let mut sleep = pin!(tokio::time::sleep_until(deadline.into()));
+    loop {
+        let now = Instant::now();
+        let fin = sh.final_acked[pair as usize].get();
+        if (fin != u64::MAX && out.unique >= fin) || now >= sh.drain_end {
+            break;
+        }
+        // While senders run, reads wake us; afterwards poll for the sender's final count.
+        let wake = if now < sh.send_end {
+            sh.send_end
+        } else {
+            now + Duration::from_millis(2)
+        };
+        if wake != deadline {
+            deadline = wake;
+            sleep.as_mut().reset(deadline.into());
+        }
+        conn.rbuf.reserve(64 << 10);
+        tokio::select! {
+            biased;
+            r = conn.stream.read_buf(&mut conn.rbuf) => match r {
+                Ok(0) => {
+                    out.events.note(format!("{who}: server closed the connection"));
+                    break;
+                }
+                Err(e) => {
+                    out.events.note(format!("{who}: read: {e}"));
+                    break;
+                }
+                Ok(_) => {}
+            },
+            () = &mut sleep => continue,
+        }
+        let now_ns = sh.ns(Instant::now());
+        let mut hist = sh.latency_ns.borrow_mut();
+        let parsed = wire::for_each_frame(&conn.rbuf, |body| {
+            match wire::scan(body)? {
+                Scanned::Deliver {
+                    conversation_id,
+                    seq,
+                    payload,
+                } => {
+                    out.delivered += 1;
+                    since_ack += 1;
+                    if conv == 0 {
+                        conv = conversation_id;
+                    }
+                    if conversation_id != conv || (last_seq != 0 && seq != last_seq + 1) {
+                        out.seq_gaps += 1;
+                    }
+                    last_seq = seq;
+                    let Some(st) = Stamp::parse(payload).filter(|s| s.pair == pair) else {
+                        out.misrouted += 1;
+                        return Ok(());
+                    };
+                    hist.saturating_record(now_ns.saturating_sub(st.ts_ns).max(1));
+                    if out.bits.set(st.seq) {
+                        out.dup += 1;
+                    } else {
+                        out.unique += 1;
+                        if high.is_some_and(|h| st.seq < h) {
+                            out.reordered += 1;
+                        }
+                        high = high.max(Some(st.seq));
+                    }
+                }
+                Scanned::SendAck { .. } | Scanned::Other(_) => {
+                    out.events.other(&who, body)?;
+                }
+            }
+            Ok(())
+        });
+        drop(hist);
+        match parsed {
+            Ok(n) => conn.rbuf.advance(n),
+            Err(e) => {
+                out.events.note(e.0);
+                break;
+            }
+        }
+        if out.delivered > 0 {
+            out.last_delivery = Some(Instant::now());
+        }
+        if since_ack >= ack_every && conv != 0 {
+            since_ack = 0;
+            acked_seq = last_seq;
+            if let Err(e) = send_ack(&mut conn, &mut codec, &mut abuf, conv, last_seq).await {
+                out.events.note(format!("{who}: write Ack: {e}"));
+                break;
+            }
+        }
+    }
+    if conv != 0 && last_seq > acked_seq {
+        // Best effort: the run is over either way.
+        let _ = send_ack(&mut conn, &mut codec, &mut abuf, conv, last_seq).await;
+    }
+    out
+}
+
+async fn send_ack(
+    conn: &mut Conn,
+    codec: &mut Codec,
+    buf: &mut BytesMut,
+    conversation_id: u64,
+    seq: u64,
+) -> std::io::Result<()> {
+    buf.clear();
+    let ack = Frame::new(
+        0,
+        Ack {
+            conversation_id,
+            seq,
+        },
+    );
+    codec
+        .encode(&ack, buf)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    tokio::time::timeout(Duration::from_secs(5), conn.stream.write_all(buf))
+        .await
+        .map_err(|_| std::io::Error::other("Ack write blocked for 5 s"))?
+}
+
+fn report(
+    a: &PairsArgs,
+    sh: &Shared,
+    sends: &[SenderOut],
+    recvs: &[RecvOut],
+    gw: Option<(ProcSnap, ProcSnap)>,
+    gen_cpu: Duration,
+) -> bool {
+    let sum_s = |f: fn(&SenderOut) -> u64| sends.iter().map(f).sum::<u64>();
+    let sum_r = |f: fn(&RecvOut) -> u64| recvs.iter().map(f).sum::<u64>();
+    let (sent, acked, dup_acks) = (sum_s(|s| s.sent), sum_s(|s| s.acked), sum_s(|s| s.dup_acks));
+    let delivered = sum_r(|r| r.delivered);
+    let dup = sum_r(|r| r.dup);
+    let lost: u64 = sends
+        .iter()
+        .zip(recvs)
+        .map(|(s, r)| s.acked_bits.missing_from(&r.bits))
+        .sum();
+    let (reordered, misrouted, gaps) = (
+        sum_r(|r| r.reordered),
+        sum_r(|r| r.misrouted),
+        sum_r(|r| r.seq_gaps),
+    );
+    let mut ev = Events::default();
+    for e in sends.iter().map(|s| &s.events).chain(recvs.iter().map(|r| &r.events)) {
+        ev.add(Events {
+            first: e.first.clone(),
+            ..*e
+        });
+    }
+    let last = recvs.iter().filter_map(|r| r.last_delivery).max();
+    let span = last.map_or(Duration::ZERO, |l| l.duration_since(sh.t0));
+    let per_s = if span.is_zero() {
+        0.0
+    } else {
+        delivered as f64 / span.as_secs_f64()
+    };
+    let h = sh.latency_ns.borrow();
+    let q = |p: f64| h.value_at_quantile(p) as f64 / 1e3;
+    let (p50, p99, p999, max) = (q(0.5), q(0.99), q(0.999), h.max() as f64 / 1e3);
+    let per_msg = |d: Duration| {
+        if delivered == 0 {
+            0.0
+        } else {
+            d.as_secs_f64() * 1e6 / delivered as f64
+        }
+    };
+
+    println!(
+        "sent {sent}  acked {acked}  delivered {delivered}  (sent but unacked {}, duplicate SendAcks {dup_acks})",
+        sent - acked
+    );
+    println!(
+        "throughput  {per_s:.0} delivered msgs/s ({delivered} in {:.2} s)",
+        span.as_secs_f64()
+    );
+    println!(
+        "latency     p50 {} p99 {} p99.9 {} max {}  (send to receipt, {} samples)",
+        fmt_us(p50),
+        fmt_us(p99),
+        fmt_us(p999),
+        fmt_us(max),
+        h.len()
+    );
+    println!(
+        "integrity   lost {lost}  duplicated {dup}  reordered {reordered}  misrouted {misrouted}  server-seq gaps {gaps}"
+    );
+    println!(
+        "events      SyncNeeded {}  Error {}  Kick {}  unexpected {}{}",
+        ev.sync_needed,
+        ev.errors,
+        ev.kicks,
+        ev.unexpected,
+        ev.first
+            .as_deref()
+            .map(|f| format!("  first: {f}"))
+            .unwrap_or_default()
+    );
+    let mut gw_cpu = None;
+    if let Some((g0, g1)) = &gw {
+        let cpu = g1.cpu.saturating_sub(g0.cpu);
+        gw_cpu = Some(per_msg(cpu));
+        let wall = last.unwrap_or(sh.t0).duration_since(sh.t0).as_secs_f64().max(1e-9);
+        println!(
+            "gateway     cpu {:.2} s = {:.2} us/msg ({:.0}% of one core over the run), rss {} MiB",
+            cpu.as_secs_f64(),
+            per_msg(cpu),
+            cpu.as_secs_f64() / wall * 100.0,
+            g1.rss_kib / 1024
+        );
+        let threads: Vec<String> = g1
+            .threads
+            .iter()
+            .map(|(name, t)| {
+                let d = t.saturating_sub(g0.threads.get(name).copied().unwrap_or_default());
+                (name, d)
+            })
+            .filter(|(_, d)| !d.is_zero())
+            .map(|(name, d)| format!("{name} {:.2}", per_msg(d)))
+            .collect();
+        println!("            us/msg by thread: {}", threads.join(", "));
+        let d = |f: fn(&ProcSnap) -> u64| f(g1).saturating_sub(f(g0)) as f64 / delivered.max(1) as f64;
+        println!(
+            "            per msg: {:.3} read syscalls, {:.3} write syscalls, {:.0} bytes to disk, {:.3} context switches",
+            d(|s| s.syscr),
+            d(|s| s.syscw),
+            d(|s| s.write_bytes),
+            d(|s| s.ctx_switches),
+        );
+    }
+    println!(
+        "generator   cpu {:.2} s = {:.2} us/msg",
+        gen_cpu.as_secs_f64(),
+        per_msg(gen_cpu)
+    );
+    let healthy = lost == 0 && dup == 0;
+    println!(
+        "RESULT workload=pairs label={} pairs={} rate={} window={} payload={} duration_s={:.1} sent={sent} acked={acked} delivered={delivered} delivered_per_s={per_s:.0} p50_us={p50:.0} p99_us={p99:.0} p999_us={p999:.0} max_us={max:.0} lost={lost} dup={dup} reordered={reordered} sync_needed={} errors={} cpu_us_per_msg={} gen_cpu_us_per_msg={:.2}",
+        if a.label.is_empty() { "-" } else { &a.label },
+        a.pairs,
+        a.rate,
+        a.window,
+        a.payload,
+        a.duration.as_secs_f64(),
+        ev.sync_needed,
+        ev.errors + ev.kicks,
+        gw_cpu.map_or("-".into(), |c| format!("{c:.2}")),
+        per_msg(gen_cpu),
+    );
+    if !healthy {
+        eprintln!("tern-load: {lost} lost and {dup} duplicated messages");
+    }
+    healthy
+}
+
+fn fmt_us(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} us")
+    }
+}
