@@ -382,7 +382,7 @@ async fn run_session(core: Rc<Core>, stream: Stream, inbuf: BytesMut, login: Log
     if login.sync_on_login {
         // begin_sync happens before the first await inside, so no live message slips between
         // registration and the sync.
-        ctx.sync(login.request_id, login.sync_version, 0).await;
+        Box::pin(ctx.sync(login.request_id, login.sync_version, 0)).await;
     }
     ctx.read_loop(&stream, inbuf).await;
 
@@ -572,7 +572,10 @@ impl Ctx {
                     self.error(rid, ErrorCode::Forbidden, "not a conversation of this user");
                 }
             }
-            Some(Body::Sync(req)) => self.sync(rid, req.since_version, req.page_size).await,
+            // Boxed: the sync state is large and rare; it must not size every idle session's task.
+            Some(Body::Sync(req)) => {
+                Box::pin(self.sync(rid, req.since_version, req.page_size)).await
+            }
             Some(Body::History(req)) => self.history(rid, req),
             Some(Body::Hello(_)) => {
                 self.reply(&Frame::error(

@@ -350,3 +350,45 @@ fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync() {
         "bob never acked, so sync sends all"
     );
 }
+
+#[test]
+fn requests_pipelined_with_hello_survive_the_hand_off_to_the_users_core() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    // Enough users that some are owned by the core that did not accept the connection.
+    for i in 0..12 {
+        let user = format!("pipelined{i}");
+        let mut c = Conn::connect(gw.addr);
+        let mut bytes = bytes::BytesMut::new();
+        let mut codec = tern_protocol::Codec::default();
+        let frames = [
+            Frame::new(1, hello(&gw.token(&user), "d")),
+            Frame::new(2, tern_protocol::Ping { client_time_ms: 42 }),
+            Frame::new(
+                3,
+                tern_protocol::Send {
+                    client_msg_id: "p".into(),
+                    target: Some(Target::user("sink")),
+                    content_type: 1,
+                    custom_type: String::new(),
+                    payload: Bytes::from_static(b"pipelined"),
+                },
+            ),
+        ];
+        for f in &frames {
+            codec.encode(f, &mut bytes).unwrap();
+        }
+        c.send_raw(&bytes);
+        let f = c.recv_frame();
+        assert!(
+            matches!(f.body, Some(Body::HelloOk(_))) && f.request_id == 1,
+            "{f:?}"
+        );
+        let f = c.recv_frame();
+        assert!(
+            matches!(f.body, Some(Body::Pong(ref p)) if p.client_time_ms == 42)
+                && f.request_id == 2
+        );
+        let ack = expect_ack(&mut c, 3);
+        assert_eq!(ack.seq, 1);
+    }
+}
