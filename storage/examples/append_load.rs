@@ -11,6 +11,14 @@
 //! `--rate R` is an open loop: appends submitted at R per second on a fixed schedule,
 //! whatever the store does, with latency measured from the scheduled time.
 //! Latency is submission to completion as seen by the caller, in microseconds.
+//! It also reports the writer thread's CPU time per append (from
+//! `/proc/self/task/*/schedstat`), which stays meaningful on a busy machine: 1e6 divided by
+//! it is the single-writer ceiling in appends/s.
+//!
+//! `--reads` instead measures 50-message page reads (forward and backward) from one
+//! conversation of 10,000 messages (interleaved with 90,000 in other conversations), first
+//! from the memtable, then from SST files after a flush; wall time and the calling thread's
+//! CPU time per page.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -30,6 +38,39 @@ struct Args {
     convs: u64,
     body: usize,
     dir: Option<String>,
+    reads: bool,
+}
+
+/// CPU time (ns) consumed so far by the thread of this process whose name starts with
+/// `name`, or by the calling thread when `name` is `None`.
+fn cpu_ns(name: Option<&str>) -> u64 {
+    let path = match name {
+        None => "/proc/thread-self/schedstat".to_owned(),
+        Some(n) => {
+            // A new thread names itself once it runs: retry briefly.
+            let task = (0..100)
+                .find_map(|_| {
+                    let found = std::fs::read_dir("/proc/self/task")
+                        .expect("proc")
+                        .filter_map(|e| e.ok())
+                        .find(|e| {
+                            std::fs::read_to_string(e.path().join("comm"))
+                                .map(|c| c.starts_with(n))
+                                .unwrap_or(false)
+                        });
+                    if found.is_none() {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    found
+                })
+                .expect("thread not found");
+            task.path().join("schedstat").to_string_lossy().into_owned()
+        }
+    };
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn parse() -> Args {
@@ -41,6 +82,7 @@ fn parse() -> Args {
         convs: 10_000,
         body: 200,
         dir: None,
+        reads: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -62,6 +104,7 @@ fn parse() -> Args {
             "--convs" => a.convs = val().parse().expect("--convs"),
             "--body" => a.body = val().parse().expect("--body"),
             "--dir" => a.dir = Some(val()),
+            "--reads" => a.reads = true,
             f => panic!("unknown flag {f}"),
         }
     }
@@ -87,8 +130,12 @@ fn main() {
         .dir
         .clone()
         .unwrap_or_else(|| tmp.path().to_string_lossy().into_owned());
-    let store = RocksStore::open(&dir, StoreOptions::with_durability(args.policy)).expect("open");
     let body = Bytes::from(vec![0x5a; args.body]);
+    if args.reads {
+        return reads(&dir, &body);
+    }
+    let store = RocksStore::open(&dir, StoreOptions::with_durability(args.policy)).expect("open");
+    let writer_cpu0 = cpu_ns(Some("tern-storage-wr"));
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
     let run_for = Duration::from_secs(args.secs);
     let start = Instant::now();
@@ -145,8 +192,9 @@ fn main() {
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    let writer_us = (cpu_ns(Some("tern-storage-wr")) - writer_cpu0) as f64 / 1e3 / done as f64;
     println!(
-        "policy={:?} mode={} convs={} body={}B: {} appends in {:.2}s = {:.0} appends/s; latency us p50={} p99={} p99.9={} max={}",
+        "policy={:?} mode={} convs={} body={}B: {} appends in {:.2}s = {:.0} appends/s; latency us p50={} p99={} p99.9={} max={}; writer CPU {:.2} us/append",
         args.policy,
         match args.rate {
             Some(r) => format!("rate={r}/s"),
@@ -161,6 +209,54 @@ fn main() {
         hist.value_at_quantile(0.99),
         hist.value_at_quantile(0.999),
         hist.max(),
+        writer_us,
     );
     store.close().expect("close");
+}
+
+fn reads(dir: &str, body: &Bytes) {
+    let conv = group_conversation(1).expect("group id");
+    for stage in ["memtable", "sst"] {
+        let store =
+            RocksStore::open(dir, StoreOptions::with_durability(Durability::Memory)).expect("open");
+        if stage == "memtable" {
+            let mut pending = Vec::new();
+            for n in 0..100_000u64 {
+                let mut r = request(n, 10_000, body);
+                if n % 10 == 0 {
+                    r.conversation = conv;
+                }
+                pending.push(store.append(r));
+            }
+            for p in pending {
+                p.wait().expect("append");
+            }
+        }
+        let latest = store.latest_seq(conv).expect("latest");
+        assert_eq!(latest, 10_000);
+        for forward in [true, false] {
+            let pages = 20_000u64;
+            let (t0, c0) = (Instant::now(), cpu_ns(None));
+            let mut i = 0;
+            for _ in 0..pages {
+                i = (i + 97) % (latest - 50);
+                let page = if forward {
+                    store.read_forward(conv, i + 1, 50)
+                } else {
+                    store.read_backward(conv, i + 51, 50)
+                }
+                .expect("read");
+                assert_eq!(page.len(), 50);
+                std::hint::black_box(page);
+            }
+            println!(
+                "read {} page of 50 from {stage}: {:.1} us/page wall, {:.1} us/page CPU",
+                if forward { "forward" } else { "backward" },
+                t0.elapsed().as_secs_f64() * 1e6 / pages as f64,
+                (cpu_ns(None) - c0) as f64 / 1e3 / pages as f64,
+            );
+        }
+        // Closing flushes the memtables (Memory policy): the next stage reads SST files.
+        store.close().expect("close");
+    }
 }

@@ -71,8 +71,8 @@
 //! | policy | acknowledged after | after a process crash | after power loss / kernel crash |
 //! |---|---|---|---|
 //! | [`Durability::Fsync`] (default) | the batch's WAL record is fsync'ed (one fsync per batch) | every acknowledged write is there | every acknowledged write is there |
-//! | [`Durability::Wal`] | the WAL record is written to the OS | every acknowledged write is there | writes acknowledged in the last `sync_interval_ms` (plus one fsync) may be lost, always a suffix of the log: no gaps, and seqs are never reused for acknowledged-and-kept messages |
-//! | [`Durability::Memory`] | the memtable insert | everything since the last flush may be lost (a clean `close` flushes) | same |
+//! | [`Durability::Wal`] | the WAL record is written to the OS | every acknowledged write is there | writes acknowledged in the last `sync_interval_ms` (plus one fsync) may be lost, always a suffix of the log (no gaps); the lost seqs are then assigned again to later messages, so a client holding such an ack may later see another message under that seq |
+//! | [`Durability::Memory`] | the memtable insert | everything since the last memtable flush may be lost, seqs are then reused (a clean `close` flushes) | same |
 //!
 //! Unacknowledged writes (in flight at a crash) may or may not be there; if one is there,
 //! a retry with the same client message id finds it (idempotency covers both cases).
@@ -85,8 +85,9 @@
 //!   [`StorageError::AlreadyOpen`], in another process with [`StorageError::Locked`]
 //!   (RocksDB's `LOCK` file). So no second writer can exist for any conversation.
 //! * **Sequences.** Per conversation, acknowledged seqs are 1, 2, 3, ... with no gap and no
-//!   reuse, across restarts and crashes: the writer reloads a conversation's head from the
-//!   log, and a batch whose commit fails is rolled back in memory (its ops fail with
+//!   reuse, across restarts and crashes (under `Fsync`; under `Wal` across process crashes,
+//!   see the table above): the writer reloads a conversation's head from the log, and a
+//!   batch whose commit fails is rolled back in memory (its ops fail with
 //!   [`StorageError::CommitFailed`]).
 //! * **Ordering.** Appends are sequenced in the order the writer receives them; appends
 //!   submitted from one thread (the conversation's owner core) are sequenced in submission

@@ -110,8 +110,9 @@ pub fn encode_record(r: &MessageRecord<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(r.payload);
 }
 
-/// A message as returned by reads. The payload is its own [`Bytes`] (one copy out of the
-/// storage engine), so it can be forwarded to recipients without further copies.
+/// A message as returned by reads. The payload is a [`Bytes`] slice of one buffer per page
+/// (the page is copied once out of the storage engine), so it can be forwarded to
+/// recipients without further copies; it keeps that page buffer alive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
     /// The conversation.
@@ -135,7 +136,13 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
-    pub(crate) fn from_record(conv: ConversationId, seq: Seq, r: &MessageRecord<'_>) -> Self {
+    /// Builds a message whose payload is a slice of `page`, the buffer `r` was decoded from.
+    pub(crate) fn from_page(
+        conv: ConversationId,
+        seq: Seq,
+        r: &MessageRecord<'_>,
+        page: &Bytes,
+    ) -> Self {
         StoredMessage {
             conversation: conv,
             seq,
@@ -145,7 +152,7 @@ impl StoredMessage {
             client_msg_id: r.client_msg_id.to_owned(),
             content_type: r.content_type,
             custom_type: r.custom_type.to_owned(),
-            payload: Bytes::copy_from_slice(r.payload),
+            payload: page.slice_ref(r.payload),
         }
     }
 }

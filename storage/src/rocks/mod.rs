@@ -196,6 +196,36 @@ fn head_with(it: &mut RawIter<'_>, conv: ConversationId) -> Result<Option<(Seq, 
     Ok(out)
 }
 
+/// Reads up to `limit` messages of `conv` forward from a positioned iterator. All values of the page are copied into one buffer (one allocation, measured
+/// faster than one per message); each payload is a `Bytes` slice of it.
+fn collect_page(
+    it: &mut RawIter<'_>,
+    conv: ConversationId,
+    limit: usize,
+) -> Result<Vec<StoredMessage>> {
+    let mut spans = Vec::with_capacity(limit.min(1024));
+    let mut buf = Vec::with_capacity(limit.min(1024) * 320);
+    while spans.len() < limit {
+        let Some((k, v)) = it.item() else { break };
+        let (c, s) = split_pair_key(k)?;
+        if c != conv || s == 0 {
+            break;
+        }
+        spans.push((s, buf.len(), buf.len() + v.len()));
+        buf.extend_from_slice(v);
+        it.next();
+    }
+    it.status().map_err(backend)?;
+    let page = bytes::Bytes::from(buf);
+    spans
+        .into_iter()
+        .map(|(seq, start, end)| {
+            let r = decode_record(&page[start..end])?;
+            Ok(StoredMessage::from_page(conv, seq, &r, &page))
+        })
+        .collect()
+}
+
 /// Iteration confined to the seek key's 8-byte prefix (uses the prefix bloom filters).
 fn prefix_read_opts() -> ReadOptions {
     let mut ro = ReadOptions::default();
@@ -660,25 +690,14 @@ impl MessageStore for RocksStore {
     ) -> Result<Vec<StoredMessage>> {
         self.check_open()?;
         let db = &self.inner.db;
-        let mut out = Vec::with_capacity(limit.min(1024));
         if limit == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
         let mut it = db
             .db
             .raw_iterator_cf_opt(db.cf(CF_MESSAGES), bounded_opts(conv));
         it.seek(msg_key(conv, from_seq.max(1)));
-        while out.len() < limit {
-            let Some((k, v)) = it.item() else { break };
-            let (c, s) = split_pair_key(k)?;
-            if c != conv {
-                break;
-            }
-            out.push(StoredMessage::from_record(c, s, &decode_record(v)?));
-            it.next();
-        }
-        it.status().map_err(backend)?;
-        Ok(out)
+        collect_page(&mut it, conv, limit)
     }
 
     fn read_backward(
@@ -689,30 +708,32 @@ impl MessageStore for RocksStore {
     ) -> Result<Vec<StoredMessage>> {
         self.check_open()?;
         let db = &self.inner.db;
-        let mut out = Vec::with_capacity(limit.min(1024));
         if limit == 0 || before_seq == 1 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        let last = if before_seq == 0 {
-            u64::MAX
-        } else {
-            before_seq - 1
-        };
         let mut it = db
             .db
             .raw_iterator_cf_opt(db.cf(CF_MESSAGES), bounded_opts(conv));
-        it.seek_for_prev(msg_key(conv, last));
-        while out.len() < limit {
-            let Some((k, v)) = it.item() else { break };
-            let (c, s) = split_pair_key(k)?;
-            if c != conv || s == 0 {
-                break;
-            }
-            out.push(StoredMessage::from_record(c, s, &decode_record(v)?));
-            it.prev();
+        // Seqs are contiguous from 1 (no gaps, nothing is deleted), so the page is the seq
+        // range [end - limit, end): read it forward and reverse it. Stepping a RocksDB
+        // iterator backwards is much slower than forwards (a memtable skiplist has no back
+        // links: each `prev` is a search), measured 58 vs 25 us per page of 50.
+        let Some((latest, _)) = head_with(&mut it, conv)? else {
+            return Ok(Vec::new());
+        };
+        let end = if before_seq == 0 {
+            latest.saturating_add(1)
+        } else {
+            before_seq.min(latest.saturating_add(1))
+        };
+        let start = end.saturating_sub(limit as u64).max(1);
+        if start >= end {
+            return Ok(Vec::new());
         }
-        it.status().map_err(backend)?;
-        Ok(out)
+        it.seek(msg_key(conv, start));
+        let mut page = collect_page(&mut it, conv, (end - start) as usize)?;
+        page.reverse();
+        Ok(page)
     }
 
     fn latest_seq(&self, conv: ConversationId) -> Result<Seq> {
