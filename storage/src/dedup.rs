@@ -1,6 +1,9 @@
 //! The in-memory idempotency index shared by both stores.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+// ahash: fast, and randomly keyed so client-chosen ids cannot be used for hash flooding.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,7 +61,7 @@ impl DedupIndex {
     pub fn new(window: DedupWindow) -> Self {
         DedupIndex {
             window,
-            map: HashMap::new(),
+            map: HashMap::default(),
             order: VecDeque::new(),
         }
     }

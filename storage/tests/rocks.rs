@@ -103,20 +103,27 @@ fn idempotent_retry_after_reopen() {
     assert_ne!(a.seq, first.seq);
     drop(s);
 
-    // A window by age, across a restart.
+    // A window by age, across a restart: within a generous window the retry is a duplicate;
+    // reopened with a window shorter than the entry's age it is not (no timing assumptions
+    // beyond "an open takes longer than 1 ms", which the explicit wait below guarantees).
+    let mut long = opts.clone();
+    long.dedup_window = DedupWindow {
+        max_entries: 100,
+        max_age: Duration::from_secs(600),
+    };
+    {
+        let s = RocksStore::open(dir.path(), long.clone()).unwrap();
+        s.append(msg(c, 2, "x")).wait().unwrap();
+    }
+    let s = RocksStore::open(dir.path(), long).unwrap();
+    assert!(s.append(msg(c, 2, "x")).wait().unwrap().duplicate);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(5));
     let mut short = opts.clone();
     short.dedup_window = DedupWindow {
         max_entries: 100,
-        max_age: Duration::from_millis(300),
+        max_age: Duration::from_millis(1),
     };
-    {
-        let s = RocksStore::open(dir.path(), short.clone()).unwrap();
-        s.append(msg(c, 2, "x")).wait().unwrap();
-    }
-    let s = RocksStore::open(dir.path(), short.clone()).unwrap();
-    assert!(s.append(msg(c, 2, "x")).wait().unwrap().duplicate);
-    drop(s);
-    std::thread::sleep(Duration::from_millis(400));
     let s = RocksStore::open(dir.path(), short).unwrap();
     let x = s.append(msg(c, 2, "x")).wait().unwrap();
     assert!(!x.duplicate);

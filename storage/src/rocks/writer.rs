@@ -12,7 +12,11 @@
 //! [`StorageError::CommitFailed`]; so no sequence number is skipped or reused. Versions
 //! are not rolled back: they must only increase, gaps are harmless.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+// ahash: fast, and randomly keyed so client-chosen ids cannot be used for hash flooding.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, ahash::RandomState>;
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
@@ -155,8 +159,8 @@ impl Writer {
             write_opts,
             max_batch: opts.max_batch.max(1),
             cache_entries: opts.cache_entries.max(1),
-            heads: HashMap::new(),
-            user_convs: HashMap::new(),
+            heads: HashMap::default(),
+            user_convs: HashMap::default(),
             dedup,
             journal: journal.into(),
             version,
@@ -165,9 +169,9 @@ impl Writer {
             journal_buf: Vec::with_capacity(64 * 1024),
             journal_entries: 0,
             touched_heads: Vec::new(),
-            dirty_user_convs: HashSet::new(),
-            cursor_overlay: HashMap::new(),
-            member_overlay: HashMap::new(),
+            dirty_user_convs: HashSet::default(),
+            cursor_overlay: HashMap::default(),
+            member_overlay: HashMap::default(),
         }
     }
 

@@ -207,13 +207,15 @@ pub fn dedup_window_by_count(make: Factory) {
 pub fn dedup_window_by_age(make: Factory) {
     let f = make(DedupWindow {
         max_entries: 1000,
-        max_age: Duration::from_millis(100),
+        max_age: Duration::from_millis(1500),
     });
     let s = &*f.store;
     let c = group_conversation(7).unwrap();
     append(s, msg(c, 1, "a", ""));
+    // Well inside the window even on a loaded machine.
     assert!(append(s, msg(c, 1, "a", "")).duplicate);
-    std::thread::sleep(Duration::from_millis(250));
+    // The feature under test is ageing: let the entry age past the window.
+    std::thread::sleep(Duration::from_millis(1600));
     let r = append(s, msg(c, 1, "a", ""));
     assert!(!r.duplicate);
     assert_eq!(r.seq, 2);
