@@ -53,7 +53,9 @@ async fn login(
         .connect(server)
         .await
         .map_err(|e| format!("connect {server}: {e}"))?;
-    stream.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("nodelay: {e}"))?;
     let mut codec = Codec::new(MAX_FRAME);
     let hello = Frame::new(
         1,
@@ -77,10 +79,9 @@ async fn login(
         if let Some(frame) = codec.decode(&mut rbuf).map_err(|e| format!("login: {e}"))? {
             return match frame.body {
                 Some(Body::HelloOk(_)) => Ok(Conn { stream, rbuf }),
-                Some(Body::Error(e)) => Err(format!(
-                    "login refused: code {} {}",
-                    e.code, e.message
-                )),
+                Some(Body::Error(e)) => {
+                    Err(format!("login refused: code {} {}", e.code, e.message))
+                }
                 _ => Err(format!("login: unexpected {}", frame.body_name())),
             };
         }

@@ -71,7 +71,10 @@ fn stat_cpu(stat: &str) -> Option<(String, Duration)> {
     let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
     // After the comm: state is field 3, utime 14, stime 15 (proc(5)).
     let ticks = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
-    Some((comm, Duration::from_micros(ticks * 1_000_000 / clock_ticks())))
+    Some((
+        comm,
+        Duration::from_micros(ticks * 1_000_000 / clock_ticks()),
+    ))
 }
 
 /// The number in a `Key:   123 kB` line of /proc/PID/status.

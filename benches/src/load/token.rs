@@ -25,8 +25,12 @@ impl Minter {
     /// Reads `<data_dir>/secret` (trimmed, as the gateway does). Tokens live for a day.
     pub fn from_data_dir(data_dir: &Path) -> Result<Minter, String> {
         let path = data_dir.join("secret");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read {}: {e} (start the gateway once with this --data-dir)", path.display()))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "cannot read {}: {e} (start the gateway once with this --data-dir)",
+                path.display()
+            )
+        })?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -41,9 +45,14 @@ impl Minter {
     pub fn mint(&self, user: &str) -> String {
         debug_assert!(user.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
         let payload = format!(r#"{{"v":1,"sub":"{user}","exp":{}}}"#, self.exp);
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
         mac.update(payload.as_bytes());
         let sig = mac.finalize().into_bytes();
-        format!("{}.{}", URL_SAFE_NO_PAD.encode(payload), URL_SAFE_NO_PAD.encode(sig))
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(payload),
+            URL_SAFE_NO_PAD.encode(sig)
+        )
     }
 }

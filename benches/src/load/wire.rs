@@ -335,7 +335,12 @@ mod tests {
         assert_eq!(
             seen,
             vec![
-                format!("{:?}", Scanned::SendAck { request_id: RID_BASE | 9 }),
+                format!(
+                    "{:?}",
+                    Scanned::SendAck {
+                        request_id: RID_BASE | 9
+                    }
+                ),
                 format!(
                     "{:?}",
                     Scanned::Deliver {
