@@ -62,15 +62,19 @@ pub enum ShardMsg {
     },
     /// An append for a conversation this core owns.
     Append(AppendMsg),
-    /// The result of an append, for the sender's session.
-    Reply { reply: ReplyTo, frame: Bytes },
-    /// A committed message for the online devices of `user` on this core.
+    /// The result of an append, for the sender's session, with the message for the sender's
+    /// other devices (encoded only if the sender has any).
+    Reply {
+        reply: ReplyTo,
+        frame: Bytes,
+        own_copy: Option<Arc<Deliver>>,
+    },
+    /// A committed message for the online devices of `user` on this core. Encoded on this core,
+    /// once, and only if the user has a device here.
     Deliver {
         user: UserId,
         except_session: u64,
-        conv: u64,
-        seq: u64,
-        frame: Bytes,
+        message: Arc<Deliver>,
     },
 }
 
@@ -129,6 +133,9 @@ pub struct Core {
     pub stopping: Cell<bool>,
     pub stop_wakers: RefCell<Vec<Waker>>,
     pub connections: Cell<usize>,
+    /// Interned ids of users this core sent to recently (bounded), so a Send does not look the
+    /// recipient up in the store every time.
+    user_ids: RefCell<HashMap<String, UserId>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -174,7 +181,22 @@ impl Core {
             stopping: Cell::new(false),
             stop_wakers: RefCell::default(),
             connections: Cell::new(0),
+            user_ids: RefCell::default(),
         }
+    }
+
+    /// The internal id of user `name`, from the core's cache or the store.
+    pub fn user_id(&self, name: &str) -> Result<UserId, StorageError> {
+        if let Some(&id) = self.user_ids.borrow().get(name) {
+            return Ok(id);
+        }
+        let id = self.store.intern_user(name)?;
+        let mut cache = self.user_ids.borrow_mut();
+        if cache.len() >= 100_000 {
+            cache.clear();
+        }
+        cache.insert(name.to_owned(), id);
+        Ok(id)
     }
 
     /// A session id unique across the process: core in the top 16 bits.
@@ -186,20 +208,26 @@ impl Core {
 
     /// Encodes a frame into its own buffer (length prefix included).
     pub fn encode(&self, frame: &Frame) -> Bytes {
-        let mut buf = BytesMut::new();
-        let mut codec = self.codec;
-        // The server never builds a frame over the limit: payloads are checked on the way in.
-        if codec.encode(frame, &mut buf).is_err() {
+        use prost::Message;
+        let len = frame.encoded_len();
+        if len > self.codec.max_frame_bytes {
+            // Responses are bounded by the page limits; this is a safety net, not a path.
+            let mut buf = BytesMut::new();
+            let mut codec = self.codec;
             let fallback = Frame::error(
                 frame.request_id,
                 ErrorCode::Internal,
                 "response too large",
                 false,
             );
-            buf.clear();
             let _ = codec.encode(&fallback, &mut buf);
+            return buf.freeze();
         }
-        buf.freeze()
+        // A Vec is prost's fastest output buffer; one allocation, prefix included.
+        let mut v = Vec::with_capacity(4 + len);
+        v.extend_from_slice(&(len as u32).to_be_bytes());
+        frame.encode_raw(&mut v);
+        Bytes::from(v)
     }
 
     /// Resolves when shutdown begins on this core.
@@ -249,40 +277,84 @@ impl Core {
                 .detach();
             }
             ShardMsg::Append(job) => self.submit_append(job),
-            ShardMsg::Reply { reply, frame } => {
-                if let Some(s) = self.sessions.borrow().get(&reply.session) {
-                    s.out.push(frame);
+            ShardMsg::Reply {
+                reply,
+                frame,
+                own_copy,
+            } => {
+                let user = match self.sessions.borrow().get(&reply.session) {
+                    Some(s) => {
+                        s.out.push(frame);
+                        Some(s.user)
+                    }
+                    None => None,
+                };
+                if let (Some(user), Some(message)) = (user, own_copy) {
+                    self.deliver_local(user, reply.session, &message);
                 }
             }
             ShardMsg::Deliver {
                 user,
                 except_session,
-                conv,
-                seq,
-                frame,
-            } => self.deliver_local(user, except_session, conv, seq, &frame),
+                message,
+            } => self.deliver_local(user, except_session, &message),
         }
     }
 
-    /// Pushes a committed message to every local session of `user`.
-    pub fn deliver_local(&self, user: UserId, except: u64, conv: u64, seq: u64, frame: &Bytes) {
+    /// Pushes a committed message to every local session of `user` except `except`, encoding
+    /// it once, on first need.
+    pub fn deliver_local(&self, user: UserId, except: u64, message: &Deliver) {
         let users = self.users.borrow();
         let Some(list) = users.get(&user) else {
             return;
         };
         let pending_cap = self.cfg.outbound_queue_frames;
+        let mut frame: Option<Bytes> = None;
         for s in list {
-            if s.id != except && s.out.deliver(conv, seq, frame, pending_cap) {
+            if s.id == except {
+                continue;
+            }
+            let f = frame.get_or_insert_with(|| self.encode_deliver(message));
+            if s.out
+                .deliver(message.conversation_id, message.seq, f, pending_cap)
+            {
                 tracing::debug!(session = s.id, "slow consumer: live push paused until sync");
             }
         }
     }
 
+    fn encode_deliver(&self, message: &Deliver) -> Bytes {
+        use prost::Message;
+        // Frame{request_id: 0, deliver = 22}: the envelope is written by hand so the Deliver
+        // (and its payload) is encoded once, straight into the output.
+        let inner = message.encoded_len();
+        let body = prost::encoding::key_len(22)
+            + prost::encoding::encoded_len_varint(inner as u64)
+            + inner;
+        let mut v = Vec::with_capacity(4 + body);
+        v.extend_from_slice(&(body as u32).to_be_bytes());
+        prost::encoding::encode_key(22, prost::encoding::WireType::LengthDelimited, &mut v);
+        prost::encoding::encode_varint(inner as u64, &mut v);
+        message.encode_raw(&mut v);
+        Bytes::from(v)
+    }
+
     /// Starts an append of a conversation this core owns. Completions are processed in
     /// submission order by [`Core::run_completions`], so live deliveries of a conversation leave
     /// in sequence order.
-    pub fn submit_append(&self, job: AppendMsg) {
-        let completion = self.store.append(job.req.clone());
+    pub fn submit_append(&self, mut job: AppendMsg) {
+        let req = std::mem::take(&mut job.req);
+        // What the SendAck and the Deliver need stays with the job; the request goes to the store.
+        job.req = AppendRequest {
+            conversation: req.conversation,
+            sender: req.sender,
+            client_msg_id: req.client_msg_id.clone(),
+            content_type: req.content_type,
+            custom_type: req.custom_type.clone(),
+            payload: req.payload.clone(),
+            participants: Vec::new(),
+        };
+        let completion = self.store.append(req);
         self.appends.borrow_mut().push_back((completion, job));
         if let Some(w) = self.appends_waker.borrow_mut().take() {
             w.wake();
@@ -328,89 +400,74 @@ impl Core {
         result: Result<Appended, StorageError>,
     ) {
         let request_id = job.reply.request_id;
-        let reply_frame = match &result {
-            Ok(a) => Frame {
-                request_id,
-                body: Some(Body::SendAck(SendAck {
-                    client_msg_id: job.req.client_msg_id.clone(),
-                    conversation_id: a.conversation,
-                    seq: a.seq,
-                    server_time_ms: a.server_time_ms,
-                    duplicate: a.duplicate,
-                })),
-            },
+        let sender = job.req.sender;
+        let (reply_frame, own_copy) = match result {
+            Ok(a) => {
+                let ack = Frame {
+                    request_id,
+                    body: Some(Body::SendAck(SendAck {
+                        client_msg_id: job.req.client_msg_id.clone(),
+                        conversation_id: a.conversation,
+                        seq: a.seq,
+                        server_time_ms: a.server_time_ms,
+                        duplicate: a.duplicate,
+                    })),
+                };
+                let mut own_copy = None;
+                if !a.duplicate {
+                    let for_recipient = Deliver {
+                        conversation_id: a.conversation,
+                        seq: a.seq,
+                        sender: job.sender_name.to_string(),
+                        target: Some(Target {
+                            kind: TargetKind::User as i32,
+                            id: job.sender_name.to_string(),
+                        }),
+                        server_time_ms: a.server_time_ms,
+                        client_msg_id: job.req.client_msg_id,
+                        content_type: job.req.content_type,
+                        custom_type: job.req.custom_type,
+                        payload: job.req.payload,
+                    };
+                    if job.recipient != sender {
+                        // The sender's other devices see their own message with the peer as
+                        // target; it rides with the SendAck to the sender's core.
+                        let mut mine = for_recipient.clone();
+                        mine.target = Some(Target {
+                            kind: TargetKind::User as i32,
+                            id: job.recipient_name.to_string(),
+                        });
+                        own_copy = Some(Arc::new(mine));
+                    }
+                    let recipient_core = self.router.user(&job.recipient_name).core;
+                    self.send_to_core(
+                        recipient_core,
+                        ShardMsg::Deliver {
+                            user: job.recipient,
+                            except_session: if job.recipient == sender {
+                                job.reply.session
+                            } else {
+                                0
+                            },
+                            message: Arc::new(for_recipient),
+                        },
+                    )
+                    .await;
+                }
+                (ack, own_copy)
+            }
             Err(e) => {
-                let (code, msg) = storage_error_code(e);
-                Frame::error(request_id, code, msg, false)
+                let (code, msg) = storage_error_code(&e);
+                (Frame::error(request_id, code, msg, false), None)
             }
         };
-        if let Ok(a) = result
-            && !a.duplicate
-        {
-            let sender = job.req.sender;
-            let mut deliver = Deliver {
-                conversation_id: a.conversation,
-                seq: a.seq,
-                sender: job.sender_name.to_string(),
-                target: Some(Target {
-                    kind: TargetKind::User as i32,
-                    id: job.sender_name.to_string(),
-                }),
-                server_time_ms: a.server_time_ms,
-                client_msg_id: job.req.client_msg_id.clone(),
-                content_type: job.req.content_type,
-                custom_type: job.req.custom_type.clone(),
-                payload: job.req.payload.clone(),
-            };
-            let to_recipient = self.encode(&Frame {
-                request_id: 0,
-                body: Some(Body::Deliver(deliver.clone())),
-            });
-            let recipient_core = self.router.user(&job.recipient_name).core;
-            self.send_to_core(
-                recipient_core,
-                ShardMsg::Deliver {
-                    user: job.recipient,
-                    except_session: if job.recipient == sender {
-                        job.reply.session
-                    } else {
-                        0
-                    },
-                    conv: a.conversation,
-                    seq: a.seq,
-                    frame: to_recipient,
-                },
-            )
-            .await;
-            if job.recipient != sender {
-                // The sender's other devices see their own message with the peer as target.
-                deliver.target = Some(Target {
-                    kind: TargetKind::User as i32,
-                    id: job.recipient_name.to_string(),
-                });
-                let to_sender = self.encode(&Frame {
-                    request_id: 0,
-                    body: Some(Body::Deliver(deliver)),
-                });
-                self.send_to_core(
-                    job.reply.core,
-                    ShardMsg::Deliver {
-                        user: sender,
-                        except_session: job.reply.session,
-                        conv: a.conversation,
-                        seq: a.seq,
-                        frame: to_sender,
-                    },
-                )
-                .await;
-            }
-        }
         let frame = self.encode(&reply_frame);
         self.send_to_core(
             job.reply.core,
             ShardMsg::Reply {
                 reply: job.reply,
                 frame,
+                own_copy,
             },
         )
         .await;

@@ -253,7 +253,22 @@ async fn core_main(
     addr: SocketAddr,
     ready: std::sync::mpsc::Sender<Result<(), GatewayError>>,
 ) {
-    let (senders, mut receivers) = match mesh.join().await {
+    // glommio wakes a task waiting for a mesh peer to connect only when its reactor loop turns;
+    // an idle executor sleeps until its next timer. Tick while joining so that a peer that
+    // connects after this core fell asleep is noticed.
+    let joining = Rc::new(std::cell::Cell::new(true));
+    {
+        let joining = joining.clone();
+        glommio::spawn_local(async move {
+            while joining.get() {
+                glommio::timer::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .detach();
+    }
+    let joined = mesh.join().await;
+    joining.set(false);
+    let (senders, mut receivers) = match joined {
         Ok(x) => x,
         Err(_) => {
             let _ = ready.send(Err(GatewayError::Listen {

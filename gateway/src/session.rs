@@ -267,7 +267,7 @@ fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static 
         && dev != &hello.device_id
     {
         return Err((
-            ErrorCode::Forbidden,
+            ErrorCode::TokenInvalid,
             "the token is bound to another device_id",
         ));
     }
@@ -657,7 +657,7 @@ impl Ctx {
                 "target.id must be 1..=64 bytes without control characters",
             );
         }
-        let recipient = match self.core.store.intern_user(&target.id) {
+        let recipient = match self.core.user_id(&target.id) {
             Ok(r) => r,
             Err(e) => {
                 let (code, msg) = crate::core::storage_error_code(&e);
