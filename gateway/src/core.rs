@@ -87,6 +87,8 @@ pub struct SessionHandle {
     pub out: Outbound,
     /// Set when the session must end (kicked, shutdown); the reader notices and closes.
     pub ending: Cell<bool>,
+    /// When the last frame arrived (ms since the epoch); the core's idle sweep reads it.
+    pub last_active: Cell<u64>,
     pub end_waker: RefCell<Option<Waker>>,
 }
 
@@ -236,7 +238,10 @@ impl Core {
             if self.stopping.get() {
                 Poll::Ready(())
             } else {
-                self.stop_wakers.borrow_mut().push(cx.waker().clone());
+                let mut wakers = self.stop_wakers.borrow_mut();
+                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    wakers.push(cx.waker().clone());
+                }
                 Poll::Pending
             }
         })
@@ -247,6 +252,35 @@ impl Core {
         self.stopping.set(true);
         for w in self.stop_wakers.borrow_mut().drain(..) {
             w.wake();
+        }
+        let kick = self.encode(&Frame::kick(
+            tern_protocol::KickReason::Shutdown,
+            "server is shutting down",
+        ));
+        for s in self.sessions.borrow().values() {
+            s.out.push(kick.clone());
+            s.end();
+        }
+    }
+
+    /// Ends sessions that sent nothing for `idle_timeout`. One sweep per core instead of a timer
+    /// per connection: idle connections cost no timer, and reads arm nothing.
+    pub async fn run_idle_sweep(self: Rc<Self>) {
+        let idle = self.cfg.idle_timeout_ms;
+        let period = std::time::Duration::from_millis((idle / 4).clamp(10, 1000));
+        let kick = self.encode(&Frame::kick(
+            tern_protocol::KickReason::Idle,
+            "no frame within the idle timeout",
+        ));
+        while !self.stopping.get() {
+            glommio::timer::sleep(period).await;
+            let now = now_ms();
+            for s in self.sessions.borrow().values() {
+                if !s.ending.get() && now.saturating_sub(s.last_active.get()) > idle {
+                    s.out.push(kick.clone());
+                    s.end();
+                }
+            }
         }
     }
 

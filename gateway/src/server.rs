@@ -307,6 +307,7 @@ async fn core_main(
         .detach();
     }
     let completions = glommio::spawn_local(core.clone().run_completions());
+    glommio::spawn_local(core.clone().run_idle_sweep()).detach();
     {
         let core = core.clone();
         glommio::spawn_local(async move {

@@ -204,7 +204,12 @@ async fn handle_new(core: Rc<Core>, stream: TcpStream) {
     };
     let owner = core.router.user(&login.user).core;
     if owner == core.id {
-        run_session(core, stream, inbuf, login).await;
+        // A task of its own, so the login phase's state is freed rather than kept as part of a
+        // long-lived session's future.
+        glommio::spawn_local(
+            run_session(core, stream, inbuf, login).instrument(tracing::Span::current()),
+        )
+        .detach();
         return;
     }
     // Move the socket (and whatever was read after Hello) to the user's core.
@@ -308,7 +313,7 @@ async fn run_session(core: Rc<Core>, stream: Stream, inbuf: BytesMut, login: Log
         Err(e) => {
             warn!(error = %e, "cannot register user");
             let f = Frame::error(login.request_id, ErrorCode::Internal, "server error", true);
-            close_with(&core, &stream, &f).await;
+            Box::pin(close_with(&core, &stream, &f)).await;
             core.connections.set(core.connections.get() - 1);
             return;
         }
@@ -335,6 +340,7 @@ async fn run_session(core: Rc<Core>, stream: Stream, inbuf: BytesMut, login: Log
                 device: login.device.clone(),
                 out: Outbound::new(core.cfg.outbound_queue_frames),
                 ending: Default::default(),
+                last_active: std::cell::Cell::new(now_ms()),
                 end_waker: Default::default(),
             });
             list.push(session.clone());
@@ -351,7 +357,7 @@ async fn run_session(core: Rc<Core>, stream: Stream, inbuf: BytesMut, login: Log
             "the user has the maximum number of connected devices",
             true,
         );
-        close_with(&core, &stream, &f).await;
+        Box::pin(close_with(&core, &stream, &f)).await;
         core.connections.set(core.connections.get() - 1);
         return;
     };
@@ -439,8 +445,6 @@ async fn write_loop(core: Rc<Core>, stream: Stream, session: Rc<SessionHandle>) 
 enum Wake {
     Read(std::io::Result<usize>),
     Ended,
-    Idle,
-    Stop,
 }
 
 struct Ctx {
@@ -479,7 +483,9 @@ impl Ctx {
                 match codec.decode(&mut inbuf) {
                     Ok(Some(frame)) => {
                         self.session.out.wait_room().await;
-                        if !self.handle(frame).await {
+                        // Boxed: request handling has the largest state of the session; inline
+                        // it would be carried by every idle connection's task.
+                        if !Box::pin(self.handle(frame)).await {
                             return;
                         }
                     }
@@ -499,44 +505,17 @@ impl Ctx {
                 // Idle connections keep no read buffer.
                 inbuf = BytesMut::new();
             }
-            let idle = core.cfg.idle_timeout();
             let woke = future::or(
-                future::or(
-                    async { Wake::Read(read_some(&core, stream, &mut inbuf).await) },
-                    async {
-                        self.session.ended().await;
-                        Wake::Ended
-                    },
-                ),
-                future::or(
-                    async {
-                        glommio::timer::sleep(idle).await;
-                        Wake::Idle
-                    },
-                    async {
-                        core.stopped().await;
-                        Wake::Stop
-                    },
-                ),
+                async { Wake::Read(read_some(&core, stream, &mut inbuf).await) },
+                async {
+                    self.session.ended().await;
+                    Wake::Ended
+                },
             )
             .await;
             match woke {
                 Wake::Read(Ok(0)) | Wake::Read(Err(_)) | Wake::Ended => return,
-                Wake::Read(Ok(_)) => {}
-                Wake::Idle => {
-                    self.reply(&Frame::kick(
-                        KickReason::Idle,
-                        "no frame within the idle timeout",
-                    ));
-                    return;
-                }
-                Wake::Stop => {
-                    self.reply(&Frame::kick(
-                        KickReason::Shutdown,
-                        "server is shutting down",
-                    ));
-                    return;
-                }
+                Wake::Read(Ok(_)) => self.session.last_active.set(now_ms()),
             }
         }
     }

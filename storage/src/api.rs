@@ -105,7 +105,9 @@ pub struct StoreOptions {
     /// Memtable size of the messages column family, bytes (default 64 MiB).
     pub write_buffer_bytes: usize,
     /// Entries of the writer's in-memory caches (conversation heads, user-conversation
-    /// records) before they are dropped and reloaded on demand (default 1M each).
+    /// records, delivered cursors, memberships) before they are dropped and reloaded on
+    /// demand (default 1M each). A cache is dropped only once every built batch is
+    /// committed, so the writer pauses for one commit each time.
     pub cache_entries: usize,
 }
 

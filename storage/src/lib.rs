@@ -77,28 +77,59 @@
 //! Unacknowledged writes (in flight at a crash) may or may not be there; if one is there,
 //! a retry with the same client message id finds it (idempotency covers both cases).
 //!
+//! # Writer threads
+//!
+//! Writes go through one queue to the **writer**, a two-stage pipeline on two threads:
+//!
+//! * the **builder** (`tern-storage-writer`) takes everything queued (up to
+//!   [`StoreOptions::max_batch`]), assigns seqs and versions, checks and fills the
+//!   idempotency index and builds one `WriteBatch`;
+//! * the **committer** (`tern-storage-commit`) writes the batches to RocksDB one at a time,
+//!   in the order they were built, with the durability policy (one fsync per batch under
+//!   `Fsync`), and then completes that batch's writes, in order.
+//!
+//! While batch N is committed the builder builds batch N+1 (a rendezvous hand-off: at most
+//! one batch is built ahead), so RocksDB's half of the work (memtable insert, WAL checksum
+//! and write, fsync) and ours (sequencing, idempotency, encoding) run on two cores. The
+//! builder's in-memory state (conversation heads, user-conversation records, cursor and
+//! membership caches, idempotency index, version counter) therefore runs ahead of the
+//! database by at most two batches; reads go to RocksDB and see only committed batches.
+//!
 //! # Invariants
 //!
-//! * **Single writer.** One thread per open store (the writer) assigns all sequence numbers
-//!   and versions and owns the idempotency index; everything else only reads. A data
-//!   directory is open at most once: a second open in the same process fails with
-//!   [`StorageError::AlreadyOpen`], in another process with [`StorageError::Locked`]
-//!   (RocksDB's `LOCK` file). So no second writer can exist for any conversation.
+//! * **Single writer.** One pipeline per open store (the builder thread, whose batches one
+//!   committer thread writes in build order) assigns all sequence numbers and versions and
+//!   owns the idempotency index; everything else only reads. A data directory is open at
+//!   most once: a second open in the same process fails with [`StorageError::AlreadyOpen`],
+//!   in another process with [`StorageError::Locked`] (RocksDB's `LOCK` file). So no second
+//!   writer can exist for any conversation.
 //! * **Sequences.** Per conversation, acknowledged seqs are 1, 2, 3, ... with no gap and no
 //!   reuse, across restarts and crashes (under `Fsync`; under `Wal` across process crashes,
-//!   see the table above): the writer reloads a conversation's head from the log, and a
-//!   batch whose commit fails is rolled back in memory (its ops fail with
-//!   [`StorageError::CommitFailed`]).
+//!   see the table above): the writer reloads a conversation's head from the log. The
+//!   builder's caches never drop an entry that a built but uncommitted batch wrote (a full
+//!   cache is dropped only once every built batch is committed).
+//! * **Failed commits.** If a batch's commit fails, its ops fail with
+//!   [`StorageError::CommitFailed`], and so do the ops of every batch already built on top
+//!   of it (the committer writes none of them: batches carry the builder's epoch, and a
+//!   failure ends the epoch). The builder then rolls its in-memory state back to the last
+//!   committed batch (caches dropped and reloaded from the database, the failed batches'
+//!   idempotency entries forgotten) before it builds anything else, so no seq is skipped or
+//!   reused and no retry is answered from an uncommitted append. The committer reports the
+//!   failure to the builder before it resolves the failed completions, so a write submitted
+//!   after seeing the failure is built on the rolled-back state.
 //! * **Ordering.** Appends are sequenced in the order the writer receives them; appends
 //!   submitted from one thread (the conversation's owner core) are sequenced in submission
-//!   order. Server timestamps never decrease; versions strictly increase.
+//!   order. Server timestamps never decrease; versions strictly increase (a failed batch
+//!   leaves a gap in versions, which is harmless).
 //! * **What an ack promises.** An `Ok` completion means the write is committed under the
 //!   durability policy and visible to every read that starts afterwards. Reads never see
-//!   uncommitted writes. Completions resolve in batch order.
+//!   uncommitted writes. Completions resolve in batch order, and only after every batch
+//!   built before theirs is committed (so a duplicate answer or a no-op never resolves
+//!   before the write it refers to is committed).
 //! * **Atomicity.** Everything in a batch (messages, index entries, journal, version
 //!   counter) commits atomically in one `WriteBatch`.
 //! * **Shutdown.** [`MessageStore::close`] (or dropping the last handle) completes every
-//!   write queued before it, syncs, and joins the writer; writes after it resolve to
+//!   write queued before it, syncs, and joins both writer threads; writes after it resolve to
 //!   [`StorageError::Closed`]. No completion ever hangs.
 
 #![forbid(unsafe_code)]

@@ -222,9 +222,12 @@ fn session_errors_after_login() {
 fn login_timeout_and_replaced_device() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("tern.toml");
-    std::fs::write(&cfg, "login_timeout_ms = 200\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "login_timeout_ms = 200\nheartbeat_interval_ms = 100\nidle_timeout_ms = 400\n",
+    )
+    .unwrap();
     let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
-    let mut w = Witness::new(&gw);
 
     let mut silent = Conn::connect(gw.addr);
     let (rid, fatal) = silent.expect_error(ErrorCode::LoginTimeout);
@@ -243,5 +246,16 @@ fn login_timeout_and_replaced_device() {
         other => panic!("expected Kick, got {other:?}"),
     }
     first.expect_closed();
-    w.check();
+
+    // A logged-in connection that sends nothing is kicked after the idle timeout.
+    let (mut quiet, ok) = Conn::login(gw.addr, &gw.token("erin"), "d");
+    assert_eq!(ok.heartbeat_interval_ms, 100);
+    match quiet.recv_frame() {
+        Frame {
+            body: Some(Body::Kick(k)),
+            ..
+        } => assert_eq!(k.reason, tern_protocol::KickReason::Idle as i32),
+        other => panic!("expected Kick, got {other:?}"),
+    }
+    quiet.expect_closed();
 }

@@ -95,6 +95,8 @@ impl Drop for DirGuard {
 /// The RocksDB handle with the read helpers shared by readers and the writer thread.
 pub(crate) struct Db {
     pub db: DB,
+    #[cfg(test)]
+    pub hooks: writer::Hooks,
 }
 
 impl std::fmt::Debug for Db {
@@ -379,7 +381,11 @@ impl RocksStore {
                 StorageError::Backend(msg)
             }
         })?;
-        let db = Arc::new(Db { db });
+        let db = Arc::new(Db {
+            db,
+            #[cfg(test)]
+            hooks: writer::Hooks::default(),
+        });
 
         // Format version.
         let meta = db.cf(CF_META);
@@ -414,15 +420,8 @@ impl RocksStore {
 
         let (tx, rx) = crossbeam_channel::unbounded();
         let write_opts = write_options(opts.durability);
-        let w = Writer::new(
-            db.clone(),
-            rx,
-            write_options(opts.durability),
-            &opts,
-            version,
-            dedup,
-            journal,
-        );
+        let link = writer::spawn_committer(db.clone(), write_options(opts.durability))?;
+        let w = Writer::new(db.clone(), rx, link, &opts, version, dedup, journal);
         let writer = std::thread::Builder::new()
             .name("tern-storage-writer".into())
             .spawn(move || w.run())
@@ -911,7 +910,7 @@ mod tests {
         for i in 1..=3 {
             assert_eq!(s.append(msg(c, &format!("m{i}"))).wait().unwrap().seq, i);
         }
-        writer::FAIL_COMMITS.store(1, SeqCst);
+        s.inner.db.hooks.fail_commits.store(1, SeqCst);
         let e = s.append(msg(c, "m4")).wait().unwrap_err();
         assert!(matches!(e, StorageError::CommitFailed(_)), "{e:?}");
         assert!(e.is_unavailable());
@@ -923,19 +922,19 @@ mod tests {
             "no gap, no stale dedup entry"
         );
 
-        writer::FAIL_COMMITS.store(1, SeqCst);
+        s.inner.db.hooks.fail_commits.store(1, SeqCst);
         assert!(s.set_read(1, c, 4).wait().is_err());
         assert_eq!(s.read_seq(1, c).unwrap(), 0);
         assert_eq!(s.set_read(1, c, 2).wait().unwrap(), 2);
 
-        writer::FAIL_COMMITS.store(1, SeqCst);
+        s.inner.db.hooks.fail_commits.store(1, SeqCst);
         assert!(s.add_member(5, 1).wait().is_err());
         assert!(s.members(5, 0, 10).unwrap().is_empty());
         assert!(s.add_member(5, 1).wait().unwrap());
 
         // A new conversation whose first batch fails: its index entries are retried too.
         let c2 = direct_conversation(1, 3).unwrap();
-        writer::FAIL_COMMITS.store(1, SeqCst);
+        s.inner.db.hooks.fail_commits.store(1, SeqCst);
         assert!(s.append(msg(c2, "n1")).wait().is_err());
         assert!(s.conversations_changed_since(2, 0, None).unwrap().len() == 1);
         let mut r = msg(c2, "n1");
@@ -949,5 +948,95 @@ mod tests {
             .map(|m| m.seq)
             .collect();
         assert_eq!(all, vec![1, 2, 3, 4]);
+    }
+
+    fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !cond() {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// A batch built on top of a batch whose commit fails fails too, and the builder rolls
+    /// back to the last committed state: no gap, no reused seq, no stale idempotency entry,
+    /// membership or cursor.
+    #[test]
+    fn failed_commit_fails_batches_built_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let hooks = &s.inner.db.hooks;
+        let c = direct_conversation(1, 2).unwrap();
+        for i in 1..=3 {
+            assert_eq!(s.append(msg(c, &format!("m{i}"))).wait().unwrap().seq, i);
+        }
+        assert_eq!(s.set_delivered(2, "phone", c, 1).wait().unwrap(), 1);
+
+        // Batch F: m4 and a new member; the committer holds it.
+        hooks.hold_commits.store(true, SeqCst);
+        hooks.hold_build.store(true, SeqCst);
+        let received = hooks.received.load(SeqCst);
+        let f4 = s.append(msg(c, "m4"));
+        let fm = s.add_member(7, 2);
+        wait_until("both ops queued", || s.queue_len() == 1);
+        hooks.hold_build.store(false, SeqCst);
+        wait_until("F held", || hooks.received.load(SeqCst) == received + 1);
+
+        // Batch F+1, built on top of F: m5 gets seq 5, the member is already there, the
+        // cursor moves to seq 4, a retry of m4 is a duplicate.
+        let built = hooks.built.load(SeqCst);
+        hooks.hold_build.store(true, SeqCst);
+        let f5 = s.append(msg(c, "m5"));
+        let fm2 = s.add_member(7, 2);
+        let fd = s.set_delivered(2, "phone", c, 10);
+        let f4b = s.append(msg(c, "m4"));
+        wait_until("F+1 ops queued", || s.queue_len() == 3);
+        hooks.hold_build.store(false, SeqCst);
+        wait_until("F+1 built", || hooks.built.load(SeqCst) == built + 1);
+
+        hooks.fail_commits.store(1, SeqCst);
+        hooks.hold_commits.store(false, SeqCst);
+        for (what, r) in [
+            ("m4", f4.wait().map(|_| ())),
+            ("member", fm.wait().map(|_| ())),
+            ("m5", f5.wait().map(|_| ())),
+            ("member again", fm2.wait().map(|_| ())),
+            ("cursor", fd.wait().map(|_| ())),
+            ("m4 retry", f4b.wait().map(|_| ())),
+        ] {
+            assert!(
+                matches!(r, Err(StorageError::CommitFailed(_))),
+                "{what}: {r:?}"
+            );
+        }
+        assert_eq!(hooks.fail_commits.load(SeqCst), 0);
+
+        // Nothing of F or F+1 is visible, and the builder starts again from seq 3.
+        assert_eq!(s.latest_seq(c).unwrap(), 3);
+        assert!(s.members(7, 0, 10).unwrap().is_empty());
+        assert_eq!(s.delivered(2, "phone", c).unwrap(), 1);
+        let r = s.append(msg(c, "m5")).wait().unwrap();
+        assert_eq!((r.seq, r.duplicate), (4, false));
+        let r = s.append(msg(c, "m4")).wait().unwrap();
+        assert_eq!((r.seq, r.duplicate), (5, false), "no stale dedup entry");
+        let r = s.append(msg(c, "m4")).wait().unwrap();
+        assert_eq!((r.seq, r.duplicate), (5, true));
+        assert!(s.add_member(7, 2).wait().unwrap());
+        assert_eq!(s.set_delivered(2, "phone", c, 10).wait().unwrap(), 5);
+        let all: Vec<u64> = s
+            .read_forward(c, 1, 100)
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(all, vec![1, 2, 3, 4, 5]);
+
+        // And after a restart.
+        drop(s);
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(s.latest_seq(c).unwrap(), 5);
+        let r = s.append(msg(c, "m4")).wait().unwrap();
+        assert_eq!((r.seq, r.duplicate), (5, true));
+        assert_eq!(s.append(msg(c, "m6")).wait().unwrap().seq, 6);
     }
 }

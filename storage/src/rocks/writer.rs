@@ -1,16 +1,38 @@
-//! The writer thread: the only place that assigns sequence numbers and versions.
+//! The writer: the only place that assigns sequence numbers and versions. It is a
+//! two-stage pipeline on two threads.
 //!
-//! It blocks on its queue, takes everything queued (up to `max_batch` ops), applies them to
-//! its in-memory state (conversation heads, idempotency index, user-conversation records)
-//! while building one `WriteBatch`, commits that batch with the durability policy, and only
-//! then completes the batch's futures. There is no timer: under load the queue refills
-//! during a commit, so batches grow with the load and one fsync covers them all.
+//! * The **builder** (`tern-storage-writer`, [`Writer`]) blocks on its queue, takes
+//!   everything queued (up to `max_batch` ops), applies them to its in-memory state
+//!   (conversation heads, idempotency index, user-conversation records, cursor and
+//!   membership caches, version counter) while building one `WriteBatch`, and hands the
+//!   batch to the committer.
+//! * The **committer** (`tern-storage-commit`, [`Committer`]) commits batches one at a time,
+//!   strictly in the order they were built, with the durability policy, and only then
+//!   completes the batch's futures (in order).
 //!
-//! If a commit fails, the in-memory state touched by the batch is dropped (conversation
-//! heads and user-conversation records are reloaded from the database on next use, the
-//! idempotency entries of the batch are removed) and every op of the batch fails with
-//! [`StorageError::CommitFailed`]; so no sequence number is skipped or reused. Versions
-//! are not rolled back: they must only increase, gaps are harmless.
+//! The hand-off is a rendezvous channel: while batch N is being committed the builder may
+//! build batch N+1 and then waits until the committer takes it, so at most one batch is
+//! built ahead. There is no timer: under load the queue refills during a commit, so
+//! batches grow with the load and one fsync covers them all.
+//!
+//! The builder's in-memory state therefore describes the committed log **plus** the batches
+//! built but not yet committed. Its caches never drop an entry that an uncommitted batch
+//! wrote: when one outgrows `cache_entries`, the builder first waits until every built batch
+//! is committed, then clears it. Reads of the store (`read_forward`, ...) go to RocksDB and
+//! only ever see committed batches.
+//!
+//! If a commit fails, every op of that batch fails with [`StorageError::CommitFailed`], and
+//! so does every op of each batch already built on top of it: the committer tags batches
+//! with the builder's epoch, and after a failure in epoch E it writes nothing more from
+//! epoch E. It reports each batch's outcome to the builder in order; when the builder sees
+//! the failure (it looks after collecting ops and before building, so an op submitted after
+//! a failed completion resolved is built on the rolled-back state), it rolls back to the
+//! last committed point: it drops all its caches (heads, user-conversation records, cursors
+//! and memberships are reloaded from the database on next use), forgets the idempotency
+//! entries and journal records of the failed batch and the batches after it, and moves to
+//! epoch E+1. So no sequence number is skipped or reused and no idempotency entry points
+//! to an uncommitted message. Versions are not rolled back: they must only increase, gaps
+//! are harmless.
 
 use std::collections::VecDeque;
 
@@ -19,7 +41,9 @@ type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, ahash::RandomState>;
 use std::sync::Arc;
 
-use crossbeam_channel::Receiver;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
 use rocksdb::{WriteBatch, WriteOptions};
 
 use super::{CF_CURSORS, CF_JOURNAL, CF_MEMBERS, CF_MESSAGES, CF_META, CF_USER_CONVS};
@@ -99,16 +123,37 @@ impl Done {
     }
 }
 
-/// Test hook: the next this-many commits fail (unit tests inject commit failures).
+/// Test hooks, one set per open store (so parallel tests do not disturb each other).
 #[cfg(test)]
-pub(crate) static FAIL_COMMITS: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(0);
+#[derive(Debug, Default)]
+pub(crate) struct Hooks {
+    /// The next this-many commits fail.
+    pub fail_commits: std::sync::atomic::AtomicUsize,
+    /// While set, the committer holds each batch it receives before committing it.
+    pub hold_commits: std::sync::atomic::AtomicBool,
+    /// Batches the committer has received (held or not).
+    pub received: std::sync::atomic::AtomicUsize,
+    /// While set, the builder waits after taking the first op of a batch, before taking the
+    /// rest (so a test can put several ops into one batch).
+    pub hold_build: std::sync::atomic::AtomicBool,
+    /// Batches the builder has built (and is handing, or has handed, to the committer).
+    pub built: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(test)]
+fn hold(flag: &std::sync::atomic::AtomicBool) {
+    while flag.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
 
 fn commit(db: &Db, batch: WriteBatch, opts: &WriteOptions) -> Result<(), String> {
     #[cfg(test)]
     {
         use std::sync::atomic::Ordering::SeqCst;
-        if FAIL_COMMITS
+        if db
+            .hooks
+            .fail_commits
             .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
             .is_ok()
         {
@@ -118,18 +163,101 @@ fn commit(db: &Db, batch: WriteBatch, opts: &WriteOptions) -> Result<(), String>
     db.db.write_opt(batch, opts).map_err(|e| e.into_string())
 }
 
+/// A batch on its way from the builder to the committer.
+pub(crate) struct Built {
+    /// The builder's epoch when it built the batch (see the module docs).
+    epoch: u64,
+    /// `None` if the batch writes nothing (only duplicates and no-ops); its completions
+    /// still wait for every batch built before it.
+    batch: Option<WriteBatch>,
+    done: Vec<Done>,
+}
+
+/// The committer's verdict on one batch, reported to the builder in build order.
+pub(crate) enum Outcome {
+    Committed,
+    /// The commit failed: the builder must roll back.
+    Failed,
+    /// Not written: built on top of a batch whose commit failed.
+    Skipped,
+}
+
+/// The second stage of the writer: commits built batches in order and completes them.
+pub(crate) struct Committer {
+    db: Arc<Db>,
+    rx: Receiver<Built>,
+    outcomes: Sender<Outcome>,
+    write_opts: WriteOptions,
+}
+
+impl Committer {
+    pub fn run(self) {
+        // Batches of an epoch below this were built on top of a failed batch.
+        let mut live_epoch = 0;
+        let mut last_failure = String::new();
+        for built in self.rx.iter() {
+            let (outcome, err) = if built.epoch < live_epoch {
+                let e = format!("an earlier batch failed to commit: {last_failure}");
+                (Outcome::Skipped, Some(StorageError::CommitFailed(e)))
+            } else {
+                #[cfg(test)]
+                {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    self.db.hooks.received.fetch_add(1, SeqCst);
+                    hold(&self.db.hooks.hold_commits);
+                }
+                match built.batch.map(|b| commit(&self.db, b, &self.write_opts)) {
+                    None | Some(Ok(())) => (Outcome::Committed, None),
+                    Some(Err(e)) => {
+                        live_epoch = built.epoch + 1;
+                        last_failure.clone_from(&e);
+                        (Outcome::Failed, Some(StorageError::CommitFailed(e)))
+                    }
+                }
+            };
+            // The verdict goes to the builder before any completion resolves, so a caller
+            // that retries after a failure is never built on the failed batch.
+            let _ = self.outcomes.send(outcome);
+            for mut d in built.done {
+                if let Some(e) = &err {
+                    d.fail_if_ok(e);
+                }
+                d.complete();
+            }
+        }
+    }
+}
+
+/// Builder-side record of a batch handed to the committer and not yet reported on.
+struct InFlight {
+    first_version: u64,
+}
+
+/// The first stage of the writer (the builder); see the module docs.
 pub(crate) struct Writer {
     db: Arc<Db>,
     rx: Receiver<Op>,
-    write_opts: WriteOptions,
+    /// To the committer; `None` once shut down.
+    to_commit: Option<Sender<Built>>,
+    outcomes: Receiver<Outcome>,
+    committer: Option<JoinHandle<()>>,
+    /// Batches handed to the committer whose outcome has not been seen yet, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// Bumped by each rollback; batches of older epochs are never written.
+    epoch: u64,
     max_batch: usize,
     cache_entries: usize,
-    /// Latest assigned seq per conversation (committed, or in the batch being built).
+    /// Latest assigned seq per conversation (committed, or in a batch built and not yet
+    /// committed).
     heads: HashMap<ConversationId, Seq>,
     /// Cached user-conversation records (absent = not cached, look in the database).
     user_convs: HashMap<(UserId, ConversationId), UserConvRecord>,
+    /// Cached delivered cursors and memberships (as `heads`: committed or built).
+    cursors: HashMap<Vec<u8>, Seq>,
+    members: HashMap<(GroupId, UserId), bool>,
     dedup: DedupIndex,
-    /// Dedup journal records in the database: (key, highest version inside).
+    /// Dedup journal records in the database (or in a built batch): (key, highest version
+    /// inside).
     journal: VecDeque<(u64, u64)>,
     version: u64,
     last_time: u64,
@@ -137,17 +265,43 @@ pub(crate) struct Writer {
     rec_buf: Vec<u8>,
     journal_buf: Vec<u8>,
     journal_entries: usize,
-    touched_heads: Vec<ConversationId>,
     dirty_user_convs: HashSet<(UserId, ConversationId)>,
-    cursor_overlay: HashMap<Vec<u8>, Seq>,
-    member_overlay: HashMap<(GroupId, UserId), bool>,
+}
+
+/// The builder's ends of the channels to and from the committer.
+pub(crate) struct CommitterLink {
+    pub to_commit: Sender<Built>,
+    pub outcomes: Receiver<Outcome>,
+    pub handle: JoinHandle<()>,
+}
+
+/// Spawns the committer thread.
+pub(crate) fn spawn_committer(db: Arc<Db>, write_opts: WriteOptions) -> Result<CommitterLink> {
+    // Rendezvous: the builder gets at most one batch ahead of the one being committed.
+    let (to_commit, rx) = crossbeam_channel::bounded(0);
+    let (outcomes_tx, outcomes) = crossbeam_channel::unbounded();
+    let c = Committer {
+        db,
+        rx,
+        outcomes: outcomes_tx,
+        write_opts,
+    };
+    let handle = std::thread::Builder::new()
+        .name("tern-storage-commit".into())
+        .spawn(move || c.run())
+        .map_err(|e| StorageError::Backend(format!("spawn committer: {e}")))?;
+    Ok(CommitterLink {
+        to_commit,
+        outcomes,
+        handle,
+    })
 }
 
 impl Writer {
     pub fn new(
         db: Arc<Db>,
         rx: Receiver<Op>,
-        write_opts: WriteOptions,
+        link: CommitterLink,
         opts: &StoreOptions,
         version: u64,
         dedup: DedupIndex,
@@ -156,11 +310,17 @@ impl Writer {
         Writer {
             db,
             rx,
-            write_opts,
+            to_commit: Some(link.to_commit),
+            outcomes: link.outcomes,
+            committer: Some(link.handle),
+            in_flight: VecDeque::new(),
+            epoch: 0,
             max_batch: opts.max_batch.max(1),
             cache_entries: opts.cache_entries.max(1),
             heads: HashMap::default(),
             user_convs: HashMap::default(),
+            cursors: HashMap::default(),
+            members: HashMap::default(),
             dedup,
             journal: journal.into(),
             version,
@@ -168,10 +328,7 @@ impl Writer {
             rec_buf: Vec::with_capacity(1024),
             journal_buf: Vec::with_capacity(64 * 1024),
             journal_entries: 0,
-            touched_heads: Vec::new(),
             dirty_user_convs: HashSet::default(),
-            cursor_overlay: HashMap::default(),
-            member_overlay: HashMap::default(),
         }
     }
 
@@ -185,6 +342,8 @@ impl Writer {
                     false
                 }
             };
+            #[cfg(test)]
+            hold(&self.db.hooks.hold_build);
             while !shutdown && ops.len() < self.max_batch {
                 match self.rx.try_recv() {
                     Ok(Op::Shutdown) => shutdown = true,
@@ -193,24 +352,108 @@ impl Writer {
                 }
             }
             if !ops.is_empty() {
-                self.process(&mut ops);
+                // After collecting the ops: a failure reported before an op was submitted
+                // is rolled back before that op is built.
+                self.take_outcomes();
+                let (built, first_version) = self.build(&mut ops);
+                #[cfg(test)]
+                self.db
+                    .hooks
+                    .built
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.hand_off(built, first_version);
             }
             if shutdown {
                 // Ops queued after the shutdown marker are dropped with the receiver; their
-                // completions resolve to `Closed`.
+                // completions resolve to `Closed`. Everything built is committed and
+                // completed before the committer exits.
+                self.to_commit = None;
+                if let Some(h) = self.committer.take() {
+                    let _ = h.join();
+                }
                 return;
             }
         }
     }
 
-    fn process(&mut self, ops: &mut Vec<Op>) {
+    fn hand_off(&mut self, built: Built, first_version: u64) {
+        let Some(tx) = &self.to_commit else { return };
+        // If the committer is gone (it panicked) the batch is dropped with its completers:
+        // its completions resolve to `Closed`, and so will every later one.
+        if tx.send(built).is_ok() {
+            self.in_flight.push_back(InFlight { first_version });
+        }
+    }
+
+    /// Applies the committer's verdicts that have arrived, without blocking.
+    fn take_outcomes(&mut self) {
+        while let Ok(o) = self.outcomes.try_recv() {
+            self.on_outcome(o);
+        }
+    }
+
+    /// Waits until every built batch has been committed (or failed).
+    fn wait_idle(&mut self) {
+        while !self.in_flight.is_empty() {
+            match self.outcomes.recv() {
+                Ok(o) => self.on_outcome(o),
+                // The committer is gone: nothing will ever be committed again.
+                Err(_) => self.in_flight.clear(),
+            }
+        }
+    }
+
+    fn on_outcome(&mut self, o: Outcome) {
+        let Some(f) = self.in_flight.pop_front() else {
+            return;
+        };
+        if let Outcome::Failed = o {
+            self.rollback(f.first_version);
+        }
+    }
+
+    /// Rolls the in-memory state back to the last committed batch: the one that started at
+    /// `first_version` failed, and every batch built after it is skipped by the committer.
+    fn rollback(&mut self, first_version: u64) {
+        self.heads.clear();
+        self.user_convs.clear();
+        self.cursors.clear();
+        self.members.clear();
+        self.dedup.rollback(first_version);
+        while self
+            .journal
+            .back()
+            .is_some_and(|&(first, _)| first >= first_version)
+        {
+            self.journal.pop_back();
+        }
+        self.epoch += 1;
+    }
+
+    /// Builds one batch from `ops`; also returns the first version it could contain.
+    fn build(&mut self, ops: &mut Vec<Op>) -> (Built, u64) {
         let now = now_ms().max(self.last_time);
         self.last_time = now;
-        if self.heads.len() > self.cache_entries {
-            self.heads.clear();
-        }
-        if self.user_convs.len() > self.cache_entries {
-            self.user_convs.clear();
+        let cap = self.cache_entries;
+        if self.heads.len() > cap
+            || self.user_convs.len() > cap
+            || self.cursors.len() > cap
+            || self.members.len() > cap
+        {
+            // Uncommitted batches may be behind any entry: clear only once all are committed.
+            self.wait_idle();
+            if self.heads.len() > cap {
+                self.heads.clear();
+            }
+            if self.user_convs.len() > cap {
+                self.user_convs.clear();
+            }
+            if self.cursors.len() > cap {
+                self.cursors.clear();
+            }
+            if self.members.len() > cap {
+                self.members.clear();
+            }
         }
         self.dedup.evict_old(now);
         let first_version = self.version + 1;
@@ -258,13 +501,12 @@ impl Writer {
         }
 
         let db = &self.db;
-        for &(user, conv) in &self.dirty_user_convs {
+        for (user, conv) in self.dirty_user_convs.drain() {
             if let Some(rec) = self.user_convs.get(&(user, conv)) {
                 batch.put_cf(db.cf(CF_USER_CONVS), pair_key(user, conv), rec.encode());
             }
         }
-        let journal_pushed = self.journal_entries > 0;
-        if journal_pushed {
+        if self.journal_entries > 0 {
             batch.put_cf(
                 db.cf(CF_JOURNAL),
                 first_version.to_be_bytes(),
@@ -288,36 +530,16 @@ impl Writer {
             );
         }
 
-        if !batch.is_empty() {
+        let batch = (!batch.is_empty()).then(|| {
             batch.put_cf(db.cf(CF_META), META_VERSION, encode_u64(self.version));
-            if let Err(e) = commit(db, batch, &self.write_opts) {
-                let e = StorageError::CommitFailed(e);
-                for d in &mut done {
-                    d.fail_if_ok(&e);
-                }
-                self.rollback(first_version, journal_pushed);
-            }
-        }
-        self.touched_heads.clear();
-        self.dirty_user_convs.clear();
-        self.cursor_overlay.clear();
-        self.member_overlay.clear();
-        for d in done {
-            d.complete();
-        }
-    }
-
-    fn rollback(&mut self, first_version: u64, journal_pushed: bool) {
-        for c in self.touched_heads.drain(..) {
-            self.heads.remove(&c);
-        }
-        for k in self.dirty_user_convs.drain() {
-            self.user_convs.remove(&k);
-        }
-        self.dedup.rollback(first_version);
-        if journal_pushed {
-            self.journal.pop_back();
-        }
+            batch
+        });
+        let built = Built {
+            epoch: self.epoch,
+            batch,
+            done,
+        };
+        (built, first_version)
     }
 
     fn head(&mut self, conv: ConversationId) -> Result<Seq> {
@@ -377,7 +599,6 @@ impl Writer {
         let seq = head + 1;
         let version = self.next_version();
         self.heads.insert(conv, seq);
-        self.touched_heads.push(conv);
         self.rec_buf.clear();
         encode_record(
             &MessageRecord {
@@ -461,7 +682,7 @@ impl Writer {
     ) -> Result<Seq> {
         let target = seq.min(self.head(conv)?);
         let key = cursor_key(user, conv, device);
-        let current = match self.cursor_overlay.get(&key) {
+        let current = match self.cursors.get(&key) {
             Some(&s) => s,
             None => self.db.cursor(&key)?,
         };
@@ -469,7 +690,7 @@ impl Writer {
             return Ok(current);
         }
         batch.put_cf(self.db.cf(CF_CURSORS), &key, encode_u64(target));
-        self.cursor_overlay.insert(key, target);
+        self.cursors.insert(key, target);
         Ok(target)
     }
 
@@ -486,9 +707,13 @@ impl Writer {
         if user == 0 || user > MAX_USER_ID {
             return Err(StorageError::InvalidArgument("user id out of range"));
         }
-        let is_member = match self.member_overlay.get(&(group, user)) {
+        let is_member = match self.members.get(&(group, user)) {
             Some(&m) => m,
-            None => self.db.is_member(group, user)?,
+            None => {
+                let m = self.db.is_member(group, user)?;
+                self.members.insert((group, user), m);
+                m
+            }
         };
         if is_member == add {
             return Ok(false);
@@ -507,7 +732,7 @@ impl Writer {
         rec.active = add;
         rec.member_version = version;
         self.put_user_conv(user, conv, rec);
-        self.member_overlay.insert((group, user), add);
+        self.members.insert((group, user), add);
         Ok(true)
     }
 }
