@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
-use rocksdb::{WriteBatch, WriteOptions};
+use rocksdb::{ColumnFamily, WriteBatch, WriteOptions};
 
 use super::{CF_CURSORS, CF_JOURNAL, CF_MEMBERS, CF_MESSAGES, CF_META, CF_USER_CONVS};
 use super::{CF_USER_GROUPS, Db, META_VERSION};
@@ -462,10 +462,13 @@ impl Writer {
 
         let mut batch = WriteBatch::default();
         let mut done = Vec::with_capacity(ops.len());
+        // Looked up once per batch, not per append (it is a map lookup by name).
+        let db = Arc::clone(&self.db);
+        let messages = db.cf(CF_MESSAGES);
         for op in ops.drain(..) {
             match op {
                 Op::Append(req, tx) => {
-                    let r = self.append(req, now, &mut batch);
+                    let r = self.append(req, now, messages, &mut batch);
                     done.push(Done::Append(tx, r));
                 }
                 Op::SetRead {
@@ -500,7 +503,6 @@ impl Writer {
             }
         }
 
-        let db = &self.db;
         for (user, conv) in self.dirty_user_convs.drain() {
             if let Some(rec) = self.user_convs.get(&(user, conv)) {
                 batch.put_cf(db.cf(CF_USER_CONVS), pair_key(user, conv), rec.encode());
@@ -572,7 +574,13 @@ impl Writer {
         self.version
     }
 
-    fn append(&mut self, req: AppendRequest, now: u64, batch: &mut WriteBatch) -> Result<Appended> {
+    fn append(
+        &mut self,
+        req: AppendRequest,
+        now: u64,
+        messages: &ColumnFamily,
+        batch: &mut WriteBatch,
+    ) -> Result<Appended> {
         let conv = req.conversation;
         let key: Option<DedupKey> = (!req.client_msg_id.is_empty())
             .then(|| (req.sender, Arc::<str>::from(req.client_msg_id.as_str())));
@@ -612,7 +620,7 @@ impl Writer {
             },
             &mut self.rec_buf,
         );
-        batch.put_cf(self.db.cf(CF_MESSAGES), msg_key(conv, seq), &self.rec_buf);
+        batch.put_cf(messages, msg_key(conv, seq), &self.rec_buf);
         for p in new_members {
             self.put_user_conv(
                 p,
