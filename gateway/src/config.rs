@@ -186,10 +186,6 @@ impl Config {
     pub fn login_timeout(&self) -> Duration {
         Duration::from_millis(self.login_timeout_ms)
     }
-
-    pub fn idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.idle_timeout_ms)
-    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::task::{Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
@@ -133,7 +133,8 @@ pub struct Core {
     pub read_scratch: RefCell<Vec<u8>>,
     pub shutdown: Arc<AtomicBool>,
     pub stopping: Cell<bool>,
-    pub stop_wakers: RefCell<Vec<Waker>>,
+    /// The accept loop, waiting for shutdown.
+    stop_waker: RefCell<Option<Waker>>,
     pub connections: Cell<usize>,
     /// Interned ids of users this core sent to recently (bounded), so a Send does not look the
     /// recipient up in the store every time.
@@ -143,6 +144,24 @@ pub struct Core {
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core").field("id", &self.id).finish()
+    }
+}
+
+/// Counts an open connection on its core for as long as it lives (shutdown waits for the count
+/// to reach zero). Moves with the connection; a hand-off to another core drops it here.
+#[derive(Debug)]
+pub struct ConnCount(Rc<Core>);
+
+impl ConnCount {
+    pub fn new(core: &Rc<Core>) -> ConnCount {
+        core.connections.set(core.connections.get() + 1);
+        ConnCount(core.clone())
+    }
+}
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.connections.set(self.0.connections.get() - 1);
     }
 }
 
@@ -181,7 +200,7 @@ impl Core {
             read_scratch: RefCell::new(vec![0; 64 << 10]),
             shutdown,
             stopping: Cell::new(false),
-            stop_wakers: RefCell::default(),
+            stop_waker: RefCell::default(),
             connections: Cell::new(0),
             user_ids: RefCell::default(),
         }
@@ -238,10 +257,7 @@ impl Core {
             if self.stopping.get() {
                 Poll::Ready(())
             } else {
-                let mut wakers = self.stop_wakers.borrow_mut();
-                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                    wakers.push(cx.waker().clone());
-                }
+                *self.stop_waker.borrow_mut() = Some(cx.waker().clone());
                 Poll::Pending
             }
         })
@@ -250,7 +266,7 @@ impl Core {
 
     pub fn begin_stop(&self) {
         self.stopping.set(true);
-        for w in self.stop_wakers.borrow_mut().drain(..) {
+        if let Some(w) = self.stop_waker.borrow_mut().take() {
             w.wake();
         }
         let kick = self.encode(&Frame::kick(
@@ -521,9 +537,4 @@ pub fn storage_error_code(e: &StorageError) -> (ErrorCode, &'static str) {
             _ => (ErrorCode::Internal, "storage error"),
         }
     }
-}
-
-/// Shared shutdown flag checker: flips every core into stopping mode.
-pub fn check_shutdown(core: &Core) -> bool {
-    core.shutdown.load(Ordering::Relaxed)
 }

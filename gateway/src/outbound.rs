@@ -54,12 +54,9 @@ impl Outbound {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.queue.borrow().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.queue.borrow().is_empty()
     }
 
     pub fn is_closed(&self) -> bool {

@@ -45,19 +45,6 @@ pub enum GatewayError {
     Listen { addr: SocketAddr, message: String },
 }
 
-/// A running gateway's handle for tests and embedding: the address it listens on and a way
-/// to stop it.
-#[derive(Debug, Clone)]
-pub struct ShutdownHandle {
-    flag: Arc<AtomicBool>,
-}
-
-impl ShutdownHandle {
-    pub fn shutdown(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-    }
-}
-
 /// The store options the config asks for.
 pub fn store_options(cfg: &Config) -> StoreOptions {
     let durability = match cfg.durability {

@@ -24,7 +24,7 @@ use tern_protocol::{CodecError, ErrorCode, Frame, KickReason, PROTOCOL_VERSION};
 use tern_storage::{ConversationKind, Peer, StoredMessage, UserId, conversation_kind};
 use tracing::{Instrument, debug, info, warn};
 
-use crate::core::{AppendMsg, Core, Login, ReplyTo, SessionHandle, ShardMsg, now_ms};
+use crate::core::{AppendMsg, ConnCount, Core, Login, ReplyTo, SessionHandle, ShardMsg, now_ms};
 use crate::outbound::Outbound;
 use crate::token::{self, valid_id};
 
@@ -44,11 +44,11 @@ pub async fn accept_loop(core: Rc<Core>, listener: TcpListener) {
             None => break,
             Some(Ok(stream)) => {
                 let core = core.clone();
-                core.connections.set(core.connections.get() + 1);
+                let count = ConnCount::new(&core);
                 glommio::spawn_local(async move {
                     let peer = stream.peer_addr().ok();
                     let span = tracing::info_span!("conn", core = core.id, peer = ?peer);
-                    handle_new(core.clone(), stream).instrument(span).await;
+                    handle_new(core, stream, count).instrument(span).await;
                 })
                 .detach();
             }
@@ -142,7 +142,7 @@ enum First {
 }
 
 /// A new connection: wait for Hello, check it, and move the connection to its user's core.
-async fn handle_new(core: Rc<Core>, stream: TcpStream) {
+async fn handle_new(core: Rc<Core>, stream: TcpStream, count: ConnCount) {
     let _ = stream.set_nodelay(true);
     let stream: Stream = Rc::new(RefCell::new(stream));
     let mut inbuf = BytesMut::new();
@@ -170,7 +170,6 @@ async fn handle_new(core: Rc<Core>, stream: TcpStream) {
     let frame = match first {
         First::Frame(f) => f,
         First::Closed => {
-            core.connections.set(core.connections.get() - 1);
             return;
         }
         First::Timeout => {
@@ -182,13 +181,11 @@ async fn handle_new(core: Rc<Core>, stream: TcpStream) {
                 true,
             );
             close_with(&core, &stream, &f).await;
-            core.connections.set(core.connections.get() - 1);
             return;
         }
         First::Bad(e) => {
             debug!(error = %e, "bad first frame");
             close_with(&core, &stream, &e.to_frame()).await;
-            core.connections.set(core.connections.get() - 1);
             return;
         }
     };
@@ -198,7 +195,6 @@ async fn handle_new(core: Rc<Core>, stream: TcpStream) {
         Err((code, msg)) => {
             debug!(?code, msg, "login refused");
             close_with(&core, &stream, &Frame::error(request_id, code, msg, true)).await;
-            core.connections.set(core.connections.get() - 1);
             return;
         }
     };
@@ -207,7 +203,7 @@ async fn handle_new(core: Rc<Core>, stream: TcpStream) {
         // A task of its own, so the login phase's state is freed rather than kept as part of a
         // long-lived session's future.
         glommio::spawn_local(
-            run_session(core, stream, inbuf, login).instrument(tracing::Span::current()),
+            run_session(core, stream, inbuf, login, count).instrument(tracing::Span::current()),
         )
         .detach();
         return;
@@ -224,12 +220,11 @@ async fn handle_new(core: Rc<Core>, stream: TcpStream) {
                 &Frame::error(request_id, ErrorCode::Internal, "server error", true),
             )
             .await;
-            core.connections.set(core.connections.get() - 1);
             return;
         }
     };
     drop(stream);
-    core.connections.set(core.connections.get() - 1);
+    drop(count);
     core.send_to_core(
         owner,
         ShardMsg::Adopt {
@@ -293,7 +288,7 @@ fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static 
 
 /// A connection handed over by another core.
 pub async fn run_adopted(core: Rc<Core>, stream: TcpStream, leftover: Vec<u8>, login: Login) {
-    core.connections.set(core.connections.get() + 1);
+    let count = ConnCount::new(&core);
     let span =
         tracing::info_span!("conn", core = core.id, user = %login.user, device = %login.device);
     run_session(
@@ -301,20 +296,26 @@ pub async fn run_adopted(core: Rc<Core>, stream: TcpStream, leftover: Vec<u8>, l
         Rc::new(RefCell::new(stream)),
         BytesMut::from(&leftover[..]),
         login,
+        count,
     )
     .instrument(span)
     .await;
 }
 
 /// The logged-in session on the user's core.
-async fn run_session(core: Rc<Core>, stream: Stream, inbuf: BytesMut, login: Login) {
+async fn run_session(
+    core: Rc<Core>,
+    stream: Stream,
+    inbuf: BytesMut,
+    login: Login,
+    _count: ConnCount,
+) {
     let user = match core.store.intern_user(&login.user) {
         Ok(u) => u,
         Err(e) => {
             warn!(error = %e, "cannot register user");
             let f = Frame::error(login.request_id, ErrorCode::Internal, "server error", true);
             Box::pin(close_with(&core, &stream, &f)).await;
-            core.connections.set(core.connections.get() - 1);
             return;
         }
     };
@@ -358,7 +359,6 @@ async fn run_session(core: Rc<Core>, stream: Stream, inbuf: BytesMut, login: Log
             true,
         );
         Box::pin(close_with(&core, &stream, &f)).await;
-        core.connections.set(core.connections.get() - 1);
         return;
     };
     let user_name: Arc<str> = Arc::from(login.user.as_str());
@@ -388,7 +388,7 @@ async fn run_session(core: Rc<Core>, stream: Stream, inbuf: BytesMut, login: Log
     if login.sync_on_login {
         // begin_sync happens before the first await inside, so no live message slips between
         // registration and the sync.
-        Box::pin(ctx.sync(login.request_id, login.sync_version, 0)).await;
+        Box::pin(ctx.sync(login.request_id, login.sync_version, 0, Some(user_version))).await;
     }
     ctx.read_loop(&stream, inbuf).await;
 
@@ -414,7 +414,6 @@ async fn run_session(core: Rc<Core>, stream: Stream, inbuf: BytesMut, login: Log
     )
     .await;
     crate::sys::shutdown(&stream.borrow(), std::net::Shutdown::Both);
-    core.connections.set(core.connections.get() - 1);
     core.wake_completions();
     info!(session = session.id, "closed");
 }
@@ -553,7 +552,7 @@ impl Ctx {
             }
             // Boxed: the sync state is large and rare; it must not size every idle session's task.
             Some(Body::Sync(req)) => {
-                Box::pin(self.sync(rid, req.since_version, req.page_size)).await
+                Box::pin(self.sync(rid, req.since_version, req.page_size, None)).await
             }
             Some(Body::History(req)) => self.history(rid, req),
             Some(Body::Hello(_)) => {
@@ -728,12 +727,14 @@ impl Ctx {
     /// conversation's messages after this device's delivered cursor, then SyncDone. Live
     /// messages committed meanwhile wait in the session and follow SyncDone, minus those the
     /// sync already carried.
-    async fn sync(&mut self, rid: u64, since: u64, page_size: u32) {
+    /// `version` is the user's version if the caller read it after this session was registered
+    /// and before calling (the login sync reuses HelloOk's); otherwise the sync reads it.
+    async fn sync(&mut self, rid: u64, since: u64, page_size: u32, version: Option<u64>) {
         self.session.out.begin_sync();
         self.flush_acks().await;
         let mut synced_upto: HashMap<u64, u64> = HashMap::new();
         let result = self
-            .sync_pages(rid, since, page_size, &mut synced_upto)
+            .sync_pages(rid, since, page_size, version, &mut synced_upto)
             .await;
         if let Err(e) = result {
             let (code, msg) = crate::core::storage_error_code(&e);
@@ -747,6 +748,7 @@ impl Ctx {
         rid: u64,
         since: u64,
         page_size: u32,
+        version: Option<u64>,
         synced_upto: &mut HashMap<u64, u64>,
     ) -> Result<(), tern_storage::StorageError> {
         let store = self.core.store.clone();
@@ -757,7 +759,10 @@ impl Ctx {
         } as usize;
         // The version is read before the conversations: anything committed after this point
         // is either in this sync or newer than the version reported in SyncDone.
-        let version = store.user_version(self.user)?;
+        let version = match version {
+            Some(v) => v,
+            None => store.user_version(self.user)?,
+        };
         let convs =
             store.conversations_changed_since(self.user, since, Some(&self.session.device))?;
         let mut names = HashMap::new();

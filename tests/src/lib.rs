@@ -330,6 +330,18 @@ impl Conn {
         }
     }
 
+    /// Asserts the next frame is a Kick with `reason`, and that the connection closes after it.
+    pub fn expect_kick(&mut self, reason: tern_protocol::KickReason) {
+        match self.recv_frame() {
+            Frame {
+                body: Some(Body::Kick(k)),
+                ..
+            } => assert_eq!(k.reason, reason as i32, "kick {k:?}"),
+            other => panic!("expected Kick {reason:?}, got {other:?}"),
+        }
+        self.expect_closed();
+    }
+
     /// Asserts the server closes the connection next.
     pub fn expect_closed(&mut self) {
         match self.recv() {

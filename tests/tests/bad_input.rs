@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use tern_protocol::v1::frame::Body;
-use tern_protocol::{ErrorCode, Frame, HistoryRequest, Target};
+use tern_protocol::{ErrorCode, HistoryRequest, Target};
 use tern_tests::{Conn, Gateway, hello};
 
 /// A healthy pair of sessions that must keep working whatever the bad client does.
@@ -238,24 +238,10 @@ fn login_timeout_and_replaced_device() {
     let token = gw.token("dave");
     let (mut first, _) = Conn::login(gw.addr, &token, "phone");
     let (_second, _) = Conn::login(gw.addr, &token, "phone");
-    match first.recv_frame() {
-        Frame {
-            body: Some(Body::Kick(k)),
-            ..
-        } => assert_eq!(k.reason, tern_protocol::KickReason::Replaced as i32),
-        other => panic!("expected Kick, got {other:?}"),
-    }
-    first.expect_closed();
+    first.expect_kick(tern_protocol::KickReason::Replaced);
 
     // A logged-in connection that sends nothing is kicked after the idle timeout.
     let (mut quiet, ok) = Conn::login(gw.addr, &gw.token("erin"), "d");
     assert_eq!(ok.heartbeat_interval_ms, 100);
-    match quiet.recv_frame() {
-        Frame {
-            body: Some(Body::Kick(k)),
-            ..
-        } => assert_eq!(k.reason, tern_protocol::KickReason::Idle as i32),
-        other => panic!("expected Kick, got {other:?}"),
-    }
-    quiet.expect_closed();
+    quiet.expect_kick(tern_protocol::KickReason::Idle);
 }

@@ -133,14 +133,8 @@ pub fn run(a: ConnsArgs) -> Result<bool, String> {
         for c in &mut children {
             let line = read_line(c)?;
             // READY opened=N failed=M [error]
-            let field = |k: &str| {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix(k))
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            opened += field("opened=");
-            failed += field("failed=");
+            opened += field(&line, "opened=");
+            failed += field(&line, "failed=");
             if first_error.is_none() {
                 first_error = line.split_once(" error=").map(|(_, e)| e.to_string());
             }
@@ -169,12 +163,7 @@ pub fn run(a: ConnsArgs) -> Result<bool, String> {
     } else {
         for mut c in children {
             drop(c.stdin.take());
-            let line = read_line(&mut c)?;
-            alive += line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("alive="))
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
+            alive += field(&read_line(&mut c)?, "alive=");
             let _ = c.wait();
         }
     }
@@ -209,6 +198,14 @@ pub fn run(a: ConnsArgs) -> Result<bool, String> {
         per_conn.map_or("-".into(), |b| format!("{b:.0}")),
     );
     Ok(failed == 0 && alive == opened)
+}
+
+/// The number after `key` (e.g. "opened=") in a worker's report line, 0 if absent.
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn read_line(c: &mut Child) -> Result<String, String> {

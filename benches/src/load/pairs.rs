@@ -332,21 +332,13 @@ async fn sender(
             deadline = wake;
             sleep.as_mut().reset(deadline.into());
         }
-        conn.rbuf.reserve(64 << 10);
-        tokio::select! {
-            biased;
-            r = conn.stream.read_buf(&mut conn.rbuf) => match r {
-                Ok(0) => {
-                    out.events.note(format!("{who}: server closed the connection"));
-                    break;
-                }
-                Err(e) => {
-                    out.events.note(format!("{who}: read: {e}"));
-                    break;
-                }
-                Ok(_) => {}
-            },
-            () = &mut sleep => continue,
+        match read_or_wake(&mut conn, sleep.as_mut()).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                out.events.note(format!("{who}: {e}"));
+                break;
+            }
         }
         let parsed = wire::for_each_frame(&conn.rbuf, |body| {
             match wire::scan(body)? {
@@ -387,6 +379,24 @@ async fn sender(
     clippy::await_holding_refcell_ref,
     reason = "the histogram borrow ends before the Ack write; clippy cannot see through the closure"
 )]
+/// Reads what the server sent into `conn.rbuf`, or returns `Ok(false)` when `sleep` fires first.
+/// An error names why the connection ended.
+async fn read_or_wake(
+    conn: &mut Conn,
+    sleep: std::pin::Pin<&mut tokio::time::Sleep>,
+) -> Result<bool, String> {
+    conn.rbuf.reserve(64 << 10);
+    tokio::select! {
+        biased;
+        r = conn.stream.read_buf(&mut conn.rbuf) => match r {
+            Ok(0) => Err("server closed the connection".into()),
+            Err(e) => Err(format!("read: {e}")),
+            Ok(_) => Ok(true),
+        },
+        () = sleep => Ok(false),
+    }
+}
+
 async fn receiver(sh: Rc<Shared>, pair: u32, mut conn: Conn, ack_every: u64) -> RecvOut {
     let mut out = RecvOut::default();
     let who = format!("receiver {pair}");
@@ -413,64 +423,57 @@ async fn receiver(sh: Rc<Shared>, pair: u32, mut conn: Conn, ack_every: u64) -> 
             deadline = wake;
             sleep.as_mut().reset(deadline.into());
         }
-        conn.rbuf.reserve(64 << 10);
-        tokio::select! {
-            biased;
-            r = conn.stream.read_buf(&mut conn.rbuf) => match r {
-                Ok(0) => {
-                    out.events.note(format!("{who}: server closed the connection"));
-                    break;
-                }
-                Err(e) => {
-                    out.events.note(format!("{who}: read: {e}"));
-                    break;
-                }
-                Ok(_) => {}
-            },
-            () = &mut sleep => continue,
+        match read_or_wake(&mut conn, sleep.as_mut()).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                out.events.note(format!("{who}: {e}"));
+                break;
+            }
         }
         let now = Instant::now();
         let now_ns = sh.ns(now);
         let before = out.delivered;
-        let mut hist = sh.latency_ns.borrow_mut();
-        let parsed = wire::for_each_frame(&conn.rbuf, |body| {
-            match wire::scan(body)? {
-                Scanned::Deliver {
-                    conversation_id,
-                    seq,
-                    payload,
-                } => {
-                    out.delivered += 1;
-                    since_ack += 1;
-                    if conv == 0 {
-                        conv = conversation_id;
-                    }
-                    if conversation_id != conv || (last_seq != 0 && seq != last_seq + 1) {
-                        out.seq_gaps += 1;
-                    }
-                    last_seq = seq;
-                    let Some(st) = Stamp::parse(payload).filter(|s| s.pair == pair) else {
-                        out.misrouted += 1;
-                        return Ok(());
-                    };
-                    hist.saturating_record(now_ns.saturating_sub(st.ts_ns).max(1));
-                    if out.bits.set(st.seq) {
-                        out.dup += 1;
-                    } else {
-                        out.unique += 1;
-                        if high.is_some_and(|h| st.seq < h) {
-                            out.reordered += 1;
+        let parsed = {
+            let mut hist = sh.latency_ns.borrow_mut();
+            wire::for_each_frame(&conn.rbuf, |body| {
+                match wire::scan(body)? {
+                    Scanned::Deliver {
+                        conversation_id,
+                        seq,
+                        payload,
+                    } => {
+                        out.delivered += 1;
+                        since_ack += 1;
+                        if conv == 0 {
+                            conv = conversation_id;
                         }
-                        high = high.max(Some(st.seq));
+                        if conversation_id != conv || (last_seq != 0 && seq != last_seq + 1) {
+                            out.seq_gaps += 1;
+                        }
+                        last_seq = seq;
+                        let Some(st) = Stamp::parse(payload).filter(|s| s.pair == pair) else {
+                            out.misrouted += 1;
+                            return Ok(());
+                        };
+                        hist.saturating_record(now_ns.saturating_sub(st.ts_ns).max(1));
+                        if out.bits.set(st.seq) {
+                            out.dup += 1;
+                        } else {
+                            out.unique += 1;
+                            if high.is_some_and(|h| st.seq < h) {
+                                out.reordered += 1;
+                            }
+                            high = high.max(Some(st.seq));
+                        }
+                    }
+                    Scanned::SendAck { .. } | Scanned::Other(_) => {
+                        out.events.other(&who, body)?;
                     }
                 }
-                Scanned::SendAck { .. } | Scanned::Other(_) => {
-                    out.events.other(&who, body)?;
-                }
-            }
-            Ok(())
-        });
-        drop(hist);
+                Ok(())
+            })
+        };
         match parsed {
             Ok(n) => conn.rbuf.advance(n),
             Err(e) => {

@@ -941,13 +941,16 @@ mod tests {
         r.participants = vec![1, 3];
         assert_eq!(s.append(r).wait().unwrap().seq, 1);
         assert_eq!(s.conversations_changed_since(3, 0, None).unwrap().len(), 1);
-        let all: Vec<u64> = s
-            .read_forward(c, 1, 100)
+        assert_eq!(seqs(&s, c), vec![1, 2, 3, 4]);
+    }
+
+    /// The sequence numbers stored in `c`, ascending.
+    fn seqs(s: &RocksStore, c: ConversationId) -> Vec<Seq> {
+        s.read_forward(c, 1, 1000)
             .unwrap()
             .iter()
             .map(|m| m.seq)
-            .collect();
-        assert_eq!(all, vec![1, 2, 3, 4]);
+            .collect()
     }
 
     fn wait_until(what: &str, cond: impl Fn() -> bool) {
@@ -1023,13 +1026,7 @@ mod tests {
         assert_eq!((r.seq, r.duplicate), (5, true));
         assert!(s.add_member(7, 2).wait().unwrap());
         assert_eq!(s.set_delivered(2, "phone", c, 10).wait().unwrap(), 5);
-        let all: Vec<u64> = s
-            .read_forward(c, 1, 100)
-            .unwrap()
-            .iter()
-            .map(|m| m.seq)
-            .collect();
-        assert_eq!(all, vec![1, 2, 3, 4, 5]);
+        assert_eq!(seqs(&s, c), vec![1, 2, 3, 4, 5]);
 
         // And after a restart.
         drop(s);
