@@ -178,13 +178,26 @@ fn run_cores(
     drop(ready_tx);
     let mut failure = None;
     let mut died = false;
-    for _ in 0..n {
-        match ready_rx.recv() {
+    // A core that has not reported within this bound is stuck before its listener (seen, rarely,
+    // while cores join their channel mesh on a heavily loaded machine): fail the start with a
+    // message instead of hanging. Its thread is not joined; the process exits.
+    let start_deadline = std::time::Instant::now() + Duration::from_secs(15);
+    for started in 0..n {
+        let left = start_deadline.saturating_duration_since(std::time::Instant::now());
+        match ready_rx.recv_timeout(left) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 failure.get_or_insert(e);
             }
-            Err(_) => {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                shutdown.store(true, Ordering::SeqCst);
+                return Err(executor_error(
+                    started,
+                    cfg.io_memory_bytes,
+                    format!("only {started} of {n} cores started within 15 s"),
+                ));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 // A core ended before reporting: its executor could not start (the join below
                 // says why).
                 died = true;

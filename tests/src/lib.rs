@@ -64,6 +64,17 @@ impl Gateway {
     }
 
     fn spawn(dir: &Path, tcp: &str, extra_args: &[&str]) -> Gateway {
+        // One retry: a start that fails outright (the gateway gives up on a core that did not
+        // come up in time) is tried once more before the test fails.
+        match Gateway::try_spawn(dir, tcp, extra_args) {
+            Ok(g) => g,
+            Err(first) => Gateway::try_spawn(dir, tcp, extra_args).unwrap_or_else(|second| {
+                panic!("gateway did not start; first log:\n{first}\nsecond log:\n{second}")
+            }),
+        }
+    }
+
+    fn try_spawn(dir: &Path, tcp: &str, extra_args: &[&str]) -> Result<Gateway, String> {
         let mut cmd = Command::new(binary("tern-gateway"));
         cmd.arg("--data-dir")
             .arg(dir)
@@ -97,20 +108,18 @@ impl Gateway {
             Ok(a) => a.parse().expect("listen address"),
             Err(_) => {
                 let _ = child.kill();
-                panic!(
-                    "gateway did not start; its log:\n{}",
-                    log.lock().unwrap().join("\n")
-                );
+                let _ = child.wait();
+                return Err(log.lock().unwrap().join("\n"));
             }
         };
-        Gateway {
+        Ok(Gateway {
             addr,
             data_dir: dir.to_path_buf(),
             child: Some(child),
             log,
             _tmp: None,
             extra: extra_args.iter().map(|s| s.to_string()).collect(),
-        }
+        })
     }
 
     /// The gateway's log so far.
