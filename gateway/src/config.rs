@@ -61,6 +61,28 @@ pub struct Config {
     /// Idempotency window: a Send repeated within this many seconds with the same client message
     /// id is answered with the original SendAck.
     pub dedup_window_secs: u64,
+    /// Most connections the process holds (logged in or not); more are refused with
+    /// `CONNECTION_LIMIT`. 0 (default) means the open-file limit minus 512 descriptors kept for
+    /// the message log and listeners, so the gateway refuses cleanly before accept fails.
+    pub max_connections: usize,
+    /// Most connections from one IP address; 0 (default) means no per-address limit. Clients
+    /// behind carrier-grade NAT share addresses: set it with that in mind.
+    pub max_connections_per_ip: usize,
+    /// Sends per second one connection may make (bursts up to twice that); more get
+    /// `RATE_LIMITED`. 0 = no limit.
+    pub rate_messages_per_sec: u32,
+    /// Sends per second one user may make over all devices (bursts up to twice that). 0 = no limit.
+    pub rate_user_messages_per_sec: u32,
+    /// Requests (frames of any kind) per second one connection may make (bursts up to twice
+    /// that); more get `RATE_LIMITED`. 0 = no limit.
+    pub rate_requests_per_sec: u32,
+    /// Bytes per second the server reads from one connection; a faster client is not read until
+    /// it is within the rate again (TCP flow control slows it down). Bursts up to twice that, and
+    /// always at least one maximum-size frame. 0 = no limit.
+    pub rate_read_bytes_per_sec: u64,
+    /// A connection whose socket accepts none of the bytes queued for it for this long
+    /// (milliseconds; a client that stopped reading) is reset.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -83,6 +105,13 @@ impl Default for Config {
             shutdown_timeout_ms: 5_000,
             io_memory_bytes: 512 << 10,
             dedup_window_secs: 24 * 3600,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            rate_messages_per_sec: 100,
+            rate_user_messages_per_sec: 200,
+            rate_requests_per_sec: 500,
+            rate_read_bytes_per_sec: 1 << 20,
+            write_timeout_ms: 30_000,
         }
     }
 }
@@ -166,6 +195,9 @@ impl Config {
         if self.io_memory_bytes < 64 << 10 {
             return bad("io_memory_bytes", "must be at least 65536");
         }
+        if self.write_timeout_ms == 0 {
+            return bad("write_timeout_ms", "must be greater than 0");
+        }
         if self.cores > 1024 {
             return bad("cores", "must be at most 1024 (0 = all cores)");
         }
@@ -185,6 +217,15 @@ impl Config {
 
     pub fn login_timeout(&self) -> Duration {
         Duration::from_millis(self.login_timeout_ms)
+    }
+
+    /// The connection limit in force: `max_connections`, or the open-file limit less a reserve.
+    pub fn effective_max_connections(&self, open_file_limit: u64) -> usize {
+        if self.max_connections != 0 {
+            self.max_connections
+        } else {
+            (open_file_limit.saturating_sub(512).max(16)).min(usize::MAX as u64) as usize
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use tern_protocol::{Codec, ErrorCode};
 use tern_storage::{AppendRequest, Appended, Completion, MessageStore, StorageError, UserId};
 
 use crate::config::Config;
+use crate::limits::{ConnLimits, ConnSlot, Gcra, Rates};
 use crate::outbound::Outbound;
 use crate::route::Router;
 use crate::sys::MovedFd;
@@ -59,6 +60,7 @@ pub enum ShardMsg {
         fd: MovedFd,
         leftover: Vec<u8>,
         login: Login,
+        slot: ConnSlot,
     },
     /// An append for a conversation this core owns.
     Append(AppendMsg),
@@ -90,6 +92,9 @@ pub struct SessionHandle {
     /// When the last frame arrived (ms since the epoch); the core's idle sweep reads it.
     pub last_active: Cell<u64>,
     pub end_waker: RefCell<Option<Waker>>,
+    /// The connection's socket, for the sweep's checks. Open for as long as the session is in
+    /// [`Core::sessions`] (it is removed before the socket closes).
+    pub fd: std::os::fd::RawFd,
 }
 
 impl SessionHandle {
@@ -139,6 +144,11 @@ pub struct Core {
     /// Interned ids of users this core sent to recently (bounded), so a Send does not look the
     /// recipient up in the store every time.
     user_ids: RefCell<HashMap<String, UserId>>,
+    /// Connection counts shared by all cores.
+    pub conn_limits: Arc<ConnLimits>,
+    pub rates: Rates,
+    /// Per-user send rate of users with a session on this core (removed with their last session).
+    pub user_rates: RefCell<HashMap<UserId, Gcra>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -183,8 +193,12 @@ impl Core {
         secret: Secret,
         mesh: Senders<ShardMsg>,
         shutdown: Arc<AtomicBool>,
+        conn_limits: Arc<ConnLimits>,
     ) -> Core {
         Core {
+            rates: Rates::from_config(&cfg),
+            conn_limits,
+            user_rates: RefCell::default(),
             id,
             router,
             codec: Codec::new(cfg.max_frame_bytes as usize),
@@ -292,8 +306,21 @@ impl Core {
             glommio::timer::sleep(period).await;
             let now = now_ms();
             for s in self.sessions.borrow().values() {
-                if !s.ending.get() && now.saturating_sub(s.last_active.get()) > idle {
+                if s.ending.get() {
+                    continue;
+                }
+                if now.saturating_sub(s.last_active.get()) > idle {
                     s.out.push(kick.clone());
+                    s.end();
+                } else if let Some(since) = s.out.lagging_since()
+                    && now.saturating_sub(since) > self.cfg.write_timeout_ms
+                    && crate::sys::unsent_bytes(s.fd) > 0
+                {
+                    // Live messages stopped long ago and what was written is still not
+                    // taken: the client does not read. (A blocked write is timed out by the
+                    // writer itself; this catches a client whose kernel buffer absorbed it all.)
+                    tracing::info!(session = s.id, "client is not reading: resetting");
+                    crate::sys::set_linger_zero(s.fd);
                     s.end();
                 }
             }
@@ -318,11 +345,12 @@ impl Core {
                 fd,
                 leftover,
                 login,
+                slot,
             } => {
                 let stream = crate::sys::adopt_stream(fd);
                 let core = self.clone();
                 glommio::spawn_local(async move {
-                    crate::session::run_adopted(core, stream, leftover, login).await;
+                    crate::session::run_adopted(core, stream, leftover, login, slot).await;
                 })
                 .detach();
             }

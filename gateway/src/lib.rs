@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod core;
+pub mod limits;
 pub mod outbound;
 pub mod route;
 pub mod server;

@@ -19,7 +19,16 @@ pub enum DeliveryState {
     },
     /// The device fell behind: live messages are dropped until it syncs. `notified` says whether
     /// SyncNeeded was queued.
-    Lagging { notified: bool },
+    Lagging { notified: bool, since_ms: u64 },
+}
+
+impl DeliveryState {
+    fn lagging() -> DeliveryState {
+        DeliveryState::Lagging {
+            notified: false,
+            since_ms: crate::core::now_ms(),
+        }
+    }
 }
 
 /// Frames waiting to be written to one connection.
@@ -120,7 +129,7 @@ impl Outbound {
                     self.high.borrow_mut().insert(conv, seq);
                     false
                 } else {
-                    *st = DeliveryState::Lagging { notified: false };
+                    *st = DeliveryState::lagging();
                     self.wake_writer();
                     true
                 }
@@ -134,6 +143,14 @@ impl Outbound {
                 false
             }
             DeliveryState::Lagging { .. } => false,
+        }
+    }
+
+    /// Since when (ms since the epoch) live messages are dropped for this device, if they are.
+    pub fn lagging_since(&self) -> Option<u64> {
+        match &*self.state.borrow() {
+            DeliveryState::Lagging { since_ms, .. } => Some(*since_ms),
+            _ => None,
         }
     }
 
@@ -157,7 +174,7 @@ impl Outbound {
                 }
             }
             if overflow {
-                *self.state.borrow_mut() = DeliveryState::Lagging { notified: false };
+                *self.state.borrow_mut() = DeliveryState::lagging();
                 self.wake_writer();
                 return;
             }
@@ -168,7 +185,7 @@ impl Outbound {
                 if self.try_push(frame) {
                     self.high.borrow_mut().insert(conv, seq);
                 } else {
-                    *self.state.borrow_mut() = DeliveryState::Lagging { notified: false };
+                    *self.state.borrow_mut() = DeliveryState::lagging();
                     self.wake_writer();
                     return;
                 }
@@ -183,7 +200,7 @@ impl Outbound {
             return false;
         }
         let mut st = self.state.borrow_mut();
-        if let DeliveryState::Lagging { notified } = &mut *st
+        if let DeliveryState::Lagging { notified, .. } = &mut *st
             && !*notified
         {
             *notified = true;
@@ -222,7 +239,10 @@ impl Outbound {
             if self.closed.get() || !self.queue.borrow().is_empty() {
                 return Poll::Ready(());
             }
-            if let DeliveryState::Lagging { notified: false } = &*self.state.borrow() {
+            if let DeliveryState::Lagging {
+                notified: false, ..
+            } = &*self.state.borrow()
+            {
                 return Poll::Ready(());
             }
             *self.writer.borrow_mut() = Some(cx.waker().clone());
@@ -309,10 +329,7 @@ mod tests {
             o.deliver(1, s, &b(s as u8), 2);
         }
         o.end_sync(&HashMap::new());
-        assert!(matches!(
-            *o.state.borrow(),
-            DeliveryState::Lagging { notified: false }
-        ));
+        assert!(o.lagging_since().is_some());
         assert!(o.take_sync_needed());
     }
 }

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Durability};
 use crate::core::{Core, ShardMsg};
+use crate::limits::ConnLimits;
 use crate::route::Router;
 use crate::token::Secret;
 
@@ -120,6 +121,9 @@ fn run_cores(
         .unwrap_or(1);
     let router = Router::new(n);
     let cfg = Arc::new(cfg.clone());
+    let (nofile, _) = crate::sys::rlimit(libc::RLIMIT_NOFILE);
+    let max_connections = cfg.effective_max_connections(nofile);
+    let conn_limits = ConnLimits::new(max_connections, cfg.max_connections_per_ip);
     let mesh = MeshBuilder::<ShardMsg, _>::full(n, 4096);
     // Bind on core 0 first so that port 0 (tests) resolves to one port every core then shares.
     let first = std::net::TcpListener::bind(cfg.tcp).map_err(|e| GatewayError::Listen {
@@ -145,6 +149,7 @@ fn run_cores(
         let secret = secret.clone();
         let core_shutdown = shutdown.clone();
         let ready = ready_tx.clone();
+        let conn_limits = conn_limits.clone();
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("tern-core-{id}"))
             .io_memory(cfg.io_memory_bytes)
@@ -159,6 +164,7 @@ fn run_cores(
                 secret,
                 mesh,
                 core_shutdown,
+                conn_limits,
                 addr,
                 ready,
             )
@@ -208,7 +214,7 @@ fn run_cores(
     if failure.is_some() || died {
         shutdown.store(true, Ordering::SeqCst);
     } else {
-        info!(%addr, cores = n, data_dir = %cfg.data_dir.display(), "tern-gateway listening");
+        info!(%addr, cores = n, max_connections, data_dir = %cfg.data_dir.display(), "tern-gateway listening");
         on_ready(addr);
     }
     for (id, h) in handles.into_iter().enumerate() {
@@ -250,6 +256,7 @@ async fn core_main(
     secret: Secret,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
     shutdown: Arc<AtomicBool>,
+    conn_limits: Arc<ConnLimits>,
     addr: SocketAddr,
     ready: std::sync::mpsc::Sender<Result<(), GatewayError>>,
 ) {
@@ -296,6 +303,7 @@ async fn core_main(
         secret,
         senders,
         shutdown.clone(),
+        conn_limits,
     ));
     for (_from, rx) in receivers.streams() {
         let core = core.clone();

@@ -25,6 +25,7 @@ use tern_storage::{ConversationKind, Peer, StoredMessage, UserId, conversation_k
 use tracing::{Instrument, debug, info, warn};
 
 use crate::core::{AppendMsg, ConnCount, Core, Login, ReplyTo, SessionHandle, ShardMsg, now_ms};
+use crate::limits::{ConnSlot, Gcra, Refused, mono_nanos};
 use crate::outbound::Outbound;
 use crate::token::{self, valid_id};
 
@@ -48,7 +49,10 @@ pub async fn accept_loop(core: Rc<Core>, listener: TcpListener) {
                 glommio::spawn_local(async move {
                     let peer = stream.peer_addr().ok();
                     let span = tracing::info_span!("conn", core = core.id, peer = ?peer);
-                    handle_new(core, stream, count).instrument(span).await;
+                    match core.conn_limits.admit(peer.map(|p| p.ip())) {
+                        Ok(slot) => handle_new(core, stream, count, slot).instrument(span).await,
+                        Err(refused) => refuse(&core, stream, refused).instrument(span).await,
+                    }
                 })
                 .detach();
             }
@@ -97,10 +101,28 @@ async fn read_some(core: &Core, stream: &Stream, inbuf: &mut BytesMut) -> std::i
     .await
 }
 
-async fn write_all(stream: &Stream, mut buf: &[u8]) -> std::io::Result<()> {
+async fn write_all(stream: &Stream, buf: &[u8]) -> std::io::Result<()> {
+    write_all_within(stream, buf, Duration::MAX).await
+}
+
+/// Writes all of `buf`, failing with `TimedOut` if the socket accepts nothing for `stall`.
+async fn write_all_within(stream: &Stream, mut buf: &[u8], stall: Duration) -> std::io::Result<()> {
     while !buf.is_empty() {
-        let n = std::future::poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, buf))
-            .await?;
+        let mut write = std::pin::pin!(std::future::poll_fn(|cx| {
+            Pin::new(&mut *stream.borrow_mut()).poll_write(cx, buf)
+        }));
+        // The timer is armed only when the socket is full, not on every write.
+        let n = match future::poll_once(write.as_mut()).await {
+            Some(r) => r?,
+            None if stall == Duration::MAX => write.await?,
+            None => {
+                future::or(write, async {
+                    glommio::timer::sleep(stall).await;
+                    Err(std::io::ErrorKind::TimedOut.into())
+                })
+                .await?
+            }
+        };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -134,6 +156,21 @@ async fn close_with(core: &Core, stream: &Stream, frame: &Frame) {
     .await;
 }
 
+/// Tells a connection over a connection limit why, and closes it without waiting for the peer:
+/// under a flood of connections the descriptor is what is scarce.
+async fn refuse(core: &Core, stream: TcpStream, refused: Refused) {
+    debug!(?refused, "connection refused");
+    let stream: Stream = Rc::new(RefCell::new(stream));
+    let frame = Frame::error(0, ErrorCode::ConnectionLimit, refused.message(), true);
+    let bytes = core.encode(&frame);
+    let _ = future::or(async { write_all(&stream, &bytes).await.is_ok() }, async {
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+        false
+    })
+    .await;
+    crate::sys::shutdown(&stream.borrow(), std::net::Shutdown::Write);
+}
+
 enum First {
     Frame(Frame),
     Bad(CodecError),
@@ -142,7 +179,7 @@ enum First {
 }
 
 /// A new connection: wait for Hello, check it, and move the connection to its user's core.
-async fn handle_new(core: Rc<Core>, stream: TcpStream, count: ConnCount) {
+async fn handle_new(core: Rc<Core>, stream: TcpStream, count: ConnCount, slot: ConnSlot) {
     let _ = stream.set_nodelay(true);
     let stream: Stream = Rc::new(RefCell::new(stream));
     let mut inbuf = BytesMut::new();
@@ -203,7 +240,8 @@ async fn handle_new(core: Rc<Core>, stream: TcpStream, count: ConnCount) {
         // A task of its own, so the login phase's state is freed rather than kept as part of a
         // long-lived session's future.
         glommio::spawn_local(
-            run_session(core, stream, inbuf, login, count).instrument(tracing::Span::current()),
+            run_session(core, stream, inbuf, login, count, slot)
+                .instrument(tracing::Span::current()),
         )
         .detach();
         return;
@@ -231,6 +269,7 @@ async fn handle_new(core: Rc<Core>, stream: TcpStream, count: ConnCount) {
             fd,
             leftover: inbuf.to_vec(),
             login,
+            slot,
         },
     )
     .await;
@@ -287,7 +326,13 @@ fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static 
 }
 
 /// A connection handed over by another core.
-pub async fn run_adopted(core: Rc<Core>, stream: TcpStream, leftover: Vec<u8>, login: Login) {
+pub async fn run_adopted(
+    core: Rc<Core>,
+    stream: TcpStream,
+    leftover: Vec<u8>,
+    login: Login,
+    slot: ConnSlot,
+) {
     let count = ConnCount::new(&core);
     let span =
         tracing::info_span!("conn", core = core.id, user = %login.user, device = %login.device);
@@ -297,6 +342,7 @@ pub async fn run_adopted(core: Rc<Core>, stream: TcpStream, leftover: Vec<u8>, l
         BytesMut::from(&leftover[..]),
         login,
         count,
+        slot,
     )
     .instrument(span)
     .await;
@@ -309,6 +355,7 @@ async fn run_session(
     inbuf: BytesMut,
     login: Login,
     _count: ConnCount,
+    _slot: ConnSlot,
 ) {
     let user = match core.store.intern_user(&login.user) {
         Ok(u) => u,
@@ -343,6 +390,7 @@ async fn run_session(
                 ending: Default::default(),
                 last_active: std::cell::Cell::new(now_ms()),
                 end_waker: Default::default(),
+                fd: std::os::fd::AsRawFd::as_raw_fd(&*stream.borrow()),
             });
             list.push(session.clone());
             core.sessions
@@ -384,6 +432,9 @@ async fn run_session(
         user,
         user_name,
         acks: Vec::new(),
+        sends: Gcra::default(),
+        requests: Gcra::default(),
+        read_bytes: Gcra::default(),
     };
     if login.sync_on_login {
         // begin_sync happens before the first await inside, so no live message slips between
@@ -399,6 +450,7 @@ async fn run_session(
             list.retain(|s| s.id != session.id);
             if list.is_empty() {
                 users.remove(&user);
+                core.user_rates.borrow_mut().remove(&user);
             }
         }
         core.sessions.borrow_mut().remove(&session.id);
@@ -433,10 +485,22 @@ async fn write_loop(core: Rc<Core>, stream: Stream, session: Rc<SessionHandle>) 
             }
             continue;
         }
-        if let Err(e) = write_all(&stream, &buf).await {
-            debug!(error = %e, "write failed");
-            session.end();
-            return;
+        let stall = Duration::from_millis(core.cfg.write_timeout_ms);
+        match write_all_within(&stream, &buf, stall).await {
+            Ok(()) => {}
+            Err(e) if e.kind() != std::io::ErrorKind::TimedOut => {
+                debug!(error = %e, "write failed");
+                session.end();
+                return;
+            }
+            Err(_) => {
+                // The client stopped reading: reset rather than close, so that neither its
+                // unread bytes nor ours keep kernel memory.
+                info!(session = session.id, "write timeout: client is not reading");
+                crate::sys::set_linger_zero(session.fd);
+                session.end();
+                return;
+            }
         }
     }
 }
@@ -452,6 +516,9 @@ struct Ctx {
     user: UserId,
     user_name: Arc<str>,
     acks: Vec<tern_storage::Completion<u64>>,
+    sends: Gcra,
+    requests: Gcra,
+    read_bytes: Gcra,
 }
 
 impl Ctx {
@@ -481,6 +548,9 @@ impl Ctx {
                 }
                 match codec.decode(&mut inbuf) {
                     Ok(Some(frame)) => {
+                        // Only whole frames count as activity: a client trickling a frame byte
+                        // by byte is closed by the idle timeout.
+                        self.session.last_active.set(now_ms());
                         self.session.out.wait_room().await;
                         // Boxed: request handling has the largest state of the session; inline
                         // it would be carried by every idle connection's task.
@@ -514,7 +584,30 @@ impl Ctx {
             .await;
             match woke {
                 Wake::Read(Ok(0)) | Wake::Read(Err(_)) | Wake::Ended => return,
-                Wake::Read(Ok(_)) => self.session.last_active.set(now_ms()),
+                Wake::Read(Ok(n)) => {
+                    let rate = &core.rates.read_bytes;
+                    let wait = self
+                        .read_bytes
+                        .charge(rate, mono_nanos(), (n as u64).div_ceil(64));
+                    if !wait.is_zero() {
+                        // Over the byte rate: stop reading for a while (the frames already
+                        // read are still handled first).
+                        let ended = future::or(
+                            async {
+                                glommio::timer::sleep(wait).await;
+                                false
+                            },
+                            async {
+                                self.session.ended().await;
+                                true
+                            },
+                        )
+                        .await;
+                        if ended {
+                            return;
+                        }
+                    }
+                }
             }
         }
     }
@@ -522,6 +615,20 @@ impl Ctx {
     /// Handles one request. Returns false if the connection must close.
     async fn handle(&mut self, frame: Frame) -> bool {
         let rid = frame.request_id;
+        if !self
+            .requests
+            .allow(&self.core.rates.requests, mono_nanos(), 1)
+        {
+            self.error(
+                rid,
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} requests per second on this connection",
+                    self.core.cfg.rate_requests_per_sec
+                ),
+            );
+            return true;
+        }
         match frame.body {
             Some(Body::Ping(p)) => {
                 self.reply(&Frame::new(
@@ -578,6 +685,11 @@ impl Ctx {
         true
     }
 
+    /// Bytes of messages one response frame may carry (room left for the envelope).
+    fn frame_budget(&self) -> usize {
+        self.core.codec.max_frame_bytes.saturating_sub(512)
+    }
+
     fn may_access(&self, conv: u64) -> bool {
         match conversation_kind(conv) {
             Some(ConversationKind::Direct { low, high }) => low == self.user || high == self.user,
@@ -611,6 +723,34 @@ impl Ctx {
         let Some(target) = send.target else {
             return self.error(rid, ErrorCode::InvalidArgument, "target is required");
         };
+        let now = mono_nanos();
+        if !self.sends.allow(&self.core.rates.messages, now, 1) {
+            return self.error(
+                rid,
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} messages per second on this connection",
+                    cfg.rate_messages_per_sec
+                ),
+            );
+        }
+        let user_ok = self
+            .core
+            .user_rates
+            .borrow_mut()
+            .entry(self.user)
+            .or_default()
+            .allow(&self.core.rates.user_messages, now, 1);
+        if !user_ok {
+            return self.error(
+                rid,
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} messages per second from this user",
+                    cfg.rate_user_messages_per_sec
+                ),
+            );
+        }
         match TargetKind::try_from(target.kind) {
             Ok(TargetKind::User) => {}
             Ok(TargetKind::Group) | Ok(TargetKind::Room) => {
@@ -800,18 +940,22 @@ impl Ctx {
                     break;
                 };
                 let n = msgs.len();
-                let messages = msgs
+                let messages: Vec<Deliver> = msgs
                     .into_iter()
                     .map(|m| self.to_deliver(&mut names, &target, m))
                     .collect();
-                let f = self.core.encode(&Frame::new(
-                    rid,
-                    SyncMessages {
-                        conversation_id: c.conversation,
-                        messages,
-                    },
-                ));
-                self.session.out.push_wait(f).await;
+                // A page of large messages is sent as several frames, each within the frame
+                // limit.
+                for messages in split_by_size(messages, self.frame_budget()) {
+                    let f = self.core.encode(&Frame::new(
+                        rid,
+                        SyncMessages {
+                            conversation_id: c.conversation,
+                            messages,
+                        },
+                    ));
+                    self.session.out.push_wait(f).await;
+                }
                 synced_upto.insert(c.conversation, last);
                 from = last + 1;
                 if n < page {
@@ -870,14 +1014,22 @@ impl Ctx {
         } as usize;
         match store.read_backward(conv, req.before_seq, limit + 1) {
             Ok(mut msgs) => {
-                let has_more = msgs.len() > limit;
+                let mut has_more = msgs.len() > limit;
                 msgs.truncate(limit);
                 let mut names = HashMap::new();
                 let target = self.target_of(&mut names, conv);
-                let messages = msgs
+                let messages: Vec<Deliver> = msgs
                     .into_iter()
                     .map(|m| self.to_deliver(&mut names, &target, m))
                     .collect();
+                // Newest first: keep as many as fit in one frame; the client pages on from the
+                // oldest it got.
+                let total = messages.len();
+                let messages = split_by_size(messages, self.frame_budget())
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default();
+                has_more |= messages.len() < total;
                 self.reply(&Frame::new(
                     rid,
                     HistoryPage {
@@ -892,5 +1044,62 @@ impl Ctx {
                 self.error(rid, code, msg);
             }
         }
+    }
+}
+
+/// Splits messages, in order, into groups whose encoding fits in `budget` bytes. A group always
+/// has at least one message (a single message always fits: payloads are limited well below the
+/// frame size).
+fn split_by_size(messages: Vec<Deliver>, budget: usize) -> Vec<Vec<Deliver>> {
+    use prost::Message;
+    let mut groups = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0usize;
+    for m in messages {
+        // The message, its field tag and its length prefix.
+        let len = m.encoded_len() + 1 + prost::length_delimiter_len(m.encoded_len());
+        if !current.is_empty() && size + len > budget {
+            groups.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += len;
+        current.push(m);
+    }
+    if !current.is_empty() || groups.is_empty() {
+        groups.push(current);
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u64, payload: usize) -> Deliver {
+        Deliver {
+            conversation_id: 1,
+            seq,
+            payload: vec![0u8; payload].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn split_by_size_keeps_order_and_budget() {
+        let msgs: Vec<Deliver> = (1..=10).map(|s| msg(s, 1000)).collect();
+        let groups = split_by_size(msgs, 3500);
+        let seqs: Vec<Vec<u64>> = groups
+            .iter()
+            .map(|g| g.iter().map(|m| m.seq).collect())
+            .collect();
+        assert_eq!(
+            seqs,
+            vec![vec![1, 2, 3], vec![4, 5, 6], vec![7, 8, 9], vec![10]]
+        );
+        // Empty input gives one empty group (an empty page is still answered).
+        assert_eq!(split_by_size(Vec::new(), 10).len(), 1);
+        // A message larger than the budget goes alone.
+        let groups = split_by_size(vec![msg(1, 5000), msg(2, 10)], 3500);
+        assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1]);
     }
 }

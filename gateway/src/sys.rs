@@ -61,3 +61,31 @@ pub fn shutdown(stream: &TcpStream, how: std::net::Shutdown) {
         libc::shutdown(stream.as_raw_fd(), how);
     }
 }
+
+/// Makes the socket's close send a reset (SO_LINGER with a zero timeout) and drop whatever is
+/// still queued in either direction. Best effort.
+pub fn set_linger_zero(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the caller passes an open socket; `linger` is a valid struct of the size passed,
+    // which setsockopt only reads. A stale descriptor only makes the call fail.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Bytes written to the socket that the peer has not acknowledged yet (SIOCOUTQ); 0 on error.
+pub fn unsent_bytes(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one int into `n`, which is valid and writable.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    if r == 0 { n.max(0) as usize } else { 0 }
+}

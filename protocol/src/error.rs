@@ -94,7 +94,8 @@ impl ErrorCode {
             | Self::TokenRevoked
             | Self::LoginTimeout
             | Self::AlreadyAuthenticated
-            | Self::TooManyDevices => true,
+            | Self::TooManyDevices
+            | Self::ConnectionLimit => true,
             // The request failed; the session goes on.
             Self::Unspecified
             | Self::UnknownMessage

@@ -37,6 +37,10 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The config every test gateway gets unless the test passes `--config`.
+pub const NO_RATE_LIMITS: &str = "rate_messages_per_sec = 0\nrate_user_messages_per_sec = 0\n\
+     rate_requests_per_sec = 0\nrate_read_bytes_per_sec = 0\n";
+
 /// A gateway process for one test.
 #[derive(Debug)]
 pub struct Gateway {
@@ -76,11 +80,16 @@ impl Gateway {
 
     fn try_spawn(dir: &Path, tcp: &str, extra_args: &[&str]) -> Result<Gateway, String> {
         let mut cmd = Command::new(binary("tern-gateway"));
-        cmd.arg("--data-dir")
-            .arg(dir)
-            .arg("--tcp")
-            .arg(tcp)
-            .args(extra_args)
+        cmd.arg("--data-dir").arg(dir).arg("--tcp").arg(tcp);
+        if !extra_args.contains(&"--config") {
+            // Tests send bursts far above the per-client rate limits a public server wants;
+            // tests of the limits pass a config of their own.
+            let cfg = dir.join("test-no-rate-limits.toml");
+            std::fs::create_dir_all(dir).expect("data dir");
+            std::fs::write(&cfg, NO_RATE_LIMITS).expect("write test config");
+            cmd.arg("--config").arg(cfg);
+        }
+        cmd.args(extra_args)
             .env(
                 "TERN_LOG",
                 std::env::var("TERN_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -249,7 +258,31 @@ pub enum Recv {
 
 impl Conn {
     pub fn connect(addr: SocketAddr) -> Conn {
-        let stream = TcpStream::connect(addr).expect("connect");
+        Conn::from_stream(TcpStream::connect(addr).expect("connect"))
+    }
+
+    /// Connects from a given local address (any of 127.0.0.0/8 works on loopback) and/or with
+    /// a small receive buffer (set before connecting, so the window stays small).
+    pub fn connect_with(
+        addr: SocketAddr,
+        local_ip: Option<std::net::IpAddr>,
+        recv_buffer: Option<usize>,
+    ) -> Conn {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+        if let Some(n) = recv_buffer {
+            socket.set_recv_buffer_size(n).expect("SO_RCVBUF");
+        }
+        if let Some(ip) = local_ip {
+            socket
+                .bind(&SocketAddr::new(ip, 0).into())
+                .expect("bind local address");
+        }
+        socket.connect(&addr.into()).expect("connect");
+        Conn::from_stream(socket.into())
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Conn {
         stream.set_nodelay(true).unwrap();
         stream.set_read_timeout(Some(WAIT)).unwrap();
         Conn {
@@ -288,6 +321,11 @@ impl Conn {
         let mut out = BytesMut::new();
         self.codec.encode(frame, &mut out).expect("encode");
         self.stream.write_all(&out).expect("write");
+    }
+
+    /// The socket, for tests that poke at it directly.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use tern_protocol::v1::frame::Body;
 use tern_protocol::{Deliver, Frame, HistoryRequest, SendAck, SyncRequest, Target};
-use tern_tests::{Conn, Gateway, hello};
+use tern_tests::{Conn, Gateway, NO_RATE_LIMITS, hello};
 
 fn send(c: &mut Conn, to: &str, id: &str, text: &str) -> u64 {
     c.send_body(Body::Send(tern_protocol::Send {
@@ -300,9 +300,66 @@ fn history_pages_backwards() {
 }
 
 #[test]
+fn sync_and_history_of_large_messages_are_split_to_fit_the_frame_limit() {
+    // 120 messages of 60 KiB: one sync page (100) or history page (50) of them is several
+    // times the 1 MiB frame limit.
+    let gw = Gateway::start(&[]);
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    let total = 120u64;
+    for i in 1..=total {
+        let text = format!("{i:>6}").repeat(10 << 10);
+        send_acked(&mut alice, "bob", &format!("m{i}"), &text);
+    }
+    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+    let rid = bob.send_body(Body::Sync(SyncRequest {
+        since_version: 0,
+        page_size: 100,
+    }));
+    let (_, msgs, _) = collect_sync(&mut bob, rid);
+    assert_eq!(
+        msgs.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
+    for m in &msgs {
+        assert_eq!(text(m), format!("{:>6}", m.seq).repeat(10 << 10));
+    }
+
+    let mut before = 0;
+    let mut seen = Vec::new();
+    loop {
+        let rid = bob.send_body(Body::History(HistoryRequest {
+            conversation_id: 0,
+            target: Some(Target::user("alice")),
+            before_seq: before,
+            limit: 50,
+        }));
+        let f = bob.recv_frame();
+        assert_eq!(f.request_id, rid);
+        let Some(Body::HistoryPage(p)) = f.body else {
+            panic!("expected HistoryPage, got {f:?}")
+        };
+        assert!(
+            !p.messages.is_empty() && p.messages.len() < 50,
+            "{}",
+            p.messages.len()
+        );
+        seen.extend(p.messages.iter().map(|m| m.seq));
+        if !p.has_more {
+            break;
+        }
+        before = p.messages.last().unwrap().seq;
+    }
+    assert_eq!(seen, (1..=total).rev().collect::<Vec<_>>());
+}
+
+#[test]
 fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("tern.toml"), "outbound_queue_frames = 64\n").unwrap();
+    std::fs::write(
+        dir.path().join("tern.toml"),
+        format!("outbound_queue_frames = 64\n{NO_RATE_LIMITS}"),
+    )
+    .unwrap();
     let cfg = dir.path().join("tern.toml");
     let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
     let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");

@@ -1,0 +1,336 @@
+//! Limits against hostile or broken clients: rates, connection counts, slow senders and clients
+//! that never read. Each case asserts the documented error code or close, and that nothing a
+//! limit refused was stored.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tern_protocol::v1::frame::Body;
+use tern_protocol::{Codec, ErrorCode, Frame, KickReason, Ping, SyncRequest, Target};
+use tern_tests::{Conn, Gateway, Recv, WAIT, hello};
+
+fn gateway_with(config: &str) -> (Gateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tern.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    (gw, dir)
+}
+
+fn send(to: &str, id: &str, payload: Bytes) -> Body {
+    Body::Send(tern_protocol::Send {
+        client_msg_id: id.to_string(),
+        target: Some(Target::user(to)),
+        content_type: 1,
+        custom_type: String::new(),
+        payload,
+    })
+}
+
+/// Sends `n` messages back to back, then counts SendAcks and RATE_LIMITED errors (the error
+/// text is returned for the first refusal).
+fn burst(c: &mut Conn, prefix: &str, n: usize) -> (usize, usize, Option<String>) {
+    let ids: Vec<u64> = (0..n)
+        .map(|i| {
+            c.send_body(send(
+                "bob",
+                &format!("{prefix}{i}"),
+                Bytes::from_static(b"x"),
+            ))
+        })
+        .collect();
+    let (mut acked, mut limited, mut text) = (0, 0, None);
+    let mut answered = Vec::new();
+    for _ in 0..n {
+        // Refusals are answered at once, SendAcks after the commit: match by request id.
+        let f = c.recv_frame();
+        answered.push(f.request_id);
+        match f.body {
+            Some(Body::SendAck(_)) => acked += 1,
+            Some(Body::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::RateLimited as i32, "{e:?}");
+                assert!(!e.fatal);
+                text.get_or_insert(e.message);
+                limited += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, ids, "one answer per request");
+    (acked, limited, text)
+}
+
+/// Bob's messages from a full sync.
+fn synced_seqs(gw: &Gateway) -> Vec<u64> {
+    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "reader");
+    let rid = bob.send_body(Body::Sync(SyncRequest {
+        since_version: 0,
+        page_size: 0,
+    }));
+    let mut seqs = Vec::new();
+    loop {
+        let f = bob.recv_frame();
+        assert_eq!(f.request_id, rid);
+        match f.body {
+            Some(Body::SyncConversations(_)) => {}
+            Some(Body::SyncMessages(m)) => seqs.extend(m.messages.iter().map(|d| d.seq)),
+            Some(Body::SyncDone(_)) => return seqs,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn send_rate_is_limited_per_connection_and_per_user_and_refused_sends_are_not_stored() {
+    // 1 message/s per connection (bursts of 2), 2/s per user (bursts of 4): a burst of 10 from
+    // one device gets exactly 2 through, however fast the machine is.
+    let (gw, _cfg) = gateway_with("rate_messages_per_sec = 1\nrate_user_messages_per_sec = 2\n");
+    let token = gw.token("alice");
+    let (mut phone, _) = Conn::login(gw.addr, &token, "phone");
+    let (acked, limited, text) = burst(&mut phone, "p", 10);
+    assert_eq!((acked, limited), (2, 8));
+    assert!(text.unwrap().contains("on this connection"));
+
+    // A second device has its own connection budget but shares the user's: 2 more.
+    let (mut laptop, _) = Conn::login(gw.addr, &token, "laptop");
+    assert_eq!(burst(&mut laptop, "l", 10).0, 2);
+    // A third device finds the user's budget spent.
+    let (mut tablet, _) = Conn::login(gw.addr, &token, "tablet");
+    let (acked, limited, text) = burst(&mut tablet, "t", 5);
+    assert_eq!((acked, limited), (0, 5));
+    assert!(text.unwrap().contains("from this user"));
+
+    // The limit is not fatal: the connection still answers.
+    let rid = tablet.send_body(Body::Ping(Ping { client_time_ms: 7 }));
+    let f = tablet.recv_frame();
+    assert_eq!(f.request_id, rid);
+    assert!(matches!(f.body, Some(Body::Pong(_))), "{f:?}");
+
+    // Exactly the acknowledged messages were stored.
+    assert_eq!(synced_seqs(&gw), vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn request_rate_is_limited_per_connection() {
+    let (gw, _cfg) = gateway_with("rate_requests_per_sec = 1\n");
+    let (mut c, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    let ids: Vec<u64> = (0..6)
+        .map(|i| c.send_body(Body::Ping(Ping { client_time_ms: i })))
+        .collect();
+    let mut pongs = 0;
+    for id in ids {
+        let f = c.recv_frame();
+        assert_eq!(f.request_id, id);
+        match f.body {
+            Some(Body::Pong(_)) => pongs += 1,
+            Some(Body::Error(e)) => assert_eq!(e.code, ErrorCode::RateLimited as i32),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(pongs, 2);
+}
+
+#[test]
+fn read_byte_rate_slows_a_fast_sender_down_without_refusing_it() {
+    // 256 KiB/s with bursts of 512 KiB. 1 MiB of sends cannot all be read in less than
+    // (1 MiB - 512 KiB - one 64 KiB read) / 256 KiB/s = 1.75 s: a lower bound, so the check
+    // cannot fail on a slow machine.
+    let (gw, _cfg) = gateway_with(
+        "rate_read_bytes_per_sec = 262144\nmax_frame_bytes = 32768\nmax_payload_bytes = 16384\n\
+         rate_messages_per_sec = 0\nrate_user_messages_per_sec = 0\nrate_requests_per_sec = 0\n",
+    );
+    let (mut c, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    let payload = Bytes::from(vec![7u8; 16 << 10]);
+    let started = Instant::now();
+    let ids: Vec<u64> = (0..64)
+        .map(|i| c.send_body(send("bob", &format!("m{i}"), payload.clone())))
+        .collect();
+    for (i, id) in ids.into_iter().enumerate() {
+        let f = c.recv_frame();
+        assert_eq!(f.request_id, id);
+        match f.body {
+            Some(Body::SendAck(a)) => assert_eq!(a.seq, i as u64 + 1),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1750),
+        "1 MiB was read in {took:?}, faster than the configured rate allows"
+    );
+}
+
+#[test]
+fn connections_are_limited_in_total_and_per_address() {
+    let (gw, _cfg) = gateway_with("max_connections = 3\nmax_connections_per_ip = 2\n");
+    let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+    let refused = |c: &mut Conn| -> String {
+        match c.recv_frame() {
+            Frame {
+                request_id: 0,
+                body: Some(Body::Error(e)),
+            } => {
+                assert_eq!(e.code, ErrorCode::ConnectionLimit as i32, "{e:?}");
+                assert!(e.fatal);
+                e.message
+            }
+            other => panic!("expected CONNECTION_LIMIT, got {other:?}"),
+        }
+    };
+    // Two logged-in connections from 127.0.0.1 (whichever core they end up on).
+    let (a1, _) = Conn::login(gw.addr, &gw.token("a1"), "d");
+    let (_a2, _) = Conn::login(gw.addr, &gw.token("a2"), "d");
+    let mut a3 = Conn::connect_with(gw.addr, ip("127.0.0.1"), None);
+    assert!(refused(&mut a3).contains("this IP address"));
+    a3.expect_closed();
+    // A third from another address fills the server.
+    let mut b1 = Conn::connect_with(gw.addr, ip("127.0.0.2"), None);
+    b1.send_body(Body::Hello(hello(&gw.token("b1"), "d")));
+    assert!(matches!(b1.recv_frame().body, Some(Body::HelloOk(_))));
+    let mut c1 = Conn::connect_with(gw.addr, ip("127.0.0.3"), None);
+    assert!(refused(&mut c1).contains("the server has its maximum of 3"));
+    c1.expect_closed();
+
+    // When a connection closes its place is free again (the server notices the close
+    // asynchronously: try until admitted, bounded by WAIT).
+    drop(a1);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut c = Conn::connect_with(gw.addr, ip("127.0.0.3"), None);
+        c.send_body(Body::Hello(hello(&gw.token("c1"), "d")));
+        match c.recv_frame().body {
+            Some(Body::HelloOk(_)) => break,
+            Some(Body::Error(e)) if e.code == ErrorCode::ConnectionLimit as i32 => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the closed connection was never released"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn trickled_frames_are_closed_by_the_login_and_idle_timeouts() {
+    let (gw, _cfg) = gateway_with(
+        "login_timeout_ms = 300\nheartbeat_interval_ms = 100\nidle_timeout_ms = 400\n",
+    );
+    // One byte every 50 ms of a frame of more than 100 bytes: the frame would take over 5 s.
+    let trickle = |c: &Conn, frame: &Frame| -> Arc<AtomicUsize> {
+        let mut bytes = bytes::BytesMut::new();
+        Codec::default().encode(frame, &mut bytes).unwrap();
+        assert!(bytes.len() > 100);
+        let sent = Arc::new(AtomicUsize::new(0));
+        let mut stream = c.stream().try_clone().unwrap();
+        let counter = sent.clone();
+        std::thread::spawn(move || {
+            for b in bytes.iter() {
+                if stream.write_all(&[*b]).is_err() {
+                    return;
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        sent
+    };
+    let mut h = hello(&gw.token("alice"), "phone");
+    h.client_version = "x".repeat(100);
+
+    // Before login: the login timeout counts from accept, whatever arrives meanwhile.
+    let mut pre = Conn::connect(gw.addr);
+    let sent = trickle(
+        &pre,
+        &Frame {
+            request_id: 1,
+            body: Some(Body::Hello(h.clone())),
+        },
+    );
+    pre.expect_error(ErrorCode::LoginTimeout);
+    pre.expect_closed();
+    assert!(sent.load(Ordering::SeqCst) < 100, "the Hello was complete");
+
+    // After login: only whole frames count as activity.
+    let (mut post, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+    let sent = trickle(
+        &post,
+        &Frame {
+            request_id: 2,
+            body: Some(send("alice", "m1", Bytes::from(vec![1u8; 200]))),
+        },
+    );
+    post.expect_kick(KickReason::Idle);
+    assert!(sent.load(Ordering::SeqCst) < 100, "the frame was complete");
+}
+
+#[test]
+fn a_client_that_never_reads_is_reset_after_the_write_timeout() {
+    let (gw, _cfg) = gateway_with(
+        "write_timeout_ms = 300\noutbound_queue_frames = 16\nrate_messages_per_sec = 0\n\
+         rate_user_messages_per_sec = 0\nrate_requests_per_sec = 0\nrate_read_bytes_per_sec = 0\n",
+    );
+    // Bob's receive window is tiny and he never reads.
+    let mut bob = Conn::connect_with(gw.addr, None, Some(4096));
+    bob.send_body(Body::Hello(hello(&gw.token("bob"), "phone")));
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    // Enough to fill Bob's window and the server's send buffer many times over.
+    let payload = Bytes::from(vec![3u8; 32 << 10]);
+    let n = 400;
+    for i in 0..n {
+        alice.send_body(send("bob", &format!("m{i}"), payload.clone()));
+    }
+    for _ in 0..n {
+        assert!(matches!(alice.recv_frame().body, Some(Body::SendAck(_))));
+    }
+    // Without reading, wait for the reset (POLLERR/POLLHUP), bounded by WAIT.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(bob.stream());
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a descriptor `bob` owns for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pfd, 1, WAIT.as_millis() as i32) };
+    assert_eq!(
+        ready, 1,
+        "the server did not drop the client within {WAIT:?}"
+    );
+    assert_ne!(
+        pfd.revents & (libc::POLLERR | libc::POLLHUP),
+        0,
+        "{:#x}",
+        pfd.revents
+    );
+    // Reading now fails or ends: the connection is gone.
+    loop {
+        match bob.recv() {
+            Recv::Closed => break,
+            Recv::Frame(_) => {}
+        }
+    }
+    // Bob catches up on another connection: nothing was lost.
+    let (mut bob2, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+    let rid = bob2.send_body(Body::Sync(SyncRequest {
+        since_version: 0,
+        page_size: 0,
+    }));
+    let mut seqs = Vec::new();
+    loop {
+        let f = bob2.recv_frame();
+        if f.request_id != rid {
+            continue;
+        }
+        match f.body {
+            Some(Body::SyncMessages(m)) => seqs.extend(m.messages.iter().map(|d| d.seq)),
+            Some(Body::SyncDone(_)) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>());
+}
