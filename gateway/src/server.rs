@@ -126,15 +126,10 @@ fn run_cores(
     let conn_limits = ConnLimits::new(max_connections, cfg.max_connections_per_ip);
     let mesh = MeshBuilder::<ShardMsg, _>::full(n, 4096);
     // Bind on core 0 first so that port 0 (tests) resolves to one port every core then shares.
-    let first = std::net::TcpListener::bind(cfg.tcp).map_err(|e| GatewayError::Listen {
+    let addr = resolve_listen_addr(cfg.tcp).map_err(|e| GatewayError::Listen {
         addr: cfg.tcp,
         message: e.to_string(),
     })?;
-    let addr = first.local_addr().map_err(|e| GatewayError::Listen {
-        addr: cfg.tcp,
-        message: e.to_string(),
-    })?;
-    drop(first);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), GatewayError>>();
     let mut handles = Vec::with_capacity(n);
     for id in 0..n {
@@ -233,6 +228,21 @@ fn run_cores(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Binds once to learn the port (when 0 is asked for) and to fail early on a bad address. With
+/// SO_REUSEPORT like the cores' listeners: after a crash, the connections the old process had
+/// accepted linger in TIME_WAIT on this port and would refuse a plain bind for a minute.
+fn resolve_listen_addr(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an IP address"))
 }
 
 fn executor_error(core: usize, io_memory: usize, message: String) -> GatewayError {

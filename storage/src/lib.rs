@@ -133,6 +133,8 @@
 //!   [`StorageError::Closed`]. No completion ever hangs.
 
 #![forbid(unsafe_code)]
+// Without RocksDB, the writer's helpers have no user.
+#![cfg_attr(not(feature = "rocks"), allow(dead_code))]
 
 mod api;
 mod completion;
@@ -141,6 +143,7 @@ mod error;
 mod ids;
 mod mem;
 mod record;
+#[cfg(feature = "rocks")]
 mod rocks;
 
 pub use api::{AppendRequest, Appended, ConversationInfo, Durability, MessageStore, StoreOptions};
@@ -156,4 +159,11 @@ pub use record::{
     MAX_CLIENT_MSG_ID_LEN, MAX_CUSTOM_TYPE_LEN, MessageRecord, RECORD_VERSION, StoredMessage,
     decode_record, encode_record,
 };
+#[cfg(feature = "rocks")]
 pub use rocks::{FORMAT_VERSION, RocksStore};
+
+/// Entry points for the fuzz targets. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::record::check_decoders;
+}

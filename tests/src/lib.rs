@@ -37,6 +37,32 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A free port below the kernel's ephemeral range. A gateway on an ephemeral port can lose its
+/// port while it restarts: a client reconnecting meanwhile may be given that very port as its
+/// own and connect to itself, and the socket's TIME_WAIT then blocks the gateway's bind.
+pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (start, span) = (10_000u16, low.saturating_sub(10_000).max(1000));
+    let mut x = (std::process::id() as u64) << 32
+        | std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(1);
+    for _ in 0..1000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let port = start + ((x >> 33) % u64::from(span)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {low}");
+}
+
 /// The config every test gateway gets unless the test passes `--config`.
 pub const NO_RATE_LIMITS: &str = "rate_messages_per_sec = 0\nrate_user_messages_per_sec = 0\n\
      rate_requests_per_sec = 0\nrate_read_bytes_per_sec = 0\n";
@@ -64,7 +90,7 @@ impl Gateway {
 
     /// Starts a gateway on `dir` (which may hold data from an earlier run).
     pub fn start_in(dir: &Path, extra_args: &[&str]) -> Gateway {
-        Gateway::spawn(dir, "127.0.0.1:0", extra_args)
+        Gateway::spawn(dir, &format!("127.0.0.1:{}", free_port()), extra_args)
     }
 
     fn spawn(dir: &Path, tcp: &str, extra_args: &[&str]) -> Gateway {
