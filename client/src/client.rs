@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     Backoff, ClientConfig, ClientError, Event, Result,
     session::{Session, kick_is_final},
-    transport::{self, Reader, Writer},
+    transport::{Connector, Reader, Writer},
 };
 
 /// Read buffer growth step. The buffer is reused for the connection's lifetime.
@@ -142,8 +142,9 @@ impl Client {
     /// (unreachable server, bad token...): reconnecting is for connections that were up.
     pub async fn connect(config: ClientConfig) -> Result<Self> {
         config.validate()?;
+        let connector = Connector::new(&config)?;
         let mut session = Session::new(&config);
-        let (conn, ok) = establish(&config, &mut session, false).await?;
+        let (conn, ok) = establish(&config, &connector, &mut session, false).await?;
         session.on_login(&ok, config.sync_on_login);
         tracing::debug!(user = %ok.user_id, device = %ok.device_id, session = ok.session_id, "logged in");
 
@@ -157,6 +158,7 @@ impl Client {
         let driver = Driver {
             backoff: Backoff::new(config.backoff),
             config,
+            connector,
             session,
             commands: command_rx,
             events,
@@ -390,11 +392,14 @@ impl Conn {
 /// Opens a transport and logs in. Frames that follow HelloOk stay in the read buffer.
 async fn establish(
     config: &ClientConfig,
+    connector: &Connector,
     session: &mut Session,
     resume: bool,
 ) -> Result<(Conn, HelloOk)> {
     let login = async {
-        let (reader, writer) = transport::connect(&config.server, config.connect_timeout).await?;
+        let (reader, writer) = connector
+            .connect(&config.server, config.connect_timeout)
+            .await?;
         let mut conn = Conn {
             reader,
             writer,
@@ -454,6 +459,7 @@ enum End {
 #[derive(Debug)]
 struct Driver {
     config: ClientConfig,
+    connector: Connector,
     session: Session,
     commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
@@ -537,7 +543,7 @@ impl Driver {
                     },
                 }
             }
-            match establish(&self.config, &mut self.session, true).await {
+            match establish(&self.config, &self.connector, &mut self.session, true).await {
                 Ok((conn, ok)) => {
                     self.backoff.reset();
                     self.session.on_login(&ok, true);

@@ -1,18 +1,56 @@
 //! Client configuration.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use tern_protocol::{MAX_FRAME_DEFAULT, Platform};
 
 use crate::{BackoffConfig, ClientError};
+
+/// The byte stream a [`Client`](crate::Client) speaks the protocol over. Both carry the same
+/// length-prefixed frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Transport {
+    /// One TCP connection, plain (the default).
+    #[default]
+    Tcp,
+    /// One QUIC connection (TLS 1.3, ALPN `tern/1`) carrying one bidirectional stream that the
+    /// client opens. The server's certificate is checked against [`ClientConfig::ca`].
+    Quic,
+}
+
+impl Transport {
+    /// `tcp` or `quic`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Quic => "quic",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// How to connect and behave. Build it with [`ClientConfig::new`] and change fields as needed;
 /// every other field has the default written on it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClientConfig {
-    /// `host:port` (or an IP socket address written out) of the gateway's TCP listener.
+    /// `host:port` (or an IP socket address written out, `[::1]:7600` for IPv6) of the gateway's
+    /// TCP or QUIC listener. For QUIC the host part is also the TLS server name the certificate
+    /// must be valid for (an IP address for an IP literal).
     pub server: String,
+    /// TCP or QUIC (default TCP).
+    pub transport: Transport,
+    /// QUIC only: a PEM file with the certificate(s) to trust, and only those, e.g. the
+    /// gateway's self-signed development certificate `<data-dir>/tls/cert.pem`. Default `None`:
+    /// trust the Mozilla root certificates compiled into the client (`webpki-roots`); system
+    /// certificate stores are not read. Read once by [`Client::connect`](crate::Client::connect).
+    pub ca: Option<PathBuf>,
     /// Signed token minted by the gateway (`tern-gateway token`).
     pub token: String,
     /// Stable id of this device or installation, 1..=64 bytes. A second login with the same id
@@ -36,7 +74,8 @@ pub struct ClientConfig {
     pub reconnect: bool,
     /// Reconnect delays (default 100 ms doubling to 10 s, full jitter).
     pub backoff: BackoffConfig,
-    /// Bound on TCP connect plus login (default 10 s).
+    /// Bound on connect plus login (default 10 s): for TCP the TCP handshake, for QUIC the QUIC
+    /// and TLS handshake and opening the stream, then Hello and its HelloOk.
     pub connect_timeout: Duration,
     /// Bound on waiting for the answer to a request (default 30 s).
     pub request_timeout: Duration,
@@ -55,6 +94,8 @@ impl ClientConfig {
     ) -> Self {
         Self {
             server: server.to_string(),
+            transport: Transport::Tcp,
+            ca: None,
             token: token.into(),
             device_id: device_id.into(),
             platform: Platform::Other,
@@ -76,6 +117,9 @@ impl ClientConfig {
         let bad = |what: &str| Err(ClientError::Config(what.to_owned()));
         if self.server.is_empty() {
             return bad("server: empty");
+        }
+        if self.transport == Transport::Quic {
+            crate::transport::server_name(&self.server)?;
         }
         if self.token.is_empty() {
             return bad("token: empty");

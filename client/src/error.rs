@@ -1,6 +1,6 @@
 //! The SDK's error type.
 
-use std::{io, sync::Arc};
+use std::{io, path::PathBuf, sync::Arc};
 
 use tern_protocol::{CodecError, ErrorCode, KickReason};
 
@@ -47,6 +47,34 @@ pub enum ClientError {
     /// A [`ClientConfig`](crate::ClientConfig) field is invalid; the text names it.
     #[error("invalid client config: {0}")]
     Config(String),
+    /// The CA file ([`ClientConfig::ca`](crate::ClientConfig::ca)) cannot be used: it cannot be
+    /// read, is not PEM, or holds no usable certificate.
+    #[error("CA file {}: {reason}", path.display())]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The TLS handshake of a QUIC connection failed: most often the server's certificate is
+    /// not trusted (wrong or missing [`ClientConfig::ca`](crate::ClientConfig::ca)) or not valid
+    /// for the host name in [`ClientConfig::server`](crate::ClientConfig::server).
+    #[error("TLS handshake with {server} failed: {reason}")]
+    Tls {
+        /// The configured server address.
+        server: String,
+        /// What went wrong, with the TLS alert or certificate error.
+        reason: String,
+    },
+    /// The QUIC server does not speak ALPN protocol `tern/1`: it is not a Tern gateway, or one
+    /// that speaks another protocol version.
+    #[error("{server} does not speak the Tern protocol over QUIC (ALPN tern/1): {reason}")]
+    Alpn {
+        /// The configured server address.
+        server: String,
+        /// What the handshake said.
+        reason: String,
+    },
 }
 
 impl From<io::Error> for ClientError {
@@ -76,7 +104,10 @@ impl ClientError {
                     | ErrorCode::UnsupportedVersion
                     | ErrorCode::Unauthenticated
             )
-        ) || matches!(self, Self::Config(_) | Self::Kicked { .. } | Self::Closed)
+        ) || matches!(
+            self,
+            Self::Config(_) | Self::CaFile { .. } | Self::Kicked { .. } | Self::Closed
+        )
     }
 
     pub(crate) fn from_wire(e: &tern_protocol::Error) -> Self {

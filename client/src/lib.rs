@@ -24,10 +24,32 @@
 //! full jitter, resuming from the last sync position. Requests in flight when a connection
 //! drops fail with [`ClientError::Disconnected`]; retry sends with [`Client::send_with_id`].
 //!
+//! Transports ([`ClientConfig::transport`]): plain TCP (the default), or QUIC — one QUIC
+//! connection per session, TLS 1.3 with ALPN `tern/1`, and one bidirectional stream that the
+//! client opens and writes its Hello on; the same frames flow over it as over TCP, and timeouts,
+//! heartbeats and reconnects work the same. QUIC checks the server's certificate against the
+//! PEM file in [`ClientConfig::ca`] (e.g. the gateway's development certificate,
+//! `<data-dir>/tls/cert.pem`) or, without one, the Mozilla roots compiled in; the server name is
+//! the host part of [`ClientConfig::server`] (an IP address for an IP literal). Certificate and
+//! ALPN failures are [`ClientError::Tls`] and [`ClientError::Alpn`]; an unusable CA file is
+//! [`ClientError::CaFile`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tern_client::ClientError> {
+//! use tern_client::{Client, ClientConfig, Transport};
+//!
+//! let mut config = ClientConfig::new("127.0.0.1:7600", "TOKEN", "laptop");
+//! config.transport = Transport::Quic;
+//! config.ca = Some("/var/lib/tern/tls/cert.pem".into());
+//! let client = Client::connect(config).await?;
+//! # Ok(()) }
+//! ```
+//!
 //! What it does not do: it keeps nothing on disk (store [`Client::sync_version`] yourself to
 //! resume a later process from it), does not reorder messages that arrive out of order, does not
-//! queue requests while disconnected, and speaks only TCP (the transport is an internal enum so
-//! QUIC can be added). It needs a tokio runtime.
+//! queue requests while disconnected, does not speak TLS over TCP, does not use one session over
+//! TCP and QUIC at once (the dual channel), does not read the system's certificate store, and
+//! does not present client certificates. It needs a tokio runtime.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -43,7 +65,7 @@ mod transport;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use client::{Client, Conversation, Incoming, new_client_msg_id};
-pub use config::ClientConfig;
+pub use config::{ClientConfig, Transport};
 pub use error::{ClientError, Result};
 pub use tern_protocol::{
     ContentType, ConversationState, Deliver, ErrorCode, HelloOk, HistoryPage, Kick, KickReason,

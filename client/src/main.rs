@@ -3,14 +3,15 @@
 
 use std::{
     io::Write,
+    path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
 };
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use tern_client::{
     Client, ClientConfig, ClientError, ContentType, Conversation, Event, Incoming, Platform,
-    Target, line,
+    Target, Transport, line,
 };
 use tokio::io::AsyncBufReadExt;
 
@@ -21,7 +22,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "tern", version)]
 struct Cli {
-    /// Gateway address, HOST:PORT.
+    /// Gateway address, HOST:PORT. For QUIC, HOST must be a name or IP address the gateway's
+    /// certificate is valid for.
     #[arg(
         long,
         env = "TERN_SERVER",
@@ -29,6 +31,19 @@ struct Cli {
         global = true
     )]
     server: String,
+    /// How to reach the gateway.
+    #[arg(
+        long,
+        env = "TERN_TRANSPORT",
+        value_enum,
+        default_value_t = TransportArg::Tcp,
+        global = true
+    )]
+    transport: TransportArg,
+    /// QUIC only: PEM file with the certificate(s) to trust, e.g. the gateway's development
+    /// certificate DATA_DIR/tls/cert.pem [default: the built-in Mozilla root certificates].
+    #[arg(long, env = "TERN_CA", value_name = "PEM", global = true)]
+    ca: Option<PathBuf>,
     /// Login token (mint one with `tern-gateway token --user NAME`).
     #[arg(long, env = "TERN_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
@@ -37,11 +52,22 @@ struct Cli {
     #[arg(long, env = "TERN_DEVICE", global = true)]
     device: Option<String>,
     /// Seconds to keep retrying the first connection while the server refuses it (it may be
-    /// starting). 0 = fail at once.
+    /// starting). 0 = fail at once. Over QUIC a server that is not there yet does not refuse,
+    /// it is silent: the handshake keeps trying for up to 10 s whatever this says.
     #[arg(long, default_value_t = 5, global = true)]
     wait: u64,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    /// Plain TCP.
+    Tcp,
+    /// QUIC: TLS 1.3, ALPN tern/1, one stream (see --ca).
+    Quic,
+    /// TCP and QUIC at once as one session (not supported by this client yet).
+    Dual,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +179,17 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
+    let transport = match cli.transport {
+        TransportArg::Tcp => Transport::Tcp,
+        TransportArg::Quic => Transport::Quic,
+        TransportArg::Dual => {
+            eprintln!(
+                "error: --transport dual (one session over TCP and QUIC at once) is not supported \
+                 by this client yet; use --transport tcp or --transport quic"
+            );
+            return ExitCode::from(2);
+        }
+    };
     let Some(token) = cli.token.filter(|t| !t.is_empty()) else {
         eprintln!("error: a token is required: --token TOKEN or TERN_TOKEN");
         return ExitCode::from(2);
@@ -162,6 +199,8 @@ async fn run(cli: Cli) -> ExitCode {
         .unwrap_or_else(|| format!("cli-{}", cli.command.name()));
     let mut config = ClientConfig::new(&cli.server, token, device);
     config.platform = platform();
+    config.transport = transport;
+    config.ca = cli.ca;
     if matches!(cli.command, Command::Send { .. } | Command::History { .. }) {
         // One request and out: nothing to sync, nothing to reconnect for.
         config.sync_on_login = false;

@@ -1,9 +1,24 @@
-//! The byte stream under a connection. Only TCP today; QUIC (one bidirectional stream per
-//! connection) becomes another variant of these enums without touching the session code.
+//! The byte stream under a connection: a TCP connection, or one bidirectional stream of a QUIC
+//! connection. The session code sees only [`Reader`] and [`Writer`]; the same length-prefixed
+//! frames flow over either.
+//!
+//! QUIC: one QUIC connection per transport connection, TLS 1.3 with ALPN `tern/1`, and one
+//! bidirectional stream the client opens right after the handshake (the server learns of it
+//! from the Hello the client writes first). The endpoint and connection live in the [`Writer`]
+//! and are closed when it is dropped. The client accepts no stream from the server.
 
-use std::{io, time::Duration};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::BytesMut;
+use quinn::{ConnectionError, TransportErrorCode, VarInt};
+use rustls::AlertDescription;
+use rustls_pki_types::{CertificateDer, DnsName, ServerName, pem::PemObject};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -12,20 +27,98 @@ use tokio::{
     },
 };
 
+use crate::{ClientConfig, ClientError, Result, config::Transport};
+
+/// The ALPN protocol id of the Tern protocol over QUIC.
+pub(crate) const ALPN: &[u8] = b"tern/1";
+
+/// QUIC keep-alive: below any sensible idle timeout of the server, so a quiet session is not
+/// closed by the transport between the client's heartbeats (which may be further apart).
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// With several addresses for the server (e.g. `localhost`: `::1` and `127.0.0.1`), the next
+/// address is tried this long after the previous one if neither has answered. A QUIC attempt
+/// to an address nobody listens on does not fail, it waits for an answer that never comes.
+const NEXT_ADDRESS_DELAY: Duration = Duration::from_millis(250);
+
+/// How long [`Writer::shutdown`] waits for the server to acknowledge the end of the stream and
+/// the connection close, so leaving loses neither the last frames nor the close.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How a client opens transports; built once from the config (the CA file is read here).
+#[derive(Debug)]
+pub(crate) enum Connector {
+    Tcp,
+    Quic(Box<QuicConnector>),
+}
+
+#[derive(Debug)]
+pub(crate) struct QuicConnector {
+    client: quinn::ClientConfig,
+    /// The TLS server name the certificate must be valid for, as text quinn parses back.
+    server_name: Arc<str>,
+    /// What is trusted, for error messages.
+    trust: Arc<str>,
+}
+
 /// Reading half of a transport.
 #[derive(Debug)]
 pub(crate) enum Reader {
     Tcp(OwnedReadHalf),
+    Quic(quinn::RecvStream),
 }
 
-/// Writing half of a transport.
+/// Writing half of a transport. The QUIC variant owns the connection and its endpoint.
 #[derive(Debug)]
 pub(crate) enum Writer {
     Tcp(OwnedWriteHalf),
+    Quic(Box<QuicWriter>),
 }
 
-/// Opens a transport to `server` (`host:port`), trying each resolved address in turn.
-pub(crate) async fn connect(server: &str, timeout: Duration) -> io::Result<(Reader, Writer)> {
+#[derive(Debug)]
+pub(crate) struct QuicWriter {
+    send: quinn::SendStream,
+    /// Dropping the last handle to the connection closes it.
+    connection: quinn::Connection,
+    /// Drives the connection's socket; kept as long as the connection.
+    endpoint: quinn::Endpoint,
+}
+
+impl Connector {
+    /// Checks what the transport needs from the config and, for QUIC, builds the TLS
+    /// configuration (reading [`ClientConfig::ca`]).
+    pub(crate) fn new(config: &ClientConfig) -> Result<Self> {
+        match config.transport {
+            Transport::Tcp => Ok(Self::Tcp),
+            Transport::Quic => Ok(Self::Quic(Box::new(QuicConnector::new(config)?))),
+        }
+    }
+
+    /// Opens a transport to `server` (`host:port`) within `timeout`.
+    pub(crate) async fn connect(
+        &self,
+        server: &str,
+        timeout: Duration,
+    ) -> Result<(Reader, Writer)> {
+        match self {
+            Self::Tcp => Ok(connect_tcp(server, timeout).await?),
+            Self::Quic(quic) => tokio::time::timeout(timeout, quic.connect(server))
+                .await
+                .map_err(|_| {
+                    // Over UDP an absent listener looks the same as a slow one: no answer.
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "QUIC handshake with {server} timed out: no answer within {timeout:?}"
+                        ),
+                    )
+                })?,
+        }
+    }
+}
+
+/// Opens a TCP connection, trying each resolved address in turn.
+async fn connect_tcp(server: &str, timeout: Duration) -> io::Result<(Reader, Writer)> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(server))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -35,11 +128,280 @@ pub(crate) async fn connect(server: &str, timeout: Duration) -> io::Result<(Read
     Ok((Reader::Tcp(r), Writer::Tcp(w)))
 }
 
+/// The TLS server name for `server` (`host:port`, `[v6]:port`): the host, as an IP address if it
+/// is an IP literal.
+pub(crate) fn server_name(server: &str) -> Result<ServerName<'static>> {
+    if let Ok(addr) = server.parse::<SocketAddr>() {
+        return Ok(ServerName::IpAddress(addr.ip().into()));
+    }
+    let bad = |why: String| ClientError::Config(format!("server: {why}"));
+    let Some((host, port)) = server.rsplit_once(':') else {
+        return Err(bad(format!("`{server}` is not HOST:PORT")));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(bad(format!("`{server}` is not HOST:PORT")));
+    }
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(ServerName::IpAddress(ip.into()));
+    }
+    DnsName::try_from(host.to_owned())
+        .map(ServerName::DnsName)
+        .map_err(|_| {
+            bad(format!(
+                "`{host}` is neither a DNS name nor an IP address, so it cannot name the \
+                 server's TLS certificate"
+            ))
+        })
+}
+
+/// The certificates in a PEM file, at least one.
+fn read_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let bad = |reason: String| ClientError::CaFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not a PEM certificate file ({e})")))?;
+    if certs.is_empty() {
+        return Err(bad(
+            "no PEM certificate (BEGIN CERTIFICATE) in the file".into()
+        ));
+    }
+    Ok(certs)
+}
+
+impl QuicConnector {
+    fn new(config: &ClientConfig) -> Result<Self> {
+        let server_name = server_name(&config.server)?;
+        let mut roots = rustls::RootCertStore::empty();
+        let trust = match &config.ca {
+            Some(path) => {
+                for (i, cert) in read_ca(path)?.into_iter().enumerate() {
+                    roots.add(cert).map_err(|e| ClientError::CaFile {
+                        path: path.clone(),
+                        reason: format!("certificate {} is not usable: {e}", i + 1),
+                    })?;
+                }
+                format!("trusting only the certificates in {}", path.display())
+            }
+            None => {
+                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+                "trusting the built-in Mozilla roots; give the gateway's certificate as the CA \
+                 file if it is self-signed"
+                    .to_owned()
+            }
+        };
+        // Explicitly ring, whatever other crypto provider another crate in the process enables.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Config(format!("TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
+            .map_err(|e| ClientError::Config(format!("TLS: {e}")))?;
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .keep_alive_interval(Some(KEEP_ALIVE))
+            // The session is the one stream the client opens; the server opens none.
+            .max_concurrent_bidi_streams(VarInt::from_u32(0))
+            .max_concurrent_uni_streams(VarInt::from_u32(0));
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(Arc::new(transport));
+        Ok(Self {
+            client,
+            server_name: server_name.to_str().into(),
+            trust: trust.into(),
+        })
+    }
+
+    /// Resolves `server` and races a connection to each address, each started
+    /// [`NEXT_ADDRESS_DELAY`] after the one before. The first to open its stream wins; a TLS or
+    /// ALPN failure ends the race at once (the server answered, and the answer was no).
+    async fn connect(&self, server: &str) -> Result<(Reader, Writer)> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(server).await?.collect();
+        let mut attempts = tokio::task::JoinSet::new();
+        for (i, addr) in addrs.into_iter().enumerate() {
+            let attempt = Attempt {
+                client: self.client.clone(),
+                server: server.into(),
+                server_name: self.server_name.clone(),
+                trust: self.trust.clone(),
+                addr,
+            };
+            let delay = NEXT_ADDRESS_DELAY * u32::try_from(i).unwrap_or(u32::MAX);
+            attempts.spawn(async move {
+                tokio::time::sleep(delay).await;
+                attempt.run().await
+            });
+        }
+        let mut first_error = None;
+        while let Some(joined) = attempts.join_next().await {
+            let error = match joined {
+                Ok(Ok(transport)) => return Ok(transport),
+                Ok(Err(e @ (ClientError::Tls { .. } | ClientError::Alpn { .. }))) => return Err(e),
+                Ok(Err(e)) => e,
+                Err(e) => io::Error::other(format!("QUIC connect task failed: {e}")).into(),
+            };
+            tracing::debug!(%error, "QUIC connection attempt failed");
+            first_error.get_or_insert(error);
+        }
+        // Dropping `attempts` aborts the attempts still running.
+        Err(first_error.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{server}: no address to connect to"),
+            )
+            .into()
+        }))
+    }
+}
+
+/// One QUIC connection attempt to one address.
+struct Attempt {
+    client: quinn::ClientConfig,
+    server: Arc<str>,
+    server_name: Arc<str>,
+    trust: Arc<str>,
+    addr: SocketAddr,
+}
+
+impl Attempt {
+    async fn run(self) -> Result<(Reader, Writer)> {
+        let bind: SocketAddr = match self.addr {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let endpoint = quinn::Endpoint::client(bind)?;
+        let connecting = endpoint
+            .connect_with(self.client.clone(), self.addr, &self.server_name)
+            .map_err(|e| match e {
+                quinn::ConnectError::InvalidServerName(name) => {
+                    ClientError::Config(format!("server: `{name}` is not a valid TLS server name"))
+                }
+                other => io::Error::other(format!("QUIC connect to {}: {other}", self.addr)).into(),
+            })?;
+        let connection = connecting.await.map_err(|e| self.handshake_error(e))?;
+        let protocol = connection
+            .handshake_data()
+            .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|data| data.protocol);
+        if protocol.as_deref() != Some(ALPN) {
+            // rustls already refuses this; checked again because everything after relies on it.
+            return Err(ClientError::Alpn {
+                server: self.server.to_string(),
+                reason: match protocol {
+                    Some(p) => format!("it chose `{}`", String::from_utf8_lossy(&p)),
+                    None => "it chose no ALPN protocol".into(),
+                },
+            });
+        }
+        let (send, recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| connection_io_error(&e, "opening the QUIC stream"))?;
+        Ok((
+            Reader::Quic(recv),
+            Writer::Quic(Box::new(QuicWriter {
+                send,
+                connection,
+                endpoint,
+            })),
+        ))
+    }
+
+    /// Names why a handshake failed: TLS (alerts, certificates) and ALPN get their own errors.
+    fn handshake_error(&self, e: ConnectionError) -> ClientError {
+        // A TLS failure closes the connection with CRYPTO_ERROR(alert): raised here when this
+        // side refused (`TransportError`, with rustls' text), or sent by the server.
+        let (alert, local_reason) = match &e {
+            ConnectionError::TransportError(t) => (tls_alert(t.code), Some(t.reason.as_str())),
+            ConnectionError::ConnectionClosed(close) => (tls_alert(close.error_code), None),
+            _ => (None, None),
+        };
+        let Some(alert) = alert else {
+            return connection_io_error(&e, &format!("QUIC handshake with {}", self.addr)).into();
+        };
+        let server = self.server.to_string();
+        if alert == AlertDescription::NoApplicationProtocol {
+            let reason = match local_reason {
+                Some(text) => format!("it agreed to no ALPN protocol ({text})"),
+                None => "it refused the handshake with TLS alert NoApplicationProtocol".into(),
+            };
+            return ClientError::Alpn { server, reason };
+        }
+        let reason = match (local_reason, &e) {
+            // rustls says "invalid peer certificate: ..." for every certificate problem.
+            (Some(text), _)
+                if is_certificate_alert(alert) || text.starts_with("invalid peer certificate") =>
+            {
+                format!("{text} ({})", self.trust)
+            }
+            (Some(text), _) => text.to_owned(),
+            (None, ConnectionError::ConnectionClosed(close)) if !close.reason.is_empty() => {
+                format!(
+                    "the server sent TLS alert {alert:?}: {}",
+                    String::from_utf8_lossy(&close.reason)
+                )
+            }
+            (None, _) => format!("the server sent TLS alert {alert:?}"),
+        };
+        ClientError::Tls { server, reason }
+    }
+}
+
+/// The TLS alert a QUIC CRYPTO_ERROR code (0x100..=0x1ff) carries.
+fn tls_alert(code: TransportErrorCode) -> Option<AlertDescription> {
+    let code = u64::from(code);
+    (0x100..=0x1ff)
+        .contains(&code)
+        .then(|| AlertDescription::from((code & 0xff) as u8))
+}
+
+fn is_certificate_alert(alert: AlertDescription) -> bool {
+    matches!(
+        alert,
+        AlertDescription::BadCertificate
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnknownCA
+    )
+}
+
+/// A lost or refused QUIC connection as an I/O error of the matching kind.
+fn connection_io_error(e: &ConnectionError, what: &str) -> io::Error {
+    let kind = match e {
+        ConnectionError::TimedOut => io::ErrorKind::TimedOut,
+        ConnectionError::ConnectionClosed(close)
+            if close.error_code == TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            io::ErrorKind::ConnectionRefused
+        }
+        ConnectionError::Reset => io::ErrorKind::ConnectionReset,
+        ConnectionError::ConnectionClosed(_)
+        | ConnectionError::ApplicationClosed(_)
+        | ConnectionError::LocallyClosed => io::ErrorKind::ConnectionAborted,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("{what}: {e}"))
+}
+
 impl Reader {
     /// Reads what is available into `buf`; `Ok(0)` at end of stream. Cancel-safe.
     pub(crate) async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Self::Tcp(r) => r.read_buf(buf).await,
+            // quinn's `ReadError` converts to `io::Error` with a matching kind.
+            Self::Quic(r) => r.read_buf(buf).await,
         }
     }
 }
@@ -49,13 +411,115 @@ impl Writer {
     pub(crate) async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         match self {
             Self::Tcp(w) => w.write_all(buf).await,
+            Self::Quic(q) => Ok(q.send.write_all(buf).await?),
         }
     }
 
-    /// Closes the sending direction.
+    /// Closes the sending direction. For QUIC: finishes the stream, waits (at most
+    /// [`CLOSE_GRACE`]) until the server has acknowledged all of it, then closes the connection.
     pub(crate) async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             Self::Tcp(w) => w.shutdown().await,
+            Self::Quic(q) => {
+                q.send
+                    .finish()
+                    .map_err(|e| io::Error::new(io::ErrorKind::NotConnected, e))?;
+                let leave = async {
+                    // `finish` only queues the end of the stream; closing the connection before
+                    // it is acknowledged could lose the last frames (e.g. acks).
+                    let _ = q.send.stopped().await;
+                    q.connection.close(VarInt::from_u32(0), b"client closed");
+                    // Lets the endpoint send the close before the process may exit.
+                    q.endpoint.wait_idle().await;
+                };
+                let _ = tokio::time::timeout(CLOSE_GRACE, leave).await;
+                Ok(())
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(server: &str) -> String {
+        match server_name(server) {
+            Ok(ServerName::IpAddress(ip)) => format!("ip {}", IpAddr::from(ip)),
+            Ok(ServerName::DnsName(dns)) => format!("dns {}", dns.as_ref()),
+            Ok(other) => format!("other {other:?}"),
+            Err(e) => format!("error {e}"),
+        }
+    }
+
+    #[test]
+    fn server_name_is_the_host_and_an_ip_literal_stays_an_ip() {
+        assert_eq!(name("127.0.0.1:7600"), "ip 127.0.0.1");
+        assert_eq!(name("[::1]:7600"), "ip ::1");
+        assert_eq!(name("localhost:7600"), "dns localhost");
+        assert_eq!(name("chat.example.com:443"), "dns chat.example.com");
+        assert_eq!(
+            name("localhost"),
+            "error invalid client config: server: `localhost` is not HOST:PORT"
+        );
+        assert_eq!(
+            name("a b:1"),
+            "error invalid client config: server: `a b` is neither a DNS name nor an IP \
+             address, so it cannot name the server's TLS certificate"
+        );
+        // quinn gets the name as text and parses it back; an IP must stay an IP.
+        let text = server_name("127.0.0.1:1").unwrap().to_str().into_owned();
+        assert!(matches!(
+            ServerName::try_from(text.as_str()),
+            Ok(ServerName::IpAddress(_))
+        ));
+    }
+
+    #[test]
+    fn crypto_error_codes_carry_tls_alerts() {
+        assert_eq!(
+            tls_alert(TransportErrorCode::crypto(120)),
+            Some(AlertDescription::NoApplicationProtocol)
+        );
+        assert_eq!(
+            tls_alert(TransportErrorCode::crypto(48)),
+            Some(AlertDescription::UnknownCA)
+        );
+        assert_eq!(tls_alert(TransportErrorCode::CONNECTION_REFUSED), None);
+    }
+
+    #[test]
+    fn ca_file_errors_name_the_file_and_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let mut config = ClientConfig::new("127.0.0.1:1", "t", "d");
+        config.transport = Transport::Quic;
+        config.ca = Some(missing.clone());
+        match Connector::new(&config) {
+            Err(ClientError::CaFile { path, reason }) => {
+                assert_eq!(path, missing);
+                assert!(reason.starts_with("cannot read it: "), "{reason}");
+            }
+            other => panic!("expected CaFile, got {other:?}"),
+        }
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        config.ca = Some(empty.clone());
+        let err = Connector::new(&config).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "CA file {}: no PEM certificate (BEGIN CERTIFICATE) in the file",
+                empty.display()
+            )
+        );
+        assert!(err.is_permanent());
+
+        // Without a CA file the built-in roots are used; TCP needs no TLS at all.
+        config.ca = None;
+        assert!(matches!(Connector::new(&config), Ok(Connector::Quic(_))));
+        config.transport = Transport::Tcp;
+        assert!(matches!(Connector::new(&config), Ok(Connector::Tcp)));
     }
 }

@@ -7,7 +7,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use common::{FakeServer, deliver};
+use common::{FakeServer, QuicServer, TestCert, deliver};
 use tern_protocol::{
     Body, ConversationState, ErrorCode, Frame, HistoryPage, SendAck, SyncConversations, SyncDone,
     SyncMessages, Target,
@@ -24,9 +24,25 @@ fn tern_with_input(
     args: &[&str],
     input: &str,
 ) -> tokio::task::JoinHandle<Output> {
-    let input = input.to_owned();
     let addr = server.listener.local_addr().unwrap().to_string();
+    tern_at(&addr, args, &[], input)
+}
+
+/// Runs `tern --server addr` with `args`, the environment variables `env` and `input` on stdin,
+/// on a blocking thread.
+fn tern_at(
+    addr: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    input: &str,
+) -> tokio::task::JoinHandle<Output> {
+    let input = input.to_owned();
+    let addr = addr.to_owned();
     let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     tokio::task::spawn_blocking(move || {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
             .args(["--server", &addr])
@@ -34,6 +50,9 @@ fn tern_with_input(
             .env("TERN_TOKEN", "token-alice")
             .env_remove("TERN_SERVER")
             .env_remove("TERN_DEVICE")
+            .env_remove("TERN_TRANSPORT")
+            .env_remove("TERN_CA")
+            .envs(env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -266,4 +285,135 @@ async fn chat_sends_each_line_and_prints_incoming_messages() {
         "{stdout}"
     );
     assert_eq!(stdout.lines().count(), 3, "{stdout}");
+}
+
+/// `tern send` over QUIC against `server`; answers the Send and returns the output.
+async fn send_over_quic(server: &QuicServer, run: tokio::task::JoinHandle<Output>) -> Output {
+    let mut peer = server.accept_login(0).await;
+    assert_eq!(peer.hello.token, "token-alice");
+    assert_eq!(peer.hello.device_id, "cli-send");
+    let frame = peer.recv_request().await;
+    let Some(Body::Send(send)) = frame.body else {
+        panic!("expected Send, got {frame:?}");
+    };
+    assert_eq!(send.target, Some(Target::user("bob")));
+    assert_eq!(&send.payload[..], b"hello over quic");
+    peer.send(Frame::new(
+        frame.request_id,
+        SendAck {
+            client_msg_id: send.client_msg_id,
+            conversation_id: 123,
+            seq: 2,
+            server_time_ms: 9,
+            duplicate: false,
+        },
+    ))
+    .await;
+    assert!(peer.recv().await.is_none(), "tern finishes the stream");
+    run.await.unwrap()
+}
+
+#[tokio::test]
+async fn send_over_quic_with_flags_prints_the_send_ack() {
+    let server = QuicServer::start();
+    let ca = server.cert_path.to_str().unwrap().to_owned();
+    let run = tern_at(
+        &server.addr().to_string(),
+        &[
+            "--transport",
+            "quic",
+            "--ca",
+            &ca,
+            "send",
+            "--to",
+            "bob",
+            "hello over quic",
+        ],
+        &[],
+        "",
+    );
+    let out = send_over_quic(&server, run).await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "sent conversation=123 seq=2 time=9\n");
+}
+
+#[tokio::test]
+async fn send_over_quic_with_environment_variables_prints_the_send_ack() {
+    let server = QuicServer::start();
+    let ca = server.cert_path.to_str().unwrap().to_owned();
+    let run = tern_at(
+        &server.addr().to_string(),
+        &["send", "--to", "bob", "hello over quic"],
+        &[("TERN_TRANSPORT", "quic"), ("TERN_CA", &ca)],
+        "",
+    );
+    let out = send_over_quic(&server, run).await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "sent conversation=123 seq=2 time=9\n");
+}
+
+#[tokio::test]
+async fn quic_with_another_ca_exits_1_naming_the_tls_problem() {
+    let server = QuicServer::with_cert_and_alpn(
+        &TestCert::with_common_name(&["127.0.0.1"], "gateway"),
+        &[b"tern/1"],
+    );
+    let other = TestCert::with_common_name(&["127.0.0.1"], "someone else")
+        .write_pem(server.dir.path(), "other.pem");
+    let addr = server.addr().to_string();
+    let run = tern_at(
+        &addr,
+        &["--transport", "quic", "send", "--to", "bob", "x"],
+        &[("TERN_CA", other.to_str().unwrap())],
+        "",
+    );
+    assert!(server.handshake().await.is_err());
+    let out = run.await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: TLS handshake with {addr} failed: invalid peer certificate: UnknownIssuer \
+             (trusting only the certificates in {})\n",
+            other.display()
+        )
+    );
+}
+
+#[tokio::test]
+async fn dual_transport_is_refused_with_a_clear_message() {
+    // Nothing listens there: the refusal comes before any connection attempt.
+    let run = tern_at(
+        "127.0.0.1:9",
+        &["--transport", "dual", "send", "--to", "bob", "x"],
+        &[],
+        "",
+    );
+    let out = run.await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        text(&out.stderr),
+        "error: --transport dual (one session over TCP and QUIC at once) is not supported by \
+         this client yet; use --transport tcp or --transport quic\n"
+    );
+
+    let run = tern_at(
+        "127.0.0.1:9",
+        &["--transport", "udp", "send", "--to", "bob", "x"],
+        &[],
+        "",
+    );
+    let out = run.await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap rejects unknown transports"
+    );
+    assert!(
+        text(&out.stderr).contains("invalid value 'udp' for '--transport <TRANSPORT>'"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -1,20 +1,38 @@
-//! A tiny in-process server that speaks the Tern protocol over a real TCP socket, for testing
-//! the SDK and the CLI without a gateway.
+//! A tiny in-process server that speaks the Tern protocol over a real TCP socket, or over one
+//! bidirectional stream of a real QUIC connection on 127.0.0.1, for testing the SDK and the CLI
+//! without a gateway.
 
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
-use std::time::Duration;
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::{Bytes, BytesMut};
-use tern_client::{BackoffConfig, ClientConfig, ContentType, Target};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tern_client::{BackoffConfig, ClientConfig, ContentType, Target, Transport};
 use tern_protocol::{Body, Codec, Deliver, Frame, Hello, HelloOk};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpListener,
     time::timeout,
 };
 
 pub const WAIT: Duration = Duration::from_secs(5);
+
+/// Test settings shared by both fake servers: quick reconnects, bounded requests.
+fn test_config(server: impl ToString) -> ClientConfig {
+    let mut config = ClientConfig::new(server, "token-bob", "test-device");
+    config.backoff = BackoffConfig {
+        initial: Duration::from_millis(10),
+        max: Duration::from_millis(50),
+    };
+    config.request_timeout = WAIT;
+    config
+}
 
 pub struct FakeServer {
     pub listener: TcpListener,
@@ -28,17 +46,7 @@ impl FakeServer {
     }
 
     pub fn config(&self) -> ClientConfig {
-        let mut config = ClientConfig::new(
-            self.listener.local_addr().unwrap(),
-            "token-bob",
-            "test-device",
-        );
-        config.backoff = BackoffConfig {
-            initial: Duration::from_millis(10),
-            max: Duration::from_millis(50),
-        };
-        config.request_timeout = WAIT;
-        config
+        test_config(self.listener.local_addr().unwrap())
     }
 
     /// Accepts a connection and reads its Hello.
@@ -47,8 +55,167 @@ impl FakeServer {
             .await
             .expect("no connection")
             .unwrap();
+        let (reader, writer) = stream.into_split();
+        Peer::login(Box::new(reader), Box::new(writer), None).await
+    }
+
+    /// Accepts and answers HelloOk.
+    pub async fn accept_login(&self, heartbeat_ms: u32) -> Peer {
+        let mut peer = self.accept().await;
+        peer.hello_ok(heartbeat_ms).await;
+        peer
+    }
+}
+
+/// A self-signed certificate for `names` and its key; `pem` is the certificate alone.
+pub struct TestCert {
+    pub der: CertificateDer<'static>,
+    pub key: PrivatePkcs8KeyDer<'static>,
+    pub pem: String,
+}
+
+impl TestCert {
+    /// Like the gateway's development certificate: rcgen's default subject, so any two of them
+    /// have the same issuer name (and differ in key).
+    pub fn new(names: &[&str]) -> Self {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let generated = rcgen::generate_simple_self_signed(names).unwrap();
+        Self {
+            der: generated.cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(generated.signing_key.serialize_der()),
+            pem: generated.cert.pem(),
+        }
+    }
+
+    /// With its own subject (and so issuer) common name.
+    pub fn with_common_name(names: &[&str], common_name: &str) -> Self {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            der: cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            pem: cert.pem(),
+        }
+    }
+
+    /// Writes the certificate as PEM to `dir/name` and returns the path.
+    pub fn write_pem(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, &self.pem).unwrap();
+        path
+    }
+}
+
+/// A QUIC server on 127.0.0.1 with a fresh self-signed certificate (for `localhost`,
+/// `127.0.0.1`, `::1`, like the gateway's development certificate) whose PEM is `cert_path`.
+pub struct QuicServer {
+    pub endpoint: quinn::Endpoint,
+    pub cert_path: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl QuicServer {
+    /// Offers ALPN `tern/1`, as the gateway does.
+    pub fn start() -> Self {
+        Self::with_alpn(&[b"tern/1"])
+    }
+
+    pub fn with_alpn(alpn: &[&[u8]]) -> Self {
+        Self::with_cert_and_alpn(&TestCert::new(&["localhost", "127.0.0.1", "::1"]), alpn)
+    }
+
+    pub fn with_cert_and_alpn(cert: &TestCert, alpn: &[&[u8]]) -> Self {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der.clone()],
+                PrivateKeyDer::Pkcs8(cert.key.clone_key()),
+            )
+            .unwrap();
+        tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).unwrap();
+        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cert_path = cert.write_pem(dir.path(), "cert.pem");
+        Self {
+            endpoint,
+            cert_path,
+            dir,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().unwrap()
+    }
+
+    /// A QUIC client config for this server that trusts its certificate.
+    pub fn config(&self) -> ClientConfig {
+        let mut config = test_config(self.addr());
+        config.transport = Transport::Quic;
+        config.ca = Some(self.cert_path.clone());
+        config
+    }
+
+    /// Completes the handshake of the next incoming connection (the server drives a handshake
+    /// only once the connection is accepted).
+    pub async fn handshake(&self) -> Result<quinn::Connection, quinn::ConnectionError> {
+        let incoming = timeout(WAIT, self.endpoint.accept())
+            .await
+            .expect("no connection")
+            .expect("endpoint closed");
+        timeout(WAIT, incoming).await.expect("handshake hangs")
+    }
+
+    /// Accepts a connection and its one bidirectional stream, and reads the Hello on it.
+    pub async fn accept(&self) -> Peer {
+        let connection = self.handshake().await.expect("handshake failed");
+        let (send, recv) = timeout(WAIT, connection.accept_bi())
+            .await
+            .expect("no stream")
+            .unwrap();
+        Peer::login(Box::new(recv), Box::new(send), Some(connection)).await
+    }
+
+    /// Accepts and answers HelloOk.
+    pub async fn accept_login(&self, heartbeat_ms: u32) -> Peer {
+        let mut peer = self.accept().await;
+        peer.hello_ok(heartbeat_ms).await;
+        peer
+    }
+}
+
+/// The server's side of one client connection. Dropping it closes the connection.
+pub struct Peer {
+    pub reader: Box<dyn AsyncRead + Send + Unpin>,
+    pub writer: Box<dyn AsyncWrite + Send + Unpin>,
+    /// QUIC: the connection the stream belongs to.
+    pub connection: Option<quinn::Connection>,
+    pub rbuf: BytesMut,
+    pub codec: Codec,
+    pub hello: Hello,
+    pub hello_id: u64,
+}
+
+impl Peer {
+    /// Reads the Hello that opens the session.
+    async fn login(
+        reader: Box<dyn AsyncRead + Send + Unpin>,
+        writer: Box<dyn AsyncWrite + Send + Unpin>,
+        connection: Option<quinn::Connection>,
+    ) -> Self {
         let mut peer = Peer {
-            stream,
+            reader,
+            writer,
+            connection,
             rbuf: BytesMut::new(),
             codec: Codec::default(),
             hello: Hello::default(),
@@ -63,30 +230,13 @@ impl FakeServer {
         peer
     }
 
-    /// Accepts and answers HelloOk.
-    pub async fn accept_login(&self, heartbeat_ms: u32) -> Peer {
-        let mut peer = self.accept().await;
-        peer.hello_ok(heartbeat_ms).await;
-        peer
-    }
-}
-
-pub struct Peer {
-    pub stream: TcpStream,
-    pub rbuf: BytesMut,
-    pub codec: Codec,
-    pub hello: Hello,
-    pub hello_id: u64,
-}
-
-impl Peer {
     /// The next frame from the client; `None` at end of stream.
     pub async fn recv(&mut self) -> Option<Frame> {
         loop {
             if let Some(frame) = self.codec.decode(&mut self.rbuf).unwrap() {
                 return Some(frame);
             }
-            let n = timeout(WAIT, self.stream.read_buf(&mut self.rbuf))
+            let n = timeout(WAIT, self.reader.read_buf(&mut self.rbuf))
                 .await
                 .expect("client sent nothing")
                 .unwrap();
@@ -109,7 +259,7 @@ impl Peer {
     pub async fn send(&mut self, frame: Frame) {
         let mut buf = BytesMut::new();
         self.codec.encode(&frame, &mut buf).unwrap();
-        self.stream.write_all(&buf).await.unwrap();
+        self.writer.write_all(&buf).await.unwrap();
     }
 
     pub async fn hello_ok(&mut self, heartbeat_ms: u32) {
