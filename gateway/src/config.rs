@@ -26,6 +26,15 @@ pub enum Durability {
 pub struct Config {
     /// TCP listen address for client connections. Default `127.0.0.1:7600`.
     pub tcp: SocketAddr,
+    /// QUIC listen address (UDP) for client connections; none (default) means no QUIC. The same
+    /// frames run over one bidirectional stream per connection.
+    pub quic: Option<SocketAddr>,
+    /// PEM certificate chain for QUIC. Without `tls_cert` and `tls_key`, a self-signed
+    /// development certificate is generated on first start and kept in
+    /// `<data_dir>/tls/cert.pem` and `key.pem` (clients trust it with `tern --ca`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key matching `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Number of cores (executors) to run; 0 means every available core.
     pub cores: usize,
     /// Directory for the message log, the server secret and (later) TLS material.
@@ -89,6 +98,9 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             tcp: "127.0.0.1:7600".parse().expect("static address"),
+            quic: None,
+            tls_cert: None,
+            tls_key: None,
             cores: 0,
             data_dir: PathBuf::from("./tern-data"),
             durability: Durability::Fsync,
@@ -194,6 +206,16 @@ impl Config {
         }
         if self.io_memory_bytes < 64 << 10 {
             return bad("io_memory_bytes", "must be at least 65536");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad(
+                if self.tls_cert.is_some() {
+                    "tls_key"
+                } else {
+                    "tls_cert"
+                },
+                "tls_cert and tls_key must be given together",
+            );
         }
         if self.write_timeout_ms == 0 {
             return bad("write_timeout_ms", "must be greater than 0");

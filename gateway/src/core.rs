@@ -23,6 +23,7 @@ use crate::outbound::Outbound;
 use crate::route::Router;
 use crate::sys::MovedFd;
 use crate::token::Secret;
+use crate::transport::Relay;
 
 /// What a login hands to the user's core together with the socket.
 #[derive(Debug)]
@@ -62,6 +63,19 @@ pub enum ShardMsg {
         login: Login,
         slot: ConnSlot,
     },
+    /// A QUIC session whose connection stays on core `from` (its packets arrive there): run
+    /// the session here over relay `id`.
+    AdoptRelay {
+        id: u64,
+        from: usize,
+        leftover: Vec<u8>,
+        login: Login,
+    },
+    /// Bytes, credit or close for one end of a relay.
+    Relay {
+        id: u64,
+        event: crate::transport::RelayEvent,
+    },
     /// An append for a conversation this core owns.
     Append(AppendMsg),
     /// The result of an append, for the sender's session, with the message for the sender's
@@ -92,8 +106,8 @@ pub struct SessionHandle {
     /// When the last frame arrived (ms since the epoch); the core's idle sweep reads it.
     pub last_active: Cell<u64>,
     pub end_waker: RefCell<Option<Waker>>,
-    /// The connection's socket, for the sweep's checks. Open for as long as the session is in
-    /// [`Core::sessions`] (it is removed before the socket closes).
+    /// The connection's socket, for the sweep's checks (TCP only; -1 otherwise). Open for as
+    /// long as the session is in [`Core::sessions`] (it is removed before the socket closes).
     pub fd: std::os::fd::RawFd,
 }
 
@@ -138,8 +152,8 @@ pub struct Core {
     pub read_scratch: RefCell<Vec<u8>>,
     pub shutdown: Arc<AtomicBool>,
     pub stopping: Cell<bool>,
-    /// The accept loop, waiting for shutdown.
-    stop_waker: RefCell<Option<Waker>>,
+    /// The accept loops (TCP, QUIC), waiting for shutdown.
+    stop_wakers: RefCell<Vec<Waker>>,
     pub connections: Cell<usize>,
     /// Interned ids of users this core sent to recently (bounded), so a Send does not look the
     /// recipient up in the store every time.
@@ -149,6 +163,8 @@ pub struct Core {
     pub rates: Rates,
     /// Per-user send rate of users with a session on this core (removed with their last session).
     pub user_rates: RefCell<HashMap<UserId, Gcra>>,
+    /// This core's ends of relays to QUIC connections held by other cores.
+    pub relays: RefCell<HashMap<u64, Rc<Relay>>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -199,6 +215,7 @@ impl Core {
             rates: Rates::from_config(&cfg),
             conn_limits,
             user_rates: RefCell::default(),
+            relays: RefCell::default(),
             id,
             router,
             codec: Codec::new(cfg.max_frame_bytes as usize),
@@ -214,7 +231,7 @@ impl Core {
             read_scratch: RefCell::new(vec![0; 64 << 10]),
             shutdown,
             stopping: Cell::new(false),
-            stop_waker: RefCell::default(),
+            stop_wakers: RefCell::default(),
             connections: Cell::new(0),
             user_ids: RefCell::default(),
         }
@@ -271,7 +288,10 @@ impl Core {
             if self.stopping.get() {
                 Poll::Ready(())
             } else {
-                *self.stop_waker.borrow_mut() = Some(cx.waker().clone());
+                let mut wakers = self.stop_wakers.borrow_mut();
+                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    wakers.push(cx.waker().clone());
+                }
                 Poll::Pending
             }
         })
@@ -280,7 +300,7 @@ impl Core {
 
     pub fn begin_stop(&self) {
         self.stopping.set(true);
-        if let Some(w) = self.stop_waker.borrow_mut().take() {
+        for w in self.stop_wakers.borrow_mut().drain(..) {
             w.wake();
         }
         let kick = self.encode(&Frame::kick(
@@ -314,6 +334,7 @@ impl Core {
                     s.end();
                 } else if let Some(since) = s.out.lagging_since()
                     && now.saturating_sub(since) > self.cfg.write_timeout_ms
+                    && s.fd >= 0
                     && crate::sys::unsent_bytes(s.fd) > 0
                 {
                     // Live messages stopped long ago and what was written is still not
@@ -353,6 +374,25 @@ impl Core {
                     crate::session::run_adopted(core, stream, leftover, login, slot).await;
                 })
                 .detach();
+            }
+            ShardMsg::AdoptRelay {
+                id,
+                from,
+                leftover,
+                login,
+            } => {
+                let relay = Relay::open(self, id, from);
+                let core = self.clone();
+                glommio::spawn_local(async move {
+                    crate::session::run_relayed(core, relay, leftover, login).await;
+                })
+                .detach();
+            }
+            ShardMsg::Relay { id, event } => {
+                let relay = self.relays.borrow().get(&id).cloned();
+                if let Some(relay) = relay {
+                    relay.handle(event);
+                }
             }
             ShardMsg::Append(job) => self.submit_append(job),
             ShardMsg::Reply {

@@ -17,6 +17,7 @@ pub mod server;
 pub mod session;
 pub mod sys;
 pub mod token;
+pub mod transport;
 
 pub use config::Config;
-pub use server::{GatewayError, run};
+pub use server::{GatewayError, Ready, run};

@@ -30,6 +30,9 @@ struct Cli {
     /// TCP listen address. Default 127.0.0.1:7600.
     #[arg(long, env = "TERN_TCP")]
     tcp: Option<SocketAddr>,
+    /// QUIC (UDP) listen address; QUIC is off unless given.
+    #[arg(long, env = "TERN_QUIC")]
+    quic: Option<SocketAddr>,
     /// Number of cores to use (0 = all).
     #[arg(long, env = "TERN_CORES")]
     cores: Option<usize>,
@@ -79,6 +82,9 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     }
     if let Some(t) = cli.tcp {
         cfg.tcp = t;
+    }
+    if let Some(q) = cli.quic {
+        cfg.quic = Some(q);
     }
     if let Some(c) = cli.cores {
         cfg.cores = c;
@@ -148,8 +154,11 @@ fn main() -> ExitCode {
         }
         None => {
             let shutdown = Arc::new(AtomicBool::new(false));
-            match tern_gateway::run(cfg, shutdown, true, |addr| {
-                eprintln!("tern-gateway listening on {addr}");
+            match tern_gateway::run(cfg, shutdown, true, |ready| {
+                if let Some(quic) = ready.quic {
+                    eprintln!("tern-gateway QUIC listening on {quic}");
+                }
+                eprintln!("tern-gateway listening on {}", ready.tcp);
             }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -44,6 +44,17 @@ pub enum GatewayError {
     },
     #[error("cannot listen on {addr}: {message}")]
     Listen { addr: SocketAddr, message: String },
+    #[error("TLS: {0}")]
+    Tls(#[from] tern_quic::tls::TlsError),
+    #[error("QUIC: {0}")]
+    Quic(#[from] tern_quic::QuicError),
+}
+
+/// Where the gateway listens, once every core does.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    pub tcp: SocketAddr,
+    pub quic: Option<SocketAddr>,
 }
 
 /// The store options the config asks for.
@@ -72,12 +83,12 @@ pub fn load_secret(cfg: &Config) -> Result<Secret, GatewayError> {
 }
 
 /// Runs the gateway until `shutdown` is set (or SIGTERM/SIGINT when `handle_signals`).
-/// `on_ready` is called with the bound TCP address once every core listens.
+/// `on_ready` is called with the bound addresses once every core listens.
 pub fn run(
     cfg: Config,
     shutdown: Arc<AtomicBool>,
     handle_signals: bool,
-    on_ready: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(Ready),
 ) -> Result<(), GatewayError> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| GatewayError::DataDir {
@@ -113,7 +124,7 @@ fn run_cores(
     store: Arc<dyn MessageStore>,
     secret: Secret,
     shutdown: Arc<AtomicBool>,
-    on_ready: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(Ready),
 ) -> Result<(), GatewayError> {
     let n = cfg.effective_cores();
     let cpus = std::thread::available_parallelism()
@@ -130,9 +141,19 @@ fn run_cores(
         addr: cfg.tcp,
         message: e.to_string(),
     })?;
+    let quic_cores: Vec<Option<tern_quic::CoreQuic>> = match cfg.quic {
+        None => (0..n).map(|_| None).collect(),
+        Some(quic_addr) => quic_setup(&cfg, quic_addr, n)?
+            .into_iter()
+            .map(Some)
+            .collect(),
+    };
+    let quic_addr = quic_cores
+        .first()
+        .and_then(|q| q.as_ref().map(|q| q.local_addr()));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), GatewayError>>();
     let mut handles = Vec::with_capacity(n);
-    for id in 0..n {
+    for (id, core_quic) in quic_cores.into_iter().enumerate() {
         let placement = if n <= cpus {
             Placement::Fixed(id)
         } else {
@@ -160,6 +181,7 @@ fn run_cores(
                 mesh,
                 core_shutdown,
                 conn_limits,
+                core_quic,
                 addr,
                 ready,
             )
@@ -210,7 +232,13 @@ fn run_cores(
         shutdown.store(true, Ordering::SeqCst);
     } else {
         info!(%addr, cores = n, max_connections, data_dir = %cfg.data_dir.display(), "tern-gateway listening");
-        on_ready(addr);
+        if let Some(q) = quic_addr {
+            info!(%q, "QUIC listening");
+        }
+        on_ready(Ready {
+            tcp: addr,
+            quic: quic_addr,
+        });
     }
     for (id, h) in handles.into_iter().enumerate() {
         if let Err(e) = h.join() {
@@ -228,6 +256,36 @@ fn run_cores(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// The TLS identity (configured, or the development certificate in the data directory), the
+/// QUIC server config and one bound endpoint per core.
+fn quic_setup(
+    cfg: &Config,
+    addr: SocketAddr,
+    cores: usize,
+) -> Result<Vec<tern_quic::CoreQuic>, GatewayError> {
+    use tern_quic::tls;
+    let identity = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => tls::load(cert, key)?,
+        _ => tls::load_or_generate(&cfg.data_dir)?,
+    };
+    if identity.generated() {
+        info!(
+            cert = %identity.cert_path().display(),
+            "generated a self-signed development certificate (clients trust it with --ca)"
+        );
+    }
+    let mut server = tls::quic_server_config(&identity)?;
+    let mut transport = tern_quic::TransportConfig::default();
+    // The session's own idle timeout (pings every heartbeat) decides; QUIC's only catches a
+    // client that vanished without a word.
+    let idle = Duration::from_millis(cfg.idle_timeout_ms.saturating_mul(2));
+    transport.max_idle_timeout(tern_quic::quinn_proto::IdleTimeout::try_from(idle).ok());
+    transport.max_concurrent_bidi_streams(tern_quic::VarInt::from_u32(1));
+    transport.max_concurrent_uni_streams(tern_quic::VarInt::from_u32(0));
+    server.transport_config(Arc::new(transport));
+    Ok(tern_quic::QuicSetup::new(addr, cores, server).bind()?)
 }
 
 /// Binds once to learn the port (when 0 is asked for) and to fail early on a bad address. With
@@ -267,6 +325,7 @@ async fn core_main(
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
     shutdown: Arc<AtomicBool>,
     conn_limits: Arc<ConnLimits>,
+    core_quic: Option<tern_quic::CoreQuic>,
     addr: SocketAddr,
     ready: std::sync::mpsc::Sender<Result<(), GatewayError>>,
 ) {
@@ -294,6 +353,12 @@ async fn core_main(
             }));
             return;
         }
+    };
+    // Every core starts its QUIC endpoint at the same point (after the mesh), as the endpoints
+    // wait for each other's forwarding channels.
+    let quic_listener = match core_quic {
+        Some(q) => Some(q.start().await),
+        None => None,
     };
     let listener = match TcpListener::bind(addr) {
         Ok(l) => l,
@@ -336,6 +401,8 @@ async fn core_main(
         })
         .detach();
     }
+    let quic_loop = quic_listener
+        .map(|l| glommio::spawn_local(crate::session::quic_accept_loop(core.clone(), l)));
     let _ = ready.send(Ok(()));
     crate::session::accept_loop(core.clone(), listener).await;
     // Shutdown: sessions got Kick(SHUTDOWN) from their readers; wait for them to close.
@@ -351,6 +418,9 @@ async fn core_main(
             left = core.sessions.borrow().len(),
             "shutdown timeout: closing remaining sessions"
         );
+    }
+    if let Some(q) = quic_loop {
+        q.await;
     }
     core.wake_completions();
     let _ = futures_lite::future::or(

@@ -6,7 +6,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
@@ -14,7 +13,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_lite::future;
-use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
 use tern_protocol::v1::{
     ConversationState, Deliver, HelloOk, HistoryPage, HistoryRequest, Pong, SyncConversations,
@@ -28,8 +26,9 @@ use crate::core::{AppendMsg, ConnCount, Core, Login, ReplyTo, SessionHandle, Sha
 use crate::limits::{ConnSlot, Gcra, Refused, mono_nanos};
 use crate::outbound::Outbound;
 use crate::token::{self, valid_id};
+use crate::transport::{Relay, Transport};
 
-type Stream = Rc<RefCell<TcpStream>>;
+type Stream = Rc<RefCell<Transport>>;
 
 /// Accepts connections until shutdown. Hitting the open-file limit is reported (once a second)
 /// and waited out instead of spinning on accept.
@@ -49,9 +48,15 @@ pub async fn accept_loop(core: Rc<Core>, listener: TcpListener) {
                 glommio::spawn_local(async move {
                     let peer = stream.peer_addr().ok();
                     let span = tracing::info_span!("conn", core = core.id, peer = ?peer);
+                    let _ = stream.set_nodelay(true);
+                    let transport = Transport::Tcp(stream);
                     match core.conn_limits.admit(peer.map(|p| p.ip())) {
-                        Ok(slot) => handle_new(core, stream, count, slot).instrument(span).await,
-                        Err(refused) => refuse(&core, stream, refused).instrument(span).await,
+                        Ok(slot) => {
+                            handle_new(core, transport, count, slot)
+                                .instrument(span)
+                                .await
+                        }
+                        Err(refused) => refuse(&core, transport, refused).instrument(span).await,
                     }
                 })
                 .detach();
@@ -90,7 +95,7 @@ async fn read_some(core: &Core, stream: &Stream, inbuf: &mut BytesMut) -> std::i
     std::future::poll_fn(|cx| {
         let mut scratch = core.read_scratch.borrow_mut();
         let mut s = stream.borrow_mut();
-        match Pin::new(&mut *s).poll_read(cx, &mut scratch[..]) {
+        match s.poll_read(cx, &mut scratch[..]) {
             Poll::Ready(Ok(n)) => {
                 inbuf.extend_from_slice(&scratch[..n]);
                 Poll::Ready(Ok(n))
@@ -109,7 +114,7 @@ async fn write_all(stream: &Stream, buf: &[u8]) -> std::io::Result<()> {
 async fn write_all_within(stream: &Stream, mut buf: &[u8], stall: Duration) -> std::io::Result<()> {
     while !buf.is_empty() {
         let mut write = std::pin::pin!(std::future::poll_fn(|cx| {
-            Pin::new(&mut *stream.borrow_mut()).poll_write(cx, buf)
+            stream.borrow_mut().poll_write(cx, buf)
         }));
         // The timer is armed only when the socket is full, not on every write.
         let n = match future::poll_once(write.as_mut()).await {
@@ -139,7 +144,7 @@ async fn close_with(core: &Core, stream: &Stream, frame: &Frame) {
     let _ = future::or(
         async {
             if write_all(stream, &bytes).await.is_ok() {
-                crate::sys::shutdown(&stream.borrow(), std::net::Shutdown::Write);
+                stream.borrow_mut().shutdown_write();
                 let mut sink = BytesMut::new();
                 let mut total = 0usize;
                 while total < (1 << 20) {
@@ -158,7 +163,7 @@ async fn close_with(core: &Core, stream: &Stream, frame: &Frame) {
 
 /// Tells a connection over a connection limit why, and closes it without waiting for the peer:
 /// under a flood of connections the descriptor is what is scarce.
-async fn refuse(core: &Core, stream: TcpStream, refused: Refused) {
+async fn refuse(core: &Core, stream: Transport, refused: Refused) {
     debug!(?refused, "connection refused");
     let stream: Stream = Rc::new(RefCell::new(stream));
     let frame = Frame::error(0, ErrorCode::ConnectionLimit, refused.message(), true);
@@ -168,7 +173,7 @@ async fn refuse(core: &Core, stream: TcpStream, refused: Refused) {
         false
     })
     .await;
-    crate::sys::shutdown(&stream.borrow(), std::net::Shutdown::Write);
+    stream.borrow_mut().shutdown_write();
 }
 
 enum First {
@@ -179,8 +184,7 @@ enum First {
 }
 
 /// A new connection: wait for Hello, check it, and move the connection to its user's core.
-async fn handle_new(core: Rc<Core>, stream: TcpStream, count: ConnCount, slot: ConnSlot) {
-    let _ = stream.set_nodelay(true);
+async fn handle_new(core: Rc<Core>, stream: Transport, count: ConnCount, slot: ConnSlot) {
     let stream: Stream = Rc::new(RefCell::new(stream));
     let mut inbuf = BytesMut::new();
     let mut codec = core.codec;
@@ -240,39 +244,61 @@ async fn handle_new(core: Rc<Core>, stream: TcpStream, count: ConnCount, slot: C
         // A task of its own, so the login phase's state is freed rather than kept as part of a
         // long-lived session's future.
         glommio::spawn_local(
-            run_session(core, stream, inbuf, login, count, slot)
+            run_session(core, stream, inbuf, login, count, Some(slot))
                 .instrument(tracing::Span::current()),
         )
         .detach();
         return;
     }
-    // Move the socket (and whatever was read after Hello) to the user's core.
-    let dup = crate::sys::dup_stream(&stream.borrow());
-    let fd = match dup {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!(error = %e, "cannot move connection to its core");
-            close_with(
-                &core,
-                &stream,
-                &Frame::error(request_id, ErrorCode::Internal, "server error", true),
+    let transport = Rc::try_unwrap(stream)
+        .map(RefCell::into_inner)
+        .expect("the login phase holds the only reference");
+    match transport {
+        Transport::Tcp(tcp) => {
+            // Move the socket (and whatever was read after Hello) to the user's core.
+            let fd = match crate::sys::dup_stream(&tcp) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    warn!(error = %e, "cannot move connection to its core");
+                    let stream = Rc::new(RefCell::new(Transport::Tcp(tcp)));
+                    let f = Frame::error(request_id, ErrorCode::Internal, "server error", true);
+                    close_with(&core, &stream, &f).await;
+                    return;
+                }
+            };
+            drop(tcp);
+            drop(count);
+            core.send_to_core(
+                owner,
+                ShardMsg::Adopt {
+                    fd,
+                    leftover: inbuf.to_vec(),
+                    login,
+                    slot,
+                },
             )
             .await;
-            return;
         }
-    };
-    drop(stream);
-    drop(count);
-    core.send_to_core(
-        owner,
-        ShardMsg::Adopt {
-            fd,
-            leftover: inbuf.to_vec(),
-            login,
-            slot,
-        },
-    )
-    .await;
+        Transport::Quic { send, recv, conn } => {
+            // The connection stays here; its bytes are relayed to the session on the user's
+            // core. This task (and its connection count and slot) lives as long as the relay.
+            let id = core.new_session_id();
+            let relay = Relay::open(&core, id, owner);
+            core.send_to_core(
+                owner,
+                ShardMsg::AdoptRelay {
+                    id,
+                    from: core.id,
+                    leftover: inbuf.to_vec(),
+                    login,
+                },
+            )
+            .await;
+            crate::transport::run_quic_end(relay, send, recv, conn).await;
+            drop((count, slot));
+        }
+        Transport::Relay(_) => unreachable!("relays are created after login"),
+    }
 }
 
 fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static str)> {
@@ -338,13 +364,75 @@ pub async fn run_adopted(
         tracing::info_span!("conn", core = core.id, user = %login.user, device = %login.device);
     run_session(
         core,
-        Rc::new(RefCell::new(stream)),
+        Rc::new(RefCell::new(Transport::Tcp(stream))),
         BytesMut::from(&leftover[..]),
         login,
         count,
-        slot,
+        Some(slot),
     )
     .instrument(span)
+    .await;
+}
+
+/// A QUIC session relayed from the core that holds its connection (which counts it against
+/// the connection limits).
+pub async fn run_relayed(core: Rc<Core>, relay: Rc<Relay>, leftover: Vec<u8>, login: Login) {
+    let count = ConnCount::new(&core);
+    let span = tracing::info_span!("conn", core = core.id, user = %login.user, device = %login.device, relay = relay.id);
+    run_session(
+        core,
+        Rc::new(RefCell::new(Transport::Relay(relay))),
+        BytesMut::from(&leftover[..]),
+        login,
+        count,
+        None,
+    )
+    .instrument(span)
+    .await;
+}
+
+/// Accepts QUIC connections until shutdown: each brings one bidirectional stream (opened by
+/// the client within the login timeout) that carries the same frames as a TCP connection.
+pub async fn quic_accept_loop(core: Rc<Core>, listener: tern_quic::Listener) {
+    loop {
+        let accepted = future::or(async { listener.accept().await }, async {
+            core.stopped().await;
+            None
+        })
+        .await;
+        let Some(conn) = accepted else { break };
+        let core = core.clone();
+        let count = ConnCount::new(&core);
+        glommio::spawn_local(async move {
+            let peer = conn.remote_address();
+            let span = tracing::info_span!("conn", core = core.id, peer = ?peer, quic = true);
+            async move {
+                let stream = future::or(conn.accept_bi(), async {
+                    glommio::timer::sleep(core.cfg.login_timeout()).await;
+                    None
+                })
+                .await;
+                let Some((send, recv)) = stream else {
+                    debug!("no stream within the login timeout");
+                    conn.close(tern_quic::VarInt::from_u32(0), b"login timeout");
+                    return;
+                };
+                let transport = Transport::Quic { send, recv, conn };
+                match core.conn_limits.admit(Some(peer.ip())) {
+                    Ok(slot) => handle_new(core, transport, count, slot).await,
+                    Err(refused) => refuse(&core, transport, refused).await,
+                }
+            }
+            .instrument(span)
+            .await
+        })
+        .detach();
+    }
+    listener.close(tern_quic::VarInt::from_u32(0), b"shutting down");
+    let _ = future::or(
+        listener.wait_idle(),
+        glommio::timer::sleep(Duration::from_secs(1)),
+    )
     .await;
 }
 
@@ -355,7 +443,7 @@ async fn run_session(
     inbuf: BytesMut,
     login: Login,
     _count: ConnCount,
-    _slot: ConnSlot,
+    _slot: Option<ConnSlot>,
 ) {
     let user = match core.store.intern_user(&login.user) {
         Ok(u) => u,
@@ -390,7 +478,7 @@ async fn run_session(
                 ending: Default::default(),
                 last_active: std::cell::Cell::new(now_ms()),
                 end_waker: Default::default(),
-                fd: std::os::fd::AsRawFd::as_raw_fd(&*stream.borrow()),
+                fd: stream.borrow().raw_fd().unwrap_or(-1),
             });
             list.push(session.clone());
             core.sessions
@@ -465,7 +553,7 @@ async fn run_session(
         )),
     )
     .await;
-    crate::sys::shutdown(&stream.borrow(), std::net::Shutdown::Both);
+    stream.borrow_mut().shutdown_both();
     core.wake_completions();
     info!(session = session.id, "closed");
 }
@@ -497,7 +585,7 @@ async fn write_loop(core: Rc<Core>, stream: Stream, session: Rc<SessionHandle>) 
                 // The client stopped reading: reset rather than close, so that neither its
                 // unread bytes nor ours keep kernel memory.
                 info!(session = session.id, "write timeout: client is not reading");
-                crate::sys::set_linger_zero(session.fd);
+                stream.borrow_mut().abort();
                 session.end();
                 return;
             }

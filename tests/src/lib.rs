@@ -71,6 +71,8 @@ pub const NO_RATE_LIMITS: &str = "rate_messages_per_sec = 0\nrate_user_messages_
 #[derive(Debug)]
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The QUIC address, if the gateway was started with `--quic`.
+    pub quic: Option<SocketAddr>,
     pub data_dir: PathBuf,
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
@@ -132,6 +134,9 @@ impl Gateway {
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
+                    if let Some(rest) = line.strip_prefix("tern-gateway QUIC listening on ") {
+                        let _ = tx.send(format!("quic {}", rest.trim()));
+                    }
                     if let Some(rest) = line.strip_prefix("tern-gateway listening on ") {
                         let _ = tx.send(rest.trim().to_string());
                     }
@@ -139,22 +144,34 @@ impl Gateway {
                 }
             });
         }
-        let addr = match rx.recv_timeout(WAIT) {
-            Ok(a) => a.parse().expect("listen address"),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(log.lock().unwrap().join("\n"));
+        let mut quic = None;
+        let addr = loop {
+            match rx.recv_timeout(WAIT) {
+                Ok(a) => match a.strip_prefix("quic ") {
+                    Some(q) => quic = Some(q.parse().expect("QUIC address")),
+                    None => break a.parse().expect("listen address"),
+                },
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(log.lock().unwrap().join("\n"));
+                }
             }
         };
         Ok(Gateway {
             addr,
+            quic,
             data_dir: dir.to_path_buf(),
             child: Some(child),
             log,
             _tmp: None,
             extra: extra_args.iter().map(|s| s.to_string()).collect(),
         })
+    }
+
+    /// The development certificate the gateway wrote (`<data-dir>/tls/cert.pem`).
+    pub fn dev_cert(&self) -> PathBuf {
+        self.data_dir.join("tls").join("cert.pem")
     }
 
     /// The gateway's log so far.
@@ -233,6 +250,7 @@ impl Gateway {
         };
         self.child = g.child.take();
         self.log = g.log.clone();
+        self.quic = g.quic;
     }
 }
 
@@ -268,7 +286,7 @@ pub fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::Ex
 /// A raw protocol connection: blocking socket + the codec. Every read has a deadline.
 #[derive(Debug)]
 pub struct Conn {
-    pub stream: TcpStream,
+    stream: Wire,
     buf: BytesMut,
     codec: Codec,
     next_id: u64,
@@ -312,7 +330,7 @@ impl Conn {
         stream.set_nodelay(true).unwrap();
         stream.set_read_timeout(Some(WAIT)).unwrap();
         Conn {
-            stream,
+            stream: Wire::Tcp(stream),
             buf: BytesMut::new(),
             codec: Codec::default(),
             next_id: 1,
@@ -349,9 +367,40 @@ impl Conn {
         self.stream.write_all(&out).expect("write");
     }
 
-    /// The socket, for tests that poke at it directly.
+    /// Connects over QUIC (one bidirectional stream), trusting the PEM certificate `ca`.
+    pub fn connect_quic(addr: SocketAddr, ca: &Path) -> Conn {
+        Conn {
+            stream: Wire::Quic(Box::new(QuicWire::connect(addr, ca))),
+            buf: BytesMut::new(),
+            codec: Codec::default(),
+            next_id: 1,
+        }
+    }
+
+    /// Connects over QUIC and logs in; panics unless HelloOk comes back.
+    pub fn login_quic(
+        addr: SocketAddr,
+        ca: &Path,
+        token: &str,
+        device: &str,
+    ) -> (Conn, tern_protocol::HelloOk) {
+        let mut c = Conn::connect_quic(addr, ca);
+        let id = c.send_body(Body::Hello(hello(token, device)));
+        match c.recv_frame() {
+            Frame {
+                request_id,
+                body: Some(Body::HelloOk(ok)),
+            } if request_id == id => (c, ok),
+            other => panic!("expected HelloOk, got {other:?}"),
+        }
+    }
+
+    /// The TCP socket, for tests that poke at it directly.
     pub fn stream(&self) -> &TcpStream {
-        &self.stream
+        match &self.stream {
+            Wire::Tcp(s) => s,
+            Wire::Quic(_) => panic!("not a TCP connection"),
+        }
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
@@ -446,4 +495,103 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .unwrap_or(0)
+}
+
+/// The byte stream under a test connection.
+#[derive(Debug)]
+enum Wire {
+    Tcp(TcpStream),
+    Quic(Box<QuicWire>),
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Tcp(s) => s.read(buf),
+            Wire::Quic(q) => q.read(buf),
+        }
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Tcp(s) => s.write(buf),
+            Wire::Quic(q) => q.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A blocking QUIC client stream for tests: quinn on a private single-threaded tokio runtime.
+pub struct QuicWire {
+    rt: tokio::runtime::Runtime,
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl std::fmt::Debug for QuicWire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicWire").finish_non_exhaustive()
+    }
+}
+
+impl QuicWire {
+    pub fn connect(addr: SocketAddr, ca: &Path) -> QuicWire {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let tls = tern_quic::tls::client_config_trusting(ca).expect("trust the CA");
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
+        let (endpoint, conn, send, recv) = rt.block_on(async {
+            let mut endpoint =
+                quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("UDP socket");
+            endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+            let conn = tokio::time::timeout(WAIT, endpoint.connect(addr, "localhost").unwrap())
+                .await
+                .expect("QUIC handshake timed out")
+                .expect("QUIC handshake");
+            let (send, recv) = conn.open_bi().await.expect("open stream");
+            (endpoint, conn, send, recv)
+        });
+        QuicWire {
+            rt,
+            _endpoint: endpoint,
+            conn,
+            send,
+            recv,
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let recv = &mut self.recv;
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(WAIT, recv.read(buf)).await })
+        {
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+            Ok(Ok(Some(n))) => Ok(n),
+            Ok(Ok(None)) => Ok(0),
+            Ok(Err(e)) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let send = &mut self.send;
+        self.rt
+            .block_on(send.write_all(buf))
+            .map(|()| buf.len())
+            .map_err(std::io::Error::other)
+    }
+
+    /// The QUIC connection (to close it, or read why it closed).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
 }

@@ -162,3 +162,84 @@ fn readme_quick_start_runs_as_written() {
         listened.contains(" seq=1 from=alice ") && listened.trim_end().ends_with("text=hello bob")
     );
 }
+
+/// Runs the README's QUIC block as written (free ports and a temporary directory in place of
+/// 7600/7601 and ./demo), with the tokens minted as the first block mints them.
+#[test]
+fn readme_quic_quick_start_runs_as_written() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = readme
+        .split("## Quick start")
+        .nth(1)
+        .expect("quick start section");
+    let blocks: Vec<&str> = section
+        .split("```sh\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    let tokens: Vec<&str> = blocks[0]
+        .lines()
+        .filter(|l| l.starts_with("ALICE=") || l.starts_with("BOB="))
+        .collect();
+    let quic_block = blocks
+        .iter()
+        .find(|b| b.contains("--transport quic"))
+        .expect("a QUIC block");
+    let tcp = tern_tests::free_port();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo").display().to_string();
+    let listen_out = dir.path().join("listen.out");
+    let bin_dir = binary("tern").parent().unwrap().to_path_buf();
+    let mut lines: Vec<String> = quic_block.lines().map(str::to_string).collect();
+    // The gateway starts first; the tokens need its data directory.
+    lines.splice(1..1, tokens.iter().map(|t| t.to_string()));
+    let script = lines
+        .join("\n")
+        .replace("127.0.0.1:7600", &format!("127.0.0.1:{tcp}"))
+        .replace("127.0.0.1:7601", &format!("127.0.0.1:{udp}"))
+        .replace("./demo", &demo)
+        .replace("listen &", &format!("listen > {} &", listen_out.display()));
+    // Mint tokens only once the gateway wrote its secret; then wait for the listener's line.
+    let script = script.replacen(
+        "\nALICE=",
+        &format!(
+            "\nfor i in $(seq 1 200); do [ -f {demo}/tls/cert.pem ] && break; sleep 0.05; done\nALICE="
+        ),
+        1,
+    );
+    let script = format!(
+        "set -e\n{script}\nfor i in $(seq 1 200); do grep -q 'text=over QUIC' \"$LISTEN_OUT\" && break; \
+         sleep 0.05; done\nkill %2 %1\nwait || true\n"
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env(
+            "PATH",
+            format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+        )
+        .env("LISTEN_OUT", &listen_out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("sent conversation=") && stdout.contains(" seq=1 "),
+        "{stdout}"
+    );
+    let listened = std::fs::read_to_string(&listen_out).unwrap();
+    assert!(
+        listened.contains(" seq=1 from=alice ") && listened.trim_end().ends_with("text=over QUIC"),
+        "{listened}"
+    );
+}
