@@ -395,6 +395,14 @@ impl Conn {
         }
     }
 
+    /// The QUIC client under this connection (panics for TCP).
+    pub fn quic(&mut self) -> &mut QuicWire {
+        match &mut self.stream {
+            Wire::Quic(q) => q,
+            Wire::Tcp(_) => panic!("not a QUIC connection"),
+        }
+    }
+
     /// The TCP socket, for tests that poke at it directly.
     pub fn stream(&self) -> &TcpStream {
         match &self.stream {
@@ -529,7 +537,7 @@ impl Write for Wire {
 /// A blocking QUIC client stream for tests: quinn on a private single-threaded tokio runtime.
 pub struct QuicWire {
     rt: tokio::runtime::Runtime,
-    _endpoint: quinn::Endpoint,
+    endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -562,7 +570,7 @@ impl QuicWire {
         });
         QuicWire {
             rt,
-            _endpoint: endpoint,
+            endpoint,
             conn,
             send,
             recv,
@@ -593,5 +601,13 @@ impl QuicWire {
     /// The QUIC connection (to close it, or read why it closed).
     pub fn connection(&self) -> &quinn::Connection {
         &self.conn
+    }
+
+    /// Moves the client to a new local UDP port, as a phone changing network does: a new
+    /// 4-tuple, which the server's kernel may hand to another core than the connection's.
+    pub fn rebind(&mut self) {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("UDP socket");
+        let _guard = self.rt.enter();
+        self.endpoint.rebind(socket).expect("rebind");
     }
 }

@@ -241,3 +241,40 @@ fn bad_input_over_quic_gets_its_error_code_and_the_certificate_survives_restart(
     let (mut c, _) = Conn::login_quic(quic, &ca, &token, "phone");
     send_acked(&mut c, "erin", "after-restart", "hello again");
 }
+
+#[test]
+fn a_client_that_changes_address_keeps_its_session() {
+    // Each rebind gives the client a new port, which the kernel hashes to either core; datagrams
+    // that reach the core not holding the connection are forwarded to it. Without that, the
+    // connection would stall on the first rebind that lands on the other core (sixteen rebinds
+    // all landing on the same core: probability 2^-16).
+    let gw = gateway();
+    let quic = gw.quic.expect("QUIC address");
+    let ca = gw.dev_cert();
+    let (mut alice, _) = Conn::login_quic(quic, &ca, &gw.token("alice"), "phone");
+    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+    for n in 1..=16u64 {
+        alice.quic().rebind();
+        let ack = send_acked(
+            &mut alice,
+            "bob",
+            &format!("m{n}"),
+            &format!("after rebind {n}"),
+        );
+        // One conversation, both directions: alice's message is 2n-1, bob's reply 2n.
+        assert_eq!(ack.seq, 2 * n - 1);
+        let d = expect_deliver(&mut bob);
+        assert_eq!(
+            (d.seq, text(&d)),
+            (2 * n - 1, format!("after rebind {n}").as_str())
+        );
+        // And the server's pushes reach the client at its new address.
+        send_acked(&mut bob, "alice", &format!("r{n}"), &format!("reply {n}"));
+        let d = expect_deliver(&mut alice);
+        assert_eq!((d.seq, text(&d)), (2 * n, format!("reply {n}").as_str()));
+    }
+    assert!(
+        alice.quic().connection().close_reason().is_none(),
+        "the connection was replaced"
+    );
+}
