@@ -5,6 +5,7 @@
 #   benches/gateway-load.sh                # everything (about 4 minutes)
 #   benches/gateway-load.sh pairs          # only the pairs cases
 #   benches/gateway-load.sh conns          # only the idle-connection case
+#   benches/gateway-load.sh quic           # pairs over TCP and over QUIC, side by side
 #
 # Environment: PORT (default 7655), DURATION (default 10s), PAIRS (default 100),
 # CORES_LIST (default "2 1"), CONNS (default 19000), CONNS_CORES (default 2), WORK (default /tmp/tern-gateway-load).
@@ -23,6 +24,7 @@ WHAT=${1:-all}
 # Built separately: one cargo invocation would unify features and rebuild both.
 cargo build --release -p tern-gateway --bins >&2
 cargo build --release -p tern-benches --bins >&2
+BIN="${CARGO_TARGET_DIR:-target}/release"
 GW_PID=""
 
 start_gateway() { # durability cores
@@ -33,8 +35,9 @@ start_gateway() { # durability cores
     # server wants; the benchmark measures the gateway, not its limits.
     printf 'rate_messages_per_sec = 0\nrate_user_messages_per_sec = 0\nrate_requests_per_sec = 0\nrate_read_bytes_per_sec = 0\n' \
         >"$WORK/bench.toml"
-    target/release/tern-gateway --config "$WORK/bench.toml" --data-dir "$WORK/data" \
-        --tcp "127.0.0.1:$PORT" --durability "$1" --cores "$2" --log warn 2>"$WORK/gateway.log" &
+    "$BIN"/tern-gateway --config "$WORK/bench.toml" --data-dir "$WORK/data" \
+        --tcp "127.0.0.1:$PORT" --quic "127.0.0.1:$PORT" --durability "$1" --cores "$2" \
+        --log warn 2>"$WORK/gateway.log" &
     GW_PID=$!
     for _ in $(seq 100); do
         if grep -q "listening on" "$WORK/gateway.log"; then
@@ -60,7 +63,7 @@ pairs() { # durability cores label extra-args...
     shift 3
     start_gateway "$d" "$c"
     echo "== pairs $label (load: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-    target/release/tern-load pairs --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
+    "$BIN"/tern-load pairs --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
         --pairs "$PAIRS" --duration "$DURATION" --gateway-pid "$GW_PID" --label "$label" "$@" \
         | tee -a "$WORK/pairs.txt" || true
     stop_gateway
@@ -75,11 +78,20 @@ if [ "$WHAT" = all ] || [ "$WHAT" = pairs ]; then
     done
 fi
 
+if [ "$WHAT" = all ] || [ "$WHAT" = quic ]; then
+    # The same pairs over QUIC (the gateway's UDP port is the TCP port number).
+    for c in $CORES_LIST; do
+        pairs fsync "$c" "tcp-fsync-cores$c"
+        pairs fsync "$c" "quic-fsync-cores$c" --transport quic
+        pairs fsync "$c" "quic-fsync-cores$c-20k" --transport quic --rate 20000
+    done
+fi
+
 if [ "$WHAT" = all ] || [ "$WHAT" = conns ]; then
     for c in $CONNS_CORES; do
         start_gateway fsync "$c"
         echo "== conns $CONNS, gateway cores $c (load: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-        target/release/tern-load conns --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
+        "$BIN"/tern-load conns --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
             --count "$CONNS" --procs 2 --source-ips 127.0.0.2,127.0.0.3 \
             --gateway-pid "$GW_PID" --hold 5s | tee -a "$WORK/conns.txt" || true
         stop_gateway

@@ -286,7 +286,7 @@ async fn open(a: &ConnsArgs, prefix: &str, offset: u64, count: u64) -> Result<Op
         }
         let Some(t) = inflight.pop_front() else { break };
         match t.await.map_err(|e| e.to_string())? {
-            Ok(c) => out.streams.push(c.stream),
+            Ok(c) => out.streams.push(c.stream.into_tcp().expect("TCP")),
             Err(e) => {
                 out.failed += 1;
                 if out.first_error.is_none() {

@@ -1,10 +1,13 @@
 //! Connect and log in: one Hello, one HelloOk. Nothing else of a client session.
 
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tern_protocol::{Body, Codec, Frame, Hello, PROTOCOL_VERSION, Platform};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::wire::MAX_FRAME;
@@ -12,8 +15,135 @@ use crate::wire::MAX_FRAME;
 /// A logged-in connection and whatever the server sent after HelloOk.
 #[derive(Debug)]
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub rbuf: BytesMut,
+}
+
+/// The byte stream of a connection: TCP, or one bidirectional QUIC stream (with the endpoint
+/// and connection it lives on; each connection has its own UDP socket, so the gateway's kernel
+/// spreads them over its cores as it does TCP connections).
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Quic {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        /// Kept open for as long as the stream is used.
+        _conn: quinn::Connection,
+        _endpoint: quinn::Endpoint,
+    },
+}
+
+impl Stream {
+    /// The TCP stream (idle-connection runs are TCP only).
+    pub fn into_tcp(self) -> Option<TcpStream> {
+        match self {
+            Stream::Tcp(s) => Some(s),
+            Stream::Quic { .. } => None,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Quic { recv, .. } => Pin::new(recv).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Quic { send, .. } => Pin::new(send)
+                .poll_write(cx, buf)
+                .map_err(std::io::Error::other),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Quic { send, .. } => Pin::new(send).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Quic { send, .. } => Pin::new(send).poll_shutdown(cx),
+        }
+    }
+}
+
+/// QUIC client settings: trust the gateway's certificate (PEM), ALPN `tern/1`.
+pub fn quic_client_config(ca: &std::path::Path) -> Result<quinn::ClientConfig, String> {
+    let pem = std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate in the file", ca.display()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"tern/1".to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// Like [`connect`], over QUIC.
+pub async fn connect_quic(
+    server: SocketAddr,
+    config: quinn::ClientConfig,
+    token: String,
+    device: &str,
+) -> Result<Conn, String> {
+    tokio::time::timeout(LOGIN_TIMEOUT, async {
+        let mut endpoint =
+            quinn::Endpoint::client(SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 0))
+                .map_err(|e| format!("UDP socket: {e}"))?;
+        endpoint.set_default_client_config(config);
+        let conn = endpoint
+            .connect(server, "localhost")
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| format!("QUIC handshake with {server}: {e}"))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        hello(
+            Stream::Quic {
+                send,
+                recv,
+                _conn: conn,
+                _endpoint: endpoint,
+            },
+            token,
+            device,
+        )
+        .await
+    })
+    .await
+    .map_err(|_| format!("no HelloOk within {LOGIN_TIMEOUT:?}"))?
 }
 
 /// How long a connect + login may take before it counts as failed.
@@ -49,13 +179,17 @@ async fn login(
             .bind(SocketAddr::new(ip, 0))
             .map_err(|e| format!("bind {ip}: {e}"))?;
     }
-    let mut stream = socket
+    let stream = socket
         .connect(server)
         .await
         .map_err(|e| format!("connect {server}: {e}"))?;
     stream
         .set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
+    hello(Stream::Tcp(stream), token, device).await
+}
+
+async fn hello(mut stream: Stream, token: String, device: &str) -> Result<Conn, String> {
     let mut codec = Codec::new(MAX_FRAME);
     let hello = Frame::new(
         1,

@@ -26,9 +26,16 @@ use crate::wire::{self, RID_BASE, Scanned, SendTemplate, Stamp, WireError};
 /// Options of `tern-load pairs`.
 #[derive(Debug, clap::Args)]
 pub struct PairsArgs {
-    /// Gateway address (loopback only).
+    /// Gateway address (loopback only): its TCP address, or its QUIC one with `--transport quic`.
     #[arg(long, default_value = "127.0.0.1:7600")]
     server: SocketAddr,
+    /// `tcp` or `quic` (one bidirectional stream per connection).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "quic"])]
+    transport: String,
+    /// Certificate to trust for QUIC (PEM). Default: the gateway's development certificate,
+    /// `<data-dir>/tls/cert.pem`.
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// The gateway's data directory, to read its token secret.
     #[arg(long)]
     data_dir: PathBuf,
@@ -194,8 +201,8 @@ pub async fn run(a: PairsArgs) -> Result<bool, String> {
         format!("{}/s", a.rate)
     };
     eprintln!(
-        "tern-load pairs: {} pairs, {:?}, rate {rate_label}, window {}, payload {} B, users {prefix}-sN/-rN",
-        a.pairs, a.duration, a.window, a.payload
+        "tern-load pairs: {} pairs over {}, {:?}, rate {rate_label}, window {}, payload {} B, users {prefix}-sN/-rN",
+        a.pairs, a.transport, a.duration, a.window, a.payload
     );
 
     // Receivers first: a message committed before its receiver is online would not be pushed.
@@ -204,6 +211,7 @@ pub async fn run(a: PairsArgs) -> Result<bool, String> {
 
     let gw0 = a.gateway_pid.map(ProcSnap::take).transpose()?;
     let cpu0 = sys::self_cpu();
+    let udp0 = sys::udp_datagrams();
     let t0 = Instant::now();
     let send_end = t0 + a.duration;
     let shared = Rc::new(Shared {
@@ -247,8 +255,18 @@ pub async fn run(a: PairsArgs) -> Result<bool, String> {
     }
     let gw1 = a.gateway_pid.map(ProcSnap::take).transpose()?;
     let gen_cpu = sys::self_cpu() - cpu0;
+    let udp1 = sys::udp_datagrams();
+    let udp_sent = udp1.1.saturating_sub(udp0.1);
 
-    Ok(report(&a, &shared, &sends, &recvs, gw0.zip(gw1), gen_cpu))
+    Ok(report(
+        &a,
+        &shared,
+        &sends,
+        &recvs,
+        gw0.zip(gw1),
+        gen_cpu,
+        udp_sent,
+    ))
 }
 
 async fn login_all(
@@ -257,10 +275,21 @@ async fn login_all(
     prefix: &str,
     role: char,
 ) -> Result<Vec<Conn>, String> {
+    let quic = match a.transport.as_str() {
+        "quic" => Some(login::quic_client_config(
+            &a.ca
+                .clone()
+                .unwrap_or_else(|| a.data_dir.join("tls").join("cert.pem")),
+        )?),
+        _ => None,
+    };
     let tasks: Vec<_> = (0..a.pairs)
         .map(|i| {
             let token = minter.mint(&format!("{prefix}-{role}{i}"));
-            spawn_local(login::connect(a.server, None, token, "load"))
+            match &quic {
+                Some(q) => spawn_local(login::connect_quic(a.server, q.clone(), token, "load")),
+                None => spawn_local(login::connect(a.server, None, token, "load")),
+            }
         })
         .collect();
     let mut conns = Vec::with_capacity(tasks.len());
@@ -530,6 +559,7 @@ fn report(
     recvs: &[RecvOut],
     gw: Option<(ProcSnap, ProcSnap)>,
     gen_cpu: Duration,
+    udp_sent: u64,
 ) -> bool {
     let sum_s = |f: fn(&SenderOut) -> u64| sends.iter().map(f).sum::<u64>();
     let sum_r = |f: fn(&RecvOut) -> u64| recvs.iter().map(f).sum::<u64>();
@@ -647,9 +677,25 @@ fn report(
         gen_cpu.as_secs_f64(),
         per_msg(gen_cpu)
     );
+    let udp_per_s = if span.is_zero() {
+        0.0
+    } else {
+        udp_sent as f64 / span.as_secs_f64()
+    };
+    if a.transport == "quic" {
+        println!(
+            "udp         {udp_sent} datagrams sent by client and server ({udp_per_s:.0}/s, {:.2} per message; whole machine)",
+            if delivered == 0 {
+                0.0
+            } else {
+                udp_sent as f64 / delivered as f64
+            }
+        );
+    }
     let healthy = lost == 0 && dup == 0;
     println!(
-        "RESULT workload=pairs label={} pairs={} rate={} window={} payload={} duration_s={:.1} sent={sent} acked={acked} delivered={delivered} delivered_per_s={per_s:.0} p50_us={p50:.0} p99_us={p99:.0} p999_us={p999:.0} max_us={max:.0} lost={lost} dup={dup} reordered={reordered} sync_needed={} errors={} cpu_us_per_msg={} gen_cpu_us_per_msg={:.2}",
+        "RESULT workload=pairs transport={} udp_datagrams_per_s={udp_per_s:.0} label={} pairs={} rate={} window={} payload={} duration_s={:.1} sent={sent} acked={acked} delivered={delivered} delivered_per_s={per_s:.0} p50_us={p50:.0} p99_us={p99:.0} p999_us={p999:.0} max_us={max:.0} lost={lost} dup={dup} reordered={reordered} sync_needed={} errors={} cpu_us_per_msg={} gen_cpu_us_per_msg={:.2}",
+        a.transport,
         if a.label.is_empty() { "-" } else { &a.label },
         a.pairs,
         a.rate,

@@ -148,3 +148,22 @@ impl ProcSnap {
         Ok(snap)
     }
 }
+
+/// UDP datagrams received and sent by the whole machine so far (`/proc/net/snmp`: `Udp:
+/// InDatagrams`, `OutDatagrams`). On loopback every datagram is counted once sent, once received.
+pub fn udp_datagrams() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        names
+            .split_whitespace()
+            .position(|n| n == name)
+            .and_then(|i| values.split_whitespace().nth(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("InDatagrams"), field("OutDatagrams"))
+}
