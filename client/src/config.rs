@@ -6,7 +6,7 @@ use tern_protocol::{MAX_FRAME_DEFAULT, Platform};
 
 use crate::{BackoffConfig, ClientError};
 
-/// The byte stream a [`Client`](crate::Client) speaks the protocol over. Both carry the same
+/// The byte stream a [`Client`](crate::Client) speaks the protocol over. All carry the same
 /// length-prefixed frames.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -14,16 +14,21 @@ pub enum Transport {
     /// One TCP connection, plain (the default).
     #[default]
     Tcp,
+    /// One TCP connection carrying TLS 1.3 or 1.2. ALPN `tern/1` is offered; a server that
+    /// selects no protocol is accepted. The server's certificate is checked against
+    /// [`ClientConfig::ca`], as for QUIC.
+    Tls,
     /// One QUIC connection (TLS 1.3, ALPN `tern/1`) carrying one bidirectional stream that the
     /// client opens. The server's certificate is checked against [`ClientConfig::ca`].
     Quic,
 }
 
 impl Transport {
-    /// `tcp` or `quic`.
+    /// `tcp`, `tls` or `quic`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
+            Self::Tls => "tls",
             Self::Quic => "quic",
         }
     }
@@ -41,12 +46,12 @@ impl std::fmt::Display for Transport {
 #[non_exhaustive]
 pub struct ClientConfig {
     /// `host:port` (or an IP socket address written out, `[::1]:7600` for IPv6) of the gateway's
-    /// TCP or QUIC listener. For QUIC the host part is also the TLS server name the certificate
-    /// must be valid for (an IP address for an IP literal).
+    /// TCP, TLS or QUIC listener. For TLS and QUIC the host part is also the TLS server name the
+    /// certificate must be valid for (an IP address for an IP literal, sent without SNI).
     pub server: String,
-    /// TCP or QUIC (default TCP).
+    /// TCP, TLS or QUIC (default TCP).
     pub transport: Transport,
-    /// QUIC only: a PEM file with the certificate(s) to trust, and only those, e.g. the
+    /// TLS and QUIC only: a PEM file with the certificate(s) to trust, and only those, e.g. the
     /// gateway's self-signed development certificate `<data-dir>/tls/cert.pem`. Default `None`:
     /// trust the Mozilla root certificates compiled into the client (`webpki-roots`); system
     /// certificate stores are not read. Read once by [`Client::connect`](crate::Client::connect).
@@ -74,8 +79,9 @@ pub struct ClientConfig {
     pub reconnect: bool,
     /// Reconnect delays (default 100 ms doubling to 10 s, full jitter).
     pub backoff: BackoffConfig,
-    /// Bound on connect plus login (default 10 s): for TCP the TCP handshake, for QUIC the QUIC
-    /// and TLS handshake and opening the stream, then Hello and its HelloOk.
+    /// Bound on connect plus login (default 10 s): for TCP the TCP handshake, for TLS the TCP
+    /// and the TLS handshake, for QUIC the QUIC and TLS handshake and opening the stream; then
+    /// Hello and its HelloOk.
     pub connect_timeout: Duration,
     /// Bound on waiting for the answer to a request (default 30 s).
     pub request_timeout: Duration,
@@ -118,7 +124,7 @@ impl ClientConfig {
         if self.server.is_empty() {
             return bad("server: empty");
         }
-        if self.transport == Transport::Quic {
+        if matches!(self.transport, Transport::Tls | Transport::Quic) {
             crate::transport::server_name(&self.server)?;
         }
         if self.token.is_empty() {
@@ -137,5 +143,32 @@ impl ClientConfig {
             return bad("max_frame_bytes: must be at least 1024");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transports_are_named_and_tls_ones_need_a_certificate_name() {
+        let names: Vec<&str> = [Transport::Tcp, Transport::Tls, Transport::Quic]
+            .into_iter()
+            .map(Transport::as_str)
+            .collect();
+        assert_eq!(names, ["tcp", "tls", "quic"]);
+
+        // `a b` names no certificate: fine for plain TCP, refused up front for TLS and QUIC.
+        let mut config = ClientConfig::new("a b:7600", "t", "d");
+        assert!(config.validate().is_ok());
+        for transport in [Transport::Tls, Transport::Quic] {
+            config.transport = transport;
+            assert_eq!(
+                config.validate().unwrap_err().to_string(),
+                "invalid client config: server: `a b` is neither a DNS name nor an IP address, \
+                 so it cannot name the server's TLS certificate",
+                "{transport}"
+            );
+        }
     }
 }

@@ -56,9 +56,11 @@ pub enum ClientError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The TLS handshake of a QUIC connection failed: most often the server's certificate is
-    /// not trusted (wrong or missing [`ClientConfig::ca`](crate::ClientConfig::ca)) or not valid
-    /// for the host name in [`ClientConfig::server`](crate::ClientConfig::server).
+    /// The TLS handshake (of a TLS-over-TCP or a QUIC connection) failed: most often the
+    /// server's certificate is not trusted (wrong or missing
+    /// [`ClientConfig::ca`](crate::ClientConfig::ca)) or not valid for the host name in
+    /// [`ClientConfig::server`](crate::ClientConfig::server); over TLS also a server that does
+    /// not speak TLS, closes the connection during the handshake, or refuses ALPN `tern/1`.
     #[error("TLS handshake with {server} failed: {reason}")]
     Tls {
         /// The configured server address.
@@ -66,8 +68,9 @@ pub enum ClientError {
         /// What went wrong, with the TLS alert or certificate error.
         reason: String,
     },
-    /// The QUIC server does not speak ALPN protocol `tern/1`: it is not a Tern gateway, or one
-    /// that speaks another protocol version.
+    /// QUIC only: the server does not speak ALPN protocol `tern/1`: it is not a Tern gateway,
+    /// or one that speaks another protocol version. (Over TLS, ALPN is optional; a server that
+    /// refuses `tern/1` fails with [`ClientError::Tls`].)
     #[error("{server} does not speak the Tern protocol over QUIC (ALPN tern/1): {reason}")]
     Alpn {
         /// The configured server address.

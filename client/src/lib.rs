@@ -24,22 +24,34 @@
 //! full jitter, resuming from the last sync position. Requests in flight when a connection
 //! drops fail with [`ClientError::Disconnected`]; retry sends with [`Client::send_with_id`].
 //!
-//! Transports ([`ClientConfig::transport`]): plain TCP (the default), or QUIC — one QUIC
-//! connection per session, TLS 1.3 with ALPN `tern/1`, and one bidirectional stream that the
-//! client opens and writes its Hello on; the same frames flow over it as over TCP, and timeouts,
-//! heartbeats and reconnects work the same. QUIC checks the server's certificate against the
-//! PEM file in [`ClientConfig::ca`] (e.g. the gateway's development certificate,
+//! Transports ([`ClientConfig::transport`]), each carrying the same frames, with timeouts,
+//! heartbeats and reconnects working the same:
+//!
+//! - [`Transport::Tcp`] (the default): plain TCP.
+//! - [`Transport::Tls`]: TLS 1.3 or 1.2 over TCP. ALPN `tern/1` is offered, and a server that
+//!   selects no protocol is accepted. [`ClientConfig::connect_timeout`] bounds the TCP connect
+//!   and the handshake together; [`Client::close`] sends a TLS close_notify (bounded by a short
+//!   grace period). A server that ends the TCP connection without close_notify (the gateway
+//!   does) is a lost connection like a TCP one, not a TLS error.
+//! - [`Transport::Quic`]: one QUIC connection per session, TLS 1.3 with ALPN `tern/1` required,
+//!   and one bidirectional stream that the client opens and writes its Hello on.
+//!
+//! TLS and QUIC check the server's certificate the same way, with the same code: against the PEM
+//! file in [`ClientConfig::ca`] (e.g. the gateway's development certificate,
 //! `<data-dir>/tls/cert.pem`) or, without one, the Mozilla roots compiled in; the server name is
-//! the host part of [`ClientConfig::server`] (an IP address for an IP literal). Certificate and
-//! ALPN failures are [`ClientError::Tls`] and [`ClientError::Alpn`]; an unusable CA file is
-//! [`ClientError::CaFile`].
+//! the host part of [`ClientConfig::server`] (an IP address for an IP literal, then no SNI is
+//! sent). Handshake failures — an untrusted certificate, one for another name, a TLS alert from
+//! the server, a server that does not speak TLS — are [`ClientError::Tls`], whose reason names
+//! the problem and what was trusted; QUIC's ALPN refusal is [`ClientError::Alpn`]; an unusable
+//! CA file is [`ClientError::CaFile`], reported before any connection is made.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tern_client::ClientError> {
 //! use tern_client::{Client, ClientConfig, Transport};
 //!
-//! let mut config = ClientConfig::new("127.0.0.1:7600", "TOKEN", "laptop");
-//! config.transport = Transport::Quic;
+//! // The port of the gateway's TLS listener (`--tls ADDR`); for QUIC, of its `--quic ADDR`.
+//! let mut config = ClientConfig::new("127.0.0.1:7602", "TOKEN", "laptop");
+//! config.transport = Transport::Tls; // or Transport::Quic
 //! config.ca = Some("/var/lib/tern/tls/cert.pem".into());
 //! let client = Client::connect(config).await?;
 //! # Ok(()) }
@@ -47,9 +59,10 @@
 //!
 //! What it does not do: it keeps nothing on disk (store [`Client::sync_version`] yourself to
 //! resume a later process from it), does not reorder messages that arrive out of order, does not
-//! queue requests while disconnected, does not speak TLS over TCP, does not use one session over
-//! TCP and QUIC at once (the dual channel), does not read the system's certificate store, and
-//! does not present client certificates. It needs a tokio runtime.
+//! queue requests while disconnected, does not use one session over TCP and QUIC at once (the
+//! dual channel), does not read the system's certificate store, does not present client
+//! certificates, does not send TLS early data (0-RTT), and does not require ALPN over TLS (only
+//! over QUIC). It needs a tokio runtime.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -22,8 +22,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "tern", version)]
 struct Cli {
-    /// Gateway address, HOST:PORT. For QUIC, HOST must be a name or IP address the gateway's
-    /// certificate is valid for.
+    /// Gateway address, HOST:PORT. For TLS and QUIC, HOST must be a name or IP address the
+    /// gateway's certificate is valid for.
     #[arg(
         long,
         env = "TERN_SERVER",
@@ -31,7 +31,8 @@ struct Cli {
         global = true
     )]
     server: String,
-    /// How to reach the gateway.
+    /// How to reach the gateway: plain TCP, TLS over TCP, or QUIC. The port is that of the
+    /// gateway's listener for it.
     #[arg(
         long,
         env = "TERN_TRANSPORT",
@@ -40,8 +41,9 @@ struct Cli {
         global = true
     )]
     transport: TransportArg,
-    /// QUIC only: PEM file with the certificate(s) to trust, e.g. the gateway's development
-    /// certificate DATA_DIR/tls/cert.pem [default: the built-in Mozilla root certificates].
+    /// TLS and QUIC only: PEM file with the certificate(s) to trust, e.g. the gateway's
+    /// development certificate DATA_DIR/tls/cert.pem [default: the built-in Mozilla root
+    /// certificates].
     #[arg(long, env = "TERN_CA", value_name = "PEM", global = true)]
     ca: Option<PathBuf>,
     /// Login token (mint one with `tern-gateway token --user NAME`).
@@ -64,6 +66,8 @@ struct Cli {
 enum TransportArg {
     /// Plain TCP.
     Tcp,
+    /// TLS 1.3 or 1.2 over TCP, ALPN tern/1 offered (see --ca).
+    Tls,
     /// QUIC: TLS 1.3, ALPN tern/1, one stream (see --ca).
     Quic,
     /// TCP and QUIC at once as one session (not supported by this client yet).
@@ -181,11 +185,12 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     let transport = match cli.transport {
         TransportArg::Tcp => Transport::Tcp,
+        TransportArg::Tls => Transport::Tls,
         TransportArg::Quic => Transport::Quic,
         TransportArg::Dual => {
             eprintln!(
                 "error: --transport dual (one session over TCP and QUIC at once) is not supported \
-                 by this client yet; use --transport tcp or --transport quic"
+                 by this client yet; use --transport tcp, tls or quic"
             );
             return ExitCode::from(2);
         }

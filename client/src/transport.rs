@@ -1,6 +1,11 @@
-//! The byte stream under a connection: a TCP connection, or one bidirectional stream of a QUIC
-//! connection. The session code sees only [`Reader`] and [`Writer`]; the same length-prefixed
-//! frames flow over either.
+//! The byte stream under a connection: a TCP connection, TLS over a TCP connection, or one
+//! bidirectional stream of a QUIC connection. The session code sees only [`Reader`] and
+//! [`Writer`]; the same length-prefixed frames flow over each.
+//!
+//! TLS: a TCP connection as for plain TCP, then a TLS 1.3 or 1.2 handshake (rustls, ring) that
+//! offers ALPN `tern/1` but accepts a server that selects no protocol. Server name and trust are
+//! the same as for QUIC ([`tls_client_config`]). The stream is split into halves that share it
+//! behind a lock; the session never reads and writes at the same time, so they do not contend.
 //!
 //! QUIC: one QUIC connection per transport connection, TLS 1.3 with ALPN `tern/1`, and one
 //! bidirectional stream the client opens right after the handshake (the server learns of it
@@ -20,7 +25,7 @@ use quinn::{ConnectionError, TransportErrorCode, VarInt};
 use rustls::AlertDescription;
 use rustls_pki_types::{CertificateDer, DnsName, ServerName, pem::PemObject};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf},
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -29,7 +34,7 @@ use tokio::{
 
 use crate::{ClientConfig, ClientError, Result, config::Transport};
 
-/// The ALPN protocol id of the Tern protocol over QUIC.
+/// The ALPN protocol id of the Tern protocol: required over QUIC, offered over TLS.
 pub(crate) const ALPN: &[u8] = b"tern/1";
 
 /// QUIC keep-alive: below any sensible idle timeout of the server, so a quiet session is not
@@ -42,14 +47,27 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 const NEXT_ADDRESS_DELAY: Duration = Duration::from_millis(250);
 
 /// How long [`Writer::shutdown`] waits for the server to acknowledge the end of the stream and
-/// the connection close, so leaving loses neither the last frames nor the close.
+/// the connection close (QUIC), or for the last frames and the TLS close_notify to be written
+/// (TLS), so leaving loses neither the last frames nor the close.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// How a client opens transports; built once from the config (the CA file is read here).
 #[derive(Debug)]
 pub(crate) enum Connector {
     Tcp,
+    Tls(Box<TlsConnector>),
     Quic(Box<QuicConnector>),
+}
+
+/// A TLS stream over TCP, client side.
+type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+#[derive(Debug)]
+pub(crate) struct TlsConnector {
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+    /// What is trusted, for error messages.
+    trust: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -65,6 +83,7 @@ pub(crate) struct QuicConnector {
 #[derive(Debug)]
 pub(crate) enum Reader {
     Tcp(OwnedReadHalf),
+    Tls(ReadHalf<TlsStream>),
     Quic(quinn::RecvStream),
 }
 
@@ -72,6 +91,7 @@ pub(crate) enum Reader {
 #[derive(Debug)]
 pub(crate) enum Writer {
     Tcp(OwnedWriteHalf),
+    Tls(WriteHalf<TlsStream>),
     Quic(Box<QuicWriter>),
 }
 
@@ -85,11 +105,12 @@ pub(crate) struct QuicWriter {
 }
 
 impl Connector {
-    /// Checks what the transport needs from the config and, for QUIC, builds the TLS
+    /// Checks what the transport needs from the config and, for TLS and QUIC, builds the TLS
     /// configuration (reading [`ClientConfig::ca`]).
     pub(crate) fn new(config: &ClientConfig) -> Result<Self> {
         match config.transport {
             Transport::Tcp => Ok(Self::Tcp),
+            Transport::Tls => Ok(Self::Tls(Box::new(TlsConnector::new(config)?))),
             Transport::Quic => Ok(Self::Quic(Box::new(QuicConnector::new(config)?))),
         }
     }
@@ -101,7 +122,11 @@ impl Connector {
         timeout: Duration,
     ) -> Result<(Reader, Writer)> {
         match self {
-            Self::Tcp => Ok(connect_tcp(server, timeout).await?),
+            Self::Tcp => {
+                let (r, w) = tcp_stream(server, timeout).await?.into_split();
+                Ok((Reader::Tcp(r), Writer::Tcp(w)))
+            }
+            Self::Tls(tls) => tls.connect(server, timeout).await,
             Self::Quic(quic) => tokio::time::timeout(timeout, quic.connect(server))
                 .await
                 .map_err(|_| {
@@ -118,14 +143,13 @@ impl Connector {
 }
 
 /// Opens a TCP connection, trying each resolved address in turn.
-async fn connect_tcp(server: &str, timeout: Duration) -> io::Result<(Reader, Writer)> {
+async fn tcp_stream(server: &str, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(server))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     // Frames are small and latency matters more than packet count.
     stream.set_nodelay(true)?;
-    let (r, w) = stream.into_split();
-    Ok((Reader::Tcp(r), Writer::Tcp(w)))
+    Ok(stream)
 }
 
 /// The TLS server name for `server` (`host:port`, `[v6]:port`): the host, as an IP address if it
@@ -176,35 +200,135 @@ fn read_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
+/// The roots a TLS client trusts: only the certificates in `ca`, or without it the Mozilla roots
+/// compiled in; and a description of that for error messages.
+fn root_store(ca: Option<&Path>) -> Result<(rustls::RootCertStore, String)> {
+    let mut roots = rustls::RootCertStore::empty();
+    let trust = match ca {
+        Some(path) => {
+            for (i, cert) in read_ca(path)?.into_iter().enumerate() {
+                roots.add(cert).map_err(|e| ClientError::CaFile {
+                    path: path.to_owned(),
+                    reason: format!("certificate {} is not usable: {e}", i + 1),
+                })?;
+            }
+            format!("trusting only the certificates in {}", path.display())
+        }
+        None => {
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            "trusting the built-in Mozilla roots; give the gateway's certificate as the CA \
+             file if it is self-signed"
+                .to_owned()
+        }
+    };
+    Ok((roots, trust))
+}
+
+/// The rustls client configuration of both TLS transports: ring, the roots of [`root_store`],
+/// `versions`, ALPN [`ALPN`], no client certificate. Returns it with the trust description.
+fn tls_client_config(
+    ca: Option<&Path>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<(rustls::ClientConfig, Arc<str>)> {
+    let (roots, trust) = root_store(ca)?;
+    // Explicitly ring, whatever other crypto provider another crate in the process enables.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| ClientError::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok((tls, trust.into()))
+}
+
+impl TlsConnector {
+    fn new(config: &ClientConfig) -> Result<Self> {
+        let server_name = server_name(&config.server)?;
+        let (tls, trust) = tls_client_config(
+            config.ca.as_deref(),
+            &[&rustls::version::TLS13, &rustls::version::TLS12],
+        )?;
+        Ok(Self {
+            config: Arc::new(tls),
+            server_name,
+            trust,
+        })
+    }
+
+    /// Connects over TCP, then runs the TLS handshake; both together within `timeout`.
+    async fn connect(&self, server: &str, timeout: Duration) -> Result<(Reader, Writer)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let tcp = tcp_stream(server, timeout).await?;
+        let handshake = tokio_rustls::TlsConnector::from(Arc::clone(&self.config))
+            .connect(self.server_name.clone(), tcp);
+        let stream = tokio::time::timeout_at(deadline, handshake)
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "TLS handshake with {server} timed out: TCP connect and handshake not \
+                         done within {timeout:?}"
+                    ),
+                )
+            })?
+            .map_err(|e| self.handshake_error(server, e))?;
+        let (_, session) = stream.get_ref();
+        // Selecting no protocol is allowed: ALPN is optional over TLS, unlike over QUIC.
+        tracing::debug!(
+            version = ?session.protocol_version(),
+            alpn = ?session.alpn_protocol().map(String::from_utf8_lossy),
+            "TLS handshake done"
+        );
+        let (r, w) = tokio::io::split(stream);
+        Ok((Reader::Tls(r), Writer::Tls(w)))
+    }
+
+    /// Names why a handshake failed. rustls' own errors (certificate, alerts, a peer that does
+    /// not speak TLS) are [`ClientError::Tls`]; so is a connection the server closed mid-way.
+    /// Other socket errors stay I/O errors of their kind.
+    fn handshake_error(&self, server: &str, e: io::Error) -> ClientError {
+        let tls = |reason: String| ClientError::Tls {
+            server: server.to_owned(),
+            reason,
+        };
+        // tokio-rustls wraps rustls' error in an `io::Error` of kind `InvalidData`.
+        if let Some(error) = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return tls(match error {
+                rustls::Error::InvalidCertificate(_) => format!("{error} ({})", self.trust),
+                rustls::Error::AlertReceived(AlertDescription::NoApplicationProtocol) => {
+                    "the server sent TLS alert NoApplicationProtocol: it speaks none of the \
+                     offered ALPN protocols (tern/1)"
+                        .into()
+                }
+                rustls::Error::AlertReceived(alert) => {
+                    format!("the server sent TLS alert {alert:?}")
+                }
+                rustls::Error::InvalidMessage(_) => {
+                    format!("{error}; the server does not speak TLS (a plain TCP port?)")
+                }
+                other => other.to_string(),
+            });
+        }
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            return tls(
+                "the server closed the connection during the handshake (not a TLS port, or it \
+                 turned the connection away)"
+                    .into(),
+            );
+        }
+        io::Error::new(e.kind(), format!("TLS handshake with {server}: {e}")).into()
+    }
+}
+
 impl QuicConnector {
     fn new(config: &ClientConfig) -> Result<Self> {
         let server_name = server_name(&config.server)?;
-        let mut roots = rustls::RootCertStore::empty();
-        let trust = match &config.ca {
-            Some(path) => {
-                for (i, cert) in read_ca(path)?.into_iter().enumerate() {
-                    roots.add(cert).map_err(|e| ClientError::CaFile {
-                        path: path.clone(),
-                        reason: format!("certificate {} is not usable: {e}", i + 1),
-                    })?;
-                }
-                format!("trusting only the certificates in {}", path.display())
-            }
-            None => {
-                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-                "trusting the built-in Mozilla roots; give the gateway's certificate as the CA \
-                 file if it is self-signed"
-                    .to_owned()
-            }
-        };
-        // Explicitly ring, whatever other crypto provider another crate in the process enables.
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ClientError::Config(format!("TLS: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let (tls, trust) = tls_client_config(config.ca.as_deref(), &[&rustls::version::TLS13])?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
             .map_err(|e| ClientError::Config(format!("TLS: {e}")))?;
         let mut transport = quinn::TransportConfig::default();
@@ -218,7 +342,7 @@ impl QuicConnector {
         Ok(Self {
             client,
             server_name: server_name.to_str().into(),
-            trust: trust.into(),
+            trust,
         })
     }
 
@@ -400,6 +524,13 @@ impl Reader {
     pub(crate) async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Self::Tcp(r) => r.read_buf(buf).await,
+            Self::Tls(r) => match r.read_buf(buf).await {
+                // The end of the TCP stream without a close_notify first (the gateway closes
+                // so). A truncation is no risk: frames are length-prefixed and a partial one
+                // is never handed on, the same as a TCP connection that ends.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+                other => other,
+            },
             // quinn's `ReadError` converts to `io::Error` with a matching kind.
             Self::Quic(r) => r.read_buf(buf).await,
         }
@@ -411,15 +542,30 @@ impl Writer {
     pub(crate) async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         match self {
             Self::Tcp(w) => w.write_all(buf).await,
+            Self::Tls(w) => {
+                // rustls may keep records that did not fit the socket; flush sends them now
+                // instead of with the next write.
+                w.write_all(buf).await?;
+                w.flush().await
+            }
             Self::Quic(q) => Ok(q.send.write_all(buf).await?),
         }
     }
 
-    /// Closes the sending direction. For QUIC: finishes the stream, waits (at most
+    /// Closes the sending direction. For TLS: sends close_notify, then shuts the TCP sending
+    /// direction, within [`CLOSE_GRACE`]. For QUIC: finishes the stream, waits (at most
     /// [`CLOSE_GRACE`]) until the server has acknowledged all of it, then closes the connection.
     pub(crate) async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             Self::Tcp(w) => w.shutdown().await,
+            Self::Tls(w) => tokio::time::timeout(CLOSE_GRACE, w.shutdown())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "TLS close_notify not sent within the close grace period",
+                    ))
+                }),
             Self::Quic(q) => {
                 q.send
                     .finish()
@@ -516,10 +662,63 @@ mod tests {
         );
         assert!(err.is_permanent());
 
+        // TLS over TCP reads the file with the same code and reports the same.
+        config.transport = Transport::Tls;
+        assert_eq!(
+            Connector::new(&config).unwrap_err().to_string(),
+            err.to_string()
+        );
+        config.ca = Some(missing.clone());
+        assert!(matches!(
+            Connector::new(&config),
+            Err(ClientError::CaFile { path, .. }) if path == missing
+        ));
+
         // Without a CA file the built-in roots are used; TCP needs no TLS at all.
         config.ca = None;
+        assert!(matches!(Connector::new(&config), Ok(Connector::Tls(_))));
+        config.transport = Transport::Quic;
         assert!(matches!(Connector::new(&config), Ok(Connector::Quic(_))));
         config.transport = Transport::Tcp;
+        config.ca = Some(missing);
         assert!(matches!(Connector::new(&config), Ok(Connector::Tcp)));
+    }
+
+    #[test]
+    fn tls_offers_tern_1_and_names_an_ip_server_by_its_address() {
+        let mut config = ClientConfig::new("127.0.0.1:1", "t", "d");
+        config.transport = Transport::Tls;
+        let Ok(Connector::Tls(tls)) = Connector::new(&config) else {
+            panic!("expected a TLS connector");
+        };
+        // Versions are checked end to end (tests/tls.rs: a TLS 1.3 and a TLS 1.2 server).
+        assert_eq!(tls.config.alpn_protocols, vec![b"tern/1".to_vec()]);
+        assert!(matches!(tls.server_name, ServerName::IpAddress(_)));
+    }
+
+    #[tokio::test]
+    async fn the_connect_timeout_bounds_tcp_connect_and_tls_handshake() {
+        // The kernel completes the TCP handshake into the backlog; nobody ever answers TLS.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap().to_string();
+        let mut config = ClientConfig::new(&server, "t", "d");
+        config.transport = Transport::Tls;
+        let connector = Connector::new(&config).unwrap();
+        let started = std::time::Instant::now();
+        let timeout = Duration::from_millis(200);
+        match connector.connect(&server, timeout).await {
+            Err(ClientError::Io(e)) => {
+                assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "TLS handshake with {server} timed out: TCP connect and handshake not \
+                         done within 200ms"
+                    )
+                );
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(started.elapsed() >= timeout);
     }
 }

@@ -7,7 +7,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use common::{FakeServer, QuicServer, TestCert, deliver};
+use common::{FakeServer, Peer, QuicServer, TestCert, TlsServer, deliver};
 use tern_protocol::{
     Body, ConversationState, ErrorCode, Frame, HistoryPage, SendAck, SyncConversations, SyncDone,
     SyncMessages, Target,
@@ -289,7 +289,21 @@ async fn chat_sends_each_line_and_prints_incoming_messages() {
 
 /// `tern send` over QUIC against `server`; answers the Send and returns the output.
 async fn send_over_quic(server: &QuicServer, run: tokio::task::JoinHandle<Output>) -> Output {
-    let mut peer = server.accept_login(0).await;
+    answer_send(server.accept_login(0).await, b"hello over quic", run).await
+}
+
+/// `tern send` over TLS against `server`; answers the Send and returns the output.
+async fn send_over_tls(server: &TlsServer, run: tokio::task::JoinHandle<Output>) -> Output {
+    answer_send(server.accept_login(0).await, b"hello over tls", run).await
+}
+
+/// Checks the logged-in `peer` is `tern send --to bob` with `payload`, answers its Send, checks
+/// `tern` then ends the stream cleanly, and returns its output.
+async fn answer_send(
+    mut peer: Peer,
+    payload: &[u8],
+    run: tokio::task::JoinHandle<Output>,
+) -> Output {
     assert_eq!(peer.hello.token, "token-alice");
     assert_eq!(peer.hello.device_id, "cli-send");
     let frame = peer.recv_request().await;
@@ -297,7 +311,7 @@ async fn send_over_quic(server: &QuicServer, run: tokio::task::JoinHandle<Output
         panic!("expected Send, got {frame:?}");
     };
     assert_eq!(send.target, Some(Target::user("bob")));
-    assert_eq!(&send.payload[..], b"hello over quic");
+    assert_eq!(&send.payload[..], payload);
     peer.send(Frame::new(
         frame.request_id,
         SendAck {
@@ -382,6 +396,107 @@ async fn quic_with_another_ca_exits_1_naming_the_tls_problem() {
 }
 
 #[tokio::test]
+async fn send_over_tls_with_flags_prints_the_send_ack() {
+    let server = TlsServer::start().await;
+    let ca = server.cert_path.to_str().unwrap().to_owned();
+    let run = tern_at(
+        &server.addr().to_string(),
+        &[
+            "--transport",
+            "tls",
+            "--ca",
+            &ca,
+            "send",
+            "--to",
+            "bob",
+            "hello over tls",
+        ],
+        &[],
+        "",
+    );
+    let out = send_over_tls(&server, run).await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "sent conversation=123 seq=2 time=9\n");
+    assert_eq!(text(&out.stderr), "");
+}
+
+#[tokio::test]
+async fn send_over_tls_with_environment_variables_prints_the_send_ack() {
+    let server = TlsServer::start().await;
+    let ca = server.cert_path.to_str().unwrap().to_owned();
+    let run = tern_at(
+        &server.addr().to_string(),
+        &["send", "--to", "bob", "hello over tls"],
+        &[("TERN_TRANSPORT", "tls"), ("TERN_CA", &ca)],
+        "",
+    );
+    let out = send_over_tls(&server, run).await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "sent conversation=123 seq=2 time=9\n");
+}
+
+#[tokio::test]
+async fn tls_with_another_ca_exits_1_naming_the_tls_problem() {
+    let server = TlsServer::with(
+        &TestCert::with_common_name(&["127.0.0.1"], "gateway"),
+        &[b"tern/1"],
+        &[&rustls::version::TLS13],
+    )
+    .await;
+    let other = TestCert::with_common_name(&["127.0.0.1"], "someone else")
+        .write_pem(server.dir.path(), "other.pem");
+    let addr = server.addr().to_string();
+    let run = tern_at(
+        &addr,
+        &[
+            "--transport",
+            "tls",
+            "--ca",
+            other.to_str().unwrap(),
+            "send",
+            "--to",
+            "bob",
+            "x",
+        ],
+        &[],
+        "",
+    );
+    assert!(server.handshake().await.is_err());
+    let out = run.await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: TLS handshake with {addr} failed: invalid peer certificate: UnknownIssuer \
+             (trusting only the certificates in {})\n",
+            other.display()
+        )
+    );
+}
+
+#[tokio::test]
+async fn help_lists_the_tls_transport() {
+    let out = tern_at("127.0.0.1:9", &["--help"], &[], "").await.unwrap();
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    let lines: Vec<&str> = help.lines().map(str::trim).collect();
+    for line in [
+        "- tcp:  Plain TCP",
+        "- tls:  TLS 1.3 or 1.2 over TCP, ALPN tern/1 offered (see --ca)",
+        "- quic: QUIC: TLS 1.3, ALPN tern/1, one stream (see --ca)",
+    ] {
+        assert!(lines.contains(&line), "no line {line:?} in:\n{help}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("TLS and QUIC only: PEM file with the certificate(s) to trust")),
+        "{help}"
+    );
+}
+
+#[tokio::test]
 async fn dual_transport_is_refused_with_a_clear_message() {
     // Nothing listens there: the refusal comes before any connection attempt.
     let run = tern_at(
@@ -396,7 +511,7 @@ async fn dual_transport_is_refused_with_a_clear_message() {
     assert_eq!(
         text(&out.stderr),
         "error: --transport dual (one session over TCP and QUIC at once) is not supported by \
-         this client yet; use --transport tcp or --transport quic\n"
+         this client yet; use --transport tcp, tls or quic\n"
     );
 
     let run = tern_at(

@@ -29,7 +29,10 @@ pub struct Config {
     /// QUIC listen address (UDP) for client connections; none (default) means no QUIC. The same
     /// frames run over one bidirectional stream per connection.
     pub quic: Option<SocketAddr>,
-    /// PEM certificate chain for QUIC. Without `tls_cert` and `tls_key`, a self-signed
+    /// TLS-over-TCP listen address; none (default) means no TLS listener. Same certificate as
+    /// QUIC.
+    pub tls: Option<SocketAddr>,
+    /// PEM certificate chain for QUIC and TLS. Without `tls_cert` and `tls_key`, a self-signed
     /// development certificate is generated on first start and kept in
     /// `<data_dir>/tls/cert.pem` and `key.pem` (clients trust it with `tern --ca`).
     pub tls_cert: Option<PathBuf>,
@@ -99,6 +102,7 @@ impl Default for Config {
         Config {
             tcp: "127.0.0.1:7600".parse().expect("static address"),
             quic: None,
+            tls: None,
             tls_cert: None,
             tls_key: None,
             cores: 0,

@@ -33,6 +33,9 @@ struct Cli {
     /// QUIC (UDP) listen address; QUIC is off unless given.
     #[arg(long, env = "TERN_QUIC")]
     quic: Option<SocketAddr>,
+    /// TLS-over-TCP listen address; TLS is off unless given.
+    #[arg(long, env = "TERN_TLS")]
+    tls: Option<SocketAddr>,
     /// Number of cores to use (0 = all).
     #[arg(long, env = "TERN_CORES")]
     cores: Option<usize>,
@@ -85,6 +88,9 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     }
     if let Some(q) = cli.quic {
         cfg.quic = Some(q);
+    }
+    if let Some(t) = cli.tls {
+        cfg.tls = Some(t);
     }
     if let Some(c) = cli.cores {
         cfg.cores = c;
@@ -157,6 +163,9 @@ fn main() -> ExitCode {
             match tern_gateway::run(cfg, shutdown, true, |ready| {
                 if let Some(quic) = ready.quic {
                     eprintln!("tern-gateway QUIC listening on {quic}");
+                }
+                if let Some(tls) = ready.tls {
+                    eprintln!("tern-gateway TLS listening on {tls}");
                 }
                 eprintln!("tern-gateway listening on {}", ready.tcp);
             }) {

@@ -55,6 +55,7 @@ pub enum GatewayError {
 pub struct Ready {
     pub tcp: SocketAddr,
     pub quic: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
 }
 
 /// The store options the config asks for.
@@ -141,13 +142,30 @@ fn run_cores(
         addr: cfg.tcp,
         message: e.to_string(),
     })?;
-    let quic_cores: Vec<Option<tern_quic::CoreQuic>> = match cfg.quic {
-        None => (0..n).map(|_| None).collect(),
-        Some(quic_addr) => quic_setup(&cfg, quic_addr, n)?
+    let identity = if cfg.quic.is_some() || cfg.tls.is_some() {
+        Some(tls_identity(&cfg)?)
+    } else {
+        None
+    };
+    let quic_cores: Vec<Option<tern_quic::CoreQuic>> = match (cfg.quic, &identity) {
+        (Some(quic_addr), Some(identity)) => quic_setup(&cfg, identity, quic_addr, n)?
             .into_iter()
             .map(Some)
             .collect(),
+        _ => (0..n).map(|_| None).collect(),
     };
+    let tls = match (cfg.tls, &identity) {
+        (Some(tls_addr), Some(identity)) => {
+            let addr = resolve_listen_addr(tls_addr).map_err(|e| GatewayError::Listen {
+                addr: tls_addr,
+                message: e.to_string(),
+            })?;
+            let config = tern_quic::tls::server_config(identity)?;
+            Some((addr, futures_rustls::TlsAcceptor::from(config)))
+        }
+        _ => None,
+    };
+    let tls_addr = tls.as_ref().map(|(a, _)| *a);
     let quic_addr = quic_cores
         .first()
         .and_then(|q| q.as_ref().map(|q| q.local_addr()));
@@ -166,6 +184,7 @@ fn run_cores(
         let core_shutdown = shutdown.clone();
         let ready = ready_tx.clone();
         let conn_limits = conn_limits.clone();
+        let tls = tls.clone();
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("tern-core-{id}"))
             .io_memory(cfg.io_memory_bytes)
@@ -182,6 +201,7 @@ fn run_cores(
                 core_shutdown,
                 conn_limits,
                 core_quic,
+                tls,
                 addr,
                 ready,
             )
@@ -235,9 +255,13 @@ fn run_cores(
         if let Some(q) = quic_addr {
             info!(%q, "QUIC listening");
         }
+        if let Some(t) = tls_addr {
+            info!(%t, "TLS listening");
+        }
         on_ready(Ready {
             tcp: addr,
             quic: quic_addr,
+            tls: tls_addr,
         });
     }
     for (id, h) in handles.into_iter().enumerate() {
@@ -258,13 +282,9 @@ fn run_cores(
     }
 }
 
-/// The TLS identity (configured, or the development certificate in the data directory), the
-/// QUIC server config and one bound endpoint per core.
-fn quic_setup(
-    cfg: &Config,
-    addr: SocketAddr,
-    cores: usize,
-) -> Result<Vec<tern_quic::CoreQuic>, GatewayError> {
+/// The TLS identity: the configured certificate, or the development certificate in the data
+/// directory (generated on first use).
+fn tls_identity(cfg: &Config) -> Result<tern_quic::tls::TlsIdentity, GatewayError> {
     use tern_quic::tls;
     let identity = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => tls::load(cert, key)?,
@@ -276,7 +296,17 @@ fn quic_setup(
             "generated a self-signed development certificate (clients trust it with --ca)"
         );
     }
-    let mut server = tls::quic_server_config(&identity)?;
+    Ok(identity)
+}
+
+/// The QUIC server config and one bound endpoint per core.
+fn quic_setup(
+    cfg: &Config,
+    identity: &tern_quic::tls::TlsIdentity,
+    addr: SocketAddr,
+    cores: usize,
+) -> Result<Vec<tern_quic::CoreQuic>, GatewayError> {
+    let mut server = tern_quic::tls::quic_server_config(identity)?;
     let mut transport = tern_quic::TransportConfig::default();
     // The session's own idle timeout (pings every heartbeat) decides; QUIC's only catches a
     // client that vanished without a word.
@@ -326,6 +356,7 @@ async fn core_main(
     shutdown: Arc<AtomicBool>,
     conn_limits: Arc<ConnLimits>,
     core_quic: Option<tern_quic::CoreQuic>,
+    tls: Option<(SocketAddr, futures_rustls::TlsAcceptor)>,
     addr: SocketAddr,
     ready: std::sync::mpsc::Sender<Result<(), GatewayError>>,
 ) {
@@ -358,6 +389,19 @@ async fn core_main(
     // wait for each other's forwarding channels.
     let quic_listener = match core_quic {
         Some(q) => Some(q.start().await),
+        None => None,
+    };
+    let tls_listener = match tls {
+        Some((tls_addr, acceptor)) => match TcpListener::bind(tls_addr) {
+            Ok(l) => Some((l, acceptor)),
+            Err(e) => {
+                let _ = ready.send(Err(GatewayError::Listen {
+                    addr: tls_addr,
+                    message: e.to_string(),
+                }));
+                return;
+            }
+        },
         None => None,
     };
     let listener = match TcpListener::bind(addr) {
@@ -403,6 +447,9 @@ async fn core_main(
     }
     let quic_loop = quic_listener
         .map(|l| glommio::spawn_local(crate::session::quic_accept_loop(core.clone(), l)));
+    let tls_loop = tls_listener.map(|(l, acceptor)| {
+        glommio::spawn_local(crate::session::tls_accept_loop(core.clone(), l, acceptor))
+    });
     let _ = ready.send(Ok(()));
     crate::session::accept_loop(core.clone(), listener).await;
     // Shutdown: sessions got Kick(SHUTDOWN) from their readers; wait for them to close.
@@ -421,6 +468,9 @@ async fn core_main(
     }
     if let Some(q) = quic_loop {
         q.await;
+    }
+    if let Some(t) = tls_loop {
+        t.await;
     }
     core.wake_completions();
     let _ = futures_lite::future::or(

@@ -133,6 +133,8 @@ async fn write_all_within(stream: &Stream, mut buf: &[u8], stall: Duration) -> s
         }
         buf = &buf[n..];
     }
+    // TLS keeps records buffered until flushed.
+    std::future::poll_fn(|cx| stream.borrow_mut().poll_flush(cx)).await?;
     Ok(())
 }
 
@@ -297,6 +299,23 @@ async fn handle_new(core: Rc<Core>, stream: Transport, count: ConnCount, slot: C
             crate::transport::run_quic_end(relay, send, recv, conn).await;
             drop((count, slot));
         }
+        Transport::Tls(tls) => {
+            // Like QUIC: the TLS state stays on this core, the bytes are relayed.
+            let id = core.new_session_id();
+            let relay = Relay::open(&core, id, owner);
+            core.send_to_core(
+                owner,
+                ShardMsg::AdoptRelay {
+                    id,
+                    from: core.id,
+                    leftover: inbuf.to_vec(),
+                    login,
+                },
+            )
+            .await;
+            crate::transport::run_tls_end(relay, *tls).await;
+            drop((count, slot));
+        }
         Transport::Relay(_) => unreachable!("relays are created after login"),
     }
 }
@@ -389,6 +408,64 @@ pub async fn run_relayed(core: Rc<Core>, relay: Rc<Relay>, leftover: Vec<u8>, lo
     )
     .instrument(span)
     .await;
+}
+
+/// Accepts TLS-over-TCP connections until shutdown: the TLS handshake must complete within
+/// the login timeout, then the session is the same as over plain TCP.
+pub async fn tls_accept_loop(
+    core: Rc<Core>,
+    listener: TcpListener,
+    acceptor: futures_rustls::TlsAcceptor,
+) {
+    loop {
+        let accepted = future::or(async { Some(listener.accept().await) }, async {
+            core.stopped().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                let io: std::io::Error = e.into();
+                warn!(core = core.id, error = %io, "TLS accept failed");
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let core = core.clone();
+        let acceptor = acceptor.clone();
+        let count = ConnCount::new(&core);
+        glommio::spawn_local(async move {
+            let peer = stream.peer_addr().ok();
+            let span = tracing::info_span!("conn", core = core.id, peer = ?peer, tls = true);
+            async move {
+                let _ = stream.set_nodelay(true);
+                let slot = match core.conn_limits.admit(peer.map(|p| p.ip())) {
+                    Ok(slot) => slot,
+                    Err(refused) => {
+                        debug!(?refused, "TLS connection refused before the handshake");
+                        return;
+                    }
+                };
+                let handshake = future::or(async { Some(acceptor.accept(stream).await) }, async {
+                    glommio::timer::sleep(core.cfg.login_timeout()).await;
+                    None
+                })
+                .await;
+                match handshake {
+                    Some(Ok(tls)) => {
+                        handle_new(core, Transport::Tls(Box::new(tls)), count, slot).await
+                    }
+                    Some(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                    None => debug!("no TLS handshake within the login timeout"),
+                }
+            }
+            .instrument(span)
+            .await
+        })
+        .detach();
+    }
 }
 
 /// Accepts QUIC connections until shutdown: each brings one bidirectional stream (opened by

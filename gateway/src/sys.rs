@@ -50,15 +50,20 @@ pub fn rlimit(resource: libc::__rlimit_resource_t) -> (u64, u64) {
 /// shutdown(2) on a stream's socket, synchronously (no borrow of the stream is held across an
 /// await). Errors (e.g. already disconnected) are ignored: this is best effort before a close.
 pub fn shutdown(stream: &TcpStream, how: std::net::Shutdown) {
+    shutdown_fd(stream.as_raw_fd(), how);
+}
+
+/// [`shutdown`] on a descriptor that the caller knows to be open.
+pub fn shutdown_fd(fd: RawFd, how: std::net::Shutdown) {
     let how = match how {
         std::net::Shutdown::Read => libc::SHUT_RD,
         std::net::Shutdown::Write => libc::SHUT_WR,
         std::net::Shutdown::Both => libc::SHUT_RDWR,
     };
-    // SAFETY: the descriptor is owned by `stream`, which is alive for this call; shutdown(2)
-    // does not touch memory.
+    // SAFETY: shutdown(2) does not touch memory; on a descriptor that is not an open socket it
+    // only fails.
     unsafe {
-        libc::shutdown(stream.as_raw_fd(), how);
+        libc::shutdown(fd, how);
     }
 }
 

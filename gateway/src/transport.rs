@@ -33,9 +33,13 @@ const RELAY_CHUNK: usize = 32 << 10;
 /// read, a failed hand-off).
 pub const QUIC_ABORT: u32 = 1;
 
+/// TLS over a TCP socket (rustls).
+pub type TlsStream = futures_rustls::server::TlsStream<TcpStream>;
+
 /// A session's byte stream.
 pub enum Transport {
     Tcp(TcpStream),
+    Tls(Box<TlsStream>),
     Quic {
         send: SendStream,
         recv: RecvStream,
@@ -48,6 +52,7 @@ impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Transport::Tcp(_) => f.write_str("Transport::Tcp"),
+            Transport::Tls(_) => f.write_str("Transport::Tls"),
             Transport::Quic { conn, .. } => write!(f, "Transport::Quic({})", conn.id()),
             Transport::Relay(r) => write!(f, "Transport::Relay({})", r.id),
         }
@@ -58,6 +63,7 @@ impl Transport {
     pub fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         match self {
             Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
             Transport::Quic { recv, .. } => Pin::new(recv).poll_read(cx, buf),
             Transport::Relay(r) => r.poll_read(cx, buf),
         }
@@ -66,8 +72,17 @@ impl Transport {
     pub fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self {
             Transport::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
             Transport::Quic { send, .. } => Pin::new(send).poll_write(cx, buf),
             Transport::Relay(r) => r.poll_write(cx, buf),
+        }
+    }
+
+    /// Pushes out what a write left buffered (TLS records); a no-op for the other transports.
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Transport::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            _ => Poll::Ready(Ok(())),
         }
     }
 
@@ -75,6 +90,9 @@ impl Transport {
     pub fn shutdown_write(&mut self) {
         match self {
             Transport::Tcp(s) => crate::sys::shutdown(s, std::net::Shutdown::Write),
+            // Without close_notify: frames are length-prefixed, so a truncation is detected
+            // by the client anyway, and sending the alert would need an await here.
+            Transport::Tls(s) => crate::sys::shutdown(s.get_ref().0, std::net::Shutdown::Write),
             Transport::Quic { send, .. } => {
                 let _ = send.finish();
             }
@@ -86,6 +104,7 @@ impl Transport {
     pub fn shutdown_both(&mut self) {
         match self {
             Transport::Tcp(s) => crate::sys::shutdown(s, std::net::Shutdown::Both),
+            Transport::Tls(s) => crate::sys::shutdown(s.get_ref().0, std::net::Shutdown::Both),
             Transport::Quic { send, .. } => {
                 let _ = send.finish();
             }
@@ -97,6 +116,7 @@ impl Transport {
     pub fn abort(&mut self) {
         match self {
             Transport::Tcp(s) => crate::sys::set_linger_zero(s.as_raw_fd()),
+            Transport::Tls(s) => crate::sys::set_linger_zero(s.get_ref().0.as_raw_fd()),
             Transport::Quic { conn, .. } => conn.close(VarInt::from_u32(QUIC_ABORT), b"abort"),
             Transport::Relay(r) => r.abort(),
         }
@@ -106,6 +126,7 @@ impl Transport {
     pub fn raw_fd(&self) -> Option<RawFd> {
         match self {
             Transport::Tcp(s) => Some(s.as_raw_fd()),
+            Transport::Tls(s) => Some(s.get_ref().0.as_raw_fd()),
             _ => None,
         }
     }
@@ -311,14 +332,19 @@ async fn pump(core: Rc<Core>, relay: Rc<Relay>) {
     core.relays.borrow_mut().remove(&id);
 }
 
-/// The QUIC core's side: copies the QUIC stream into the relay and the relay into the QUIC
-/// stream until either side ends, then closes the connection.
-pub async fn run_quic_end(
+/// The side of a relay on the core that holds the connection: copies the client's stream into
+/// the relay and the relay into the client's stream until either side ends. `end` is called
+/// once the session's side is done (true if it ended gracefully) and must make the client's
+/// reading side end too (close the connection or shut the socket down).
+pub async fn run_relay_end<R, W>(
     relay: Rc<Relay>,
-    mut send: SendStream,
-    mut recv: RecvStream,
-    conn: Connection,
-) {
+    mut recv: R,
+    mut send: W,
+    end: impl std::future::Future<Output = ()>,
+) where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin,
+{
     let up = {
         let relay = relay.clone();
         async move {
@@ -339,45 +365,60 @@ pub async fn run_quic_end(
             relay.close();
         }
     };
-    let down = {
-        let relay = relay.clone();
-        async move {
-            let mut buf = vec![0u8; RELAY_CHUNK];
-            loop {
-                let n = match std::future::poll_fn(|cx| relay.poll_read(cx, &mut buf)).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                if futures_lite::AsyncWriteExt::write_all(&mut send, &buf[..n])
-                    .await
-                    .is_err()
-                {
-                    relay.abort();
-                    return false;
-                }
-            }
-            let aborted = relay.aborted.get();
-            if !aborted {
-                let _ = send.finish();
-            }
-            !aborted
-        }
-    };
-    // The client's side ends when the client finishes its stream or the connection closes,
-    // which follows from the close below.
+    // The client's side ends when the client finishes its stream or the connection ends,
+    // which `end` brings about.
     let up = glommio::spawn_local(up);
-    let graceful = down.await;
-    if graceful {
-        // Let the client read the end of the stream and close first (bounded), as a TCP close
-        // drains; closing at once would discard what is still in flight.
-        futures_lite::future::or(
-            async {
-                conn.closed().await;
-            },
-            glommio::timer::sleep(std::time::Duration::from_millis(500)),
-        )
-        .await;
+    let mut buf = vec![0u8; RELAY_CHUNK];
+    loop {
+        let n = match std::future::poll_fn(|cx| relay.poll_read(cx, &mut buf)).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let written = futures_lite::AsyncWriteExt::write_all(&mut send, &buf[..n]).await;
+        if written.is_err() || futures_lite::AsyncWriteExt::flush(&mut send).await.is_err() {
+            relay.abort();
+            break;
+        }
     }
-    conn.close(VarInt::from_u32(0), b"");
+    if !relay.aborted.get() {
+        let _ = futures_lite::AsyncWriteExt::close(&mut send).await;
+    }
+    drop(send);
+    end.await;
     up.await;
+}
+
+/// [`run_relay_end`] for a QUIC connection.
+pub async fn run_quic_end(relay: Rc<Relay>, send: SendStream, recv: RecvStream, conn: Connection) {
+    let graceful = {
+        let relay = relay.clone();
+        move || !relay.aborted.get()
+    };
+    let end = async move {
+        if graceful() {
+            // Let the client read the end of the stream and close first (bounded), as a TCP
+            // close drains; closing at once would discard what is still in flight.
+            futures_lite::future::or(
+                async {
+                    conn.closed().await;
+                },
+                glommio::timer::sleep(std::time::Duration::from_millis(500)),
+            )
+            .await;
+        }
+        conn.close(VarInt::from_u32(0), b"");
+    };
+    run_relay_end(relay, recv, send, end).await;
+}
+
+/// [`run_relay_end`] for a TLS connection.
+pub async fn run_tls_end(relay: Rc<Relay>, tls: TlsStream) {
+    let fd = tls.get_ref().0.as_raw_fd();
+    let (recv, send) = futures_lite::io::split(tls);
+    let end = async move {
+        // The socket is still owned by the halves (so the descriptor is open); shutting it down
+        // makes the reading half see the end.
+        crate::sys::shutdown_fd(fd, std::net::Shutdown::Both);
+    };
+    run_relay_end(relay, recv, send, end).await;
 }

@@ -73,6 +73,8 @@ pub struct Gateway {
     pub addr: SocketAddr,
     /// The QUIC address, if the gateway was started with `--quic`.
     pub quic: Option<SocketAddr>,
+    /// The TLS-over-TCP address, if the gateway was started with `--tls`.
+    pub tls: Option<SocketAddr>,
     pub data_dir: PathBuf,
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
@@ -137,6 +139,9 @@ impl Gateway {
                     if let Some(rest) = line.strip_prefix("tern-gateway QUIC listening on ") {
                         let _ = tx.send(format!("quic {}", rest.trim()));
                     }
+                    if let Some(rest) = line.strip_prefix("tern-gateway TLS listening on ") {
+                        let _ = tx.send(format!("tls {}", rest.trim()));
+                    }
                     if let Some(rest) = line.strip_prefix("tern-gateway listening on ") {
                         let _ = tx.send(rest.trim().to_string());
                     }
@@ -144,13 +149,18 @@ impl Gateway {
                 }
             });
         }
-        let mut quic = None;
+        let (mut quic, mut tls) = (None, None);
         let addr = loop {
             match rx.recv_timeout(WAIT) {
-                Ok(a) => match a.strip_prefix("quic ") {
-                    Some(q) => quic = Some(q.parse().expect("QUIC address")),
-                    None => break a.parse().expect("listen address"),
-                },
+                Ok(a) => {
+                    if let Some(q) = a.strip_prefix("quic ") {
+                        quic = Some(q.parse().expect("QUIC address"));
+                    } else if let Some(t) = a.strip_prefix("tls ") {
+                        tls = Some(t.parse().expect("TLS address"));
+                    } else {
+                        break a.parse().expect("listen address");
+                    }
+                }
                 Err(_) => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -161,6 +171,7 @@ impl Gateway {
         Ok(Gateway {
             addr,
             quic,
+            tls,
             data_dir: dir.to_path_buf(),
             child: Some(child),
             log,
@@ -251,6 +262,7 @@ impl Gateway {
         self.child = g.child.take();
         self.log = g.log.clone();
         self.quic = g.quic;
+        self.tls = g.tls;
     }
 }
 
@@ -365,12 +377,29 @@ impl Conn {
         let mut out = BytesMut::new();
         self.codec.encode(frame, &mut out).expect("encode");
         self.stream.write_all(&out).expect("write");
+        self.stream.flush().expect("flush");
     }
 
     /// Connects over QUIC (one bidirectional stream), trusting the PEM certificate `ca`.
     pub fn connect_quic(addr: SocketAddr, ca: &Path) -> Conn {
         Conn {
             stream: Wire::Quic(Box::new(QuicWire::connect(addr, ca))),
+            buf: BytesMut::new(),
+            codec: Codec::default(),
+            next_id: 1,
+        }
+    }
+
+    /// Connects with TLS over TCP, trusting the PEM certificate `ca`.
+    pub fn connect_tls(addr: SocketAddr, ca: &Path) -> Conn {
+        let config = tern_quic::tls::client_config_trusting(ca).expect("trust the CA");
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = rustls::ClientConnection::new(Arc::new(config), name).expect("TLS client");
+        let tcp = TcpStream::connect(addr).expect("connect");
+        tcp.set_nodelay(true).unwrap();
+        tcp.set_read_timeout(Some(WAIT)).unwrap();
+        Conn {
+            stream: Wire::Tls(Box::new(rustls::StreamOwned::new(tls, tcp))),
             buf: BytesMut::new(),
             codec: Codec::default(),
             next_id: 1,
@@ -399,7 +428,7 @@ impl Conn {
     pub fn quic(&mut self) -> &mut QuicWire {
         match &mut self.stream {
             Wire::Quic(q) => q,
-            Wire::Tcp(_) => panic!("not a QUIC connection"),
+            _ => panic!("not a QUIC connection"),
         }
     }
 
@@ -407,12 +436,13 @@ impl Conn {
     pub fn stream(&self) -> &TcpStream {
         match &self.stream {
             Wire::Tcp(s) => s,
-            Wire::Quic(_) => panic!("not a TCP connection"),
+            _ => panic!("not a TCP connection"),
         }
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("write");
+        self.stream.flush().expect("flush");
     }
 
     /// The next frame or the connection's end, waiting at most [`WAIT`].
@@ -509,6 +539,7 @@ pub fn rss_bytes(pid: u32) -> u64 {
 #[derive(Debug)]
 enum Wire {
     Tcp(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
     Quic(Box<QuicWire>),
 }
 
@@ -516,6 +547,7 @@ impl Read for Wire {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Wire::Tcp(s) => s.read(buf),
+            Wire::Tls(s) => s.read(buf),
             Wire::Quic(q) => q.read(buf),
         }
     }
@@ -525,12 +557,16 @@ impl Write for Wire {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             Wire::Tcp(s) => s.write(buf),
+            Wire::Tls(s) => s.write(buf),
             Wire::Quic(q) => q.write(buf),
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        match self {
+            Wire::Tls(s) => s.flush(),
+            _ => Ok(()),
+        }
     }
 }
 

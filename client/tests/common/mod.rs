@@ -1,6 +1,6 @@
-//! A tiny in-process server that speaks the Tern protocol over a real TCP socket, or over one
-//! bidirectional stream of a real QUIC connection on 127.0.0.1, for testing the SDK and the CLI
-//! without a gateway.
+//! A tiny in-process server that speaks the Tern protocol over a real TCP socket, over TLS on a
+//! real TCP socket, or over one bidirectional stream of a real QUIC connection on 127.0.0.1, for
+//! testing the SDK and the CLI without a gateway.
 
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
@@ -17,7 +17,7 @@ use tern_client::{BackoffConfig, ClientConfig, ContentType, Target, Transport};
 use tern_protocol::{Body, Codec, Deliver, Frame, Hello, HelloOk};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     time::timeout,
 };
 
@@ -193,12 +193,117 @@ impl QuicServer {
     }
 }
 
+/// A TLS-over-TCP server on 127.0.0.1 (tokio-rustls) with a fresh self-signed certificate for
+/// `localhost`, `127.0.0.1`, `::1` whose PEM is `cert_path`. Like the gateway, it closes a
+/// connection without close_notify (dropping a [`Peer`] just closes the socket).
+pub struct TlsServer {
+    pub listener: TcpListener,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub cert_path: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+/// What a TLS server saw of the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsHandshake {
+    pub version: Option<rustls::ProtocolVersion>,
+    pub alpn: Option<Vec<u8>>,
+    pub sni: Option<String>,
+}
+
+pub type TlsServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+impl TlsServer {
+    /// TLS 1.3 and 1.2, ALPN `tern/1` (the client's offer is selected).
+    pub async fn start() -> Self {
+        Self::with(
+            &TestCert::new(&["localhost", "127.0.0.1", "::1"]),
+            &[b"tern/1"],
+            &[&rustls::version::TLS13, &rustls::version::TLS12],
+        )
+        .await
+    }
+
+    pub async fn with(
+        cert: &TestCert,
+        alpn: &[&[u8]],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Self {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der.clone()],
+                PrivateKeyDer::Pkcs8(cert.key.clone_key()),
+            )
+            .unwrap();
+        tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let cert_path = cert.write_pem(dir.path(), "cert.pem");
+        Self {
+            listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+            cert_path,
+            dir,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap()
+    }
+
+    /// A TLS client config for this server that trusts its certificate.
+    pub fn config(&self) -> ClientConfig {
+        let mut config = test_config(self.addr());
+        config.transport = Transport::Tls;
+        config.ca = Some(self.cert_path.clone());
+        config
+    }
+
+    /// Accepts the next TCP connection and runs the server side of the TLS handshake.
+    pub async fn handshake(&self) -> std::io::Result<TlsServerStream> {
+        let (tcp, _) = timeout(WAIT, self.listener.accept())
+            .await
+            .expect("no connection")
+            .unwrap();
+        timeout(WAIT, self.acceptor.accept(tcp))
+            .await
+            .expect("handshake hangs")
+    }
+
+    /// Accepts a connection, completes the handshake, and reads the Hello.
+    pub async fn accept(&self) -> Peer {
+        let stream = self.handshake().await.expect("handshake failed");
+        let session = stream.get_ref().1;
+        let handshake = TlsHandshake {
+            version: session.protocol_version(),
+            alpn: session.alpn_protocol().map(<[u8]>::to_vec),
+            sni: session.server_name().map(str::to_owned),
+        };
+        let (reader, writer) = tokio::io::split(stream);
+        let mut peer = Peer::login(Box::new(reader), Box::new(writer), None).await;
+        peer.tls = Some(handshake);
+        peer
+    }
+
+    /// Accepts and answers HelloOk.
+    pub async fn accept_login(&self, heartbeat_ms: u32) -> Peer {
+        let mut peer = self.accept().await;
+        peer.hello_ok(heartbeat_ms).await;
+        peer
+    }
+}
+
 /// The server's side of one client connection. Dropping it closes the connection.
 pub struct Peer {
     pub reader: Box<dyn AsyncRead + Send + Unpin>,
     pub writer: Box<dyn AsyncWrite + Send + Unpin>,
     /// QUIC: the connection the stream belongs to.
     pub connection: Option<quinn::Connection>,
+    /// TLS: what the handshake agreed on.
+    pub tls: Option<TlsHandshake>,
     pub rbuf: BytesMut,
     pub codec: Codec,
     pub hello: Hello,
@@ -216,6 +321,7 @@ impl Peer {
             reader,
             writer,
             connection,
+            tls: None,
             rbuf: BytesMut::new(),
             codec: Codec::default(),
             hello: Hello::default(),
@@ -260,6 +366,8 @@ impl Peer {
         let mut buf = BytesMut::new();
         self.codec.encode(&frame, &mut buf).unwrap();
         self.writer.write_all(&buf).await.unwrap();
+        // TLS may hold records back until flushed; a no-op for TCP and QUIC.
+        self.writer.flush().await.unwrap();
     }
 
     pub async fn hello_ok(&mut self, heartbeat_ms: u32) {

@@ -1,0 +1,165 @@
+//! TLS over TCP end to end: the same frames inside TLS, against a gateway with two cores (so
+//! sessions whose connection landed on another core than their user's are relayed), mixed with
+//! plain TCP and QUIC devices.
+
+use bytes::Bytes;
+use tern_protocol::v1::frame::Body;
+use tern_protocol::{ErrorCode, Frame, SendAck, SyncRequest, Target};
+use tern_tests::{Conn, Gateway, hello};
+
+fn send_acked(c: &mut Conn, to: &str, id: &str, text: &str) -> SendAck {
+    let rid = c.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: id.into(),
+        target: Some(Target::user(to)),
+        content_type: 1,
+        custom_type: String::new(),
+        payload: Bytes::copy_from_slice(text.as_bytes()),
+    }));
+    match c.recv_frame() {
+        Frame {
+            request_id,
+            body: Some(Body::SendAck(a)),
+        } if request_id == rid => a,
+        other => panic!("expected SendAck for {rid}, got {other:?}"),
+    }
+}
+
+fn login_tls(gw: &Gateway, user: &str, device: &str) -> Conn {
+    let mut c = Conn::connect_tls(gw.tls.expect("TLS address"), &gw.dev_cert());
+    let rid = c.send_body(Body::Hello(hello(&gw.token(user), device)));
+    let f = c.recv_frame();
+    assert_eq!(f.request_id, rid);
+    assert!(matches!(f.body, Some(Body::HelloOk(_))), "{f:?}");
+    c
+}
+
+#[test]
+fn tls_devices_chat_with_tcp_and_quic_devices_and_sync() {
+    let gw = Gateway::start(&[
+        "--cores",
+        "2",
+        "--tls",
+        "127.0.0.1:0",
+        "--quic",
+        "127.0.0.1:0",
+    ]);
+    // Sixteen senders over TLS, each to its own receiver over plain TCP: about half of the TLS
+    // sessions are relayed between cores (checked in the log below).
+    for i in 0..16 {
+        let mut sender = login_tls(&gw, &format!("t{i}"), "phone");
+        let (mut receiver, _) = Conn::login(gw.addr, &gw.token(&format!("r{i}")), "phone");
+        for n in 1..=5u64 {
+            let ack = send_acked(
+                &mut sender,
+                &format!("r{i}"),
+                &format!("m{n}"),
+                &format!("{i}/{n}"),
+            );
+            assert_eq!(ack.seq, n);
+        }
+        for n in 1..=5u64 {
+            match receiver.recv_frame().body {
+                Some(Body::Deliver(d)) => {
+                    assert_eq!(
+                        (d.seq, d.payload.as_ref()),
+                        (n, format!("{i}/{n}").as_bytes())
+                    );
+                    assert_eq!(d.sender, format!("t{i}"));
+                }
+                other => panic!("expected Deliver, got {other:?}"),
+            }
+        }
+        // A reply reaches the TLS device live.
+        send_acked(&mut receiver, &format!("t{i}"), "reply", "ok");
+        match sender.recv_frame().body {
+            Some(Body::Deliver(d)) => assert_eq!((d.seq, d.payload.as_ref()), (6, &b"ok"[..])),
+            other => panic!("expected Deliver, got {other:?}"),
+        }
+    }
+    assert!(gw.log().contains("relay="), "no TLS session was relayed");
+
+    // An offline TLS device catches up by sync; a QUIC device of the same user gets it live.
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    for n in 1..=30u64 {
+        send_acked(&mut alice, "carol", &format!("c{n}"), &format!("c {n}"));
+    }
+    let mut carol = Conn::connect_tls(gw.tls.unwrap(), &gw.dev_cert());
+    let mut h = hello(&gw.token("carol"), "laptop");
+    h.sync_on_login = true;
+    let rid = carol.send_body(Body::Hello(h));
+    assert!(matches!(carol.recv_frame().body, Some(Body::HelloOk(_))));
+    let mut seqs = Vec::new();
+    loop {
+        let f = carol.recv_frame();
+        assert_eq!(f.request_id, rid);
+        match f.body {
+            Some(Body::SyncConversations(_)) => {}
+            Some(Body::SyncMessages(m)) => seqs.extend(m.messages.iter().map(|d| d.seq)),
+            Some(Body::SyncDone(_)) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+    let (mut carol_quic, _) = Conn::login_quic(
+        gw.quic.unwrap(),
+        &gw.dev_cert(),
+        &gw.token("carol"),
+        "phone",
+    );
+    send_acked(&mut alice, "carol", "c31", "c 31");
+    let mut conversation = 0;
+    for dev in [&mut carol, &mut carol_quic] {
+        match dev.recv_frame().body {
+            Some(Body::Deliver(d)) => {
+                assert_eq!(d.seq, 31);
+                conversation = d.conversation_id;
+            }
+            other => panic!("expected Deliver, got {other:?}"),
+        }
+    }
+    // Acknowledged up to 31: a sync on the TLS session carries no message.
+    carol.send_body(Body::Ack(tern_protocol::Ack {
+        conversation_id: conversation,
+        seq: 31,
+    }));
+    let rid = carol.send_body(Body::Sync(SyncRequest {
+        since_version: 0,
+        page_size: 0,
+    }));
+    loop {
+        let f = carol.recv_frame();
+        assert_eq!(f.request_id, rid, "{f:?}");
+        match f.body {
+            Some(Body::SyncConversations(_)) => {}
+            Some(Body::SyncDone(_)) => break,
+            other => panic!("nothing should be left to sync, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn bad_input_over_tls_and_plaintext_on_the_tls_port() {
+    let gw = Gateway::start(&["--cores", "2", "--tls", "127.0.0.1:0"]);
+    let tls = gw.tls.expect("TLS address");
+    // Garbage inside TLS: BAD_FRAME, fatal, closed.
+    let mut c = Conn::connect_tls(tls, &gw.dev_cert());
+    c.send_raw(&[0, 0, 0, 3, 0xff, 0xff, 0xff]);
+    let (_, fatal) = c.expect_error(ErrorCode::BadFrame);
+    assert!(fatal);
+    c.expect_closed();
+    // A second Hello after login over TLS: ALREADY_AUTHENTICATED, closed.
+    let mut c = login_tls(&gw, "dave", "phone");
+    c.send_body(Body::Hello(hello(&gw.token("dave"), "phone")));
+    c.expect_error(ErrorCode::AlreadyAuthenticated);
+    c.expect_closed();
+    // A plaintext client on the TLS port: the handshake fails, the server answers with a TLS
+    // alert record (content type 21), never a frame, and closes.
+    let mut plain = Conn::connect(tls);
+    plain.send_body(Body::Hello(hello(&gw.token("erin"), "phone")));
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain.stream(), &mut answer);
+    assert_eq!(answer.first(), Some(&21u8), "{answer:?}");
+    // The gateway still serves TLS clients.
+    let mut c = login_tls(&gw, "erin", "phone");
+    send_acked(&mut c, "frank", "m1", "still fine");
+}
