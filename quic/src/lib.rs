@@ -70,19 +70,31 @@
 //!   idle, each core holds one receive buffer (2 KiB by default) from that `io_memory`.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "driver")]
 mod connection;
+#[cfg(feature = "driver")]
 mod endpoint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod route;
+#[cfg(feature = "driver")]
 mod setup;
+#[cfg(feature = "driver")]
 mod stats;
+#[cfg(feature = "driver")]
 mod stream;
 pub mod tls;
 
+#[cfg(feature = "driver")]
 pub use connection::Connection;
+#[cfg(feature = "driver")]
 pub use endpoint::Listener;
 pub use quinn_proto::{ConnectionError, TransportConfig, VarInt};
+#[cfg(feature = "driver")]
 pub use setup::{CoreQuic, QuicError, QuicSetup};
+#[cfg(feature = "driver")]
 pub use stats::{Stats, StatsSnapshot};
+#[cfg(feature = "driver")]
 pub use stream::{RecvStream, SendStream};
 
 /// quinn-proto, re-exported so that its configuration types match this crate's.

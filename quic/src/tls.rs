@@ -185,6 +185,20 @@ pub fn load_or_generate(data_dir: &Path) -> Result<TlsIdentity, TlsError> {
     Ok(identity)
 }
 
+/// A self-signed identity for `localhost`, `127.0.0.1` and `::1` that is never written to
+/// disk (for tests and fuzzing).
+pub fn generate_in_memory() -> Result<TlsIdentity, TlsError> {
+    let names: Vec<String> = DEV_NAMES.iter().map(|s| s.to_string()).collect();
+    let generated =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    Ok(TlsIdentity {
+        cert_chain: vec![generated.cert.der().clone()],
+        key: PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into()),
+        cert_path: PathBuf::new(),
+        generated: true,
+    })
+}
+
 /// A rustls server configuration for TLS over TCP: TLS 1.2 and 1.3, ALPN `tern/1`, no client
 /// certificates.
 pub fn server_config(identity: &TlsIdentity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
