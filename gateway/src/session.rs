@@ -878,11 +878,11 @@ impl Ctx {
                 format!("payload exceeds {} bytes", cfg.max_payload_bytes),
             );
         }
-        if send.custom_type.len() > 256 {
+        if send.custom_type.len() > 64 {
             return self.error(
                 rid,
                 ErrorCode::InvalidArgument,
-                "custom_type must be at most 256 bytes",
+                "custom_type must be at most 64 bytes",
             );
         }
         let Some(target) = send.target else {

@@ -204,6 +204,26 @@ fn session_errors_after_login() {
         ..Default::default()
     }));
     assert_eq!(carol.expect_error(ErrorCode::InvalidArgument).0, rid);
+    // custom_type: 64 bytes are accepted, 65 are not (docs/PROTOCOL.md, Limits).
+    for (len, ok) in [(64, true), (65, false)] {
+        let rid = carol.send_body(Body::Send(tern_protocol::Send {
+            client_msg_id: format!("custom{len}"),
+            target: Some(Target::user("bob")),
+            content_type: 1,
+            custom_type: "t".repeat(len),
+            payload: Bytes::from_static(b"x"),
+        }));
+        let f = carol.recv_frame();
+        assert_eq!(f.request_id, rid);
+        match f.body {
+            Some(Body::SendAck(_)) if ok => {}
+            Some(Body::Error(e)) if !ok => {
+                assert_eq!(e.code, ErrorCode::InvalidArgument as i32);
+                assert!(e.message.contains("custom_type"), "{}", e.message);
+            }
+            other => panic!("custom_type of {len} bytes: {other:?}"),
+        }
+    }
 
     // Still logged in: a ping works.
     let rid = carol.send_body(Body::Ping(Default::default()));
