@@ -146,7 +146,7 @@ async fn close_with(core: &Core, stream: &Stream, frame: &Frame) {
     let _ = future::or(
         async {
             if write_all(stream, &bytes).await.is_ok() {
-                stream.borrow_mut().shutdown_write();
+                stream.borrow_mut().shutdown(std::net::Shutdown::Write);
                 let mut sink = BytesMut::new();
                 let mut total = 0usize;
                 while total < (1 << 20) {
@@ -175,7 +175,7 @@ async fn refuse(core: &Core, stream: Transport, refused: Refused) {
         false
     })
     .await;
-    stream.borrow_mut().shutdown_write();
+    stream.borrow_mut().shutdown(std::net::Shutdown::Write);
 }
 
 enum First {
@@ -281,43 +281,39 @@ async fn handle_new(core: Rc<Core>, stream: Transport, count: ConnCount, slot: C
             )
             .await;
         }
+        // A QUIC connection or a TLS session stays here (its packets arrive here, its TLS
+        // state lives here); its bytes are relayed to the session on the user's core. This
+        // task, and with it the connection count and slot, lives as long as the relay.
         Transport::Quic { send, recv, conn } => {
-            // The connection stays here; its bytes are relayed to the session on the user's
-            // core. This task (and its connection count and slot) lives as long as the relay.
-            let id = core.new_session_id();
-            let relay = Relay::open(&core, id, owner);
-            core.send_to_core(
-                owner,
-                ShardMsg::AdoptRelay {
-                    id,
-                    from: core.id,
-                    leftover: inbuf.to_vec(),
-                    login,
-                },
-            )
-            .await;
+            let relay = open_relay(&core, owner, &inbuf, login).await;
             crate::transport::run_quic_end(relay, send, recv, conn).await;
             drop((count, slot));
         }
         Transport::Tls(tls) => {
-            // Like QUIC: the TLS state stays on this core, the bytes are relayed.
-            let id = core.new_session_id();
-            let relay = Relay::open(&core, id, owner);
-            core.send_to_core(
-                owner,
-                ShardMsg::AdoptRelay {
-                    id,
-                    from: core.id,
-                    leftover: inbuf.to_vec(),
-                    login,
-                },
-            )
-            .await;
+            let relay = open_relay(&core, owner, &inbuf, login).await;
             crate::transport::run_tls_end(relay, *tls).await;
             drop((count, slot));
         }
         Transport::Relay(_) => unreachable!("relays are created after login"),
     }
+}
+
+/// Opens this core's end of a relay to `owner` and has `owner` run the session on the other
+/// end, starting with what was read after Hello.
+async fn open_relay(core: &Rc<Core>, owner: usize, inbuf: &BytesMut, login: Login) -> Rc<Relay> {
+    let id = core.new_session_id();
+    let relay = Relay::open(core, id, owner);
+    core.send_to_core(
+        owner,
+        ShardMsg::AdoptRelay {
+            id,
+            from: core.id,
+            leftover: inbuf.to_vec(),
+            login,
+        },
+    )
+    .await;
+    relay
 }
 
 fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static str)> {
@@ -630,7 +626,7 @@ async fn run_session(
         )),
     )
     .await;
-    stream.borrow_mut().shutdown_both();
+    stream.borrow_mut().shutdown(std::net::Shutdown::Both);
     core.wake_completions();
     info!(session = session.id, "closed");
 }

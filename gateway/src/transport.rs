@@ -86,49 +86,48 @@ impl Transport {
         }
     }
 
-    /// Ends the sending direction after what was written (TCP FIN, QUIC stream FIN, relay end).
-    pub fn shutdown_write(&mut self) {
+    /// The TCP socket under a TCP or TLS connection.
+    fn socket(&self) -> Option<&TcpStream> {
         match self {
-            Transport::Tcp(s) => crate::sys::shutdown(s, std::net::Shutdown::Write),
-            // Without close_notify: frames are length-prefixed, so a truncation is detected
-            // by the client anyway, and sending the alert would need an await here.
-            Transport::Tls(s) => crate::sys::shutdown(s.get_ref().0, std::net::Shutdown::Write),
-            Transport::Quic { send, .. } => {
-                let _ = send.finish();
-            }
-            Transport::Relay(r) => r.close(),
+            Transport::Tcp(s) => Some(s),
+            Transport::Tls(s) => Some(s.get_ref().0),
+            Transport::Quic { .. } | Transport::Relay(_) => None,
         }
     }
 
-    /// Ends both directions (the peer sees the end of the stream).
-    pub fn shutdown_both(&mut self) {
+    /// Ends the sending direction (`Write`) or both after what was written: a TCP FIN, a QUIC
+    /// stream FIN, the end of a relay. A QUIC stream or a relay can only end its sending side;
+    /// the peer then ends the rest. TLS ends without close_notify: frames are length-prefixed,
+    /// so a truncation is detected by the client anyway, and sending the alert would need an
+    /// await here.
+    pub fn shutdown(&mut self, how: std::net::Shutdown) {
+        if let Some(socket) = self.socket() {
+            return crate::sys::shutdown(socket, how);
+        }
         match self {
-            Transport::Tcp(s) => crate::sys::shutdown(s, std::net::Shutdown::Both),
-            Transport::Tls(s) => crate::sys::shutdown(s.get_ref().0, std::net::Shutdown::Both),
             Transport::Quic { send, .. } => {
                 let _ = send.finish();
             }
             Transport::Relay(r) => r.close(),
+            Transport::Tcp(_) | Transport::Tls(_) => {}
         }
     }
 
     /// Drops the connection at once, discarding whatever is queued either way.
     pub fn abort(&mut self) {
+        if let Some(socket) = self.socket() {
+            return crate::sys::set_linger_zero(socket.as_raw_fd());
+        }
         match self {
-            Transport::Tcp(s) => crate::sys::set_linger_zero(s.as_raw_fd()),
-            Transport::Tls(s) => crate::sys::set_linger_zero(s.get_ref().0.as_raw_fd()),
             Transport::Quic { conn, .. } => conn.close(VarInt::from_u32(QUIC_ABORT), b"abort"),
             Transport::Relay(r) => r.abort(),
+            Transport::Tcp(_) | Transport::Tls(_) => {}
         }
     }
 
     /// The socket, for checks only TCP supports (unsent bytes).
     pub fn raw_fd(&self) -> Option<RawFd> {
-        match self {
-            Transport::Tcp(s) => Some(s.as_raw_fd()),
-            Transport::Tls(s) => Some(s.get_ref().0.as_raw_fd()),
-            _ => None,
-        }
+        self.socket().map(AsRawFd::as_raw_fd)
     }
 }
 

@@ -80,7 +80,7 @@ impl StorageError {
 
 /// Converts a RocksDB error. Deliberately not a `From` impl: no RocksDB type may appear in
 /// the public API, not even in a trait impl.
-#[cfg(feature = "rocks")]
+#[cfg(feature = "store")]
 pub(crate) fn backend(e: rocksdb::Error) -> StorageError {
     StorageError::Backend(e.into_string())
 }

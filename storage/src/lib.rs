@@ -133,33 +133,39 @@
 //!   [`StorageError::Closed`]. No completion ever hangs.
 
 #![forbid(unsafe_code)]
-// Without RocksDB, the writer's helpers have no user.
-#![cfg_attr(not(feature = "rocks"), allow(dead_code))]
 
+#[cfg(feature = "store")]
 mod api;
+#[cfg(feature = "store")]
 mod completion;
+#[cfg(feature = "store")]
 mod dedup;
 mod error;
 mod ids;
+#[cfg(feature = "store")]
 mod mem;
 mod record;
-#[cfg(feature = "rocks")]
+#[cfg(feature = "store")]
 mod rocks;
 
+#[cfg(feature = "store")]
 pub use api::{AppendRequest, Appended, ConversationInfo, Durability, MessageStore, StoreOptions};
+#[cfg(feature = "store")]
 pub use completion::Completion;
+#[cfg(feature = "store")]
 pub use dedup::DedupWindow;
 pub use error::{Result, StorageError};
 pub use ids::{
     ConversationId, ConversationKind, GroupId, MAX_GROUP_ID, MAX_USER_ID, Peer, Seq, UserId,
     conversation_kind, direct_conversation, group_conversation,
 };
+#[cfg(feature = "store")]
 pub use mem::MemStore;
 pub use record::{
     MAX_CLIENT_MSG_ID_LEN, MAX_CUSTOM_TYPE_LEN, MessageRecord, RECORD_VERSION, StoredMessage,
     decode_record, encode_record,
 };
-#[cfg(feature = "rocks")]
+#[cfg(feature = "store")]
 pub use rocks::{FORMAT_VERSION, RocksStore};
 
 /// Entry points for the fuzz targets. Not a stable API.

@@ -143,6 +143,7 @@ pub struct StoredMessage {
 
 impl StoredMessage {
     /// Builds a message whose payload is a slice of `page`, the buffer `r` was decoded from.
+    #[cfg(feature = "store")]
     pub(crate) fn from_page(
         conv: ConversationId,
         seq: Seq,
@@ -206,6 +207,7 @@ impl UserConvRecord {
     }
 
     /// The highest version of any change recorded here.
+    #[cfg(feature = "store")]
     pub fn last_version(&self) -> u64 {
         self.member_version.max(self.read_version)
     }
@@ -355,6 +357,7 @@ pub fn check_decoders(b: &[u8]) {
 // Keys.
 
 /// Messages key: `conv BE ++ seq BE`.
+#[cfg(feature = "store")]
 pub(crate) fn msg_key(conv: ConversationId, seq: Seq) -> [u8; 16] {
     pair_key(conv, seq)
 }
@@ -375,6 +378,7 @@ pub(crate) fn split_pair_key(k: &[u8]) -> Result<(u64, u64)> {
 }
 
 /// Delivered-cursor key: `user BE ++ conv BE ++ device`.
+#[cfg(feature = "store")]
 pub(crate) fn cursor_key(user: UserId, conv: ConversationId, device: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(16 + device.len());
     k.extend_from_slice(&pair_key(user, conv));

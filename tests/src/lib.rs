@@ -12,9 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tern_protocol::v1::frame::Body;
-use tern_protocol::{Codec, Frame, Hello, PROTOCOL_VERSION};
+use tern_protocol::{Codec, Deliver, Frame, Hello, PROTOCOL_VERSION, SendAck, Target};
 
 /// How long any single wait in a test may take before the test fails (not a sleep: an upper
 /// bound on waiting for an event that should come much sooner).
@@ -351,13 +351,17 @@ impl Conn {
 
     /// Connects and logs in; panics unless HelloOk comes back.
     pub fn login(addr: SocketAddr, token: &str, device: &str) -> (Conn, tern_protocol::HelloOk) {
-        let mut c = Conn::connect(addr);
-        let id = c.send_body(Body::Hello(hello(token, device)));
-        match c.recv_frame() {
+        Conn::connect(addr).hello_ok(token, device)
+    }
+
+    /// Sends Hello on a fresh connection; panics unless HelloOk comes back.
+    pub fn hello_ok(mut self, token: &str, device: &str) -> (Conn, tern_protocol::HelloOk) {
+        let id = self.send_body(Body::Hello(hello(token, device)));
+        match self.recv_frame() {
             Frame {
                 request_id,
                 body: Some(Body::HelloOk(ok)),
-            } if request_id == id => (c, ok),
+            } if request_id == id => (self, ok),
             other => panic!("expected HelloOk, got {other:?}"),
         }
     }
@@ -413,15 +417,7 @@ impl Conn {
         token: &str,
         device: &str,
     ) -> (Conn, tern_protocol::HelloOk) {
-        let mut c = Conn::connect_quic(addr, ca);
-        let id = c.send_body(Body::Hello(hello(token, device)));
-        match c.recv_frame() {
-            Frame {
-                request_id,
-                body: Some(Body::HelloOk(ok)),
-            } if request_id == id => (c, ok),
-            other => panic!("expected HelloOk, got {other:?}"),
-        }
+        Conn::connect_quic(addr, ca).hello_ok(token, device)
     }
 
     /// The QUIC client under this connection (panics for TCP).
@@ -509,6 +505,70 @@ impl Conn {
             Recv::Frame(f) => panic!("expected the connection to close, got {f:?}"),
         }
     }
+}
+
+/// Sends a text message to user `to`; returns the request id.
+pub fn send(c: &mut Conn, to: &str, id: &str, text: &str) -> u64 {
+    c.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: id.into(),
+        target: Some(Target::user(to)),
+        content_type: 1,
+        custom_type: String::new(),
+        payload: Bytes::copy_from_slice(text.as_bytes()),
+    }))
+}
+
+/// The next frame, which must be the SendAck for `rid`.
+pub fn expect_ack(c: &mut Conn, rid: u64) -> SendAck {
+    match c.recv_frame() {
+        Frame {
+            request_id,
+            body: Some(Body::SendAck(a)),
+        } if request_id == rid => a,
+        other => panic!("expected SendAck for {rid}, got {other:?}"),
+    }
+}
+
+/// Sends and waits for the SendAck.
+pub fn send_acked(c: &mut Conn, to: &str, id: &str, text: &str) -> SendAck {
+    let rid = send(c, to, id, text);
+    expect_ack(c, rid)
+}
+
+/// The next frame, which must be a live Deliver.
+pub fn expect_deliver(c: &mut Conn) -> Deliver {
+    match c.recv_frame() {
+        Frame {
+            request_id: 0,
+            body: Some(Body::Deliver(d)),
+        } => d,
+        other => panic!("expected Deliver, got {other:?}"),
+    }
+}
+
+/// Collects a whole sync answer: (conversation states, messages in arrival order, version).
+pub fn collect_sync(
+    c: &mut Conn,
+    rid: u64,
+) -> (Vec<tern_protocol::ConversationState>, Vec<Deliver>, u64) {
+    let mut convs = Vec::new();
+    let mut msgs = Vec::new();
+    loop {
+        let f = c.recv_frame();
+        match f.body {
+            Some(Body::SyncConversations(s)) if f.request_id == rid => {
+                convs.extend(s.conversations)
+            }
+            Some(Body::SyncMessages(m)) if f.request_id == rid => msgs.extend(m.messages),
+            Some(Body::SyncDone(d)) if f.request_id == rid => return (convs, msgs, d.user_version),
+            other => panic!("unexpected frame during sync: {other:?}"),
+        }
+    }
+}
+
+/// A Deliver's payload as text.
+pub fn text(d: &Deliver) -> &str {
+    std::str::from_utf8(&d.payload).unwrap()
 }
 
 pub fn hello(token: &str, device: &str) -> Hello {

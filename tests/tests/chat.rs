@@ -2,67 +2,11 @@
 
 use bytes::Bytes;
 use tern_protocol::v1::frame::Body;
-use tern_protocol::{Deliver, Frame, HistoryRequest, SendAck, SyncRequest, Target};
-use tern_tests::{Conn, Gateway, NO_RATE_LIMITS, hello};
-
-fn send(c: &mut Conn, to: &str, id: &str, text: &str) -> u64 {
-    c.send_body(Body::Send(tern_protocol::Send {
-        client_msg_id: id.into(),
-        target: Some(Target::user(to)),
-        content_type: 1,
-        custom_type: String::new(),
-        payload: Bytes::copy_from_slice(text.as_bytes()),
-    }))
-}
-
-fn expect_ack(c: &mut Conn, rid: u64) -> SendAck {
-    match c.recv_frame() {
-        Frame {
-            request_id,
-            body: Some(Body::SendAck(a)),
-        } if request_id == rid => a,
-        other => panic!("expected SendAck for {rid}, got {other:?}"),
-    }
-}
-
-fn send_acked(c: &mut Conn, to: &str, id: &str, text: &str) -> SendAck {
-    let rid = send(c, to, id, text);
-    expect_ack(c, rid)
-}
-
-fn expect_deliver(c: &mut Conn) -> Deliver {
-    match c.recv_frame() {
-        Frame {
-            request_id: 0,
-            body: Some(Body::Deliver(d)),
-        } => d,
-        other => panic!("expected Deliver, got {other:?}"),
-    }
-}
-
-/// Collects a whole sync answer: (conversation states, messages in arrival order, version).
-fn collect_sync(
-    c: &mut Conn,
-    rid: u64,
-) -> (Vec<tern_protocol::ConversationState>, Vec<Deliver>, u64) {
-    let mut convs = Vec::new();
-    let mut msgs = Vec::new();
-    loop {
-        let f = c.recv_frame();
-        match f.body {
-            Some(Body::SyncConversations(s)) if f.request_id == rid => {
-                convs.extend(s.conversations)
-            }
-            Some(Body::SyncMessages(m)) if f.request_id == rid => msgs.extend(m.messages),
-            Some(Body::SyncDone(d)) if f.request_id == rid => return (convs, msgs, d.user_version),
-            other => panic!("unexpected frame during sync: {other:?}"),
-        }
-    }
-}
-
-fn text(d: &Deliver) -> &str {
-    std::str::from_utf8(&d.payload).unwrap()
-}
+use tern_protocol::{Frame, HistoryRequest, SyncRequest, Target};
+use tern_tests::{
+    Conn, Gateway, NO_RATE_LIMITS, collect_sync, expect_ack, expect_deliver, hello, send_acked,
+    text,
+};
 
 #[test]
 fn one_to_one_both_ways() {

@@ -2,48 +2,12 @@
 //! with two cores (so sessions whose QUIC connection landed on the other core than their user's
 //! are relayed between cores), mixed with TCP devices.
 
-use bytes::Bytes;
 use tern_protocol::v1::frame::Body;
-use tern_protocol::{Deliver, ErrorCode, Frame, HistoryRequest, SendAck, SyncRequest, Target};
-use tern_tests::{Conn, Gateway, hello};
+use tern_protocol::{Deliver, ErrorCode, HistoryRequest, SyncRequest, Target};
+use tern_tests::{Conn, Gateway, collect_sync, expect_deliver, hello, send, send_acked, text};
 
 fn gateway() -> Gateway {
     Gateway::start(&["--cores", "2", "--quic", "127.0.0.1:0"])
-}
-
-fn send(c: &mut Conn, to: &str, id: &str, text: &str) -> u64 {
-    c.send_body(Body::Send(tern_protocol::Send {
-        client_msg_id: id.into(),
-        target: Some(Target::user(to)),
-        content_type: 1,
-        custom_type: String::new(),
-        payload: Bytes::copy_from_slice(text.as_bytes()),
-    }))
-}
-
-fn send_acked(c: &mut Conn, to: &str, id: &str, text: &str) -> SendAck {
-    let rid = send(c, to, id, text);
-    match c.recv_frame() {
-        Frame {
-            request_id,
-            body: Some(Body::SendAck(a)),
-        } if request_id == rid => a,
-        other => panic!("expected SendAck for {rid}, got {other:?}"),
-    }
-}
-
-fn expect_deliver(c: &mut Conn) -> Deliver {
-    match c.recv_frame() {
-        Frame {
-            request_id: 0,
-            body: Some(Body::Deliver(d)),
-        } => d,
-        other => panic!("expected Deliver, got {other:?}"),
-    }
-}
-
-fn text(d: &Deliver) -> &str {
-    std::str::from_utf8(&d.payload).unwrap()
 }
 
 #[test]
@@ -151,22 +115,11 @@ fn offline_quic_device_catches_up_by_sync_and_reads_history() {
     h.sync_on_login = true;
     let rid = carol.send_body(Body::Hello(h));
     assert!(matches!(carol.recv_frame().body, Some(Body::HelloOk(_))));
-    let mut seqs = Vec::new();
-    loop {
-        let f = carol.recv_frame();
-        assert_eq!(f.request_id, rid);
-        match f.body {
-            Some(Body::SyncConversations(_)) => {}
-            Some(Body::SyncMessages(m)) => {
-                for d in m.messages {
-                    assert_eq!(text(&d), format!("msg {}", d.seq));
-                    seqs.push(d.seq);
-                }
-            }
-            Some(Body::SyncDone(_)) => break,
-            other => panic!("unexpected {other:?}"),
-        }
+    let (_, synced, _) = collect_sync(&mut carol, rid);
+    for d in &synced {
+        assert_eq!(text(d), format!("msg {}", d.seq));
     }
+    let seqs: Vec<u64> = synced.iter().map(|d| d.seq).collect();
     assert_eq!(seqs, (1..=120).collect::<Vec<_>>());
     // Live after the sync, and history backwards.
     send_acked(&mut alice, "carol", "live", "msg 121");

@@ -115,7 +115,6 @@ fn readme_quick_start_runs_as_written() {
         .unwrap()
         .port();
     let dir = tempfile::tempdir().unwrap();
-    let bin_dir = binary("tern").parent().unwrap().to_path_buf();
     let script = block
         .lines()
         .filter(|l| !l.starts_with("export PATH="))
@@ -124,28 +123,9 @@ fn readme_quick_start_runs_as_written() {
         .replace("127.0.0.1:7600", &format!("127.0.0.1:{port}"))
         .replace("./demo", &dir.path().join("demo").display().to_string());
     // The listener runs in the background; give it until it printed one line, then stop all.
-    let script = format!(
-        "set -e\n{script}\nfor i in $(seq 1 200); do grep -q 'text=hello bob' \"$LISTEN_OUT\" && break; \
-         sleep 0.05; done\nkill %2 %1\nwait || true\n"
-    );
     let listen_out = dir.path().join("listen.out");
     let script = script.replace("listen &", &format!("listen > {} &", listen_out.display()));
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(&script)
-        .env(
-            "PATH",
-            format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
-        )
-        .env("LISTEN_OUT", &listen_out)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_script(&script, &listen_out, "text=hello bob");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     assert!(
@@ -195,7 +175,6 @@ fn readme_quic_quick_start_runs_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let demo = dir.path().join("demo").display().to_string();
     let listen_out = dir.path().join("listen.out");
-    let bin_dir = binary("tern").parent().unwrap().to_path_buf();
     let mut lines: Vec<String> = quic_block.lines().map(str::to_string).collect();
     // The gateway starts first; the tokens need its data directory.
     lines.splice(1..1, tokens.iter().map(|t| t.to_string()));
@@ -213,26 +192,7 @@ fn readme_quic_quick_start_runs_as_written() {
         ),
         1,
     );
-    let script = format!(
-        "set -e\n{script}\nfor i in $(seq 1 200); do grep -q 'text=over QUIC' \"$LISTEN_OUT\" && break; \
-         sleep 0.05; done\nkill %2 %1\nwait || true\n"
-    );
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(&script)
-        .env(
-            "PATH",
-            format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
-        )
-        .env("LISTEN_OUT", &listen_out)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_script(&script, &listen_out, "text=over QUIC");
     assert!(
         stdout.starts_with("sent conversation=") && stdout.contains(" seq=1 "),
         "{stdout}"
@@ -242,4 +202,33 @@ fn readme_quic_quick_start_runs_as_written() {
         listened.contains(" seq=1 from=alice ") && listened.trim_end().ends_with("text=over QUIC"),
         "{listened}"
     );
+}
+
+/// Runs a README block with bash, the built binaries first on PATH. The block starts a gateway
+/// and a listener in the background (`%1`, `%2`); once the listener's output (`listen_out`)
+/// shows `wait_for` (bounded: 200 × 50 ms), both are stopped. Returns stdout; panics if the
+/// script failed.
+fn run_script(script: &str, listen_out: &std::path::Path, wait_for: &str) -> String {
+    let bin_dir = binary("tern").parent().unwrap().to_path_buf();
+    let script = format!(
+        "set -e\n{script}\nfor i in $(seq 1 200); do grep -q '{wait_for}' \"$LISTEN_OUT\" && break; \
+         sleep 0.05; done\nkill %2 %1\nwait || true\n"
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env(
+            "PATH",
+            format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+        )
+        .env("LISTEN_OUT", listen_out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }

@@ -2,35 +2,14 @@
 //! sessions whose connection landed on another core than their user's are relayed), mixed with
 //! plain TCP and QUIC devices.
 
-use bytes::Bytes;
 use tern_protocol::v1::frame::Body;
-use tern_protocol::{ErrorCode, Frame, SendAck, SyncRequest, Target};
-use tern_tests::{Conn, Gateway, hello};
-
-fn send_acked(c: &mut Conn, to: &str, id: &str, text: &str) -> SendAck {
-    let rid = c.send_body(Body::Send(tern_protocol::Send {
-        client_msg_id: id.into(),
-        target: Some(Target::user(to)),
-        content_type: 1,
-        custom_type: String::new(),
-        payload: Bytes::copy_from_slice(text.as_bytes()),
-    }));
-    match c.recv_frame() {
-        Frame {
-            request_id,
-            body: Some(Body::SendAck(a)),
-        } if request_id == rid => a,
-        other => panic!("expected SendAck for {rid}, got {other:?}"),
-    }
-}
+use tern_protocol::{ErrorCode, SyncRequest};
+use tern_tests::{Conn, Gateway, collect_sync, hello, send_acked};
 
 fn login_tls(gw: &Gateway, user: &str, device: &str) -> Conn {
-    let mut c = Conn::connect_tls(gw.tls.expect("TLS address"), &gw.dev_cert());
-    let rid = c.send_body(Body::Hello(hello(&gw.token(user), device)));
-    let f = c.recv_frame();
-    assert_eq!(f.request_id, rid);
-    assert!(matches!(f.body, Some(Body::HelloOk(_))), "{f:?}");
-    c
+    Conn::connect_tls(gw.tls.expect("TLS address"), &gw.dev_cert())
+        .hello_ok(&gw.token(user), device)
+        .0
 }
 
 #[test]
@@ -88,17 +67,8 @@ fn tls_devices_chat_with_tcp_and_quic_devices_and_sync() {
     h.sync_on_login = true;
     let rid = carol.send_body(Body::Hello(h));
     assert!(matches!(carol.recv_frame().body, Some(Body::HelloOk(_))));
-    let mut seqs = Vec::new();
-    loop {
-        let f = carol.recv_frame();
-        assert_eq!(f.request_id, rid);
-        match f.body {
-            Some(Body::SyncConversations(_)) => {}
-            Some(Body::SyncMessages(m)) => seqs.extend(m.messages.iter().map(|d| d.seq)),
-            Some(Body::SyncDone(_)) => break,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let (_, synced, _) = collect_sync(&mut carol, rid);
+    let seqs: Vec<u64> = synced.iter().map(|d| d.seq).collect();
     assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
     let (mut carol_quic, _) = Conn::login_quic(
         gw.quic.unwrap(),

@@ -1,8 +1,6 @@
 //! Test harness: a real tern-quic server on 127.0.0.1 (one glommio executor per core, serving
 //! every connection in one [`Mode`], echo by default) and quinn (tokio) clients.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

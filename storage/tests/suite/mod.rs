@@ -3,8 +3,6 @@
 //! Each check takes a factory so that it can choose the idempotency window; `suite!`
 //! expands to one `#[test]` per check.
 
-#![allow(dead_code)]
-
 use std::time::Duration;
 
 use bytes::Bytes;
