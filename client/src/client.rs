@@ -2,10 +2,11 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -20,13 +21,21 @@ use tern_protocol::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Backoff, ClientConfig, ClientError, Event, Result,
+    Backoff, ClientConfig, ClientError, Event, Result, Transport,
     session::{Session, kick_is_final},
     transport::{Connector, Reader, Writer},
 };
 
 /// Read buffer growth step. The buffer is reused for the connection's lifetime.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// Most bytes written to one connection and not yet taken by its transport. Past it the
+/// connection counts as stalled and is dropped (a dual-channel session goes on over its other
+/// path; otherwise the client reconnects).
+const MAX_QUEUED_BYTES: usize = 16 << 20;
+
+/// How long a closing client waits for a connection's last frames to be written.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// A connected Tern client. Cheap to clone; every clone talks through the same connection task.
 ///
@@ -140,25 +149,49 @@ fn now_ms() -> u64 {
 impl Client {
     /// Connects to `config.server` and logs in. Fails without retrying if the first login fails
     /// (unreachable server, bad token...): reconnecting is for connections that were up.
+    ///
+    /// With [`Transport::Dual`](crate::Transport::Dual) it logs in over TCP (over QUIC if TCP
+    /// fails) and adds the other path in the background ([`Event::PathUp`] says when).
     pub async fn connect(config: ClientConfig) -> Result<Self> {
         config.validate()?;
-        let connector = Connector::new(&config)?;
+        let legs = legs(&config)?;
         let mut session = Session::new(&config);
-        let (conn, ok) = establish(&config, &connector, &mut session, false).await?;
-        session.on_login(&ok, config.sync_on_login);
+        let mut first = None;
+        let mut failure = None;
+        for (i, leg) in legs.iter().enumerate() {
+            let hello = session.hello(&config, false);
+            match establish(&config, leg, &hello).await {
+                Ok((conn, ok)) => {
+                    session.on_login(&hello);
+                    first = Some((i, conn, ok));
+                    break;
+                }
+                Err(error) if error.is_permanent() => return Err(error),
+                Err(error) => {
+                    tracing::debug!(transport = %leg.transport, %error, "login failed");
+                    failure = Some(error);
+                }
+            }
+        }
+        let Some((leg, conn, ok)) = first else {
+            return Err(failure.unwrap_or(ClientError::Disconnected));
+        };
         tracing::debug!(user = %ok.user_id, device = %ok.device_id, session = ok.session_id, "logged in");
 
         let shared = Arc::new(Shared::default());
         shared
             .sync_version
             .store(session.sync_version(), Ordering::Relaxed);
+        let session_id = ok.session_id;
         *lock(&shared.login) = Some(ok);
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (events, event_rx) = mpsc::unbounded_channel();
         let driver = Driver {
             backoff: Backoff::new(config.backoff),
             config,
-            connector,
+            legs,
+            session_id,
+            sync_leg: None,
             session,
             commands: command_rx,
             events,
@@ -166,7 +199,7 @@ impl Client {
             shared: shared.clone(),
         };
         let request_timeout = driver.config.request_timeout;
-        tokio::spawn(driver.run(conn));
+        tokio::spawn(driver.run(leg, conn));
         Ok(Self {
             inner: Arc::new(Inner {
                 commands,
@@ -345,26 +378,116 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// One live connection: the transport halves and their buffers.
+/// One way to the server: a transport, its address and how to open it.
+#[derive(Debug)]
+struct Leg {
+    transport: Transport,
+    server: String,
+    connector: Arc<Connector>,
+}
+
+/// The legs of a session: one, or a TCP and a QUIC one for the dual channel.
+fn legs(config: &ClientConfig) -> Result<Vec<Leg>> {
+    config
+        .paths()?
+        .into_iter()
+        .map(|(transport, server)| {
+            let mut one = config.clone();
+            one.transport = transport;
+            one.server.clone_from(&server);
+            Ok(Leg {
+                transport,
+                server,
+                connector: Arc::new(Connector::new(&one)?),
+            })
+        })
+        .collect()
+}
+
+/// The writing side of a connection: a task of its own, so that a connection whose network
+/// stalls never holds up the client (or the other path of a dual-channel session). Aborted when
+/// dropped.
+#[derive(Debug)]
+struct PathWriter {
+    out: Option<mpsc::UnboundedSender<Bytes>>,
+    queued: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl PathWriter {
+    fn spawn(mut writer: Writer) -> Self {
+        let (out, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = queued.clone();
+        let task = tokio::spawn(async move {
+            while let Some(buf) = rx.recv().await {
+                writer.write_all(&buf).await?;
+                taken.fetch_sub(buf.len(), Ordering::Relaxed);
+            }
+            // The client closed this connection: leave cleanly.
+            writer.shutdown().await
+        });
+        Self {
+            out: Some(out),
+            queued,
+            task,
+        }
+    }
+
+    fn send(&self, buf: Bytes) -> Result<()> {
+        let queued = self.queued.fetch_add(buf.len(), Ordering::Relaxed) + buf.len();
+        if queued > MAX_QUEUED_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{queued} bytes written and not taken by the network: connection stalled"),
+            )
+            .into());
+        }
+        match &self.out {
+            Some(out) => out.send(buf).map_err(|_| ClientError::Disconnected),
+            None => Err(ClientError::Disconnected),
+        }
+    }
+
+    /// Resolves when the writer task ends by itself, i.e. a write failed.
+    async fn failed(&mut self) -> ClientError {
+        match (&mut self.task).await {
+            Ok(Err(e)) => e.into(),
+            _ => ClientError::Disconnected,
+        }
+    }
+
+    /// Lets the queued frames go out, then closes the sending direction (bounded).
+    async fn close(mut self) {
+        self.out = None;
+        let _ = tokio::time::timeout(CLOSE_WAIT, &mut self.task).await;
+    }
+}
+
+impl Drop for PathWriter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One live connection of the session (one path of a dual-channel session).
 #[derive(Debug)]
 struct Conn {
     reader: Reader,
-    writer: Writer,
+    writer: PathWriter,
     rbuf: BytesMut,
     wbuf: BytesMut,
     codec: Codec,
     heartbeat: Duration,
+    last_read: Instant,
+    last_write: Instant,
+    /// Requests written on this connection only; they are lost with it.
+    only_here: Vec<u64>,
 }
 
 impl Conn {
     async fn read_more(&mut self) -> Result<()> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-            self.rbuf.reserve(READ_CHUNK);
-        }
-        match self.reader.read_buf(&mut self.rbuf).await? {
-            0 => Err(ClientError::Disconnected),
-            _ => Ok(()),
-        }
+        read_into(&mut self.reader, &mut self.rbuf).await
     }
 
     async fn read_frame(&mut self) -> Result<Frame> {
@@ -380,38 +503,77 @@ impl Conn {
         Ok(self.codec.encode(frame, &mut self.wbuf)?)
     }
 
-    async fn flush(&mut self) -> Result<()> {
+    /// Hands what was queued to the writer task.
+    fn flush(&mut self) -> Result<()> {
         if !self.wbuf.is_empty() {
-            self.writer.write_all(&self.wbuf).await?;
-            self.wbuf.clear();
+            self.writer.send(self.wbuf.split().freeze())?;
+            self.last_write = Instant::now();
         }
         Ok(())
     }
+
+    /// The next thing that happens to this connection: bytes read (or the read failed), or
+    /// its writer failed. Cancel-safe.
+    async fn next_io(&mut self) -> Result<()> {
+        let Self {
+            reader,
+            rbuf,
+            writer,
+            ..
+        } = self;
+        tokio::select! {
+            read = read_into(reader, rbuf) => read,
+            failed = writer.failed() => Err(failed),
+        }
+    }
 }
 
-/// Opens a transport and logs in. Frames that follow HelloOk stay in the read buffer.
-async fn establish(
-    config: &ClientConfig,
-    connector: &Connector,
-    session: &mut Session,
-    resume: bool,
-) -> Result<(Conn, HelloOk)> {
+/// Reads what is available into `rbuf`. Cancel-safe.
+async fn read_into(reader: &mut Reader, rbuf: &mut BytesMut) -> Result<()> {
+    if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+        rbuf.reserve(READ_CHUNK);
+    }
+    match reader.read_buf(rbuf).await? {
+        0 => Err(ClientError::Disconnected),
+        _ => Ok(()),
+    }
+}
+
+/// [`Conn::next_io`] of a path that may be absent (then never ready).
+async fn next_io(conn: Option<&mut Conn>) -> Result<()> {
+    match conn {
+        Some(conn) => conn.next_io().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Opens a connection over `leg` and logs in with `hello`. Frames that follow HelloOk stay in
+/// the read buffer.
+async fn establish(config: &ClientConfig, leg: &Leg, hello: &Frame) -> Result<(Conn, HelloOk)> {
     let login = async {
-        let (reader, writer) = connector
-            .connect(&config.server, config.connect_timeout)
+        let (reader, writer) = leg
+            .connector
+            .connect(&leg.server, config.connect_timeout)
             .await?;
         let mut conn = Conn {
             reader,
-            writer,
+            writer: PathWriter::spawn(writer),
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::new(),
             codec: Codec::new(config.max_frame_bytes),
             heartbeat: config.heartbeat_interval,
+            last_read: Instant::now(),
+            last_write: Instant::now(),
+            only_here: Vec::new(),
         };
-        let hello = session.hello(config, resume);
-        conn.queue(&hello)?;
-        conn.flush().await?;
+        if matches!(&hello.body, Some(Body::Hello(h)) if h.sync_on_login) {
+            // The login sync is answered on this connection.
+            conn.only_here.push(hello.request_id);
+        }
+        conn.queue(hello)?;
+        conn.flush()?;
         let frame = conn.read_frame().await?;
+        conn.last_read = Instant::now();
         match frame.body {
             Some(Body::HelloOk(ok)) => {
                 if ok.max_frame_bytes > 0 {
@@ -455,12 +617,46 @@ enum End {
     Final(ClientError),
 }
 
+/// A path being added to the live session in the background (dual channel). Aborted when
+/// dropped.
+#[derive(Debug)]
+struct Adding(tokio::task::JoinHandle<Result<(Conn, HelloOk)>>);
+
+impl Drop for Adding {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The next path added (or that failed to be), by leg. Never ready without an attempt.
+async fn next_added(adding: &mut [Option<Adding>]) -> (usize, Result<(Conn, HelloOk)>) {
+    std::future::poll_fn(|cx| {
+        for (leg, slot) in adding.iter_mut().enumerate() {
+            if let Some(Adding(task)) = slot
+                && let Poll::Ready(done) = Pin::new(task).poll(cx)
+            {
+                *slot = None;
+                let result = done.unwrap_or_else(|e| {
+                    Err(ClientError::Protocol(format!("path task failed: {e}")))
+                });
+                return Poll::Ready((leg, result));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 /// The connection task.
 #[derive(Debug)]
 struct Driver {
     config: ClientConfig,
-    connector: Connector,
+    legs: Vec<Leg>,
     session: Session,
+    /// The logical session (HelloOk.session_id) that further paths join.
+    session_id: u64,
+    /// The path the server last sent SyncNeeded on: the next sync goes there.
+    sync_leg: Option<usize>,
     commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
     pending: HashMap<u64, oneshot::Sender<Result<Body>>>,
@@ -468,18 +664,21 @@ struct Driver {
     backoff: Backoff,
 }
 
+/// The session's connections, by leg.
+type Paths = Vec<Option<Conn>>;
+
 impl Driver {
-    async fn run(mut self, first: Conn) {
-        let mut next = Some(first);
+    async fn run(mut self, leg: usize, first: Conn) {
+        let mut paths: Paths = self.legs.iter().map(|_| None).collect();
+        paths[leg] = Some(first);
         loop {
-            let conn = match next.take() {
-                Some(conn) => conn,
-                None => match self.reconnect().await {
-                    Some(conn) => conn,
+            if paths.iter().all(Option::is_none) {
+                match self.reconnect().await {
+                    Some((leg, conn)) => paths[leg] = Some(conn),
                     None => return,
-                },
-            };
-            let end = self.serve(conn).await;
+                }
+            }
+            let end = self.serve(&mut paths).await;
             self.session.on_disconnect();
             match end {
                 End::Closed(done) => {
@@ -520,11 +719,13 @@ impl Driver {
         }
     }
 
-    /// Waits out the backoff and logs in again; `None` if the client should stop.
-    async fn reconnect(&mut self) -> Option<Conn> {
+    /// Waits out the backoff and logs in again (a new session), alternating between the legs
+    /// of a dual-channel client; `None` if the client should stop.
+    async fn reconnect(&mut self) -> Option<(usize, Conn)> {
         loop {
             let delay = self.backoff.next_delay();
-            tracing::debug!(?delay, attempt = self.backoff.attempts(), "reconnecting");
+            let attempt = self.backoff.attempts();
+            tracing::debug!(?delay, attempt, "reconnecting");
             let sleep = tokio::time::sleep(delay);
             tokio::pin!(sleep);
             loop {
@@ -543,14 +744,17 @@ impl Driver {
                     },
                 }
             }
-            match establish(&self.config, &self.connector, &mut self.session, true).await {
+            let leg = attempt as usize % self.legs.len();
+            let hello = self.session.hello(&self.config, true);
+            match establish(&self.config, &self.legs[leg], &hello).await {
                 Ok((conn, ok)) => {
                     self.backoff.reset();
-                    self.session.on_login(&ok, true);
-                    tracing::info!(session = ok.session_id, "reconnected");
+                    self.session.on_login(&hello);
+                    tracing::info!(session = ok.session_id, transport = %self.legs[leg].transport, "reconnected");
+                    self.session_id = ok.session_id;
                     *lock(&self.shared.login) = Some(ok);
                     self.emit(Event::Reconnected);
-                    return Some(conn);
+                    return Some((leg, conn));
                 }
                 Err(error) if error.is_permanent() => {
                     tracing::warn!(%error, "cannot log in again; stopping");
@@ -562,15 +766,42 @@ impl Driver {
         }
     }
 
-    /// Writes what the session queued and hands out events and answers.
-    async fn pump(&mut self, conn: &mut Conn) -> Result<()> {
-        while let Some(frame) = self.session.poll_transmit() {
-            conn.queue(&frame)?;
+    /// Writes what the session queued and hands out events and answers. A `Send` goes out on
+    /// every path; anything else on one (a sync the server asked for on the path that asked).
+    /// Returns the paths whose writing failed.
+    fn pump(&mut self, paths: &mut Paths) -> Vec<(usize, ClientError)> {
+        let mut lost = Vec::new();
+        let live: Vec<usize> = (0..paths.len()).filter(|&i| paths[i].is_some()).collect();
+        if let Some(&primary) = live.first() {
+            let sync_leg = self.sync_leg.take().filter(|leg| live.contains(leg));
+            while let Some(frame) = self.session.poll_transmit() {
+                let one = if matches!(frame.body, Some(Body::Send(_))) {
+                    None
+                } else if self.session.is_sync(frame.request_id) {
+                    Some(sync_leg.unwrap_or(primary))
+                } else {
+                    Some(primary)
+                };
+                for &leg in &live {
+                    if one.is_some_and(|one| one != leg) {
+                        continue;
+                    }
+                    let Some(conn) = paths[leg].as_mut() else {
+                        continue;
+                    };
+                    if let Err(error) = conn.queue(&frame) {
+                        lost.push((leg, error));
+                    } else if (one.is_some() || live.len() == 1) && frame.request_id != 0 {
+                        conn.only_here.push(frame.request_id);
+                    }
+                }
+            }
         }
         while let Some(event) = self.session.poll_event() {
             self.emit(event);
         }
         while let Some((request_id, result)) = self.session.poll_completion() {
+            // The second answer to a Send made on two paths finds no one waiting.
             if let Some(reply) = self.pending.remove(&request_id) {
                 let _ = reply.send(result);
             }
@@ -578,7 +809,14 @@ impl Driver {
         self.shared
             .sync_version
             .store(self.session.sync_version(), Ordering::Relaxed);
-        conn.flush().await
+        for (leg, conn) in paths.iter_mut().enumerate() {
+            if let Some(conn) = conn
+                && let Err(error) = conn.flush()
+            {
+                lost.push((leg, error));
+            }
+        }
+        lost
     }
 
     fn command(&mut self, command: Command) -> Option<End> {
@@ -600,29 +838,76 @@ impl Driver {
         None
     }
 
-    async fn serve(&mut self, mut conn: Conn) -> End {
-        let heartbeat = conn.heartbeat;
+    /// Serves the session until every path is lost, or it ends for good. A dual-channel
+    /// session adds missing paths in the background, each leg with its own backoff.
+    async fn serve(&mut self, paths: &mut Paths) -> End {
+        let heartbeat = paths
+            .iter()
+            .flatten()
+            .map(|c| c.heartbeat)
+            .min()
+            .unwrap_or(self.config.heartbeat_interval);
         let mut tick = tokio::time::interval((heartbeat / 4).max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_read = Instant::now();
-        let mut last_write = Instant::now();
+        let dual = self.legs.len() > 1;
+        let mut adding: Vec<Option<Adding>> = self.legs.iter().map(|_| None).collect();
+        let mut backoffs: Vec<Backoff> = self
+            .legs
+            .iter()
+            .map(|_| Backoff::new(self.config.backoff))
+            .collect();
+        // Missing paths are added at once.
+        let mut retry_at: Vec<Option<tokio::time::Instant>> = paths
+            .iter()
+            .map(|p| (dual && p.is_none()).then(tokio::time::Instant::now))
+            .collect();
+        let mut lost = Vec::new();
+        let mut end = None;
         // Frames that arrived together with HelloOk.
-        let mut end = self.handle_read(&mut conn).err();
+        for leg in 0..paths.len() {
+            self.read_path(paths, leg, &mut lost, &mut end);
+        }
         loop {
-            if end.is_none() {
-                if self.session.has_transmit() {
-                    last_write = Instant::now();
+            // Even when the session ends: the events and answers read before the end go out.
+            lost.extend(self.pump(paths));
+            for (leg, error) in std::mem::take(&mut lost) {
+                let Some(conn) = paths[leg].take() else {
+                    continue;
+                };
+                if paths.iter().all(Option::is_none) {
+                    end = end.or(Some(End::Lost(error)));
+                } else {
+                    self.path_lost(conn, leg, error);
+                    retry_at[leg] = Some(tokio::time::Instant::now() + backoffs[leg].next_delay());
                 }
-                if let Err(error) = self.pump(&mut conn).await {
-                    end = Some(End::Lost(error));
-                }
-            }
-            if end.is_none() {
-                end = self.check_session();
             }
             if let Some(end) = end.take() {
-                return self.finish(conn, end).await;
+                return self.finish(paths, end).await;
             }
+            let now = tokio::time::Instant::now();
+            for leg in 0..paths.len() {
+                if paths[leg].is_none()
+                    && adding[leg].is_none()
+                    && retry_at[leg].is_some_and(|at| at <= now)
+                {
+                    retry_at[leg] = None;
+                    let hello = self.session.path_hello(&self.config, self.session_id);
+                    let config = self.config.clone();
+                    let leg_ = Leg {
+                        transport: self.legs[leg].transport,
+                        server: self.legs[leg].server.clone(),
+                        connector: self.legs[leg].connector.clone(),
+                    };
+                    adding[leg] = Some(Adding(tokio::spawn(async move {
+                        establish(&config, &leg_, &hello).await
+                    })));
+                }
+            }
+            let next_retry = (0..paths.len())
+                .filter(|&leg| adding[leg].is_none())
+                .filter_map(|leg| retry_at[leg])
+                .min();
+            let (first, rest) = paths.split_at_mut(1);
             tokio::select! {
                 command = self.commands.recv() => match command {
                     // Every handle is gone: nobody can use the client any more.
@@ -641,19 +926,52 @@ impl Driver {
                         }
                     }
                 },
-                read = conn.read_more() => match read {
-                    Ok(()) => {
-                        last_read = Instant::now();
-                        end = self.handle_read(&mut conn).err();
-                    }
-                    Err(error) => end = Some(End::Lost(error)),
+                io = next_io(first[0].as_mut()) => match io {
+                    Ok(()) => self.read_path(paths, 0, &mut lost, &mut end),
+                    Err(error) => lost.push((0, error)),
                 },
+                io = next_io(rest.first_mut().and_then(Option::as_mut)) => match io {
+                    Ok(()) => self.read_path(paths, 1, &mut lost, &mut end),
+                    Err(error) => lost.push((1, error)),
+                },
+                (leg, added) = next_added(&mut adding) => match added {
+                    Ok((conn, ok)) if ok.session_id == self.session_id && paths[leg].is_none() => {
+                        tracing::info!(transport = %self.legs[leg].transport, "path added");
+                        backoffs[leg].reset();
+                        paths[leg] = Some(conn);
+                        self.emit(Event::PathUp { transport: self.legs[leg].transport });
+                        self.read_path(paths, leg, &mut lost, &mut end);
+                    }
+                    Ok((conn, _)) => conn.writer.close().await,
+                    Err(error) if error.is_permanent() => {
+                        tracing::warn!(transport = %self.legs[leg].transport, %error, "cannot add the path; going on without it");
+                    }
+                    Err(error) => {
+                        tracing::debug!(transport = %self.legs[leg].transport, %error, "adding the path failed");
+                        retry_at[leg] = Some(tokio::time::Instant::now() + backoffs[leg].next_delay());
+                    }
+                },
+                () = async {
+                    match next_retry {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 _ = tick.tick() => {
-                    if last_read.elapsed() >= heartbeat * 3 {
-                        end = Some(End::Lost(ClientError::Timeout));
-                    } else if last_write.elapsed() >= heartbeat {
-                        // Idle: the Pong also proves the server is alive (checked above).
-                        self.session.ping(now_ms());
+                    for (leg, conn) in paths.iter_mut().enumerate() {
+                        let Some(conn) = conn else { continue };
+                        if conn.last_read.elapsed() >= conn.heartbeat * 3 {
+                            lost.push((leg, ClientError::Timeout));
+                        } else if conn.last_write.elapsed() >= conn.heartbeat {
+                            // Idle: the Pong also proves the path is alive (checked above).
+                            let ping = self.session.ping(now_ms());
+                            if let Err(error) = conn.queue(&ping) {
+                                lost.push((leg, error));
+                            }
+                        }
+                        let (pending, session) = (&self.pending, &self.session);
+                        conn.only_here
+                            .retain(|id| pending.contains_key(id) || session.is_sync(*id));
                     }
                     // Requests whose caller gave up (timeout) need no answer.
                     self.pending.retain(|_, reply| !reply.is_closed());
@@ -662,17 +980,59 @@ impl Driver {
         }
     }
 
-    /// Decodes and handles every whole frame in the read buffer.
-    fn handle_read(&mut self, conn: &mut Conn) -> Result<(), End> {
+    /// Decodes and handles every whole frame read on path `leg`. A Kick or fatal Error ends
+    /// that path (`lost`), or the session if reconnecting cannot help (`end`).
+    fn read_path(
+        &mut self,
+        paths: &mut Paths,
+        leg: usize,
+        lost: &mut Vec<(usize, ClientError)>,
+        end: &mut Option<End>,
+    ) {
+        let Some(conn) = paths[leg].as_mut() else {
+            return;
+        };
+        conn.last_read = Instant::now();
         loop {
             match conn.codec.decode(&mut conn.rbuf) {
                 Ok(Some(frame)) => self.session.handle_frame(frame),
                 Ok(None) => break,
-                Err(error) => return Err(End::Lost(error.into())),
+                Err(error) => {
+                    lost.push((leg, error.into()));
+                    break;
+                }
             }
         }
+        if self.session.take_sync_needed() {
+            self.sync_leg = Some(leg);
+        }
         self.session.flush_acks();
-        Ok(())
+        match self.check_session() {
+            Some(End::Lost(error)) => {
+                self.session.clear_path_end();
+                lost.push((leg, error));
+            }
+            Some(other) => *end = end.take().or(Some(other)),
+            None => {}
+        }
+    }
+
+    /// One path of a session that goes on over another is gone: what was asked on it only is
+    /// asked again (a sync) or fails with [`ClientError::Disconnected`].
+    fn path_lost(&mut self, conn: Conn, leg: usize, reason: ClientError) {
+        let transport = self.legs[leg].transport;
+        tracing::info!(%transport, %reason, "path lost; the session goes on");
+        for id in &conn.only_here {
+            if let Some(again) = self.session.sync_lost(*id) {
+                if let Some(reply) = self.pending.remove(id) {
+                    self.pending.insert(again, reply);
+                }
+            } else if let Some(reply) = self.pending.remove(id) {
+                let _ = reply.send(Err(ClientError::Disconnected));
+            }
+        }
+        drop(conn);
+        self.emit(Event::PathDown { transport, reason });
     }
 
     fn check_session(&self) -> Option<End> {
@@ -692,12 +1052,22 @@ impl Driver {
         })
     }
 
-    async fn finish(&mut self, mut conn: Conn, end: End) -> End {
+    /// Ends the session: on close, sends the acks that are due and closes each connection
+    /// after its last frames; otherwise drops the connections.
+    async fn finish(&mut self, paths: &mut Paths, end: End) -> End {
         if matches!(end, End::Closed(_)) {
-            // Leave cleanly: send the acks that are due, then close our direction.
             self.session.flush_acks();
-            let _ = self.pump(&mut conn).await;
-            let _ = conn.writer.shutdown().await;
+            let _ = self.pump(paths);
+        }
+        let conns: Vec<Conn> = paths.iter_mut().filter_map(Option::take).collect();
+        if matches!(end, End::Closed(_)) {
+            let closing: Vec<_> = conns
+                .into_iter()
+                .map(|c| tokio::spawn(c.writer.close()))
+                .collect();
+            for close in closing {
+                let _ = close.await;
+            }
         }
         end
     }

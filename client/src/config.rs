@@ -21,15 +21,22 @@ pub enum Transport {
     /// One QUIC connection (TLS 1.3, ALPN `tern/1`) carrying one bidirectional stream that the
     /// client opens. The server's certificate is checked against [`ClientConfig::ca`].
     Quic,
+    /// One logical session over a plain TCP connection and a QUIC connection at once (the dual
+    /// channel). [`ClientConfig::server`] names both: `TCP_ADDR,QUIC_ADDR`. Each `Send` goes out
+    /// on both paths (the server stores it once and answers on both); deliveries arrive on both
+    /// and are handed over once. When one path fails the session goes on over the other, and
+    /// the lost path is added again in the background.
+    Dual,
 }
 
 impl Transport {
-    /// `tcp`, `tls` or `quic`.
+    /// `tcp`, `tls`, `quic` or `dual`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
             Self::Tls => "tls",
             Self::Quic => "quic",
+            Self::Dual => "dual",
         }
     }
 }
@@ -47,9 +54,11 @@ impl std::fmt::Display for Transport {
 pub struct ClientConfig {
     /// `host:port` (or an IP socket address written out, `[::1]:7600` for IPv6) of the gateway's
     /// TCP, TLS or QUIC listener. For TLS and QUIC the host part is also the TLS server name the
-    /// certificate must be valid for (an IP address for an IP literal, sent without SNI).
+    /// certificate must be valid for (an IP address for an IP literal, sent without SNI). For
+    /// [`Transport::Dual`]: the TCP listener's and the QUIC listener's, comma-separated
+    /// (`127.0.0.1:7600,127.0.0.1:7601`).
     pub server: String,
-    /// TCP, TLS or QUIC (default TCP).
+    /// TCP, TLS, QUIC or both TCP and QUIC (default TCP).
     pub transport: Transport,
     /// TLS and QUIC only: a PEM file with the certificate(s) to trust, and only those, e.g. the
     /// gateway's self-signed development certificate `<data-dir>/tls/cert.pem`. Default `None`:
@@ -124,8 +133,10 @@ impl ClientConfig {
         if self.server.is_empty() {
             return bad("server: empty");
         }
-        if matches!(self.transport, Transport::Tls | Transport::Quic) {
-            crate::transport::server_name(&self.server)?;
+        for (transport, server) in self.paths()? {
+            if matches!(transport, Transport::Tls | Transport::Quic) {
+                crate::transport::server_name(&server)?;
+            }
         }
         if self.token.is_empty() {
             return bad("token: empty");
@@ -144,6 +155,25 @@ impl ClientConfig {
         }
         Ok(())
     }
+
+    /// The connections a session is made of: one, or for [`Transport::Dual`] a TCP and a
+    /// QUIC one, each with its address.
+    pub(crate) fn paths(&self) -> Result<Vec<(Transport, String)>, ClientError> {
+        if self.transport != Transport::Dual {
+            return Ok(vec![(self.transport, self.server.clone())]);
+        }
+        match self.server.split(',').map(str::trim).collect::<Vec<_>>()[..] {
+            [tcp, quic] if !tcp.is_empty() && !quic.is_empty() => Ok(vec![
+                (Transport::Tcp, tcp.to_owned()),
+                (Transport::Quic, quic.to_owned()),
+            ]),
+            _ => Err(ClientError::Config(format!(
+                "server: `{}`: the dual transport needs the TCP and the QUIC address, \
+                 comma-separated (TCP_ADDR,QUIC_ADDR)",
+                self.server
+            ))),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -152,11 +182,16 @@ mod tests {
 
     #[test]
     fn transports_are_named_and_tls_ones_need_a_certificate_name() {
-        let names: Vec<&str> = [Transport::Tcp, Transport::Tls, Transport::Quic]
-            .into_iter()
-            .map(Transport::as_str)
-            .collect();
-        assert_eq!(names, ["tcp", "tls", "quic"]);
+        let names: Vec<&str> = [
+            Transport::Tcp,
+            Transport::Tls,
+            Transport::Quic,
+            Transport::Dual,
+        ]
+        .into_iter()
+        .map(Transport::as_str)
+        .collect();
+        assert_eq!(names, ["tcp", "tls", "quic", "dual"]);
 
         // `a b` names no certificate: fine for plain TCP, refused up front for TLS and QUIC.
         let mut config = ClientConfig::new("a b:7600", "t", "d");
@@ -170,5 +205,32 @@ mod tests {
                 "{transport}"
             );
         }
+    }
+
+    #[test]
+    fn dual_needs_a_tcp_and_a_quic_address() {
+        let mut config = ClientConfig::new("127.0.0.1:7600, 127.0.0.1:7601", "t", "d");
+        config.transport = Transport::Dual;
+        assert_eq!(
+            config.paths().unwrap(),
+            [
+                (Transport::Tcp, "127.0.0.1:7600".to_owned()),
+                (Transport::Quic, "127.0.0.1:7601".to_owned())
+            ]
+        );
+        assert!(config.validate().is_ok());
+        for server in ["127.0.0.1:7600", "127.0.0.1:7600,", "a:1,b:2,c:3"] {
+            config.server = server.into();
+            assert_eq!(
+                config.validate().unwrap_err().to_string(),
+                format!(
+                    "invalid client config: server: `{server}`: the dual transport needs the TCP \
+                     and the QUIC address, comma-separated (TCP_ADDR,QUIC_ADDR)"
+                )
+            );
+        }
+        // The QUIC address must name the certificate.
+        config.server = "127.0.0.1:7600,a b:7601".into();
+        assert!(config.validate().unwrap_err().to_string().contains("`a b`"));
     }
 }

@@ -35,6 +35,17 @@
 //!   does) is a lost connection like a TCP one, not a TLS error.
 //! - [`Transport::Quic`]: one QUIC connection per session, TLS 1.3 with ALPN `tern/1` required,
 //!   and one bidirectional stream that the client opens and writes its Hello on.
+//! - [`Transport::Dual`]: one session over a plain TCP and a QUIC connection at once (the dual
+//!   channel; [`ClientConfig::server`] is `TCP_ADDR,QUIC_ADDR`). It logs in over TCP (QUIC if
+//!   TCP fails) and joins the other path in the background. Every `Send` goes out on both paths
+//!   (stored once; the first SendAck answers the call, and it may be the one flagged
+//!   `duplicate`); deliveries come on both and are handed over once. Other requests use one
+//!   path. When a path fails ([`Event::PathDown`]) the session goes on over the other; requests
+//!   made on the failed path only fail with [`ClientError::Disconnected`] (a sync is asked
+//!   again); the path is joined again with its own backoff ([`Event::PathUp`]). Each path has
+//!   its own heartbeat, so a path whose network goes silent is noticed within three heartbeat
+//!   intervals. Only when both paths are down does the client reconnect as a new session,
+//!   alternating between TCP and QUIC.
 //!
 //! TLS and QUIC check the server's certificate the same way, with the same code: against the PEM
 //! file in [`ClientConfig::ca`] (e.g. the gateway's development certificate,
@@ -59,8 +70,8 @@
 //!
 //! What it does not do: it keeps nothing on disk (store [`Client::sync_version`] yourself to
 //! resume a later process from it), does not reorder messages that arrive out of order, does not
-//! queue requests while disconnected, does not use one session over TCP and QUIC at once (the
-//! dual channel), does not read the system's certificate store, does not present client
+//! queue requests while disconnected, does not use TLS on the TCP path of the dual channel,
+//! does not read the system's certificate store, does not present client
 //! certificates, does not send TLS early data (0-RTT), and does not require ALPN over TLS (only
 //! over QUIC). It needs a tokio runtime.
 
@@ -108,6 +119,21 @@ pub enum Event {
     },
     /// Logged in again after [`Event::Disconnected`]; a sync from the stored position follows.
     Reconnected,
+    /// Dual channel only: one path (TCP or QUIC) failed and the session goes on over the other.
+    /// Requests sent on that path only failed with [`ClientError::Disconnected`] (a sync is
+    /// asked again on the other path); the path is added again in the background.
+    PathDown {
+        /// The transport of the lost path.
+        transport: Transport,
+        /// What ended it.
+        reason: ClientError,
+    },
+    /// Dual channel only: a path joined the session (after login, and after each
+    /// [`Event::PathDown`] once the path works again).
+    PathUp {
+        /// The transport of the added path.
+        transport: Transport,
+    },
     /// The client gave up (final kick, rejected token, or reconnect turned off); the stream
     /// ends after this.
     Stopped(ClientError),

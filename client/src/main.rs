@@ -23,7 +23,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "tern", version)]
 struct Cli {
     /// Gateway address, HOST:PORT. For TLS and QUIC, HOST must be a name or IP address the
-    /// gateway's certificate is valid for.
+    /// gateway's certificate is valid for. For --transport dual: the TCP and the QUIC address,
+    /// TCP_HOST:PORT,QUIC_HOST:PORT.
     #[arg(
         long,
         env = "TERN_SERVER",
@@ -31,8 +32,8 @@ struct Cli {
         global = true
     )]
     server: String,
-    /// How to reach the gateway: plain TCP, TLS over TCP, or QUIC. The port is that of the
-    /// gateway's listener for it.
+    /// How to reach the gateway: plain TCP, TLS over TCP, QUIC, or TCP and QUIC at once. The
+    /// port is that of the gateway's listener for it.
     #[arg(
         long,
         env = "TERN_TRANSPORT",
@@ -41,7 +42,7 @@ struct Cli {
         global = true
     )]
     transport: TransportArg,
-    /// TLS and QUIC only: PEM file with the certificate(s) to trust, e.g. the gateway's
+    /// TLS, QUIC and dual only: PEM file with the certificate(s) to trust, e.g. the gateway's
     /// development certificate DATA_DIR/tls/cert.pem [default: the built-in Mozilla root
     /// certificates].
     #[arg(long, env = "TERN_CA", value_name = "PEM", global = true)]
@@ -70,7 +71,7 @@ enum TransportArg {
     Tls,
     /// QUIC: TLS 1.3, ALPN tern/1, one stream (see --ca).
     Quic,
-    /// TCP and QUIC at once as one session (not supported by this client yet).
+    /// TCP and QUIC at once as one session: each message goes both ways (see --server).
     Dual,
 }
 
@@ -148,7 +149,11 @@ fn platform() -> Platform {
 
 fn fail(e: &ClientError) -> ExitCode {
     eprintln!("{}", line::error(e));
-    ExitCode::FAILURE
+    match e {
+        // A bad option, found before any connection: a usage error.
+        ClientError::Config(_) => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
 }
 
 /// Prints `text` and flushes; false if stdout is gone (a closed pipe).
@@ -187,13 +192,7 @@ async fn run(cli: Cli) -> ExitCode {
         TransportArg::Tcp => Transport::Tcp,
         TransportArg::Tls => Transport::Tls,
         TransportArg::Quic => Transport::Quic,
-        TransportArg::Dual => {
-            eprintln!(
-                "error: --transport dual (one session over TCP and QUIC at once) is not supported \
-                 by this client yet; use --transport tcp, tls or quic"
-            );
-            return ExitCode::from(2);
-        }
+        TransportArg::Dual => Transport::Dual,
     };
     let Some(token) = cli.token.filter(|t| !t.is_empty()) else {
         eprintln!("error: a token is required: --token TOKEN or TERN_TOKEN");

@@ -9,8 +9,7 @@
 use std::collections::{BTreeSet, VecDeque};
 
 use tern_protocol::{
-    Ack, Body, Deliver, Frame, Hello, HelloOk, Kick, KickReason, PROTOCOL_VERSION, Ping,
-    SyncRequest,
+    Ack, Body, Deliver, Frame, Hello, Kick, KickReason, PROTOCOL_VERSION, Ping, SyncRequest,
 };
 
 use crate::{ClientConfig, ClientError, Event, dedup::Dedup};
@@ -22,7 +21,10 @@ pub(crate) type Completion = (u64, Result<Body, ClientError>);
 pub(crate) struct Session {
     dedup: Dedup,
     sync_version: u64,
-    syncing: bool,
+    /// Request ids of the syncs in flight (a login sync has its Hello's id).
+    syncs: BTreeSet<u64>,
+    /// The server sent SyncNeeded since the driver last asked ([`Session::take_sync_needed`]).
+    sync_needed: bool,
     auto_ack: bool,
     next_request_id: u64,
     /// Conversations that handed messages over since the last `flush_acks`.
@@ -39,7 +41,8 @@ impl Session {
         Self {
             dedup: Dedup::new(),
             sync_version: config.sync_version,
-            syncing: false,
+            syncs: BTreeSet::new(),
+            sync_needed: false,
             auto_ack: config.auto_ack,
             next_request_id: 1,
             touched: BTreeSet::new(),
@@ -62,15 +65,24 @@ impl Session {
         self.sync_version
     }
 
-    #[cfg(test)]
-    pub(crate) fn is_syncing(&self) -> bool {
-        self.syncing
+    fn is_syncing(&self) -> bool {
+        !self.syncs.is_empty()
     }
 
-    /// The Hello that opens a new connection. Not queued: login is done by the driver before
-    /// the session sees any other frame. A reconnect (`resume`) always asks for a sync, so
-    /// nothing sent while the client was away is missed.
+    /// The Hello that opens a new session. Not queued: login is done by the driver before the
+    /// session sees any other frame. A reconnect (`resume`) always asks for a sync, so nothing
+    /// sent while the client was away is missed.
     pub(crate) fn hello(&mut self, config: &ClientConfig, resume: bool) -> Frame {
+        self.hello_frame(config, resume || config.sync_on_login, 0)
+    }
+
+    /// The Hello of a further path of the live logical session `session_id` (dual channel): no
+    /// sync, the session's other path already delivers everything.
+    pub(crate) fn path_hello(&mut self, config: &ClientConfig, session_id: u64) -> Frame {
+        self.hello_frame(config, false, session_id)
+    }
+
+    fn hello_frame(&mut self, config: &ClientConfig, sync: bool, resume_session_id: u64) -> Frame {
         let id = self.next_id();
         Frame::new(
             id,
@@ -81,25 +93,53 @@ impl Session {
                 platform: config.platform.into(),
                 client_version: config.client_version.clone(),
                 sync_version: self.sync_version,
-                sync_on_login: resume || config.sync_on_login,
-                resume_session_id: 0,
+                sync_on_login: sync,
+                resume_session_id,
             },
         )
     }
 
-    /// A connection logged in; `sync_on_login` is what its Hello asked for.
-    pub(crate) fn on_login(&mut self, _ok: &HelloOk, sync_on_login: bool) {
-        self.syncing = sync_on_login;
+    /// A new session logged in with the Hello `hello`; the server syncs it if it asked to.
+    pub(crate) fn on_login(&mut self, hello: &Frame) {
+        self.syncs.clear();
+        if matches!(&hello.body, Some(Body::Hello(h)) if h.sync_on_login) {
+            self.syncs.insert(hello.request_id);
+        }
         self.kick = None;
         self.fatal = None;
     }
 
-    /// The connection is gone: drop what was not written. De-duplication and the sync position
-    /// stay.
+    /// The session is gone (every path): drop what was not written. De-duplication and the
+    /// sync position stay.
     pub(crate) fn on_disconnect(&mut self) {
-        self.syncing = false;
+        self.syncs.clear();
+        self.sync_needed = false;
         self.transmit.clear();
         self.touched.clear();
+    }
+
+    /// True if `request_id` is a sync in flight.
+    pub(crate) fn is_sync(&self, request_id: u64) -> bool {
+        self.syncs.contains(&request_id)
+    }
+
+    /// The path that carried sync `request_id` is gone: the sync will not finish. Returns the
+    /// id of the sync started in its place, on whatever path the driver picks.
+    pub(crate) fn sync_lost(&mut self, request_id: u64) -> Option<u64> {
+        self.syncs.remove(&request_id).then(|| self.start_sync())
+    }
+
+    /// True once after the server sent SyncNeeded: the path it came on is the one to sync on
+    /// (it is the one whose live pushes stopped).
+    pub(crate) fn take_sync_needed(&mut self) -> bool {
+        std::mem::take(&mut self.sync_needed)
+    }
+
+    /// A Kick or fatal Error that ended one path of a dual-channel session but not the session:
+    /// forget it.
+    pub(crate) fn clear_path_end(&mut self) {
+        self.kick = None;
+        self.fatal = None;
     }
 
     /// Queues a request and returns its request id.
@@ -111,19 +151,24 @@ impl Session {
 
     /// Queues a SyncRequest from the stored position and returns its request id.
     pub(crate) fn start_sync(&mut self) -> u64 {
-        self.syncing = true;
         let since_version = self.sync_version;
-        self.request(Body::Sync(SyncRequest {
+        let id = self.request(Body::Sync(SyncRequest {
             since_version,
             page_size: 0,
-        }))
+        }));
+        self.syncs.insert(id);
+        id
     }
 
-    /// Queues a Ping stamped `now_ms`.
-    pub(crate) fn ping(&mut self, now_ms: u64) -> u64 {
-        self.request(Body::Ping(Ping {
-            client_time_ms: now_ms,
-        }))
+    /// A Ping stamped `now_ms`, for the driver to write on the path it checks (not queued).
+    pub(crate) fn ping(&mut self, now_ms: u64) -> Frame {
+        let id = self.next_id();
+        Frame::new(
+            id,
+            Ping {
+                client_time_ms: now_ms,
+            },
+        )
     }
 
     /// Queues an Ack the application asked for.
@@ -165,11 +210,13 @@ impl Session {
                 }
             }
             Body::SyncDone(done) => {
-                self.syncing = false;
+                self.syncs.remove(&request_id);
                 self.sync_version = self.sync_version.max(done.user_version);
-                // Conversations still without a base kept their place in `touched` (see
-                // `flush_acks`), so the next flush acks what settling bases.
-                self.dedup.settle();
+                if !self.is_syncing() {
+                    // Conversations still without a base kept their place in `touched` (see
+                    // `flush_acks`), so the next flush acks what settling bases.
+                    self.dedup.settle();
+                }
                 self.events.push_back(Event::SyncDone {
                     user_version: done.user_version,
                 });
@@ -180,6 +227,7 @@ impl Session {
             }
             Body::SyncNeeded(_) => {
                 tracing::debug!("server asked for a sync");
+                self.sync_needed = true;
                 self.start_sync();
             }
             Body::Kick(kick) => {
@@ -210,7 +258,7 @@ impl Session {
     fn deliver(&mut self, message: Deliver) {
         if self
             .dedup
-            .accept(message.conversation_id, message.seq, self.syncing)
+            .accept(message.conversation_id, message.seq, self.is_syncing())
         {
             self.touched.insert(message.conversation_id);
             self.events.push_back(Event::Message(message));
@@ -239,10 +287,6 @@ impl Session {
                 self.touched.insert(conversation_id);
             }
         }
-    }
-
-    pub(crate) fn has_transmit(&self) -> bool {
-        !self.transmit.is_empty()
     }
 
     pub(crate) fn poll_transmit(&mut self) -> Option<Frame> {
@@ -336,7 +380,8 @@ mod tests {
         assert!(
             matches!(hello.body, Some(Body::Hello(ref h)) if h.sync_on_login && h.protocol_version == 1)
         );
-        s.on_login(&HelloOk::default(), true);
+        assert_eq!(hello.request_id, 1);
+        s.on_login(&hello);
 
         // Live 4 overtakes the sync pages.
         s.handle_frame(Frame::new(0, msg(10, 4)));
@@ -386,7 +431,8 @@ mod tests {
     #[test]
     fn sync_needed_asks_for_a_sync_from_the_stored_position() {
         let mut s = session();
-        s.on_login(&HelloOk::default(), true);
+        let hello = s.hello(&ClientConfig::new("x:1", "t", "d"), false);
+        s.on_login(&hello);
         s.handle_frame(Frame::new(1, SyncDone { user_version: 7 }));
         s.handle_frame(Frame::new(0, SyncNeeded { user_version: 9 }));
         let (frames, _) = drain(&mut s);

@@ -112,6 +112,9 @@ impl Connector {
             Transport::Tcp => Ok(Self::Tcp),
             Transport::Tls => Ok(Self::Tls(Box::new(TlsConnector::new(config)?))),
             Transport::Quic => Ok(Self::Quic(Box::new(QuicConnector::new(config)?))),
+            Transport::Dual => Err(ClientError::Config(
+                "transport: dual is made of a TCP and a QUIC connector".into(),
+            )),
         }
     }
 

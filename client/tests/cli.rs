@@ -485,19 +485,21 @@ async fn help_lists_the_tls_transport() {
         "- tcp:  Plain TCP",
         "- tls:  TLS 1.3 or 1.2 over TCP, ALPN tern/1 offered (see --ca)",
         "- quic: QUIC: TLS 1.3, ALPN tern/1, one stream (see --ca)",
+        "- dual: TCP and QUIC at once as one session: each message goes both ways (see --server)",
     ] {
         assert!(lines.contains(&line), "no line {line:?} in:\n{help}");
     }
     assert!(
         lines
             .iter()
-            .any(|l| l.starts_with("TLS and QUIC only: PEM file with the certificate(s) to trust")),
+            .any(|l| l
+                .starts_with("TLS, QUIC and dual only: PEM file with the certificate(s) to trust")),
         "{help}"
     );
 }
 
 #[tokio::test]
-async fn dual_transport_is_refused_with_a_clear_message() {
+async fn dual_transport_without_two_addresses_is_refused_with_a_clear_message() {
     // Nothing listens there: the refusal comes before any connection attempt.
     let run = tern_at(
         "127.0.0.1:9",
@@ -510,8 +512,8 @@ async fn dual_transport_is_refused_with_a_clear_message() {
     assert!(out.stdout.is_empty());
     assert_eq!(
         text(&out.stderr),
-        "error: --transport dual (one session over TCP and QUIC at once) is not supported by \
-         this client yet; use --transport tcp, tls or quic\n"
+        "error: invalid client config: server: `127.0.0.1:9`: the dual transport needs the TCP \
+         and the QUIC address, comma-separated (TCP_ADDR,QUIC_ADDR)\n"
     );
 
     let run = tern_at(

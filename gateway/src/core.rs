@@ -33,13 +33,19 @@ pub struct Login {
     pub request_id: u64,
     pub sync_version: u64,
     pub sync_on_login: bool,
+    /// `Hello.resume_session_id`: the logical session this connection joins as another path
+    /// (dual channel), or 0 for a new one.
+    pub resume: u64,
 }
 
 /// Where to send the answer to a Send.
 #[derive(Debug, Clone)]
 pub struct ReplyTo {
     pub core: usize,
+    /// The connection (path) that sent the request: the answer goes there.
     pub session: u64,
+    /// Its logical session: none of that session's paths gets the message as a delivery.
+    pub logical: u64,
     pub request_id: u64,
 }
 
@@ -86,10 +92,11 @@ pub enum ShardMsg {
         own_copy: Option<Arc<Deliver>>,
     },
     /// A committed message for the online devices of `user` on this core. Encoded on this core,
-    /// once, and only if the user has a device here.
+    /// once, and only if the user has a device here. `except_logical` names a logical session
+    /// (all its paths) that must not get it.
     Deliver {
         user: UserId,
-        except_session: u64,
+        except_logical: u64,
         message: Arc<Deliver>,
     },
 }
@@ -97,7 +104,11 @@ pub enum ShardMsg {
 /// One session (connection) as the rest of the core sees it.
 #[derive(Debug)]
 pub struct SessionHandle {
+    /// This connection's id (unique in the process).
     pub id: u64,
+    /// The logical session it belongs to: its own id, or for a further path of a dual-channel
+    /// session the id that the path presented in `Hello.resume_session_id`.
+    pub logical: u64,
     pub user: UserId,
     pub device: String,
     pub out: Outbound,
@@ -408,19 +419,20 @@ impl Core {
                     None => None,
                 };
                 if let (Some(user), Some(message)) = (user, own_copy) {
-                    self.deliver_local(user, reply.session, &message);
+                    self.deliver_local(user, reply.logical, &message);
                 }
             }
             ShardMsg::Deliver {
                 user,
-                except_session,
+                except_logical,
                 message,
-            } => self.deliver_local(user, except_session, &message),
+            } => self.deliver_local(user, except_logical, &message),
         }
     }
 
-    /// Pushes a committed message to every local session of `user` except `except`, encoding
-    /// it once, on first need.
+    /// Pushes a committed message to every local session of `user` except the paths of logical
+    /// session `except`, encoding it once, on first need. Every path of a dual-channel session
+    /// gets it; the client keeps the first copy.
     pub fn deliver_local(&self, user: UserId, except: u64, message: &Deliver) {
         let users = self.users.borrow();
         let Some(list) = users.get(&user) else {
@@ -429,7 +441,7 @@ impl Core {
         let pending_cap = self.cfg.outbound_queue_frames;
         let mut frame: Option<Bytes> = None;
         for s in list {
-            if s.id == except {
+            if s.logical == except {
                 continue;
             }
             let f = frame.get_or_insert_with(|| self.encode_deliver(message));
@@ -562,8 +574,8 @@ impl Core {
                         recipient_core,
                         ShardMsg::Deliver {
                             user: job.recipient,
-                            except_session: if job.recipient == sender {
-                                job.reply.session
+                            except_logical: if job.recipient == sender {
+                                job.reply.logical
                             } else {
                                 0
                             },

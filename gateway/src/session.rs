@@ -351,18 +351,13 @@ fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static 
             "the token is bound to another device_id",
         ));
     }
-    if hello.resume_session_id != 0 {
-        return Err((
-            ErrorCode::InvalidArgument,
-            "resume_session_id is not supported by this server",
-        ));
-    }
     Ok(Login {
         user: claims.sub,
         device: hello.device_id,
         request_id: frame.request_id,
         sync_version: hello.sync_version,
         sync_on_login: hello.sync_on_login,
+        resume: hello.resume_session_id,
     })
 }
 
@@ -529,49 +524,17 @@ async fn run_session(
     };
     // Register (kicking an older connection of the same device) before anything can be
     // committed for this session, so that sync + live push cover every message.
-    let registered = {
-        let mut users = core.users.borrow_mut();
-        let list = users.entry(user).or_default();
-        if let Some(pos) = list.iter().position(|s| s.device == login.device) {
-            let old = list.remove(pos);
-            old.out.push(core.encode(&Frame::kick(
-                KickReason::Replaced,
-                "the same device logged in on another connection",
-            )));
-            old.end();
+    let registered = register(&core, user, &login, stream.borrow().raw_fd().unwrap_or(-1));
+    let session = match registered {
+        Ok(session) => session,
+        Err((code, message)) => {
+            let f = Frame::error(login.request_id, code, message, true);
+            Box::pin(close_with(&core, &stream, &f)).await;
+            return;
         }
-        if list.len() >= core.cfg.max_devices_per_user {
-            None
-        } else {
-            let session = Rc::new(SessionHandle {
-                id: core.new_session_id(),
-                user,
-                device: login.device.clone(),
-                out: Outbound::new(core.cfg.outbound_queue_frames),
-                ending: Default::default(),
-                last_active: std::cell::Cell::new(now_ms()),
-                end_waker: Default::default(),
-                fd: stream.borrow().raw_fd().unwrap_or(-1),
-            });
-            list.push(session.clone());
-            core.sessions
-                .borrow_mut()
-                .insert(session.id, session.clone());
-            Some(session)
-        }
-    };
-    let Some(session) = registered else {
-        let f = Frame::error(
-            login.request_id,
-            ErrorCode::TooManyDevices,
-            "the user has the maximum number of connected devices",
-            true,
-        );
-        Box::pin(close_with(&core, &stream, &f)).await;
-        return;
     };
     let user_name: Arc<str> = Arc::from(login.user.as_str());
-    info!(session = session.id, "logged in");
+    info!(session = session.id, logical = session.logical, "logged in");
     let writer = glommio::spawn_local(write_loop(core.clone(), stream.clone(), session.clone()));
     let user_version = core.store.user_version(user).unwrap_or(0);
     session.out.push(core.encode(&Frame::new(
@@ -579,7 +542,7 @@ async fn run_session(
         HelloOk {
             user_id: login.user.clone(),
             device_id: login.device.clone(),
-            session_id: session.id,
+            session_id: session.logical,
             server_time_ms: now_ms(),
             user_version,
             max_frame_bytes: core.cfg.max_frame_bytes,
@@ -629,6 +592,89 @@ async fn run_session(
     stream.borrow_mut().shutdown(std::net::Shutdown::Both);
     core.wake_completions();
     info!(session = session.id, "closed");
+}
+
+/// Most connections one logical session may have at once (a dual-channel client uses two; a
+/// path re-added before the server noticed the old one was gone makes a third for a while).
+/// Past it the oldest path is closed.
+pub const MAX_PATHS: usize = 4;
+
+/// Adds a logged-in connection to its user's sessions on this core: a new logical session (an
+/// older one of the same device is kicked with REPLACED, all its paths), or with
+/// `Hello.resume_session_id` one more path of a live logical session of the same device.
+fn register(
+    core: &Core,
+    user: UserId,
+    login: &Login,
+    fd: std::os::fd::RawFd,
+) -> Result<Rc<SessionHandle>, (ErrorCode, &'static str)> {
+    let mut users = core.users.borrow_mut();
+    let list = users.entry(user).or_default();
+    let id = core.new_session_id();
+    let logical = if login.resume != 0 {
+        let paths: Vec<usize> = (0..list.len())
+            .filter(|&i| {
+                let s = &list[i];
+                s.logical == login.resume && s.device == login.device && !s.ending.get()
+            })
+            .collect();
+        if paths.is_empty() {
+            if list.is_empty() {
+                users.remove(&user);
+            }
+            return Err((
+                ErrorCode::SessionNotFound,
+                "resume_session_id names no live session of this user and device",
+            ));
+        }
+        if paths.len() >= MAX_PATHS {
+            // The oldest path has most likely lost its network without the server noticing.
+            let old = list.remove(paths[0]);
+            debug!(session = old.id, "too many paths: closing the oldest");
+            old.end();
+        }
+        login.resume
+    } else {
+        let mut i = 0;
+        while i < list.len() {
+            if list[i].device == login.device {
+                let old = list.remove(i);
+                old.out.push(core.encode(&Frame::kick(
+                    KickReason::Replaced,
+                    "the same device logged in on another connection",
+                )));
+                old.end();
+            } else {
+                i += 1;
+            }
+        }
+        let mut logicals: Vec<u64> = list.iter().map(|s| s.logical).collect();
+        logicals.sort_unstable();
+        logicals.dedup();
+        if logicals.len() >= core.cfg.max_devices_per_user {
+            return Err((
+                ErrorCode::TooManyDevices,
+                "the user has the maximum number of connected devices",
+            ));
+        }
+        id
+    };
+    let session = Rc::new(SessionHandle {
+        id,
+        logical,
+        user,
+        device: login.device.clone(),
+        out: Outbound::new(core.cfg.outbound_queue_frames),
+        ending: Default::default(),
+        last_active: std::cell::Cell::new(now_ms()),
+        end_waker: Default::default(),
+        fd,
+    });
+    list.push(session.clone());
+    core.sessions
+        .borrow_mut()
+        .insert(session.id, session.clone());
+    Ok(session)
 }
 
 async fn write_loop(core: Rc<Core>, stream: Stream, session: Rc<SessionHandle>) {
@@ -959,6 +1005,7 @@ impl Ctx {
             reply: ReplyTo {
                 core: self.core.id,
                 session: self.session.id,
+                logical: self.session.logical,
                 request_id: rid,
             },
             sender_name: self.user_name.clone(),

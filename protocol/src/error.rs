@@ -93,6 +93,7 @@ impl ErrorCode {
             | Self::TokenExpired
             | Self::TokenRevoked
             | Self::LoginTimeout
+            | Self::SessionNotFound
             | Self::AlreadyAuthenticated
             | Self::TooManyDevices
             | Self::ConnectionLimit => true,

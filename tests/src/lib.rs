@@ -5,6 +5,7 @@
 //! The gateway and `tern` binaries are the ones cargo built next to the test executable
 //! (`target/<profile>/`); `scripts/test` builds them before running the tests.
 
+pub mod proxy;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

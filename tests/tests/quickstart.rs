@@ -143,7 +143,7 @@ fn readme_quick_start_runs_as_written() {
     );
 }
 
-/// Runs the README's QUIC block as written (free ports and a temporary directory in place of
+/// Runs the README's QUIC and dual-channel block as written (free ports and a temporary directory in place of
 /// 7600/7601 and ./demo), with the tokens minted as the first block mints them.
 #[test]
 fn readme_quic_quick_start_runs_as_written() {
@@ -192,14 +192,25 @@ fn readme_quic_quick_start_runs_as_written() {
         ),
         1,
     );
-    let stdout = run_script(&script, &listen_out, "text=over QUIC");
-    assert!(
-        stdout.starts_with("sent conversation=") && stdout.contains(" seq=1 "),
-        "{stdout}"
-    );
+    let stdout = run_script(&script, &listen_out, "text=over both paths");
+    let sent: Vec<&str> = stdout.lines().collect();
+    assert_eq!(sent.len(), 2, "{stdout}");
+    for (line, seq) in sent.iter().zip([" seq=1 ", " seq=2 "]) {
+        assert!(
+            line.starts_with("sent conversation=") && line.contains(seq),
+            "{stdout}"
+        );
+    }
+    // The dual send was stored once (seq 2) and reached the listener once.
     let listened = std::fs::read_to_string(&listen_out).unwrap();
+    let got: Vec<&str> = listened.lines().collect();
+    assert_eq!(got.len(), 2, "{listened}");
     assert!(
-        listened.contains(" seq=1 from=alice ") && listened.trim_end().ends_with("text=over QUIC"),
+        got[0].contains(" seq=1 from=alice ") && got[0].ends_with("text=over QUIC"),
+        "{listened}"
+    );
+    assert!(
+        got[1].contains(" seq=2 from=alice ") && got[1].ends_with("text=over both paths"),
         "{listened}"
     );
 }
