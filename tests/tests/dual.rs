@@ -4,7 +4,7 @@
 //! stored once and answered on both, deliveries go out on both, and bad resumes are refused.
 //! With the SDK: a dual-channel client behind a TCP and a UDP proxy keeps its session while one
 //! path at a time is stalled, dropped or reset, and the receiver gets every message once and in
-//! order.
+//! order. `TERN_DUAL_ROUNDS` (default 1) sets how many times each path fails.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -261,6 +261,59 @@ impl Sender {
     }
 }
 
+/// Stalls TCP, then drops every UDP datagram, then resets the TCP connections, each until both
+/// clients lost that path and added it again, sending all along.
+async fn fail_each_path_once(
+    tcp: &TcpProxy,
+    udp: &UdpProxy,
+    sender: &mut Sender,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>,
+) {
+    use Transport::{Quic, Tcp};
+    // TCP stalls (every packet lost): the session goes on over QUIC; TCP comes back.
+    tcp.stall();
+    sender
+        .send_until(
+            50,
+            events,
+            vec![("alice", "down", Tcp), ("bob", "down", Tcp)],
+        )
+        .await;
+    tcp.resume();
+    sender
+        .send_until(20, events, vec![("alice", "up", Tcp), ("bob", "up", Tcp)])
+        .await;
+
+    // UDP loses every datagram: the session goes on over TCP; QUIC comes back.
+    udp.drop_all();
+    sender
+        .send_until(
+            50,
+            events,
+            vec![("alice", "down", Quic), ("bob", "down", Quic)],
+        )
+        .await;
+    udp.resume();
+    sender
+        .send_until(20, events, vec![("alice", "up", Quic), ("bob", "up", Quic)])
+        .await;
+
+    // The TCP connections are reset (a NAT forgot them).
+    tcp.reset_all();
+    sender
+        .send_until(
+            20,
+            events,
+            vec![
+                ("alice", "down", Tcp),
+                ("bob", "down", Tcp),
+                ("alice", "up", Tcp),
+                ("bob", "up", Tcp),
+            ],
+        )
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dual_channel_session_survives_each_path_failing_and_delivers_every_message_once_in_order()
  {
@@ -289,7 +342,7 @@ async fn a_dual_channel_session_survives_each_path_failing_and_delivers_every_me
         next: 0,
         retries: 0,
     };
-    use Transport::{Quic, Tcp};
+    use Transport::Quic;
     // Both log in over TCP and add QUIC.
     sender
         .send_until(
@@ -299,56 +352,14 @@ async fn a_dual_channel_session_survives_each_path_failing_and_delivers_every_me
         )
         .await;
 
-    // TCP stalls (every packet lost): the session goes on over QUIC; TCP comes back.
-    tcp.stall();
-    sender
-        .send_until(
-            50,
-            &mut events,
-            vec![("alice", "down", Tcp), ("bob", "down", Tcp)],
-        )
-        .await;
-    tcp.resume();
-    sender
-        .send_until(
-            20,
-            &mut events,
-            vec![("alice", "up", Tcp), ("bob", "up", Tcp)],
-        )
-        .await;
-
-    // UDP loses every datagram: the session goes on over TCP; QUIC comes back.
-    udp.drop_all();
-    sender
-        .send_until(
-            50,
-            &mut events,
-            vec![("alice", "down", Quic), ("bob", "down", Quic)],
-        )
-        .await;
-    udp.resume();
-    sender
-        .send_until(
-            20,
-            &mut events,
-            vec![("alice", "up", Quic), ("bob", "up", Quic)],
-        )
-        .await;
-
-    // The TCP connections are reset (a NAT forgot them).
-    tcp.reset_all();
-    sender
-        .send_until(
-            20,
-            &mut events,
-            vec![
-                ("alice", "down", Tcp),
-                ("bob", "down", Tcp),
-                ("alice", "up", Tcp),
-                ("bob", "up", Tcp),
-            ],
-        )
-        .await;
+    // `TERN_DUAL_ROUNDS` (default 1) repeats the three failures, for a soak.
+    let rounds: u32 = std::env::var("TERN_DUAL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for _ in 0..rounds {
+        fail_each_path_once(&tcp, &udp, &mut sender, &mut events).await;
+    }
     let total = sender.next;
 
     // Every message reached bob once, in order; a sync afterwards brings nothing new.
@@ -386,7 +397,7 @@ async fn a_dual_channel_session_survives_each_path_failing_and_delivers_every_me
     assert_eq!(conversations.len(), 1);
     assert!(udp.dropped() > 0, "the UDP outage dropped datagrams");
     eprintln!(
-        "dual channel: {total} messages, {} send retries, {} TCP connections through the proxy, \
+        "dual channel: {rounds} rounds, {total} messages, {} send retries, {} TCP connections through the proxy, \
          {} datagrams forwarded, {} dropped",
         sender.retries,
         tcp.accepted(),
