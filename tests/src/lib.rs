@@ -181,6 +181,33 @@ impl Gateway {
         })
     }
 
+    /// Starts a gateway that listens on `via` (TCP always; `--quic` or `--tls` on a free port
+    /// as well for those).
+    pub fn start_via(via: Via, extra_args: &[&str]) -> Gateway {
+        let mut args: Vec<&str> = extra_args.to_vec();
+        match via {
+            Via::Tcp => {}
+            Via::Tls => args.extend(["--tls", "127.0.0.1:0"]),
+            Via::Quic => args.extend(["--quic", "127.0.0.1:0"]),
+        }
+        Gateway::start(&args)
+    }
+
+    /// A new connection over `via` (trusting the development certificate for TLS and QUIC).
+    pub fn connect(&self, via: Via) -> Conn {
+        let listener = |a: Option<SocketAddr>| a.unwrap_or_else(|| panic!("no {via:?} listener"));
+        match via {
+            Via::Tcp => Conn::connect(self.addr),
+            Via::Tls => Conn::connect_tls(listener(self.tls), &self.dev_cert()),
+            Via::Quic => Conn::connect_quic(listener(self.quic), &self.dev_cert()),
+        }
+    }
+
+    /// Connects over `via` and logs in; panics unless HelloOk comes back.
+    pub fn login(&self, via: Via, token: &str, device: &str) -> (Conn, tern_protocol::HelloOk) {
+        self.connect(via).hello_ok(token, device)
+    }
+
     /// The development certificate the gateway wrote (`<data-dir>/tls/cert.pem`).
     pub fn dev_cert(&self) -> PathBuf {
         self.data_dir.join("tls").join("cert.pem")
@@ -294,6 +321,31 @@ pub fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::Ex
         }
         std::thread::park_timeout(Duration::from_millis(5));
     }
+}
+
+/// The transport a test connection uses; every one carries the same frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Tcp,
+    Tls,
+    Quic,
+}
+
+/// Runs each named test function (`fn name(via: Via)`) once per transport, as `tcp::name`,
+/// `tls::name` and `quic::name`.
+#[macro_export]
+macro_rules! over_every_transport {
+    ($($name:ident),* $(,)?) => {
+        mod tcp {
+            $(#[test] fn $name() { super::$name($crate::Via::Tcp) })*
+        }
+        mod tls {
+            $(#[test] fn $name() { super::$name($crate::Via::Tls) })*
+        }
+        mod quic {
+            $(#[test] fn $name() { super::$name($crate::Via::Quic) })*
+        }
+    };
 }
 
 /// A raw protocol connection: blocking socket + the codec. Every read has a deadline.

@@ -1,20 +1,33 @@
-//! 1:1 chat end to end: a real gateway process, real sockets, RocksDB in a temp dir.
+//! 1:1 chat end to end: a real gateway process, real sockets, RocksDB in a temp dir. Every test
+//! runs over plain TCP, TLS over TCP and QUIC (`tcp::`, `tls::`, `quic::`).
 
 use bytes::Bytes;
 use tern_protocol::v1::frame::Body;
 use tern_protocol::{Frame, HistoryRequest, SyncRequest, Target};
 use tern_tests::{
-    Conn, Gateway, NO_RATE_LIMITS, collect_sync, expect_ack, expect_deliver, hello, send_acked,
-    text,
+    Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_ack, expect_deliver, hello,
+    over_every_transport, send_acked, text,
 };
 
-#[test]
-fn one_to_one_both_ways() {
-    let gw = Gateway::start(&[]);
-    let (mut alice, ok) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+over_every_transport!(
+    one_to_one_both_ways,
+    every_device_of_the_recipient_and_the_senders_other_devices_receive,
+    offline_recipient_gets_everything_in_order_on_login,
+    nothing_acknowledged_is_lost_across_restart_and_kill,
+    retried_send_gets_the_same_ack_and_is_delivered_once,
+    sync_racing_with_live_sends_has_no_gap_and_no_duplicate,
+    history_pages_backwards,
+    sync_and_history_of_large_messages_are_split_to_fit_the_frame_limit,
+    slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync,
+    requests_pipelined_with_hello_survive_the_hand_off_to_the_users_core,
+);
+
+fn one_to_one_both_ways(via: Via) {
+    let gw = Gateway::start_via(via, &[]);
+    let (mut alice, ok) = gw.login(via, &gw.token("alice"), "phone");
     assert_eq!(ok.user_id, "alice");
     assert_eq!(ok.device_id, "phone");
-    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+    let (mut bob, _) = gw.login(via, &gw.token("bob"), "phone");
 
     let a1 = send_acked(&mut alice, "bob", "m1", "hello bob");
     assert_eq!(a1.seq, 1);
@@ -35,14 +48,13 @@ fn one_to_one_both_ways() {
     assert_eq!((d.seq, d.sender.as_str(), text(&d)), (2, "bob", "hi alice"));
 }
 
-#[test]
-fn every_device_of_the_recipient_and_the_senders_other_devices_receive() {
-    let gw = Gateway::start(&[]);
-    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
-    let (mut alice_laptop, _) = Conn::login(gw.addr, &gw.token("alice"), "laptop");
+fn every_device_of_the_recipient_and_the_senders_other_devices_receive(via: Via) {
+    let gw = Gateway::start_via(via, &[]);
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
+    let (mut alice_laptop, _) = gw.login(via, &gw.token("alice"), "laptop");
     let mut bobs: Vec<Conn> = ["phone", "tablet", "laptop"]
         .iter()
-        .map(|d| Conn::login(gw.addr, &gw.token("bob"), d).0)
+        .map(|d| gw.login(via, &gw.token("bob"), d).0)
         .collect();
     let ack = send_acked(&mut alice, "bob", "x", "to all of bob");
     for b in &mut bobs {
@@ -63,15 +75,14 @@ fn every_device_of_the_recipient_and_the_senders_other_devices_receive() {
     );
 }
 
-#[test]
-fn offline_recipient_gets_everything_in_order_on_login() {
-    let gw = Gateway::start(&[]);
-    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+fn offline_recipient_gets_everything_in_order_on_login(via: Via) {
+    let gw = Gateway::start_via(via, &[]);
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
     for i in 1..=250u64 {
         let a = send_acked(&mut alice, "bob", &format!("m{i}"), &format!("msg {i}"));
         assert_eq!(a.seq, i);
     }
-    let mut bob = Conn::connect(gw.addr);
+    let mut bob = gw.connect(via);
     let mut h = hello(&gw.token("bob"), "phone");
     h.sync_on_login = true;
     let rid = bob.send_body(Body::Hello(h));
@@ -101,10 +112,9 @@ fn offline_recipient_gets_everything_in_order_on_login() {
     assert!(msgs.is_empty(), "{msgs:?}");
 }
 
-#[test]
-fn nothing_acknowledged_is_lost_across_restart_and_kill() {
-    let mut gw = Gateway::start(&[]);
-    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+fn nothing_acknowledged_is_lost_across_restart_and_kill(via: Via) {
+    let mut gw = Gateway::start_via(via, &[]);
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
     for i in 1..=20u64 {
         send_acked(
             &mut alice,
@@ -115,7 +125,7 @@ fn nothing_acknowledged_is_lost_across_restart_and_kill() {
     }
     drop(alice);
     gw.restart();
-    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
     for i in 21..=40u64 {
         let a = send_acked(
             &mut alice,
@@ -128,7 +138,7 @@ fn nothing_acknowledged_is_lost_across_restart_and_kill() {
     drop(alice);
     gw.kill();
     gw.start_again();
-    let mut bob = Conn::connect(gw.addr);
+    let mut bob = gw.connect(via);
     let mut h = hello(&gw.token("bob"), "phone");
     h.sync_on_login = true;
     let rid = bob.send_body(Body::Hello(h));
@@ -142,11 +152,10 @@ fn nothing_acknowledged_is_lost_across_restart_and_kill() {
     assert_eq!(text(&msgs[39]), "before kill 40");
 }
 
-#[test]
-fn retried_send_gets_the_same_ack_and_is_delivered_once() {
-    let gw = Gateway::start(&[]);
-    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
-    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+fn retried_send_gets_the_same_ack_and_is_delivered_once(via: Via) {
+    let gw = Gateway::start_via(via, &[]);
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
+    let (mut bob, _) = gw.login(via, &gw.token("bob"), "phone");
     let first = send_acked(&mut alice, "bob", "same-id", "once");
     let again = send_acked(&mut alice, "bob", "same-id", "once");
     assert!(again.duplicate);
@@ -156,7 +165,7 @@ fn retried_send_gets_the_same_ack_and_is_delivered_once() {
     );
     // Also after reconnecting (a retry after a lost ack).
     drop(alice);
-    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
     let third = send_acked(&mut alice, "bob", "same-id", "once");
     assert!(third.duplicate);
     assert_eq!(third.seq, first.seq);
@@ -168,13 +177,11 @@ fn retried_send_gets_the_same_ack_and_is_delivered_once() {
     assert_eq!((d.seq, text(&d)), (first.seq + 1, "twice"));
 }
 
-#[test]
-fn sync_racing_with_live_sends_has_no_gap_and_no_duplicate() {
-    let gw = Gateway::start(&[]);
+fn sync_racing_with_live_sends_has_no_gap_and_no_duplicate(via: Via) {
+    let gw = Gateway::start_via(via, &[]);
     let total = 600u64;
-    let addr = gw.addr;
     let alice_token = gw.token("alice");
-    let (mut alice, _) = Conn::login(addr, &alice_token, "phone");
+    let (mut alice, _) = gw.login(via, &alice_token, "phone");
     // Some history first, so the sync has pages to send while live messages arrive.
     for i in 1..=200u64 {
         send_acked(&mut alice, "bob", &format!("m{i}"), "x");
@@ -185,7 +192,7 @@ fn sync_racing_with_live_sends_has_no_gap_and_no_duplicate() {
             assert_eq!(a.seq, i);
         }
     });
-    let mut bob = Conn::connect(addr);
+    let mut bob = gw.connect(via);
     let mut h = hello(&gw.token("bob"), "phone");
     h.sync_on_login = true;
     let rid = bob.send_body(Body::Hello(h));
@@ -204,14 +211,13 @@ fn sync_racing_with_live_sends_has_no_gap_and_no_duplicate() {
     );
 }
 
-#[test]
-fn history_pages_backwards() {
-    let gw = Gateway::start(&[]);
-    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+fn history_pages_backwards(via: Via) {
+    let gw = Gateway::start_via(via, &[]);
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
     for i in 1..=25u64 {
         send_acked(&mut alice, "bob", &format!("m{i}"), &format!("h{i}"));
     }
-    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+    let (mut bob, _) = gw.login(via, &gw.token("bob"), "phone");
     let mut before = 0;
     let mut pages = Vec::new();
     loop {
@@ -243,18 +249,17 @@ fn history_pages_backwards() {
     );
 }
 
-#[test]
-fn sync_and_history_of_large_messages_are_split_to_fit_the_frame_limit() {
+fn sync_and_history_of_large_messages_are_split_to_fit_the_frame_limit(via: Via) {
     // 120 messages of 60 KiB: one sync page (100) or history page (50) of them is several
     // times the 1 MiB frame limit.
-    let gw = Gateway::start(&[]);
-    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    let gw = Gateway::start_via(via, &[]);
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
     let total = 120u64;
     for i in 1..=total {
         let text = format!("{i:>6}").repeat(10 << 10);
         send_acked(&mut alice, "bob", &format!("m{i}"), &text);
     }
-    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+    let (mut bob, _) = gw.login(via, &gw.token("bob"), "phone");
     let rid = bob.send_body(Body::Sync(SyncRequest {
         since_version: 0,
         page_size: 100,
@@ -296,8 +301,7 @@ fn sync_and_history_of_large_messages_are_split_to_fit_the_frame_limit() {
     assert_eq!(seen, (1..=total).rev().collect::<Vec<_>>());
 }
 
-#[test]
-fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync() {
+fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync(via: Via) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("tern.toml"),
@@ -305,9 +309,9 @@ fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync() {
     )
     .unwrap();
     let cfg = dir.path().join("tern.toml");
-    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
-    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
-    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
+    let gw = Gateway::start_via(via, &["--config", cfg.to_str().unwrap()]);
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
+    let (mut bob, _) = gw.login(via, &gw.token("bob"), "phone");
     // Bob does not read while 3,000 messages of 8 KiB (24 MiB) are sent to him: far more than
     // the socket buffers hold, so the server's queue for him fills.
     let body = "y".repeat(8 << 10);
@@ -351,13 +355,12 @@ fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync() {
     );
 }
 
-#[test]
-fn requests_pipelined_with_hello_survive_the_hand_off_to_the_users_core() {
-    let gw = Gateway::start(&["--cores", "2"]);
+fn requests_pipelined_with_hello_survive_the_hand_off_to_the_users_core(via: Via) {
+    let gw = Gateway::start_via(via, &["--cores", "2"]);
     // Enough users that some are owned by the core that did not accept the connection.
     for i in 0..12 {
         let user = format!("pipelined{i}");
-        let mut c = Conn::connect(gw.addr);
+        let mut c = gw.connect(via);
         let mut bytes = bytes::BytesMut::new();
         let mut codec = tern_protocol::Codec::default();
         let frames = [
