@@ -31,8 +31,12 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Most bytes written to one connection and not yet taken by its transport. Past it the
 /// connection counts as stalled and is dropped (a dual-channel session goes on over its other
-/// path; otherwise the client reconnects).
+/// path). The client stops taking requests before: see [`HIGH_WATER`].
 const MAX_QUEUED_BYTES: usize = 16 << 20;
+
+/// While every connection has this much written and not yet taken by its transport, the client
+/// takes no new requests (back-pressure on the application, as a blocking write would be).
+const HIGH_WATER: usize = 1 << 20;
 
 /// How long a closing client waits for a connection's last frames to be written.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -192,6 +196,7 @@ impl Client {
             legs,
             session_id,
             sync_leg: None,
+            copies: HashMap::new(),
             session,
             commands: command_rx,
             events,
@@ -384,10 +389,14 @@ struct Leg {
     transport: Transport,
     server: String,
     connector: Arc<Connector>,
+    /// Shared by the legs of a client: notified when a connection's queued bytes fall below
+    /// [`HIGH_WATER`].
+    drained: Arc<tokio::sync::Notify>,
 }
 
 /// The legs of a session: one, or a TCP and a QUIC one for the dual channel.
 fn legs(config: &ClientConfig) -> Result<Vec<Leg>> {
+    let drained = Arc::new(tokio::sync::Notify::new());
     config
         .paths()?
         .into_iter()
@@ -399,6 +408,7 @@ fn legs(config: &ClientConfig) -> Result<Vec<Leg>> {
                 transport,
                 server,
                 connector: Arc::new(Connector::new(&one)?),
+                drained: drained.clone(),
             })
         })
         .collect()
@@ -415,14 +425,17 @@ struct PathWriter {
 }
 
 impl PathWriter {
-    fn spawn(mut writer: Writer) -> Self {
+    fn spawn(mut writer: Writer, drained: Arc<tokio::sync::Notify>) -> Self {
         let (out, mut rx) = mpsc::unbounded_channel::<Bytes>();
         let queued = Arc::new(AtomicUsize::new(0));
         let taken = queued.clone();
         let task = tokio::spawn(async move {
             while let Some(buf) = rx.recv().await {
                 writer.write_all(&buf).await?;
-                taken.fetch_sub(buf.len(), Ordering::Relaxed);
+                let before = taken.fetch_sub(buf.len(), Ordering::Relaxed);
+                if before >= HIGH_WATER && before - buf.len() < HIGH_WATER {
+                    drained.notify_one();
+                }
             }
             // The client closed this connection: leave cleanly.
             writer.shutdown().await
@@ -432,6 +445,10 @@ impl PathWriter {
             queued,
             task,
         }
+    }
+
+    fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     fn send(&self, buf: Bytes) -> Result<()> {
@@ -481,8 +498,8 @@ struct Conn {
     heartbeat: Duration,
     last_read: Instant,
     last_write: Instant,
-    /// Requests written on this connection only; they are lost with it.
-    only_here: Vec<u64>,
+    /// Requests written on this connection (pruned of answered ones on each tick).
+    requests: Vec<u64>,
 }
 
 impl Conn {
@@ -557,18 +574,18 @@ async fn establish(config: &ClientConfig, leg: &Leg, hello: &Frame) -> Result<(C
             .await?;
         let mut conn = Conn {
             reader,
-            writer: PathWriter::spawn(writer),
+            writer: PathWriter::spawn(writer, leg.drained.clone()),
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::new(),
             codec: Codec::new(config.max_frame_bytes),
             heartbeat: config.heartbeat_interval,
             last_read: Instant::now(),
             last_write: Instant::now(),
-            only_here: Vec::new(),
+            requests: Vec::new(),
         };
         if matches!(&hello.body, Some(Body::Hello(h)) if h.sync_on_login) {
             // The login sync is answered on this connection.
-            conn.only_here.push(hello.request_id);
+            conn.requests.push(hello.request_id);
         }
         conn.queue(hello)?;
         conn.flush()?;
@@ -657,6 +674,8 @@ struct Driver {
     session_id: u64,
     /// The path the server last sent SyncNeeded on: the next sync goes there.
     sync_leg: Option<usize>,
+    /// Sends written on several paths: how many of those paths may still answer.
+    copies: HashMap<u64, usize>,
     commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
     pending: HashMap<u64, oneshot::Sender<Result<Body>>>,
@@ -714,6 +733,7 @@ impl Driver {
     }
 
     fn fail_pending(&mut self, error: &ClientError) {
+        self.copies.clear();
         for (_, reply) in self.pending.drain() {
             let _ = reply.send(Err(error.clone()));
         }
@@ -791,9 +811,12 @@ impl Driver {
                     };
                     if let Err(error) = conn.queue(&frame) {
                         lost.push((leg, error));
-                    } else if (one.is_some() || live.len() == 1) && frame.request_id != 0 {
-                        conn.only_here.push(frame.request_id);
+                    } else if frame.request_id != 0 {
+                        conn.requests.push(frame.request_id);
                     }
+                }
+                if one.is_none() && live.len() > 1 && frame.request_id != 0 {
+                    self.copies.insert(frame.request_id, live.len());
                 }
             }
         }
@@ -801,7 +824,17 @@ impl Driver {
             self.emit(event);
         }
         while let Some((request_id, result)) = self.session.poll_completion() {
-            // The second answer to a Send made on two paths finds no one waiting.
+            // A Send made on several paths is answered by its first SendAck; an error only once
+            // every copy failed (one copy may be refused, e.g. rate-limited, while the other
+            // is stored). Later answers find no one waiting.
+            if result.is_err()
+                && let Some(left) = self.copies.get_mut(&request_id)
+                && *left > 1
+            {
+                *left -= 1;
+                continue;
+            }
+            self.copies.remove(&request_id);
             if let Some(reply) = self.pending.remove(&request_id) {
                 let _ = reply.send(result);
             }
@@ -868,17 +901,24 @@ impl Driver {
             self.read_path(paths, leg, &mut lost, &mut end);
         }
         loop {
-            // Even when the session ends: the events and answers read before the end go out.
-            lost.extend(self.pump(paths));
-            for (leg, error) in std::mem::take(&mut lost) {
-                let Some(conn) = paths[leg].take() else {
-                    continue;
-                };
-                if paths.iter().all(Option::is_none) {
-                    end = end.or(Some(End::Lost(error)));
-                } else {
-                    self.path_lost(conn, leg, error);
-                    retry_at[leg] = Some(tokio::time::Instant::now() + backoffs[leg].next_delay());
+            // Lost paths go first, so that nothing more is written to them; then what is due
+            // goes out (even when the session ends: the events and answers read before the end),
+            // which may lose a path in turn.
+            for round in 0..2 {
+                for (leg, error) in std::mem::take(&mut lost) {
+                    let Some(conn) = paths[leg].take() else {
+                        continue;
+                    };
+                    if paths.iter().all(Option::is_none) {
+                        end = end.or(Some(End::Lost(error)));
+                    } else {
+                        self.path_lost(conn, leg, error);
+                        retry_at[leg] =
+                            Some(tokio::time::Instant::now() + backoffs[leg].next_delay());
+                    }
+                }
+                if round == 0 {
+                    lost.extend(self.pump(paths));
                 }
             }
             if let Some(end) = end.take() {
@@ -897,6 +937,7 @@ impl Driver {
                         transport: self.legs[leg].transport,
                         server: self.legs[leg].server.clone(),
                         connector: self.legs[leg].connector.clone(),
+                        drained: self.legs[leg].drained.clone(),
                     };
                     adding[leg] = Some(Adding(tokio::spawn(async move {
                         establish(&config, &leg_, &hello).await
@@ -907,9 +948,14 @@ impl Driver {
                 .filter(|&leg| adding[leg].is_none())
                 .filter_map(|leg| retry_at[leg])
                 .min();
+            let accepting = paths
+                .iter()
+                .flatten()
+                .any(|c| c.writer.queued() < HIGH_WATER);
             let (first, rest) = paths.split_at_mut(1);
             tokio::select! {
-                command = self.commands.recv() => match command {
+                () = self.legs[0].drained.notified(), if !accepting => {}
+                command = self.commands.recv(), if accepting => match command {
                     // Every handle is gone: nobody can use the client any more.
                     None => end = Some(End::Closed(None)),
                     Some(command) => {
@@ -940,6 +986,11 @@ impl Driver {
                         backoffs[leg].reset();
                         paths[leg] = Some(conn);
                         self.emit(Event::PathUp { transport: self.legs[leg].transport });
+                        // Until now this path carried nothing: its first live message of a
+                        // conversation may overtake earlier ones still on the other path, so it
+                        // must not set where that conversation starts. A sync does (and
+                        // meanwhile such messages wait, see `dedup`).
+                        self.session.start_sync();
                         self.read_path(paths, leg, &mut lost, &mut end);
                     }
                     Ok((conn, _)) => conn.writer.close().await,
@@ -970,11 +1021,13 @@ impl Driver {
                             }
                         }
                         let (pending, session) = (&self.pending, &self.session);
-                        conn.only_here
+                        conn.requests
                             .retain(|id| pending.contains_key(id) || session.is_sync(*id));
                     }
                     // Requests whose caller gave up (timeout) need no answer.
                     self.pending.retain(|_, reply| !reply.is_closed());
+                    let pending = &self.pending;
+                    self.copies.retain(|id, _| pending.contains_key(id));
                 }
             }
         }
@@ -1018,11 +1071,19 @@ impl Driver {
     }
 
     /// One path of a session that goes on over another is gone: what was asked on it only is
-    /// asked again (a sync) or fails with [`ClientError::Disconnected`].
+    /// asked again (a sync) or fails with [`ClientError::Disconnected`]; a Send also made on
+    /// another path waits for that path's answer.
     fn path_lost(&mut self, conn: Conn, leg: usize, reason: ClientError) {
         let transport = self.legs[leg].transport;
         tracing::info!(%transport, %reason, "path lost; the session goes on");
-        for id in &conn.only_here {
+        for id in &conn.requests {
+            if let Some(left) = self.copies.get_mut(id)
+                && *left > 1
+            {
+                *left -= 1;
+                continue;
+            }
+            self.copies.remove(id);
             if let Some(again) = self.session.sync_lost(*id) {
                 if let Some(reply) = self.pending.remove(id) {
                     self.pending.insert(again, reply);

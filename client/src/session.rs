@@ -236,6 +236,10 @@ impl Session {
             }
             Body::Error(error) => {
                 let err = ClientError::from_wire(&error);
+                if self.syncs.remove(&request_id) && !self.is_syncing() {
+                    // A refused sync (e.g. rate-limited) is over too.
+                    self.dedup.settle();
+                }
                 if error.fatal {
                     tracing::warn!(request_id, %err, "fatal error from server");
                     self.fatal = Some(err.clone());
@@ -449,6 +453,47 @@ mod tests {
             other => panic!("expected one SyncRequest, got {other:?}"),
         }
         assert!(s.is_syncing());
+    }
+
+    #[test]
+    fn a_refused_sync_ends_the_syncing_state() {
+        let mut s = session();
+        let hello = s.hello(&ClientConfig::new("x:1", "t", "d"), false);
+        s.on_login(&hello);
+        s.handle_frame(Frame::new(1, SyncDone { user_version: 3 }));
+        let id = s.start_sync();
+        assert!(s.is_syncing());
+        // A live message of a conversation not seen before waits while syncing...
+        s.handle_frame(Frame::new(0, msg(5, 9)));
+        s.flush_acks();
+        assert!(acks(&drain(&mut s).0).is_empty());
+        // ...and the sync is refused: the state ends, the conversation starts at that message.
+        s.handle_frame(Frame::error(
+            id,
+            tern_protocol::ErrorCode::RateLimited,
+            "slow down",
+            false,
+        ));
+        assert!(!s.is_syncing());
+        s.flush_acks();
+        let (frames, _) = drain(&mut s);
+        assert_eq!(acks(&frames), [(5, 9)]);
+        assert!(std::iter::from_fn(|| s.poll_completion()).any(|(got, r)| got == id && r.is_err()));
+    }
+
+    #[test]
+    fn a_sync_lost_with_its_path_is_asked_again() {
+        let mut s = session();
+        let hello = s.hello(&ClientConfig::new("x:1", "t", "d"), false);
+        s.on_login(&hello);
+        assert!(s.is_sync(hello.request_id));
+        let again = s.sync_lost(hello.request_id).expect("a new sync");
+        assert!(s.is_sync(again) && !s.is_sync(hello.request_id));
+        let (frames, _) = drain(&mut s);
+        assert!(
+            matches!(&frames[..], [f] if f.request_id == again && matches!(f.body, Some(Body::Sync(_))))
+        );
+        assert_eq!(s.sync_lost(hello.request_id), None, "only once");
     }
 
     #[test]

@@ -458,3 +458,55 @@ async fn a_replaced_kick_stops_the_client_and_a_shutdown_kick_reconnects() {
         Err(ClientError::Closed)
     ));
 }
+
+#[tokio::test]
+async fn a_sender_faster_than_the_connection_is_slowed_down_not_disconnected() {
+    let server = FakeServer::start().await;
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    let mut incoming = client.incoming();
+    // 400 Sends of 60 KiB (24 MiB) at once: more than the client keeps queued for a connection.
+    let payload = Bytes::from(vec![b'x'; 60 << 10]);
+    let sends: Vec<_> = (0..400)
+        .map(|i| {
+            let (client, payload) = (client.clone(), payload.clone());
+            tokio::spawn(async move {
+                client
+                    .send_with_id(format!("s{i}"), Target::user("a"), 1, payload)
+                    .await
+            })
+        })
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 400 {
+        let frame = peer.recv_request().await;
+        match frame.body {
+            Some(Body::Send(send)) => {
+                assert_eq!(send.payload.len(), 60 << 10);
+                assert!(seen.insert(send.client_msg_id.clone()), "sent twice");
+                peer.send(Frame::new(
+                    frame.request_id,
+                    SendAck {
+                        client_msg_id: send.client_msg_id,
+                        conversation_id: 1,
+                        seq: seen.len() as u64,
+                        server_time_ms: 1,
+                        duplicate: false,
+                    },
+                ))
+                .await;
+            }
+            Some(Body::Sync(_)) => {}
+            other => panic!("expected Send, got {other:?}"),
+        }
+    }
+    for send in sends {
+        send.await.unwrap().expect("every send answered");
+    }
+    while let Some(event) = incoming.try_recv() {
+        assert!(
+            !matches!(event, Event::Disconnected { .. }),
+            "the connection was dropped: {event:?}"
+        );
+    }
+}

@@ -46,6 +46,9 @@ pub struct ReplyTo {
     pub session: u64,
     /// Its logical session: none of that session's paths gets the message as a delivery.
     pub logical: u64,
+    /// The sender, whose other devices get the message (even if the connection that sent it
+    /// is gone by then: another path of its session may live on).
+    pub user: UserId,
     pub request_id: u64,
 }
 
@@ -411,15 +414,11 @@ impl Core {
                 frame,
                 own_copy,
             } => {
-                let user = match self.sessions.borrow().get(&reply.session) {
-                    Some(s) => {
-                        s.out.push(frame);
-                        Some(s.user)
-                    }
-                    None => None,
-                };
-                if let (Some(user), Some(message)) = (user, own_copy) {
-                    self.deliver_local(user, reply.logical, &message);
+                if let Some(s) = self.sessions.borrow().get(&reply.session) {
+                    s.out.push(frame);
+                }
+                if let Some(message) = own_copy {
+                    self.deliver_local(reply.user, reply.logical, &message);
                 }
             }
             ShardMsg::Deliver {

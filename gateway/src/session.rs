@@ -596,7 +596,7 @@ async fn run_session(
 
 /// Most connections one logical session may have at once (a dual-channel client uses two; a
 /// path re-added before the server noticed the old one was gone makes a third for a while).
-/// Past it the oldest path is closed.
+/// Past it the path silent the longest is closed.
 pub const MAX_PATHS: usize = 4;
 
 /// Adds a logged-in connection to its user's sessions on this core: a new logical session (an
@@ -628,8 +628,14 @@ fn register(
             ));
         }
         if paths.len() >= MAX_PATHS {
-            // The oldest path has most likely lost its network without the server noticing.
-            let old = list.remove(paths[0]);
+            // The path silent the longest has most likely lost its network without the server
+            // noticing.
+            let stale = paths
+                .iter()
+                .copied()
+                .min_by_key(|&i| list[i].last_active.get())
+                .unwrap_or(paths[0]);
+            let old = list.remove(stale);
             debug!(session = old.id, "too many paths: closing the oldest");
             old.end();
         }
@@ -1006,6 +1012,7 @@ impl Ctx {
                 core: self.core.id,
                 session: self.session.id,
                 logical: self.session.logical,
+                user: self.user,
                 request_id: rid,
             },
             sender_name: self.user_name.clone(),
