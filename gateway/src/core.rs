@@ -18,7 +18,7 @@ use tern_protocol::{Codec, ErrorCode};
 use tern_storage::{AppendRequest, Appended, Completion, MessageStore, StorageError, UserId};
 
 use crate::config::Config;
-use crate::limits::{ConnLimits, ConnSlot, Gcra, Rates};
+use crate::limits::{ConnLimits, ConnSlot, Rates, UserSends};
 use crate::outbound::Outbound;
 use crate::route::Router;
 use crate::sys::MovedFd;
@@ -176,7 +176,7 @@ pub struct Core {
     pub conn_limits: Arc<ConnLimits>,
     pub rates: Rates,
     /// Per-user send rate of users with a session on this core (removed with their last session).
-    pub user_rates: RefCell<HashMap<UserId, Gcra>>,
+    pub user_rates: RefCell<HashMap<UserId, UserSends>>,
     /// This core's ends of relays to QUIC connections held by other cores.
     pub relays: RefCell<HashMap<u64, Rc<Relay>>>,
 }

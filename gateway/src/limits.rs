@@ -208,6 +208,35 @@ impl Drop for ConnSlot {
     }
 }
 
+/// A user's message rate, shared by all of the user's connections on its core. A message is
+/// charged once: the same `client_msg_id` seen again shortly after (the copy a dual-channel
+/// client sends on its other path, or a retry) is not charged again.
+#[derive(Debug, Default)]
+pub struct UserSends {
+    gcra: Gcra,
+    /// Hashes of the last client message ids charged.
+    recent: [u64; 16],
+    next: usize,
+}
+
+impl UserSends {
+    /// Charges one message with id `client_msg_id` if it was not charged just before; false if
+    /// the rate does not allow it.
+    pub fn allow(&mut self, rate: &Rate, now: u64, client_msg_id: &str) -> bool {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(client_msg_id) | 1;
+        if self.recent.contains(&h) {
+            return true;
+        }
+        if !self.gcra.allow(rate, now, 1) {
+            return false;
+        }
+        self.recent[self.next] = h;
+        self.next = (self.next + 1) % self.recent.len();
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,5 +294,20 @@ mod tests {
         assert_eq!(limits.total(), 2);
         let _s4 = limits.admit(Some(a)).unwrap();
         assert_eq!(limits.admit(Some(a)).unwrap_err(), Refused::Total(3));
+    }
+
+    #[test]
+    fn a_users_message_is_charged_once_however_many_paths_carry_it() {
+        let rate = Rate::new(1, 2);
+        let mut user = UserSends::default();
+        let now = 1_000_000_000;
+        // The burst is 2 messages: m1 on both paths, m2 on both paths, then m3 is refused.
+        for id in ["m1", "m1", "m2", "m2"] {
+            assert!(user.allow(&rate, now, id), "{id}");
+        }
+        assert!(!user.allow(&rate, now, "m3"));
+        // A second later there is room for one more.
+        assert!(user.allow(&rate, now + 1_000_000_000, "m3"));
+        assert!(user.allow(&rate, now + 1_000_000_000, "m3"));
     }
 }

@@ -953,7 +953,7 @@ impl Ctx {
             .borrow_mut()
             .entry(self.user)
             .or_default()
-            .allow(&self.core.rates.user_messages, now, 1);
+            .allow(&self.core.rates.user_messages, now, &send.client_msg_id);
         if !user_ok {
             return self.error(
                 rid,

@@ -159,6 +159,39 @@ fn a_resume_that_names_no_live_session_of_the_device_is_refused() {
     }
 }
 
+#[test]
+fn a_message_sent_on_two_paths_counts_once_against_the_users_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("rates.toml");
+    // 1 message a second per user, bursts of 2; nothing else limited.
+    std::fs::write(
+        &path,
+        "rate_messages_per_sec = 0\nrate_user_messages_per_sec = 1\n\
+         rate_requests_per_sec = 0\nrate_read_bytes_per_sec = 0\n",
+    )
+    .unwrap();
+    let gw = Gateway::start_in(tmp.path(), &["--config", path.to_str().unwrap()]);
+    let alice = gw.token("alice");
+    let (mut first, ok) = Conn::login(gw.addr, &alice, "phone");
+    let mut second = Conn::connect(gw.addr);
+    joined(&mut second, &alice, "phone", ok.session_id);
+    // Two messages, each on both paths: four copies, two messages, within the burst.
+    for i in 1..=2u64 {
+        let id = format!("m{i}");
+        let (r1, r2) = (
+            send(&mut first, "bob", &id, "x"),
+            send(&mut second, "bob", &id, "x"),
+        );
+        assert_eq!(expect_ack(&mut first, r1).seq, i);
+        assert_eq!(expect_ack(&mut second, r2).seq, i);
+    }
+    // The third is over the burst (unless a second passed), on both paths.
+    for path in [&mut first, &mut second] {
+        send(path, "bob", "m3", "x");
+        path.expect_error(ErrorCode::RateLimited);
+    }
+}
+
 /// What the test's event collectors report.
 #[derive(Debug)]
 enum Seen {
