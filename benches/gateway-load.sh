@@ -2,10 +2,11 @@
 # Runs the gateway load matrix of docs/PERFORMANCE.md ("Gateway") and prints tern-load's RESULT
 # lines. Each case starts a fresh gateway on an empty data directory and stops it afterwards.
 #
-#   benches/gateway-load.sh                # everything (about 4 minutes)
+#   benches/gateway-load.sh                # everything (about 6 minutes)
 #   benches/gateway-load.sh pairs          # only the pairs cases
 #   benches/gateway-load.sh conns          # only the idle-connection case
 #   benches/gateway-load.sh quic           # pairs over TCP and over QUIC, side by side
+#   benches/gateway-load.sh dual           # pairs over TCP, QUIC and both at once (dual channel)
 #
 # Environment: PORT (default 7655), DURATION (default 10s), PAIRS (default 100),
 # CORES_LIST (default "2 1"), CONNS (default 19000), CONNS_CORES (default 2), WORK (default /tmp/tern-gateway-load).
@@ -84,6 +85,18 @@ if [ "$WHAT" = all ] || [ "$WHAT" = quic ]; then
         pairs fsync "$c" "tcp-fsync-cores$c"
         pairs fsync "$c" "quic-fsync-cores$c" --transport quic
         pairs fsync "$c" "quic-fsync-cores$c-20k" --transport quic --rate 20000
+    done
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = dual ]; then
+    # Dual channel: every user on a TCP connection and a QUIC one joined to its session, each
+    # Send on both, each Deliver on both (the gateway's UDP port is the TCP port number).
+    for c in $CORES_LIST; do
+        pairs fsync "$c" "tcp-fsync-cores$c"
+        pairs fsync "$c" "quic-fsync-cores$c" --transport quic
+        pairs fsync "$c" "dual-fsync-cores$c" --transport dual --quic-server "127.0.0.1:$PORT"
+        pairs fsync "$c" "dual-fsync-cores$c-20k" --transport dual --quic-server "127.0.0.1:$PORT" \
+            --rate 20000
     done
 fi
 

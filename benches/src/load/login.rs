@@ -1,4 +1,5 @@
-//! Connect and log in: one Hello, one HelloOk. Nothing else of a client session.
+//! Connect and log in: one Hello, one HelloOk. Nothing else of a client session, except that a
+//! connection may join an existing logical session as a further path (dual channel).
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -17,6 +18,9 @@ use crate::wire::MAX_FRAME;
 pub struct Conn {
     pub stream: Stream,
     pub rbuf: BytesMut,
+    /// `HelloOk.session_id`: the logical session, which a further path joins with
+    /// `Hello.resume_session_id`.
+    pub session_id: u64,
 }
 
 /// The byte stream of a connection: TCP, or one bidirectional QUIC stream (with the endpoint
@@ -112,12 +116,15 @@ pub fn quic_client_config(ca: &std::path::Path) -> Result<quinn::ClientConfig, S
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
-/// Like [`connect`], over QUIC.
+/// Like [`connect`], over QUIC. With `resume_session_id` other than 0 the connection joins that
+/// logical session of the same user and device as a further path (without a sync), and the
+/// HelloOk must name the same session.
 pub async fn connect_quic(
     server: SocketAddr,
     config: quinn::ClientConfig,
     token: String,
     device: &str,
+    resume_session_id: u64,
 ) -> Result<Conn, String> {
     tokio::time::timeout(LOGIN_TIMEOUT, async {
         let mut endpoint =
@@ -139,6 +146,7 @@ pub async fn connect_quic(
             },
             token,
             device,
+            resume_session_id,
         )
         .await
     })
@@ -186,10 +194,17 @@ async fn login(
     stream
         .set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
-    hello(Stream::Tcp(stream), token, device).await
+    hello(Stream::Tcp(stream), token, device, 0).await
 }
 
-async fn hello(mut stream: Stream, token: String, device: &str) -> Result<Conn, String> {
+/// Sends Hello (`resume_session_id` 0: a new logical session; otherwise join that one as a
+/// further path) and waits for HelloOk.
+async fn hello(
+    mut stream: Stream,
+    token: String,
+    device: &str,
+    resume_session_id: u64,
+) -> Result<Conn, String> {
     let mut codec = Codec::new(MAX_FRAME);
     let hello = Frame::new(
         1,
@@ -199,6 +214,8 @@ async fn hello(mut stream: Stream, token: String, device: &str) -> Result<Conn, 
             device_id: device.into(),
             platform: Platform::Other.into(),
             client_version: concat!("tern-load/", env!("CARGO_PKG_VERSION")).into(),
+            sync_on_login: false,
+            resume_session_id,
             ..Hello::default()
         },
     );
@@ -212,7 +229,19 @@ async fn hello(mut stream: Stream, token: String, device: &str) -> Result<Conn, 
     loop {
         if let Some(frame) = codec.decode(&mut rbuf).map_err(|e| format!("login: {e}"))? {
             return match frame.body {
-                Some(Body::HelloOk(_)) => Ok(Conn { stream, rbuf }),
+                Some(Body::HelloOk(ok)) => {
+                    if resume_session_id != 0 && ok.session_id != resume_session_id {
+                        return Err(format!(
+                            "join: HelloOk names session {}, not the joined {resume_session_id}",
+                            ok.session_id
+                        ));
+                    }
+                    Ok(Conn {
+                        stream,
+                        rbuf,
+                        session_id: ok.session_id,
+                    })
+                }
                 Some(Body::Error(e)) => {
                     Err(format!("login refused: code {} {}", e.code, e.message))
                 }
