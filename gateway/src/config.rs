@@ -26,6 +26,9 @@ pub enum Durability {
 pub struct Config {
     /// TCP listen address for client connections. Default `127.0.0.1:7600`.
     pub tcp: SocketAddr,
+    /// Serve plaintext TCP on `tcp` (default true). false: no plaintext listener; clients connect
+    /// over TLS (`tls`) or QUIC (`quic`), one of which must be set.
+    pub plaintext: bool,
     /// QUIC listen address (UDP) for client connections; none (default) means no QUIC. The same
     /// frames run over one bidirectional stream per connection.
     pub quic: Option<SocketAddr>,
@@ -101,6 +104,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             tcp: "127.0.0.1:7600".parse().expect("static address"),
+            plaintext: true,
             quic: None,
             tls: None,
             tls_cert: None,
@@ -172,6 +176,13 @@ impl Config {
                 key,
                 message: message.into(),
             })
+        }
+        if !self.plaintext && self.quic.is_none() && self.tls.is_none() {
+            return bad(
+                "plaintext",
+                "false (--no-plaintext) needs a `tls` or `quic` listener (--tls, --quic), or clients \
+                 could not connect at all",
+            );
         }
         if self.max_frame_bytes < 1024 || self.max_frame_bytes > 64 << 20 {
             return bad("max_frame_bytes", "must be between 1024 and 67108864");

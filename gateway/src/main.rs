@@ -36,6 +36,9 @@ struct Cli {
     /// TLS-over-TCP listen address; TLS is off unless given.
     #[arg(long, env = "TERN_TLS")]
     tls: Option<SocketAddr>,
+    /// No plaintext TCP listener: clients connect over --tls or --quic only.
+    #[arg(long)]
+    no_plaintext: bool,
     /// Number of cores to use (0 = all).
     #[arg(long, env = "TERN_CORES")]
     cores: Option<usize>,
@@ -91,6 +94,9 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     }
     if let Some(t) = cli.tls {
         cfg.tls = Some(t);
+    }
+    if cli.no_plaintext {
+        cfg.plaintext = false;
     }
     if let Some(c) = cli.cores {
         cfg.cores = c;
@@ -167,7 +173,10 @@ fn main() -> ExitCode {
                 if let Some(tls) = ready.tls {
                     eprintln!("tern-gateway TLS listening on {tls}");
                 }
-                eprintln!("tern-gateway listening on {}", ready.tcp);
+                match ready.tcp {
+                    Some(tcp) => eprintln!("tern-gateway listening on {tcp}"),
+                    None => eprintln!("tern-gateway listening, plaintext TCP disabled"),
+                }
             }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -53,7 +53,8 @@ pub enum GatewayError {
 /// Where the gateway listens, once every core does.
 #[derive(Debug, Clone, Copy)]
 pub struct Ready {
-    pub tcp: SocketAddr,
+    /// The plaintext TCP listener; none with `plaintext = false`.
+    pub tcp: Option<SocketAddr>,
     pub quic: Option<SocketAddr>,
     pub tls: Option<SocketAddr>,
 }
@@ -138,10 +139,16 @@ fn run_cores(
     let conn_limits = ConnLimits::new(max_connections, cfg.max_connections_per_ip);
     let mesh = MeshBuilder::<ShardMsg, _>::full(n, 4096);
     // Bind on core 0 first so that port 0 (tests) resolves to one port every core then shares.
-    let addr = resolve_listen_addr(cfg.tcp).map_err(|e| GatewayError::Listen {
-        addr: cfg.tcp,
-        message: e.to_string(),
-    })?;
+    let addr = if cfg.plaintext {
+        Some(
+            resolve_listen_addr(cfg.tcp).map_err(|e| GatewayError::Listen {
+                addr: cfg.tcp,
+                message: e.to_string(),
+            })?,
+        )
+    } else {
+        None
+    };
     let identity = if cfg.quic.is_some() || cfg.tls.is_some() {
         Some(tls_identity(&cfg)?)
     } else {
@@ -251,7 +258,14 @@ fn run_cores(
     if failure.is_some() || died {
         shutdown.store(true, Ordering::SeqCst);
     } else {
-        info!(%addr, cores = n, max_connections, data_dir = %cfg.data_dir.display(), "tern-gateway listening");
+        match addr {
+            Some(addr) => {
+                info!(%addr, cores = n, max_connections, data_dir = %cfg.data_dir.display(), "tern-gateway listening")
+            }
+            None => {
+                info!(cores = n, max_connections, data_dir = %cfg.data_dir.display(), "tern-gateway listening, plaintext TCP disabled")
+            }
+        }
         if let Some(q) = quic_addr {
             info!(%q, "QUIC listening");
         }
@@ -357,7 +371,7 @@ async fn core_main(
     conn_limits: Arc<ConnLimits>,
     core_quic: Option<tern_quic::CoreQuic>,
     tls: Option<(SocketAddr, futures_rustls::TlsAcceptor)>,
-    addr: SocketAddr,
+    addr: Option<SocketAddr>,
     ready: std::sync::mpsc::Sender<Result<(), GatewayError>>,
 ) {
     // glommio wakes a task waiting for a mesh peer to connect only when its reactor loop turns;
@@ -379,7 +393,7 @@ async fn core_main(
         Ok(x) => x,
         Err(_) => {
             let _ = ready.send(Err(GatewayError::Listen {
-                addr,
+                addr: addr.unwrap_or(cfg.tcp),
                 message: "cannot join the core mesh".into(),
             }));
             return;
@@ -404,9 +418,10 @@ async fn core_main(
         },
         None => None,
     };
-    let listener = match TcpListener::bind(addr) {
-        Ok(l) => l,
-        Err(e) => {
+    let listener = match addr.map(|addr| (addr, TcpListener::bind(addr))) {
+        None => None,
+        Some((_, Ok(l))) => Some(l),
+        Some((addr, Err(e))) => {
             let _ = ready.send(Err(GatewayError::Listen {
                 addr,
                 message: e.to_string(),
@@ -451,7 +466,10 @@ async fn core_main(
         glommio::spawn_local(crate::session::tls_accept_loop(core.clone(), l, acceptor))
     });
     let _ = ready.send(Ok(()));
-    crate::session::accept_loop(core.clone(), listener).await;
+    match listener {
+        Some(listener) => crate::session::accept_loop(core.clone(), listener).await,
+        None => core.stopped().await,
+    }
     // Shutdown: sessions got Kick(SHUTDOWN) from their readers; wait for them to close.
     let deadline = std::time::Instant::now() + Duration::from_millis(cfg.shutdown_timeout_ms);
     while (core.connections.get() > 0 || !core.sessions.borrow().is_empty())

@@ -146,6 +146,9 @@ impl Gateway {
                     if let Some(rest) = line.strip_prefix("tern-gateway listening on ") {
                         let _ = tx.send(rest.trim().to_string());
                     }
+                    if line.starts_with("tern-gateway listening, plaintext TCP disabled") {
+                        let _ = tx.send("no plaintext".to_string());
+                    }
                     log.lock().unwrap().push(line);
                 }
             });
@@ -158,6 +161,9 @@ impl Gateway {
                         quic = Some(q.parse().expect("QUIC address"));
                     } else if let Some(t) = a.strip_prefix("tls ") {
                         tls = Some(t.parse().expect("TLS address"));
+                    } else if a == "no plaintext" {
+                        // `--no-plaintext`: the TCP address is one nothing listens on.
+                        break tcp.parse().expect("the --tcp address");
                     } else {
                         break a.parse().expect("listen address");
                     }

@@ -133,3 +133,47 @@ fn bad_input_over_tls_and_plaintext_on_the_tls_port() {
     let mut c = login_tls(&gw, "erin", "phone");
     send_acked(&mut c, "frank", "m1", "still fine");
 }
+
+#[test]
+fn the_plaintext_listener_can_be_turned_off() {
+    let gw = Gateway::start(&[
+        "--no-plaintext",
+        "--tls",
+        "127.0.0.1:0",
+        "--quic",
+        "127.0.0.1:0",
+    ]);
+    // Nothing listens on the plaintext address.
+    let refused = std::net::TcpStream::connect(gw.addr).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    // TLS and QUIC serve as usual.
+    let mut alice = login_tls(&gw, "alice", "phone");
+    let (mut bob, _) = gw.login(tern_tests::Via::Quic, &gw.token("bob"), "phone");
+    let ack = send_acked(&mut alice, "bob", "m1", "no plaintext here");
+    let d = tern_tests::expect_deliver(&mut bob);
+    assert_eq!(
+        (d.seq, tern_tests::text(&d)),
+        (ack.seq, "no plaintext here")
+    );
+}
+
+#[test]
+fn turning_off_plaintext_without_tls_or_quic_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(tern_tests::binary("tern-gateway"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--no-plaintext")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.lines().last(),
+        Some(
+            "error: invalid value for `plaintext`: false (--no-plaintext) needs a `tls` or `quic` \
+             listener (--tls, --quic), or clients could not connect at all"
+        ),
+        "{stderr}"
+    );
+}
