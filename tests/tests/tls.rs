@@ -177,3 +177,124 @@ fn turning_off_plaintext_without_tls_or_quic_is_refused_with_a_clear_message() {
         "{stderr}"
     );
 }
+
+/// A root CA, an intermediate CA signed by it, and a certificate for `localhost` and
+/// `127.0.0.1` signed by the intermediate, written to `dir`: `root.pem` (what clients trust),
+/// `chain.pem` (leaf then intermediate), `leaf.pem` (the leaf alone) and `key.pem`.
+fn certificate_chain(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let ca_params = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p
+    };
+    let root =
+        CertifiedIssuer::self_signed(ca_params("Tern Test Root"), KeyPair::generate().unwrap())
+            .unwrap();
+    let intermediate = CertifiedIssuer::signed_by(
+        ca_params("Tern Test Intermediate"),
+        KeyPair::generate().unwrap(),
+        &root,
+    )
+    .unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &intermediate)
+        .unwrap();
+    std::fs::write(dir.join("root.pem"), root.pem()).unwrap();
+    std::fs::write(dir.join("chain.pem"), leaf.pem() + &intermediate.pem()).unwrap();
+    std::fs::write(dir.join("leaf.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+}
+
+/// A gateway serving `cert` (and `key.pem`) from `dir` on TLS and QUIC.
+fn gateway_with_certificate(dir: &std::path::Path, cert: &str) -> Gateway {
+    let config = dir.join(format!("{cert}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "{}tls_cert = {:?}\ntls_key = {:?}\n",
+            tern_tests::NO_RATE_LIMITS,
+            dir.join(cert),
+            dir.join("key.pem")
+        ),
+    )
+    .unwrap();
+    Gateway::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--tls",
+        "127.0.0.1:0",
+        "--quic",
+        "127.0.0.1:0",
+    ])
+}
+
+#[test]
+fn a_certificate_chain_from_a_root_ca_is_served_over_tls_and_quic() {
+    let certs = tempfile::tempdir().unwrap();
+    certificate_chain(certs.path());
+    let root = certs.path().join("root.pem");
+    let gw = gateway_with_certificate(certs.path(), "chain.pem");
+    assert!(
+        !gw.dev_cert().exists(),
+        "no development certificate when one is configured"
+    );
+    // Clients that trust only the root: over TLS and over QUIC.
+    let (mut alice, _) =
+        Conn::connect_tls(gw.tls.unwrap(), &root).hello_ok(&gw.token("alice"), "phone");
+    let (mut bob, _) =
+        Conn::connect_quic(gw.quic.unwrap(), &root).hello_ok(&gw.token("bob"), "phone");
+    let ack = send_acked(&mut alice, "bob", "m1", "signed by a real chain");
+    let d = tern_tests::expect_deliver(&mut bob);
+    assert_eq!(
+        (d.seq, tern_tests::text(&d)),
+        (ack.seq, "signed by a real chain")
+    );
+
+    // The SDK, trusting the root, over both.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (transport, addr) in [
+        (tern_client::Transport::Tls, gw.tls.unwrap()),
+        (tern_client::Transport::Quic, gw.quic.unwrap()),
+    ] {
+        let mut config = tern_client::ClientConfig::new(addr, gw.token("carol"), "laptop");
+        config.transport = transport;
+        config.ca = Some(root.clone());
+        let client = rt
+            .block_on(tern_client::Client::connect(config))
+            .unwrap_or_else(|e| panic!("{transport}: {e}"));
+        rt.block_on(client.close());
+    }
+}
+
+#[test]
+fn a_server_that_leaves_out_the_intermediate_is_not_trusted() {
+    let certs = tempfile::tempdir().unwrap();
+    certificate_chain(certs.path());
+    let gw = gateway_with_certificate(certs.path(), "leaf.pem");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (transport, addr) in [
+        (tern_client::Transport::Tls, gw.tls.unwrap()),
+        (tern_client::Transport::Quic, gw.quic.unwrap()),
+    ] {
+        let mut config = tern_client::ClientConfig::new(addr, gw.token("carol"), "laptop");
+        config.transport = transport;
+        config.ca = Some(certs.path().join("root.pem"));
+        config.connect_timeout = std::time::Duration::from_secs(5);
+        match rt.block_on(tern_client::Client::connect(config)) {
+            Err(tern_client::ClientError::Tls { reason, .. }) => {
+                assert!(reason.contains("UnknownIssuer"), "{transport}: {reason}")
+            }
+            other => panic!("{transport}: expected a TLS error, got {other:?}"),
+        }
+    }
+}
