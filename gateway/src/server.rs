@@ -30,6 +30,11 @@ pub enum GatewayError {
     #[error("cannot open the message log: {0}")]
     Storage(#[from] tern_storage::StorageError),
     #[error(
+        "the message log could not be flushed and closed: {0}. Everything acknowledged to \
+         clients was committed before; the next start recovers from the log"
+    )]
+    Close(tern_storage::StorageError),
+    #[error(
         "cannot start the I/O executor for core {core}: {message}. Tern needs io_uring (Linux \
          5.8 or later) and locked memory for it: about {need_kib} KiB per core, the limit is \
          {limit_kib} KiB. Raise it with `ulimit -l {suggest_kib}` (or LimitMEMLOCK= in a systemd \
@@ -98,6 +103,7 @@ pub fn run(
         message: e.to_string(),
     })?;
     let secret = load_secret(&cfg)?;
+    crate::sys::ignore_file_size_signal();
     let store: Arc<dyn MessageStore> = Arc::new(RocksStore::open(
         cfg.data_dir.join("log"),
         store_options(&cfg),
@@ -116,7 +122,7 @@ pub fn run(
     // Flush and close the log whatever happened to the cores.
     let closed = store.close();
     result?;
-    closed?;
+    closed.map_err(GatewayError::Close)?;
     info!("stopped");
     Ok(())
 }

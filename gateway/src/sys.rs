@@ -94,3 +94,13 @@ pub fn unsent_bytes(fd: RawFd) -> usize {
     let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
     if r == 0 { n.max(0) as usize } else { 0 }
 }
+
+/// Makes a write past the file-size limit (`ulimit -f`) fail with `EFBIG`, which the store
+/// reports as a write error, instead of killing the process with SIGXFSZ.
+pub fn ignore_file_size_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code; it is
+    // async-signal-safe and affects only how the kernel delivers SIGXFSZ.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
