@@ -2,14 +2,16 @@
 # Runs the gateway load matrix of docs/PERFORMANCE.md ("Gateway") and prints tern-load's RESULT
 # lines. Each case starts a fresh gateway on an empty data directory and stops it afterwards.
 #
-#   benches/gateway-load.sh                # everything (about 6 minutes)
+#   benches/gateway-load.sh                # everything (about 8 minutes)
 #   benches/gateway-load.sh pairs          # only the pairs cases
 #   benches/gateway-load.sh conns          # only the idle-connection case
+#   benches/gateway-load.sh storm          # reconnect storm: CONNS clients dropped at once
 #   benches/gateway-load.sh quic           # pairs over TCP and over QUIC, side by side
 #   benches/gateway-load.sh dual           # pairs over TCP, QUIC and both at once (dual channel)
 #
 # Environment: PORT (default 7655), DURATION (default 10s), PAIRS (default 100),
-# CORES_LIST (default "2 1"), CONNS (default 19000), CONNS_CORES (default 2), WORK (default /tmp/tern-gateway-load).
+# CORES_LIST (default "2 1"), CONNS (default 19000), CONNS_CORES (default 2), JITTER (default 2s,
+# the storm's reconnect window), WORK (default /tmp/tern-gateway-load).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -19,6 +21,7 @@ PAIRS=${PAIRS:-100}
 CORES_LIST=${CORES_LIST:-"2 1"}
 CONNS=${CONNS:-19000}
 CONNS_CORES=${CONNS_CORES:-2}
+JITTER=${JITTER:-2s}
 WORK=${WORK:-/tmp/tern-gateway-load}
 WHAT=${1:-all}
 
@@ -107,6 +110,25 @@ if [ "$WHAT" = all ] || [ "$WHAT" = conns ]; then
         "$BIN"/tern-load conns --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
             --count "$CONNS" --procs 2 --source-ips 127.0.0.2,127.0.0.3 \
             --gateway-pid "$GW_PID" --hold 5s | tee -a "$WORK/conns.txt" || true
+        stop_gateway
+    done
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = storm ]; then
+    # Reconnect storm: CONNS logged-in clients over 2 generator processes (each holds at most its
+    # open-file limit), every 10th having been sent a message, all dropped at once; each
+    # reconnects within JITTER, retries with backoff (CONNECTION_LIMIT included) and syncs.
+    for c in $CORES_LIST; do
+        start_gateway fsync "$c"
+        echo "== storm $CONNS, gateway cores $c (load: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+        "$BIN"/tern-load conns --storm --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
+            --count "$CONNS" --procs 2 --source-ips 127.0.0.2,127.0.0.3 \
+            --gateway-pid "$GW_PID" --hold 2s --jitter "$JITTER" --storm-timeout 120s \
+            --message-every 10 | tee -a "$WORK/storm.txt" || true
+        if ! grep -qs '^State:[[:space:]]*[RSDT]' "/proc/$GW_PID/status"; then
+            echo "gateway died during the storm; its log:" >&2
+            tail -n 50 "$WORK/gateway.log" >&2
+        fi
         stop_gateway
     done
 fi

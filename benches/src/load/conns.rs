@@ -3,6 +3,8 @@
 //! One process can hold fewer than its open-file limit, so `--procs K` starts K copies of this
 //! program (`--child`), each opening its share and reporting `READY` on stdout; the parent
 //! measures the gateway's RSS once all are ready, holds, then closes their stdin to end them.
+//!
+//! With `--storm` the connections are then all dropped at once and reconnect (module `storm`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -26,45 +28,62 @@ use crate::token::Minter;
 pub struct ConnsArgs {
     /// Gateway address (loopback only).
     #[arg(long, default_value = "127.0.0.1:7600")]
-    server: SocketAddr,
+    pub(crate) server: SocketAddr,
     /// The gateway's data directory, to read its token secret.
     #[arg(long)]
-    data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// Connections to open in total (one user each).
     #[arg(long)]
-    count: u64,
+    pub(crate) count: u64,
     /// Local addresses to connect from, round-robin (127.0.0.0/8 only); each gives ~28k ports.
     #[arg(long, value_delimiter = ',')]
-    source_ips: Vec<IpAddr>,
+    pub(crate) source_ips: Vec<IpAddr>,
     /// Gateway process id: report its RSS before, with the connections, and after closing.
     #[arg(long)]
-    gateway_pid: Option<u32>,
-    /// How long to hold the connections open after the last login.
+    pub(crate) gateway_pid: Option<u32>,
+    /// How long to hold the connections open after the last login (`--storm`: before the drop).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    hold: Duration,
+    pub(crate) hold: Duration,
     /// Generator processes to spread the connections over (each is limited by `ulimit -n`).
     #[arg(long, default_value_t = 1)]
-    procs: u32,
+    pub(crate) procs: u32,
     /// Logins in flight at once per process.
     #[arg(long, default_value_t = 256)]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Worker mode, used by `--procs`.
     #[arg(long, hide = true)]
-    child: bool,
+    pub(crate) child: bool,
     /// User-id prefix shared by the workers of one run.
     #[arg(long, hide = true)]
-    prefix: Option<String>,
+    pub(crate) prefix: Option<String>,
     /// Index of this worker's first user.
     #[arg(long, hide = true, default_value_t = 0)]
-    offset: u64,
+    pub(crate) offset: u64,
+    /// Reconnect storm: after the hold, every client drops its connection at the same moment
+    /// and reconnects (random delay over `--jitter`, then exponential backoff with jitter),
+    /// logging in with a full sync; reports the time until every client's sync completed.
+    #[arg(long)]
+    pub(crate) storm: bool,
+    /// Storm: each client's first reconnect is delayed uniformly at random over this window.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub(crate) jitter: Duration,
+    /// Storm: a client that has not completed its sync this long after the drop gives up.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub(crate) storm_timeout: Duration,
+    /// Storm: before the drop, every Nth user receives one message from the next user, which
+    /// its sync after the reconnect must contain (0: no messages; otherwise at least 2).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) message_every: u64,
 }
 
 /// What one process opened.
 #[derive(Debug, Default)]
-struct Opened {
-    streams: Vec<TcpStream>,
-    failed: u64,
-    first_error: Option<String>,
+pub(crate) struct Opened {
+    pub(crate) streams: Vec<TcpStream>,
+    /// The user index of each stream, ascending.
+    pub(crate) users: Vec<u64>,
+    pub(crate) failed: u64,
+    pub(crate) first_error: Option<String>,
 }
 
 pub fn run(a: ConnsArgs) -> Result<bool, String> {
@@ -74,9 +93,16 @@ pub fn run(a: ConnsArgs) -> Result<bool, String> {
     if a.procs == 0 || a.concurrency == 0 {
         return Err("--procs and --concurrency must be at least 1".into());
     }
+    if a.message_every == 1 {
+        return Err("--message-every must be 0 or at least 2".into());
+    }
     let nofile = sys::raise_nofile();
     if a.child {
-        return child(a);
+        return if a.storm {
+            crate::storm::child(a)
+        } else {
+            child(a)
+        };
     }
     let prefix = a.prefix.clone().unwrap_or_else(login::run_prefix);
     let per_proc = a.count.div_ceil(u64::from(a.procs));
@@ -84,6 +110,9 @@ pub fn run(a: ConnsArgs) -> Result<bool, String> {
         eprintln!(
             "tern-load: warning: {per_proc} connections per process but the open-file limit is {nofile}; use more --procs"
         );
+    }
+    if a.storm {
+        return crate::storm::run(a, prefix);
     }
     eprintln!(
         "tern-load conns: {} connections in {} process(es), users {prefix}-cN",
@@ -201,7 +230,7 @@ pub fn run(a: ConnsArgs) -> Result<bool, String> {
 }
 
 /// The number after `key` (e.g. "opened=") in a worker's report line, 0 if absent.
-fn field(line: &str, key: &str) -> u64 {
+pub(crate) fn field(line: &str, key: &str) -> u64 {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key))
         .and_then(|v| v.parse().ok())
@@ -262,15 +291,33 @@ fn child(a: ConnsArgs) -> Result<bool, String> {
     Ok(true)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))
 }
 
+/// The device id of every connection of `conns` (the storm reconnects as the same device).
+pub(crate) const DEVICE: &str = "idle";
+
+/// The source address of user `n`'s connections: `--source-ips` round-robin, or the default.
+pub(crate) fn source_ip(a: &ConnsArgs, n: u64) -> Option<IpAddr> {
+    (!a.source_ips.is_empty()).then(|| a.source_ips[(n % a.source_ips.len() as u64) as usize])
+}
+
+/// User `n`'s id.
+pub(crate) fn user_id(prefix: &str, n: u64) -> String {
+    format!("{prefix}-c{n}")
+}
+
 /// Opens `count` connections for users `offset..offset+count`, `concurrency` logins at a time.
-async fn open(a: &ConnsArgs, prefix: &str, offset: u64, count: u64) -> Result<Opened, String> {
+pub(crate) async fn open(
+    a: &ConnsArgs,
+    prefix: &str,
+    offset: u64,
+    count: u64,
+) -> Result<Opened, String> {
     let minter = Rc::new(Minter::from_data_dir(&a.data_dir)?);
     let mut out = Opened::default();
     let mut next = offset;
@@ -278,15 +325,20 @@ async fn open(a: &ConnsArgs, prefix: &str, offset: u64, count: u64) -> Result<Op
     let mut inflight = std::collections::VecDeque::new();
     while next < end || !inflight.is_empty() {
         while next < end && inflight.len() < a.concurrency {
-            let source = (!a.source_ips.is_empty())
-                .then(|| a.source_ips[(next % a.source_ips.len() as u64) as usize]);
-            let token = minter.mint(&format!("{prefix}-c{next}"));
-            inflight.push_back(spawn_local(login::connect(a.server, source, token, "idle")));
+            let source = source_ip(a, next);
+            let token = minter.mint(&user_id(prefix, next));
+            let login = spawn_local(login::connect(a.server, source, token, DEVICE));
+            inflight.push_back((next, login));
             next += 1;
         }
-        let Some(t) = inflight.pop_front() else { break };
+        let Some((user, t)) = inflight.pop_front() else {
+            break;
+        };
         match t.await.map_err(|e| e.to_string())? {
-            Ok(c) => out.streams.push(c.stream.into_tcp().expect("TCP")),
+            Ok(c) => {
+                out.streams.push(c.stream.into_tcp().expect("TCP"));
+                out.users.push(user);
+            }
             Err(e) => {
                 out.failed += 1;
                 if out.first_error.is_none() {

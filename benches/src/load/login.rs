@@ -1,7 +1,9 @@
 //! Connect and log in: one Hello, one HelloOk. Nothing else of a client session, except that a
-//! connection may join an existing logical session as a further path (dual channel).
+//! connection may join an existing logical session as a further path (dual channel), and that a
+//! login may ask for a sync (the reconnect storm reads it).
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -147,6 +149,7 @@ pub async fn connect_quic(
             token,
             device,
             resume_session_id,
+            false,
         )
         .await
     })
@@ -165,16 +168,34 @@ pub async fn connect(
     token: String,
     device: &str,
 ) -> Result<Conn, String> {
-    tokio::time::timeout(LOGIN_TIMEOUT, login(server, source, token, device))
+    tokio::time::timeout(LOGIN_TIMEOUT, login(server, source, token, device, false))
         .await
         .map_err(|_| format!("no HelloOk within {LOGIN_TIMEOUT:?}"))?
 }
+
+/// Like [`connect`], with `Hello.sync_on_login` set and `sync_version` 0: the server follows
+/// HelloOk with a full sync (SyncConversations*, SyncMessages*, SyncDone, request id
+/// [`HELLO_REQUEST_ID`]), which the caller reads from the returned connection.
+pub async fn connect_syncing(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    token: String,
+    device: &str,
+) -> Result<Conn, String> {
+    tokio::time::timeout(LOGIN_TIMEOUT, login(server, source, token, device, true))
+        .await
+        .map_err(|_| format!("no HelloOk within {LOGIN_TIMEOUT:?}"))?
+}
+
+/// The request id of every Hello the generator sends (and so of a login sync's answers).
+pub const HELLO_REQUEST_ID: u64 = 1;
 
 async fn login(
     server: SocketAddr,
     source: Option<IpAddr>,
     token: String,
     device: &str,
+    sync_on_login: bool,
 ) -> Result<Conn, String> {
     let socket = if server.is_ipv4() {
         TcpSocket::new_v4()
@@ -183,6 +204,10 @@ async fn login(
     }
     .map_err(|e| format!("socket: {e}"))?;
     if let Some(ip) = source {
+        if ip.is_ipv4() {
+            crate::sys::bind_address_no_port(socket.as_raw_fd())
+                .map_err(|e| format!("IP_BIND_ADDRESS_NO_PORT: {e}"))?;
+        }
         socket
             .bind(SocketAddr::new(ip, 0))
             .map_err(|e| format!("bind {ip}: {e}"))?;
@@ -194,29 +219,31 @@ async fn login(
     stream
         .set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
-    hello(Stream::Tcp(stream), token, device, 0).await
+    hello(Stream::Tcp(stream), token, device, 0, sync_on_login).await
 }
 
 /// Sends Hello (`resume_session_id` 0: a new logical session; otherwise join that one as a
-/// further path) and waits for HelloOk.
+/// further path; `sync_on_login`: ask for a sync from version 0 after HelloOk) and waits for
+/// HelloOk.
 async fn hello(
     mut stream: Stream,
     token: String,
     device: &str,
     resume_session_id: u64,
+    sync_on_login: bool,
 ) -> Result<Conn, String> {
     let mut codec = Codec::new(MAX_FRAME);
     let hello = Frame::new(
-        1,
+        HELLO_REQUEST_ID,
         Hello {
             protocol_version: PROTOCOL_VERSION,
             token,
             device_id: device.into(),
             platform: Platform::Other.into(),
             client_version: concat!("tern-load/", env!("CARGO_PKG_VERSION")).into(),
-            sync_on_login: false,
+            sync_on_login,
+            sync_version: 0,
             resume_session_id,
-            ..Hello::default()
         },
     );
     let mut out = BytesMut::new();

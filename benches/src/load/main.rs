@@ -3,12 +3,15 @@
 //! - `pairs`: sender→receiver pairs pipelining Sends; reports delivered messages per second,
 //!   end-to-end latency from a timestamp in each payload, lost / duplicated / reordered messages,
 //!   and the gateway's CPU time per message.
-//! - `conns`: idle logged-in connections; reports the gateway's memory per connection.
+//! - `conns`: idle logged-in connections; reports the gateway's memory per connection. With
+//!   `--storm`, a reconnect storm: all of them dropped at once, then reconnecting with backoff and
+//!   a sync each; reports the time until every client's sync completed and the gateway's memory.
 //!
 //! It shares the machine with the gateway, so it is frugal: one thread, a current-thread tokio
 //! runtime, raw sockets, pre-encoded Send frames patched in place, and a frame scanner that reads
 //! SendAck and Deliver without decoding them into owned messages. It is not a client SDK: it
-//! never syncs, reconnects or retries, because any of those would hide the faults it counts.
+//! never syncs, reconnects or retries, because any of those would hide the faults it counts —
+//! except in the reconnect storm, where reconnecting and syncing are what is measured.
 //! It only talks to loopback addresses, and every run ends by itself.
 
 use std::process::ExitCode;
@@ -18,6 +21,7 @@ use clap::{Parser, Subcommand};
 mod conns;
 mod login;
 mod pairs;
+mod storm;
 mod sys;
 mod token;
 mod wire;
@@ -37,7 +41,7 @@ struct Cli {
 enum Cmd {
     /// Sender→receiver pairs: throughput, latency, loss and duplication.
     Pairs(pairs::PairsArgs),
-    /// Idle logged-in connections: gateway memory per connection.
+    /// Idle logged-in connections: gateway memory per connection (`--storm`: a reconnect storm).
     Conns(conns::ConnsArgs),
 }
 
