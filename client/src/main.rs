@@ -170,6 +170,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written is dropped instead of panicking in eprintln!.
+        .log_internal_errors(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -123,6 +123,10 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (stderr redirected to a full disk) is dropped. The
+        // default reports the failure with eprintln!, which panics when stderr fails: a core
+        // would die on its next log line.
+        .log_internal_errors(false)
         .init();
     let cfg = match load_config(&cli) {
         Ok(c) => c,

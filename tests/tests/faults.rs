@@ -155,3 +155,88 @@ fn a_failing_disk_refuses_sends_with_unavailable_keeps_serving_reads_and_loses_n
     let (mut bob, _) = Conn::login(gw.addr, &bob_token, "phone");
     assert_eq!(history(&mut bob), acked);
 }
+
+#[test]
+fn a_log_file_that_cannot_grow_does_not_stop_the_gateway() {
+    // The gateway's stderr is a file (as with `2>gateway.log`), and then the disk refuses to
+    // let it grow: every log line fails to be written. The gateway must go on serving.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("gateway.log");
+    let config = dir.path().join("tern.toml");
+    std::fs::write(&config, tern_tests::NO_RATE_LIMITS).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", tern_tests::free_port())
+        .parse()
+        .unwrap();
+    let mut child = std::process::Command::new(tern_tests::binary("tern-gateway"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--config")
+        .arg(&config)
+        .arg("--tcp")
+        .arg(addr.to_string())
+        .arg("--log")
+        .arg("info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + tern_tests::WAIT;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("tern-gateway listening on")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway did not start"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "gateway exited");
+        std::thread::park_timeout(std::time::Duration::from_millis(10));
+    }
+    let token = |user: &str| {
+        let out = std::process::Command::new(tern_tests::binary("tern-gateway"))
+            .args(["token", "--user", user, "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let (alice, bob) = (token("alice"), token("bob"));
+    // Logins of known users write log lines and nothing to the store: grow the log well past
+    // the WAL, so that a limit at the log's size still leaves the WAL room for a few messages.
+    for _ in 0..100 {
+        drop(Conn::login(addr, &alice, "warm-up"));
+    }
+    let wal = std::fs::read_dir(data.join("log"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| e.metadata().unwrap().len())
+        .max()
+        .unwrap();
+    let logged = std::fs::metadata(&log).unwrap().len();
+    assert!(logged > wal + 4096, "log {logged} bytes, WAL {wal} bytes");
+    // The log file cannot grow any more; the WAL has room for a few messages.
+    set_file_size_limit(child.id(), logged);
+    // Every login and close writes a log line.
+    for round in 1..=3u64 {
+        let (mut a, _) = Conn::login(addr, &alice, "phone");
+        let (mut b, _) = Conn::login(addr, &bob, &format!("phone{round}"));
+        let ack = send_acked(&mut a, "bob", &format!("m{round}"), "still here");
+        assert_eq!(ack.seq, round);
+        assert_eq!(tern_tests::expect_deliver(&mut b).seq, round);
+    }
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().len(),
+        logged,
+        "nothing more was logged"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the gateway is still running"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
