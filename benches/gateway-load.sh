@@ -8,10 +8,16 @@
 #   benches/gateway-load.sh storm          # reconnect storm: CONNS clients dropped at once
 #   benches/gateway-load.sh quic           # pairs over TCP and over QUIC, side by side
 #   benches/gateway-load.sh dual           # pairs over TCP, QUIC and both at once (dual channel)
+#   benches/gateway-load.sh flood          # pairs at FLOOD_RATE alone, then under a connection flood
 #
 # Environment: PORT (default 7655), DURATION (default 10s), PAIRS (default 100),
 # CORES_LIST (default "2 1"), CONNS (default 19000), CONNS_CORES (default 2), JITTER (default 2s,
-# the storm's reconnect window), WORK (default /tmp/tern-gateway-load).
+# the storm's reconnect window), WORK (default /tmp/tern-gateway-load), GATEWAY_CONFIG (extra
+# lines for the gateway's configuration file, e.g. 'max_connections_per_ip = 1000').
+# Flood: FLOOD_RATE (default 5000, the pairs' Sends/s), FLOOD_MODES (default
+# "connect-close silent"; also "garbage"), FLOOD_CONCURRENCY (default 256, attempts in flight for
+# connect-close and garbage), FLOOD_HOLD (default 10000, sockets held open at once by silent),
+# FLOOD_START (default "before": the flood starts 1 s before the pairs log in; "after": 1 s after).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -23,6 +29,10 @@ CONNS=${CONNS:-19000}
 CONNS_CORES=${CONNS_CORES:-2}
 JITTER=${JITTER:-2s}
 WORK=${WORK:-/tmp/tern-gateway-load}
+FLOOD_RATE=${FLOOD_RATE:-5000}
+FLOOD_MODES=${FLOOD_MODES:-"connect-close silent"}
+FLOOD_CONCURRENCY=${FLOOD_CONCURRENCY:-256}
+FLOOD_HOLD=${FLOOD_HOLD:-10000}
 WHAT=${1:-all}
 
 # Built separately: one cargo invocation would unify features and rebuild both.
@@ -30,6 +40,7 @@ cargo build --release -p tern-gateway --bins >&2
 cargo build --release -p tern-benches --bins >&2
 BIN="${CARGO_TARGET_DIR:-target}/release"
 GW_PID=""
+FLOOD_PID=""
 
 start_gateway() { # durability cores
     rm -rf "$WORK/data" "$WORK/gateway.log"
@@ -39,6 +50,7 @@ start_gateway() { # durability cores
     # server wants; the benchmark measures the gateway, not its limits.
     printf 'rate_messages_per_sec = 0\nrate_user_messages_per_sec = 0\nrate_requests_per_sec = 0\nrate_read_bytes_per_sec = 0\n' \
         >"$WORK/bench.toml"
+    [ -z "${GATEWAY_CONFIG:-}" ] || printf '%s\n' "$GATEWAY_CONFIG" >>"$WORK/bench.toml"
     "$BIN"/tern-gateway --config "$WORK/bench.toml" --data-dir "$WORK/data" \
         --tcp "127.0.0.1:$PORT" --quic "127.0.0.1:$PORT" --durability "$1" --cores "$2" \
         --log warn 2>"$WORK/gateway.log" &
@@ -55,22 +67,42 @@ start_gateway() { # durability cores
 }
 
 stop_gateway() {
+    if [ -n "$FLOOD_PID" ]; then
+        kill -TERM "$FLOOD_PID" 2>/dev/null || true
+        wait "$FLOOD_PID" 2>/dev/null || true
+        FLOOD_PID=""
+    fi
     [ -n "$GW_PID" ] || return 0
     kill -TERM "$GW_PID" 2>/dev/null || true
     wait "$GW_PID" 2>/dev/null || true
     GW_PID=""
+FLOOD_PID=""
 }
 trap stop_gateway EXIT
+
+run_pairs() { # out-file label extra-args... (against the running gateway)
+    local out=$1 label=$2
+    shift 2
+    echo "== pairs $label (load: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+    "$BIN"/tern-load pairs --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
+        --pairs "$PAIRS" --duration "$DURATION" --gateway-pid "$GW_PID" --label "$label" "$@" \
+        | tee -a "$out" || true
+}
 
 pairs() { # durability cores label extra-args...
     local d=$1 c=$2 label=$3
     shift 3
     start_gateway "$d" "$c"
-    echo "== pairs $label (load: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-    "$BIN"/tern-load pairs --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
-        --pairs "$PAIRS" --duration "$DURATION" --gateway-pid "$GW_PID" --label "$label" "$@" \
-        | tee -a "$WORK/pairs.txt" || true
+    run_pairs "$WORK/pairs.txt" "$label" "$@"
     stop_gateway
+}
+
+gateway_alive() { # what-just-happened
+    if ! grep -qs '^State:[[:space:]]*[RSDT]' "/proc/$GW_PID/status"; then
+        echo "gateway died $1; its log:" >&2
+        tail -n 50 "$WORK/gateway.log" >&2
+        GW_PID=""
+    fi
 }
 
 if [ "$WHAT" = all ] || [ "$WHAT" = pairs ]; then
@@ -131,4 +163,66 @@ if [ "$WHAT" = all ] || [ "$WHAT" = storm ]; then
         fi
         stop_gateway
     done
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = flood ]; then
+    # Does a flood of connection attempts starve logged-in users? Pairs at a fixed rate alone
+    # (baseline), then the same pairs while `tern-load flood` (another process, from 127.0.0.2)
+    # floods the same TCP port with connections that never log in, one round per mode. The flood
+    # starts 1 s before the pairs log in and lasts 3 s longer than they send, so the pairs' logins
+    # and their whole send window are under it. The pairs' RESULT lines are comparable: delivered
+    # rate (must be FLOOD_RATE), p50/p99, lost and dup (must be 0).
+    secs=${DURATION%s}
+    case $secs in '' | *[!0-9]*)
+        echo "flood: DURATION must be whole seconds (e.g. 10s), not $DURATION" >&2
+        exit 1
+        ;;
+    esac
+    : >"$WORK/flood.txt"
+    for c in $CORES_LIST; do
+        start_gateway fsync "$c"
+        run_pairs "$WORK/flood.txt" "baseline-fsync-cores$c" --rate "$FLOOD_RATE"
+        gateway_alive "during the baseline"
+        stop_gateway
+        for mode in $FLOOD_MODES; do
+            conc=$FLOOD_CONCURRENCY
+            [ "$mode" = silent ] && conc=$FLOOD_HOLD
+            start_gateway fsync "$c"
+            echo "== flood $mode, $conc in flight, $((secs + 3))s (load: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+            flood=("$BIN"/tern-load flood --server "127.0.0.1:$PORT" --source-ips 127.0.0.2
+                --mode "$mode" --concurrency "$conc" --duration "$((secs + 3))s"
+                --gateway-pid "$GW_PID" --label "$mode-fsync-cores$c")
+            if [ "${FLOOD_START:-before}" = after ]; then
+                # The pairs log in undisturbed; the flood starts 1 s into their send window.
+                run_pairs "$WORK/flood.txt" "flood-$mode-after-login-fsync-cores$c" \
+                    --rate "$FLOOD_RATE" &
+                pairs_pid=$!
+                sleep 1
+                "${flood[@]}" >"$WORK/flood-$mode.out" 2>&1 &
+                FLOOD_PID=$!
+                wait "$pairs_pid" || true
+            else
+                "${flood[@]}" >"$WORK/flood-$mode.out" 2>&1 &
+                FLOOD_PID=$!
+                sleep 1
+                run_pairs "$WORK/flood.txt" "flood-$mode-fsync-cores$c" --rate "$FLOOD_RATE"
+            fi
+            wait "$FLOOD_PID" || true
+            FLOOD_PID=""
+            cat "$WORK/flood-$mode.out"
+            grep '^RESULT' "$WORK/flood-$mode.out" >>"$WORK/flood.txt" || true
+            gateway_alive "during the $mode flood"
+            if [ -n "$GW_PID" ]; then
+                echo "gateway log: $(grep -c . "$WORK/gateway.log") lines, $(grep -ci 'warn' "$WORK/gateway.log") warnings" >&2
+                grep -i 'warn\|error' "$WORK/gateway.log" | sort | uniq -c | sort -rn | head -5 >&2 || true
+            fi
+            stop_gateway
+        done
+    done
+    echo "== flood summary (pairs: baseline, then under each flood; flood processes after)"
+    grep '^RESULT workload=pairs' "$WORK/flood.txt" \
+        | awk '{ l = ""; for (i = 2; i <= NF; i++) if ($i ~ /^(label|delivered_per_s|p50_us|p99_us|p999_us|max_us|lost|dup|errors)=/) l = l " " $i; print "pairs" l }' || true
+    grep '^RESULT workload=flood' "$WORK/flood.txt" \
+        | awk '{ l = ""; for (i = 2; i <= NF; i++) if ($i ~ /^(mode|attempts_per_s|connected|errors|refused|connect_p99_us|endings|held_p50_ms|gw_cpu_pct|listen_overflows|gw_rss_start_kib|gw_rss_peak_kib|gw_rss_after_kib|gw_fds_peak|gw_fds_after)=/) l = l " " $i; print "flood" l }' || true
+    grep '^RESULT' "$WORK/flood.txt" || true
 fi

@@ -168,7 +168,7 @@ fn a_log_file_that_cannot_grow_does_not_stop_the_gateway() {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", tern_tests::free_port())
         .parse()
         .unwrap();
-    let mut child = std::process::Command::new(tern_tests::binary("tern-gateway"))
+    let child = std::process::Command::new(tern_tests::binary("tern-gateway"))
         .arg("--data-dir")
         .arg(&data)
         .arg("--config")
@@ -182,6 +182,9 @@ fn a_log_file_that_cannot_grow_does_not_stop_the_gateway() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    // Killed however the test ends.
+    let mut child = KillOnDrop(child);
+    let child = &mut child.0;
     let deadline = std::time::Instant::now() + tern_tests::WAIT;
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
@@ -237,6 +240,13 @@ fn a_log_file_that_cannot_grow_does_not_stop_the_gateway() {
         child.try_wait().unwrap().is_none(),
         "the gateway is still running"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

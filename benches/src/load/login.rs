@@ -197,6 +197,16 @@ async fn login(
     device: &str,
     sync_on_login: bool,
 ) -> Result<Conn, String> {
+    let stream = tcp_connect(server, source).await?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("nodelay: {e}"))?;
+    hello(Stream::Tcp(stream), token, device, 0, sync_on_login).await
+}
+
+/// Opens a TCP connection from `source` (any port, chosen at `connect` with
+/// `IP_BIND_ADDRESS_NO_PORT`) or from the default address. Errors name the failing step.
+pub async fn tcp_connect(server: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, String> {
     let socket = if server.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -212,14 +222,10 @@ async fn login(
             .bind(SocketAddr::new(ip, 0))
             .map_err(|e| format!("bind {ip}: {e}"))?;
     }
-    let stream = socket
+    socket
         .connect(server)
         .await
-        .map_err(|e| format!("connect {server}: {e}"))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| format!("nodelay: {e}"))?;
-    hello(Stream::Tcp(stream), token, device, 0, sync_on_login).await
+        .map_err(|e| format!("connect {server}: {e}"))
 }
 
 /// Sends Hello (`resume_session_id` 0: a new logical session; otherwise join that one as a

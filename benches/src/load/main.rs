@@ -6,12 +6,16 @@
 //! - `conns`: idle logged-in connections; reports the gateway's memory per connection. With
 //!   `--storm`, a reconnect storm: all of them dropped at once, then reconnecting with backoff and
 //!   a sync each; reports the time until every client's sync completed and the gateway's memory.
+//! - `flood`: a flood of TCP connection attempts that never log in (connect and close, connect
+//!   and stay silent until the login timeout, or send garbage); reports attempts per second,
+//!   connects, failures, how the gateway ended each connection, and its CPU time and memory.
 //!
 //! It shares the machine with the gateway, so it is frugal: one thread, a current-thread tokio
 //! runtime, raw sockets, pre-encoded Send frames patched in place, and a frame scanner that reads
 //! SendAck and Deliver without decoding them into owned messages. It is not a client SDK: it
 //! never syncs, reconnects or retries, because any of those would hide the faults it counts —
-//! except in the reconnect storm, where reconnecting and syncing are what is measured.
+//! except in the reconnect storm, where reconnecting and syncing are what is measured, and in
+//! the flood, where reconnecting is the load.
 //! It only talks to loopback addresses, and every run ends by itself.
 
 use std::process::ExitCode;
@@ -19,6 +23,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod conns;
+mod flood;
 mod login;
 mod pairs;
 mod storm;
@@ -43,6 +48,8 @@ enum Cmd {
     Pairs(pairs::PairsArgs),
     /// Idle logged-in connections: gateway memory per connection (`--storm`: a reconnect storm).
     Conns(conns::ConnsArgs),
+    /// A flood of connection attempts that never log in: attempts/s, failures, gateway memory.
+    Flood(flood::FloodArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +62,11 @@ fn main() -> ExitCode {
             .map_err(|e| format!("runtime: {e}"))
             .and_then(|rt| tokio::task::LocalSet::new().block_on(&rt, pairs::run(a))),
         Cmd::Conns(a) => conns::run(a),
+        Cmd::Flood(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("runtime: {e}"))
+            .and_then(|rt| tokio::task::LocalSet::new().block_on(&rt, flood::run(a))),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

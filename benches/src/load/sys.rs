@@ -124,6 +124,8 @@ pub struct ProcSnap {
     pub write_bytes: u64,
     /// Voluntary + involuntary context switches of all threads.
     pub ctx_switches: u64,
+    /// Open file descriptors (sockets included); needs the same user as the gateway (or root).
+    pub fds: u64,
 }
 
 impl ProcSnap {
@@ -155,6 +157,7 @@ impl ProcSnap {
         if let Some(line) = status.lines().find(|l| l.starts_with("VmRSS:")) {
             snap.rss_kib = num(line);
         }
+        snap.fds = open_fds(pid);
         // Needs the same user as the gateway (or root); missing counters stay 0.
         let io = std::fs::read_to_string(format!("{base}/io")).unwrap_or_default();
         for line in io.lines() {
@@ -174,21 +177,60 @@ impl ProcSnap {
     }
 }
 
+/// Open file descriptors of process `pid` (0 if /proc does not let us look).
+pub fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+/// The counter `name` of table `table` (`Udp`, `TcpExt`, ...) in the text of /proc/net/snmp or
+/// /proc/net/netstat, where each table is a line of names followed by a line of values, both
+/// starting with `table:`; 0 if absent.
+pub fn net_counter(text: &str, table: &str, name: &str) -> u64 {
+    let prefix = format!("{table}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .position(|n| n == name)
+        .and_then(|i| values.split_whitespace().nth(i))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// UDP datagrams received and sent by the whole machine so far (`/proc/net/snmp`: `Udp:
 /// InDatagrams`, `OutDatagrams`). On loopback every datagram is counted once sent, once received.
 pub fn udp_datagrams() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
-    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
-    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-        return (0, 0);
-    };
-    let field = |name: &str| {
-        names
-            .split_whitespace()
-            .position(|n| n == name)
-            .and_then(|i| values.split_whitespace().nth(i))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("InDatagrams"), field("OutDatagrams"))
+    (
+        net_counter(&text, "Udp", "InDatagrams"),
+        net_counter(&text, "Udp", "OutDatagrams"),
+    )
+}
+
+/// Connection requests the whole machine's listeners dropped so far (`/proc/net/netstat`:
+/// `TcpExt: ListenOverflows`, the accept queue was full; `ListenDrops`, for any reason). The
+/// client of a dropped SYN retries it after 1 s, then 3 s, ...
+pub fn listen_drops() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    (
+        net_counter(&text, "TcpExt", "ListenOverflows"),
+        net_counter(&text, "TcpExt", "ListenDrops"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_counters_are_read_by_table_and_name() {
+        let text =
+            "Tcp: RtoMin ActiveOpens\nTcp: 200 17\nUdp: InDatagrams OutDatagrams\nUdp: 5 6\n";
+        assert_eq!(net_counter(text, "Udp", "OutDatagrams"), 6);
+        assert_eq!(net_counter(text, "Tcp", "ActiveOpens"), 17);
+        assert_eq!(net_counter(text, "Tcp", "Missing"), 0);
+        assert_eq!(net_counter(text, "TcpExt", "ListenDrops"), 0);
+    }
 }
