@@ -80,8 +80,10 @@ pub struct Config {
     /// `CONNECTION_LIMIT`. 0 (default) means the open-file limit minus 512 descriptors kept for
     /// the message log and listeners, so the gateway refuses cleanly before accept fails.
     pub max_connections: usize,
-    /// Most connections from one IP address; 0 (default) means no per-address limit. Clients
-    /// behind carrier-grade NAT share addresses: set it with that in mind.
+    /// Most connections from one IP address; 0 (default) means no per-address limit. Without
+    /// one, a single address can hold every connection `max_connections` allows, and new logins
+    /// are refused with CONNECTION_LIMIT until it lets go (users already logged in are not
+    /// affected). Clients behind carrier-grade NAT share addresses: set it with that in mind.
     pub max_connections_per_ip: usize,
     /// Sends per second one connection may make (bursts up to twice that); more get
     /// `RATE_LIMITED`. 0 = no limit.
