@@ -255,6 +255,18 @@ fn a_certificate_chain_from_a_root_ca_is_served_over_tls_and_quic() {
     );
 
     // The SDK, trusting the root, over both.
+    sdk_logins_over_tls_and_quic(&gw, &root, |transport, login| {
+        let _ = login.unwrap_or_else(|e| panic!("{transport}: {e}"));
+    });
+}
+
+/// Logs in with the SDK over TLS and over QUIC, trusting `ca`, and hands each outcome to
+/// `check` (the client, if any, is closed afterwards).
+fn sdk_logins_over_tls_and_quic(
+    gw: &Gateway,
+    ca: &std::path::Path,
+    check: impl Fn(tern_client::Transport, Result<&tern_client::Client, &tern_client::ClientError>),
+) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -265,11 +277,13 @@ fn a_certificate_chain_from_a_root_ca_is_served_over_tls_and_quic() {
     ] {
         let mut config = tern_client::ClientConfig::new(addr, gw.token("carol"), "laptop");
         config.transport = transport;
-        config.ca = Some(root.clone());
-        let client = rt
-            .block_on(tern_client::Client::connect(config))
-            .unwrap_or_else(|e| panic!("{transport}: {e}"));
-        rt.block_on(client.close());
+        config.ca = Some(ca.to_path_buf());
+        config.connect_timeout = std::time::Duration::from_secs(5);
+        let login = rt.block_on(tern_client::Client::connect(config));
+        check(transport, login.as_ref());
+        if let Ok(client) = login {
+            rt.block_on(client.close());
+        }
     }
 }
 
@@ -278,23 +292,14 @@ fn a_server_that_leaves_out_the_intermediate_is_not_trusted() {
     let certs = tempfile::tempdir().unwrap();
     certificate_chain(certs.path());
     let gw = gateway_with_certificate(certs.path(), "leaf.pem");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    for (transport, addr) in [
-        (tern_client::Transport::Tls, gw.tls.unwrap()),
-        (tern_client::Transport::Quic, gw.quic.unwrap()),
-    ] {
-        let mut config = tern_client::ClientConfig::new(addr, gw.token("carol"), "laptop");
-        config.transport = transport;
-        config.ca = Some(certs.path().join("root.pem"));
-        config.connect_timeout = std::time::Duration::from_secs(5);
-        match rt.block_on(tern_client::Client::connect(config)) {
+    sdk_logins_over_tls_and_quic(
+        &gw,
+        &certs.path().join("root.pem"),
+        |transport, login| match login {
             Err(tern_client::ClientError::Tls { reason, .. }) => {
                 assert!(reason.contains("UnknownIssuer"), "{transport}: {reason}")
             }
             other => panic!("{transport}: expected a TLS error, got {other:?}"),
-        }
-    }
+        },
+    );
 }

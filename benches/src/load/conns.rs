@@ -269,26 +269,31 @@ fn child(a: ConnsArgs) -> Result<bool, String> {
             .unwrap_or_default()
     );
     let _ = stdout.flush();
+    hold_then_report(&mut stdout, a.hold, &opened.streams);
+    let _guard = rt.enter();
+    drop(opened.streams);
+    Ok(true)
+}
+
+/// Worker side: holds until the parent closes stdin (or `hold` passes), then prints
+/// `CLOSED alive=N`, the number of `streams` the gateway still had open.
+pub(crate) fn hold_then_report(stdout: &mut impl Write, hold: Duration, streams: &[TcpStream]) {
     let eof = Arc::new(AtomicBool::new(false));
     let flag = eof.clone();
     std::thread::spawn(move || {
         let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
         flag.store(true, Ordering::Relaxed);
     });
-    let until = Instant::now() + a.hold;
+    let until = Instant::now() + hold;
     while !eof.load(Ordering::Relaxed) && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let alive = opened
-        .streams
+    let alive = streams
         .iter()
         .filter(|s| !sys::peer_closed(s.as_raw_fd()))
         .count();
     let _ = writeln!(stdout, "CLOSED alive={alive}");
     let _ = stdout.flush();
-    let _guard = rt.enter();
-    drop(opened.streams);
-    Ok(true)
 }
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {

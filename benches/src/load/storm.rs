@@ -22,7 +22,6 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -313,23 +312,7 @@ pub fn child(a: ConnsArgs) -> Result<bool, String> {
     let _ = stdout.flush();
 
     // Hold the recovered connections until the parent closes stdin.
-    let eof = Arc::new(AtomicBool::new(false));
-    let flag = eof.clone();
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-        flag.store(true, Ordering::Relaxed);
-    });
-    let until = Instant::now() + a.hold;
-    while !eof.load(Ordering::Relaxed) && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let alive = tally
-        .held
-        .iter()
-        .filter(|s| !sys::peer_closed(s.as_raw_fd()))
-        .count();
-    let _ = writeln!(stdout, "CLOSED alive={alive}");
-    let _ = stdout.flush();
+    crate::conns::hold_then_report(&mut stdout, a.hold, &tally.held);
     let _guard = rt.enter();
     drop(tally.held);
     Ok(true)
