@@ -382,17 +382,7 @@ async fn quic_with_another_ca_exits_1_naming_the_tls_problem() {
         "",
     );
     assert!(server.handshake().await.is_err());
-    let out = run.await.unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(out.stdout.is_empty());
-    assert_eq!(
-        text(&out.stderr),
-        format!(
-            "error: TLS handshake with {addr} failed: invalid peer certificate: UnknownIssuer \
-             (trusting only the certificates in {})\n",
-            other.display()
-        )
-    );
+    expect_unknown_issuer(run.await.unwrap(), &addr, &other);
 }
 
 #[tokio::test]
@@ -462,17 +452,7 @@ async fn tls_with_another_ca_exits_1_naming_the_tls_problem() {
         "",
     );
     assert!(server.handshake().await.is_err());
-    let out = run.await.unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(out.stdout.is_empty());
-    assert_eq!(
-        text(&out.stderr),
-        format!(
-            "error: TLS handshake with {addr} failed: invalid peer certificate: UnknownIssuer \
-             (trusting only the certificates in {})\n",
-            other.display()
-        )
-    );
+    expect_unknown_issuer(run.await.unwrap(), &addr, &other);
 }
 
 #[tokio::test]
@@ -532,5 +512,20 @@ async fn dual_transport_without_two_addresses_is_refused_with_a_clear_message() 
         text(&out.stderr).contains("invalid value 'udp' for '--transport <TRANSPORT>'"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+/// Asserts that `out` is the CLI failing (exit 1, nothing on stdout) because the certificate of
+/// `addr` is not signed by the one trusted, `other`.
+fn expect_unknown_issuer(out: Output, addr: &str, other: &std::path::Path) {
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: TLS handshake with {addr} failed: invalid peer certificate: UnknownIssuer \
+             (trusting only the certificates in {})\n",
+            other.display()
+        )
     );
 }

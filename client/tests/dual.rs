@@ -7,7 +7,7 @@ mod common;
 
 use common::{FakeServer, Peer, QuicServer, WAIT};
 use tern_client::{Client, ClientError, ErrorCode, Event, Incoming, Target, Transport};
-use tern_protocol::{Body, Frame, SendAck};
+use tern_protocol::{Body, Frame};
 use tokio::time::timeout;
 
 /// The next event that is not about sync.
@@ -31,19 +31,6 @@ async fn next_send(peer: &mut Peer) -> (u64, String) {
             other => panic!("expected Send, got {other:?}"),
         }
     }
-}
-
-fn ack(request_id: u64, id: &str, seq: u64, duplicate: bool) -> Frame {
-    Frame::new(
-        request_id,
-        SendAck {
-            client_msg_id: id.into(),
-            conversation_id: 7,
-            seq,
-            server_time_ms: 1,
-            duplicate,
-        },
-    )
 }
 
 #[tokio::test]
@@ -91,7 +78,9 @@ async fn sends_go_on_both_paths_and_the_first_ack_answers_even_if_the_other_copy
             false,
         ))
         .await;
-    quic_peer.send(ack(q_rid, "m1", 1, false)).await;
+    quic_peer
+        .send(common::send_ack(q_rid, "m1", 1, false))
+        .await;
     let got = sending.await.unwrap().expect("stored on one path");
     assert_eq!((got.seq, got.duplicate), (1, false));
 
@@ -141,7 +130,7 @@ async fn sends_go_on_both_paths_and_the_first_ack_answers_even_if_the_other_copy
         Event::PathDown { transport, .. } => assert_eq!(transport, Transport::Quic),
         other => panic!("expected PathDown, got {other:?}"),
     }
-    tcp_peer.send(ack(t_rid, "m3", 3, false)).await;
+    tcp_peer.send(common::send_ack(t_rid, "m3", 3, false)).await;
     assert_eq!(sending.await.unwrap().expect("answered on TCP").seq, 3);
 
     // The QUIC path comes back, joining the same session again.

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{FakeServer, WAIT, deliver};
-use tern_client::{
-    Client, ClientError, ContentType, ErrorCode, Event, Incoming, KickReason, Target,
-};
+use tern_client::{Client, ClientError, ErrorCode, Event, Incoming, KickReason, Target};
 use tern_protocol::{
     Ack, Body, ConversationState, Frame, HistoryPage, Pong, SendAck, SyncConversations, SyncDone,
     SyncMessages, SyncNeeded,
@@ -47,35 +45,9 @@ async fn send_gets_its_ack_and_server_errors_are_typed() {
     assert_eq!(peer.hello.sync_version, 0);
     assert_eq!(client.login().unwrap().user_id, "bob");
 
-    let sending = tokio::spawn({
-        let client = client.clone();
-        async move {
-            client
-                .send(Target::user("alice"), ContentType::Text as u32, "hi")
-                .await
-        }
-    });
-    let frame = peer.recv_request().await;
-    let Some(Body::Send(send)) = frame.body else {
-        panic!("expected Send, got {frame:?}");
-    };
-    assert_eq!(send.target, Some(Target::user("alice")));
-    assert_eq!(send.payload, Bytes::from_static(b"hi"));
-    assert_eq!(send.client_msg_id.len(), 32, "128-bit hex id");
-    peer.send(Frame::new(
-        frame.request_id,
-        SendAck {
-            client_msg_id: send.client_msg_id.clone(),
-            conversation_id: 12,
-            seq: 1,
-            server_time_ms: 5,
-            duplicate: false,
-        },
-    ))
-    .await;
-    let ack = sending.await.unwrap().unwrap();
+    let ack = common::send_text_answered(&client, &mut peer, "hi").await;
+    assert_eq!(ack.client_msg_id.len(), 32, "128-bit hex id");
     assert_eq!((ack.conversation_id, ack.seq), (12, 1));
-    assert_eq!(ack.client_msg_id, send.client_msg_id);
 
     let sending = tokio::spawn({
         let client = client.clone();
@@ -385,28 +357,8 @@ async fn reconnects_from_the_sync_position_and_fails_requests_in_flight() {
     assert_eq!(version, 22);
 
     // The retry with the same id goes through on the new connection.
-    let sending = tokio::spawn({
-        let client = client.clone();
-        async move {
-            client
-                .send_with_id("retry-me", Target::user("alice"), 1, "x")
-                .await
-        }
-    });
-    let frame = peer.recv_request().await;
-    assert!(matches!(&frame.body, Some(Body::Send(s)) if s.client_msg_id == "retry-me"));
-    peer.send(Frame::new(
-        frame.request_id,
-        SendAck {
-            client_msg_id: "retry-me".into(),
-            conversation_id: 7,
-            seq: 3,
-            server_time_ms: 1,
-            duplicate: true,
-        },
-    ))
-    .await;
-    assert!(sending.await.unwrap().unwrap().duplicate);
+    let ack = common::send_answered(&client, &mut peer, "retry-me", 3, true).await;
+    assert!(ack.duplicate);
 }
 
 #[tokio::test]

@@ -5,10 +5,9 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::{QuicServer, TestCert, WAIT};
-use tern_client::{Client, ClientError, ContentType, Event, Incoming, Target, Transport};
-use tern_protocol::{Body, Frame, Pong, SendAck, SyncDone, SyncMessages};
+use tern_client::{Client, ClientError, Event, Incoming, Target, Transport};
+use tern_protocol::{Body, Frame, Pong, SyncDone, SyncMessages};
 use tokio::time::timeout;
 
 async fn next_event(incoming: &mut Incoming) -> Option<Event> {
@@ -37,38 +36,8 @@ async fn logs_in_sends_and_pings_over_one_quic_stream() {
     assert_eq!(data.protocol.as_deref(), Some(&b"tern/1"[..]));
     assert_eq!(data.server_name, None, "no SNI for an IP address");
 
-    let sending = tokio::spawn({
-        let client = client.clone();
-        async move {
-            client
-                .send(
-                    Target::user("alice"),
-                    ContentType::Text as u32,
-                    "hi over quic",
-                )
-                .await
-        }
-    });
-    let frame = peer.recv_request().await;
-    let Some(Body::Send(send)) = frame.body else {
-        panic!("expected Send, got {frame:?}");
-    };
-    assert_eq!(send.target, Some(Target::user("alice")));
-    assert_eq!(send.payload, Bytes::from_static(b"hi over quic"));
-    peer.send(Frame::new(
-        frame.request_id,
-        SendAck {
-            client_msg_id: send.client_msg_id.clone(),
-            conversation_id: 12,
-            seq: 1,
-            server_time_ms: 5,
-            duplicate: false,
-        },
-    ))
-    .await;
-    let ack = sending.await.unwrap().unwrap();
+    let ack = common::send_text_answered(&client, &mut peer, "hi over quic").await;
     assert_eq!((ack.conversation_id, ack.seq), (12, 1));
-    assert_eq!(ack.client_msg_id, send.client_msg_id);
 
     let pinging = tokio::spawn({
         let client = client.clone();
@@ -145,28 +114,8 @@ async fn reconnects_over_quic_from_the_sync_position() {
         Some(Event::Reconnected)
     ));
 
-    let sending = tokio::spawn({
-        let client = client.clone();
-        async move {
-            client
-                .send_with_id("after-reconnect", Target::user("alice"), 1, "x")
-                .await
-        }
-    });
-    let frame = peer.recv_request().await;
-    assert!(matches!(&frame.body, Some(Body::Send(s)) if s.client_msg_id == "after-reconnect"));
-    peer.send(Frame::new(
-        frame.request_id,
-        SendAck {
-            client_msg_id: "after-reconnect".into(),
-            conversation_id: 7,
-            seq: 2,
-            server_time_ms: 1,
-            duplicate: false,
-        },
-    ))
-    .await;
-    assert_eq!(sending.await.unwrap().unwrap().seq, 2);
+    let ack = common::send_answered(&client, &mut peer, "after-reconnect", 2, false).await;
+    assert_eq!(ack.seq, 2);
 }
 
 /// Connects to `server` trusting only `other` and returns the TLS error's reason.

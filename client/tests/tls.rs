@@ -6,10 +6,10 @@
 
 mod common;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use common::{TestCert, TlsHandshake, TlsServer, WAIT};
-use tern_client::{Client, ClientError, ContentType, Event, Incoming, Target, Transport};
-use tern_protocol::{Ack, Body, Codec, Frame, Pong, SendAck, SyncDone, SyncMessages};
+use tern_client::{Client, ClientError, Event, Incoming, Target, Transport};
+use tern_protocol::{Ack, Body, Codec, Frame, Pong, SyncDone, SyncMessages};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -18,38 +18,6 @@ use tokio::{
 
 async fn next_event(incoming: &mut Incoming) -> Option<Event> {
     timeout(WAIT, incoming.recv()).await.expect("no event")
-}
-
-/// Sends a Send for `text` and answers it with a SendAck; returns the ack the client got.
-async fn send_and_ack(client: &Client, peer: &mut common::Peer, text: &'static str) -> SendAck {
-    let sending = tokio::spawn({
-        let client = client.clone();
-        async move {
-            client
-                .send(Target::user("alice"), ContentType::Text as u32, text)
-                .await
-        }
-    });
-    let frame = peer.recv_request().await;
-    let Some(Body::Send(send)) = frame.body else {
-        panic!("expected Send, got {frame:?}");
-    };
-    assert_eq!(send.target, Some(Target::user("alice")));
-    assert_eq!(send.payload, Bytes::from_static(text.as_bytes()));
-    peer.send(Frame::new(
-        frame.request_id,
-        SendAck {
-            client_msg_id: send.client_msg_id.clone(),
-            conversation_id: 12,
-            seq: 1,
-            server_time_ms: 5,
-            duplicate: false,
-        },
-    ))
-    .await;
-    let ack = sending.await.unwrap().unwrap();
-    assert_eq!(ack.client_msg_id, send.client_msg_id);
-    ack
 }
 
 /// Pings and answers the Ping with a Pong.
@@ -96,7 +64,7 @@ async fn logs_in_sends_and_pings_over_tls() {
         })
     );
 
-    let ack = send_and_ack(&client, &mut peer, "hi over tls").await;
+    let ack = common::send_text_answered(&client, &mut peer, "hi over tls").await;
     assert_eq!((ack.conversation_id, ack.seq), (12, 1));
     ping_pong(&client, &mut peer).await;
 
@@ -128,7 +96,7 @@ async fn tls_1_2_and_a_server_that_selects_no_alpn_protocol_are_accepted() {
             sni: None,
         })
     );
-    let ack = send_and_ack(&client, &mut peer, "hi over tls 1.2").await;
+    let ack = common::send_text_answered(&client, &mut peer, "hi over tls 1.2").await;
     assert_eq!((ack.conversation_id, ack.seq), (12, 1));
     ping_pong(&client, &mut peer).await;
     client.close().await;
@@ -189,28 +157,8 @@ async fn reconnects_over_tls_from_the_sync_position() {
         Some(Event::Reconnected)
     ));
 
-    let sending = tokio::spawn({
-        let client = client.clone();
-        async move {
-            client
-                .send_with_id("after-reconnect", Target::user("alice"), 1, "x")
-                .await
-        }
-    });
-    let frame = peer.recv_request().await;
-    assert!(matches!(&frame.body, Some(Body::Send(s)) if s.client_msg_id == "after-reconnect"));
-    peer.send(Frame::new(
-        frame.request_id,
-        SendAck {
-            client_msg_id: "after-reconnect".into(),
-            conversation_id: 7,
-            seq: 2,
-            server_time_ms: 1,
-            duplicate: false,
-        },
-    ))
-    .await;
-    assert_eq!(sending.await.unwrap().unwrap().seq, 2);
+    let ack = common::send_answered(&client, &mut peer, "after-reconnect", 2, false).await;
+    assert_eq!(ack.seq, 2);
 }
 
 /// Connects to `server` and returns the TLS error's reason and the server's handshake error.

@@ -133,29 +133,13 @@ pub fn run(a: ConnsArgs) -> Result<bool, String> {
         failed = own.failed;
         first_error = own.first_error.take();
     } else {
-        let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
         let mut offset = 0;
         for _ in 0..a.procs {
             let n = per_proc.min(a.count - offset);
             if n == 0 {
                 break;
             }
-            let mut cmd = Command::new(&exe);
-            cmd.arg("conns")
-                .args(["--child", "--prefix", &prefix])
-                .args(["--server", &a.server.to_string()])
-                .arg("--data-dir")
-                .arg(&a.data_dir)
-                .args(["--count", &n.to_string(), "--offset", &offset.to_string()])
-                .args(["--concurrency", &a.concurrency.to_string()])
-                // Workers stop by themselves if the parent never closes their stdin.
-                .args(["--hold", &format!("{}s", a.hold.as_secs() + 120)])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped());
-            if !a.source_ips.is_empty() {
-                let ips: Vec<String> = a.source_ips.iter().map(ToString::to_string).collect();
-                cmd.args(["--source-ips", &ips.join(",")]);
-            }
+            let mut cmd = worker_command(&a, &prefix, offset, n, a.hold)?;
             children.push(cmd.spawn().map_err(|e| format!("spawn worker: {e}"))?);
             offset += n;
         }
@@ -273,6 +257,36 @@ fn child(a: ConnsArgs) -> Result<bool, String> {
     let _guard = rt.enter();
     drop(opened.streams);
     Ok(true)
+}
+
+/// The command of a worker process for users `offset..offset + n`: this program in `--child`
+/// mode with the run's server, data directory, prefix, concurrency and source addresses, stdin
+/// and stdout piped. It stops by itself `hold` plus 120 s after its logins if the parent never
+/// closes its stdin. The caller adds mode-specific options.
+pub(crate) fn worker_command(
+    a: &ConnsArgs,
+    prefix: &str,
+    offset: u64,
+    n: u64,
+    hold: Duration,
+) -> Result<Command, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("conns")
+        .args(["--child", "--prefix", prefix])
+        .args(["--server", &a.server.to_string()])
+        .arg("--data-dir")
+        .arg(&a.data_dir)
+        .args(["--count", &n.to_string(), "--offset", &offset.to_string()])
+        .args(["--concurrency", &a.concurrency.to_string()])
+        .args(["--hold", &format!("{}s", hold.as_secs() + 120)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    if !a.source_ips.is_empty() {
+        let ips: Vec<String> = a.source_ips.iter().map(ToString::to_string).collect();
+        cmd.args(["--source-ips", &ips.join(",")]);
+    }
+    Ok(cmd)
 }
 
 /// Worker side: holds until the parent closes stdin (or `hold` passes), then prints

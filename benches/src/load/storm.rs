@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdout};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -593,7 +593,6 @@ pub fn run(a: ConnsArgs, prefix: String) -> Result<bool, String> {
         "tern-load conns --storm: {} clients in {} process(es), users {prefix}-cN, jitter {:?}, timeout {:?}",
         a.count, a.procs, a.jitter, a.storm_timeout
     );
-    let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
     let started = Instant::now();
     let mut workers = Vec::new();
     let mut offset = 0;
@@ -602,31 +601,15 @@ pub fn run(a: ConnsArgs, prefix: String) -> Result<bool, String> {
         if n == 0 {
             break;
         }
-        let mut cmd = Command::new(&exe);
-        cmd.arg("conns")
-            .args(["--child", "--storm", "--prefix", &prefix])
-            .args(["--server", &a.server.to_string()])
-            .arg("--data-dir")
-            .arg(&a.data_dir)
-            .args(["--count", &n.to_string(), "--offset", &offset.to_string()])
-            .args(["--concurrency", &a.concurrency.to_string()])
+        let hold = a.hold + a.storm_timeout;
+        let mut cmd = crate::conns::worker_command(&a, &prefix, offset, n, hold)?;
+        cmd.arg("--storm")
             .args(["--jitter", &format!("{}ms", a.jitter.as_millis())])
             .args([
                 "--storm-timeout",
                 &format!("{}ms", a.storm_timeout.as_millis()),
             ])
-            .args(["--message-every", &a.message_every.to_string()])
-            // Workers stop by themselves if the parent never closes their stdin.
-            .args([
-                "--hold",
-                &format!("{}s", a.hold.as_secs() + a.storm_timeout.as_secs() + 120),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        if !a.source_ips.is_empty() {
-            let ips: Vec<String> = a.source_ips.iter().map(ToString::to_string).collect();
-            cmd.args(["--source-ips", &ips.join(",")]);
-        }
+            .args(["--message-every", &a.message_every.to_string()]);
         let mut child = cmd.spawn().map_err(|e| format!("spawn worker: {e}"))?;
         let out = BufReader::new(child.stdout.take().ok_or("worker has no stdout")?);
         workers.push(Worker { child, out });

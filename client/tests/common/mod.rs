@@ -13,8 +13,8 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tern_client::{BackoffConfig, ClientConfig, ContentType, Target, Transport};
-use tern_protocol::{Body, Codec, Deliver, Frame, Hello, HelloOk};
+use tern_client::{BackoffConfig, Client, ClientConfig, ContentType, Target, Transport};
+use tern_protocol::{Body, Codec, Deliver, Frame, Hello, HelloOk, SendAck};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -397,4 +397,73 @@ pub fn deliver(conversation_id: u64, seq: u64) -> Deliver {
         custom_type: String::new(),
         payload: Bytes::from(format!("hello {seq}")),
     }
+}
+
+/// A SendAck answering request `request_id` for client message `id` (conversation 7, server
+/// time 1).
+pub fn send_ack(request_id: u64, id: &str, seq: u64, duplicate: bool) -> Frame {
+    Frame::new(
+        request_id,
+        SendAck {
+            client_msg_id: id.into(),
+            conversation_id: 7,
+            seq,
+            server_time_ms: 1,
+            duplicate,
+        },
+    )
+}
+
+/// Sends message `id` to alice through `client`, checks that `peer` receives that Send, answers
+/// it with seq `seq` (`duplicate` as given) and returns the SendAck the client got.
+pub async fn send_answered(
+    client: &Client,
+    peer: &mut Peer,
+    id: &'static str,
+    seq: u64,
+    duplicate: bool,
+) -> SendAck {
+    let sending = tokio::spawn({
+        let client = client.clone();
+        async move { client.send_with_id(id, Target::user("alice"), 1, "x").await }
+    });
+    let frame = peer.recv_request().await;
+    assert!(matches!(&frame.body, Some(Body::Send(s)) if s.client_msg_id == id));
+    peer.send(send_ack(frame.request_id, id, seq, duplicate))
+        .await;
+    sending.await.unwrap().unwrap()
+}
+
+/// Sends `text` to alice through `client`, checks the Send that reaches `peer` (target and
+/// payload), answers it (conversation 12, seq 1) and returns the SendAck the client got, whose
+/// client message id is checked to be the Send's.
+pub async fn send_text_answered(client: &Client, peer: &mut Peer, text: &'static str) -> SendAck {
+    let sending = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .send(Target::user("alice"), ContentType::Text as u32, text)
+                .await
+        }
+    });
+    let frame = peer.recv_request().await;
+    let Some(Body::Send(send)) = frame.body else {
+        panic!("expected Send, got {frame:?}");
+    };
+    assert_eq!(send.target, Some(Target::user("alice")));
+    assert_eq!(send.payload, Bytes::from_static(text.as_bytes()));
+    peer.send(Frame::new(
+        frame.request_id,
+        SendAck {
+            client_msg_id: send.client_msg_id.clone(),
+            conversation_id: 12,
+            seq: 1,
+            server_time_ms: 5,
+            duplicate: false,
+        },
+    ))
+    .await;
+    let ack = sending.await.unwrap().unwrap();
+    assert_eq!(ack.client_msg_id, send.client_msg_id);
+    ack
 }
