@@ -13,5 +13,10 @@ fn main() -> io::Result<()> {
     // Every `bytes` field becomes `bytes::Bytes`, so decoding from a `Bytes` buffer slices the
     // payload out of it instead of copying.
     config.bytes(["."]);
+    // Large optional messages inside Frame's oneof are boxed, so a Frame (and every enum that
+    // holds one) stays small: the largest body sizes every frame.
+    config.boxed(".tern.v1.GroupResponse.info");
+    config.boxed(".tern.v1.CreateGroup.profile");
+    config.boxed(".tern.v1.UpdateGroup.profile");
     config.compile_fds(fds)
 }

@@ -19,6 +19,7 @@ fn send_frame(i: u64) -> Frame {
             content_type: ContentType::Text as u32,
             custom_type: String::new(),
             payload: Bytes::from(vec![b'x'; PAYLOAD]),
+            priority: false,
         },
     )
 }

@@ -27,6 +27,7 @@ fn request(n: u64, body: &Bytes) -> AppendRequest {
         custom_type: String::new(),
         payload: body.clone(),
         participants: Vec::new(),
+        group_change: None,
     }
 }
 

@@ -72,7 +72,8 @@ struct Shared {
 #[derive(Debug)]
 enum Command {
     Request {
-        body: Body,
+        /// Boxed: bodies are large, the other commands small.
+        body: Box<Body>,
         reply: oneshot::Sender<Result<Body>>,
     },
     Sync {
@@ -255,8 +256,12 @@ impl Client {
         }
     }
 
-    async fn request(&self, body: Body) -> Result<Body> {
-        self.call(|reply| Command::Request { body, reply }).await
+    pub(crate) async fn request(&self, body: Body) -> Result<Body> {
+        self.call(|reply| Command::Request {
+            body: Box::new(body),
+            reply,
+        })
+        .await
     }
 
     /// Sends a message with a fresh client message id and returns the server's SendAck.
@@ -288,6 +293,7 @@ impl Client {
             content_type,
             custom_type: String::new(),
             payload: payload.into(),
+            priority: false,
         })
         .await
     }
@@ -375,7 +381,7 @@ impl Client {
     }
 }
 
-fn unexpected(wanted: &str, got: &Body) -> ClientError {
+pub(crate) fn unexpected(wanted: &str, got: &Body) -> ClientError {
     ClientError::Protocol(format!("expected {wanted}, got {}", got.name()))
 }
 
@@ -855,7 +861,7 @@ impl Driver {
     fn command(&mut self, command: Command) -> Option<End> {
         match command {
             Command::Request { body, reply } => {
-                let id = self.session.request(body);
+                let id = self.session.request(*body);
                 self.pending.insert(id, reply);
             }
             Command::Sync { reply } => {

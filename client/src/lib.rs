@@ -17,6 +17,33 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Groups ([`Client::group`] and its conveniences) are managed with requests; their messages
+//! are sent like any other, to [`Target::group`]. Every change of a group is a message in its
+//! conversation as well, which [`group_event`] decodes:
+//!
+//! ```no_run
+//! # async fn demo(client: tern_client::Client) -> Result<(), tern_client::ClientError> {
+//! use tern_client::{ContentType, Event, GroupProfile, JoinPolicy, Target, group_event};
+//!
+//! let profile = GroupProfile {
+//!     name: Some("Book club".into()),
+//!     join_policy: Some(JoinPolicy::InviteOnly.into()),
+//!     ..Default::default()
+//! };
+//! let created = client.create_group("books", profile, ["bob", "carol"]).await?;
+//! println!("conversation {}", created.conversation_id);
+//! client.send(Target::group("books"), ContentType::Text as u32, "welcome").await?;
+//! let mut incoming = client.incoming();
+//! while let Some(event) = incoming.recv().await {
+//!     if let Event::Message(m) = event
+//!         && let Some(change) = group_event(&m)
+//!     {
+//!         println!("{:?} by {}: {:?}", change.kind(), change.actor, change.user_ids);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! What it does: one connection task per [`Client`] owns the socket, logs in, matches answers to
 //! requests by request id, hands every (conversation, seq) to the application exactly once
 //! (sync pages and live pushes overlap; see [`dedup`]), acknowledges delivered messages
@@ -83,6 +110,7 @@ mod client;
 mod config;
 pub mod dedup;
 mod error;
+mod group;
 pub mod line;
 mod session;
 mod transport;
@@ -91,9 +119,12 @@ pub use backoff::{Backoff, BackoffConfig};
 pub use client::{Client, Conversation, Incoming, new_client_msg_id};
 pub use config::{ClientConfig, Transport};
 pub use error::{ClientError, Result};
+pub use group::group_event;
+pub use tern_protocol::v1::group_request::Op as GroupOp;
 pub use tern_protocol::{
-    ContentType, ConversationState, Deliver, ErrorCode, HelloOk, HistoryPage, Kick, KickReason,
-    Platform, SendAck, Target, TargetKind,
+    ContentType, ConversationState, Deliver, ErrorCode, GroupEvent, GroupEventKind, GroupInfo,
+    GroupMember, GroupProfile, GroupResponse, GroupRole, HelloOk, HistoryPage, JoinPolicy, Kick,
+    KickReason, MemberPage, Platform, SendAck, Target, TargetKind,
 };
 
 /// What the client tells the application, in the order it happened.

@@ -4,10 +4,22 @@
 //! payload as UTF-8 and runs to the end of the line; backslashes and control characters in it
 //! are escaped (`\\`, `\n`, `\r`, `\t`, `\u{1b}`) so a message is always one line. A payload that
 //! is not valid UTF-8 is printed as `hex=<lowercase hex>` instead of `text=`.
+//!
+//! A message that records a change of a group (see [`group_event`](crate::group_event)) is
+//! printed as `conversation=<id> seq=<n> from=<actor> time=<ms> event=<kind>` followed by what
+//! the event carries; see [`group_event_line`].
+//!
+//! Group commands print [`group_response`] for a change, [`group_info`] for a group's info and
+//! [`group_member`] for each member. Roles are printed as `owner`, `admin` or `member`, join
+//! policies as `free`, `invite-only` or `approval`, as the CLI takes them; a value this client
+//! does not know is printed as its number.
 
 use std::fmt::Write;
 
-use tern_protocol::{Deliver, SendAck};
+use tern_protocol::{
+    Deliver, GroupEvent, GroupEventKind, GroupInfo, GroupMember, GroupProfile, GroupResponse,
+    GroupRole, JoinPolicy, SendAck,
+};
 
 use crate::ClientError;
 
@@ -38,8 +50,11 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-/// The line for one message.
+/// The line for one message; a group's event message is printed by [`group_event_line`].
 pub fn message(m: &Deliver) -> String {
+    if let Some(event) = crate::group_event(m) {
+        return group_event_line(m, &event);
+    }
     let body = match std::str::from_utf8(&m.payload) {
         Ok(text) => format!("text={}", escape(text)),
         Err(_) => format!("hex={}", hex(&m.payload)),
@@ -74,10 +89,173 @@ pub fn error(e: &ClientError) -> String {
     }
 }
 
+/// The line for a group operation's answer: `group=<id> conversation=<id> event_seq=<n>`, where
+/// `event_seq` is the sequence number of the event the change appended to the group's
+/// conversation (0 if it changed nothing).
+pub fn group_response(r: &GroupResponse) -> String {
+    format!(
+        "group={} conversation={} event_seq={}",
+        r.group_id, r.conversation_id, r.event_seq
+    )
+}
+
+/// The lines for a group's info. First `group=<id> conversation=<id> owner=<user>
+/// members=<n> max_members=<n> muted_all=<bool> policy=<policy> created=<ms> latest_seq=<n>
+/// name=<name>`, the name (escaped, possibly empty) running to the end of the line. Then, each
+/// on a line of its own and only if set and not empty: `notice=<text>`, `introduction=<text>`,
+/// `avatar_url=<text>`, and `field=<key>=<value>` for each custom field in key order, each value
+/// escaped and running to the end of its line.
+pub fn group_info(info: &GroupInfo) -> Vec<String> {
+    let profile = info.profile.clone().unwrap_or_default();
+    let mut lines = vec![format!(
+        "group={} conversation={} owner={} members={} max_members={} muted_all={} policy={} \
+         created={} latest_seq={} name={}",
+        info.group_id,
+        info.conversation_id,
+        info.owner,
+        info.member_count,
+        info.max_members,
+        info.muted_all,
+        policy_name(profile.join_policy.unwrap_or_default()),
+        info.created_at_ms,
+        info.latest_seq,
+        escape(profile.name.as_deref().unwrap_or_default()),
+    )];
+    for (key, value) in [
+        ("notice", &profile.notice),
+        ("introduction", &profile.introduction),
+        ("avatar_url", &profile.avatar_url),
+    ] {
+        if let Some(value) = value.as_deref().filter(|v| !v.is_empty()) {
+            lines.push(format!("{key}={}", escape(value)));
+        }
+    }
+    let mut custom: Vec<_> = profile.custom.iter().collect();
+    custom.sort();
+    for (key, value) in custom {
+        lines.push(format!("field={}={}", escape(key), escape(value)));
+    }
+    lines
+}
+
+/// The line for one group member: `member=<user> role=<role> muted_until=<ms> joined=<ms>`
+/// (`muted_until=0`: not muted).
+pub fn group_member(m: &GroupMember) -> String {
+    format!(
+        "member={} role={} muted_until={} joined={}",
+        m.user_id,
+        role_name(m.role),
+        m.muted_until_ms,
+        m.joined_at_ms
+    )
+}
+
+/// The line for message `m` recording group event `e`: `conversation=<id> seq=<n> from=<actor>
+/// time=<ms> event=<kind>`, then what the event carries, in this order: `users=<u1,u2,...>`
+/// (the users it concerns: joined, invited, left, kicked, the member whose role or mute
+/// changed, the new owner), `role=<role>`, `muted_until=<ms>`, `profile=<fields>` (the profile
+/// fields set by a creation or changed: `name`, `notice`, `introduction`, `avatar_url`,
+/// `policy`, `custom`), and last either `reason=<text>` (a kick's reason) or, without a reason,
+/// `name=<name>` (the group's new name), escaped and running to the end of the line.
+///
+/// Kinds: `created`, `joined`, `invited`, `left`, `kicked`, `role_changed`, `muted`,
+/// `unmuted`, `muted_all`, `unmuted_all`, `profile_changed`, `owner_changed`, `dissolved`
+/// (another value: its number).
+pub fn group_event_line(m: &Deliver, e: &GroupEvent) -> String {
+    let from = if e.actor.is_empty() {
+        &m.sender
+    } else {
+        &e.actor
+    };
+    let mut line = format!(
+        "conversation={} seq={} from={from} time={} event={}",
+        m.conversation_id,
+        m.seq,
+        m.server_time_ms,
+        event_name(e.kind)
+    );
+    if !e.user_ids.is_empty() {
+        let _ = write!(line, " users={}", e.user_ids.join(","));
+    }
+    if e.role != GroupRole::Unspecified as i32 {
+        let _ = write!(line, " role={}", role_name(e.role));
+    }
+    if e.muted_until_ms != 0 {
+        let _ = write!(line, " muted_until={}", e.muted_until_ms);
+    }
+    if let Some(profile) = &e.profile {
+        let _ = write!(line, " profile={}", profile_fields(profile).join(","));
+    }
+    if !e.reason.is_empty() {
+        let _ = write!(line, " reason={}", escape(&e.reason));
+    } else if let Some(name) = e.profile.as_ref().and_then(|p| p.name.as_deref()) {
+        let _ = write!(line, " name={}", escape(name));
+    }
+    line
+}
+
+/// The names of the fields set in `profile`.
+fn profile_fields(profile: &GroupProfile) -> Vec<&'static str> {
+    [
+        ("name", profile.name.is_some()),
+        ("notice", profile.notice.is_some()),
+        ("introduction", profile.introduction.is_some()),
+        ("avatar_url", profile.avatar_url.is_some()),
+        ("policy", profile.join_policy.is_some()),
+        ("custom", !profile.custom.is_empty()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect()
+}
+
+/// `owner`, `admin`, `member` or `unspecified`; another value as its number.
+fn role_name(role: i32) -> String {
+    match GroupRole::try_from(role) {
+        Ok(GroupRole::RoleOwner) => "owner".into(),
+        Ok(GroupRole::RoleAdmin) => "admin".into(),
+        Ok(GroupRole::RoleMember) => "member".into(),
+        Ok(GroupRole::Unspecified) => "unspecified".into(),
+        Err(_) => role.to_string(),
+    }
+}
+
+/// `free`, `invite-only` or `approval`; another value as its number.
+fn policy_name(policy: i32) -> String {
+    match JoinPolicy::try_from(policy) {
+        Ok(JoinPolicy::Free) => "free".into(),
+        Ok(JoinPolicy::InviteOnly) => "invite-only".into(),
+        Ok(JoinPolicy::Approval) => "approval".into(),
+        Err(_) => policy.to_string(),
+    }
+}
+
+/// The event kind's name in a group event line; another value as its number.
+fn event_name(kind: i32) -> String {
+    let name = match GroupEventKind::try_from(kind) {
+        Ok(GroupEventKind::GroupCreated) => "created",
+        Ok(GroupEventKind::GroupJoined) => "joined",
+        Ok(GroupEventKind::GroupInvited) => "invited",
+        Ok(GroupEventKind::GroupLeft) => "left",
+        Ok(GroupEventKind::GroupKicked) => "kicked",
+        Ok(GroupEventKind::GroupRoleChanged) => "role_changed",
+        Ok(GroupEventKind::GroupMuted) => "muted",
+        Ok(GroupEventKind::GroupUnmuted) => "unmuted",
+        Ok(GroupEventKind::GroupMutedAll) => "muted_all",
+        Ok(GroupEventKind::GroupUnmutedAll) => "unmuted_all",
+        Ok(GroupEventKind::GroupProfileChanged) => "profile_changed",
+        Ok(GroupEventKind::GroupOwnerChanged) => "owner_changed",
+        Ok(GroupEventKind::GroupDissolved) => "dissolved",
+        Ok(GroupEventKind::Unspecified) | Err(_) => return kind.to_string(),
+    };
+    name.into()
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use tern_protocol::{ErrorCode, Target};
+    use prost::Message;
+    use tern_protocol::{ContentType, ErrorCode, GROUP_EVENT_TYPE, MemberPage, Target};
 
     use super::*;
 
@@ -149,6 +327,213 @@ mod tests {
         assert_eq!(
             error(&ClientError::Disconnected),
             "error: disconnected from the server"
+        );
+    }
+
+    fn event_message(event: &GroupEvent) -> Deliver {
+        Deliver {
+            conversation_id: 77,
+            seq: 5,
+            sender: "alice".into(),
+            target: Some(Target::group("g1")),
+            server_time_ms: 1_732_233_600_000,
+            client_msg_id: String::new(),
+            content_type: ContentType::System as u32,
+            custom_type: GROUP_EVENT_TYPE.into(),
+            payload: Bytes::from(event.encode_to_vec()),
+        }
+    }
+
+    fn event(kind: GroupEventKind) -> GroupEvent {
+        GroupEvent {
+            kind: kind.into(),
+            actor: "alice".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn group_response_line() {
+        let r = GroupResponse {
+            group_id: "g1".into(),
+            conversation_id: 77,
+            event_seq: 3,
+            info: None,
+            members: Some(MemberPage::default()),
+        };
+        assert_eq!(group_response(&r), "group=g1 conversation=77 event_seq=3");
+    }
+
+    #[test]
+    fn group_info_lines() {
+        let mut info = GroupInfo {
+            group_id: "g1".into(),
+            conversation_id: 77,
+            owner: "alice".into(),
+            profile: Some(GroupProfile {
+                name: Some("Book club".into()),
+                join_policy: Some(JoinPolicy::InviteOnly.into()),
+                ..Default::default()
+            }),
+            muted_all: false,
+            member_count: 3,
+            max_members: 500,
+            created_at_ms: 1_732_233_600_000,
+            latest_seq: 4,
+        };
+        assert_eq!(
+            group_info(&info),
+            [
+                "group=g1 conversation=77 owner=alice members=3 max_members=500 muted_all=false \
+              policy=invite-only created=1732233600000 latest_seq=4 name=Book club"
+            ]
+        );
+
+        let profile = info.profile.as_mut().unwrap();
+        profile.notice = Some("read\nchapter 2".into());
+        profile.introduction = Some(String::new());
+        profile.avatar_url = Some("https://example.com/a.png".into());
+        profile.join_policy = None;
+        profile.custom.insert("topic".into(), "novels".into());
+        profile.custom.insert("city".into(), "Lyon".into());
+        info.muted_all = true;
+        assert_eq!(
+            group_info(&info),
+            [
+                "group=g1 conversation=77 owner=alice members=3 max_members=500 muted_all=true \
+                 policy=free created=1732233600000 latest_seq=4 name=Book club",
+                "notice=read\\nchapter 2",
+                "avatar_url=https://example.com/a.png",
+                "field=city=Lyon",
+                "field=topic=novels",
+            ]
+        );
+
+        info.profile = None;
+        assert!(
+            group_info(&info)[0].ends_with(" policy=free created=1732233600000 latest_seq=4 name=")
+        );
+    }
+
+    #[test]
+    fn group_member_line() {
+        let m = GroupMember {
+            user_id: "bob".into(),
+            role: GroupRole::RoleAdmin.into(),
+            muted_until_ms: 1_732_233_660_000,
+            joined_at_ms: 1_732_233_600_000,
+        };
+        assert_eq!(
+            group_member(&m),
+            "member=bob role=admin muted_until=1732233660000 joined=1732233600000"
+        );
+        let owner = GroupMember {
+            role: GroupRole::RoleOwner.into(),
+            muted_until_ms: 0,
+            ..m.clone()
+        };
+        assert_eq!(
+            group_member(&owner),
+            "member=bob role=owner muted_until=0 joined=1732233600000"
+        );
+        let unknown = GroupMember { role: 9, ..m };
+        assert!(group_member(&unknown).contains(" role=9 "));
+    }
+
+    #[test]
+    fn group_event_lines() {
+        let prefix = "conversation=77 seq=5 from=alice time=1732233600000";
+        let mut kicked = event(GroupEventKind::GroupKicked);
+        kicked.user_ids = vec!["bob".into(), "carol".into()];
+        assert_eq!(
+            message(&event_message(&kicked)),
+            format!("{prefix} event=kicked users=bob,carol")
+        );
+        kicked.reason = "spam, twice\n".into();
+        assert_eq!(
+            message(&event_message(&kicked)),
+            format!("{prefix} event=kicked users=bob,carol reason=spam, twice\\n")
+        );
+
+        let mut role = event(GroupEventKind::GroupRoleChanged);
+        role.user_ids = vec!["bob".into()];
+        role.role = GroupRole::RoleAdmin.into();
+        assert_eq!(
+            message(&event_message(&role)),
+            format!("{prefix} event=role_changed users=bob role=admin")
+        );
+
+        let mut muted = event(GroupEventKind::GroupMuted);
+        muted.user_ids = vec!["bob".into()];
+        muted.muted_until_ms = 1_732_234_200_000;
+        assert_eq!(
+            message(&event_message(&muted)),
+            format!("{prefix} event=muted users=bob muted_until=1732234200000")
+        );
+
+        let mut created = event(GroupEventKind::GroupCreated);
+        created.user_ids = vec!["bob".into()];
+        created.profile = Some(GroupProfile {
+            name: Some("Book club".into()),
+            join_policy: Some(JoinPolicy::Free.into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            message(&event_message(&created)),
+            format!("{prefix} event=created users=bob profile=name,policy name=Book club")
+        );
+
+        let mut changed = event(GroupEventKind::GroupProfileChanged);
+        changed.profile = Some(GroupProfile {
+            notice: Some("new rules".into()),
+            ..Default::default()
+        });
+        changed
+            .profile
+            .as_mut()
+            .unwrap()
+            .custom
+            .insert("k".into(), "v".into());
+        assert_eq!(
+            message(&event_message(&changed)),
+            format!("{prefix} event=profile_changed profile=notice,custom")
+        );
+
+        for (kind, name) in [
+            (GroupEventKind::GroupMutedAll, "muted_all"),
+            (GroupEventKind::GroupUnmutedAll, "unmuted_all"),
+            (GroupEventKind::GroupDissolved, "dissolved"),
+        ] {
+            assert_eq!(
+                message(&event_message(&event(kind))),
+                format!("{prefix} event={name}")
+            );
+        }
+
+        // The actor is who did it, whoever the message names as sender.
+        let mut joined = event(GroupEventKind::GroupJoined);
+        joined.actor = "dave".into();
+        joined.user_ids = vec!["dave".into()];
+        assert_eq!(
+            message(&event_message(&joined)),
+            "conversation=77 seq=5 from=dave time=1732233600000 event=joined users=dave"
+        );
+
+        let mut unknown = event(GroupEventKind::GroupLeft);
+        unknown.kind = 99;
+        assert_eq!(
+            message(&event_message(&unknown)),
+            format!("{prefix} event=99")
+        );
+    }
+
+    #[test]
+    fn an_undecodable_group_event_is_printed_as_a_message() {
+        let mut m = event_message(&event(GroupEventKind::GroupLeft));
+        m.payload = Bytes::from_static(&[0xff, 0xff]);
+        assert_eq!(
+            message(&m),
+            "conversation=77 seq=5 from=alice time=1732233600000 hex=ffff"
         );
     }
 

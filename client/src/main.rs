@@ -10,8 +10,8 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tern_client::{
-    Client, ClientConfig, ClientError, ContentType, Conversation, Event, Incoming, Platform,
-    Target, Transport, line,
+    Client, ClientConfig, ClientError, ContentType, Conversation, Event, GroupProfile, GroupRole,
+    Incoming, JoinPolicy, Platform, Target, Transport, line,
 };
 use tokio::io::AsyncBufReadExt;
 
@@ -94,6 +94,9 @@ enum Command {
     },
     /// Print each incoming message as it arrives, one line each:
     /// `conversation=<id> seq=<n> from=<user> time=<ms> text=<text>`.
+    ///
+    /// A change of a group prints `event=<kind>` and what it concerns instead of the text, e.g.
+    /// `conversation=<id> seq=<n> from=<user> time=<ms> event=kicked users=bob,carol`.
     Listen {
         /// Exit 0 after printing this many messages.
         #[arg(long)]
@@ -125,6 +128,216 @@ enum Command {
         /// The user to chat with.
         user: String,
     },
+    /// Create, join, leave and manage groups.
+    ///
+    /// A change prints `group=<id> conversation=<id> event_seq=<n>`: the sequence number of the
+    /// event it added to the group's conversation (0 if nothing changed). Send to a group with
+    /// `send --group GROUP`; `listen` and `history` print a group's changes as
+    /// `conversation=<id> seq=<n> from=<user> time=<ms> event=<kind> ...`.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Create a group owned by you.
+    Create {
+        /// The group id, 1 to 64 bytes.
+        group: String,
+        /// The group's name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Who may join [default: free].
+        #[arg(long, value_enum)]
+        policy: Option<PolicyArg>,
+        /// Members to add besides you.
+        members: Vec<String>,
+    },
+    /// Join a group whose policy is free.
+    Join {
+        /// The group id.
+        group: String,
+    },
+    /// Leave a group (its owner transfers or dissolves it instead).
+    Leave {
+        /// The group id.
+        group: String,
+    },
+    /// Add users to a group.
+    Invite {
+        /// The group id.
+        group: String,
+        /// The users to add.
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Remove members from a group (owner and admins).
+    Kick {
+        /// The group id.
+        group: String,
+        /// The members to remove.
+        #[arg(required = true)]
+        users: Vec<String>,
+        /// Why, recorded in the group's event.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Make a member an admin, or a member again (owner only).
+    Role {
+        /// The group id.
+        group: String,
+        /// The member.
+        user: String,
+        /// The new role.
+        #[arg(value_enum)]
+        role: RoleArg,
+    },
+    /// Mute a member for a while (owner and admins).
+    Mute {
+        /// The group id.
+        group: String,
+        /// The member.
+        user: String,
+        /// How long: a number with a unit, ms, s, m, h or d (10m, 1.5h; no unit: seconds).
+        /// 0 unmutes.
+        #[arg(value_parser = parse_duration)]
+        duration: Duration,
+    },
+    /// Mute every member except the owner and admins, or lift it.
+    MuteAll {
+        /// The group id.
+        group: String,
+        /// Whether every member is muted.
+        #[arg(value_enum)]
+        state: Switch,
+    },
+    /// Change the group's profile (owner and admins): only the fields given change.
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true)))]
+    Update {
+        /// The group id.
+        group: String,
+        /// The new name.
+        #[arg(long, group = "change")]
+        name: Option<String>,
+        /// The new notice.
+        #[arg(long, group = "change")]
+        notice: Option<String>,
+        /// The new introduction.
+        #[arg(long, group = "change")]
+        introduction: Option<String>,
+        /// The new avatar URL.
+        #[arg(long, group = "change")]
+        avatar_url: Option<String>,
+        /// The new join policy.
+        #[arg(long, value_enum, group = "change")]
+        policy: Option<PolicyArg>,
+        /// An application-defined field, KEY=VALUE; KEY= removes it. Repeatable.
+        #[arg(long = "field", value_name = "KEY=VALUE", value_parser = parse_field, group = "change")]
+        fields: Vec<(String, String)>,
+    },
+    /// Hand the ownership to another member (owner only); you become a member.
+    Transfer {
+        /// The group id.
+        group: String,
+        /// The new owner.
+        user: String,
+    },
+    /// Dissolve the group (owner only); its id cannot be used again.
+    Dissolve {
+        /// The group id.
+        group: String,
+    },
+    /// Print the group's info.
+    ///
+    /// First `group=<id> conversation=<id> owner=<user> members=<n> max_members=<n>
+    /// muted_all=<bool> policy=<policy> created=<ms> latest_seq=<n> name=<name>`, then
+    /// `notice=<text>`, `introduction=<text>`, `avatar_url=<text>` and `field=<key>=<value>`
+    /// lines for what is set.
+    Info {
+        /// The group id.
+        group: String,
+    },
+    /// Print every member, one line each.
+    ///
+    /// `member=<user> role=<owner|admin|member> muted_until=<ms> joined=<ms>`, muted_until 0
+    /// if not muted.
+    Members {
+        /// The group id.
+        group: String,
+        /// Members per request [default: the server's].
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PolicyArg {
+    /// Anyone may join.
+    Free,
+    /// Members invite users; nobody joins by themselves.
+    InviteOnly,
+    /// The owner and admins invite users; nobody joins by themselves.
+    Approval,
+}
+
+impl From<PolicyArg> for JoinPolicy {
+    fn from(policy: PolicyArg) -> Self {
+        match policy {
+            PolicyArg::Free => Self::Free,
+            PolicyArg::InviteOnly => Self::InviteOnly,
+            PolicyArg::Approval => Self::Approval,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RoleArg {
+    /// An admin.
+    Admin,
+    /// A member.
+    Member,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    /// Mute.
+    On,
+    /// Lift the mute.
+    Off,
+}
+
+/// Parses a duration: a non-negative number with an optional unit, `ms`, `s`, `m`, `h` or `d`
+/// (no unit: seconds), e.g. `10m`, `1.5h`, `0`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let invalid = || {
+        format!(
+            "`{text}` is not a duration: a number with an optional unit ms, s, m, h or d (e.g. 10m)"
+        )
+    };
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().map_err(|_| invalid())?;
+    let seconds = match unit {
+        "ms" => number / 1e3,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        "d" => number * 86_400.0,
+        _ => return Err(invalid()),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| invalid())
+}
+
+/// Parses `KEY=VALUE` (split at the first `=`; the value may be empty).
+fn parse_field(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("`{text}` is not KEY=VALUE")),
+    }
 }
 
 impl Command {
@@ -134,6 +347,7 @@ impl Command {
             Self::Listen { .. } => "listen",
             Self::History { .. } => "history",
             Self::Chat { .. } => "chat",
+            Self::Group { .. } => "group",
         }
     }
 }
@@ -207,7 +421,10 @@ async fn run(cli: Cli) -> ExitCode {
     config.platform = platform();
     config.transport = transport;
     config.ca = cli.ca;
-    if matches!(cli.command, Command::Send { .. } | Command::History { .. }) {
+    if matches!(
+        cli.command,
+        Command::Send { .. } | Command::History { .. } | Command::Group { .. }
+    ) {
         // One request and out: nothing to sync, nothing to reconnect for.
         config.sync_on_login = false;
         config.reconnect = false;
@@ -268,6 +485,7 @@ async fn run(cli: Cli) -> ExitCode {
             history(&client, conversation, limit, before.unwrap_or(0)).await
         }
         Command::Chat { user } => chat(&client, &user).await,
+        Command::Group { command } => group(&client, command).await,
     };
     client.close().await;
     code
@@ -383,6 +601,114 @@ async fn history(client: &Client, conversation: Conversation, limit: u32, before
     ExitCode::SUCCESS
 }
 
+async fn group(client: &Client, command: GroupCommand) -> ExitCode {
+    let changed = match command {
+        GroupCommand::Create {
+            group,
+            name,
+            policy,
+            members,
+        } => {
+            let profile = GroupProfile {
+                name,
+                join_policy: policy.map(|p| JoinPolicy::from(p).into()),
+                ..Default::default()
+            };
+            client.create_group(group, profile, members).await
+        }
+        GroupCommand::Join { group } => client.join_group(group).await,
+        GroupCommand::Leave { group } => client.leave_group(group).await,
+        GroupCommand::Invite { group, users } => client.invite(group, users).await,
+        GroupCommand::Kick {
+            group,
+            users,
+            reason,
+        } => client.kick_members(group, users, reason).await,
+        GroupCommand::Role { group, user, role } => {
+            let role = match role {
+                RoleArg::Admin => GroupRole::RoleAdmin,
+                RoleArg::Member => GroupRole::RoleMember,
+            };
+            client.set_role(group, user, role).await
+        }
+        GroupCommand::Mute {
+            group,
+            user,
+            duration,
+        } => client.mute_member(group, user, duration).await,
+        GroupCommand::MuteAll { group, state } => client.mute_all(group, state == Switch::On).await,
+        GroupCommand::Update {
+            group,
+            name,
+            notice,
+            introduction,
+            avatar_url,
+            policy,
+            fields,
+        } => {
+            let profile = GroupProfile {
+                name,
+                notice,
+                introduction,
+                avatar_url,
+                join_policy: policy.map(|p| JoinPolicy::from(p).into()),
+                custom: fields.into_iter().collect(),
+            };
+            client.update_group(group, profile).await
+        }
+        GroupCommand::Transfer { group, user } => client.transfer_owner(group, user).await,
+        GroupCommand::Dissolve { group } => client.dissolve_group(group).await,
+        GroupCommand::Info { group } => {
+            return match client.group_info(group).await {
+                Ok(info) => {
+                    for text in line::group_info(&info) {
+                        if !print_line(&text) {
+                            break;
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            };
+        }
+        GroupCommand::Members { group, limit } => {
+            return members(client, &group, limit.unwrap_or(0)).await;
+        }
+    };
+    match changed {
+        Ok(response) => {
+            print_line(&line::group_response(&response));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Prints every member of `group`, asking for pages of `limit` until the last.
+async fn members(client: &Client, group: &str, limit: u32) -> ExitCode {
+    let mut token = 0;
+    loop {
+        let page = match client.list_members(group, token, limit).await {
+            Ok(page) => page,
+            Err(e) => return fail(&e),
+        };
+        for member in &page.members {
+            if !print_line(&line::group_member(member)) {
+                return ExitCode::SUCCESS;
+            }
+        }
+        if page.next_page_token == 0 {
+            return ExitCode::SUCCESS;
+        }
+        if page.next_page_token == token {
+            return fail(&ClientError::Protocol(format!(
+                "the member page after token {token} points at itself"
+            )));
+        }
+        token = page.next_page_token;
+    }
+}
+
 async fn chat(client: &Client, user: &str) -> ExitCode {
     let mut incoming = client.incoming();
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -419,5 +745,42 @@ async fn chat(client: &Client, user: &str) -> ExitCode {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        for bad in ["", "m", "10x", "-1m", "ten", "1h30m", "inf"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn fields() {
+        assert_eq!(
+            parse_field("topic=books"),
+            Ok(("topic".into(), "books".into()))
+        );
+        assert_eq!(parse_field("topic="), Ok(("topic".into(), String::new())));
+        assert_eq!(parse_field("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(parse_field("topic").is_err());
+        assert!(parse_field("=x").is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -250,7 +250,11 @@ impl Session {
                     tracing::warn!(%err, "error from server");
                 }
             }
-            body @ (Body::SendAck(_) | Body::HistoryPage(_) | Body::Pong(_) | Body::HelloOk(_)) => {
+            body @ (Body::SendAck(_)
+            | Body::HistoryPage(_)
+            | Body::GroupResponse(_)
+            | Body::Pong(_)
+            | Body::HelloOk(_)) => {
                 self.completions.push_back((request_id, Ok(body)));
             }
             other => {

@@ -8,9 +8,15 @@ use std::{
 };
 
 use common::{FakeServer, Peer, QuicServer, TestCert, TlsServer, deliver};
+use prost::Message;
 use tern_protocol::{
-    Body, ConversationState, ErrorCode, Frame, HistoryPage, SendAck, SyncConversations, SyncDone,
-    SyncMessages, Target,
+    Body, ContentType, ConversationState, ErrorCode, Frame, GROUP_EVENT_TYPE, GroupEvent,
+    GroupEventKind, GroupMember, GroupProfile, GroupRequest, GroupResponse, GroupRole, HistoryPage,
+    JoinPolicy, MemberPage, SendAck, SyncConversations, SyncDone, SyncMessages, Target,
+    v1::{
+        CreateGroup, DissolveGroup, InviteMembers, JoinGroup, KickMembers, LeaveGroup, ListMembers,
+        MuteAll, MuteMember, SetRole, TransferOwner, UpdateGroup, group_request::Op,
+    },
 };
 
 /// Runs `tern` with `args` against `server` on a blocking thread.
@@ -527,5 +533,411 @@ fn expect_unknown_issuer(out: Output, addr: &str, other: &std::path::Path) {
              (trusting only the certificates in {})\n",
             other.display()
         )
+    );
+}
+
+/// The next GroupRequest `tern` wrote on `peer` and its request id.
+async fn next_group_request(peer: &mut Peer) -> (u64, GroupRequest) {
+    let frame = peer.recv_request().await;
+    match frame.body {
+        Some(Body::Group(request)) => (frame.request_id, request),
+        other => panic!("expected GroupRequest, got {other:?}"),
+    }
+}
+
+/// Runs `tern group ARGS`, checks the one request it makes is `op` on group g1, answers it with
+/// event seq `event_seq` and returns the output.
+async fn group_command(args: &[&str], op: Op, event_seq: u64) -> Output {
+    let server = FakeServer::start().await;
+    let args: Vec<&str> = ["group"].iter().chain(args).copied().collect();
+    let run = tern(&server, &args);
+    let mut peer = server.accept_login(0).await;
+    assert_eq!(peer.hello.device_id, "cli-group");
+    assert!(!peer.hello.sync_on_login);
+    let (id, request) = next_group_request(&mut peer).await;
+    assert_eq!(request.group_id, "g1", "{args:?}");
+    assert_eq!(request.op, Some(op), "{args:?}");
+    peer.send(Frame::new(
+        id,
+        GroupResponse {
+            group_id: "g1".into(),
+            conversation_id: 77,
+            event_seq,
+            info: None,
+            members: None,
+        },
+    ))
+    .await;
+    run.await.unwrap()
+}
+
+#[tokio::test]
+async fn group_create_sends_the_profile_and_members_and_prints_the_change() {
+    let out = group_command(
+        &[
+            "create",
+            "g1",
+            "--name",
+            "Book club",
+            "--policy",
+            "invite-only",
+            "bob",
+            "carol",
+        ],
+        Op::Create(CreateGroup {
+            profile: Some(Box::new(GroupProfile {
+                name: Some("Book club".into()),
+                join_policy: Some(JoinPolicy::InviteOnly.into()),
+                ..Default::default()
+            })),
+            members: vec!["bob".into(), "carol".into()],
+        }),
+        1,
+    )
+    .await;
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "group=g1 conversation=77 event_seq=1\n");
+    assert_eq!(text(&out.stderr), "");
+}
+
+#[tokio::test]
+async fn each_group_command_sends_its_operation_and_prints_the_change() {
+    let update = GroupProfile {
+        name: Some("Readers".into()),
+        notice: Some("Chapter 3 on Friday".into()),
+        introduction: None,
+        avatar_url: Some("https://example.com/r.png".into()),
+        join_policy: Some(JoinPolicy::Approval.into()),
+        custom: [
+            ("topic".into(), "novels".into()),
+            ("old".into(), String::new()),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    let cases: Vec<(Vec<&str>, Op)> = vec![
+        (
+            vec!["create", "g1"],
+            Op::Create(CreateGroup {
+                profile: Some(Box::default()),
+                members: vec![],
+            }),
+        ),
+        (vec!["join", "g1"], Op::Join(JoinGroup {})),
+        (vec!["leave", "g1"], Op::Leave(LeaveGroup {})),
+        (
+            vec!["invite", "g1", "dave", "erin"],
+            Op::Invite(InviteMembers {
+                user_ids: vec!["dave".into(), "erin".into()],
+            }),
+        ),
+        (
+            vec!["kick", "g1", "dave", "--reason", "spam links"],
+            Op::Kick(KickMembers {
+                user_ids: vec!["dave".into()],
+                reason: "spam links".into(),
+            }),
+        ),
+        (
+            vec!["role", "g1", "bob", "admin"],
+            Op::SetRole(SetRole {
+                user_id: "bob".into(),
+                role: GroupRole::RoleAdmin.into(),
+            }),
+        ),
+        (
+            vec!["role", "g1", "bob", "member"],
+            Op::SetRole(SetRole {
+                user_id: "bob".into(),
+                role: GroupRole::RoleMember.into(),
+            }),
+        ),
+        (
+            vec!["mute", "g1", "bob", "10m"],
+            Op::Mute(MuteMember {
+                user_id: "bob".into(),
+                duration_ms: 600_000,
+            }),
+        ),
+        (
+            vec!["mute", "g1", "bob", "0"],
+            Op::Mute(MuteMember {
+                user_id: "bob".into(),
+                duration_ms: 0,
+            }),
+        ),
+        (
+            vec!["mute-all", "g1", "on"],
+            Op::MuteAll(MuteAll { muted: true }),
+        ),
+        (
+            vec!["mute-all", "g1", "off"],
+            Op::MuteAll(MuteAll { muted: false }),
+        ),
+        (
+            vec![
+                "update",
+                "g1",
+                "--name",
+                "Readers",
+                "--notice",
+                "Chapter 3 on Friday",
+                "--avatar-url",
+                "https://example.com/r.png",
+                "--policy",
+                "approval",
+                "--field",
+                "topic=novels",
+                "--field",
+                "old=",
+            ],
+            Op::Update(UpdateGroup {
+                profile: Some(Box::new(update)),
+            }),
+        ),
+        (
+            vec!["transfer", "g1", "bob"],
+            Op::Transfer(TransferOwner {
+                user_id: "bob".into(),
+            }),
+        ),
+        (vec!["dissolve", "g1"], Op::Dissolve(DissolveGroup {})),
+    ];
+    for (seq, (args, op)) in (1..).zip(cases) {
+        let out = group_command(&args, op, seq).await;
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout),
+            format!("group=g1 conversation=77 event_seq={seq}\n"),
+            "{args:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn group_members_pages_through_every_member() {
+    let server = FakeServer::start().await;
+    let run = tern(&server, &["group", "members", "g1", "--limit", "2"]);
+    let mut peer = server.accept_login(0).await;
+    let member =
+        |user: &str, role: GroupRole, muted_until_ms: u64, joined_at_ms: u64| GroupMember {
+            user_id: user.into(),
+            role: role.into(),
+            muted_until_ms,
+            joined_at_ms,
+        };
+    let pages = [
+        (
+            0,
+            vec![
+                member("alice", GroupRole::RoleOwner, 0, 1_000),
+                member("bob", GroupRole::RoleAdmin, 0, 2_000),
+            ],
+            17,
+        ),
+        (
+            17,
+            vec![member(
+                "carol",
+                GroupRole::RoleMember,
+                1_732_234_200_000,
+                3_000,
+            )],
+            0,
+        ),
+    ];
+    for (token, members, next_page_token) in pages {
+        let (id, request) = next_group_request(&mut peer).await;
+        assert_eq!(request.group_id, "g1");
+        assert_eq!(
+            request.op,
+            Some(Op::ListMembers(ListMembers {
+                page_token: token,
+                limit: 2,
+            }))
+        );
+        peer.send(Frame::new(
+            id,
+            GroupResponse {
+                group_id: "g1".into(),
+                conversation_id: 77,
+                event_seq: 0,
+                info: None,
+                members: Some(MemberPage {
+                    members,
+                    next_page_token,
+                }),
+            },
+        ))
+        .await;
+    }
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "member=alice role=owner muted_until=0 joined=1000\n\
+         member=bob role=admin muted_until=0 joined=2000\n\
+         member=carol role=member muted_until=1732234200000 joined=3000\n"
+    );
+}
+
+#[tokio::test]
+async fn group_info_prints_the_info_lines() {
+    let server = FakeServer::start().await;
+    let run = tern(&server, &["group", "info", "g1"]);
+    let mut peer = server.accept_login(0).await;
+    let (id, request) = next_group_request(&mut peer).await;
+    assert_eq!(request.group_id, "g1");
+    assert_eq!(request.op, Some(Op::Get(tern_protocol::v1::GetGroup {})));
+    let info = tern_protocol::GroupInfo {
+        group_id: "g1".into(),
+        conversation_id: 77,
+        owner: "alice".into(),
+        profile: Some(GroupProfile {
+            name: Some("Book club".into()),
+            notice: Some("Chapter 3 on Friday".into()),
+            join_policy: Some(JoinPolicy::Free.into()),
+            ..Default::default()
+        }),
+        muted_all: true,
+        member_count: 3,
+        max_members: 500,
+        created_at_ms: 1_732_233_600_000,
+        latest_seq: 9,
+    };
+    peer.send(Frame::new(
+        id,
+        GroupResponse {
+            group_id: "g1".into(),
+            conversation_id: 77,
+            event_seq: 0,
+            info: Some(Box::new(info)),
+            members: None,
+        },
+    ))
+    .await;
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "group=g1 conversation=77 owner=alice members=3 max_members=500 muted_all=true \
+         policy=free created=1732233600000 latest_seq=9 name=Book club\n\
+         notice=Chapter 3 on Friday\n"
+    );
+}
+
+#[tokio::test]
+async fn group_refusal_prints_the_code_and_exits_1() {
+    let server = FakeServer::start().await;
+    let run = tern(&server, &["group", "join", "g1"]);
+    let mut peer = server.accept_login(0).await;
+    let (id, request) = next_group_request(&mut peer).await;
+    assert_eq!(request.op, Some(Op::Join(JoinGroup {})));
+    peer.send(Frame::error(
+        id,
+        ErrorCode::Forbidden,
+        "g1 is invite-only",
+        false,
+    ))
+    .await;
+    let out = run.await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        text(&out.stderr),
+        "error: FORBIDDEN (4001): g1 is invite-only\n"
+    );
+}
+
+#[tokio::test]
+async fn group_usage_errors_exit_2_before_connecting() {
+    // Nothing listens there: the refusal comes before any connection attempt.
+    for (args, expected) in [
+        (
+            &["group", "mute", "g1", "bob", "10x"][..],
+            "invalid value '10x' for '<DURATION>': `10x` is not a duration",
+        ),
+        (
+            &["group", "update", "g1"][..],
+            "the following required arguments were not provided",
+        ),
+        (
+            &["group", "update", "g1", "--field", "topic"][..],
+            "invalid value 'topic' for '--field <KEY=VALUE>': `topic` is not KEY=VALUE",
+        ),
+        (
+            &["group", "role", "g1", "bob", "owner"][..],
+            "invalid value 'owner'",
+        ),
+        (
+            &["group", "invite", "g1"][..],
+            "the following required arguments were not provided",
+        ),
+    ] {
+        let out = tern_at("127.0.0.1:9", args, &[], "").await.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty());
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn listen_prints_group_events_readably() {
+    let server = FakeServer::start().await;
+    let run = tern(&server, &["listen", "--count", "3", "--timeout", "10"]);
+    let mut peer = server.accept_login(0).await;
+    peer.send(Frame::new(peer.hello_id, SyncDone { user_version: 1 }))
+        .await;
+    let event_message = |seq: u64, event: GroupEvent| {
+        let mut m = deliver(40, seq);
+        m.sender = event.actor.clone();
+        m.target = Some(Target::group("g1"));
+        m.content_type = ContentType::System as u32;
+        m.custom_type = GROUP_EVENT_TYPE.into();
+        m.payload = bytes::Bytes::from(event.encode_to_vec());
+        m
+    };
+    peer.send(Frame::new(
+        0,
+        event_message(
+            1,
+            GroupEvent {
+                kind: GroupEventKind::GroupKicked.into(),
+                actor: "alice".into(),
+                user_ids: vec!["bob".into(), "carol".into()],
+                ..Default::default()
+            },
+        ),
+    ))
+    .await;
+    let mut text_message = deliver(40, 2);
+    text_message.target = Some(Target::group("g1"));
+    peer.send(Frame::new(0, text_message)).await;
+    peer.send(Frame::new(
+        0,
+        event_message(
+            3,
+            GroupEvent {
+                kind: GroupEventKind::GroupMuted.into(),
+                actor: "alice".into(),
+                user_ids: vec!["dave".into()],
+                muted_until_ms: 1_732_234_200_000,
+                ..Default::default()
+            },
+        ),
+    ))
+    .await;
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "conversation=40 seq=1 from=alice time=1001 event=kicked users=bob,carol\n\
+         conversation=40 seq=2 from=alice time=1002 text=hello 2\n\
+         conversation=40 seq=3 from=alice time=1003 event=muted users=dave \
+         muted_until=1732234200000\n"
     );
 }

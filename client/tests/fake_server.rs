@@ -1,6 +1,7 @@
 //! The SDK against a tiny in-process server that speaks the protocol over a real TCP socket:
 //! login, request matching, typed errors, de-duplication of sync pages against live pushes,
-//! auto-ack, SyncNeeded, heartbeats, reconnect with the sync position, and final kicks.
+//! auto-ack, SyncNeeded, heartbeats, reconnect with the sync position, final kicks, and group
+//! requests.
 
 mod common;
 
@@ -8,10 +9,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{FakeServer, WAIT, deliver};
-use tern_client::{Client, ClientError, ErrorCode, Event, Incoming, KickReason, Target};
+use prost::Message;
+use tern_client::{
+    Client, ClientError, ContentType, ErrorCode, Event, GroupEvent, GroupEventKind, GroupOp,
+    GroupResponse, Incoming, KickReason, Target,
+};
 use tern_protocol::{
-    Ack, Body, ConversationState, Frame, HistoryPage, Pong, SendAck, SyncConversations, SyncDone,
-    SyncMessages, SyncNeeded,
+    Ack, Body, ConversationState, Frame, GROUP_EVENT_TYPE, GroupRequest, HistoryPage, Pong,
+    SendAck, SyncConversations, SyncDone, SyncMessages, SyncNeeded,
+    v1::{GetGroup, KickMembers, MuteMember},
 };
 use tokio::time::timeout;
 
@@ -145,6 +151,7 @@ async fn sync_pages_and_live_pushes_are_deduplicated_and_acked() {
                 read_seq: 0,
                 delivered_seq: 1,
                 version: 9,
+                left: false,
             }],
         },
     ))
@@ -460,5 +467,146 @@ async fn a_sender_faster_than_the_connection_is_slowed_down_not_disconnected() {
             !matches!(event, Event::Disconnected { .. }),
             "the connection was dropped: {event:?}"
         );
+    }
+}
+
+/// The next GroupRequest the client wrote on `peer` and its request id.
+async fn next_group_request(peer: &mut common::Peer) -> (u64, GroupRequest) {
+    let frame = peer.recv_request().await;
+    match frame.body {
+        Some(Body::Group(request)) => (frame.request_id, request),
+        other => panic!("expected GroupRequest, got {other:?}"),
+    }
+}
+
+fn group_response(group_id: &str, event_seq: u64) -> GroupResponse {
+    GroupResponse {
+        group_id: group_id.into(),
+        conversation_id: 40,
+        event_seq,
+        info: None,
+        members: None,
+    }
+}
+
+#[tokio::test]
+async fn group_requests_get_the_answer_to_their_own_request_id_and_typed_errors() {
+    let server = FakeServer::start().await;
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    let mut incoming = client.incoming();
+    peer.send(Frame::new(peer.hello_id, SyncDone { user_version: 1 }))
+        .await;
+
+    // Two requests in flight, answered in the opposite order.
+    let getting = tokio::spawn({
+        let client = client.clone();
+        async move { client.group("g1", GroupOp::Get(GetGroup {})).await }
+    });
+    let (first_id, first) = next_group_request(&mut peer).await;
+    assert_eq!(first.group_id, "g1");
+    assert_eq!(first.op, Some(GroupOp::Get(GetGroup {})));
+    let muting = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .mute_member("g2", "carol", Duration::from_secs(600))
+                .await
+        }
+    });
+    let (second_id, second) = next_group_request(&mut peer).await;
+    assert_ne!(first_id, second_id);
+    assert_eq!(second.group_id, "g2");
+    assert_eq!(
+        second.op,
+        Some(GroupOp::Mute(MuteMember {
+            user_id: "carol".into(),
+            duration_ms: 600_000,
+        }))
+    );
+    peer.send(Frame::new(second_id, group_response("g2", 8)))
+        .await;
+    peer.send(Frame::new(first_id, group_response("g1", 0)))
+        .await;
+    assert_eq!(muting.await.unwrap().unwrap(), group_response("g2", 8));
+    assert_eq!(getting.await.unwrap().unwrap(), group_response("g1", 0));
+
+    // A refusal is a typed server error.
+    let kicking = tokio::spawn({
+        let client = client.clone();
+        async move { client.kick_members("g1", ["bob", "dave"], "spam").await }
+    });
+    let (id, request) = next_group_request(&mut peer).await;
+    assert_eq!(
+        request.op,
+        Some(GroupOp::Kick(KickMembers {
+            user_ids: vec!["bob".into(), "dave".into()],
+            reason: "spam".into(),
+        }))
+    );
+    peer.send(Frame::error(
+        id,
+        ErrorCode::Forbidden,
+        "an admin cannot remove another admin",
+        false,
+    ))
+    .await;
+    match kicking.await.unwrap() {
+        Err(ClientError::Server { code, message }) => {
+            assert_eq!(code, ErrorCode::Forbidden);
+            assert_eq!(message, "an admin cannot remove another admin");
+        }
+        other => panic!("expected FORBIDDEN, got {other:?}"),
+    }
+
+    // Any other answer is a protocol violation; a GetGroup answer needs the info.
+    let joining = tokio::spawn({
+        let client = client.clone();
+        async move { client.join_group("g3").await }
+    });
+    let (id, _) = next_group_request(&mut peer).await;
+    peer.send(common::send_ack(id, "x", 1, false)).await;
+    match joining.await.unwrap() {
+        Err(ClientError::Protocol(text)) => {
+            assert_eq!(text, "expected GroupResponse, got SendAck");
+        }
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    let reading = tokio::spawn({
+        let client = client.clone();
+        async move { client.group_info("g1").await }
+    });
+    let (id, _) = next_group_request(&mut peer).await;
+    peer.send(Frame::new(id, group_response("g1", 0))).await;
+    match reading.await.unwrap() {
+        Err(ClientError::Protocol(text)) => {
+            assert_eq!(text, "GroupResponse to GetGroup without info");
+        }
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+
+    // A group's change arrives as a message that group_event decodes.
+    let event = GroupEvent {
+        kind: GroupEventKind::GroupKicked.into(),
+        actor: "alice".into(),
+        user_ids: vec!["bob".into()],
+        ..Default::default()
+    };
+    let mut message = deliver(40, 3);
+    message.target = Some(Target::group("g1"));
+    message.content_type = ContentType::System as u32;
+    message.custom_type = GROUP_EVENT_TYPE.into();
+    message.payload = Bytes::from(event.encode_to_vec());
+    peer.send(Frame::new(0, message)).await;
+    loop {
+        match next_event(&mut incoming).await {
+            Some(Event::Message(m)) => {
+                assert_eq!(tern_client::group_event(&m), Some(event));
+                assert_eq!(tern_client::group_event(&deliver(40, 4)), None);
+                break;
+            }
+            Some(Event::SyncDone { .. }) => {}
+            other => panic!("unexpected event {other:?}"),
+        }
     }
 }

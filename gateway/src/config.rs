@@ -100,6 +100,9 @@ pub struct Config {
     /// A connection whose socket accepts none of the bytes queued for it for this long
     /// (milliseconds; a client that stopped reading) is reset.
     pub write_timeout_ms: u64,
+    /// Most members a group may have (the owner included); an invite or join past it fails with
+    /// `LIMIT_EXCEEDED`. Default 100,000.
+    pub group_max_members: u32,
 }
 
 impl Default for Config {
@@ -134,6 +137,7 @@ impl Default for Config {
             rate_requests_per_sec: 500,
             rate_read_bytes_per_sec: 1 << 20,
             write_timeout_ms: 30_000,
+            group_max_members: 100_000,
         }
     }
 }
@@ -209,6 +213,9 @@ impl Config {
         }
         if self.max_devices_per_user == 0 {
             return bad("max_devices_per_user", "must be at least 1");
+        }
+        if self.group_max_members < 2 {
+            return bad("group_max_members", "must be at least 2");
         }
         if self.outbound_queue_frames < 16 {
             return bad("outbound_queue_frames", "must be at least 16");

@@ -15,11 +15,15 @@ use bytes::{Bytes, BytesMut};
 use glommio::channels::channel_mesh::Senders;
 use tern_protocol::v1::{Deliver, Frame, SendAck, Target, TargetKind, frame::Body};
 use tern_protocol::{Codec, ErrorCode};
-use tern_storage::{AppendRequest, Appended, Completion, MessageStore, StorageError, UserId};
+use tern_storage::{
+    AppendRequest, Appended, Completion, GroupId, MessageStore, StorageError, UserId,
+};
 
 use crate::config::Config;
+use crate::groups::{GroupAfter, GroupJob, GroupState, LocalGroups};
 use crate::limits::{ConnLimits, ConnSlot, Rates, UserSends};
 use crate::outbound::Outbound;
+use crate::rooms::{LocalRooms, RoomOwned, RoomSend};
 use crate::route::Router;
 use crate::sys::MovedFd;
 use crate::token::Secret;
@@ -58,8 +62,16 @@ pub struct AppendMsg {
     pub req: AppendRequest,
     pub reply: ReplyTo,
     pub sender_name: Arc<str>,
-    pub recipient: UserId,
-    pub recipient_name: Arc<str>,
+    pub to: Recipient,
+}
+
+/// Who gets a committed message.
+#[derive(Debug)]
+pub enum Recipient {
+    /// The other user of a 1:1 conversation (or the sender, writing to themself).
+    User { id: UserId, name: Arc<str> },
+    /// The members of a group, and what the group's owner does after the commit.
+    Group(Box<GroupAfter>),
 }
 
 /// Messages between cores (one bounded lock-free SPSC queue per ordered pair of cores).
@@ -94,6 +106,31 @@ pub enum ShardMsg {
         frame: Bytes,
         own_copy: Option<Arc<Deliver>>,
     },
+    /// A request about a group, for the group's owner core.
+    Group(GroupJob),
+    /// A committed group message for this core's online members of `group`, except the paths
+    /// of logical session `except_logical` (the sender's).
+    GroupDeliver {
+        group: GroupId,
+        except_logical: u64,
+        message: Arc<Deliver>,
+    },
+    /// Members who joined or left `group`, for this core's index of its online users' groups.
+    GroupMembers {
+        group: GroupId,
+        added: Arc<Vec<UserId>>,
+        removed: Arc<Vec<UserId>>,
+    },
+    /// A message for a live room, for the room's owner core.
+    RoomSend(RoomSend),
+    /// A room message for this core's connections in `room`, except the paths of logical
+    /// session `except_logical` (the sender's).
+    RoomDeliver {
+        room: u64,
+        except_logical: u64,
+        priority: bool,
+        message: Arc<Deliver>,
+    },
     /// A committed message for the online devices of `user` on this core. Encoded on this core,
     /// once, and only if the user has a device here. `except_logical` names a logical session
     /// (all its paths) that must not get it.
@@ -120,6 +157,8 @@ pub struct SessionHandle {
     /// When the last frame arrived (ms since the epoch); the core's idle sweep reads it.
     pub last_active: Cell<u64>,
     pub end_waker: RefCell<Option<Waker>>,
+    /// Live rooms this connection entered.
+    pub rooms: RefCell<Vec<u64>>,
     /// The connection's socket, for the sweep's checks (TCP only; -1 otherwise). Open for as
     /// long as the session is in [`Core::sessions`] (it is removed before the socket closes).
     pub fd: std::os::fd::RawFd,
@@ -179,6 +218,17 @@ pub struct Core {
     pub user_rates: RefCell<HashMap<UserId, UserSends>>,
     /// This core's ends of relays to QUIC connections held by other cores.
     pub relays: RefCell<HashMap<u64, Rc<Relay>>>,
+    /// The groups this core owns (those whose conversation routes here) that were used.
+    pub groups: RefCell<HashMap<GroupId, GroupState>>,
+    /// The groups of the users online on this core.
+    pub local_groups: RefCell<LocalGroups>,
+    /// The connections of this core in each live room.
+    pub local_rooms: RefCell<LocalRooms>,
+    /// The live rooms this core owns (numbering and de-duplication of their messages).
+    pub rooms_owned: RefCell<HashMap<u64, RoomOwned>>,
+    /// Room messages waiting for [`Core::run_room_sends`], in arrival order.
+    pub room_queue: RefCell<VecDeque<RoomSend>>,
+    pub room_waker: RefCell<Option<Waker>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -230,6 +280,12 @@ impl Core {
             conn_limits,
             user_rates: RefCell::default(),
             relays: RefCell::default(),
+            groups: RefCell::default(),
+            local_groups: RefCell::default(),
+            local_rooms: RefCell::default(),
+            rooms_owned: RefCell::default(),
+            room_queue: RefCell::default(),
+            room_waker: RefCell::default(),
             id,
             router,
             codec: Codec::new(cfg.max_frame_bytes as usize),
@@ -315,6 +371,9 @@ impl Core {
     pub fn begin_stop(&self) {
         self.stopping.set(true);
         for w in self.stop_wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+        if let Some(w) = self.room_waker.borrow_mut().take() {
             w.wake();
         }
         let kick = self.encode(&Frame::kick(
@@ -426,6 +485,24 @@ impl Core {
                 except_logical,
                 message,
             } => self.deliver_local(user, except_logical, &message),
+            ShardMsg::Group(job) => self.group_job(job),
+            ShardMsg::RoomSend(msg) => self.queue_room_send(msg),
+            ShardMsg::RoomDeliver {
+                room,
+                except_logical,
+                priority,
+                message,
+            } => self.deliver_room(room, except_logical, priority, &message),
+            ShardMsg::GroupDeliver {
+                group,
+                except_logical,
+                message,
+            } => self.deliver_group(group, except_logical, &message),
+            ShardMsg::GroupMembers {
+                group,
+                added,
+                removed,
+            } => self.update_local_groups(group, &added, &removed),
         }
     }
 
@@ -433,12 +510,22 @@ impl Core {
     /// session `except`, encoding it once, on first need. Every path of a dual-channel session
     /// gets it; the client keeps the first copy.
     pub fn deliver_local(&self, user: UserId, except: u64, message: &Deliver) {
+        self.deliver_to_user(user, except, message, &mut None);
+    }
+
+    /// [`Core::deliver_local`] with the frame encoded at most once across calls (`frame`).
+    pub fn deliver_to_user(
+        &self,
+        user: UserId,
+        except: u64,
+        message: &Deliver,
+        frame: &mut Option<Bytes>,
+    ) {
         let users = self.users.borrow();
         let Some(list) = users.get(&user) else {
             return;
         };
         let pending_cap = self.cfg.outbound_queue_frames;
-        let mut frame: Option<Bytes> = None;
         for s in list {
             if s.logical == except {
                 continue;
@@ -452,7 +539,7 @@ impl Core {
         }
     }
 
-    fn encode_deliver(&self, message: &Deliver) -> Bytes {
+    pub(crate) fn encode_deliver(&self, message: &Deliver) -> Bytes {
         use prost::Message;
         // Frame{request_id: 0, deliver = 22}: the envelope is written by hand so the Deliver
         // (and its payload) is encoded once, straight into the output.
@@ -482,6 +569,7 @@ impl Core {
             custom_type: req.custom_type.clone(),
             payload: req.payload.clone(),
             participants: Vec::new(),
+            group_change: None,
         };
         let completion = self.store.append(req);
         self.appends.borrow_mut().push_back((completion, job));
@@ -528,6 +616,14 @@ impl Core {
         job: AppendMsg,
         result: Result<Appended, StorageError>,
     ) {
+        let (recipient, recipient_name) = match job.to {
+            Recipient::User { id, name } => (id, name),
+            Recipient::Group(after) => {
+                return self
+                    .finish_group_append(*after, job.req, job.reply, job.sender_name, result)
+                    .await;
+            }
+        };
         let request_id = job.reply.request_id;
         let sender = job.req.sender;
         let (reply_frame, own_copy) = match result {
@@ -558,22 +654,22 @@ impl Core {
                         custom_type: job.req.custom_type,
                         payload: job.req.payload,
                     };
-                    if job.recipient != sender {
+                    if recipient != sender {
                         // The sender's other devices see their own message with the peer as
                         // target; it rides with the SendAck to the sender's core.
                         let mut mine = for_recipient.clone();
                         mine.target = Some(Target {
                             kind: TargetKind::User as i32,
-                            id: job.recipient_name.to_string(),
+                            id: recipient_name.to_string(),
                         });
                         own_copy = Some(Arc::new(mine));
                     }
-                    let recipient_core = self.router.user(&job.recipient_name).core;
+                    let recipient_core = self.router.user(&recipient_name).core;
                     self.send_to_core(
                         recipient_core,
                         ShardMsg::Deliver {
-                            user: job.recipient,
-                            except_logical: if job.recipient == sender {
+                            user: recipient,
+                            except_logical: if recipient == sender {
                                 job.reply.logical
                             } else {
                                 0

@@ -6,12 +6,20 @@
 //! store, whose single writer thread group-commits them and assigns sequence numbers. Cores
 //! talk over glommio's lock-free channel mesh. docs/architecture.md draws the whole path.
 //!
-//! What this crate does not do (yet): QUIC and TLS, groups and rooms, the HTTP admin API.
+//! Groups ([`groups`]) are owned by the core of their conversation, which checks permissions
+//! and fans each message out once per core.
+//!
+//! Live rooms ([`rooms`]) are memory only: each core indexes its viewers, the room's owner
+//! core numbers its messages and fans them out once per core.
+//!
+//! What this crate does not do (yet): the social graph, the HTTP admin API.
 
 pub mod config;
 pub mod core;
+pub mod groups;
 pub mod limits;
 pub mod outbound;
+pub mod rooms;
 pub mod route;
 pub mod server;
 pub mod session;

@@ -96,6 +96,22 @@ impl Outbound {
         true
     }
 
+    /// Queues a frame if fewer than `bound` are queued (room messages, which a full queue
+    /// misses without the session becoming lagging). Returns false if it was dropped.
+    pub fn push_below(&self, frame: Bytes, bound: usize) -> bool {
+        if self.closed.get() {
+            return true;
+        }
+        let mut q = self.queue.borrow_mut();
+        if q.len() >= bound {
+            return false;
+        }
+        q.push_back(frame);
+        drop(q);
+        self.wake_writer();
+        true
+    }
+
     /// Waits until fewer than `cap` frames are queued. The reader calls it before each request,
     /// so a client that does not read its socket stops being read too.
     pub async fn wait_room(&self) {

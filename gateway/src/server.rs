@@ -456,6 +456,7 @@ async fn core_main(
     }
     let completions = glommio::spawn_local(core.clone().run_completions());
     glommio::spawn_local(core.clone().run_idle_sweep()).detach();
+    glommio::spawn_local(core.clone().run_room_sends()).detach();
     {
         let core = core.clone();
         glommio::spawn_local(async move {

@@ -14,17 +14,26 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_lite::future;
 use glommio::net::{TcpListener, TcpStream};
+use tern_protocol::v1::group_request::Op as GroupOp;
+use tern_protocol::v1::room_request::Op as RoomOp;
 use tern_protocol::v1::{
     ConversationState, Deliver, HelloOk, HistoryPage, HistoryRequest, Pong, SyncConversations,
     SyncDone, SyncMessages, SyncNeeded, Target, TargetKind, frame::Body,
 };
+use tern_protocol::v1::{GroupRequest, RoomRequest, RoomResponse};
 use tern_protocol::{CodecError, ErrorCode, Frame, KickReason, PROTOCOL_VERSION};
-use tern_storage::{ConversationKind, Peer, StoredMessage, UserId, conversation_kind};
+use tern_storage::{
+    ConversationInfo, ConversationKind, GroupId, Peer, StoredMessage, UserId, conversation_kind,
+};
 use tracing::{Instrument, debug, info, warn};
 
-use crate::core::{AppendMsg, ConnCount, Core, Login, ReplyTo, SessionHandle, ShardMsg, now_ms};
+use crate::core::{
+    AppendMsg, ConnCount, Core, Login, Recipient, ReplyTo, SessionHandle, ShardMsg, now_ms,
+};
+use crate::groups::{GroupJob, GroupWhat};
 use crate::limits::{ConnSlot, Gcra, Refused, mono_nanos};
 use crate::outbound::Outbound;
+use crate::rooms::{MAX_ROOMS_PER_CONNECTION, RoomSend, is_room, room_conversation};
 use crate::token::{self, valid_id};
 use crate::transport::{Relay, Transport};
 
@@ -533,6 +542,7 @@ async fn run_session(
             return;
         }
     };
+    core.groups_online(user);
     let user_name: Arc<str> = Arc::from(login.user.as_str());
     info!(session = session.id, logical = session.logical, "logged in");
     let writer = glommio::spawn_local(write_loop(core.clone(), stream.clone(), session.clone()));
@@ -575,10 +585,12 @@ async fn run_session(
             if list.is_empty() {
                 users.remove(&user);
                 core.user_rates.borrow_mut().remove(&user);
+                core.groups_offline(user);
             }
         }
         core.sessions.borrow_mut().remove(&session.id);
     }
+    core.leave_all_rooms(&session);
     session.out.close();
     let _ = future::or(
         async {
@@ -673,6 +685,7 @@ fn register(
         out: Outbound::new(core.cfg.outbound_queue_frames),
         ending: Default::default(),
         last_active: std::cell::Cell::new(now_ms()),
+        rooms: Default::default(),
         end_waker: Default::default(),
         fd,
     });
@@ -853,8 +866,10 @@ impl Ctx {
                 ));
             }
             Some(Body::Send(send)) => self.send(rid, send).await,
+            // Room messages are not stored: there is no cursor to move.
+            Some(Body::Ack(ack)) if is_room(ack.conversation_id) => {}
             Some(Body::Ack(ack)) => {
-                if self.may_access(ack.conversation_id) {
+                if let Ok(Some(_)) = self.readable(ack.conversation_id) {
                     // Cursor writes are group-committed by the store; they are awaited before
                     // this connection's next sync (which reads them) or when many are pending.
                     self.acks.push(self.core.store.set_delivered(
@@ -875,6 +890,8 @@ impl Ctx {
                 Box::pin(self.sync(rid, req.since_version, req.page_size, None)).await
             }
             Some(Body::History(req)) => self.history(rid, req),
+            Some(Body::Group(req)) => self.group(rid, req).await,
+            Some(Body::Room(req)) => self.room(rid, req),
             Some(Body::Hello(_)) => {
                 self.reply(&Frame::error(
                     rid,
@@ -901,13 +918,6 @@ impl Ctx {
     /// Bytes of messages one response frame may carry (room left for the envelope).
     fn frame_budget(&self) -> usize {
         self.core.codec.max_frame_bytes.saturating_sub(512)
-    }
-
-    fn may_access(&self, conv: u64) -> bool {
-        match conversation_kind(conv) {
-            Some(ConversationKind::Direct { low, high }) => low == self.user || high == self.user,
-            _ => false,
-        }
     }
 
     async fn send(&mut self, rid: u64, send: tern_protocol::Send) {
@@ -964,14 +974,59 @@ impl Ctx {
                 ),
             );
         }
-        match TargetKind::try_from(target.kind) {
+        let kind = TargetKind::try_from(target.kind);
+        if matches!(kind, Ok(TargetKind::User) | Ok(TargetKind::Group)) && !valid_id(&target.id) {
+            return self.error(
+                rid,
+                ErrorCode::InvalidArgument,
+                "target.id must be 1..=64 bytes without control characters",
+            );
+        }
+        match kind {
             Ok(TargetKind::User) => {}
-            Ok(TargetKind::Group) | Ok(TargetKind::Room) => {
-                return self.error(
-                    rid,
-                    ErrorCode::InvalidArgument,
-                    "groups and rooms are not supported by this server yet",
-                );
+            Ok(TargetKind::Group) => {
+                let Some((group, conv)) = self.find_group(rid, &target.id) else {
+                    return;
+                };
+                let req = tern_storage::AppendRequest {
+                    conversation: conv,
+                    sender: self.user,
+                    client_msg_id: send.client_msg_id,
+                    content_type: send.content_type,
+                    custom_type: send.custom_type,
+                    payload: send.payload,
+                    participants: Vec::new(),
+                    group_change: None,
+                };
+                return self
+                    .to_group_owner(rid, group, conv, &target.id, GroupWhat::Send(req))
+                    .await;
+            }
+            Ok(TargetKind::Room) => {
+                if !valid_id(&target.id) {
+                    return self.error(
+                        rid,
+                        ErrorCode::InvalidArgument,
+                        "target.id must be 1..=64 bytes without control characters",
+                    );
+                }
+                let room = room_conversation(&target.id);
+                if !self.core.in_room(self.session.logical, room) {
+                    return self.error(rid, ErrorCode::NotMember, "enter the room first");
+                }
+                let msg = RoomSend {
+                    room,
+                    name: Arc::from(target.id.as_str()),
+                    sender_name: self.user_name.clone(),
+                    client_msg_id: send.client_msg_id,
+                    content_type: send.content_type,
+                    custom_type: send.custom_type,
+                    payload: send.payload,
+                    priority: send.priority,
+                    reply: self.reply_to(rid),
+                };
+                let owner = self.core.router.conversation(room).core;
+                return self.core.send_to_core(owner, ShardMsg::RoomSend(msg)).await;
             }
             _ => {
                 return self.error(
@@ -980,13 +1035,6 @@ impl Ctx {
                     "target.kind must be USER, GROUP or ROOM",
                 );
             }
-        }
-        if !valid_id(&target.id) {
-            return self.error(
-                rid,
-                ErrorCode::InvalidArgument,
-                "target.id must be 1..=64 bytes without control characters",
-            );
         }
         let recipient = match self.core.user_id(&target.id) {
             Ok(r) => r,
@@ -1007,20 +1055,142 @@ impl Ctx {
                 custom_type: send.custom_type,
                 payload: send.payload,
                 participants: vec![self.user, recipient],
+                group_change: None,
             },
-            reply: ReplyTo {
-                core: self.core.id,
-                session: self.session.id,
-                logical: self.session.logical,
-                user: self.user,
-                request_id: rid,
-            },
+            reply: self.reply_to(rid),
             sender_name: self.user_name.clone(),
-            recipient,
-            recipient_name: Arc::from(target.id.as_str()),
+            to: Recipient::User {
+                id: recipient,
+                name: Arc::from(target.id.as_str()),
+            },
         };
         let owner = self.core.router.conversation(conv).core;
         self.core.send_to_core(owner, ShardMsg::Append(job)).await;
+    }
+
+    fn reply_to(&self, rid: u64) -> ReplyTo {
+        ReplyTo {
+            core: self.core.id,
+            session: self.session.id,
+            logical: self.session.logical,
+            user: self.user,
+            request_id: rid,
+        }
+    }
+
+    /// The internal id and conversation of an existing group, or an error answered.
+    fn find_group(&self, rid: u64, name: &str) -> Option<(GroupId, u64)> {
+        match self.core.store.lookup_group(name) {
+            Ok(Some(g)) => match tern_storage::group_conversation(g) {
+                Some(conv) => Some((g, conv)),
+                None => {
+                    self.error(rid, ErrorCode::Internal, "group id out of range");
+                    None
+                }
+            },
+            Ok(None) => {
+                self.error(rid, ErrorCode::NotFound, "no such group");
+                None
+            }
+            Err(e) => {
+                let (code, msg) = crate::core::storage_error_code(&e);
+                self.error(rid, code, msg);
+                None
+            }
+        }
+    }
+
+    async fn to_group_owner(
+        &self,
+        rid: u64,
+        group: GroupId,
+        conv: u64,
+        name: &str,
+        what: GroupWhat,
+    ) {
+        let job = GroupJob {
+            group,
+            name: Arc::from(name),
+            actor: self.user,
+            actor_name: self.user_name.clone(),
+            reply: self.reply_to(rid),
+            what,
+        };
+        let owner = self.core.router.conversation(conv).core;
+        self.core.send_to_core(owner, ShardMsg::Group(job)).await;
+    }
+
+    /// A group operation: checked here for form, then decided by the group's owner core.
+    async fn group(&mut self, rid: u64, req: GroupRequest) {
+        if !valid_id(&req.group_id) {
+            return self.error(
+                rid,
+                ErrorCode::InvalidArgument,
+                "group_id must be 1..=64 bytes without control characters",
+            );
+        }
+        let Some(op) = req.op else {
+            return self.error(rid, ErrorCode::InvalidArgument, "op is required");
+        };
+        let found = if matches!(op, GroupOp::Create(_)) {
+            match self.core.store.intern_group(&req.group_id) {
+                Ok(g) => tern_storage::group_conversation(g).map(|c| (g, c)),
+                Err(e) => {
+                    let (code, msg) = crate::core::storage_error_code(&e);
+                    return self.error(rid, code, msg);
+                }
+            }
+        } else {
+            self.find_group(rid, &req.group_id)
+        };
+        let Some((group, conv)) = found else {
+            return;
+        };
+        self.to_group_owner(rid, group, conv, &req.group_id, GroupWhat::Op(op))
+            .await;
+    }
+
+    fn room(&mut self, rid: u64, req: RoomRequest) {
+        if !valid_id(&req.room_id) {
+            return self.error(
+                rid,
+                ErrorCode::InvalidArgument,
+                "room_id must be 1..=64 bytes without control characters",
+            );
+        }
+        let room = room_conversation(&req.room_id);
+        match req.op {
+            Some(RoomOp::Enter(_)) => {
+                if !self.core.enter_room(&self.session, room) {
+                    return self.error(
+                        rid,
+                        ErrorCode::LimitExceeded,
+                        format!("a connection may be in at most {MAX_ROOMS_PER_CONNECTION} rooms"),
+                    );
+                }
+            }
+            Some(RoomOp::Leave(_)) => self.core.leave_room(&self.session, room),
+            None => return self.error(rid, ErrorCode::InvalidArgument, "op is required"),
+        }
+        self.reply(&Frame::new(
+            rid,
+            RoomResponse {
+                room_id: req.room_id,
+                conversation_id: room,
+            },
+        ));
+    }
+
+    /// How far the user may read a conversation: `Some(0)` entirely, `Some(s)` up to seq `s`
+    /// (a group they left), None not at all.
+    fn readable(&self, conv: u64) -> Result<Option<u64>, tern_storage::StorageError> {
+        Ok(match conversation_kind(conv) {
+            Some(ConversationKind::Direct { low, high }) => {
+                (low == self.user || high == self.user).then_some(0)
+            }
+            Some(ConversationKind::Group(g)) => self.core.store.membership(self.user, g)?,
+            None => None,
+        })
     }
 
     fn name_of(&self, cache: &mut HashMap<UserId, String>, id: UserId) -> String {
@@ -1133,7 +1303,8 @@ impl Ctx {
                 states.push(ConversationState {
                     conversation_id: c.conversation,
                     target,
-                    latest_seq: c.latest_seq,
+                    latest_seq: readable_upto(c),
+                    left: c.left_seq > 0,
                     read_seq: c.read_seq,
                     delivered_seq: c.delivered_seq,
                     version: c.last_version,
@@ -1149,8 +1320,10 @@ impl Ctx {
         }
         for (c, target) in convs.iter().zip(targets) {
             let mut from = c.delivered_seq + 1;
-            while from <= c.latest_seq {
-                let msgs = store.read_forward(c.conversation, from, page)?;
+            let upto = readable_upto(c);
+            while from <= upto {
+                let want = page.min((upto - from + 1) as usize);
+                let msgs = store.read_forward(c.conversation, from, want)?;
                 let Some(last) = msgs.last().map(|m| m.seq) else {
                     break;
                 };
@@ -1173,7 +1346,7 @@ impl Ctx {
                 }
                 synced_upto.insert(c.conversation, last);
                 from = last + 1;
-                if n < page {
+                if n < want {
                     break;
                 }
             }
@@ -1200,34 +1373,52 @@ impl Ctx {
                     "conversation_id or target is required",
                 );
             };
-            if t.kind != TargetKind::User as i32 {
+            if t.kind == TargetKind::Group as i32 {
+                match self.find_group(rid, &t.id) {
+                    Some((_, conv)) => conv,
+                    None => return,
+                }
+            } else if t.kind != TargetKind::User as i32 {
                 return self.error(
                     rid,
                     ErrorCode::InvalidArgument,
-                    "only USER targets have history on this server yet",
+                    "target.kind must be USER or GROUP",
                 );
-            }
-            match store.lookup_user(&t.id) {
-                Ok(Some(other)) => match tern_storage::direct_conversation(self.user, other) {
-                    Some(c) => c,
-                    None => return self.error(rid, ErrorCode::NotFound, "no such conversation"),
-                },
-                Ok(None) => return self.error(rid, ErrorCode::NotFound, "no such user"),
-                Err(e) => {
-                    let (code, msg) = crate::core::storage_error_code(&e);
-                    return self.error(rid, code, msg);
+            } else {
+                match store.lookup_user(&t.id) {
+                    Ok(Some(other)) => match tern_storage::direct_conversation(self.user, other) {
+                        Some(c) => c,
+                        None => {
+                            return self.error(rid, ErrorCode::NotFound, "no such conversation");
+                        }
+                    },
+                    Ok(None) => return self.error(rid, ErrorCode::NotFound, "no such user"),
+                    Err(e) => {
+                        let (code, msg) = crate::core::storage_error_code(&e);
+                        return self.error(rid, code, msg);
+                    }
                 }
             }
         };
-        if !self.may_access(conv) {
-            return self.error(rid, ErrorCode::Forbidden, "not a conversation of this user");
-        }
+        let before_seq = match self.readable(conv) {
+            Ok(Some(0)) => req.before_seq,
+            // A group the user left: nothing after the event that removed them.
+            Ok(Some(left)) if req.before_seq == 0 => left + 1,
+            Ok(Some(left)) => req.before_seq.min(left + 1),
+            Ok(None) => {
+                return self.error(rid, ErrorCode::Forbidden, "not a conversation of this user");
+            }
+            Err(e) => {
+                let (code, msg) = crate::core::storage_error_code(&e);
+                return self.error(rid, code, msg);
+            }
+        };
         let limit = if req.limit == 0 {
             50
         } else {
             req.limit.min(self.core.cfg.max_page)
         } as usize;
-        match store.read_backward(conv, req.before_seq, limit + 1) {
+        match store.read_backward(conv, before_seq, limit + 1) {
             Ok(mut msgs) => {
                 let mut has_more = msgs.len() > limit;
                 msgs.truncate(limit);
@@ -1259,6 +1450,16 @@ impl Ctx {
                 self.error(rid, code, msg);
             }
         }
+    }
+}
+
+/// The last seq of a conversation the user may read: the latest, or for a group they left the
+/// event that removed them.
+fn readable_upto(c: &ConversationInfo) -> u64 {
+    if c.left_seq > 0 {
+        c.left_seq.min(c.latest_seq)
+    } else {
+        c.latest_seq
     }
 }
 

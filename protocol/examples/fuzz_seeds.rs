@@ -74,6 +74,7 @@ fn main() -> io::Result<()> {
                         content_type: ContentType::Text as u32,
                         custom_type: String::new(),
                         payload: Bytes::from_static(b"hello bob"),
+                        priority: false,
                     },
                 ),
                 Frame::new(

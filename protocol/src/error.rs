@@ -106,6 +106,7 @@ impl ErrorCode {
             | Self::NotFound
             | Self::Conflict
             | Self::RateLimited
+            | Self::LimitExceeded
             | Self::Forbidden
             | Self::Blocked
             | Self::Muted

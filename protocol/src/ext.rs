@@ -1,9 +1,10 @@
 //! Constructors and small conveniences on the generated types.
 
 use crate::v1::{
-    Ack, Deliver, Error, ErrorCode, Frame, Hello, HelloOk, HistoryPage, HistoryRequest, Kick,
-    KickReason, Ping, Pong, Send, SendAck, SyncConversations, SyncDone, SyncMessages, SyncNeeded,
-    SyncRequest, Target, TargetKind, frame::Body,
+    Ack, Deliver, Error, ErrorCode, Frame, GroupRequest, GroupResponse, Hello, HelloOk,
+    HistoryPage, HistoryRequest, Kick, KickReason, Ping, Pong, RoomRequest, RoomResponse, Send,
+    SendAck, SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target,
+    TargetKind, frame::Body,
 };
 
 impl Frame {
@@ -108,4 +109,8 @@ bodies! {
     SyncNeeded(SyncNeeded) = "SyncNeeded",
     History(HistoryRequest) = "HistoryRequest",
     HistoryPage(HistoryPage) = "HistoryPage",
+    Group(GroupRequest) = "GroupRequest",
+    GroupResponse(GroupResponse) = "GroupResponse",
+    Room(RoomRequest) = "RoomRequest",
+    RoomResponse(RoomResponse) = "RoomResponse",
 }

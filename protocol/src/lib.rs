@@ -35,10 +35,15 @@ pub use codec::{Codec, MAX_FRAME_DEFAULT, PREFIX_LEN, decode_frame};
 pub use error::CodecError;
 pub use v1::frame::Body;
 pub use v1::{
-    Ack, ContentType, ConversationState, Deliver, Error, ErrorCode, Frame, Hello, HelloOk,
-    HistoryPage, HistoryRequest, Kick, KickReason, Ping, Platform, Pong, Send, SendAck,
-    SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target, TargetKind,
+    Ack, ContentType, ConversationState, Deliver, Error, ErrorCode, Frame, GroupEvent,
+    GroupEventKind, GroupInfo, GroupMember, GroupProfile, GroupRequest, GroupResponse, GroupRole,
+    Hello, HelloOk, HistoryPage, HistoryRequest, JoinPolicy, Kick, KickReason, MemberPage, Ping,
+    Platform, Pong, RoomRequest, RoomResponse, Send, SendAck, SyncConversations, SyncDone,
+    SyncMessages, SyncNeeded, SyncRequest, Target, TargetKind,
 };
+
+/// `custom_type` of the SYSTEM messages that record a group's changes (payload: [`GroupEvent`]).
+pub const GROUP_EVENT_TYPE: &str = "tern.group";
 
 /// The protocol version described by `proto/tern.proto`; clients send it in
 /// `Hello.protocol_version`.

@@ -38,9 +38,24 @@ fn variant_index(body: &Body) -> usize {
         Body::SyncNeeded(_) => 14,
         Body::History(_) => 15,
         Body::HistoryPage(_) => 16,
+        Body::Group(_) => 17,
+        Body::GroupResponse(_) => 18,
+        Body::Room(_) => 19,
+        Body::RoomResponse(_) => 20,
     }
 }
-const VARIANTS: usize = 17;
+const VARIANTS: usize = 21;
+
+fn profile() -> GroupProfile {
+    GroupProfile {
+        name: Some("Hikers".into()),
+        notice: Some("Saturday 8am".into()),
+        introduction: Some("".into()),
+        avatar_url: None,
+        join_policy: Some(JoinPolicy::Approval.into()),
+        custom: [("tier".to_string(), "gold".to_string())].into(),
+    }
+}
 
 /// One frame of every body type, every field set to a non-default value.
 fn every_body() -> Vec<Frame> {
@@ -90,6 +105,7 @@ fn every_body() -> Vec<Frame> {
             content_type: ContentType::Custom as u32,
             custom_type: "poll".into(),
             payload: Bytes::from_static(b"\x00\x01\xffpayload"),
+            priority: true,
         }
         .into(),
         SendAck {
@@ -120,6 +136,7 @@ fn every_body() -> Vec<Frame> {
                     read_seq: 5,
                     delivered_seq: 7,
                     version: 18,
+                    left: false,
                 },
                 ConversationState {
                     conversation_id: 43,
@@ -128,6 +145,7 @@ fn every_body() -> Vec<Frame> {
                     read_seq: 0,
                     delivered_seq: 0,
                     version: 12,
+                    left: true,
                 },
             ],
         }
@@ -150,6 +168,50 @@ fn every_body() -> Vec<Frame> {
             conversation_id: 42,
             messages: vec![deliver(8), deliver(7)],
             has_more: true,
+        }
+        .into(),
+        GroupRequest {
+            group_id: "g1".into(),
+            op: Some(group_request::Op::Create(CreateGroup {
+                profile: Some(Box::new(profile())),
+                members: vec!["bob".into(), "carol".into()],
+            })),
+        }
+        .into(),
+        GroupResponse {
+            group_id: "g1".into(),
+            conversation_id: 1 << 63 | 5,
+            event_seq: 3,
+            info: Some(Box::new(GroupInfo {
+                group_id: "g1".into(),
+                conversation_id: 1 << 63 | 5,
+                owner: "alice".into(),
+                profile: Some(profile()),
+                muted_all: true,
+                member_count: 3,
+                max_members: 100_000,
+                created_at_ms: 1_700_000_000_000,
+                latest_seq: 3,
+            })),
+            members: Some(MemberPage {
+                members: vec![GroupMember {
+                    user_id: "bob".into(),
+                    role: GroupRole::RoleAdmin.into(),
+                    muted_until_ms: 1_700_000_060_000,
+                    joined_at_ms: 1_700_000_000_000,
+                }],
+                next_page_token: 9,
+            }),
+        }
+        .into(),
+        RoomRequest {
+            room_id: "live-1".into(),
+            op: Some(room_request::Op::Enter(EnterRoom {})),
+        }
+        .into(),
+        RoomResponse {
+            room_id: "live-1".into(),
+            conversation_id: 1 << 62 | 77,
         }
         .into(),
     ];
@@ -356,6 +418,7 @@ fn decoded_payload_points_into_read_buffer() {
                 content_type: 1,
                 custom_type: String::new(),
                 payload: payload.clone(),
+                priority: false,
             },
         ),
         Frame::new(
@@ -445,6 +508,7 @@ fn protocol_md_example_is_current() {
             content_type: ContentType::Text as u32,
             custom_type: String::new(),
             payload: Bytes::from_static(b"hi"),
+            priority: false,
         },
     );
     let wire = Codec::default().encode_to_bytes(&frame).unwrap();

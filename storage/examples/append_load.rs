@@ -120,6 +120,7 @@ fn request(n: u64, convs: u64, body: &Bytes) -> AppendRequest {
         custom_type: String::new(),
         payload: body.clone(),
         participants: Vec::new(),
+        ..AppendRequest::default()
     }
 }
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use crate::completion::Completion;
 use crate::dedup::DedupWindow;
 use crate::error::{Result, StorageError};
-use crate::ids::{ConversationId, GroupId, Peer, Seq, UserId};
+use crate::ids::{ConversationId, GroupId, MAX_USER_ID, Peer, Seq, UserId, group_conversation};
 use crate::record::{MAX_CLIENT_MSG_ID_LEN, MAX_CUSTOM_TYPE_LEN, StoredMessage};
 
 /// One message to append.
@@ -32,6 +32,31 @@ pub struct AppendRequest {
     /// [`MessageStore::add_member`] and this is usually empty). Costs a write only the first
     /// time a (user, conversation) pair is seen.
     pub participants: Vec<UserId>,
+    /// A group state change committed with this message (only for that group's conversation).
+    pub group_change: Option<Box<GroupChange>>,
+}
+
+/// A change of a group's stored state, committed atomically with the append that records it.
+///
+/// The change is applied only if the append is (a duplicate applies nothing). Members are
+/// applied in order; for each:
+///
+/// * `Some(attributes)` stores the attributes. If the user was not a member, they join: the
+///   group's conversation becomes active in their index ([`ConversationInfo::active`],
+///   [`ConversationInfo::left_seq`] 0) with this append's version. If they were, only the
+///   attributes change.
+/// * `None` removes a member: the conversation stays in their index, inactive, with
+///   [`ConversationInfo::left_seq`] = this append's seq and this append's version. Removing a
+///   non-member is a no-op.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupChange {
+    /// The group; the append must be to its conversation ([`crate::group_conversation`]).
+    pub group: GroupId,
+    /// The group's new record, opaque to the store (None leaves it unchanged).
+    pub record: Option<Bytes>,
+    /// In order: members to add or update with their attributes (opaque bytes, may be
+    /// empty), or remove (None).
+    pub members: Vec<(UserId, Option<Bytes>)>,
 }
 
 impl AppendRequest {
@@ -50,6 +75,24 @@ impl AppendRequest {
         }
         if self.participants.contains(&0) {
             return Err(StorageError::InvalidArgument("participant id 0"));
+        }
+        if let Some(change) = &self.group_change {
+            match group_conversation(change.group) {
+                None => return Err(StorageError::InvalidArgument("group id out of range")),
+                Some(conv) if conv != self.conversation => {
+                    return Err(StorageError::InvalidArgument(
+                        "group change for another conversation",
+                    ));
+                }
+                Some(_) => {}
+            }
+            if change
+                .members
+                .iter()
+                .any(|&(user, _)| user == 0 || user > MAX_USER_ID)
+            {
+                return Err(StorageError::InvalidArgument("user id out of range"));
+            }
         }
         Ok(())
     }
@@ -159,6 +202,9 @@ pub struct ConversationInfo {
     pub last_version: u64,
     /// The user's read position (0 = nothing read).
     pub read_seq: Seq,
+    /// 0 while the user is a member (and always for 1:1); otherwise the seq of the event that
+    /// removed the user: they may read up to and including it and no further.
+    pub left_seq: Seq,
     /// The asking device's delivered cursor (0 when no device was given).
     pub delivered_seq: Seq,
 }
@@ -187,19 +233,35 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
     /// The name of internal group `id`.
     fn group_name(&self, id: GroupId) -> Result<Option<String>>;
 
-    /// Adds `user` to `group` and its conversation to the user's index. Resolves to false if
-    /// the user already was a member.
+    /// Adds `user` to `group` (with empty attributes) and its conversation to the user's
+    /// index. Resolves to false if the user already was a member.
     fn add_member(&self, group: GroupId, user: UserId) -> Completion<bool>;
-    /// Removes `user` from `group`; the conversation stays in the user's index, inactive.
-    /// Resolves to false if the user was not a member.
+    /// Removes `user` from `group`; the conversation stays in the user's index, inactive, with
+    /// [`ConversationInfo::left_seq`] = the conversation's latest seq (0 if it has no message
+    /// yet: then only `active` tells). Resolves to false if the user was not a member.
     fn remove_member(&self, group: GroupId, user: UserId) -> Completion<bool>;
     /// Up to `limit` members of `group` with ids greater than `after` (0 = from the start),
     /// ascending. Page with `after` = the last id of the previous page.
     fn members(&self, group: GroupId, after: UserId, limit: usize) -> Result<Vec<UserId>>;
     /// The groups `user` is a member of, ascending.
     fn groups_of(&self, user: UserId) -> Result<Vec<GroupId>>;
+    /// The group's record as last stored by a [`GroupChange`] (committed writes only).
+    fn group_record(&self, group: GroupId) -> Result<Option<Bytes>>;
+    /// Up to `limit` members of `group` with ids greater than `after`, ascending, with their
+    /// attributes (empty for members added by [`MessageStore::add_member`]).
+    fn member_records(
+        &self,
+        group: GroupId,
+        after: UserId,
+        limit: usize,
+    ) -> Result<Vec<(UserId, Bytes)>>;
+    /// The user's membership state in the group's conversation: `Some(left_seq)` if the user
+    /// has (or had) the group's conversation in their index (0 = still a member), None if
+    /// never. See [`ConversationInfo::left_seq`].
+    fn membership(&self, user: UserId, group: GroupId) -> Result<Option<Seq>>;
 
-    /// Appends a message; resolves once it is stored under the durability policy.
+    /// Appends a message, and applies its [`AppendRequest::group_change`] in the same atomic
+    /// write; resolves once it is stored under the durability policy.
     fn append(&self, req: AppendRequest) -> Completion<Appended>;
     /// Up to `limit` messages with `seq >= from_seq`, ascending.
     fn read_forward(

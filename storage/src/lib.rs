@@ -16,6 +16,10 @@
 //!   delivered cursors, and a per-user version so that a device that knows version V asks
 //!   [`MessageStore::conversations_changed_since`] for only what changed.
 //! * **Metadata**: string user and group ids interned to compact `u64`s, group membership.
+//! * **Groups**: an append may carry a [`GroupChange`] (the group's record, members joining,
+//!   leaving or changing attributes) that commits atomically with the message recording it;
+//!   read back with [`MessageStore::group_record`], [`MessageStore::member_records`] and
+//!   [`MessageStore::membership`].
 //!
 //! What it does **not** do: authorisation (any caller may append to any conversation; the
 //! gateway checks membership), delivery or fan-out, deleting or editing messages, retention,
@@ -33,9 +37,10 @@
 //! | column family | key | value | why |
 //! |---|---|---|---|
 //! | `messages` | conv BE ++ seq BE | message record | a conversation is one contiguous key range in seq order: a page read is one seek plus `next`/`prev`; a fixed 8-byte prefix extractor with prefix bloom filters (SST and memtable) makes seeks into a conversation skip files that do not hold it; the latest seq is one `seek_for_prev` |
-//! | `user_convs` | user BE ++ conv BE | user-conversation record (member flag, read position, versions) | all conversations of a user in one range scan (prefix 8) |
+//! | `user_convs` | user BE ++ conv BE | user-conversation record (member flag, read position, versions, seq the user left at) | all conversations of a user in one range scan (prefix 8) |
 //! | `cursors` | user BE ++ conv BE ++ device | delivered seq | point reads; whole-key bloom |
-//! | `members`, `user_groups` | group ++ user, user ++ group | empty | paged member lists and a user's groups, each a prefix scan |
+//! | `members`, `user_groups` | group ++ user, user ++ group | the member's attributes (opaque, as given; empty from `add_member`), empty | paged member lists (with attributes) and a user's groups, each a prefix scan |
+//! | `groups` | group BE | the group's record (opaque, as given) | point read |
 //! | `user_ids`, `user_names`, `group_ids`, `group_names` | name, id BE | id, name | interning both ways |
 //! | `dedup_journal` | first version of a batch, BE | the batch's idempotent appends | rebuilds the idempotency index on open |
 //! | `meta` | `format_version`, `version`, `next_user_id`, `next_group_id` | counters | |
@@ -43,13 +48,19 @@
 //! Separate column families keep the small, hot metadata out of the message log's
 //! compactions, and let each have its own prefix extractor, filters and memtable size.
 //! Big-endian keys make byte order numeric order. Record values start with a version byte
-//! ([`decode_record`] documents the message record); the directory's `format_version`
-//! is checked on open ([`StorageError::UnsupportedFormat`]).
+//! ([`decode_record`] documents the message record), except the gateway's opaque group
+//! records and member attributes, stored as given; the directory's `format_version`
+//! is checked on open ([`StorageError::UnsupportedFormat`]). Column families missing from an
+//! existing directory are created on open (`groups` in a directory written before it
+//! existed); the format version is the same.
 //!
 //! **Keys written per message**: one (`messages`) in the steady state. Per committed batch:
 //! one `meta` key (the version counter) and, if the batch had idempotent appends, one
 //! `dedup_journal` key. A `user_convs` key is written only the first time a participant is
-//! seen in a conversation. The idempotency record is not a second key per message.
+//! seen in a conversation. The idempotency record is not a second key per message. An append
+//! with a group change also writes the group's record (if given) and, per member entry that
+//! adds, updates or removes a member, its `members` key, plus on a join or leave its
+//! `user_groups` key and the user's `user_convs` record.
 //!
 //! # Sync and versions
 //!
@@ -63,8 +74,20 @@
 //! conversations). Delivered cursors are per device and do not change versions.
 //!
 //! Read positions, delivered cursors and membership changes go through the same writer as
-//! appends (batched with them, same durability); they are monotonic (a lower value is a
-//! no-op) and clamped to the conversation's latest seq.
+//! appends (batched with them, same durability); read positions and cursors are monotonic (a
+//! lower value is a no-op) and clamped to the conversation's latest seq.
+//!
+//! **Group changes.** A change of a group's stored state is recorded as a message in the
+//! group's conversation, and the append carries the change ([`AppendRequest::group_change`]):
+//! the message and the change get the same seq and version and are written in the same
+//! `WriteBatch`, so after a crash either both are there or neither. A duplicate append (an
+//! idempotency hit) applies nothing. A member who joins gets the conversation active in
+//! their index with the append's version; a member who is removed keeps it, inactive, with
+//! the append's version and [`ConversationInfo::left_seq`] = the append's seq (the removal
+//! event is the last message they may read). Changing only a member's attributes changes
+//! nothing in their index (the message itself is news to every member, as any message). [`MessageStore::add_member`] and [`MessageStore::remove_member`] are
+//! the same without a message: they get their own version, and a removal's `left_seq` is
+//! the conversation's latest seq.
 //!
 //! # Durability
 //!
@@ -126,8 +149,13 @@
 //!   uncommitted writes. Completions resolve in batch order, and only after every batch
 //!   built before theirs is committed (so a duplicate answer or a no-op never resolves
 //!   before the write it refers to is committed).
-//! * **Atomicity.** Everything in a batch (messages, index entries, journal, version
-//!   counter) commits atomically in one `WriteBatch`.
+//! * **Atomicity.** Everything in a batch (messages, index entries, group changes, journal,
+//!   version counter) commits atomically in one `WriteBatch`; in particular a group change
+//!   and the message recording it are never one without the other. A group change is
+//!   validated before it is queued, and the builder does every read an append needs before
+//!   it changes any in-memory state, so a failing append leaves nothing behind; a failed
+//!   commit rolls back the member flags and user-conversation records a group change cached
+//!   (the builder caches nothing else of it).
 //! * **Shutdown.** [`MessageStore::close`] (or dropping the last handle) completes every
 //!   write queued before it, syncs, and joins both writer threads; writes after it resolve to
 //!   [`StorageError::Closed`]. No completion ever hangs.
@@ -149,7 +177,9 @@ mod record;
 mod rocks;
 
 #[cfg(feature = "store")]
-pub use api::{AppendRequest, Appended, ConversationInfo, Durability, MessageStore, StoreOptions};
+pub use api::{
+    AppendRequest, Appended, ConversationInfo, Durability, GroupChange, MessageStore, StoreOptions,
+};
 #[cfg(feature = "store")]
 pub use completion::Completion;
 #[cfg(feature = "store")]

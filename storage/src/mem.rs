@@ -3,8 +3,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
+
 use crate::api::{
-    AppendRequest, Appended, ConversationInfo, MessageStore, check_device, check_name, now_ms,
+    AppendRequest, Appended, ConversationInfo, GroupChange, MessageStore, check_device, check_name,
+    now_ms,
 };
 use crate::completion::Completion;
 use crate::dedup::{DedupEntry, DedupIndex, DedupWindow};
@@ -28,8 +31,10 @@ struct State {
     users: Names,
     groups: Names,
     messages: BTreeMap<(ConversationId, Seq), StoredMessage>,
-    members: BTreeSet<(GroupId, UserId)>,
+    /// Members with their attributes.
+    members: BTreeMap<(GroupId, UserId), Bytes>,
     user_groups: BTreeSet<(UserId, GroupId)>,
+    group_records: HashMap<GroupId, Bytes>,
     user_convs: BTreeMap<(UserId, ConversationId), UserConvRecord>,
     cursors: HashMap<(UserId, ConversationId, String), Seq>,
     dedup: DedupIndex,
@@ -79,8 +84,9 @@ impl MemStore {
                 users: Names::default(),
                 groups: Names::default(),
                 messages: BTreeMap::new(),
-                members: BTreeSet::new(),
+                members: BTreeMap::new(),
                 user_groups: BTreeSet::new(),
+                group_records: HashMap::new(),
                 user_convs: BTreeMap::new(),
                 cursors: HashMap::new(),
                 dedup: DedupIndex::new(window),
@@ -144,6 +150,9 @@ impl State {
                 ..UserConvRecord::default()
             });
         }
+        if let Some(change) = req.group_change {
+            self.apply_group_change(*change, conv, seq, version);
+        }
         if let Some(k) = key {
             self.dedup.insert(
                 k,
@@ -185,21 +194,72 @@ impl State {
         if user == 0 || user > MAX_USER_ID {
             return Err(StorageError::InvalidArgument("user id out of range"));
         }
-        if self.members.contains(&(group, user)) == add {
+        if self.members.contains_key(&(group, user)) == add {
             return Ok(false);
         }
-        if add {
-            self.members.insert((group, user));
-            self.user_groups.insert((user, group));
-        } else {
-            self.members.remove(&(group, user));
-            self.user_groups.remove(&(user, group));
-        }
         let version = self.next_version();
-        let rec = self.user_convs.entry((user, conv)).or_default();
-        rec.active = add;
-        rec.member_version = version;
+        if add {
+            self.join(group, user, conv, Bytes::new(), version);
+        } else {
+            let left_seq = self.latest(conv);
+            self.leave(group, user, conv, left_seq, version);
+        }
         Ok(true)
+    }
+
+    /// Applies a (validated) group change recorded by the append `(seq, version)` of the
+    /// group's conversation `conv`.
+    fn apply_group_change(
+        &mut self,
+        change: GroupChange,
+        conv: ConversationId,
+        seq: Seq,
+        version: u64,
+    ) {
+        let group = change.group;
+        if let Some(record) = change.record {
+            self.group_records.insert(group, record);
+        }
+        for (user, attrs) in change.members {
+            match (attrs, self.members.get_mut(&(group, user))) {
+                (Some(attrs), Some(current)) => *current = attrs,
+                (Some(attrs), None) => self.join(group, user, conv, attrs, version),
+                (None, Some(_)) => self.leave(group, user, conv, seq, version),
+                (None, None) => {}
+            }
+        }
+    }
+
+    fn join(
+        &mut self,
+        group: GroupId,
+        user: UserId,
+        conv: ConversationId,
+        attrs: Bytes,
+        version: u64,
+    ) {
+        self.members.insert((group, user), attrs);
+        self.user_groups.insert((user, group));
+        let rec = self.user_convs.entry((user, conv)).or_default();
+        rec.active = true;
+        rec.left_seq = 0;
+        rec.member_version = version;
+    }
+
+    fn leave(
+        &mut self,
+        group: GroupId,
+        user: UserId,
+        conv: ConversationId,
+        left_seq: Seq,
+        version: u64,
+    ) {
+        self.members.remove(&(group, user));
+        self.user_groups.remove(&(user, group));
+        let rec = self.user_convs.entry((user, conv)).or_default();
+        rec.active = false;
+        rec.left_seq = left_seq;
+        rec.member_version = version;
     }
 
     fn set_read(&mut self, user: UserId, conv: ConversationId, seq: Seq) -> Seq {
@@ -274,7 +334,7 @@ impl MessageStore for MemStore {
         Ok(s.members
             .range((group, start)..=(group, u64::MAX))
             .take(limit)
-            .map(|&(_, u)| u)
+            .map(|(&(_, u), _)| u)
             .collect())
     }
 
@@ -284,6 +344,35 @@ impl MessageStore for MemStore {
             .range((user, 0)..=(user, u64::MAX))
             .map(|&(_, g)| g)
             .collect())
+    }
+
+    fn group_record(&self, group: GroupId) -> Result<Option<Bytes>> {
+        Ok(self.lock()?.group_records.get(&group).cloned())
+    }
+
+    fn member_records(
+        &self,
+        group: GroupId,
+        after: UserId,
+        limit: usize,
+    ) -> Result<Vec<(UserId, Bytes)>> {
+        let s = self.lock()?;
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        Ok(s.members
+            .range((group, start)..=(group, u64::MAX))
+            .take(limit)
+            .map(|(&(_, u), attrs)| (u, attrs.clone()))
+            .collect())
+    }
+
+    fn membership(&self, user: UserId, group: GroupId) -> Result<Option<Seq>> {
+        let s = self.lock()?;
+        let Some(conv) = group_conversation(group) else {
+            return Ok(None);
+        };
+        Ok(s.user_convs.get(&(user, conv)).map(|r| r.left_seq))
     }
 
     fn append(&self, req: AppendRequest) -> Completion<Appended> {
@@ -361,6 +450,7 @@ impl MessageStore for MemStore {
                 latest_seq,
                 last_version,
                 read_seq: rec.read_seq,
+                left_seq: rec.left_seq,
                 delivered_seq,
             });
         }
@@ -418,5 +508,39 @@ impl MessageStore for MemStore {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.closed = true;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Changing a member's attributes is not a join: the member's record keeps its version.
+    #[test]
+    fn attribute_update_keeps_member_version() {
+        let s = MemStore::default();
+        let g = 3;
+        let conv = group_conversation(g).unwrap();
+        let change = |id: &str, attrs: &'static [u8]| AppendRequest {
+            conversation: conv,
+            sender: 1,
+            client_msg_id: id.to_owned(),
+            group_change: Some(Box::new(GroupChange {
+                group: g,
+                record: None,
+                members: vec![(4, Some(Bytes::from_static(attrs)))],
+            })),
+            ..AppendRequest::default()
+        };
+        let record = || s.state.lock().unwrap().user_convs[&(4, conv)];
+        let joined = s.append(change("join", b"a")).wait().unwrap();
+        let rec = record();
+        assert_eq!(rec.member_version, joined.version);
+        s.append(change("update", b"b")).wait().unwrap();
+        assert_eq!(record(), rec);
+        assert_eq!(
+            s.member_records(g, 0, 10).unwrap(),
+            vec![(4, Bytes::from_static(b"b"))]
+        );
     }
 }

@@ -166,8 +166,21 @@ impl StoredMessage {
 
 /// Per (user, conversation) state, stored in the user-conversation index.
 ///
-/// Version 1 layout: `u8 version, u8 flags (bit 0: active member), u64 member_version,
-/// u64 read_seq, u64 read_version` (26 bytes).
+/// Version 1 layout (34 bytes):
+///
+/// ```text
+/// 0      u8   record version (1)
+/// 1      u8   flags (bit 0: active member)
+/// 2..10  u64  member_version
+/// 10..18 u64  read_seq
+/// 18..26 u64  read_version
+/// 26..34 u64  left_seq
+/// ```
+///
+/// Records written before `left_seq` existed are the first 26 bytes of this; they decode with
+/// `left_seq` 0 (right for members and 1:1 conversations; for a user who had already left, the
+/// seq they left at was not recorded, `active` is false) and are rewritten in the 34-byte form
+/// on their next change. Any other length is corrupt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct UserConvRecord {
     pub active: bool,
@@ -176,9 +189,14 @@ pub(crate) struct UserConvRecord {
     pub read_seq: Seq,
     /// Version of the last read-position change.
     pub read_version: u64,
+    /// 0 while a member (and for 1:1 conversations); after leaving a group, the seq of the
+    /// event that removed the user.
+    pub left_seq: Seq,
 }
 
-const USER_CONV_LEN: usize = 26;
+const USER_CONV_LEN: usize = 34;
+/// The form without `left_seq`.
+const USER_CONV_LEN_SHORT: usize = 26;
 
 impl UserConvRecord {
     pub fn encode(&self) -> [u8; USER_CONV_LEN] {
@@ -188,21 +206,27 @@ impl UserConvRecord {
         b[2..10].copy_from_slice(&self.member_version.to_le_bytes());
         b[10..18].copy_from_slice(&self.read_seq.to_le_bytes());
         b[18..26].copy_from_slice(&self.read_version.to_le_bytes());
+        b[26..34].copy_from_slice(&self.left_seq.to_le_bytes());
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
         check_version(b)?;
-        if b.len() != USER_CONV_LEN {
-            return Err(StorageError::Corrupt(
-                "user-conversation record has a wrong length",
-            ));
-        }
+        let left_seq = match b.len() {
+            USER_CONV_LEN => u64_at(b, 26),
+            USER_CONV_LEN_SHORT => 0,
+            _ => {
+                return Err(StorageError::Corrupt(
+                    "user-conversation record has a wrong length",
+                ));
+            }
+        };
         Ok(UserConvRecord {
             active: b[1] & 1 != 0,
             member_version: u64_at(b, 2),
             read_seq: u64_at(b, 10),
             read_version: u64_at(b, 18),
+            left_seq,
         })
     }
 
@@ -314,8 +338,10 @@ pub(crate) fn decode_journal(b: &[u8]) -> Result<(u64, Vec<JournalEntry>)> {
 
 /// Feeds `b` to every decoder of a stored format and checks what a decoder accepts: decoding
 /// never panics, and whatever decodes re-encodes to the same bytes (no two encodings of one
-/// value, nothing silently ignored). Panics on a violation; the fuzz target `record_decoder`
-/// calls it with arbitrary input.
+/// value, nothing silently ignored), except for the documented exceptions: a
+/// user-conversation record ignores flag bits other than bit 0, and its 26-byte form
+/// re-encodes to the 34-byte one with `left_seq` 0. Panics on a violation; the fuzz target
+/// `record_decoder` calls it with arbitrary input.
 pub fn check_decoders(b: &[u8]) {
     if let Ok(r) = decode_record(b) {
         let mut out = Vec::new();
@@ -342,8 +368,10 @@ pub fn check_decoders(b: &[u8]) {
         );
     }
     if let Ok(u) = UserConvRecord::decode(b) {
+        // The short form is the long one without its trailing `left_seq` of 0.
         let mut expected = b.to_vec();
         expected[1] &= 1;
+        expected.resize(USER_CONV_LEN, 0);
         assert_eq!(u.encode()[..], expected[..], "user-conversation record");
     }
     if let Ok(v) = decode_u64(b) {
@@ -447,11 +475,13 @@ mod tests {
             member_version: 1,
             read_seq: 2,
             read_version: 3,
+            left_seq: 4,
         };
         for b in [
             rec,
             journal,
             uc.encode().to_vec(),
+            uc.encode()[..USER_CONV_LEN_SHORT].to_vec(),
             encode_u64(5).to_vec(),
             pair_key(1, 2).to_vec(),
             Vec::new(),
@@ -527,7 +557,9 @@ mod tests {
             member_version: 5,
             read_seq: 9,
             read_version: 11,
+            left_seq: 13,
         };
+        assert_eq!(r.encode().len(), 34);
         assert_eq!(UserConvRecord::decode(&r.encode()).unwrap(), r);
         assert!(UserConvRecord::decode(&r.encode()[..10]).is_err());
         assert_eq!(decode_u64(&encode_u64(77)).unwrap(), 77);
@@ -545,5 +577,40 @@ mod tests {
             (5, 6, 7, 8)
         );
         assert!(decode_journal(&j[..j.len() - 1]).is_err());
+    }
+
+    /// Records stored before `left_seq` existed (26 bytes) still decode, with `left_seq` 0;
+    /// every other length is corrupt.
+    #[test]
+    fn user_conv_short_form_decodes() {
+        let mut old = vec![RECORD_VERSION, 1];
+        for v in [5u64, 9, 11] {
+            old.extend_from_slice(&v.to_le_bytes());
+        }
+        assert_eq!(old.len(), 26);
+        let r = UserConvRecord::decode(&old).unwrap();
+        assert_eq!(
+            r,
+            UserConvRecord {
+                active: true,
+                member_version: 5,
+                read_seq: 9,
+                read_version: 11,
+                left_seq: 0,
+            }
+        );
+        assert_eq!(r.encode()[..26], old[..]);
+        assert_eq!(r.encode()[26..], [0u8; 8]);
+        check_decoders(&old);
+
+        let long = UserConvRecord { left_seq: 7, ..r }.encode();
+        for len in (0..=40).filter(|&n| n != 26 && n != 34) {
+            let mut b = long.to_vec();
+            b.resize(len, 0);
+            assert!(
+                matches!(UserConvRecord::decode(&b), Err(StorageError::Corrupt(_))),
+                "length {len}"
+            );
+        }
     }
 }

@@ -53,6 +53,7 @@ fn crash_child() {
                 custom_type: String::new(),
                 payload: Bytes::from(vec![b'x'; 100]),
                 participants: Vec::new(),
+                ..AppendRequest::default()
             });
             pending.push_back((c, id, p));
             n += 1;

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tern_storage::{
-    AppendRequest, DedupWindow, Durability, FORMAT_VERSION, MessageStore, RocksStore, StorageError,
-    StoreOptions, direct_conversation, group_conversation,
+    AppendRequest, DedupWindow, Durability, FORMAT_VERSION, GroupChange, MessageStore, RocksStore,
+    StorageError, StoreOptions, direct_conversation, group_conversation,
 };
 
 fn msg(conv: u64, sender: u64, id: &str) -> AppendRequest {
@@ -17,6 +17,7 @@ fn msg(conv: u64, sender: u64, id: &str) -> AppendRequest {
         custom_type: String::new(),
         payload: Bytes::from_static(b"body"),
         participants: Vec::new(),
+        ..AppendRequest::default()
     }
 }
 
@@ -72,6 +73,59 @@ fn restart_continues_sequences_and_keeps_state() {
         // Dropping the last handle (without close) also flushes and releases the directory.
         let s = open(dir.path(), d);
         assert_eq!(s.latest_seq(c).unwrap(), 6, "{d:?}");
+    }
+}
+
+#[test]
+fn group_changes_survive_reopen() {
+    for d in [Durability::Fsync, Durability::Memory] {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, conv) = {
+            let s = open(dir.path(), d);
+            let g = s.intern_group("g").unwrap();
+            let conv = group_conversation(g).unwrap();
+            let mut r = msg(conv, 1, "create");
+            r.group_change = Some(Box::new(GroupChange {
+                group: g,
+                record: Some(Bytes::from_static(b"profile")),
+                members: vec![
+                    (1, Some(Bytes::from_static(b"owner"))),
+                    (2, Some(Bytes::new())),
+                    (3, Some(Bytes::from_static(b"x"))),
+                ],
+            }));
+            assert_eq!(s.append(r).wait().unwrap().seq, 1);
+            let mut r = msg(conv, 1, "kick");
+            r.group_change = Some(Box::new(GroupChange {
+                group: g,
+                record: None,
+                members: vec![(3, None)],
+            }));
+            assert_eq!(s.append(r).wait().unwrap().seq, 2);
+            s.close().unwrap();
+            (g, conv)
+        };
+        let s = open(dir.path(), d);
+        assert_eq!(
+            s.group_record(g).unwrap(),
+            Some(Bytes::from_static(b"profile")),
+            "{d:?}"
+        );
+        assert_eq!(
+            s.member_records(g, 0, 10).unwrap(),
+            vec![(1, Bytes::from_static(b"owner")), (2, Bytes::new()),]
+        );
+        assert_eq!(s.membership(3, g).unwrap(), Some(2));
+        assert_eq!(s.membership(2, g).unwrap(), Some(0));
+        let i = s.conversations_changed_since(3, 0, None).unwrap();
+        assert_eq!(
+            (i[0].conversation, i[0].active, i[0].left_seq),
+            (conv, false, 2)
+        );
+        // The writer reloads membership from the database: 2 is a member, 3 is not.
+        assert!(!s.add_member(g, 2).wait().unwrap());
+        assert!(s.add_member(g, 3).wait().unwrap());
+        assert_eq!(s.membership(3, g).unwrap(), Some(0));
     }
 }
 

@@ -574,6 +574,7 @@ pub fn send(c: &mut Conn, to: &str, id: &str, text: &str) -> u64 {
         content_type: 1,
         custom_type: String::new(),
         payload: Bytes::copy_from_slice(text.as_bytes()),
+        priority: false,
     }))
 }
 

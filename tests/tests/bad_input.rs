@@ -30,6 +30,7 @@ impl Witness {
             content_type: 1,
             custom_type: String::new(),
             payload: Bytes::from_static(b"still here"),
+            priority: false,
         }));
         let f = self.alice.recv_frame();
         assert_eq!(f.request_id, rid);
@@ -165,6 +166,7 @@ fn session_errors_after_login() {
         content_type: 1,
         custom_type: String::new(),
         payload: Bytes::from_static(b"private"),
+        priority: false,
     }));
     let f = erin.recv_frame();
     assert_eq!(f.request_id, rid);
@@ -212,6 +214,7 @@ fn session_errors_after_login() {
             content_type: 1,
             custom_type: "t".repeat(len),
             payload: Bytes::from_static(b"x"),
+            priority: false,
         }));
         let f = carol.recv_frame();
         assert_eq!(f.request_id, rid);

@@ -374,6 +374,7 @@ fn requests_pipelined_with_hello_survive_the_hand_off_to_the_users_core(via: Via
                     content_type: 1,
                     custom_type: String::new(),
                     payload: Bytes::from_static(b"pipelined"),
+                    priority: false,
                 },
             ),
         ];

@@ -193,6 +193,7 @@ fn sender(
                         content_type: 1,
                         custom_type: String::new(),
                         payload: payload(pair, idx),
+                        priority: false,
                     }))?;
                     inflight.insert(rid, idx);
                 }

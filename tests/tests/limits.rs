@@ -28,6 +28,7 @@ fn send(to: &str, id: &str, payload: Bytes) -> Body {
         content_type: 1,
         custom_type: String::new(),
         payload,
+        priority: false,
     })
 }
 

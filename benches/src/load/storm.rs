@@ -385,6 +385,7 @@ async fn send_one(
                 content_type: ContentType::Text as u32,
                 custom_type: String::new(),
                 payload: Bytes::from(format!("before the storm, from {from}")),
+                priority: false,
             },
         );
         let mut codec = Codec::new(MAX_FRAME);

@@ -55,6 +55,7 @@ impl SendTemplate {
                 content_type: ContentType::Custom as u32,
                 custom_type: "tern-load".into(),
                 payload: Bytes::from(vec![b'x'; payload]),
+                priority: false,
             },
         );
         let mut buf = BytesMut::new();

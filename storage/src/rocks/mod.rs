@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use bytes::Bytes;
 use crossbeam_channel::Sender;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Options,
@@ -21,7 +22,9 @@ use crate::api::{
 use crate::completion::Completion;
 use crate::dedup::{DedupEntry, DedupIndex};
 use crate::error::{Result, StorageError, backend};
-use crate::ids::{ConversationId, GroupId, MAX_GROUP_ID, MAX_USER_ID, Seq, UserId, peer_of};
+use crate::ids::{
+    ConversationId, GroupId, MAX_GROUP_ID, MAX_USER_ID, Seq, UserId, group_conversation, peer_of,
+};
 use crate::record::{
     StoredMessage, UserConvRecord, be_at, cursor_key, decode_journal, decode_record, decode_u64,
     encode_u64, msg_key, pair_key, split_pair_key,
@@ -36,6 +39,7 @@ pub(crate) const CF_USER_IDS: &str = "user_ids";
 pub(crate) const CF_USER_NAMES: &str = "user_names";
 pub(crate) const CF_GROUP_IDS: &str = "group_ids";
 pub(crate) const CF_GROUP_NAMES: &str = "group_names";
+pub(crate) const CF_GROUPS: &str = "groups";
 pub(crate) const CF_MEMBERS: &str = "members";
 pub(crate) const CF_USER_GROUPS: &str = "user_groups";
 pub(crate) const CF_USER_CONVS: &str = "user_convs";
@@ -43,12 +47,15 @@ pub(crate) const CF_CURSORS: &str = "cursors";
 pub(crate) const CF_JOURNAL: &str = "dedup_journal";
 pub(crate) const CF_META: &str = "meta";
 
-const ALL_CFS: [&str; 11] = [
+/// Opened, or created if missing (a directory written before `groups` existed gets it on
+/// its first open by this build).
+const ALL_CFS: [&str; 12] = [
     CF_MESSAGES,
     CF_USER_IDS,
     CF_USER_NAMES,
     CF_GROUP_IDS,
     CF_GROUP_NAMES,
+    CF_GROUPS,
     CF_MEMBERS,
     CF_USER_GROUPS,
     CF_USER_CONVS,
@@ -157,6 +164,18 @@ impl Db {
 
     /// All keys `prefix BE ++ x BE` with `x > after`, up to `limit`, returning `x`.
     fn scan_pairs(&self, cf: &str, prefix: u64, after: u64, limit: usize) -> Result<Vec<u64>> {
+        self.scan_pairs_with(cf, prefix, after, limit, |x, _| x)
+    }
+
+    /// As [`Db::scan_pairs`], returning `f(x, value)` for each.
+    fn scan_pairs_with<T>(
+        &self,
+        cf: &str,
+        prefix: u64,
+        after: u64,
+        limit: usize,
+        mut f: impl FnMut(u64, &[u8]) -> T,
+    ) -> Result<Vec<T>> {
         let mut out = Vec::new();
         let Some(start) = after.checked_add(1) else {
             return Ok(out);
@@ -166,12 +185,12 @@ impl Db {
             .raw_iterator_cf_opt(self.cf(cf), bounded_opts(prefix));
         it.seek(pair_key(prefix, start));
         while out.len() < limit {
-            let Some(k) = it.key() else { break };
+            let Some((k, v)) = it.item() else { break };
             let (p, x) = split_pair_key(k)?;
             if p != prefix {
                 break;
             }
-            out.push(x);
+            out.push(f(x, v));
             it.next();
         }
         it.status().map_err(backend)?;
@@ -674,6 +693,38 @@ impl MessageStore for RocksStore {
             .scan_pairs(CF_USER_GROUPS, user, 0, usize::MAX)
     }
 
+    fn group_record(&self, group: GroupId) -> Result<Option<Bytes>> {
+        self.check_open()?;
+        let db = &self.inner.db;
+        Ok(db
+            .db
+            .get_pinned_cf(db.cf(CF_GROUPS), group.to_be_bytes())
+            .map_err(backend)?
+            .map(|v| Bytes::copy_from_slice(&v)))
+    }
+
+    fn member_records(
+        &self,
+        group: GroupId,
+        after: UserId,
+        limit: usize,
+    ) -> Result<Vec<(UserId, Bytes)>> {
+        self.check_open()?;
+        self.inner
+            .db
+            .scan_pairs_with(CF_MEMBERS, group, after, limit, |user, attrs| {
+                (user, Bytes::copy_from_slice(attrs))
+            })
+    }
+
+    fn membership(&self, user: UserId, group: GroupId) -> Result<Option<Seq>> {
+        self.check_open()?;
+        let Some(conv) = group_conversation(group) else {
+            return Ok(None);
+        };
+        Ok(self.inner.db.user_conv(user, conv)?.map(|r| r.left_seq))
+    }
+
     fn append(&self, req: AppendRequest) -> Completion<Appended> {
         if let Err(e) = req.validate() {
             return Completion::ready(Err(e));
@@ -779,6 +830,7 @@ impl MessageStore for RocksStore {
                     latest_seq,
                     last_version,
                     read_seq: rec.read_seq,
+                    left_seq: rec.left_seq,
                     delivered_seq,
                 });
             }
@@ -884,9 +936,8 @@ impl Drop for Inner {
 mod tests {
     use std::sync::atomic::Ordering::SeqCst;
 
-    use bytes::Bytes;
-
     use super::*;
+    use crate::api::GroupChange;
     use crate::ids::direct_conversation;
 
     fn msg(conv: u64, id: &str) -> AppendRequest {
@@ -1035,5 +1086,244 @@ mod tests {
         let r = s.append(msg(c, "m4")).wait().unwrap();
         assert_eq!((r.seq, r.duplicate), (5, true));
         assert_eq!(s.append(msg(c, "m6")).wait().unwrap().seq, 6);
+    }
+
+    /// An append to group `g`'s conversation carrying a change of it.
+    fn group_msg(
+        g: GroupId,
+        id: &str,
+        record: Option<&'static str>,
+        members: &[(UserId, Option<&'static str>)],
+    ) -> AppendRequest {
+        AppendRequest {
+            conversation: group_conversation(g).unwrap(),
+            sender: 1,
+            client_msg_id: id.to_owned(),
+            payload: Bytes::from_static(b"event"),
+            group_change: Some(Box::new(GroupChange {
+                group: g,
+                record: record.map(Bytes::from),
+                members: members
+                    .iter()
+                    .map(|&(u, a)| (u, a.map(Bytes::from)))
+                    .collect(),
+            })),
+            ..AppendRequest::default()
+        }
+    }
+
+    /// The group's members with their attributes, as `user=attributes` separated by spaces.
+    fn attrs(s: &RocksStore, g: GroupId) -> String {
+        let members: Vec<String> = s
+            .member_records(g, 0, 100)
+            .unwrap()
+            .iter()
+            .map(|(u, a)| format!("{u}={}", String::from_utf8_lossy(a)))
+            .collect();
+        members.join(" ")
+    }
+
+    /// A group change whose commit fails leaves nothing behind: not in the database, not in
+    /// the builder's membership and user-conversation caches, not in the idempotency index.
+    #[test]
+    fn failed_commit_rolls_back_a_group_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let g = 5;
+        let conv = group_conversation(g).unwrap();
+        let created = s
+            .append(group_msg(g, "create", Some("v1"), &[(1, Some("owner"))]))
+            .wait()
+            .unwrap();
+        let change = || group_msg(g, "change", Some("v2"), &[(1, None), (2, Some("new"))]);
+
+        s.inner.db.hooks.fail_commits.store(1, SeqCst);
+        let e = s.append(change()).wait().unwrap_err();
+        assert!(matches!(e, StorageError::CommitFailed(_)), "{e:?}");
+        assert_eq!(s.latest_seq(conv).unwrap(), 1);
+        assert_eq!(s.group_record(g).unwrap(), Some(Bytes::from_static(b"v1")));
+        assert_eq!(attrs(&s, g), "1=owner");
+        assert_eq!(s.groups_of(1).unwrap(), vec![g]);
+        assert!(s.groups_of(2).unwrap().is_empty());
+        assert_eq!(s.membership(1, g).unwrap(), Some(0));
+        assert_eq!(s.membership(2, g).unwrap(), None);
+        let i = s.conversations_changed_since(1, 0, None).unwrap();
+        assert_eq!((i[0].active, i[0].left_seq), (true, 0));
+        assert_eq!(i[0].last_version, created.version);
+
+        // The builder's membership cache was rolled back: 1 still is a member, 2 is not.
+        assert!(!s.add_member(g, 1).wait().unwrap());
+        assert!(s.add_member(g, 2).wait().unwrap());
+        assert!(s.remove_member(g, 2).wait().unwrap());
+        // The retry is applied in full, under the next seq.
+        let r = s.append(change()).wait().unwrap();
+        assert_eq!((r.seq, r.duplicate), (2, false));
+        assert_eq!(s.group_record(g).unwrap(), Some(Bytes::from_static(b"v2")));
+        assert_eq!(attrs(&s, g), "2=new");
+        assert_eq!(s.membership(1, g).unwrap(), Some(2));
+        assert_eq!(s.membership(2, g).unwrap(), Some(0));
+        assert_eq!(
+            s.inner
+                .db
+                .user_conv(2, conv)
+                .unwrap()
+                .unwrap()
+                .member_version,
+            r.version,
+            "a join"
+        );
+    }
+
+    /// A failed batch with a group change, and a batch built on top of it that relied on the
+    /// change (an attribute update of the new member, the member's removal and a new join):
+    /// both fail, and the builder forgets the membership they left it with.
+    #[test]
+    fn failed_commit_rolls_back_group_changes_built_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let hooks = &s.inner.db.hooks;
+        let g = 8;
+        let conv = group_conversation(g).unwrap();
+
+        // Batch F: user 2 joins; the committer holds it.
+        hooks.hold_commits.store(true, SeqCst);
+        let received = hooks.received.load(SeqCst);
+        let f = s.append(group_msg(g, "join", Some("v1"), &[(2, Some("a"))]));
+        wait_until("F held", || hooks.received.load(SeqCst) == received + 1);
+
+        // Batch F+1, built on F: to the builder, 2 is a member.
+        let built = hooks.built.load(SeqCst);
+        hooks.hold_build.store(true, SeqCst);
+        let f1 = s.append(group_msg(g, "promote", None, &[(2, Some("b"))]));
+        let f2 = s.remove_member(g, 2);
+        let f3 = s.add_member(g, 2);
+        wait_until("F+1 ops queued", || s.queue_len() == 2);
+        hooks.hold_build.store(false, SeqCst);
+        wait_until("F+1 built", || hooks.built.load(SeqCst) == built + 1);
+
+        hooks.fail_commits.store(1, SeqCst);
+        hooks.hold_commits.store(false, SeqCst);
+        for (what, r) in [
+            ("join", f.wait().map(|_| ())),
+            ("promote", f1.wait().map(|_| ())),
+            ("remove", f2.wait().map(|_| ())),
+            ("join again", f3.wait().map(|_| ())),
+        ] {
+            assert!(
+                matches!(r, Err(StorageError::CommitFailed(_))),
+                "{what}: {r:?}"
+            );
+        }
+
+        assert_eq!(s.latest_seq(conv).unwrap(), 0);
+        assert_eq!(s.group_record(g).unwrap(), None);
+        assert_eq!(attrs(&s, g), "");
+        assert!(s.groups_of(2).unwrap().is_empty());
+        assert_eq!(s.membership(2, g).unwrap(), None);
+        assert!(
+            s.conversations_changed_since(2, 0, None)
+                .unwrap()
+                .is_empty()
+        );
+
+        // The same attribute update now is a join, and the removal finds no member.
+        assert!(!s.remove_member(g, 2).wait().unwrap());
+        let r = s
+            .append(group_msg(g, "promote", None, &[(2, Some("b"))]))
+            .wait()
+            .unwrap();
+        assert_eq!((r.seq, r.duplicate), (1, false));
+        assert_eq!(attrs(&s, g), "2=b");
+        assert_eq!(s.membership(2, g).unwrap(), Some(0));
+        let i = s.conversations_changed_since(2, 0, None).unwrap();
+        assert_eq!((i[0].conversation, i[0].active), (conv, true));
+        assert!(s.remove_member(g, 2).wait().unwrap());
+        assert_eq!(s.membership(2, g).unwrap(), Some(1));
+    }
+
+    /// Changing a member's attributes is not a join: the member's record keeps its version.
+    #[test]
+    fn attribute_update_keeps_member_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let g = 3;
+        let conv = group_conversation(g).unwrap();
+        let joined = s
+            .append(group_msg(g, "join", None, &[(4, Some("a"))]))
+            .wait()
+            .unwrap();
+        let rec = s.inner.db.user_conv(4, conv).unwrap().unwrap();
+        assert_eq!(rec.member_version, joined.version);
+        s.append(group_msg(g, "update", None, &[(4, Some("b"))]))
+            .wait()
+            .unwrap();
+        assert_eq!(s.inner.db.user_conv(4, conv).unwrap().unwrap(), rec);
+        assert_eq!(attrs(&s, g), "4=b");
+    }
+
+    /// A directory written before the `groups` column family existed (and with 26-byte
+    /// user-conversation records) opens: the column family is created, and the old records
+    /// read with `left_seq` 0.
+    #[test]
+    fn opens_a_directory_without_the_groups_column_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, user) = (4, 9);
+        let conv = group_conversation(g).unwrap();
+        {
+            let mut o = Options::default();
+            o.create_if_missing(true);
+            o.create_missing_column_families(true);
+            let old: Vec<&str> = ALL_CFS.into_iter().filter(|&n| n != CF_GROUPS).collect();
+            let db = DB::open_cf(&o, dir.path(), &old).unwrap();
+            let cf = |n: &str| db.cf_handle(n).unwrap();
+            db.put_cf(cf(CF_META), META_FORMAT, FORMAT_VERSION.to_le_bytes())
+                .unwrap();
+            db.put_cf(cf(CF_META), META_VERSION, encode_u64(1)).unwrap();
+            db.put_cf(cf(CF_MEMBERS), pair_key(g, user), b"").unwrap();
+            db.put_cf(cf(CF_USER_GROUPS), pair_key(user, g), b"")
+                .unwrap();
+            let short = &UserConvRecord {
+                active: true,
+                member_version: 1,
+                ..UserConvRecord::default()
+            }
+            .encode()[..26];
+            db.put_cf(cf(CF_USER_CONVS), pair_key(user, conv), short)
+                .unwrap();
+        }
+        assert!(
+            !DB::list_cf(&Options::default(), dir.path())
+                .unwrap()
+                .contains(&CF_GROUPS.to_owned())
+        );
+
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(s.group_record(g).unwrap(), None);
+        assert_eq!(
+            s.member_records(g, 0, 10).unwrap(),
+            vec![(user, Bytes::new())]
+        );
+        assert_eq!(s.membership(user, g).unwrap(), Some(0));
+        let i = s.conversations_changed_since(user, 0, None).unwrap();
+        assert_eq!(
+            (i[0].active, i[0].left_seq, i[0].last_version),
+            (true, 0, 1)
+        );
+        let r = s
+            .append(group_msg(g, "kick", Some("rec"), &[(user, None)]))
+            .wait()
+            .unwrap();
+        assert!(r.version > 1);
+        drop(s);
+
+        assert!(
+            DB::list_cf(&Options::default(), dir.path())
+                .unwrap()
+                .contains(&CF_GROUPS.to_owned())
+        );
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(s.group_record(g).unwrap(), Some(Bytes::from_static(b"rec")));
+        assert_eq!(s.membership(user, g).unwrap(), Some(1));
+        assert!(s.members(g, 0, 10).unwrap().is_empty());
     }
 }

@@ -32,7 +32,10 @@
 //! entries and journal records of the failed batch and the batches after it, and moves to
 //! epoch E+1. So no sequence number is skipped or reused and no idempotency entry points
 //! to an uncommitted message. Versions are not rolled back: they must only increase, gaps
-//! are harmless.
+//! are harmless. A group change carried by an append ([`GroupChange`]) leaves state only
+//! in those caches (member flags and user-conversation records); group records and member
+//! attributes are written to the batch and never cached, so the rollback forgets the whole
+//! change.
 
 use std::collections::VecDeque;
 
@@ -46,9 +49,9 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use rocksdb::{ColumnFamily, WriteBatch, WriteOptions};
 
-use super::{CF_CURSORS, CF_JOURNAL, CF_MEMBERS, CF_MESSAGES, CF_META, CF_USER_CONVS};
-use super::{CF_USER_GROUPS, Db, META_VERSION};
-use crate::api::{AppendRequest, Appended, StoreOptions, now_ms};
+use super::{CF_CURSORS, CF_GROUPS, CF_JOURNAL, CF_MEMBERS, CF_MESSAGES, CF_META};
+use super::{CF_USER_CONVS, CF_USER_GROUPS, Db, META_VERSION};
+use crate::api::{AppendRequest, Appended, GroupChange, StoreOptions, now_ms};
 use crate::completion::Completer;
 use crate::dedup::{DedupEntry, DedupIndex, DedupKey};
 use crate::error::{Result, StorageError};
@@ -603,6 +606,14 @@ impl Writer {
                 new_members.push(p);
             }
         }
+        if let Some(change) = &req.group_change {
+            // Caches what `apply_group_change` needs: every member flag, and every existing
+            // user-conversation record (a user without one has none in the database either).
+            for &(user, _) in &change.members {
+                self.is_member(change.group, user)?;
+                self.user_conv(user, conv)?;
+            }
+        }
 
         let seq = head + 1;
         let version = self.next_version();
@@ -631,6 +642,9 @@ impl Writer {
                     ..UserConvRecord::default()
                 },
             );
+        }
+        if let Some(change) = &req.group_change {
+            self.apply_group_change(change, conv, seq, version, batch);
         }
         if let Some(k) = key {
             push_journal_entry(
@@ -702,6 +716,16 @@ impl Writer {
         Ok(target)
     }
 
+    /// Whether `user` is a member of `group` (committed or built), cached.
+    fn is_member(&mut self, group: GroupId, user: UserId) -> Result<bool> {
+        if let Some(&m) = self.members.get(&(group, user)) {
+            return Ok(m);
+        }
+        let m = self.db.is_member(group, user)?;
+        self.members.insert((group, user), m);
+        Ok(m)
+    }
+
     fn member(
         &mut self,
         group: GroupId,
@@ -715,32 +739,98 @@ impl Writer {
         if user == 0 || user > MAX_USER_ID {
             return Err(StorageError::InvalidArgument("user id out of range"));
         }
-        let is_member = match self.members.get(&(group, user)) {
-            Some(&m) => m,
-            None => {
-                let m = self.db.is_member(group, user)?;
-                self.members.insert((group, user), m);
-                m
-            }
-        };
-        if is_member == add {
+        if self.is_member(group, user)? == add {
             return Ok(false);
         }
-        let rec = self.user_conv(user, conv)?;
+        // Reads first (this caches the record `join` and `leave` update).
+        self.user_conv(user, conv)?;
+        let head = if add { 0 } else { self.head(conv)? };
         let version = self.next_version();
-        let db = &self.db;
         if add {
-            batch.put_cf(db.cf(CF_MEMBERS), pair_key(group, user), b"");
-            batch.put_cf(db.cf(CF_USER_GROUPS), pair_key(user, group), b"");
+            self.join(group, user, conv, b"", version, batch);
         } else {
-            batch.delete_cf(db.cf(CF_MEMBERS), pair_key(group, user));
-            batch.delete_cf(db.cf(CF_USER_GROUPS), pair_key(user, group));
+            self.leave(group, user, conv, head, version, batch);
         }
-        let mut rec = rec.unwrap_or_default();
-        rec.active = add;
+        Ok(true)
+    }
+
+    /// Applies a group change recorded by the append `(seq, version)` of the group's
+    /// conversation `conv`. Everything it reads was cached by the append's reads.
+    fn apply_group_change(
+        &mut self,
+        change: &GroupChange,
+        conv: ConversationId,
+        seq: Seq,
+        version: u64,
+        batch: &mut WriteBatch,
+    ) {
+        let group = change.group;
+        if let Some(record) = &change.record {
+            batch.put_cf(self.db.cf(CF_GROUPS), group.to_be_bytes(), record);
+        }
+        for (user, attrs) in &change.members {
+            let user = *user;
+            let was_member = self.members.get(&(group, user)) == Some(&true);
+            match attrs {
+                Some(attrs) if was_member => {
+                    batch.put_cf(self.db.cf(CF_MEMBERS), pair_key(group, user), attrs);
+                }
+                Some(attrs) => self.join(group, user, conv, attrs, version, batch),
+                None if was_member => self.leave(group, user, conv, seq, version, batch),
+                None => {}
+            }
+        }
+    }
+
+    /// Makes a non-member `user` a member of `group` with `attrs`. The user's record for the
+    /// group's conversation `conv`, if any, must be cached.
+    fn join(
+        &mut self,
+        group: GroupId,
+        user: UserId,
+        conv: ConversationId,
+        attrs: &[u8],
+        version: u64,
+        batch: &mut WriteBatch,
+    ) {
+        let db = &self.db;
+        batch.put_cf(db.cf(CF_MEMBERS), pair_key(group, user), attrs);
+        batch.put_cf(db.cf(CF_USER_GROUPS), pair_key(user, group), b"");
+        self.members.insert((group, user), true);
+        let mut rec = self.cached_user_conv(user, conv);
+        rec.active = true;
+        rec.left_seq = 0;
         rec.member_version = version;
         self.put_user_conv(user, conv, rec);
-        self.members.insert((group, user), add);
-        Ok(true)
+    }
+
+    /// Removes member `user` from `group`; they may read `conv` up to `left_seq`. The user's
+    /// record for `conv`, if any, must be cached.
+    fn leave(
+        &mut self,
+        group: GroupId,
+        user: UserId,
+        conv: ConversationId,
+        left_seq: Seq,
+        version: u64,
+        batch: &mut WriteBatch,
+    ) {
+        let db = &self.db;
+        batch.delete_cf(db.cf(CF_MEMBERS), pair_key(group, user));
+        batch.delete_cf(db.cf(CF_USER_GROUPS), pair_key(user, group));
+        self.members.insert((group, user), false);
+        let mut rec = self.cached_user_conv(user, conv);
+        rec.active = false;
+        rec.left_seq = left_seq;
+        rec.member_version = version;
+        self.put_user_conv(user, conv, rec);
+    }
+
+    /// The cached record (a default one if there is none; callers have read it first).
+    fn cached_user_conv(&self, user: UserId, conv: ConversationId) -> UserConvRecord {
+        self.user_convs
+            .get(&(user, conv))
+            .copied()
+            .unwrap_or_default()
     }
 }

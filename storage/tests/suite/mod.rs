@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tern_storage::{
-    AppendRequest, Appended, DedupWindow, MAX_CLIENT_MSG_ID_LEN, MAX_GROUP_ID, MessageStore, Peer,
-    StorageError, direct_conversation, group_conversation,
+    AppendRequest, Appended, ConversationInfo, DedupWindow, GroupChange, MAX_CLIENT_MSG_ID_LEN,
+    MAX_GROUP_ID, MAX_USER_ID, MessageStore, Peer, StorageError, direct_conversation,
+    group_conversation,
 };
 
 /// A store plus whatever must live as long as it (a temporary directory).
@@ -28,6 +29,7 @@ pub fn msg(conv: u64, sender: u64, id: &str, body: &str) -> AppendRequest {
         custom_type: String::new(),
         payload: Bytes::copy_from_slice(body.as_bytes()),
         participants: Vec::new(),
+        ..AppendRequest::default()
     }
 }
 
@@ -511,6 +513,300 @@ pub fn sync_state(make: Factory) {
     assert_eq!((i.read_seq, i.delivered_seq, i.latest_seq), (2, 1, 2));
 }
 
+/// An append to group `g`'s conversation carrying a change of it.
+pub fn group_msg(
+    g: u64,
+    id: &str,
+    record: Option<&'static str>,
+    members: &[(u64, Option<&'static str>)],
+) -> AppendRequest {
+    let mut r = msg(group_conversation(g).unwrap(), 1, id, "group event");
+    r.group_change = Some(Box::new(GroupChange {
+        group: g,
+        record: record.map(Bytes::from),
+        members: members
+            .iter()
+            .map(|&(u, a)| (u, a.map(Bytes::from)))
+            .collect(),
+    }));
+    r
+}
+
+/// `user`'s entry for `conv` in their conversation index.
+fn conv_info(s: &dyn MessageStore, user: u64, conv: u64) -> Option<ConversationInfo> {
+    s.conversations_changed_since(user, 0, None)
+        .unwrap()
+        .into_iter()
+        .find(|i| i.conversation == conv)
+}
+
+fn records(v: &[(u64, &'static str)]) -> Vec<(u64, Bytes)> {
+    v.iter()
+        .map(|&(u, a)| (u, Bytes::from_static(a.as_bytes())))
+        .collect()
+}
+
+pub fn group_change_commits_with_its_append(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = &*f.store;
+    let g = s.intern_group("team").unwrap();
+    let conv = group_conversation(g).unwrap();
+    assert_eq!(s.group_record(g).unwrap(), None);
+    assert_eq!(s.membership(1, g).unwrap(), None);
+
+    // Created with two members.
+    let created = append(
+        s,
+        group_msg(
+            g,
+            "create",
+            Some("v1"),
+            &[(1, Some("owner")), (2, Some(""))],
+        ),
+    );
+    assert_eq!(created.seq, 1);
+    assert_eq!(s.group_record(g).unwrap(), Some(Bytes::from_static(b"v1")));
+    assert_eq!(
+        s.member_records(g, 0, 10).unwrap(),
+        records(&[(1, "owner"), (2, "")])
+    );
+    assert_eq!(s.member_records(g, 1, 10).unwrap(), records(&[(2, "")]));
+    assert_eq!(s.member_records(g, 0, 1).unwrap(), records(&[(1, "owner")]));
+    assert!(s.member_records(g, 2, 10).unwrap().is_empty());
+    assert!(s.member_records(g, u64::MAX, 10).unwrap().is_empty());
+    assert_eq!(s.members(g, 0, 10).unwrap(), vec![1, 2]);
+    assert_eq!(s.groups_of(1).unwrap(), vec![g]);
+    assert_eq!(s.groups_of(2).unwrap(), vec![g]);
+    assert_eq!(s.membership(1, g).unwrap(), Some(0));
+    assert_eq!(s.membership(2, g).unwrap(), Some(0));
+    assert_eq!(s.membership(3, g).unwrap(), None);
+    assert_eq!(s.membership(1, 0).unwrap(), None);
+    for u in [1, 2] {
+        let i = conv_info(s, u, conv).unwrap();
+        assert!(i.active);
+        assert_eq!(i.peer, Peer::Group(g));
+        assert_eq!((i.latest_seq, i.left_seq), (1, 0));
+        assert_eq!(i.last_version, created.version);
+        assert_eq!(s.user_version(u).unwrap(), created.version);
+    }
+    let m = &s.read_forward(conv, 1, 10).unwrap()[0];
+    assert_eq!(
+        (m.seq, m.version, &m.payload[..]),
+        (1, created.version, &b"group event"[..])
+    );
+
+    // A message without a change changes no group state.
+    append(s, msg(conv, 1, "chat", "hello"));
+    assert_eq!(s.group_record(g).unwrap(), Some(Bytes::from_static(b"v1")));
+
+    // Removing a member: the record stays (None leaves it), left_seq = the removal's seq.
+    let removed = append(s, group_msg(g, "kick", None, &[(2, None)]));
+    assert_eq!(removed.seq, 3);
+    assert_eq!(s.group_record(g).unwrap(), Some(Bytes::from_static(b"v1")));
+    assert_eq!(s.members(g, 0, 10).unwrap(), vec![1]);
+    assert_eq!(
+        s.member_records(g, 0, 10).unwrap(),
+        records(&[(1, "owner")])
+    );
+    assert!(s.groups_of(2).unwrap().is_empty());
+    assert_eq!(s.membership(2, g).unwrap(), Some(3));
+    assert_eq!(s.membership(1, g).unwrap(), Some(0));
+    let i = conv_info(s, 2, conv).unwrap();
+    assert!(!i.active);
+    assert_eq!((i.left_seq, i.latest_seq), (3, 3));
+    assert_eq!(i.last_version, removed.version);
+    assert_eq!(
+        s.conversations_changed_since(2, created.version, None)
+            .unwrap()
+            .len(),
+        1,
+        "the removal is a change since the creation"
+    );
+
+    // Re-adding resets left_seq and makes the conversation active again.
+    let back = append(s, group_msg(g, "back", Some("v2"), &[(2, Some("guest"))]));
+    assert_eq!(s.group_record(g).unwrap(), Some(Bytes::from_static(b"v2")));
+    assert_eq!(s.membership(2, g).unwrap(), Some(0));
+    let i = conv_info(s, 2, conv).unwrap();
+    assert!(i.active);
+    assert_eq!((i.left_seq, i.last_version), (0, back.version));
+    assert_eq!(s.groups_of(2).unwrap(), vec![g]);
+
+    // An attribute update of a member is not a join: membership and index unchanged.
+    append(s, group_msg(g, "promote", None, &[(2, Some("admin"))]));
+    assert_eq!(
+        s.member_records(g, 0, 10).unwrap(),
+        records(&[(1, "owner"), (2, "admin")])
+    );
+    assert_eq!(s.membership(2, g).unwrap(), Some(0));
+    assert!(conv_info(s, 2, conv).unwrap().active);
+    assert_eq!(s.groups_of(2).unwrap(), vec![g]);
+
+    // Entries apply in order; removing a non-member is a no-op.
+    let r = append(
+        s,
+        group_msg(
+            g,
+            "churn",
+            None,
+            &[
+                (7, Some("a")),
+                (7, None),
+                (8, None),
+                (9, Some("x")),
+                (9, Some("y")),
+            ],
+        ),
+    );
+    assert_eq!(s.membership(7, g).unwrap(), Some(r.seq));
+    assert!(!conv_info(s, 7, conv).unwrap().active);
+    assert_eq!(s.membership(8, g).unwrap(), None);
+    assert!(conv_info(s, 8, conv).is_none());
+    assert_eq!(s.membership(9, g).unwrap(), Some(0));
+    assert_eq!(
+        s.member_records(g, 0, 10).unwrap(),
+        records(&[(1, "owner"), (2, "admin"), (9, "y")])
+    );
+    assert_eq!(s.members(g, 0, 10).unwrap(), vec![1, 2, 9]);
+    assert_eq!(s.latest_seq(conv).unwrap(), r.seq);
+}
+
+pub fn group_change_of_a_duplicate_is_not_applied(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = &*f.store;
+    let g = s.intern_group("team").unwrap();
+    let conv = group_conversation(g).unwrap();
+    let first = append(s, group_msg(g, "add-5", Some("v1"), &[(5, Some("a"))]));
+    append(s, group_msg(g, "remove-5", None, &[(5, None)]));
+    // The retry carries a different change: nothing of it is applied.
+    let retry = append(s, group_msg(g, "add-5", Some("v2"), &[(5, Some("b"))]));
+    assert!(retry.duplicate);
+    assert_eq!(retry.seq, first.seq);
+    assert_eq!(s.group_record(g).unwrap(), Some(Bytes::from_static(b"v1")));
+    assert!(s.members(g, 0, 10).unwrap().is_empty());
+    assert_eq!(s.membership(5, g).unwrap(), Some(2));
+    assert_eq!(s.latest_seq(conv).unwrap(), 2);
+
+    // Both copies in flight at once: one write, one change.
+    let p1 = s.append(group_msg(g, "add-6", Some("v3"), &[(6, Some("x"))]));
+    let p2 = s.append(group_msg(
+        g,
+        "add-6",
+        Some("v4"),
+        &[(6, None), (7, Some("y"))],
+    ));
+    let (r1, r2) = (p1.wait().unwrap(), p2.wait().unwrap());
+    assert_eq!((r1.seq, r1.duplicate), (3, false));
+    assert_eq!((r2.seq, r2.duplicate), (3, true));
+    assert_eq!(s.group_record(g).unwrap(), Some(Bytes::from_static(b"v3")));
+    assert_eq!(s.member_records(g, 0, 10).unwrap(), records(&[(6, "x")]));
+    assert_eq!(s.membership(7, g).unwrap(), None);
+}
+
+pub fn invalid_group_change_writes_nothing(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = &*f.store;
+    let g = s.intern_group("team").unwrap();
+    let g2 = s.intern_group("other").unwrap();
+    let conv = group_conversation(g).unwrap();
+    let inval = |r: AppendRequest, why: &str| {
+        let e = s.append(r).wait().unwrap_err();
+        assert!(
+            matches!(e, StorageError::InvalidArgument(m) if m.contains(why)),
+            "{why}: {e:?}"
+        );
+    };
+    let mut other = group_msg(g2, "a", Some("v"), &[(1, Some(""))]);
+    other.conversation = conv;
+    inval(other, "another conversation");
+    let mut direct = group_msg(g, "b", Some("v"), &[(1, Some(""))]);
+    direct.conversation = direct_conversation(1, 2).unwrap();
+    inval(direct, "another conversation");
+    let mut no_group = group_msg(g, "c", Some("v"), &[]);
+    no_group.group_change.as_mut().unwrap().group = 0;
+    inval(no_group, "group id");
+    inval(
+        group_msg(g, "d", Some("v"), &[(1, Some("")), (0, None)]),
+        "user id",
+    );
+    inval(
+        group_msg(g, "e", Some("v"), &[(MAX_USER_ID + 1, Some(""))]),
+        "user id",
+    );
+    for c in [conv, group_conversation(g2).unwrap()] {
+        assert_eq!(s.latest_seq(c).unwrap(), 0, "no message");
+    }
+    assert_eq!(s.latest_seq(direct_conversation(1, 2).unwrap()).unwrap(), 0);
+    for group in [g, g2] {
+        assert_eq!(s.group_record(group).unwrap(), None);
+        assert!(s.member_records(group, 0, 10).unwrap().is_empty());
+        assert_eq!(s.membership(1, group).unwrap(), None);
+    }
+    assert!(
+        s.conversations_changed_since(1, 0, None)
+            .unwrap()
+            .is_empty()
+    );
+    // Nothing was remembered for idempotency either.
+    let r = append(s, group_msg(g, "a", Some("v"), &[(1, Some(""))]));
+    assert_eq!((r.seq, r.duplicate), (1, false));
+    assert_eq!(s.membership(1, g).unwrap(), Some(0));
+}
+
+pub fn member_calls_and_group_changes_agree(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = &*f.store;
+    let g = s.intern_group("team").unwrap();
+    let conv = group_conversation(g).unwrap();
+    fill(s, conv, 3);
+    // add_member stores empty attributes; remove_member leaves at the latest seq.
+    assert!(s.add_member(g, 4).wait().unwrap());
+    assert_eq!(s.member_records(g, 0, 10).unwrap(), records(&[(4, "")]));
+    assert_eq!(s.membership(4, g).unwrap(), Some(0));
+    assert!(s.remove_member(g, 4).wait().unwrap());
+    assert_eq!(s.membership(4, g).unwrap(), Some(3));
+    let i = conv_info(s, 4, conv).unwrap();
+    assert!(!i.active);
+    assert_eq!(i.left_seq, 3);
+    assert!(s.add_member(g, 4).wait().unwrap());
+    assert_eq!(s.membership(4, g).unwrap(), Some(0));
+    assert!(conv_info(s, 4, conv).unwrap().active);
+
+    // A member added by add_member is a member for a group change, and the other way round.
+    append(
+        s,
+        group_msg(g, "attrs", None, &[(4, Some("admin")), (5, Some("new"))]),
+    );
+    assert_eq!(
+        s.member_records(g, 0, 10).unwrap(),
+        records(&[(4, "admin"), (5, "new")])
+    );
+    assert!(!s.add_member(g, 5).wait().unwrap(), "already a member");
+    assert!(s.remove_member(g, 5).wait().unwrap());
+    let r = append(s, group_msg(g, "re-remove", None, &[(5, None)]));
+    assert_eq!(
+        s.membership(5, g).unwrap(),
+        Some(r.seq - 1),
+        "removing a non-member changes nothing"
+    );
+    // Queued back to back (so usually built into one batch).
+    let a = s.add_member(g, 6);
+    let b = s.append(group_msg(g, "kick-6", None, &[(6, None)]));
+    let c = s.add_member(g, 6);
+    assert!(a.wait().unwrap());
+    let kicked = b.wait().unwrap();
+    assert!(c.wait().unwrap(), "a join after the removal");
+    assert_eq!(s.membership(6, g).unwrap(), Some(0));
+    assert_eq!(s.groups_of(6).unwrap(), vec![g]);
+    assert!(conv_info(s, 6, conv).unwrap().last_version > kicked.version);
+    // Direct conversations have left_seq 0.
+    let d = direct_conversation(4, 5).unwrap();
+    let mut m = msg(d, 4, "dm", "hi");
+    m.participants = vec![4, 5];
+    append(s, m);
+    assert_eq!(conv_info(s, 4, d).unwrap().left_seq, 0);
+}
+
 pub fn close_rejects_later_calls(make: Factory) {
     let f = make(DedupWindow::default());
     let s = &*f.store;
@@ -544,6 +840,10 @@ macro_rules! suite {
             interning,
             membership,
             sync_state,
+            group_change_commits_with_its_append,
+            group_change_of_a_duplicate_is_not_applied,
+            invalid_group_change_writes_nothing,
+            member_calls_and_group_changes_agree,
             close_rejects_later_calls,
         );
     };

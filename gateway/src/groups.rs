@@ -1,0 +1,1167 @@
+//! Groups: their state on the owner core, permission checks, the events that record every change,
+//! and the fan-out of group messages to the cores with online members.
+//!
+//! A group is owned by the core of its conversation ([`Router::conversation`]); every request
+//! about it (a Send, an operation, a read) travels there as one [`GroupJob`]. The owner keeps the
+//! group's record and member list in memory (loaded from the store on first use), checks
+//! permissions against it, and appends the message, or the event with the state change
+//! (atomically, [`GroupChange`]), through the core's ordered completion queue, like 1:1 messages.
+//! While a change is being committed the group's later jobs wait, so every check sees committed
+//! state and a failed commit leaves nothing to undo.
+//!
+//! Fan-out: a committed group message goes once to every core ([`ShardMsg::GroupDeliver`]), never
+//! once per member. Each core keeps [`LocalGroups`], the groups of its online users, and delivers
+//! to those members, encoding the frame once. Membership changes reach every core's index
+//! ([`ShardMsg::GroupMembers`]) on the same queues and before (for joins) or after (for removals)
+//! the event, so a new member gets its join event live and a removed one its removal.
+//!
+//! Not here yet: join requests awaiting approval (APPROVAL groups take invites only), hidden
+//! members, live rooms, and evicting idle groups' state from the owner's memory.
+//!
+//! [`Router::conversation`]: crate::route::Router::conversation
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+use tern_protocol::v1::group_request::Op;
+use tern_protocol::v1::{
+    ContentType, Deliver, Frame, GroupEvent, GroupEventKind, GroupInfo, GroupMember, GroupProfile,
+    GroupResponse, GroupRole, JoinPolicy, MemberPage, SendAck, Target,
+};
+use tern_protocol::{ErrorCode, GROUP_EVENT_TYPE};
+use tern_storage::{AppendRequest, Appended, GroupChange, GroupId, StorageError, UserId};
+
+use crate::core::{AppendMsg, Core, Recipient, ReplyTo, ShardMsg, now_ms, storage_error_code};
+
+/// Most users one create, invite or kick may name.
+pub const MAX_USERS_PER_REQUEST: usize = 500;
+/// Most custom profile fields.
+pub const MAX_CUSTOM_FIELDS: usize = 20;
+
+/// A group's stored record (the store keeps it opaque). Protobuf, so later releases add fields
+/// and still read old records; `format` is 1.
+#[derive(Clone, PartialEq, Message)]
+pub struct GroupRecord {
+    #[prost(uint32, tag = "1")]
+    pub format: u32,
+    #[prost(uint64, tag = "2")]
+    pub owner: u64,
+    #[prost(message, optional, tag = "3")]
+    pub profile: Option<GroupProfile>,
+    #[prost(bool, tag = "4")]
+    pub muted_all: bool,
+    #[prost(bool, tag = "5")]
+    pub dissolved: bool,
+    #[prost(uint64, tag = "6")]
+    pub created_at_ms: u64,
+}
+
+/// A member's stored attributes (the value of the store's member entry).
+#[derive(Clone, PartialEq, Message)]
+pub struct MemberRecord {
+    #[prost(uint32, tag = "1")]
+    pub format: u32,
+    #[prost(enumeration = "GroupRole", tag = "2")]
+    pub role: i32,
+    #[prost(uint64, tag = "3")]
+    pub muted_until_ms: u64,
+    #[prost(uint64, tag = "4")]
+    pub joined_at_ms: u64,
+}
+
+impl MemberRecord {
+    fn new(role: GroupRole, now: u64) -> MemberRecord {
+        MemberRecord {
+            format: 1,
+            role: role.into(),
+            muted_until_ms: 0,
+            joined_at_ms: now,
+        }
+    }
+
+    fn is_admin(&self) -> bool {
+        matches!(self.role(), GroupRole::RoleAdmin | GroupRole::RoleOwner)
+    }
+}
+
+/// A request about one group, on its way to (or waiting on) the group's owner core.
+#[derive(Debug)]
+pub struct GroupJob {
+    pub group: GroupId,
+    pub name: Arc<str>,
+    pub actor: UserId,
+    pub actor_name: Arc<str>,
+    pub reply: ReplyTo,
+    pub what: GroupWhat,
+}
+
+#[derive(Debug)]
+pub enum GroupWhat {
+    /// A chat message (the request as the session built it, without `group_change`).
+    Send(AppendRequest),
+    Op(Op),
+}
+
+/// What a committed group append must do afterwards, carried through the completion queue.
+#[derive(Debug)]
+pub struct GroupAfter {
+    pub group: GroupId,
+    pub name: Arc<str>,
+    /// For an operation: the state to install once committed, and how to answer.
+    pub change: Option<Pending>,
+}
+
+#[derive(Debug)]
+pub struct Pending {
+    record: GroupRecord,
+    members: Vec<(UserId, Option<MemberRecord>)>,
+    /// Members who join: indexed on their cores before the event is delivered.
+    added: Vec<UserId>,
+    /// Members who go: dropped from the indexes after the event is delivered (they get it).
+    removed: Vec<UserId>,
+    /// Answer with the group's info (create).
+    with_info: bool,
+}
+
+/// The owner core's copy of one group.
+#[derive(Debug, Default)]
+pub struct GroupState {
+    /// None until the group is created.
+    record: Option<GroupRecord>,
+    members: BTreeMap<UserId, MemberRecord>,
+    /// A change is being committed; jobs wait in `waiting`.
+    busy: bool,
+    waiting: VecDeque<GroupJob>,
+}
+
+/// The groups of this core's online users, for fan-out.
+#[derive(Debug, Default)]
+pub struct LocalGroups {
+    by_group: HashMap<GroupId, HashSet<UserId>>,
+    by_user: HashMap<UserId, Vec<GroupId>>,
+}
+
+impl LocalGroups {
+    fn add(&mut self, group: GroupId, user: UserId) {
+        if self.by_group.entry(group).or_default().insert(user) {
+            self.by_user.entry(user).or_default().push(group);
+        }
+    }
+
+    fn remove(&mut self, group: GroupId, user: UserId) {
+        if let Some(set) = self.by_group.get_mut(&group)
+            && set.remove(&user)
+        {
+            if set.is_empty() {
+                self.by_group.remove(&group);
+            }
+            if let Some(gs) = self.by_user.get_mut(&user) {
+                gs.retain(|&g| g != group);
+            }
+        }
+    }
+
+    /// Online members of `group` on this core.
+    pub fn members(&self, group: GroupId) -> impl Iterator<Item = UserId> + '_ {
+        self.by_group.get(&group).into_iter().flatten().copied()
+    }
+}
+
+type Refusal = (ErrorCode, String);
+
+fn refuse<T>(code: ErrorCode, msg: impl Into<String>) -> Result<T, Refusal> {
+    Err((code, msg.into()))
+}
+
+fn storage_refusal(e: &StorageError) -> Refusal {
+    let (code, msg) = storage_error_code(e);
+    (code, msg.to_owned())
+}
+
+impl Core {
+    /// Indexes the groups of a user whose first session on this core just registered. Called
+    /// right after registration, with no await in between, so that every membership change
+    /// committed later reaches the index through [`ShardMsg::GroupMembers`].
+    pub fn groups_online(&self, user: UserId) {
+        if self.local_groups.borrow().by_user.contains_key(&user) {
+            return;
+        }
+        match self.store.groups_of(user) {
+            Ok(groups) => {
+                let mut local = self.local_groups.borrow_mut();
+                local.by_user.insert(user, Vec::new());
+                for g in groups {
+                    local.add(g, user);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load the user's groups; live group messages reach them through sync only");
+            }
+        }
+    }
+
+    /// Forgets a user whose last session on this core closed.
+    pub fn groups_offline(&self, user: UserId) {
+        let mut local = self.local_groups.borrow_mut();
+        if let Some(groups) = local.by_user.remove(&user) {
+            for g in groups {
+                if let Some(set) = local.by_group.get_mut(&g) {
+                    set.remove(&user);
+                    if set.is_empty() {
+                        local.by_group.remove(&g);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a membership change to this core's index (only users online here matter).
+    pub fn update_local_groups(&self, group: GroupId, added: &[UserId], removed: &[UserId]) {
+        let users = self.users.borrow();
+        let mut local = self.local_groups.borrow_mut();
+        for &u in added {
+            if users.contains_key(&u) {
+                local.add(group, u);
+            }
+        }
+        for &u in removed {
+            local.remove(group, u);
+        }
+    }
+
+    /// Delivers a committed group message to this core's online members, encoding it once.
+    pub fn deliver_group(&self, group: GroupId, except: u64, message: &Deliver) {
+        let local = self.local_groups.borrow();
+        let mut frame = None;
+        for user in local.members(group) {
+            self.deliver_to_user(user, except, message, &mut frame);
+        }
+    }
+
+    /// Handles a job on the group's owner core: waits behind a change being committed, or runs.
+    pub fn group_job(self: &Rc<Self>, job: GroupJob) {
+        let group = job.group;
+        let mut groups = self.groups.borrow_mut();
+        let state = match groups.get_mut(&group) {
+            Some(s) => s,
+            None => match self.load_group(group) {
+                Ok(s) => groups.entry(group).or_insert(s),
+                Err(e) => {
+                    drop(groups);
+                    return self.group_reply_error(&job, storage_refusal(&e));
+                }
+            },
+        };
+        if state.busy {
+            state.waiting.push_back(job);
+            return;
+        }
+        let outcome = self.run_group_job(state, &job);
+        drop(groups);
+        match outcome {
+            Ok(Some(frame)) => self.group_reply(job.reply, frame),
+            Ok(None) => {}
+            Err(refusal) => self.group_reply_error(&job, refusal),
+        }
+    }
+
+    fn load_group(&self, group: GroupId) -> Result<GroupState, StorageError> {
+        let record = match self.store.group_record(group)? {
+            Some(b) => Some(
+                GroupRecord::decode(b)
+                    .map_err(|_| StorageError::Corrupt("group record does not decode"))?,
+            ),
+            None => None,
+        };
+        let mut members = BTreeMap::new();
+        if record.is_some() {
+            let mut after = 0;
+            loop {
+                let page = self.store.member_records(group, after, 4096)?;
+                let Some(&(last, _)) = page.last() else {
+                    break;
+                };
+                for (u, b) in page {
+                    let m = MemberRecord::decode(b).map_err(|_| {
+                        StorageError::Corrupt("group member record does not decode")
+                    })?;
+                    members.insert(u, m);
+                }
+                after = last;
+            }
+        }
+        Ok(GroupState {
+            record,
+            members,
+            busy: false,
+            waiting: VecDeque::new(),
+        })
+    }
+
+    /// Checks a job against the group's state. A send or a change is submitted (the change
+    /// marks the group busy until committed); a read is answered at once (`Ok(Some(frame))`).
+    fn run_group_job(
+        self: &Rc<Self>,
+        state: &mut GroupState,
+        job: &GroupJob,
+    ) -> Result<Option<Bytes>, Refusal> {
+        let now = now_ms();
+        let conv = tern_storage::group_conversation(job.group).unwrap_or(0);
+        if let GroupWhat::Op(Op::Create(create)) = &job.what {
+            if let Some(r) = &state.record {
+                return refuse(
+                    ErrorCode::Conflict,
+                    if r.dissolved {
+                        "a dissolved group had this id; group ids are not reused"
+                    } else {
+                        "a group with this id exists"
+                    },
+                );
+            }
+            let profile = create.profile.as_deref().cloned().unwrap_or_default();
+            check_profile(&profile)?;
+            let invited = self.resolve_users(&create.members)?;
+            let mut members = vec![(
+                job.actor,
+                Some(MemberRecord::new(GroupRole::RoleOwner, now)),
+            )];
+            for u in invited {
+                if u != job.actor && !members.iter().any(|(m, _)| *m == u) {
+                    members.push((u, Some(MemberRecord::new(GroupRole::RoleMember, now))));
+                }
+            }
+            if members.len() > self.cfg.group_max_members as usize {
+                return refuse(
+                    ErrorCode::LimitExceeded,
+                    format!("a group has at most {} members", self.cfg.group_max_members),
+                );
+            }
+            let record = GroupRecord {
+                format: 1,
+                owner: job.actor,
+                profile: Some(profile.clone()),
+                muted_all: false,
+                dissolved: false,
+                created_at_ms: now,
+            };
+            let names = members
+                .iter()
+                .skip(1)
+                .map(|(u, _)| self.name_of(*u))
+                .collect();
+            let event = GroupEvent {
+                kind: GroupEventKind::GroupCreated.into(),
+                actor: job.actor_name.to_string(),
+                user_ids: names,
+                profile: Some(profile),
+                ..GroupEvent::default()
+            };
+            let added = members.iter().map(|(u, _)| *u).collect();
+            let pending = Pending {
+                record,
+                members,
+                added,
+                removed: Vec::new(),
+                with_info: true,
+            };
+            self.submit_group_change(state, job, event, pending);
+            return Ok(None);
+        }
+        let record = match &state.record {
+            Some(r) if !r.dissolved => r.clone(),
+            Some(_) => return refuse(ErrorCode::NotFound, "the group was dissolved"),
+            None => return refuse(ErrorCode::NotFound, "no such group"),
+        };
+        let me = state.members.get(&job.actor).cloned();
+        let op = match &job.what {
+            GroupWhat::Send(req) => {
+                let Some(me) = me else {
+                    return refuse(ErrorCode::NotMember, "not a member of this group");
+                };
+                if me.muted_until_ms > now {
+                    return refuse(
+                        ErrorCode::Muted,
+                        format!("muted in this group until {} ms", me.muted_until_ms),
+                    );
+                }
+                if record.muted_all && !me.is_admin() {
+                    return refuse(ErrorCode::Muted, "the group is muted for members");
+                }
+                self.submit_append(AppendMsg {
+                    req: req.clone(),
+                    reply: job.reply.clone(),
+                    sender_name: job.actor_name.clone(),
+                    to: Recipient::Group(Box::new(GroupAfter {
+                        group: job.group,
+                        name: job.name.clone(),
+                        change: None,
+                    })),
+                });
+                return Ok(None);
+            }
+            GroupWhat::Op(op) => op,
+        };
+        if let Op::Join(_) = op {
+            if me.is_some() {
+                return refuse(ErrorCode::Conflict, "already a member of this group");
+            }
+            let policy = record
+                .profile
+                .as_ref()
+                .and_then(|p| p.join_policy)
+                .and_then(|p| JoinPolicy::try_from(p).ok())
+                .unwrap_or(JoinPolicy::Free);
+            if policy != JoinPolicy::Free {
+                return refuse(
+                    ErrorCode::Forbidden,
+                    "this group takes no join requests: a member or an admin must invite you",
+                );
+            }
+            self.check_room(state, 1)?;
+            let event = GroupEvent {
+                kind: GroupEventKind::GroupJoined.into(),
+                actor: job.actor_name.to_string(),
+                user_ids: vec![job.actor_name.to_string()],
+                ..GroupEvent::default()
+            };
+            let pending = Pending {
+                record,
+                members: vec![(
+                    job.actor,
+                    Some(MemberRecord::new(GroupRole::RoleMember, now)),
+                )],
+                added: vec![job.actor],
+                removed: Vec::new(),
+                with_info: false,
+            };
+            self.submit_group_change(state, job, event, pending);
+            return Ok(None);
+        }
+        let Some(me) = me else {
+            return refuse(ErrorCode::NotMember, "not a member of this group");
+        };
+        let admin = me.is_admin();
+        let owner = me.role() == GroupRole::RoleOwner;
+        let mut event = GroupEvent {
+            actor: job.actor_name.to_string(),
+            ..GroupEvent::default()
+        };
+        let mut pending = Pending {
+            record: record.clone(),
+            members: Vec::new(),
+            added: Vec::new(),
+            removed: Vec::new(),
+            with_info: false,
+        };
+        match op {
+            Op::Create(_) | Op::Join(_) => unreachable!("handled above"),
+            Op::Get(_) => {
+                let info = self.group_info(job, state, &record, conv);
+                return Ok(Some(self.group_response(
+                    job,
+                    conv,
+                    0,
+                    Some(Box::new(info)),
+                    None,
+                )));
+            }
+            Op::ListMembers(req) => {
+                let limit = if req.limit == 0 {
+                    100
+                } else {
+                    req.limit.min(self.cfg.max_page)
+                } as usize;
+                let mut members = Vec::with_capacity(limit);
+                let mut next = 0;
+                for (&u, m) in state.members.range(req.page_token.saturating_add(1)..) {
+                    if members.len() == limit {
+                        break;
+                    }
+                    members.push(GroupMember {
+                        user_id: self.name_of(u),
+                        role: m.role,
+                        muted_until_ms: m.muted_until_ms,
+                        joined_at_ms: m.joined_at_ms,
+                    });
+                    next = u;
+                }
+                let more = next != 0 && state.members.range(next + 1..).next().is_some();
+                let page = MemberPage {
+                    members,
+                    next_page_token: if more { next } else { 0 },
+                };
+                return Ok(Some(self.group_response(job, conv, 0, None, Some(page))));
+            }
+            Op::Leave(_) => {
+                if owner {
+                    return refuse(
+                        ErrorCode::Forbidden,
+                        "the owner cannot leave: transfer ownership or dissolve the group",
+                    );
+                }
+                event.kind = GroupEventKind::GroupLeft.into();
+                event.user_ids = vec![job.actor_name.to_string()];
+                pending.members.push((job.actor, None));
+                pending.removed.push(job.actor);
+            }
+            Op::Invite(req) => {
+                let policy = record
+                    .profile
+                    .as_ref()
+                    .and_then(|p| p.join_policy)
+                    .and_then(|p| JoinPolicy::try_from(p).ok())
+                    .unwrap_or(JoinPolicy::Free);
+                if policy == JoinPolicy::Approval && !admin {
+                    return refuse(
+                        ErrorCode::Forbidden,
+                        "only the owner and admins invite to this group",
+                    );
+                }
+                if req.user_ids.is_empty() {
+                    return refuse(ErrorCode::InvalidArgument, "user_ids is empty");
+                }
+                let users = self.resolve_users(&req.user_ids)?;
+                for u in users {
+                    if !state.members.contains_key(&u) && !pending.added.contains(&u) {
+                        pending.added.push(u);
+                        pending
+                            .members
+                            .push((u, Some(MemberRecord::new(GroupRole::RoleMember, now))));
+                        event.user_ids.push(self.name_of(u));
+                    }
+                }
+                if pending.added.is_empty() {
+                    return Ok(Some(self.group_response(job, conv, 0, None, None)));
+                }
+                self.check_room(state, pending.added.len())?;
+                event.kind = GroupEventKind::GroupInvited.into();
+            }
+            Op::Kick(req) => {
+                if !admin {
+                    return refuse(
+                        ErrorCode::Forbidden,
+                        "only the owner and admins remove members",
+                    );
+                }
+                if req.user_ids.is_empty() {
+                    return refuse(ErrorCode::InvalidArgument, "user_ids is empty");
+                }
+                let users = self.resolve_users(&req.user_ids)?;
+                for u in users {
+                    if u == job.actor {
+                        return refuse(
+                            ErrorCode::InvalidArgument,
+                            "cannot remove yourself: leave the group instead",
+                        );
+                    }
+                    let Some(m) = state.members.get(&u) else {
+                        continue;
+                    };
+                    if !owner && m.is_admin() {
+                        return refuse(
+                            ErrorCode::Forbidden,
+                            "an admin cannot remove the owner or another admin",
+                        );
+                    }
+                    if !pending.removed.contains(&u) {
+                        pending.removed.push(u);
+                        pending.members.push((u, None));
+                        event.user_ids.push(self.name_of(u));
+                    }
+                }
+                if pending.removed.is_empty() {
+                    return refuse(ErrorCode::NotMember, "none of the users is a member");
+                }
+                event.kind = GroupEventKind::GroupKicked.into();
+                event.reason = req.reason.clone();
+            }
+            Op::SetRole(req) => {
+                if !owner {
+                    return refuse(ErrorCode::Forbidden, "only the owner sets roles");
+                }
+                let role = GroupRole::try_from(req.role).unwrap_or(GroupRole::Unspecified);
+                if !matches!(role, GroupRole::RoleAdmin | GroupRole::RoleMember) {
+                    return refuse(
+                        ErrorCode::InvalidArgument,
+                        "role must be ROLE_ADMIN or ROLE_MEMBER (use TransferOwner for the owner)",
+                    );
+                }
+                let (u, mut m) = self.member_named(state, &req.user_id)?;
+                if u == job.actor {
+                    return refuse(
+                        ErrorCode::InvalidArgument,
+                        "the owner's role does not change",
+                    );
+                }
+                if m.role() == role {
+                    return Ok(Some(self.group_response(job, conv, 0, None, None)));
+                }
+                m.role = role.into();
+                pending.members.push((u, Some(m)));
+                event.kind = GroupEventKind::GroupRoleChanged.into();
+                event.user_ids = vec![req.user_id.clone()];
+                event.role = role.into();
+            }
+            Op::Mute(req) => {
+                if !admin {
+                    return refuse(
+                        ErrorCode::Forbidden,
+                        "only the owner and admins mute members",
+                    );
+                }
+                let (u, mut m) = self.member_named(state, &req.user_id)?;
+                if m.role() == GroupRole::RoleOwner || (!owner && m.is_admin()) {
+                    return refuse(
+                        ErrorCode::Forbidden,
+                        "the owner cannot be muted, and an admin cannot mute another admin",
+                    );
+                }
+                m.muted_until_ms = if req.duration_ms == 0 {
+                    0
+                } else {
+                    now.saturating_add(req.duration_ms)
+                };
+                event.kind = if req.duration_ms == 0 {
+                    GroupEventKind::GroupUnmuted
+                } else {
+                    GroupEventKind::GroupMuted
+                }
+                .into();
+                event.user_ids = vec![req.user_id.clone()];
+                event.muted_until_ms = m.muted_until_ms;
+                pending.members.push((u, Some(m)));
+            }
+            Op::MuteAll(req) => {
+                if !admin {
+                    return refuse(
+                        ErrorCode::Forbidden,
+                        "only the owner and admins mute the group",
+                    );
+                }
+                if record.muted_all == req.muted {
+                    return Ok(Some(self.group_response(job, conv, 0, None, None)));
+                }
+                pending.record.muted_all = req.muted;
+                event.kind = if req.muted {
+                    GroupEventKind::GroupMutedAll
+                } else {
+                    GroupEventKind::GroupUnmutedAll
+                }
+                .into();
+            }
+            Op::Update(req) => {
+                if !admin {
+                    return refuse(
+                        ErrorCode::Forbidden,
+                        "only the owner and admins change the profile",
+                    );
+                }
+                let change = req.profile.as_deref().cloned().unwrap_or_default();
+                check_profile(&change)?;
+                let merged = merge_profile(record.profile.clone().unwrap_or_default(), &change)?;
+                pending.record.profile = Some(merged);
+                event.kind = GroupEventKind::GroupProfileChanged.into();
+                event.profile = Some(change);
+            }
+            Op::Transfer(req) => {
+                if !owner {
+                    return refuse(ErrorCode::Forbidden, "only the owner transfers ownership");
+                }
+                let (u, mut m) = self.member_named(state, &req.user_id)?;
+                if u == job.actor {
+                    return refuse(ErrorCode::InvalidArgument, "already the owner");
+                }
+                m.role = GroupRole::RoleOwner.into();
+                m.muted_until_ms = 0;
+                let mut old = me.clone();
+                old.role = GroupRole::RoleMember.into();
+                pending.record.owner = u;
+                pending.members.push((u, Some(m)));
+                pending.members.push((job.actor, Some(old)));
+                event.kind = GroupEventKind::GroupOwnerChanged.into();
+                event.user_ids = vec![req.user_id.clone()];
+            }
+            Op::Dissolve(_) => {
+                if !owner {
+                    return refuse(ErrorCode::Forbidden, "only the owner dissolves the group");
+                }
+                pending.record.dissolved = true;
+                for &u in state.members.keys() {
+                    pending.members.push((u, None));
+                    pending.removed.push(u);
+                }
+                event.kind = GroupEventKind::GroupDissolved.into();
+            }
+        }
+        self.submit_group_change(state, job, event, pending);
+        Ok(None)
+    }
+
+    fn check_room(&self, state: &GroupState, more: usize) -> Result<(), Refusal> {
+        if state.members.len() + more > self.cfg.group_max_members as usize {
+            return refuse(
+                ErrorCode::LimitExceeded,
+                format!("a group has at most {} members", self.cfg.group_max_members),
+            );
+        }
+        Ok(())
+    }
+
+    fn member_named(
+        &self,
+        state: &GroupState,
+        name: &str,
+    ) -> Result<(UserId, MemberRecord), Refusal> {
+        let id = match self.store.lookup_user(name) {
+            Ok(Some(id)) => id,
+            Ok(None) => return refuse(ErrorCode::NotMember, format!("{name} is not a member")),
+            Err(e) => return Err(storage_refusal(&e)),
+        };
+        match state.members.get(&id) {
+            Some(m) => Ok((id, m.clone())),
+            None => refuse(ErrorCode::NotMember, format!("{name} is not a member")),
+        }
+    }
+
+    fn resolve_users(&self, names: &[String]) -> Result<Vec<UserId>, Refusal> {
+        if names.len() > MAX_USERS_PER_REQUEST {
+            return refuse(
+                ErrorCode::InvalidArgument,
+                format!("at most {MAX_USERS_PER_REQUEST} users per request"),
+            );
+        }
+        let mut ids = Vec::with_capacity(names.len());
+        for n in names {
+            if !crate::token::valid_id(n) {
+                return refuse(
+                    ErrorCode::InvalidArgument,
+                    "user ids must be 1..=64 bytes without control characters",
+                );
+            }
+            ids.push(self.user_id(n).map_err(|e| storage_refusal(&e))?);
+        }
+        Ok(ids)
+    }
+
+    fn name_of(&self, id: UserId) -> String {
+        self.store.user_name(id).ok().flatten().unwrap_or_default()
+    }
+
+    fn group_info(
+        &self,
+        job: &GroupJob,
+        state: &GroupState,
+        record: &GroupRecord,
+        conv: u64,
+    ) -> GroupInfo {
+        GroupInfo {
+            group_id: job.name.to_string(),
+            conversation_id: conv,
+            owner: self.name_of(record.owner),
+            profile: record.profile.clone(),
+            muted_all: record.muted_all,
+            member_count: state.members.len() as u32,
+            max_members: self.cfg.group_max_members,
+            created_at_ms: record.created_at_ms,
+            latest_seq: self.store.latest_seq(conv).unwrap_or(0),
+        }
+    }
+
+    fn group_response(
+        &self,
+        job: &GroupJob,
+        conv: u64,
+        event_seq: u64,
+        info: Option<Box<GroupInfo>>,
+        members: Option<MemberPage>,
+    ) -> Bytes {
+        self.encode(&Frame::new(
+            job.reply.request_id,
+            GroupResponse {
+                group_id: job.name.to_string(),
+                conversation_id: conv,
+                event_seq,
+                info,
+                members,
+            },
+        ))
+    }
+
+    /// Appends the event of a change with the change itself; the group waits until committed.
+    fn submit_group_change(
+        self: &Rc<Self>,
+        state: &mut GroupState,
+        job: &GroupJob,
+        event: GroupEvent,
+        pending: Pending,
+    ) {
+        let conv = tern_storage::group_conversation(job.group).unwrap_or(0);
+        let change = GroupChange {
+            group: job.group,
+            record: Some(Bytes::from(pending.record.encode_to_vec())),
+            members: pending
+                .members
+                .iter()
+                .map(|(u, m)| (*u, m.as_ref().map(|m| Bytes::from(m.encode_to_vec()))))
+                .collect(),
+        };
+        state.busy = true;
+        self.submit_append(AppendMsg {
+            req: AppendRequest {
+                conversation: conv,
+                sender: job.actor,
+                client_msg_id: String::new(),
+                content_type: ContentType::System as u32,
+                custom_type: GROUP_EVENT_TYPE.to_owned(),
+                payload: Bytes::from(event.encode_to_vec()),
+                participants: Vec::new(),
+                group_change: Some(Box::new(change)),
+            },
+            reply: job.reply.clone(),
+            sender_name: job.actor_name.clone(),
+            to: Recipient::Group(Box::new(GroupAfter {
+                group: job.group,
+                name: job.name.clone(),
+                change: Some(pending),
+            })),
+        });
+    }
+
+    /// After a group append: installs a committed change, updates every core's index, fans the
+    /// message out, answers the sender, and lets the group's waiting jobs run.
+    pub(crate) async fn finish_group_append(
+        self: &Rc<Self>,
+        after: GroupAfter,
+        req: AppendRequest,
+        reply: ReplyTo,
+        sender_name: Arc<str>,
+        result: Result<Appended, StorageError>,
+    ) {
+        let group = after.group;
+        let is_change = after.change.is_some();
+        let frame = match result {
+            Ok(a) => {
+                let mut removed = Vec::new();
+                let mut info = None;
+                if let Some(p) = after.change {
+                    let added = Arc::new(p.added);
+                    removed = p.removed;
+                    {
+                        let mut groups = self.groups.borrow_mut();
+                        let state = groups.entry(group).or_default();
+                        state.record = Some(p.record);
+                        for (u, m) in p.members {
+                            match m {
+                                Some(m) => state.members.insert(u, m),
+                                None => state.members.remove(&u),
+                            };
+                        }
+                    }
+                    if !added.is_empty() {
+                        for core in 0..self.router.cores() {
+                            self.send_to_core(
+                                core,
+                                ShardMsg::GroupMembers {
+                                    group,
+                                    added: added.clone(),
+                                    removed: Arc::new(Vec::new()),
+                                },
+                            )
+                            .await;
+                        }
+                    }
+                    if p.with_info {
+                        let groups = self.groups.borrow();
+                        let state = &groups[&group];
+                        let record = state.record.clone().unwrap_or_default();
+                        let job_like = GroupJob {
+                            group,
+                            name: after.name.clone(),
+                            actor: req.sender,
+                            actor_name: sender_name.clone(),
+                            reply: reply.clone(),
+                            what: GroupWhat::Op(Op::Get(Default::default())),
+                        };
+                        info = Some(Box::new(self.group_info(
+                            &job_like,
+                            state,
+                            &record,
+                            a.conversation,
+                        )));
+                    }
+                }
+                if !a.duplicate {
+                    let message = Arc::new(Deliver {
+                        conversation_id: a.conversation,
+                        seq: a.seq,
+                        sender: sender_name.to_string(),
+                        target: Some(Target::group(after.name.to_string())),
+                        server_time_ms: a.server_time_ms,
+                        client_msg_id: req.client_msg_id.clone(),
+                        content_type: req.content_type,
+                        custom_type: req.custom_type,
+                        payload: req.payload,
+                    });
+                    for core in 0..self.router.cores() {
+                        self.send_to_core(
+                            core,
+                            ShardMsg::GroupDeliver {
+                                group,
+                                except_logical: reply.logical,
+                                message: message.clone(),
+                            },
+                        )
+                        .await;
+                    }
+                }
+                if !removed.is_empty() {
+                    let removed = Arc::new(removed);
+                    for core in 0..self.router.cores() {
+                        self.send_to_core(
+                            core,
+                            ShardMsg::GroupMembers {
+                                group,
+                                added: Arc::new(Vec::new()),
+                                removed: removed.clone(),
+                            },
+                        )
+                        .await;
+                    }
+                }
+                if is_change {
+                    Frame::new(
+                        reply.request_id,
+                        GroupResponse {
+                            group_id: after.name.to_string(),
+                            conversation_id: a.conversation,
+                            event_seq: a.seq,
+                            info,
+                            members: None,
+                        },
+                    )
+                } else {
+                    Frame::new(
+                        reply.request_id,
+                        SendAck {
+                            client_msg_id: req.client_msg_id,
+                            conversation_id: a.conversation,
+                            seq: a.seq,
+                            server_time_ms: a.server_time_ms,
+                            duplicate: a.duplicate,
+                        },
+                    )
+                }
+            }
+            Err(e) => {
+                let (code, msg) = storage_error_code(&e);
+                Frame::error(reply.request_id, code, msg, false)
+            }
+        };
+        let frame = self.encode(&frame);
+        self.send_to_core(
+            reply.core,
+            ShardMsg::Reply {
+                reply,
+                frame,
+                own_copy: None,
+            },
+        )
+        .await;
+        if is_change {
+            self.release_group(group);
+        }
+    }
+
+    /// Ends a group's busy state and runs its waiting jobs until one starts another change.
+    fn release_group(self: &Rc<Self>, group: GroupId) {
+        loop {
+            let job = {
+                let mut groups = self.groups.borrow_mut();
+                let Some(state) = groups.get_mut(&group) else {
+                    return;
+                };
+                state.busy = false;
+                match state.waiting.pop_front() {
+                    Some(job) => job,
+                    None => return,
+                }
+            };
+            self.group_job(job);
+            if self.groups.borrow().get(&group).is_some_and(|s| s.busy) {
+                return;
+            }
+        }
+    }
+
+    fn group_reply(self: &Rc<Self>, reply: ReplyTo, frame: Bytes) {
+        let core = self.clone();
+        glommio::spawn_local(async move {
+            let to = reply.core;
+            core.send_to_core(
+                to,
+                ShardMsg::Reply {
+                    reply,
+                    frame,
+                    own_copy: None,
+                },
+            )
+            .await;
+        })
+        .detach();
+    }
+
+    fn group_reply_error(self: &Rc<Self>, job: &GroupJob, (code, msg): Refusal) {
+        let frame = self.encode(&Frame::error(job.reply.request_id, code, msg, false));
+        self.group_reply(job.reply.clone(), frame);
+    }
+}
+
+fn check_profile(p: &GroupProfile) -> Result<(), Refusal> {
+    let fields = [
+        ("name", &p.name, 256),
+        ("notice", &p.notice, 4096),
+        ("introduction", &p.introduction, 4096),
+        ("avatar_url", &p.avatar_url, 1024),
+    ];
+    for (field, value, max) in fields {
+        if let Some(v) = value
+            && v.len() > max
+        {
+            return refuse(
+                ErrorCode::InvalidArgument,
+                format!("profile.{field} exceeds {max} bytes"),
+            );
+        }
+    }
+    if let Some(policy) = p.join_policy
+        && JoinPolicy::try_from(policy).is_err()
+    {
+        return refuse(ErrorCode::InvalidArgument, "profile.join_policy is unknown");
+    }
+    if p.custom.len() > MAX_CUSTOM_FIELDS {
+        return refuse(
+            ErrorCode::InvalidArgument,
+            format!("at most {MAX_CUSTOM_FIELDS} custom fields"),
+        );
+    }
+    for (k, v) in &p.custom {
+        if k.is_empty() || k.len() > 64 || v.len() > 1024 {
+            return refuse(
+                ErrorCode::InvalidArgument,
+                "custom field keys are 1..=64 bytes and values at most 1024 bytes",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `change` applied to `base`: present fields replace, custom entries with an empty value go.
+fn merge_profile(mut base: GroupProfile, change: &GroupProfile) -> Result<GroupProfile, Refusal> {
+    if change.name.is_some() {
+        base.name.clone_from(&change.name);
+    }
+    if change.notice.is_some() {
+        base.notice.clone_from(&change.notice);
+    }
+    if change.introduction.is_some() {
+        base.introduction.clone_from(&change.introduction);
+    }
+    if change.avatar_url.is_some() {
+        base.avatar_url.clone_from(&change.avatar_url);
+    }
+    if change.join_policy.is_some() {
+        base.join_policy = change.join_policy;
+    }
+    for (k, v) in &change.custom {
+        if v.is_empty() {
+            base.custom.remove(k);
+        } else {
+            base.custom.insert(k.clone(), v.clone());
+        }
+    }
+    if base.custom.len() > MAX_CUSTOM_FIELDS {
+        return refuse(
+            ErrorCode::InvalidArgument,
+            format!("at most {MAX_CUSTOM_FIELDS} custom fields"),
+        );
+    }
+    Ok(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_replaces_present_fields_and_removes_empty_custom_values() {
+        let base = GroupProfile {
+            name: Some("a".into()),
+            notice: Some("n".into()),
+            custom: [
+                ("x".to_string(), "1".to_string()),
+                ("y".to_string(), "2".to_string()),
+            ]
+            .into(),
+            ..GroupProfile::default()
+        };
+        let change = GroupProfile {
+            notice: Some(String::new()),
+            custom: [
+                ("x".to_string(), String::new()),
+                ("z".to_string(), "3".to_string()),
+            ]
+            .into(),
+            ..GroupProfile::default()
+        };
+        let merged = merge_profile(base, &change).unwrap();
+        assert_eq!(merged.name.as_deref(), Some("a"));
+        assert_eq!(merged.notice.as_deref(), Some(""));
+        assert_eq!(
+            merged.custom,
+            [
+                ("y".to_string(), "2".to_string()),
+                ("z".to_string(), "3".to_string())
+            ]
+            .into()
+        );
+    }
+
+    #[test]
+    fn profile_limits_are_checked() {
+        let mut p = GroupProfile {
+            name: Some("x".repeat(257)),
+            ..GroupProfile::default()
+        };
+        assert_eq!(check_profile(&p).unwrap_err().0, ErrorCode::InvalidArgument);
+        p.name = None;
+        p.custom = (0..21)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        assert_eq!(check_profile(&p).unwrap_err().0, ErrorCode::InvalidArgument);
+        p.custom.clear();
+        p.join_policy = Some(7);
+        assert_eq!(check_profile(&p).unwrap_err().0, ErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn records_decode_what_they_encode() {
+        let r = GroupRecord {
+            format: 1,
+            owner: 7,
+            profile: Some(GroupProfile {
+                name: Some("g".into()),
+                ..GroupProfile::default()
+            }),
+            muted_all: true,
+            dissolved: false,
+            created_at_ms: 5,
+        };
+        assert_eq!(GroupRecord::decode(&r.encode_to_vec()[..]).unwrap(), r);
+        let m = MemberRecord::new(GroupRole::RoleAdmin, 9);
+        assert_eq!(MemberRecord::decode(&m.encode_to_vec()[..]).unwrap(), m);
+        assert!(m.is_admin());
+    }
+}

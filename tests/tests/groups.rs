@@ -1,0 +1,709 @@
+//! Groups end to end: a real gateway (two cores, so members live on both), real sockets,
+//! RocksDB in a temp dir. Every operation, its permission errors, the events in the group's log,
+//! fan-out, sync of members who were offline, and state across a restart.
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+use prost::Message;
+use tern_protocol::v1::frame::Body;
+use tern_protocol::v1::group_request::Op;
+use tern_protocol::v1::{
+    CreateGroup, DissolveGroup, GetGroup, InviteMembers, JoinGroup, KickMembers, LeaveGroup,
+    ListMembers, MuteAll, MuteMember, SetRole, TransferOwner, UpdateGroup,
+};
+use tern_protocol::{
+    ContentType, Deliver, ErrorCode, Frame, GROUP_EVENT_TYPE, GroupEvent, GroupEventKind,
+    GroupInfo, GroupProfile, GroupRequest, GroupResponse, GroupRole, HistoryRequest, JoinPolicy,
+    SyncRequest, Target,
+};
+use tern_tests::{Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, hello, text};
+
+fn login(gw: &Gateway, user: &str) -> Conn {
+    gw.login(Via::Tcp, &gw.token(user), "phone").0
+}
+
+fn request(c: &mut Conn, group: &str, op: Op) -> u64 {
+    c.send_body(Body::Group(GroupRequest {
+        group_id: group.into(),
+        op: Some(op),
+    }))
+}
+
+/// Sends a group request and returns its GroupResponse (panics on anything else).
+fn group_ok(c: &mut Conn, group: &str, op: Op) -> GroupResponse {
+    let rid = request(c, group, op);
+    match c.recv_frame() {
+        Frame {
+            request_id,
+            body: Some(Body::GroupResponse(r)),
+        } if request_id == rid => r,
+        other => panic!("expected GroupResponse for {rid}, got {other:?}"),
+    }
+}
+
+/// Sends a group request that must fail with `code`.
+fn group_err(c: &mut Conn, group: &str, op: Op, code: ErrorCode) {
+    let rid = request(c, group, op);
+    let (got, fatal) = c.expect_error(code);
+    assert_eq!((got, fatal), (rid, false));
+}
+
+fn create(c: &mut Conn, group: &str, members: &[&str], policy: JoinPolicy) -> GroupResponse {
+    group_ok(
+        c,
+        group,
+        Op::Create(CreateGroup {
+            profile: Some(Box::new(GroupProfile {
+                name: Some(format!("{group} name")),
+                join_policy: Some(policy.into()),
+                ..GroupProfile::default()
+            })),
+            members: members.iter().map(|m| m.to_string()).collect(),
+        }),
+    )
+}
+
+fn send_group(c: &mut Conn, group: &str, id: &str, body: &str) -> u64 {
+    c.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: id.into(),
+        target: Some(Target::group(group)),
+        content_type: ContentType::Text as u32,
+        custom_type: String::new(),
+        payload: Bytes::copy_from_slice(body.as_bytes()),
+        priority: false,
+    }))
+}
+
+fn send_group_acked(c: &mut Conn, group: &str, id: &str, body: &str) -> u64 {
+    let rid = send_group(c, group, id, body);
+    tern_tests::expect_ack(c, rid).seq
+}
+
+fn send_group_err(c: &mut Conn, group: &str, id: &str, code: ErrorCode) {
+    let rid = send_group(c, group, id, "x");
+    assert_eq!(c.expect_error(code), (rid, false));
+}
+
+fn event(d: &Deliver) -> GroupEvent {
+    assert_eq!(d.content_type, ContentType::System as u32, "{d:?}");
+    assert_eq!(d.custom_type, GROUP_EVENT_TYPE);
+    GroupEvent::decode(d.payload.clone()).expect("group event payload")
+}
+
+fn expect_event(c: &mut Conn, kind: GroupEventKind) -> (Deliver, GroupEvent) {
+    let d = expect_deliver(c);
+    let e = event(&d);
+    assert_eq!(e.kind, kind as i32, "{e:?}");
+    (d, e)
+}
+
+fn info(c: &mut Conn, group: &str) -> GroupInfo {
+    *group_ok(c, group, Op::Get(GetGroup {})).info.expect("info")
+}
+
+/// Every member as (name, role), paging with `limit`.
+fn members(c: &mut Conn, group: &str, limit: u32) -> Vec<(String, GroupRole)> {
+    let mut out = Vec::new();
+    let mut token = 0;
+    loop {
+        let page = group_ok(
+            c,
+            group,
+            Op::ListMembers(ListMembers {
+                page_token: token,
+                limit,
+            }),
+        )
+        .members
+        .expect("page");
+        assert!(page.members.len() <= limit as usize);
+        out.extend(
+            page.members
+                .into_iter()
+                .map(|m| (m.user_id, GroupRole::try_from(m.role).unwrap())),
+        );
+        if page.next_page_token == 0 {
+            return out;
+        }
+        token = page.next_page_token;
+    }
+}
+
+fn users(list: &[&str]) -> Vec<String> {
+    list.iter().map(|u| u.to_string()).collect()
+}
+
+/// Checks that nothing is waiting on `c`: a Ping is answered by the very next frame.
+fn nothing_pending(c: &mut Conn) {
+    let rid = c.send_body(Body::Ping(Default::default()));
+    let f = c.recv_frame();
+    assert!(
+        f.request_id == rid && matches!(f.body, Some(Body::Pong(_))),
+        "expected only the Pong, got {f:?}"
+    );
+}
+
+#[test]
+fn members_on_both_cores_get_every_message_once_and_outsiders_get_nothing() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace"];
+    let mut conns: Vec<Conn> = names.iter().map(|n| login(&gw, n)).collect();
+    let mut alice_laptop = gw.login(Via::Tcp, &gw.token("alice"), "laptop").0;
+    let mut outsider = login(&gw, "mallory");
+
+    let created = create(&mut conns[0], "g1", &names[1..], JoinPolicy::InviteOnly);
+    assert_eq!(created.event_seq, 1);
+    let gi = *created.info.expect("create answers with the info");
+    assert_eq!(
+        (gi.owner.as_str(), gi.member_count, gi.latest_seq),
+        ("alice", 7, 1)
+    );
+    assert_eq!(gi.profile.unwrap().name.as_deref(), Some("g1 name"));
+    let conv = created.conversation_id;
+
+    // Every member but the creating session sees the CREATED event, live.
+    for c in conns[1..].iter_mut().chain([&mut alice_laptop]) {
+        let (d, e) = expect_event(c, GroupEventKind::GroupCreated);
+        assert_eq!(
+            (d.conversation_id, d.seq, d.sender.as_str()),
+            (conv, 1, "alice")
+        );
+        assert_eq!(d.target, Some(Target::group("g1")));
+        assert_eq!(e.user_ids, users(&names[1..]));
+    }
+
+    for (i, sender) in [0usize, 3, 6].into_iter().enumerate() {
+        let seq = send_group_acked(
+            &mut conns[sender],
+            "g1",
+            &format!("m{i}"),
+            &format!("hi {i}"),
+        );
+        assert_eq!(seq, 2 + i as u64);
+        for (j, c) in conns.iter_mut().enumerate() {
+            if j == sender {
+                continue;
+            }
+            let d = expect_deliver(c);
+            assert_eq!(
+                (d.seq, d.sender.as_str(), text(&d)),
+                (seq, names[sender], format!("hi {i}").as_str())
+            );
+            assert_eq!(d.target, Some(Target::group("g1")));
+        }
+        let d = expect_deliver(&mut alice_laptop);
+        assert_eq!(d.seq, seq);
+    }
+    for c in conns.iter_mut().chain([&mut alice_laptop, &mut outsider]) {
+        nothing_pending(c);
+    }
+
+    // An outsider can neither post, read, ask, nor join an invite-only group.
+    send_group_err(&mut outsider, "g1", "x1", ErrorCode::NotMember);
+    group_err(
+        &mut outsider,
+        "g1",
+        Op::Get(GetGroup {}),
+        ErrorCode::NotMember,
+    );
+    group_err(
+        &mut outsider,
+        "g1",
+        Op::ListMembers(ListMembers::default()),
+        ErrorCode::NotMember,
+    );
+    group_err(
+        &mut outsider,
+        "g1",
+        Op::Join(JoinGroup {}),
+        ErrorCode::Forbidden,
+    );
+    let rid = outsider.send_body(Body::History(HistoryRequest {
+        target: Some(Target::group("g1")),
+        ..HistoryRequest::default()
+    }));
+    assert_eq!(outsider.expect_error(ErrorCode::Forbidden), (rid, false));
+    let rid = outsider.send_body(Body::History(HistoryRequest {
+        conversation_id: conv,
+        ..HistoryRequest::default()
+    }));
+    assert_eq!(outsider.expect_error(ErrorCode::Forbidden), (rid, false));
+    // Unknown groups.
+    send_group_err(&mut outsider, "nope", "x2", ErrorCode::NotFound);
+    group_err(
+        &mut outsider,
+        "nope",
+        Op::Get(GetGroup {}),
+        ErrorCode::NotFound,
+    );
+    // A second create of the same id.
+    group_err(
+        &mut conns[1],
+        "g1",
+        Op::Create(CreateGroup::default()),
+        ErrorCode::Conflict,
+    );
+
+    // Members read the history, newest first.
+    let rid = conns[4].send_body(Body::History(HistoryRequest {
+        target: Some(Target::group("g1")),
+        ..HistoryRequest::default()
+    }));
+    match conns[4].recv_frame() {
+        Frame {
+            request_id,
+            body: Some(Body::HistoryPage(p)),
+        } if request_id == rid => {
+            let seqs: Vec<u64> = p.messages.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, vec![4, 3, 2, 1]);
+            assert!(!p.has_more);
+        }
+        other => panic!("expected HistoryPage, got {other:?}"),
+    }
+}
+
+#[test]
+fn roles_mutes_and_removals_are_enforced_and_recorded_in_order() {
+    let gw = Gateway::start(&[]);
+    let mut alice = login(&gw, "alice");
+    let mut bob = login(&gw, "bob");
+    let mut carol = login(&gw, "carol");
+    let mut dave = login(&gw, "dave");
+    create(&mut alice, "g", &["bob", "carol", "dave"], JoinPolicy::Free);
+    for c in [&mut bob, &mut carol, &mut dave] {
+        expect_event(c, GroupEventKind::GroupCreated);
+    }
+
+    // Members cannot moderate.
+    let kick = |users: &[&str]| {
+        Op::Kick(KickMembers {
+            user_ids: self::users(users),
+            reason: "spam".into(),
+        })
+    };
+    group_err(&mut bob, "g", kick(&["carol"]), ErrorCode::Forbidden);
+    group_err(
+        &mut bob,
+        "g",
+        Op::Mute(MuteMember {
+            user_id: "carol".into(),
+            duration_ms: 60_000,
+        }),
+        ErrorCode::Forbidden,
+    );
+    group_err(
+        &mut bob,
+        "g",
+        Op::SetRole(SetRole {
+            user_id: "bob".into(),
+            role: GroupRole::RoleAdmin.into(),
+        }),
+        ErrorCode::Forbidden,
+    );
+    group_err(
+        &mut bob,
+        "g",
+        Op::Dissolve(DissolveGroup {}),
+        ErrorCode::Forbidden,
+    );
+
+    // The owner makes bob an admin.
+    let r = group_ok(
+        &mut alice,
+        "g",
+        Op::SetRole(SetRole {
+            user_id: "bob".into(),
+            role: GroupRole::RoleAdmin.into(),
+        }),
+    );
+    assert_eq!(r.event_seq, 2);
+    for c in [&mut bob, &mut carol, &mut dave] {
+        let (d, e) = expect_event(c, GroupEventKind::GroupRoleChanged);
+        assert_eq!(
+            (d.seq, e.user_ids.clone(), e.role),
+            (2, users(&["bob"]), GroupRole::RoleAdmin as i32)
+        );
+    }
+
+    // The admin mutes carol: her sends fail, the others' go on.
+    let r = group_ok(
+        &mut bob,
+        "g",
+        Op::Mute(MuteMember {
+            user_id: "carol".into(),
+            duration_ms: 600_000,
+        }),
+    );
+    assert_eq!(r.event_seq, 3);
+    for c in [&mut alice, &mut carol, &mut dave] {
+        let (_, e) = expect_event(c, GroupEventKind::GroupMuted);
+        assert_eq!(e.user_ids, users(&["carol"]));
+        assert!(e.muted_until_ms > 0);
+    }
+    send_group_err(&mut carol, "g", "c1", ErrorCode::Muted);
+    // An admin cannot mute the owner.
+    group_err(
+        &mut bob,
+        "g",
+        Op::Mute(MuteMember {
+            user_id: "alice".into(),
+            duration_ms: 1,
+        }),
+        ErrorCode::Forbidden,
+    );
+    group_ok(
+        &mut bob,
+        "g",
+        Op::Mute(MuteMember {
+            user_id: "carol".into(),
+            duration_ms: 0,
+        }),
+    );
+    for c in [&mut alice, &mut carol, &mut dave] {
+        expect_event(c, GroupEventKind::GroupUnmuted);
+    }
+    let seq = send_group_acked(&mut carol, "g", "c2", "free again");
+    assert_eq!(seq, 5);
+    for c in [&mut alice, &mut bob, &mut dave] {
+        assert_eq!(text(&expect_deliver(c)), "free again");
+    }
+
+    // Mute all: members silenced, admins and the owner not.
+    group_ok(&mut alice, "g", Op::MuteAll(MuteAll { muted: true }));
+    for c in [&mut bob, &mut carol, &mut dave] {
+        expect_event(c, GroupEventKind::GroupMutedAll);
+    }
+    send_group_err(&mut dave, "g", "d1", ErrorCode::Muted);
+    assert_eq!(send_group_acked(&mut bob, "g", "b1", "admin speaks"), 7);
+    for c in [&mut alice, &mut carol, &mut dave] {
+        assert_eq!(text(&expect_deliver(c)), "admin speaks");
+    }
+    group_ok(&mut alice, "g", Op::MuteAll(MuteAll { muted: false }));
+    for c in [&mut bob, &mut carol, &mut dave] {
+        expect_event(c, GroupEventKind::GroupUnmutedAll);
+    }
+
+    // An admin cannot remove the owner; the owner removes dave, who hears it and nothing after.
+    group_err(&mut bob, "g", kick(&["alice"]), ErrorCode::Forbidden);
+    group_err(&mut bob, "g", kick(&["mallory"]), ErrorCode::NotMember);
+    let r = group_ok(&mut bob, "g", kick(&["dave"]));
+    assert_eq!(r.event_seq, 9);
+    for c in [&mut alice, &mut carol, &mut dave] {
+        let (d, e) = expect_event(c, GroupEventKind::GroupKicked);
+        assert_eq!((d.seq, d.sender.as_str()), (9, "bob"));
+        assert_eq!(
+            (e.user_ids.clone(), e.reason.as_str()),
+            (users(&["dave"]), "spam")
+        );
+    }
+    assert_eq!(send_group_acked(&mut alice, "g", "a1", "after dave"), 10);
+    for c in [&mut bob, &mut carol] {
+        assert_eq!(text(&expect_deliver(c)), "after dave");
+    }
+    nothing_pending(&mut dave);
+    send_group_err(&mut dave, "g", "d2", ErrorCode::NotMember);
+    group_err(&mut dave, "g", Op::Get(GetGroup {}), ErrorCode::NotMember);
+    // Dave's history ends at the event that removed him.
+    let rid = dave.send_body(Body::History(HistoryRequest {
+        target: Some(Target::group("g")),
+        ..HistoryRequest::default()
+    }));
+    match dave.recv_frame().body {
+        Some(Body::HistoryPage(p)) => {
+            assert_eq!(p.messages.first().map(|m| m.seq), Some(9), "{rid}");
+            assert_eq!(p.messages.len(), 9);
+        }
+        other => panic!("expected HistoryPage, got {other:?}"),
+    }
+    // And so does his sync.
+    let rid = dave.send_body(Body::Sync(SyncRequest::default()));
+    let (convs, msgs, _) = collect_sync(&mut dave, rid);
+    let g = convs
+        .iter()
+        .find(|c| c.target == Some(Target::group("g")))
+        .expect("the group is in dave's list");
+    assert!(g.left);
+    assert_eq!(g.latest_seq, 9);
+    assert_eq!(msgs.iter().map(|m| m.seq).max(), Some(9));
+
+    // Free group: dave joins again by himself and gets what follows.
+    let r = group_ok(&mut dave, "g", Op::Join(JoinGroup {}));
+    assert_eq!(r.event_seq, 11);
+    for c in [&mut alice, &mut bob, &mut carol] {
+        let (_, e) = expect_event(c, GroupEventKind::GroupJoined);
+        assert_eq!(e.user_ids, users(&["dave"]));
+    }
+    group_err(&mut dave, "g", Op::Join(JoinGroup {}), ErrorCode::Conflict);
+
+    // The owner cannot leave; ownership moves, then the old owner may.
+    group_err(
+        &mut alice,
+        "g",
+        Op::Leave(LeaveGroup {}),
+        ErrorCode::Forbidden,
+    );
+    group_ok(
+        &mut alice,
+        "g",
+        Op::Transfer(TransferOwner {
+            user_id: "carol".into(),
+        }),
+    );
+    for c in [&mut bob, &mut carol, &mut dave] {
+        let (_, e) = expect_event(c, GroupEventKind::GroupOwnerChanged);
+        assert_eq!(e.user_ids, users(&["carol"]));
+    }
+    group_ok(&mut alice, "g", Op::Leave(LeaveGroup {}));
+    for c in [&mut bob, &mut carol, &mut dave] {
+        let (_, e) = expect_event(c, GroupEventKind::GroupLeft);
+        assert_eq!(e.user_ids, users(&["alice"]));
+    }
+    let listed: BTreeSet<(String, GroupRole)> = members(&mut carol, "g", 2).into_iter().collect();
+    let want: BTreeSet<(String, GroupRole)> = [
+        ("bob".to_string(), GroupRole::RoleAdmin),
+        ("carol".to_string(), GroupRole::RoleOwner),
+        ("dave".to_string(), GroupRole::RoleMember),
+    ]
+    .into();
+    assert_eq!(listed, want);
+    assert_eq!(info(&mut bob, "g").owner, "carol");
+}
+
+#[test]
+fn an_offline_member_catches_up_on_events_and_messages_in_order() {
+    let gw = Gateway::start(&[]);
+    let mut alice = login(&gw, "alice");
+    create(&mut alice, "team", &["erin"], JoinPolicy::Free);
+    send_group_acked(&mut alice, "team", "1", "one");
+    group_ok(
+        &mut alice,
+        "team",
+        Op::Invite(InviteMembers {
+            user_ids: users(&["bob", "erin"]),
+        }),
+    );
+    send_group_acked(&mut alice, "team", "2", "two");
+    group_ok(
+        &mut alice,
+        "team",
+        Op::Update(UpdateGroup {
+            profile: Some(Box::new(GroupProfile {
+                notice: Some("be kind".into()),
+                ..GroupProfile::default()
+            })),
+        }),
+    );
+    send_group_acked(&mut alice, "team", "3", "three");
+
+    // Erin was never online: her first sync has the whole log in order, events included.
+    let mut erin = Conn::connect(gw.addr);
+    let mut h = hello(&gw.token("erin"), "phone");
+    h.sync_on_login = true;
+    let rid = erin.send_body(Body::Hello(h));
+    assert!(matches!(erin.recv_frame().body, Some(Body::HelloOk(_))));
+    let (convs, msgs, _) = collect_sync(&mut erin, rid);
+    assert_eq!(convs.len(), 1);
+    assert_eq!((convs[0].latest_seq, convs[0].left), (6, false));
+    let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(event(&msgs[0]).kind, GroupEventKind::GroupCreated as i32);
+    assert_eq!(text(&msgs[1]), "one");
+    let invited = event(&msgs[2]);
+    // Erin was already a member: only bob was added.
+    assert_eq!(
+        (invited.kind, invited.user_ids),
+        (GroupEventKind::GroupInvited as i32, users(&["bob"]))
+    );
+    assert_eq!(text(&msgs[3]), "two");
+    let changed = event(&msgs[4]);
+    assert_eq!(changed.kind, GroupEventKind::GroupProfileChanged as i32);
+    assert_eq!(changed.profile.unwrap().notice.as_deref(), Some("be kind"));
+    assert_eq!(text(&msgs[5]), "three");
+    // Live from here on.
+    send_group_acked(&mut alice, "team", "4", "four");
+    let d = expect_deliver(&mut erin);
+    assert_eq!((d.seq, text(&d)), (7, "four"));
+}
+
+#[test]
+fn group_state_survives_a_restart_and_dissolve_is_final() {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let cfg = gw_dir.path().join("small-groups.toml");
+    std::fs::write(&cfg, format!("{NO_RATE_LIMITS}group_max_members = 3\n")).unwrap();
+    let cfg = cfg.to_str().unwrap().to_string();
+    let mut gw = Gateway::start_in(&gw_dir.path().join("data"), &["--config", &cfg]);
+    let mut alice = login(&gw, "alice");
+    create(&mut alice, "g", &["bob"], JoinPolicy::Approval);
+    group_ok(
+        &mut alice,
+        "g",
+        Op::SetRole(SetRole {
+            user_id: "bob".into(),
+            role: GroupRole::RoleAdmin.into(),
+        }),
+    );
+    send_group_acked(&mut alice, "g", "1", "before restart");
+    // Over the member limit of 3.
+    group_err(
+        &mut alice,
+        "g",
+        Op::Invite(InviteMembers {
+            user_ids: users(&["carol", "dave"]),
+        }),
+        ErrorCode::LimitExceeded,
+    );
+    drop(alice);
+    gw.restart();
+
+    let mut alice = login(&gw, "alice");
+    let mut carol = login(&gw, "carol");
+    let gi = info(&mut alice, "g");
+    assert_eq!(
+        (gi.owner.as_str(), gi.member_count, gi.latest_seq),
+        ("alice", 2, 3)
+    );
+    assert_eq!(
+        members(&mut alice, "g", 10),
+        vec![
+            ("alice".to_string(), GroupRole::RoleOwner),
+            ("bob".to_string(), GroupRole::RoleAdmin)
+        ]
+    );
+    // Approval groups take no join requests and invites only from admins.
+    group_err(
+        &mut carol,
+        "g",
+        Op::Join(JoinGroup {}),
+        ErrorCode::Forbidden,
+    );
+    assert_eq!(send_group_acked(&mut alice, "g", "2", "after restart"), 4);
+    group_ok(
+        &mut alice,
+        "g",
+        Op::Invite(InviteMembers {
+            user_ids: users(&["carol"]),
+        }),
+    );
+    expect_event(&mut carol, GroupEventKind::GroupInvited);
+    group_err(
+        &mut carol,
+        "g",
+        Op::Invite(InviteMembers {
+            user_ids: users(&["dave"]),
+        }),
+        ErrorCode::Forbidden,
+    );
+
+    let r = group_ok(&mut alice, "g", Op::Dissolve(DissolveGroup {}));
+    assert_eq!(r.event_seq, 6);
+    let (d, _) = expect_event(&mut carol, GroupEventKind::GroupDissolved);
+    assert_eq!(d.seq, 6);
+    send_group_err(&mut alice, "g", "3", ErrorCode::NotFound);
+    send_group_err(&mut carol, "g", "3", ErrorCode::NotFound);
+    group_err(
+        &mut alice,
+        "g",
+        Op::Create(CreateGroup::default()),
+        ErrorCode::Conflict,
+    );
+    // Everyone's sync shows the group as left at the dissolve event.
+    let rid = carol.send_body(Body::Sync(SyncRequest::default()));
+    let (convs, _, _) = collect_sync(&mut carol, rid);
+    assert_eq!(convs.len(), 1);
+    assert_eq!((convs[0].left, convs[0].latest_seq), (true, 6));
+    drop(carol);
+    gw.restart();
+    let mut alice = login(&gw, "alice");
+    send_group_err(&mut alice, "g", "4", ErrorCode::NotFound);
+}
+
+#[test]
+fn bad_group_requests_get_their_error_codes() {
+    let gw = Gateway::start(&[]);
+    let mut alice = login(&gw, "alice");
+    let rid = alice.send_body(Body::Group(GroupRequest {
+        group_id: "g".into(),
+        op: None,
+    }));
+    assert_eq!(alice.expect_error(ErrorCode::InvalidArgument), (rid, false));
+    group_err(
+        &mut alice,
+        "",
+        Op::Create(CreateGroup::default()),
+        ErrorCode::InvalidArgument,
+    );
+    group_err(
+        &mut alice,
+        &"x".repeat(65),
+        Op::Create(CreateGroup::default()),
+        ErrorCode::InvalidArgument,
+    );
+    group_err(
+        &mut alice,
+        "g",
+        Op::Create(CreateGroup {
+            profile: Some(Box::new(GroupProfile {
+                name: Some("n".repeat(300)),
+                ..GroupProfile::default()
+            })),
+            members: vec![],
+        }),
+        ErrorCode::InvalidArgument,
+    );
+    group_err(
+        &mut alice,
+        "g",
+        Op::Create(CreateGroup {
+            profile: None,
+            members: (0..501).map(|i| format!("u{i}")).collect(),
+        }),
+        ErrorCode::InvalidArgument,
+    );
+    // None of the refused creates made the group.
+    group_err(&mut alice, "g", Op::Get(GetGroup {}), ErrorCode::NotFound);
+    create(&mut alice, "g", &[], JoinPolicy::Free);
+    group_err(
+        &mut alice,
+        "g",
+        Op::SetRole(SetRole {
+            user_id: "alice".into(),
+            role: GroupRole::RoleOwner.into(),
+        }),
+        ErrorCode::InvalidArgument,
+    );
+    group_err(
+        &mut alice,
+        "g",
+        Op::SetRole(SetRole {
+            user_id: "bob".into(),
+            role: GroupRole::RoleAdmin.into(),
+        }),
+        ErrorCode::NotMember,
+    );
+    group_err(
+        &mut alice,
+        "g",
+        Op::Kick(KickMembers {
+            user_ids: users(&["alice"]),
+            reason: String::new(),
+        }),
+        ErrorCode::InvalidArgument,
+    );
+    group_err(
+        &mut alice,
+        "g",
+        Op::Invite(InviteMembers { user_ids: vec![] }),
+        ErrorCode::InvalidArgument,
+    );
+    // Inviting only members already in changes nothing and appends no event.
+    let r = group_ok(
+        &mut alice,
+        "g",
+        Op::Invite(InviteMembers {
+            user_ids: users(&["alice"]),
+        }),
+    );
+    assert_eq!(r.event_seq, 0);
+    assert_eq!(info(&mut alice, "g").latest_seq, 1);
+}

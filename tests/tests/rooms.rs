@@ -1,0 +1,275 @@
+//! Live rooms end to end: a real gateway on two cores, real sockets. Who gets room messages,
+//! de-duplication of retries, rooms staying out of sync, and a viewer that stops reading
+//! missing room messages without lagging or losing its own messages.
+
+use bytes::Bytes;
+use tern_protocol::v1::frame::Body;
+use tern_protocol::v1::room_request::Op;
+use tern_protocol::v1::{EnterRoom, LeaveRoom};
+use tern_protocol::{
+    Ack, ContentType, ErrorCode, Frame, RoomRequest, RoomResponse, SyncRequest, Target, TargetKind,
+};
+use tern_tests::{
+    Conn, Gateway, NO_RATE_LIMITS, Recv, Via, collect_sync, expect_ack, expect_deliver, send_acked,
+    text,
+};
+
+fn login(gw: &Gateway, user: &str) -> Conn {
+    gw.login(Via::Tcp, &gw.token(user), "phone").0
+}
+
+fn room_op(c: &mut Conn, room: &str, op: Op) -> RoomResponse {
+    let rid = c.send_body(Body::Room(RoomRequest {
+        room_id: room.into(),
+        op: Some(op),
+    }));
+    match c.recv_frame() {
+        Frame {
+            request_id,
+            body: Some(Body::RoomResponse(r)),
+        } if request_id == rid => r,
+        other => panic!("expected RoomResponse for {rid}, got {other:?}"),
+    }
+}
+
+fn enter(c: &mut Conn, room: &str) -> RoomResponse {
+    room_op(c, room, Op::Enter(EnterRoom {}))
+}
+
+fn send_room(c: &mut Conn, room: &str, id: &str, body: Bytes, priority: bool) -> u64 {
+    c.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: id.into(),
+        target: Some(Target::new(TargetKind::Room, room)),
+        content_type: ContentType::Text as u32,
+        custom_type: String::new(),
+        payload: body,
+        priority,
+    }))
+}
+
+fn nothing_pending(c: &mut Conn) {
+    let rid = c.send_body(Body::Ping(Default::default()));
+    let f = c.recv_frame();
+    assert!(
+        f.request_id == rid && matches!(f.body, Some(Body::Pong(_))),
+        "expected only the Pong, got {f:?}"
+    );
+}
+
+#[test]
+fn viewers_in_the_room_get_each_message_once_and_nobody_else_does() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let mut viewers: Vec<Conn> = (0..6).map(|i| login(&gw, &format!("viewer{i}"))).collect();
+    let mut host = login(&gw, "host");
+    let mut passer_by = login(&gw, "passer");
+    let conv = enter(&mut host, "live").conversation_id;
+    for v in &mut viewers {
+        assert_eq!(enter(v, "live").conversation_id, conv);
+    }
+    // The room's id is neither a 1:1 nor a group conversation id.
+    assert_eq!(conv >> 62, 1);
+
+    // Outside the room: no posting.
+    let rid = send_room(
+        &mut passer_by,
+        "live",
+        "p1",
+        Bytes::from_static(b"x"),
+        false,
+    );
+    assert_eq!(passer_by.expect_error(ErrorCode::NotMember), (rid, false));
+
+    for i in 1..=3u64 {
+        let rid = send_room(
+            &mut host,
+            "live",
+            &format!("h{i}"),
+            format!("hello {i}").into(),
+            false,
+        );
+        let ack = expect_ack(&mut host, rid);
+        assert_eq!(
+            (ack.conversation_id, ack.seq, ack.duplicate),
+            (conv, i, false)
+        );
+        for v in &mut viewers {
+            let d = expect_deliver(v);
+            assert_eq!(
+                (d.conversation_id, d.seq, d.sender.as_str()),
+                (conv, i, "host")
+            );
+            assert_eq!(d.target, Some(Target::new(TargetKind::Room, "live")));
+            assert_eq!(text(&d), format!("hello {i}"));
+        }
+    }
+    // A retry (or the same Send on a second path) is answered with the first seq, sent once.
+    let rid = send_room(&mut host, "live", "h3", Bytes::from_static(b"again"), false);
+    let ack = expect_ack(&mut host, rid);
+    assert_eq!((ack.seq, ack.duplicate), (3, true));
+
+    // A viewer may post too; the host hears it.
+    let rid = send_room(
+        &mut viewers[0],
+        "live",
+        "v1",
+        Bytes::from_static(b"wow"),
+        false,
+    );
+    assert_eq!(expect_ack(&mut viewers[0], rid).seq, 4);
+    let d = expect_deliver(&mut host);
+    assert_eq!((d.seq, d.sender.as_str(), text(&d)), (4, "viewer0", "wow"));
+    for v in &mut viewers[1..] {
+        assert_eq!(expect_deliver(v).seq, 4);
+    }
+
+    // Leaving stops the flow for that connection only; closing a connection leaves its rooms.
+    room_op(&mut viewers[1], "live", Op::Leave(LeaveRoom {}));
+    let rid = send_room(
+        &mut viewers[1],
+        "live",
+        "v2",
+        Bytes::from_static(b"x"),
+        false,
+    );
+    assert_eq!(viewers[1].expect_error(ErrorCode::NotMember), (rid, false));
+    drop(viewers.pop());
+    let rid = send_room(&mut host, "live", "h5", Bytes::from_static(b"five"), false);
+    assert_eq!(expect_ack(&mut host, rid).seq, 5);
+    for (i, v) in viewers.iter_mut().enumerate() {
+        if i == 1 {
+            continue;
+        }
+        assert_eq!(text(&expect_deliver(v)), "five");
+    }
+    for v in viewers.iter_mut().chain([&mut passer_by, &mut host]) {
+        nothing_pending(v);
+    }
+
+    // Rooms have no history and no cursor: acks are ignored, sync does not list them.
+    viewers[0].send_body(Body::Ack(Ack {
+        conversation_id: conv,
+        seq: 5,
+    }));
+    nothing_pending(&mut viewers[0]);
+    let rid = viewers[0].send_body(Body::Sync(SyncRequest::default()));
+    let (convs, msgs, _) = collect_sync(&mut viewers[0], rid);
+    assert!(convs.is_empty() && msgs.is_empty(), "{convs:?} {msgs:?}");
+}
+
+#[test]
+fn bad_room_requests_get_their_error_codes() {
+    let gw = Gateway::start(&[]);
+    let mut c = login(&gw, "alice");
+    let rid = c.send_body(Body::Room(RoomRequest {
+        room_id: "r".into(),
+        op: None,
+    }));
+    assert_eq!(c.expect_error(ErrorCode::InvalidArgument), (rid, false));
+    let rid = c.send_body(Body::Room(RoomRequest {
+        room_id: String::new(),
+        op: Some(Op::Enter(EnterRoom {})),
+    }));
+    assert_eq!(c.expect_error(ErrorCode::InvalidArgument), (rid, false));
+    for i in 0..16 {
+        enter(&mut c, &format!("room{i}"));
+    }
+    // Entering a room one is in already changes nothing.
+    enter(&mut c, "room0");
+    let rid = c.send_body(Body::Room(RoomRequest {
+        room_id: "room16".into(),
+        op: Some(Op::Enter(EnterRoom {})),
+    }));
+    assert_eq!(c.expect_error(ErrorCode::LimitExceeded), (rid, false));
+}
+
+/// A viewer that stops reading while a busy room floods it misses ordinary room messages, keeps
+/// the priority ones, is never told to sync, and still gets its own 1:1 message live.
+#[test]
+fn a_viewer_that_stops_reading_misses_room_messages_but_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("small-queues.toml");
+    std::fs::write(
+        &cfg,
+        format!("{NO_RATE_LIMITS}outbound_queue_frames = 16\n"),
+    )
+    .unwrap();
+    let gw = Gateway::start_in(
+        &dir.path().join("data"),
+        &["--config", cfg.to_str().unwrap()],
+    );
+    let mut host = login(&gw, "host");
+    let mut slow = login(&gw, "slow");
+    let mut friend = login(&gw, "friend");
+    enter(&mut host, "busy");
+    enter(&mut slow, "busy");
+
+    // 400 messages of 64 KiB: far more than the socket buffers and the queue hold. Every 100th
+    // is a priority message: at most 4 of them come after the queue is half full, and a quarter
+    // of the 16-frame queue (4) is theirs.
+    const N: u64 = 400;
+    let body = Bytes::from(vec![b'r'; 64 << 10]);
+    for i in 1..=N {
+        let rid = send_room(
+            &mut host,
+            "busy",
+            &format!("m{i}"),
+            body.clone(),
+            i % 100 == 0,
+        );
+        assert_eq!(expect_ack(&mut host, rid).seq, i);
+    }
+    send_acked(&mut friend, "slow", "f1", "still reaches you");
+
+    // Now read everything queued for the slow viewer: rounds of Ping until the 1:1 message came
+    // and a round brought nothing new.
+    let mut seqs = Vec::new();
+    let mut personal = 0;
+    for _ in 0..1000 {
+        let rid = slow.send_body(Body::Ping(Default::default()));
+        let mut new = 0;
+        loop {
+            match slow.recv() {
+                Recv::Frame(Frame {
+                    body: Some(Body::Deliver(d)),
+                    ..
+                }) if d.target == Some(Target::new(TargetKind::Room, "busy")) => {
+                    seqs.push(d.seq);
+                    new += 1;
+                }
+                Recv::Frame(Frame {
+                    body: Some(Body::Deliver(d)),
+                    ..
+                }) => {
+                    assert_eq!(
+                        (d.sender.as_str(), text(&d)),
+                        ("friend", "still reaches you")
+                    );
+                    personal += 1;
+                    new += 1;
+                }
+                Recv::Frame(Frame {
+                    request_id,
+                    body: Some(Body::Pong(_)),
+                }) if request_id == rid => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if personal == 1 && new == 0 {
+            break;
+        }
+    }
+    assert_eq!(personal, 1, "the 1:1 message arrives live, exactly once");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
+    let missed = N - seqs.len() as u64;
+    assert!(
+        missed > 0,
+        "a viewer that does not read must miss room messages"
+    );
+    for p in (100..=N).step_by(100) {
+        assert!(
+            seqs.contains(&p),
+            "priority message {p} was dropped: got {seqs:?}"
+        );
+    }
+    nothing_pending(&mut slow);
+}
