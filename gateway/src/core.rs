@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::groups::{GroupAfter, GroupJob, GroupState, LocalGroups};
 use crate::limits::{ConnLimits, ConnSlot, Rates, UserSends};
 use crate::outbound::Outbound;
+use crate::presence::Followers;
 use crate::rooms::{LocalRooms, RoomOwned, RoomSend};
 use crate::route::Router;
 use crate::sys::MovedFd;
@@ -131,6 +132,31 @@ pub enum ShardMsg {
         priority: bool,
         message: Arc<Deliver>,
     },
+    /// A prepared frame for `user`'s connections on this core, except logical session
+    /// `except_logical` (read receipts, typing). `droppable`: skipped for a connection whose
+    /// queue is half full.
+    ToUser {
+        user: UserId,
+        except_logical: u64,
+        frame: Bytes,
+        droppable: bool,
+    },
+    /// A droppable frame for this core's online members of `group` (typing).
+    ToGroup {
+        group: GroupId,
+        except_logical: u64,
+        frame: Bytes,
+    },
+    /// A frame for one connection of this core (presence notices).
+    ToSession { session: u64, frame: Bytes },
+    /// Connection `session` of core `core` starts or stops following `user` (on `user`'s core).
+    Follow {
+        user: UserId,
+        name: Arc<str>,
+        core: usize,
+        session: u64,
+        add: bool,
+    },
     /// A committed message for the online devices of `user` on this core. Encoded on this core,
     /// once, and only if the user has a device here. `except_logical` names a logical session
     /// (all its paths) that must not get it.
@@ -226,6 +252,8 @@ pub struct Core {
     pub local_rooms: RefCell<LocalRooms>,
     /// The live rooms this core owns (numbering and de-duplication of their messages).
     pub rooms_owned: RefCell<HashMap<u64, RoomOwned>>,
+    /// Followers of the users of this core (presence).
+    pub followers: RefCell<HashMap<UserId, Followers>>,
     /// Room messages waiting for [`Core::run_room_sends`], in arrival order.
     pub room_queue: RefCell<VecDeque<RoomSend>>,
     pub room_waker: RefCell<Option<Waker>>,
@@ -285,6 +313,7 @@ impl Core {
             local_rooms: RefCell::default(),
             rooms_owned: RefCell::default(),
             room_queue: RefCell::default(),
+            followers: RefCell::default(),
             room_waker: RefCell::default(),
             id,
             router,
@@ -487,6 +516,25 @@ impl Core {
             } => self.deliver_local(user, except_logical, &message),
             ShardMsg::Group(job) => self.group_job(job),
             ShardMsg::RoomSend(msg) => self.queue_room_send(msg),
+            ShardMsg::ToUser {
+                user,
+                except_logical,
+                frame,
+                droppable,
+            } => self.push_to_user(user, except_logical, &frame, droppable),
+            ShardMsg::ToGroup {
+                group,
+                except_logical,
+                frame,
+            } => self.push_to_group(group, except_logical, &frame),
+            ShardMsg::ToSession { session, frame } => self.push_to_session(session, frame),
+            ShardMsg::Follow {
+                user,
+                name,
+                core,
+                session,
+                add,
+            } => self.follow(user, name, core, session, add),
             ShardMsg::RoomDeliver {
                 room,
                 except_logical,

@@ -19,6 +19,7 @@ pub mod core;
 pub mod groups;
 pub mod limits;
 pub mod outbound;
+pub mod presence;
 pub mod rooms;
 pub mod route;
 pub mod server;

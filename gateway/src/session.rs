@@ -543,6 +543,7 @@ async fn run_session(
         }
     };
     core.groups_online(user);
+    core.presence_changed(user);
     let user_name: Arc<str> = Arc::from(login.user.as_str());
     info!(session = session.id, logical = session.logical, "logged in");
     let writer = glommio::spawn_local(write_loop(core.clone(), stream.clone(), session.clone()));
@@ -569,6 +570,7 @@ async fn run_session(
         sends: Gcra::default(),
         requests: Gcra::default(),
         read_bytes: Gcra::default(),
+        following: HashMap::new(),
     };
     if login.sync_on_login {
         // begin_sync happens before the first await inside, so no live message slips between
@@ -576,6 +578,7 @@ async fn run_session(
         Box::pin(ctx.sync(login.request_id, login.sync_version, 0, Some(user_version))).await;
     }
     ctx.read_loop(&stream, inbuf).await;
+    ctx.unfollow_all().await;
 
     // Tear down: unregister, let the writer flush (bounded), close.
     {
@@ -590,6 +593,7 @@ async fn run_session(
         }
         core.sessions.borrow_mut().remove(&session.id);
     }
+    core.presence_changed(user);
     core.leave_all_rooms(&session);
     session.out.close();
     let _ = future::or(
@@ -736,15 +740,18 @@ enum Wake {
     Ended,
 }
 
-struct Ctx {
-    core: Rc<Core>,
-    session: Rc<SessionHandle>,
-    user: UserId,
-    user_name: Arc<str>,
+/// A logged-in connection's request handling state (the reader task's).
+pub(crate) struct Ctx {
+    pub(crate) core: Rc<Core>,
+    pub(crate) session: Rc<SessionHandle>,
+    pub(crate) user: UserId,
+    pub(crate) user_name: Arc<str>,
     acks: Vec<tern_storage::Completion<u64>>,
     sends: Gcra,
     requests: Gcra,
     read_bytes: Gcra,
+    /// Users this connection follows (presence), by name.
+    pub(crate) following: HashMap<Arc<str>, UserId>,
 }
 
 impl Ctx {
@@ -756,11 +763,16 @@ impl Ctx {
         }
     }
 
-    fn reply(&self, frame: &Frame) {
+    pub(crate) fn storage_error(&self, request_id: u64, e: &tern_storage::StorageError) {
+        let (code, msg) = crate::core::storage_error_code(e);
+        self.error(request_id, code, msg);
+    }
+
+    pub(crate) fn reply(&self, frame: &Frame) {
         self.session.out.push(self.core.encode(frame));
     }
 
-    fn error(&self, request_id: u64, code: ErrorCode, msg: impl Into<String>) {
+    pub(crate) fn error(&self, request_id: u64, code: ErrorCode, msg: impl Into<String>) {
         self.reply(&Frame::error(request_id, code, msg, false));
     }
 
@@ -892,6 +904,10 @@ impl Ctx {
             Some(Body::History(req)) => self.history(rid, req),
             Some(Body::Group(req)) => self.group(rid, req).await,
             Some(Body::Room(req)) => self.room(rid, req),
+            Some(Body::MarkRead(req)) => self.mark_read(rid, req).await,
+            Some(Body::GetReadCounts(req)) => Box::pin(self.read_counts(rid, req)).await,
+            Some(Body::Typing(req)) => self.typing(rid, req).await,
+            Some(Body::SubscribePresence(req)) => self.subscribe_presence(rid, req).await,
             Some(Body::Hello(_)) => {
                 self.reply(&Frame::error(
                     rid,
@@ -1079,7 +1095,7 @@ impl Ctx {
     }
 
     /// The internal id and conversation of an existing group, or an error answered.
-    fn find_group(&self, rid: u64, name: &str) -> Option<(GroupId, u64)> {
+    pub(crate) fn find_group(&self, rid: u64, name: &str) -> Option<(GroupId, u64)> {
         match self.core.store.lookup_group(name) {
             Ok(Some(g)) => match tern_storage::group_conversation(g) {
                 Some(conv) => Some((g, conv)),
@@ -1183,7 +1199,7 @@ impl Ctx {
 
     /// How far the user may read a conversation: `Some(0)` entirely, `Some(s)` up to seq `s`
     /// (a group they left), None not at all.
-    fn readable(&self, conv: u64) -> Result<Option<u64>, tern_storage::StorageError> {
+    pub(crate) fn readable(&self, conv: u64) -> Result<Option<u64>, tern_storage::StorageError> {
         Ok(match conversation_kind(conv) {
             Some(ConversationKind::Direct { low, high }) => {
                 (low == self.user || high == self.user).then_some(0)

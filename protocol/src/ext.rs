@@ -1,10 +1,11 @@
 //! Constructors and small conveniences on the generated types.
 
 use crate::v1::{
-    Ack, Deliver, Error, ErrorCode, Frame, GroupRequest, GroupResponse, Hello, HelloOk,
-    HistoryPage, HistoryRequest, Kick, KickReason, Ping, Pong, RoomRequest, RoomResponse, Send,
-    SendAck, SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target,
-    TargetKind, frame::Body,
+    Ack, Deliver, Error, ErrorCode, Frame, GetReadCounts, GroupRequest, GroupResponse, Hello,
+    HelloOk, HistoryPage, HistoryRequest, Kick, KickReason, MarkRead, Ping, Pong, Presence,
+    PresenceSubscribed, ReadCounts, ReadReceipt, ReadState, RoomRequest, RoomResponse, Send,
+    SendAck, SubscribePresence, SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest,
+    Target, TargetKind, Typing, frame::Body,
 };
 
 impl Frame {
@@ -113,4 +114,13 @@ bodies! {
     GroupResponse(GroupResponse) = "GroupResponse",
     Room(RoomRequest) = "RoomRequest",
     RoomResponse(RoomResponse) = "RoomResponse",
+    MarkRead(MarkRead) = "MarkRead",
+    ReadState(ReadState) = "ReadState",
+    ReadReceipt(ReadReceipt) = "ReadReceipt",
+    GetReadCounts(GetReadCounts) = "GetReadCounts",
+    ReadCounts(ReadCounts) = "ReadCounts",
+    Typing(Typing) = "Typing",
+    SubscribePresence(SubscribePresence) = "SubscribePresence",
+    PresenceSubscribed(PresenceSubscribed) = "PresenceSubscribed",
+    Presence(Presence) = "Presence",
 }

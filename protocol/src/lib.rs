@@ -35,11 +35,12 @@ pub use codec::{Codec, MAX_FRAME_DEFAULT, PREFIX_LEN, decode_frame};
 pub use error::CodecError;
 pub use v1::frame::Body;
 pub use v1::{
-    Ack, ContentType, ConversationState, Deliver, Error, ErrorCode, Frame, GroupEvent,
-    GroupEventKind, GroupInfo, GroupMember, GroupProfile, GroupRequest, GroupResponse, GroupRole,
-    Hello, HelloOk, HistoryPage, HistoryRequest, JoinPolicy, Kick, KickReason, MemberPage, Ping,
-    Platform, Pong, RoomRequest, RoomResponse, Send, SendAck, SyncConversations, SyncDone,
-    SyncMessages, SyncNeeded, SyncRequest, Target, TargetKind,
+    Ack, ContentType, ConversationState, Deliver, Error, ErrorCode, Frame, GetReadCounts,
+    GroupEvent, GroupEventKind, GroupInfo, GroupMember, GroupProfile, GroupRequest, GroupResponse,
+    GroupRole, Hello, HelloOk, HistoryPage, HistoryRequest, JoinPolicy, Kick, KickReason, MarkRead,
+    MemberPage, Ping, Platform, Pong, Presence, PresenceSubscribed, ReadCounts, ReadReceipt,
+    ReadState, RoomRequest, RoomResponse, Send, SendAck, SubscribePresence, SyncConversations,
+    SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target, TargetKind, Typing,
 };
 
 /// `custom_type` of the SYSTEM messages that record a group's changes (payload: [`GroupEvent`]).

@@ -42,9 +42,18 @@ fn variant_index(body: &Body) -> usize {
         Body::GroupResponse(_) => 18,
         Body::Room(_) => 19,
         Body::RoomResponse(_) => 20,
+        Body::MarkRead(_) => 21,
+        Body::ReadState(_) => 22,
+        Body::ReadReceipt(_) => 23,
+        Body::GetReadCounts(_) => 24,
+        Body::ReadCounts(_) => 25,
+        Body::Typing(_) => 26,
+        Body::SubscribePresence(_) => 27,
+        Body::PresenceSubscribed(_) => 28,
+        Body::Presence(_) => 29,
     }
 }
-const VARIANTS: usize = 21;
+const VARIANTS: usize = 30;
 
 fn profile() -> GroupProfile {
     GroupProfile {
@@ -212,6 +221,51 @@ fn every_body() -> Vec<Frame> {
         RoomResponse {
             room_id: "live-1".into(),
             conversation_id: 1 << 62 | 77,
+        }
+        .into(),
+        MarkRead {
+            conversation_id: 42,
+            seq: 7,
+        }
+        .into(),
+        ReadState {
+            conversation_id: 42,
+            read_seq: 7,
+        }
+        .into(),
+        ReadReceipt {
+            conversation_id: 42,
+            reader: "bob".into(),
+            read_seq: 7,
+        }
+        .into(),
+        GetReadCounts {
+            conversation_id: 1 << 63 | 5,
+            seqs: vec![3, 4],
+        }
+        .into(),
+        ReadCounts {
+            conversation_id: 1 << 63 | 5,
+            counts: vec![2, 0],
+            members: 3,
+        }
+        .into(),
+        Typing {
+            target: Some(Target::user("bob")),
+            typing: true,
+            from: "alice".into(),
+        }
+        .into(),
+        SubscribePresence {
+            user_ids: vec!["bob".into()],
+            unsubscribe: true,
+        }
+        .into(),
+        PresenceSubscribed { following: 1 }.into(),
+        Presence {
+            user_id: "bob".into(),
+            online: true,
+            devices: 2,
         }
         .into(),
     ];

@@ -1,0 +1,310 @@
+//! Read positions and receipts, read counts, typing and presence, end to end over real sockets
+//! on a two-core gateway.
+
+use std::collections::BTreeSet;
+
+use tern_protocol::v1::CreateGroup;
+use tern_protocol::v1::frame::Body;
+use tern_protocol::v1::group_request::Op;
+use tern_protocol::{
+    ErrorCode, GetReadCounts, GroupRequest, MarkRead, Presence, ReadCounts, ReadReceipt, ReadState,
+    SubscribePresence, SyncRequest, Target, Typing,
+};
+use tern_tests::{Conn, Gateway, Via, collect_sync, expect_deliver, send_acked};
+
+fn login(gw: &Gateway, user: &str, device: &str) -> Conn {
+    gw.login(Via::Tcp, &gw.token(user), device).0
+}
+
+/// The answer to request `rid`, skipping nothing: it must be the next frame.
+fn answer(c: &mut Conn, rid: u64) -> Body {
+    let f = c.recv_frame();
+    assert_eq!(f.request_id, rid, "{f:?}");
+    f.body.expect("a body")
+}
+
+fn mark_read(c: &mut Conn, conv: u64, seq: u64) -> u64 {
+    let rid = c.send_body(Body::MarkRead(MarkRead {
+        conversation_id: conv,
+        seq,
+    }));
+    match answer(c, rid) {
+        Body::ReadState(s) => {
+            assert_eq!(s.conversation_id, conv);
+            s.read_seq
+        }
+        other => panic!("expected ReadState, got {other:?}"),
+    }
+}
+
+fn pushed(c: &mut Conn) -> Body {
+    let f = c.recv_frame();
+    assert_eq!(f.request_id, 0, "{f:?}");
+    f.body.expect("a body")
+}
+
+fn nothing_pending(c: &mut Conn) {
+    let rid = c.send_body(Body::Ping(Default::default()));
+    let f = c.recv_frame();
+    assert!(
+        f.request_id == rid && matches!(f.body, Some(Body::Pong(_))),
+        "expected only the Pong, got {f:?}"
+    );
+}
+
+#[test]
+fn reading_clears_unread_on_every_device_and_tells_the_sender() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let mut phone = login(&gw, "alice", "phone");
+    let mut laptop = login(&gw, "alice", "laptop");
+    let mut bob = login(&gw, "bob", "phone");
+    let mut mallory = login(&gw, "mallory", "phone");
+    let mut conv = 0;
+    for i in 1..=3 {
+        conv = send_acked(&mut bob, "alice", &format!("b{i}"), "hi").conversation_id;
+        assert_eq!(expect_deliver(&mut phone).seq, i);
+        assert_eq!(expect_deliver(&mut laptop).seq, i);
+    }
+
+    assert_eq!(mark_read(&mut phone, conv, 2), 2);
+    assert_eq!(
+        pushed(&mut laptop),
+        Body::ReadState(ReadState {
+            conversation_id: conv,
+            read_seq: 2
+        })
+    );
+    assert_eq!(
+        pushed(&mut bob),
+        Body::ReadReceipt(ReadReceipt {
+            conversation_id: conv,
+            reader: "alice".into(),
+            read_seq: 2
+        })
+    );
+    // Never backwards, and a no-op tells nobody.
+    assert_eq!(mark_read(&mut laptop, conv, 1), 2);
+    // Clamped to the latest message.
+    assert_eq!(mark_read(&mut laptop, conv, 99), 3);
+    assert_eq!(
+        pushed(&mut phone),
+        Body::ReadState(ReadState {
+            conversation_id: conv,
+            read_seq: 3
+        })
+    );
+    match pushed(&mut bob) {
+        Body::ReadReceipt(r) => assert_eq!(r.read_seq, 3),
+        other => panic!("expected ReadReceipt, got {other:?}"),
+    }
+    for c in [&mut phone, &mut laptop, &mut bob] {
+        nothing_pending(c);
+    }
+    // Sync reports the read position; an outsider may not touch it.
+    let rid = phone.send_body(Body::Sync(SyncRequest::default()));
+    let (convs, _, _) = collect_sync(&mut phone, rid);
+    assert_eq!((convs[0].conversation_id, convs[0].read_seq), (conv, 3));
+    let rid = mallory.send_body(Body::MarkRead(MarkRead {
+        conversation_id: conv,
+        seq: 1,
+    }));
+    assert_eq!(mallory.expect_error(ErrorCode::Forbidden), (rid, false));
+    // Bob's own read counts: alice read all three.
+    let rid = bob.send_body(Body::GetReadCounts(GetReadCounts {
+        conversation_id: conv,
+        seqs: vec![1, 3],
+    }));
+    assert_eq!(
+        answer(&mut bob, rid),
+        Body::ReadCounts(ReadCounts {
+            conversation_id: conv,
+            counts: vec![1, 1],
+            members: 2
+        })
+    );
+}
+
+#[test]
+fn group_read_counts_count_readers_other_than_the_sender() {
+    let gw = Gateway::start(&[]);
+    let mut alice = login(&gw, "alice", "phone");
+    let mut bob = login(&gw, "bob", "phone");
+    let mut carol = login(&gw, "carol", "phone");
+    let mut mallory = login(&gw, "mallory", "phone");
+    let rid = alice.send_body(Body::Group(GroupRequest {
+        group_id: "g".into(),
+        op: Some(Op::Create(CreateGroup {
+            profile: None,
+            members: vec!["bob".into(), "carol".into()],
+        })),
+    }));
+    let conv = match answer(&mut alice, rid) {
+        Body::GroupResponse(r) => r.conversation_id,
+        other => panic!("expected GroupResponse, got {other:?}"),
+    };
+    expect_deliver(&mut bob);
+    expect_deliver(&mut carol);
+    let rid = bob.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: "b1".into(),
+        target: Some(Target::group("g")),
+        content_type: 1,
+        custom_type: String::new(),
+        payload: "from bob".into(),
+        priority: false,
+    }));
+    let counts = |c: &mut Conn, seqs: Vec<u64>| {
+        let rid = c.send_body(Body::GetReadCounts(GetReadCounts {
+            conversation_id: conv,
+            seqs,
+        }));
+        match answer(c, rid) {
+            Body::ReadCounts(r) => (r.counts, r.members),
+            other => panic!("expected ReadCounts, got {other:?}"),
+        }
+    };
+    assert!(matches!(answer(&mut bob, rid), Body::SendAck(_)));
+    assert_eq!(expect_deliver(&mut carol).seq, 2);
+    assert_eq!(expect_deliver(&mut alice).seq, 2);
+    assert_eq!(counts(&mut bob, vec![1, 2]), (vec![0, 0], 3));
+    // The created event (seq 1) is alice's, the message (seq 2) bob's.
+    assert_eq!(mark_read(&mut carol, conv, 2), 2);
+    assert_eq!(counts(&mut bob, vec![1, 2]), (vec![1, 1], 3));
+    assert_eq!(mark_read(&mut bob, conv, 2), 2);
+    // Bob read his own message: it does not count; he did read alice's event.
+    assert_eq!(counts(&mut alice, vec![1, 2, 3]), (vec![2, 1, 0], 3));
+    assert_eq!(mark_read(&mut alice, conv, 2), 2);
+    assert_eq!(counts(&mut alice, vec![2]), (vec![2], 3));
+
+    let rid = mallory.send_body(Body::GetReadCounts(GetReadCounts {
+        conversation_id: conv,
+        seqs: vec![1],
+    }));
+    assert_eq!(mallory.expect_error(ErrorCode::Forbidden), (rid, false));
+    let rid = alice.send_body(Body::GetReadCounts(GetReadCounts {
+        conversation_id: conv,
+        seqs: (1..=101).collect(),
+    }));
+    assert_eq!(alice.expect_error(ErrorCode::InvalidArgument), (rid, false));
+}
+
+#[test]
+fn typing_reaches_the_peer_or_the_group_and_nobody_else() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let mut alice = login(&gw, "alice", "phone");
+    let mut alice_laptop = login(&gw, "alice", "laptop");
+    let mut bob = login(&gw, "bob", "phone");
+    let mut carol = login(&gw, "carol", "phone");
+    let mut dave = login(&gw, "dave", "phone");
+    let typing = |target: Target, on: bool| {
+        Body::Typing(Typing {
+            target: Some(target),
+            typing: on,
+            from: String::new(),
+        })
+    };
+
+    alice.send_body(typing(Target::user("bob"), true));
+    assert_eq!(
+        pushed(&mut bob),
+        Body::Typing(Typing {
+            target: Some(Target::user("alice")),
+            typing: true,
+            from: "alice".into()
+        })
+    );
+
+    let rid = alice.send_body(Body::Group(GroupRequest {
+        group_id: "g".into(),
+        op: Some(Op::Create(CreateGroup {
+            profile: None,
+            members: vec!["bob".into(), "carol".into()],
+        })),
+    }));
+    assert!(matches!(answer(&mut alice, rid), Body::GroupResponse(_)));
+    for c in [&mut alice_laptop, &mut bob, &mut carol] {
+        expect_deliver(c);
+    }
+    carol.send_body(typing(Target::group("g"), false));
+    for c in [&mut alice, &mut alice_laptop, &mut bob] {
+        assert_eq!(
+            pushed(c),
+            Body::Typing(Typing {
+                target: Some(Target::group("g")),
+                typing: false,
+                from: "carol".into()
+            })
+        );
+    }
+    let rid = dave.send_body(typing(Target::group("g"), true));
+    assert_eq!(dave.expect_error(ErrorCode::NotMember), (rid, false));
+    let rid = dave.send_body(typing(Target::user("nobody-by-that-name"), true));
+    assert_eq!(dave.expect_error(ErrorCode::NotFound), (rid, false));
+    for c in [
+        &mut alice,
+        &mut alice_laptop,
+        &mut bob,
+        &mut carol,
+        &mut dave,
+    ] {
+        nothing_pending(c);
+    }
+}
+
+#[test]
+fn followers_learn_when_users_come_online_and_go_offline() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let _alice = login(&gw, "alice", "phone");
+    let mut carol = login(&gw, "carol", "phone");
+    let rid = carol.send_body(Body::SubscribePresence(SubscribePresence {
+        user_ids: vec!["alice".into(), "bob".into()],
+        unsubscribe: false,
+    }));
+    match answer(&mut carol, rid) {
+        Body::PresenceSubscribed(s) => assert_eq!(s.following, 2),
+        other => panic!("expected PresenceSubscribed, got {other:?}"),
+    }
+    let mut initial = BTreeSet::new();
+    for _ in 0..2 {
+        match pushed(&mut carol) {
+            Body::Presence(p) => initial.insert((p.user_id, p.online, p.devices)),
+            other => panic!("expected Presence, got {other:?}"),
+        };
+    }
+    assert_eq!(
+        initial,
+        [
+            ("alice".to_string(), true, 1),
+            ("bob".to_string(), false, 0)
+        ]
+        .into()
+    );
+
+    let bob_phone = login(&gw, "bob", "phone");
+    let presence = |online, devices| {
+        Body::Presence(Presence {
+            user_id: "bob".into(),
+            online,
+            devices,
+        })
+    };
+    assert_eq!(pushed(&mut carol), presence(true, 1));
+    // A second device is no news; the last one leaving is.
+    let bob_laptop = login(&gw, "bob", "laptop");
+    drop(bob_phone);
+    drop(bob_laptop);
+    assert_eq!(pushed(&mut carol), presence(false, 0));
+
+    let rid = carol.send_body(Body::SubscribePresence(SubscribePresence {
+        user_ids: vec!["bob".into()],
+        unsubscribe: true,
+    }));
+    match answer(&mut carol, rid) {
+        Body::PresenceSubscribed(s) => assert_eq!(s.following, 1),
+        other => panic!("expected PresenceSubscribed, got {other:?}"),
+    }
+    let rid = carol.send_body(Body::SubscribePresence(SubscribePresence {
+        user_ids: (0..1001).map(|i| format!("u{i}")).collect(),
+        unsubscribe: false,
+    }));
+    assert_eq!(carol.expect_error(ErrorCode::InvalidArgument), (rid, false));
+}
