@@ -37,6 +37,7 @@ fn deliver_frame(i: u64) -> Frame {
             content_type: ContentType::Text as u32,
             custom_type: String::new(),
             payload: Bytes::from(vec![b'x'; PAYLOAD]),
+            recalled: false,
         },
     )
 }

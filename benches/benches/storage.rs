@@ -28,6 +28,7 @@ fn request(n: u64, body: &Bytes) -> AppendRequest {
         payload: body.clone(),
         participants: Vec::new(),
         group_change: None,
+        recall: None,
     }
 }
 

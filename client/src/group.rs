@@ -82,7 +82,7 @@ impl Client {
 
     /// Joins a group whose join policy is `FREE` (others answer `FORBIDDEN`).
     pub async fn join_group(&self, group_id: impl Into<String>) -> Result<GroupResponse> {
-        self.group(group_id, Op::Join(JoinGroup {})).await
+        self.group(group_id, Op::Join(JoinGroup::default())).await
     }
 
     /// Leaves a group. The owner cannot (`FORBIDDEN`): transfer the ownership or dissolve the
@@ -233,6 +233,7 @@ mod tests {
             content_type: ContentType::System as u32,
             custom_type: custom_type.into(),
             payload: Bytes::from(payload),
+            recalled: false,
         }
     }
 

@@ -246,6 +246,8 @@ fn event_name(kind: i32) -> String {
         Ok(GroupEventKind::GroupProfileChanged) => "profile_changed",
         Ok(GroupEventKind::GroupOwnerChanged) => "owner_changed",
         Ok(GroupEventKind::GroupDissolved) => "dissolved",
+        Ok(GroupEventKind::GroupJoinRequested) => "join_requested",
+        Ok(GroupEventKind::GroupJoinDeclined) => "join_declined",
         Ok(GroupEventKind::Unspecified) | Err(_) => return kind.to_string(),
     };
     name.into()
@@ -270,6 +272,7 @@ mod tests {
             content_type: 1,
             custom_type: String::new(),
             payload: Bytes::from_static(payload),
+            recalled: false,
         }
     }
 
@@ -341,6 +344,7 @@ mod tests {
             content_type: ContentType::System as u32,
             custom_type: GROUP_EVENT_TYPE.into(),
             payload: Bytes::from(event.encode_to_vec()),
+            recalled: false,
         }
     }
 
@@ -360,6 +364,7 @@ mod tests {
             event_seq: 3,
             info: None,
             members: Some(MemberPage::default()),
+            ..GroupResponse::default()
         };
         assert_eq!(group_response(&r), "group=g1 conversation=77 event_seq=3");
     }

@@ -352,6 +352,7 @@ mod tests {
             content_type: 1,
             custom_type: String::new(),
             payload: Bytes::from(format!("hello {seq}")),
+            recalled: false,
         }
     }
 

@@ -565,6 +565,7 @@ async fn group_command(args: &[&str], op: Op, event_seq: u64) -> Output {
             event_seq,
             info: None,
             members: None,
+            ..GroupResponse::default()
         },
     ))
     .await;
@@ -623,7 +624,7 @@ async fn each_group_command_sends_its_operation_and_prints_the_change() {
                 members: vec![],
             }),
         ),
-        (vec!["join", "g1"], Op::Join(JoinGroup {})),
+        (vec!["join", "g1"], Op::Join(JoinGroup::default())),
         (vec!["leave", "g1"], Op::Leave(LeaveGroup {})),
         (
             vec!["invite", "g1", "dave", "erin"],
@@ -767,6 +768,7 @@ async fn group_members_pages_through_every_member() {
                     members,
                     next_page_token,
                 }),
+                ..GroupResponse::default()
             },
         ))
         .await;
@@ -813,6 +815,7 @@ async fn group_info_prints_the_info_lines() {
             event_seq: 0,
             info: Some(Box::new(info)),
             members: None,
+            ..GroupResponse::default()
         },
     ))
     .await;
@@ -832,7 +835,7 @@ async fn group_refusal_prints_the_code_and_exits_1() {
     let run = tern(&server, &["group", "join", "g1"]);
     let mut peer = server.accept_login(0).await;
     let (id, request) = next_group_request(&mut peer).await;
-    assert_eq!(request.op, Some(Op::Join(JoinGroup {})));
+    assert_eq!(request.op, Some(Op::Join(JoinGroup::default())));
     peer.send(Frame::error(
         id,
         ErrorCode::Forbidden,

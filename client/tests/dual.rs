@@ -182,6 +182,7 @@ async fn group_requests_go_on_one_path_only() {
                 event_seq: 6,
                 info: None,
                 members: None,
+                ..GroupResponse::default()
             },
         ))
         .await;

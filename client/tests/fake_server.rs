@@ -152,6 +152,7 @@ async fn sync_pages_and_live_pushes_are_deduplicated_and_acked() {
                 delivered_seq: 1,
                 version: 9,
                 left: false,
+                settings: None,
             }],
         },
     ))
@@ -486,6 +487,7 @@ fn group_response(group_id: &str, event_seq: u64) -> GroupResponse {
         event_seq,
         info: None,
         members: None,
+        ..GroupResponse::default()
     }
 }
 

@@ -103,6 +103,14 @@ pub struct Config {
     /// Most members a group may have (the owner included); an invite or join past it fails with
     /// `LIMIT_EXCEEDED`. Default 100,000.
     pub group_max_members: u32,
+    /// Whether users who are not friends may send each other 1:1 messages (default true). When
+    /// false, such a Send fails with FORBIDDEN.
+    pub allow_non_friend_messages: bool,
+    /// Most friends one user may have; more fail with LIMIT_EXCEEDED. Default 3,000.
+    pub max_friends: u32,
+    /// How long after sending its sender may recall a message (ms; group owners and admins may
+    /// recall any time). Default 120,000 (2 minutes).
+    pub recall_window_ms: u64,
 }
 
 impl Default for Config {
@@ -138,6 +146,9 @@ impl Default for Config {
             rate_read_bytes_per_sec: 1 << 20,
             write_timeout_ms: 30_000,
             group_max_members: 100_000,
+            allow_non_friend_messages: true,
+            max_friends: 3000,
+            recall_window_ms: 120_000,
         }
     }
 }

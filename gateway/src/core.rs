@@ -13,7 +13,7 @@ use std::task::{Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use glommio::channels::channel_mesh::Senders;
-use tern_protocol::v1::{Deliver, Frame, SendAck, Target, TargetKind, frame::Body};
+use tern_protocol::v1::{Deliver, Frame, RecallOk, SendAck, Target, TargetKind, frame::Body};
 use tern_protocol::{Codec, ErrorCode};
 use tern_storage::{
     AppendRequest, Appended, Completion, GroupId, MessageStore, StorageError, UserId,
@@ -64,6 +64,8 @@ pub struct AppendMsg {
     pub reply: ReplyTo,
     pub sender_name: Arc<str>,
     pub to: Recipient,
+    /// For a recall's tombstone: the recalled seq (answered with RecallOk); 0 otherwise.
+    pub recall_of: u64,
 }
 
 /// Who gets a committed message.
@@ -618,6 +620,7 @@ impl Core {
             payload: req.payload.clone(),
             participants: Vec::new(),
             group_change: None,
+            recall: None,
         };
         let completion = self.store.append(req);
         self.appends.borrow_mut().push_back((completion, job));
@@ -668,7 +671,14 @@ impl Core {
             Recipient::User { id, name } => (id, name),
             Recipient::Group(after) => {
                 return self
-                    .finish_group_append(*after, job.req, job.reply, job.sender_name, result)
+                    .finish_group_append(
+                        *after,
+                        job.req,
+                        job.reply,
+                        job.sender_name,
+                        job.recall_of,
+                        result,
+                    )
                     .await;
             }
         };
@@ -676,15 +686,26 @@ impl Core {
         let sender = job.req.sender;
         let (reply_frame, own_copy) = match result {
             Ok(a) => {
-                let ack = Frame {
-                    request_id,
-                    body: Some(Body::SendAck(SendAck {
-                        client_msg_id: job.req.client_msg_id.clone(),
-                        conversation_id: a.conversation,
-                        seq: a.seq,
-                        server_time_ms: a.server_time_ms,
-                        duplicate: a.duplicate,
-                    })),
+                let ack = if job.recall_of != 0 {
+                    Frame::new(
+                        request_id,
+                        RecallOk {
+                            conversation_id: a.conversation,
+                            seq: job.recall_of,
+                            event_seq: a.seq,
+                        },
+                    )
+                } else {
+                    Frame {
+                        request_id,
+                        body: Some(Body::SendAck(SendAck {
+                            client_msg_id: job.req.client_msg_id.clone(),
+                            conversation_id: a.conversation,
+                            seq: a.seq,
+                            server_time_ms: a.server_time_ms,
+                            duplicate: a.duplicate,
+                        })),
+                    }
                 };
                 let mut own_copy = None;
                 if !a.duplicate {
@@ -701,6 +722,7 @@ impl Core {
                         content_type: job.req.content_type,
                         custom_type: job.req.custom_type,
                         payload: job.req.payload,
+                        recalled: false,
                     };
                     if recipient != sender {
                         // The sender's other devices see their own message with the peer as

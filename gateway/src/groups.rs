@@ -15,8 +15,11 @@
 //! ([`ShardMsg::GroupMembers`]) on the same queues and before (for joins) or after (for removals)
 //! the event, so a new member gets its join event live and a removed one its removal.
 //!
-//! Not here yet: join requests awaiting approval (APPROVAL groups take invites only), hidden
-//! members, live rooms, and evicting idle groups' state from the owner's memory.
+//! Join requests of APPROVAL groups live in the group's record (at most [`MAX_PENDING_JOINS`]),
+//! each filed and settled with an event like any other change.
+//!
+//! Not here yet: hidden members (they need the server API), and evicting idle groups' state
+//! from the owner's memory.
 //!
 //! [`Router::conversation`]: crate::route::Router::conversation
 
@@ -29,7 +32,7 @@ use prost::Message;
 use tern_protocol::v1::group_request::Op;
 use tern_protocol::v1::{
     ContentType, Deliver, Frame, GroupEvent, GroupEventKind, GroupInfo, GroupMember, GroupProfile,
-    GroupResponse, GroupRole, JoinPolicy, MemberPage, SendAck, Target,
+    GroupResponse, GroupRole, JoinPolicy, JoinRequest, MemberPage, RecallOk, SendAck, Target,
 };
 use tern_protocol::{ErrorCode, GROUP_EVENT_TYPE};
 use tern_storage::{AppendRequest, Appended, GroupChange, GroupId, StorageError, UserId};
@@ -57,7 +60,26 @@ pub struct GroupRecord {
     pub dissolved: bool,
     #[prost(uint64, tag = "6")]
     pub created_at_ms: u64,
+    /// Join requests awaiting review (APPROVAL groups), oldest first.
+    #[prost(message, repeated, tag = "7")]
+    pub pending: Vec<PendingJoin>,
 }
+
+/// A join request in a group's record.
+#[derive(Clone, PartialEq, Message)]
+pub struct PendingJoin {
+    #[prost(uint64, tag = "1")]
+    pub user: u64,
+    #[prost(string, tag = "2")]
+    pub message: String,
+    #[prost(uint64, tag = "3")]
+    pub at_ms: u64,
+}
+
+/// Most join requests a group keeps pending.
+pub const MAX_PENDING_JOINS: usize = 1000;
+/// Longest join request message.
+pub const MAX_JOIN_MESSAGE: usize = 256;
 
 /// A member's stored attributes (the value of the store's member entry).
 #[derive(Clone, PartialEq, Message)]
@@ -103,6 +125,8 @@ pub enum GroupWhat {
     /// A chat message (the request as the session built it, without `group_change`).
     Send(AppendRequest),
     Op(Op),
+    /// Recall the message with this seq (its sender within the window, or an admin).
+    Recall(u64),
 }
 
 /// What a committed group append must do afterwards, carried through the completion queue.
@@ -124,6 +148,8 @@ pub struct Pending {
     removed: Vec<UserId>,
     /// Answer with the group's info (create).
     with_info: bool,
+    /// Answer with `pending` (a join request was filed).
+    join_pending: bool,
 }
 
 /// The owner core's copy of one group.
@@ -346,6 +372,7 @@ impl Core {
                 muted_all: false,
                 dissolved: false,
                 created_at_ms: now,
+                pending: Vec::new(),
             };
             let names = members
                 .iter()
@@ -366,6 +393,7 @@ impl Core {
                 added,
                 removed: Vec::new(),
                 with_info: true,
+                join_pending: false,
             };
             self.submit_group_change(state, job, event, pending);
             return Ok(None);
@@ -399,28 +427,82 @@ impl Core {
                         name: job.name.clone(),
                         change: None,
                     })),
+                    recall_of: 0,
+                });
+                return Ok(None);
+            }
+            &GroupWhat::Recall(seq) => {
+                let Some(me) = me else {
+                    return refuse(ErrorCode::NotMember, "not a member of this group");
+                };
+                self.check_recall(conv, seq, job.actor, me.is_admin())?;
+                self.submit_append(AppendMsg {
+                    req: crate::social::recall_request(conv, seq, job.actor, &job.actor_name),
+                    reply: job.reply.clone(),
+                    sender_name: job.actor_name.clone(),
+                    to: Recipient::Group(Box::new(GroupAfter {
+                        group: job.group,
+                        name: job.name.clone(),
+                        change: None,
+                    })),
+                    recall_of: seq,
                 });
                 return Ok(None);
             }
             GroupWhat::Op(op) => op,
         };
-        if let Op::Join(_) = op {
+        if let Op::Join(join) = op {
             if me.is_some() {
                 return refuse(ErrorCode::Conflict, "already a member of this group");
             }
-            let policy = record
-                .profile
-                .as_ref()
-                .and_then(|p| p.join_policy)
-                .and_then(|p| JoinPolicy::try_from(p).ok())
-                .unwrap_or(JoinPolicy::Free);
-            if policy != JoinPolicy::Free {
+            let policy = join_policy(&record);
+            if policy == JoinPolicy::InviteOnly {
                 return refuse(
                     ErrorCode::Forbidden,
-                    "this group takes no join requests: a member or an admin must invite you",
+                    "this group takes no join requests: a member must invite you",
                 );
             }
             self.check_room(state, 1)?;
+            if policy == JoinPolicy::Approval {
+                if join.message.len() > MAX_JOIN_MESSAGE {
+                    return refuse(
+                        ErrorCode::InvalidArgument,
+                        format!("message exceeds {MAX_JOIN_MESSAGE} bytes"),
+                    );
+                }
+                if record.pending.iter().any(|p| p.user == job.actor) {
+                    return refuse(ErrorCode::Conflict, "a join request is pending already");
+                }
+                if record.pending.len() >= MAX_PENDING_JOINS {
+                    return refuse(
+                        ErrorCode::LimitExceeded,
+                        format!("the group has {MAX_PENDING_JOINS} pending join requests"),
+                    );
+                }
+                let mut record = record;
+                record.pending.push(PendingJoin {
+                    user: job.actor,
+                    message: join.message.clone(),
+                    at_ms: now,
+                });
+                let event = GroupEvent {
+                    kind: GroupEventKind::GroupJoinRequested.into(),
+                    actor: job.actor_name.to_string(),
+                    user_ids: vec![job.actor_name.to_string()],
+                    reason: join.message.clone(),
+                    ..GroupEvent::default()
+                };
+                let pending = Pending {
+                    record,
+                    members: Vec::new(),
+                    added: Vec::new(),
+                    removed: Vec::new(),
+                    with_info: false,
+                    join_pending: true,
+                };
+                self.submit_group_change(state, job, event, pending);
+                return Ok(None);
+            }
             let event = GroupEvent {
                 kind: GroupEventKind::GroupJoined.into(),
                 actor: job.actor_name.to_string(),
@@ -436,6 +518,7 @@ impl Core {
                 added: vec![job.actor],
                 removed: Vec::new(),
                 with_info: false,
+                join_pending: false,
             };
             self.submit_group_change(state, job, event, pending);
             return Ok(None);
@@ -455,6 +538,7 @@ impl Core {
             added: Vec::new(),
             removed: Vec::new(),
             with_info: false,
+            join_pending: false,
         };
         match op {
             Op::Create(_) | Op::Join(_) => unreachable!("handled above"),
@@ -507,13 +591,65 @@ impl Core {
                 pending.members.push((job.actor, None));
                 pending.removed.push(job.actor);
             }
+            Op::ReviewJoin(req) => {
+                if !admin {
+                    return refuse(
+                        ErrorCode::Forbidden,
+                        "only the owner and admins review join requests",
+                    );
+                }
+                let user = match self.store.lookup_user(&req.user_id) {
+                    Ok(u) => u,
+                    Err(e) => return Err(storage_refusal(&e)),
+                };
+                let Some(i) = user.and_then(|u| record.pending.iter().position(|p| p.user == u))
+                else {
+                    return refuse(
+                        ErrorCode::NotFound,
+                        "no pending join request from this user",
+                    );
+                };
+                let user = pending.record.pending.remove(i).user;
+                event.user_ids = vec![req.user_id.clone()];
+                if req.approve {
+                    self.check_room(state, 1)?;
+                    pending
+                        .members
+                        .push((user, Some(MemberRecord::new(GroupRole::RoleMember, now))));
+                    pending.added.push(user);
+                    event.kind = GroupEventKind::GroupJoined.into();
+                } else {
+                    event.kind = GroupEventKind::GroupJoinDeclined.into();
+                }
+            }
+            Op::ListJoinRequests(_) => {
+                if !admin {
+                    return refuse(
+                        ErrorCode::Forbidden,
+                        "only the owner and admins see join requests",
+                    );
+                }
+                let join_requests = record
+                    .pending
+                    .iter()
+                    .map(|p| JoinRequest {
+                        user_id: self.name_of(p.user),
+                        message: p.message.clone(),
+                        requested_at_ms: p.at_ms,
+                    })
+                    .collect();
+                return Ok(Some(self.encode(&Frame::new(
+                    job.reply.request_id,
+                    GroupResponse {
+                        group_id: job.name.to_string(),
+                        conversation_id: conv,
+                        join_requests,
+                        ..GroupResponse::default()
+                    },
+                ))));
+            }
             Op::Invite(req) => {
-                let policy = record
-                    .profile
-                    .as_ref()
-                    .and_then(|p| p.join_policy)
-                    .and_then(|p| JoinPolicy::try_from(p).ok())
-                    .unwrap_or(JoinPolicy::Free);
+                let policy = join_policy(&record);
                 if policy == JoinPolicy::Approval && !admin {
                     return refuse(
                         ErrorCode::Forbidden,
@@ -526,6 +662,8 @@ impl Core {
                 let users = self.resolve_users(&req.user_ids)?;
                 for u in users {
                     if !state.members.contains_key(&u) && !pending.added.contains(&u) {
+                        // An invitation settles a pending request.
+                        pending.record.pending.retain(|p| p.user != u);
                         pending.added.push(u);
                         pending
                             .members
@@ -786,6 +924,7 @@ impl Core {
                 event_seq,
                 info,
                 members,
+                ..GroupResponse::default()
             },
         ))
     }
@@ -819,6 +958,7 @@ impl Core {
                 payload: Bytes::from(event.encode_to_vec()),
                 participants: Vec::new(),
                 group_change: Some(Box::new(change)),
+                recall: None,
             },
             reply: job.reply.clone(),
             sender_name: job.actor_name.clone(),
@@ -827,6 +967,7 @@ impl Core {
                 name: job.name.clone(),
                 change: Some(pending),
             })),
+            recall_of: 0,
         });
     }
 
@@ -838,6 +979,7 @@ impl Core {
         req: AppendRequest,
         reply: ReplyTo,
         sender_name: Arc<str>,
+        recall_of: u64,
         result: Result<Appended, StorageError>,
     ) {
         let group = after.group;
@@ -846,7 +988,9 @@ impl Core {
             Ok(a) => {
                 let mut removed = Vec::new();
                 let mut info = None;
+                let mut join_pending = false;
                 if let Some(p) = after.change {
+                    join_pending = p.join_pending;
                     let added = Arc::new(p.added);
                     removed = p.removed;
                     {
@@ -904,6 +1048,7 @@ impl Core {
                         content_type: req.content_type,
                         custom_type: req.custom_type,
                         payload: req.payload,
+                        recalled: false,
                     });
                     for core in 0..self.router.cores() {
                         self.send_to_core(
@@ -939,7 +1084,17 @@ impl Core {
                             conversation_id: a.conversation,
                             event_seq: a.seq,
                             info,
-                            members: None,
+                            pending: join_pending,
+                            ..GroupResponse::default()
+                        },
+                    )
+                } else if recall_of != 0 {
+                    Frame::new(
+                        reply.request_id,
+                        RecallOk {
+                            conversation_id: a.conversation,
+                            seq: recall_of,
+                            event_seq: a.seq,
                         },
                     )
                 } else {
@@ -1017,6 +1172,15 @@ impl Core {
         let frame = self.encode(&Frame::error(job.reply.request_id, code, msg, false));
         self.group_reply(job.reply.clone(), frame);
     }
+}
+
+fn join_policy(record: &GroupRecord) -> JoinPolicy {
+    record
+        .profile
+        .as_ref()
+        .and_then(|p| p.join_policy)
+        .and_then(|p| JoinPolicy::try_from(p).ok())
+        .unwrap_or(JoinPolicy::Free)
 }
 
 fn check_profile(p: &GroupProfile) -> Result<(), Refusal> {
@@ -1158,6 +1322,11 @@ mod tests {
             muted_all: true,
             dissolved: false,
             created_at_ms: 5,
+            pending: vec![PendingJoin {
+                user: 3,
+                message: "hi".into(),
+                at_ms: 4,
+            }],
         };
         assert_eq!(GroupRecord::decode(&r.encode_to_vec()[..]).unwrap(), r);
         let m = MemberRecord::new(GroupRole::RoleAdmin, 9);

@@ -24,6 +24,7 @@ pub mod rooms;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod social;
 pub mod sys;
 pub mod token;
 pub mod transport;

@@ -197,6 +197,7 @@ impl Core {
                 content_type: msg.content_type,
                 custom_type: msg.custom_type,
                 payload: msg.payload,
+                recalled: false,
             });
             for core in 0..self.router.cores() {
                 self.send_to_core(

@@ -908,6 +908,9 @@ impl Ctx {
             Some(Body::GetReadCounts(req)) => Box::pin(self.read_counts(rid, req)).await,
             Some(Body::Typing(req)) => self.typing(rid, req).await,
             Some(Body::SubscribePresence(req)) => self.subscribe_presence(rid, req).await,
+            Some(Body::SetConversation(req)) => self.set_conversation(rid, req).await,
+            Some(Body::Recall(req)) => self.recall(rid, req).await,
+            Some(Body::Social(req)) => Box::pin(self.social(rid, req)).await,
             Some(Body::Hello(_)) => {
                 self.reply(&Frame::error(
                     rid,
@@ -1013,6 +1016,7 @@ impl Ctx {
                     payload: send.payload,
                     participants: Vec::new(),
                     group_change: None,
+                    recall: None,
                 };
                 return self
                     .to_group_owner(rid, group, conv, &target.id, GroupWhat::Send(req))
@@ -1059,6 +1063,9 @@ impl Ctx {
                 return self.error(rid, code, msg);
             }
         };
+        if let Err((code, msg)) = self.may_message(recipient) {
+            return self.error(rid, code, msg);
+        }
         let Some(conv) = tern_storage::direct_conversation(self.user, recipient) else {
             return self.error(rid, ErrorCode::Internal, "user id space exhausted");
         };
@@ -1072,6 +1079,7 @@ impl Ctx {
                 payload: send.payload,
                 participants: vec![self.user, recipient],
                 group_change: None,
+                recall: None,
             },
             reply: self.reply_to(rid),
             sender_name: self.user_name.clone(),
@@ -1079,12 +1087,13 @@ impl Ctx {
                 id: recipient,
                 name: Arc::from(target.id.as_str()),
             },
+            recall_of: 0,
         };
         let owner = self.core.router.conversation(conv).core;
         self.core.send_to_core(owner, ShardMsg::Append(job)).await;
     }
 
-    fn reply_to(&self, rid: u64) -> ReplyTo {
+    pub(crate) fn reply_to(&self, rid: u64) -> ReplyTo {
         ReplyTo {
             core: self.core.id,
             session: self.session.id,
@@ -1116,7 +1125,7 @@ impl Ctx {
         }
     }
 
-    async fn to_group_owner(
+    pub(crate) async fn to_group_owner(
         &self,
         rid: u64,
         group: GroupId,
@@ -1261,6 +1270,7 @@ impl Ctx {
             content_type: m.content_type,
             custom_type: m.custom_type,
             payload: m.payload,
+            recalled: m.recalled,
         }
     }
 
@@ -1324,6 +1334,7 @@ impl Ctx {
                     read_seq: c.read_seq,
                     delivered_seq: c.delivered_seq,
                     version: c.last_version,
+                    settings: Some(crate::social::wire_settings(c.conversation, &c.settings)),
                 });
             }
             let f = self.core.encode(&Frame::new(
@@ -1335,7 +1346,8 @@ impl Ctx {
             self.session.out.push_wait(f).await;
         }
         for (c, target) in convs.iter().zip(targets) {
-            let mut from = c.delivered_seq + 1;
+            // Nothing the user cleared.
+            let mut from = c.delivered_seq.max(c.settings.cleared_seq) + 1;
             let upto = readable_upto(c);
             while from <= upto {
                 let want = page.min((upto - from + 1) as usize);
@@ -1434,10 +1446,19 @@ impl Ctx {
         } else {
             req.limit.min(self.core.cfg.max_page)
         } as usize;
+        let cleared = match store.conversation_settings(self.user, conv) {
+            Ok(settings) => settings.cleared_seq,
+            Err(e) => return self.storage_error(rid, &e),
+        };
         match store.read_backward(conv, before_seq, limit + 1) {
             Ok(mut msgs) => {
                 let mut has_more = msgs.len() > limit;
                 msgs.truncate(limit);
+                // Nothing the user cleared.
+                if let Some(first_cleared) = msgs.iter().position(|m| m.seq <= cleared) {
+                    msgs.truncate(first_cleared);
+                    has_more = false;
+                }
                 let mut names = HashMap::new();
                 let target = self.target_of(&mut names, conv);
                 let messages: Vec<Deliver> = msgs

@@ -29,6 +29,7 @@ fn main() -> io::Result<()> {
         content_type: ContentType::Text as u32,
         custom_type: String::new(),
         payload: Bytes::from_static(b"hello bob"),
+        recalled: false,
     };
     let seeds: Vec<(&str, Vec<Frame>, &[u8])> = vec![
         (

@@ -1,11 +1,12 @@
 //! Constructors and small conveniences on the generated types.
 
 use crate::v1::{
-    Ack, Deliver, Error, ErrorCode, Frame, GetReadCounts, GroupRequest, GroupResponse, Hello,
-    HelloOk, HistoryPage, HistoryRequest, Kick, KickReason, MarkRead, Ping, Pong, Presence,
-    PresenceSubscribed, ReadCounts, ReadReceipt, ReadState, RoomRequest, RoomResponse, Send,
-    SendAck, SubscribePresence, SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest,
-    Target, TargetKind, Typing, frame::Body,
+    Ack, ConversationSettings, Deliver, Error, ErrorCode, Frame, GetReadCounts, GroupRequest,
+    GroupResponse, Hello, HelloOk, HistoryPage, HistoryRequest, Kick, KickReason, MarkRead, Ping,
+    Pong, Presence, PresenceSubscribed, ReadCounts, ReadReceipt, ReadState, Recall, RecallOk,
+    RoomRequest, RoomResponse, Send, SendAck, SetConversation, SocialEvent, SocialRequest,
+    SocialResponse, SubscribePresence, SyncConversations, SyncDone, SyncMessages, SyncNeeded,
+    SyncRequest, Target, TargetKind, Typing, frame::Body,
 };
 
 impl Frame {
@@ -123,4 +124,11 @@ bodies! {
     SubscribePresence(SubscribePresence) = "SubscribePresence",
     PresenceSubscribed(PresenceSubscribed) = "PresenceSubscribed",
     Presence(Presence) = "Presence",
+    SetConversation(SetConversation) = "SetConversation",
+    ConversationSettings(ConversationSettings) = "ConversationSettings",
+    Recall(Recall) = "Recall",
+    RecallOk(RecallOk) = "RecallOk",
+    Social(SocialRequest) = "SocialRequest",
+    SocialResponse(SocialResponse) = "SocialResponse",
+    SocialEvent(SocialEvent) = "SocialEvent",
 }

@@ -35,16 +35,21 @@ pub use codec::{Codec, MAX_FRAME_DEFAULT, PREFIX_LEN, decode_frame};
 pub use error::CodecError;
 pub use v1::frame::Body;
 pub use v1::{
-    Ack, ContentType, ConversationState, Deliver, Error, ErrorCode, Frame, GetReadCounts,
-    GroupEvent, GroupEventKind, GroupInfo, GroupMember, GroupProfile, GroupRequest, GroupResponse,
-    GroupRole, Hello, HelloOk, HistoryPage, HistoryRequest, JoinPolicy, Kick, KickReason, MarkRead,
-    MemberPage, Ping, Platform, Pong, Presence, PresenceSubscribed, ReadCounts, ReadReceipt,
-    ReadState, RoomRequest, RoomResponse, Send, SendAck, SubscribePresence, SyncConversations,
-    SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target, TargetKind, Typing,
+    Ack, ContentType, ConversationSettings, ConversationState, Deliver, Error, ErrorCode, Frame,
+    GetReadCounts, GroupEvent, GroupEventKind, GroupInfo, GroupMember, GroupProfile, GroupRequest,
+    GroupResponse, GroupRole, Hello, HelloOk, HistoryPage, HistoryRequest, JoinPolicy, Kick,
+    KickReason, ListKind, MarkRead, MemberPage, Ping, Platform, Pong, Presence, PresenceSubscribed,
+    ReadCounts, ReadReceipt, ReadState, Recall, RecallEvent, RecallOk, RoomRequest, RoomResponse,
+    Send, SendAck, SetConversation, SocialEvent, SocialEventKind, SocialRequest, SocialResponse,
+    SubscribePresence, SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target,
+    TargetKind, Typing, UserProfile,
 };
 
 /// `custom_type` of the SYSTEM messages that record a group's changes (payload: [`GroupEvent`]).
 pub const GROUP_EVENT_TYPE: &str = "tern.group";
+
+/// `custom_type` of the SYSTEM messages that record a recall (payload: [`RecallEvent`]).
+pub const RECALL_EVENT_TYPE: &str = "tern.recall";
 
 /// The protocol version described by `proto/tern.proto`; clients send it in
 /// `Hello.protocol_version`.

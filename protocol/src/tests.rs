@@ -15,6 +15,7 @@ fn deliver(seq: u64) -> Deliver {
         content_type: ContentType::Text as u32,
         custom_type: String::new(),
         payload: Bytes::from(format!("hello {seq}")),
+        recalled: seq == 9,
     }
 }
 
@@ -51,9 +52,16 @@ fn variant_index(body: &Body) -> usize {
         Body::SubscribePresence(_) => 27,
         Body::PresenceSubscribed(_) => 28,
         Body::Presence(_) => 29,
+        Body::SetConversation(_) => 30,
+        Body::ConversationSettings(_) => 31,
+        Body::Recall(_) => 32,
+        Body::RecallOk(_) => 33,
+        Body::Social(_) => 34,
+        Body::SocialResponse(_) => 35,
+        Body::SocialEvent(_) => 36,
     }
 }
-const VARIANTS: usize = 30;
+const VARIANTS: usize = 37;
 
 fn profile() -> GroupProfile {
     GroupProfile {
@@ -146,6 +154,13 @@ fn every_body() -> Vec<Frame> {
                     delivered_seq: 7,
                     version: 18,
                     left: false,
+                    settings: Some(ConversationSettings {
+                        conversation_id: 42,
+                        pinned: true,
+                        hidden: false,
+                        muted: true,
+                        cleared_seq: 2,
+                    }),
                 },
                 ConversationState {
                     conversation_id: 43,
@@ -155,6 +170,7 @@ fn every_body() -> Vec<Frame> {
                     delivered_seq: 0,
                     version: 12,
                     left: true,
+                    settings: None,
                 },
             ],
         }
@@ -211,6 +227,12 @@ fn every_body() -> Vec<Frame> {
                 }],
                 next_page_token: 9,
             }),
+            join_requests: vec![JoinRequest {
+                user_id: "dave".into(),
+                message: "let me in".into(),
+                requested_at_ms: 1_700_000_000_500,
+            }],
+            pending: true,
         }
         .into(),
         RoomRequest {
@@ -262,6 +284,61 @@ fn every_body() -> Vec<Frame> {
         }
         .into(),
         PresenceSubscribed { following: 1 }.into(),
+        SetConversation {
+            conversation_id: 42,
+            pinned: Some(true),
+            hidden: Some(false),
+            muted: None,
+            clear_upto_seq: 5,
+        }
+        .into(),
+        ConversationSettings {
+            conversation_id: 42,
+            pinned: true,
+            hidden: false,
+            muted: true,
+            cleared_seq: 5,
+        }
+        .into(),
+        Recall {
+            conversation_id: 42,
+            seq: 7,
+        }
+        .into(),
+        RecallOk {
+            conversation_id: 42,
+            seq: 7,
+            event_seq: 10,
+        }
+        .into(),
+        SocialRequest {
+            op: Some(social_request::Op::AddFriend(AddFriend {
+                user_id: "bob".into(),
+                message: "hi, it's alice".into(),
+            })),
+        }
+        .into(),
+        SocialResponse {
+            users: vec![ListedUser {
+                user_id: "bob".into(),
+                message: "hi".into(),
+            }],
+            next_page_token: 3,
+            profiles: vec![UserProfile {
+                user_id: "bob".into(),
+                nickname: "Bob".into(),
+                avatar_url: "https://example.com/b.png".into(),
+                custom: [("city".to_string(), "Oslo".to_string())].into(),
+            }],
+            friends: true,
+        }
+        .into(),
+        SocialEvent {
+            kind: SocialEventKind::FriendRequest.into(),
+            user_id: "alice".into(),
+            message: "hi".into(),
+        }
+        .into(),
         Presence {
             user_id: "bob".into(),
             online: true,

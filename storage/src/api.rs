@@ -34,6 +34,71 @@ pub struct AppendRequest {
     pub participants: Vec<UserId>,
     /// A group state change committed with this message (only for that group's conversation).
     pub group_change: Option<Box<GroupChange>>,
+    /// Recall the message at this seq of the same conversation in the same atomic write: its
+    /// stored record loses its payload and is marked recalled ([`StoredMessage::recalled`]);
+    /// everything else about it (seq, version, sender, time, ids, types) stays. The message
+    /// must exist before this append (`InvalidArgument` otherwise); recalling a recalled
+    /// message changes nothing. A duplicate append recalls nothing.
+    pub recall: Option<Seq>,
+}
+
+/// A user's own settings of one conversation, synced to all their devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConversationSettings {
+    /// Pinned to the top of the list.
+    pub pinned: bool,
+    /// Hidden from the list (the history stays).
+    pub hidden: bool,
+    /// Do not disturb.
+    pub muted: bool,
+    /// History up to and including this seq is cleared for this user (0 = nothing).
+    pub cleared_seq: Seq,
+}
+
+/// Kinds of directed user-to-user relations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RelationKind {
+    /// `user` counts `other` as a friend.
+    Friend = 1,
+    /// `user` asked `other` to be friends.
+    FriendRequestSent = 2,
+    /// `other` asked `user` to be friends.
+    FriendRequestReceived = 3,
+    /// `user` blocked `other`.
+    Blocked = 4,
+}
+
+/// One change of a relation in [`MessageStore::set_relations`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelationChange {
+    pub user: UserId,
+    pub kind: RelationKind,
+    pub other: UserId,
+    /// The relation's value, opaque to the store (may be empty); None deletes it.
+    pub value: Option<Bytes>,
+}
+
+/// Most changes one [`MessageStore::set_relations`] may carry.
+pub const MAX_RELATION_CHANGES: usize = 10_000;
+
+pub(crate) fn check_relations(changes: &[RelationChange]) -> Result<()> {
+    if changes.len() > MAX_RELATION_CHANGES {
+        return Err(StorageError::InvalidArgument("too many relation changes"));
+    }
+    for c in changes {
+        if c.user == 0 || c.user > MAX_USER_ID || c.other == 0 || c.other > MAX_USER_ID {
+            return Err(StorageError::InvalidArgument("user id out of range"));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn check_user(user: UserId) -> Result<()> {
+    if user == 0 || user > MAX_USER_ID {
+        return Err(StorageError::InvalidArgument("user id out of range"));
+    }
+    Ok(())
 }
 
 /// A change of a group's stored state, committed atomically with the append that records it.
@@ -93,6 +158,9 @@ impl AppendRequest {
             {
                 return Err(StorageError::InvalidArgument("user id out of range"));
             }
+        }
+        if self.recall == Some(0) {
+            return Err(StorageError::InvalidArgument("no such message to recall"));
         }
         Ok(())
     }
@@ -207,6 +275,8 @@ pub struct ConversationInfo {
     pub left_seq: Seq,
     /// The asking device's delivered cursor (0 when no device was given).
     pub delivered_seq: Seq,
+    /// The user's own settings of it.
+    pub settings: ConversationSettings,
 }
 
 /// The durable message log and the metadata sync needs.
@@ -259,6 +329,44 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
     /// has (or had) the group's conversation in their index (0 = still a member), None if
     /// never. See [`ConversationInfo::left_seq`].
     fn membership(&self, user: UserId, group: GroupId) -> Result<Option<Seq>>;
+
+    /// Changes the user's settings of `conv`: `cleared_seq` is clamped to the latest seq and
+    /// never moves backwards (a lower value keeps the current one). A real change gets a new
+    /// version, so [`MessageStore::conversations_changed_since`] reports the conversation again
+    /// with its settings; an unchanged result writes nothing. Resolves to the resulting
+    /// settings.
+    fn set_conversation_settings(
+        &self,
+        user: UserId,
+        conv: ConversationId,
+        settings: ConversationSettings,
+    ) -> Completion<ConversationSettings>;
+    /// The user's settings of `conv` (the default if never set).
+    fn conversation_settings(
+        &self,
+        user: UserId,
+        conv: ConversationId,
+    ) -> Result<ConversationSettings>;
+
+    /// Applies relation changes, all in one atomic write (at most [`MAX_RELATION_CHANGES`]).
+    /// Relations do not take part in sync (no version changes).
+    fn set_relations(&self, changes: Vec<RelationChange>) -> Completion<()>;
+    /// The value of one relation, if it exists.
+    fn relation(&self, user: UserId, kind: RelationKind, other: UserId) -> Result<Option<Bytes>>;
+    /// Up to `limit` relations of `kind` of `user` with `other > after`, ascending by `other`.
+    fn relations(
+        &self,
+        user: UserId,
+        kind: RelationKind,
+        after: UserId,
+        limit: usize,
+    ) -> Result<Vec<(UserId, Bytes)>>;
+    /// How many relations of `kind` `user` has (a scan of them: linear in the count).
+    fn count_relations(&self, user: UserId, kind: RelationKind) -> Result<u64>;
+    /// Stores the user's profile (opaque bytes), replacing any earlier one.
+    fn set_user_profile(&self, user: UserId, profile: Bytes) -> Completion<()>;
+    /// The user's profile, if set.
+    fn user_profile(&self, user: UserId) -> Result<Option<Bytes>>;
 
     /// Appends a message, and applies its [`AppendRequest::group_change`] in the same atomic
     /// write; resolves once it is stored under the durability policy.

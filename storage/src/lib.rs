@@ -37,10 +37,12 @@
 //! | column family | key | value | why |
 //! |---|---|---|---|
 //! | `messages` | conv BE ++ seq BE | message record | a conversation is one contiguous key range in seq order: a page read is one seek plus `next`/`prev`; a fixed 8-byte prefix extractor with prefix bloom filters (SST and memtable) makes seeks into a conversation skip files that do not hold it; the latest seq is one `seek_for_prev` |
-//! | `user_convs` | user BE ++ conv BE | user-conversation record (member flag, read position, versions, seq the user left at) | all conversations of a user in one range scan (prefix 8) |
+//! | `user_convs` | user BE ++ conv BE | user-conversation record (member flag, read position, versions, seq the user left at, the user's settings: pinned, hidden, muted, cleared seq) | all conversations of a user in one range scan (prefix 8) |
 //! | `cursors` | user BE ++ conv BE ++ device | delivered seq | point reads; whole-key bloom |
 //! | `members`, `user_groups` | group ++ user, user ++ group | the member's attributes (opaque, as given; empty from `add_member`), empty | paged member lists (with attributes) and a user's groups, each a prefix scan |
 //! | `groups` | group BE | the group's record (opaque, as given) | point read |
+//! | `relations` | user BE ++ kind u8 ++ other BE | the relation's value (opaque) | one user's friends, requests or blacklist as a prefix scan (fixed 9-byte prefix bloom); "is this sender blocked?" as a point read with whole-key bloom, on every 1:1 send |
+//! | `profiles` | user BE | the user's profile (opaque) | point read |
 //! | `user_ids`, `user_names`, `group_ids`, `group_names` | name, id BE | id, name | interning both ways |
 //! | `dedup_journal` | first version of a batch, BE | the batch's idempotent appends | rebuilds the idempotency index on open |
 //! | `meta` | `format_version`, `version`, `next_user_id`, `next_group_id` | counters | |
@@ -76,6 +78,14 @@
 //! Read positions, delivered cursors and membership changes go through the same writer as
 //! appends (batched with them, same durability); read positions and cursors are monotonic (a
 //! lower value is a no-op) and clamped to the conversation's latest seq.
+//!
+//! **Settings and recall.** A user's settings of a conversation
+//! ([`MessageStore::set_conversation_settings`]) live in their user-conversation record and
+//! take a version like a read position, so other devices learn them through sync. A recall
+//! ([`AppendRequest::recall`]) rewrites the recalled message's record (record version 2, no
+//! payload) in the same batch as the append that announces it. Relations and profiles go
+//! through the writer too (batched, same durability) but take no version: they are not part
+//! of sync.
 //!
 //! **Group changes.** A change of a group's stored state is recorded as a message in the
 //! group's conversation, and the append carries the change ([`AppendRequest::group_change`]):
@@ -178,7 +188,8 @@ mod rocks;
 
 #[cfg(feature = "store")]
 pub use api::{
-    AppendRequest, Appended, ConversationInfo, Durability, GroupChange, MessageStore, StoreOptions,
+    AppendRequest, Appended, ConversationInfo, ConversationSettings, Durability, GroupChange,
+    MAX_RELATION_CHANGES, MessageStore, RelationChange, RelationKind, StoreOptions,
 };
 #[cfg(feature = "store")]
 pub use completion::Completion;
@@ -192,8 +203,8 @@ pub use ids::{
 #[cfg(feature = "store")]
 pub use mem::MemStore;
 pub use record::{
-    MAX_CLIENT_MSG_ID_LEN, MAX_CUSTOM_TYPE_LEN, MessageRecord, RECORD_VERSION, StoredMessage,
-    decode_record, encode_record,
+    MAX_CLIENT_MSG_ID_LEN, MAX_CUSTOM_TYPE_LEN, MessageRecord, RECALLED_RECORD_VERSION,
+    RECORD_VERSION, StoredMessage, decode_record, encode_record,
 };
 #[cfg(feature = "store")]
 pub use rocks::{FORMAT_VERSION, RocksStore};

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 
 use crate::api::{
-    AppendRequest, Appended, ConversationInfo, GroupChange, MessageStore, check_device, check_name,
-    now_ms,
+    AppendRequest, Appended, ConversationInfo, ConversationSettings, GroupChange, MessageStore,
+    RelationChange, RelationKind, check_device, check_name, check_relations, check_user, now_ms,
 };
 use crate::completion::Completion;
 use crate::dedup::{DedupEntry, DedupIndex, DedupWindow};
@@ -35,6 +35,8 @@ struct State {
     members: BTreeMap<(GroupId, UserId), Bytes>,
     user_groups: BTreeSet<(UserId, GroupId)>,
     group_records: HashMap<GroupId, Bytes>,
+    relations: BTreeMap<(UserId, u8, UserId), Bytes>,
+    profiles: HashMap<UserId, Bytes>,
     user_convs: BTreeMap<(UserId, ConversationId), UserConvRecord>,
     cursors: HashMap<(UserId, ConversationId, String), Seq>,
     dedup: DedupIndex,
@@ -87,6 +89,8 @@ impl MemStore {
                 members: BTreeMap::new(),
                 user_groups: BTreeSet::new(),
                 group_records: HashMap::new(),
+                relations: BTreeMap::new(),
+                profiles: HashMap::new(),
                 user_convs: BTreeMap::new(),
                 cursors: HashMap::new(),
                 dedup: DedupIndex::new(window),
@@ -141,8 +145,20 @@ impl State {
             });
         }
         let conv = req.conversation;
-        let seq = self.latest(conv) + 1;
+        let head = self.latest(conv);
+        if let Some(target) = req.recall
+            && (target > head || !self.messages.contains_key(&(conv, target)))
+        {
+            return Err(StorageError::InvalidArgument("no such message to recall"));
+        }
+        let seq = head + 1;
         let version = self.next_version();
+        if let Some(target) = req.recall
+            && let Some(m) = self.messages.get_mut(&(conv, target))
+        {
+            m.recalled = true;
+            m.payload = Bytes::new();
+        }
         for &p in &req.participants {
             self.user_convs.entry((p, conv)).or_insert(UserConvRecord {
                 active: true,
@@ -176,6 +192,7 @@ impl State {
                 content_type: req.content_type,
                 custom_type: req.custom_type,
                 payload: req.payload,
+                recalled: false,
             },
         );
         Ok(Appended {
@@ -282,6 +299,39 @@ impl State {
         target
     }
 
+    fn set_settings(
+        &mut self,
+        user: UserId,
+        conv: ConversationId,
+        wanted: ConversationSettings,
+    ) -> ConversationSettings {
+        let head = self.latest(conv);
+        let current = self
+            .user_convs
+            .get(&(user, conv))
+            .map(|r| r.settings())
+            .unwrap_or_default();
+        let result = ConversationSettings {
+            cleared_seq: wanted.cleared_seq.min(head).max(current.cleared_seq),
+            ..wanted
+        };
+        if result == current {
+            return current;
+        }
+        let version = self.next_version();
+        let rec = self
+            .user_convs
+            .entry((user, conv))
+            .or_insert(UserConvRecord {
+                active: true,
+                member_version: version,
+                ..UserConvRecord::default()
+            });
+        rec.set_settings(&result);
+        rec.settings_version = version;
+        result
+    }
+
     fn set_delivered(&mut self, user: UserId, device: &str, conv: ConversationId, seq: Seq) -> Seq {
         let target = seq.min(self.latest(conv));
         let cur = self
@@ -375,6 +425,91 @@ impl MessageStore for MemStore {
         Ok(s.user_convs.get(&(user, conv)).map(|r| r.left_seq))
     }
 
+    fn set_conversation_settings(
+        &self,
+        user: UserId,
+        conv: ConversationId,
+        settings: ConversationSettings,
+    ) -> Completion<ConversationSettings> {
+        Completion::ready(
+            check_user(user)
+                .and_then(|()| self.lock())
+                .map(|mut s| s.set_settings(user, conv, settings)),
+        )
+    }
+
+    fn conversation_settings(
+        &self,
+        user: UserId,
+        conv: ConversationId,
+    ) -> Result<ConversationSettings> {
+        let s = self.lock()?;
+        Ok(s.user_convs
+            .get(&(user, conv))
+            .map(|r| r.settings())
+            .unwrap_or_default())
+    }
+
+    fn set_relations(&self, changes: Vec<RelationChange>) -> Completion<()> {
+        Completion::ready(check_relations(&changes).and_then(|()| {
+            let mut s = self.lock()?;
+            for c in changes {
+                let key = (c.user, c.kind as u8, c.other);
+                match c.value {
+                    Some(v) => s.relations.insert(key, v),
+                    None => s.relations.remove(&key),
+                };
+            }
+            Ok(())
+        }))
+    }
+
+    fn relation(&self, user: UserId, kind: RelationKind, other: UserId) -> Result<Option<Bytes>> {
+        Ok(self
+            .lock()?
+            .relations
+            .get(&(user, kind as u8, other))
+            .cloned())
+    }
+
+    fn relations(
+        &self,
+        user: UserId,
+        kind: RelationKind,
+        after: UserId,
+        limit: usize,
+    ) -> Result<Vec<(UserId, Bytes)>> {
+        let s = self.lock()?;
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let k = kind as u8;
+        Ok(s.relations
+            .range((user, k, start)..=(user, k, u64::MAX))
+            .take(limit)
+            .map(|(&(_, _, other), v)| (other, v.clone()))
+            .collect())
+    }
+
+    fn count_relations(&self, user: UserId, kind: RelationKind) -> Result<u64> {
+        let s = self.lock()?;
+        let k = kind as u8;
+        Ok(s.relations
+            .range((user, k, 0)..=(user, k, u64::MAX))
+            .count() as u64)
+    }
+
+    fn set_user_profile(&self, user: UserId, profile: Bytes) -> Completion<()> {
+        Completion::ready(check_user(user).and_then(|()| {
+            self.lock()?.profiles.insert(user, profile);
+            Ok(())
+        }))
+    }
+
+    fn user_profile(&self, user: UserId) -> Result<Option<Bytes>> {
+        Ok(self.lock()?.profiles.get(&user).cloned())
+    }
+
     fn append(&self, req: AppendRequest) -> Completion<Appended> {
         Completion::ready(self.lock().and_then(|mut s| s.append(req)))
     }
@@ -452,6 +587,7 @@ impl MessageStore for MemStore {
                 read_seq: rec.read_seq,
                 left_seq: rec.left_seq,
                 delivered_seq,
+                settings: rec.settings(),
             });
         }
         Ok(out)

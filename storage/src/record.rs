@@ -19,6 +19,10 @@
 //! 31..33 u16  custom type length (m)
 //! 33..   n bytes client message id (UTF-8), m bytes custom type (UTF-8), payload (the rest)
 //! ```
+//!
+//! A recalled message is stored in the same layout with record version 2 and an empty payload
+//! ([`RECALLED_RECORD_VERSION`]); everything else is kept from the original. Records of version
+//! 1 are never recalled.
 
 use bytes::Bytes;
 
@@ -27,6 +31,8 @@ use crate::ids::{ConversationId, Seq, UserId};
 
 /// The message record version this build writes and reads.
 pub const RECORD_VERSION: u8 = 1;
+/// The version byte of a recalled message's record (otherwise laid out as version 1).
+pub const RECALLED_RECORD_VERSION: u8 = 2;
 const HEADER: usize = 33;
 /// Longest accepted client message id, in bytes.
 pub const MAX_CLIENT_MSG_ID_LEN: usize = 256;
@@ -50,6 +56,8 @@ pub struct MessageRecord<'a> {
     pub custom_type: &'a str,
     /// The opaque message body.
     pub payload: &'a [u8],
+    /// The message was recalled (record version 2; the payload is empty).
+    pub recalled: bool,
 }
 
 /// Decodes a stored message record. Total: returns an error for any input that is not a
@@ -58,10 +66,10 @@ pub fn decode_record(buf: &[u8]) -> Result<MessageRecord<'_>> {
     let Some(&v) = buf.first() else {
         return Err(StorageError::Corrupt("empty message record"));
     };
-    if v != RECORD_VERSION {
+    if v != RECORD_VERSION && v != RECALLED_RECORD_VERSION {
         return Err(StorageError::UnknownRecordVersion {
             found: v,
-            supported: RECORD_VERSION,
+            supported: RECALLED_RECORD_VERSION,
         });
     }
     if buf.len() < HEADER {
@@ -95,6 +103,7 @@ pub fn decode_record(buf: &[u8]) -> Result<MessageRecord<'_>> {
         client_msg_id,
         custom_type,
         payload: &rest[id_len + ct_len..],
+        recalled: v == RECALLED_RECORD_VERSION,
     })
 }
 
@@ -104,7 +113,11 @@ pub fn encode_record(r: &MessageRecord<'_>, out: &mut Vec<u8>) {
     debug_assert!(r.client_msg_id.len() <= MAX_CLIENT_MSG_ID_LEN);
     debug_assert!(r.custom_type.len() <= MAX_CUSTOM_TYPE_LEN);
     out.reserve(HEADER + r.client_msg_id.len() + r.custom_type.len() + r.payload.len());
-    out.push(RECORD_VERSION);
+    out.push(if r.recalled {
+        RECALLED_RECORD_VERSION
+    } else {
+        RECORD_VERSION
+    });
     out.extend_from_slice(&r.version.to_le_bytes());
     out.extend_from_slice(&r.sender.to_le_bytes());
     out.extend_from_slice(&r.timestamp_ms.to_le_bytes());
@@ -137,8 +150,10 @@ pub struct StoredMessage {
     pub content_type: u32,
     /// Application custom type.
     pub custom_type: String,
-    /// The opaque message body.
+    /// The opaque message body (empty once recalled).
     pub payload: Bytes,
+    /// The message was recalled ([`crate::AppendRequest::recall`]).
+    pub recalled: bool,
 }
 
 impl StoredMessage {
@@ -160,6 +175,7 @@ impl StoredMessage {
             content_type: r.content_type,
             custom_type: r.custom_type.to_owned(),
             payload: page.slice_ref(r.payload),
+            recalled: r.recalled,
         }
     }
 }
@@ -175,12 +191,16 @@ impl StoredMessage {
 /// 10..18 u64  read_seq
 /// 18..26 u64  read_version
 /// 26..34 u64  left_seq
+/// 34     u8   settings flags (bit 0 pinned, bit 1 hidden, bit 2 muted)
+/// 35..43 u64  cleared_seq
+/// 43..51 u64  settings_version
 /// ```
 ///
 /// Records written before `left_seq` existed are the first 26 bytes of this; they decode with
 /// `left_seq` 0 (right for members and 1:1 conversations; for a user who had already left, the
 /// seq they left at was not recorded, `active` is false) and are rewritten in the 34-byte form
-/// on their next change. Any other length is corrupt.
+/// on their next change; so are the 34-byte records written before the settings existed
+/// (default settings). Any other length is corrupt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct UserConvRecord {
     pub active: bool,
@@ -192,9 +212,16 @@ pub(crate) struct UserConvRecord {
     /// 0 while a member (and for 1:1 conversations); after leaving a group, the seq of the
     /// event that removed the user.
     pub left_seq: Seq,
+    /// Bit 0 pinned, bit 1 hidden, bit 2 muted.
+    pub flags: u8,
+    pub cleared_seq: Seq,
+    /// Version of the last settings change.
+    pub settings_version: u64,
 }
 
-const USER_CONV_LEN: usize = 34;
+const USER_CONV_LEN: usize = 51;
+/// The form without the settings.
+const USER_CONV_LEN_NO_SETTINGS: usize = 34;
 /// The form without `left_seq`.
 const USER_CONV_LEN_SHORT: usize = 26;
 
@@ -207,13 +234,16 @@ impl UserConvRecord {
         b[10..18].copy_from_slice(&self.read_seq.to_le_bytes());
         b[18..26].copy_from_slice(&self.read_version.to_le_bytes());
         b[26..34].copy_from_slice(&self.left_seq.to_le_bytes());
+        b[34] = self.flags & 7;
+        b[35..43].copy_from_slice(&self.cleared_seq.to_le_bytes());
+        b[43..51].copy_from_slice(&self.settings_version.to_le_bytes());
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
         check_version(b)?;
         let left_seq = match b.len() {
-            USER_CONV_LEN => u64_at(b, 26),
+            USER_CONV_LEN | USER_CONV_LEN_NO_SETTINGS => u64_at(b, 26),
             USER_CONV_LEN_SHORT => 0,
             _ => {
                 return Err(StorageError::Corrupt(
@@ -227,13 +257,48 @@ impl UserConvRecord {
             read_seq: u64_at(b, 10),
             read_version: u64_at(b, 18),
             left_seq,
+            flags: if b.len() == USER_CONV_LEN {
+                b[34] & 7
+            } else {
+                0
+            },
+            cleared_seq: if b.len() == USER_CONV_LEN {
+                u64_at(b, 35)
+            } else {
+                0
+            },
+            settings_version: if b.len() == USER_CONV_LEN {
+                u64_at(b, 43)
+            } else {
+                0
+            },
         })
     }
 
     /// The highest version of any change recorded here.
     #[cfg(feature = "store")]
     pub fn last_version(&self) -> u64 {
-        self.member_version.max(self.read_version)
+        self.member_version
+            .max(self.read_version)
+            .max(self.settings_version)
+    }
+
+    /// The settings stored here.
+    #[cfg(feature = "store")]
+    pub fn settings(&self) -> crate::api::ConversationSettings {
+        crate::api::ConversationSettings {
+            pinned: self.flags & 1 != 0,
+            hidden: self.flags & 2 != 0,
+            muted: self.flags & 4 != 0,
+            cleared_seq: self.cleared_seq,
+        }
+    }
+
+    /// Stores `s`'s flags and cleared seq (the caller sets the version).
+    #[cfg(feature = "store")]
+    pub fn set_settings(&mut self, s: &crate::api::ConversationSettings) {
+        self.flags = u8::from(s.pinned) | u8::from(s.hidden) << 1 | u8::from(s.muted) << 2;
+        self.cleared_seq = s.cleared_seq;
     }
 }
 
@@ -371,6 +436,9 @@ pub fn check_decoders(b: &[u8]) {
         // The short form is the long one without its trailing `left_seq` of 0.
         let mut expected = b.to_vec();
         expected[1] &= 1;
+        if expected.len() == USER_CONV_LEN {
+            expected[34] &= 7;
+        }
         expected.resize(USER_CONV_LEN, 0);
         assert_eq!(u.encode()[..], expected[..], "user-conversation record");
     }
@@ -403,6 +471,21 @@ pub(crate) fn split_pair_key(k: &[u8]) -> Result<(u64, u64)> {
         return Err(StorageError::Corrupt("key has a wrong length"));
     }
     Ok((be_at(k, 0), be_at(k, 8)))
+}
+
+/// Relations key: `user BE ++ kind u8 ++ other BE` (17 bytes; the first 9 are the prefix of one
+/// user's relations of one kind).
+#[cfg(feature = "store")]
+pub(crate) fn relation_key(
+    user: UserId,
+    kind: crate::api::RelationKind,
+    other: UserId,
+) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[..8].copy_from_slice(&user.to_be_bytes());
+    k[8] = kind as u8;
+    k[9..].copy_from_slice(&other.to_be_bytes());
+    k
 }
 
 /// Delivered-cursor key: `user BE ++ conv BE ++ device`.
@@ -464,6 +547,7 @@ mod tests {
                 client_msg_id: "m1",
                 custom_type: "c",
                 payload: b"body",
+                recalled: false,
             },
             &mut rec,
         );
@@ -476,12 +560,16 @@ mod tests {
             read_seq: 2,
             read_version: 3,
             left_seq: 4,
+            flags: 5,
+            cleared_seq: 6,
+            settings_version: 7,
         };
         for b in [
             rec,
             journal,
             uc.encode().to_vec(),
             uc.encode()[..USER_CONV_LEN_SHORT].to_vec(),
+            uc.encode()[..USER_CONV_LEN_NO_SETTINGS].to_vec(),
             encode_u64(5).to_vec(),
             pair_key(1, 2).to_vec(),
             Vec::new(),
@@ -501,6 +589,7 @@ mod tests {
             client_msg_id: "c-1",
             custom_type: "x.custom",
             payload: b"hello",
+            recalled: false,
         }
     }
 
@@ -520,13 +609,33 @@ mod tests {
             decode_record(&[]),
             Err(StorageError::Corrupt("empty message record"))
         );
+        // Version 2 is the recalled form of the same layout.
         let mut v2 = buf.clone();
-        v2[0] = 2;
+        v2[0] = RECALLED_RECORD_VERSION;
         assert_eq!(
-            decode_record(&v2),
+            decode_record(&v2).unwrap(),
+            MessageRecord {
+                recalled: true,
+                ..sample()
+            }
+        );
+        let recalled = MessageRecord {
+            payload: &[],
+            recalled: true,
+            ..sample()
+        };
+        let mut out = Vec::new();
+        encode_record(&recalled, &mut out);
+        assert_eq!(out[0], RECALLED_RECORD_VERSION);
+        assert_eq!(decode_record(&out).unwrap(), recalled);
+        check_decoders(&out);
+        let mut v3 = buf.clone();
+        v3[0] = 3;
+        assert_eq!(
+            decode_record(&v3),
             Err(StorageError::UnknownRecordVersion {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: RECALLED_RECORD_VERSION
             })
         );
         for cut in 0..buf.len() {
@@ -558,8 +667,32 @@ mod tests {
             read_seq: 9,
             read_version: 11,
             left_seq: 13,
+            flags: 6,
+            cleared_seq: 3,
+            settings_version: 12,
         };
-        assert_eq!(r.encode().len(), 34);
+        assert_eq!(r.encode().len(), 51);
+        assert_eq!(r.last_version(), 12);
+        assert_eq!(
+            r.settings(),
+            crate::api::ConversationSettings {
+                pinned: false,
+                hidden: true,
+                muted: true,
+                cleared_seq: 3
+            }
+        );
+        // The form without settings decodes with default settings.
+        let no_settings = UserConvRecord::decode(&r.encode()[..34]).unwrap();
+        assert_eq!(
+            no_settings,
+            UserConvRecord {
+                flags: 0,
+                cleared_seq: 0,
+                settings_version: 0,
+                ..r
+            }
+        );
         assert_eq!(UserConvRecord::decode(&r.encode()).unwrap(), r);
         assert!(UserConvRecord::decode(&r.encode()[..10]).is_err());
         assert_eq!(decode_u64(&encode_u64(77)).unwrap(), 77);
@@ -597,14 +730,15 @@ mod tests {
                 read_seq: 9,
                 read_version: 11,
                 left_seq: 0,
+                ..UserConvRecord::default()
             }
         );
         assert_eq!(r.encode()[..26], old[..]);
-        assert_eq!(r.encode()[26..], [0u8; 8]);
+        assert_eq!(r.encode()[26..], [0u8; 25]);
         check_decoders(&old);
 
         let long = UserConvRecord { left_seq: 7, ..r }.encode();
-        for len in (0..=40).filter(|&n| n != 26 && n != 34) {
+        for len in (0..=60).filter(|&n| n != 26 && n != 34 && n != 51) {
             let mut b = long.to_vec();
             b.resize(len, 0);
             assert!(

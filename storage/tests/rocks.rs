@@ -77,6 +77,48 @@ fn restart_continues_sequences_and_keeps_state() {
 }
 
 #[test]
+fn settings_recalls_relations_and_profiles_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = tern_storage::direct_conversation(1, 2).unwrap();
+    let muted = tern_storage::ConversationSettings {
+        muted: true,
+        cleared_seq: 1,
+        ..Default::default()
+    };
+    {
+        let s = open(dir.path(), Durability::Fsync);
+        s.append(msg(c, 1, "m1")).wait().unwrap();
+        let mut tomb = msg(c, 1, "t1");
+        tomb.recall = Some(1);
+        s.append(tomb).wait().unwrap();
+        s.set_conversation_settings(2, c, muted).wait().unwrap();
+        s.set_relations(vec![tern_storage::RelationChange {
+            user: 2,
+            kind: tern_storage::RelationKind::Blocked,
+            other: 1,
+            value: Some(Bytes::new()),
+        }])
+        .wait()
+        .unwrap();
+        s.set_user_profile(2, Bytes::from_static(b"me"))
+            .wait()
+            .unwrap();
+        s.close().unwrap();
+    }
+    let s = open(dir.path(), Durability::Fsync);
+    let page = s.read_forward(c, 1, 10).unwrap();
+    assert!(page[0].recalled && page[0].payload.is_empty());
+    assert_eq!(page.len(), 2);
+    assert_eq!(s.conversation_settings(2, c).unwrap(), muted);
+    assert!(
+        s.relation(2, tern_storage::RelationKind::Blocked, 1)
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(s.user_profile(2).unwrap(), Some(Bytes::from_static(b"me")));
+}
+
+#[test]
 fn group_changes_survive_reopen() {
     for d in [Durability::Fsync, Durability::Memory] {
         let dir = tempfile::tempdir().unwrap();
@@ -266,7 +308,7 @@ fn unknown_record_version_is_an_error_not_a_panic() {
         s.read_forward(c, 1, 10),
         Err(StorageError::UnknownRecordVersion {
             found: 9,
-            supported: 1
+            supported: tern_storage::RECALLED_RECORD_VERSION
         })
     );
     assert!(s.read_backward(c, 0, 10).is_err());

@@ -10,7 +10,8 @@ use tern_protocol::v1::frame::Body;
 use tern_protocol::v1::group_request::Op;
 use tern_protocol::v1::{
     CreateGroup, DissolveGroup, GetGroup, InviteMembers, JoinGroup, KickMembers, LeaveGroup,
-    ListMembers, MuteAll, MuteMember, SetRole, TransferOwner, UpdateGroup,
+    ListJoinRequests, ListMembers, MuteAll, MuteMember, ReviewJoin, SetRole, TransferOwner,
+    UpdateGroup,
 };
 use tern_protocol::{
     ContentType, Deliver, ErrorCode, Frame, GROUP_EVENT_TYPE, GroupEvent, GroupEventKind,
@@ -216,7 +217,7 @@ fn members_on_both_cores_get_every_message_once_and_outsiders_get_nothing() {
     group_err(
         &mut outsider,
         "g1",
-        Op::Join(JoinGroup {}),
+        Op::Join(JoinGroup::default()),
         ErrorCode::Forbidden,
     );
     let rid = outsider.send_body(Body::History(HistoryRequest {
@@ -428,13 +429,18 @@ fn roles_mutes_and_removals_are_enforced_and_recorded_in_order() {
     assert_eq!(msgs.iter().map(|m| m.seq).max(), Some(9));
 
     // Free group: dave joins again by himself and gets what follows.
-    let r = group_ok(&mut dave, "g", Op::Join(JoinGroup {}));
+    let r = group_ok(&mut dave, "g", Op::Join(JoinGroup::default()));
     assert_eq!(r.event_seq, 11);
     for c in [&mut alice, &mut bob, &mut carol] {
         let (_, e) = expect_event(c, GroupEventKind::GroupJoined);
         assert_eq!(e.user_ids, users(&["dave"]));
     }
-    group_err(&mut dave, "g", Op::Join(JoinGroup {}), ErrorCode::Conflict);
+    group_err(
+        &mut dave,
+        "g",
+        Op::Join(JoinGroup::default()),
+        ErrorCode::Conflict,
+    );
 
     // The owner cannot leave; ownership moves, then the old owner may.
     group_err(
@@ -570,13 +576,7 @@ fn group_state_survives_a_restart_and_dissolve_is_final() {
             ("bob".to_string(), GroupRole::RoleAdmin)
         ]
     );
-    // Approval groups take no join requests and invites only from admins.
-    group_err(
-        &mut carol,
-        "g",
-        Op::Join(JoinGroup {}),
-        ErrorCode::Forbidden,
-    );
+    // Approval groups take invites only from admins.
     assert_eq!(send_group_acked(&mut alice, "g", "2", "after restart"), 4);
     group_ok(
         &mut alice,
@@ -706,4 +706,91 @@ fn bad_group_requests_get_their_error_codes() {
     );
     assert_eq!(r.event_seq, 0);
     assert_eq!(info(&mut alice, "g").latest_seq, 1);
+}
+
+#[test]
+fn approval_groups_take_join_requests_that_admins_review() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let mut alice = login(&gw, "alice");
+    let mut bob = login(&gw, "bob");
+    let mut carol = login(&gw, "carol");
+    let mut erin = login(&gw, "erin");
+    create(&mut alice, "club", &["bob"], JoinPolicy::Approval);
+    expect_event(&mut bob, GroupEventKind::GroupCreated);
+
+    let join = |message: &str| {
+        Op::Join(JoinGroup {
+            message: message.into(),
+        })
+    };
+    let r = group_ok(&mut carol, "club", join("let me in"));
+    assert!(r.pending);
+    assert_eq!(r.event_seq, 2);
+    for c in [&mut alice, &mut bob] {
+        let (d, e) = expect_event(c, GroupEventKind::GroupJoinRequested);
+        assert_eq!((d.seq, d.sender.as_str()), (2, "carol"));
+        assert_eq!(
+            (e.user_ids, e.reason.as_str()),
+            (users(&["carol"]), "let me in")
+        );
+    }
+    group_err(&mut carol, "club", join("again"), ErrorCode::Conflict);
+    // Not a member yet.
+    send_group_err(&mut carol, "club", "c0", ErrorCode::NotMember);
+    group_ok(&mut erin, "club", join(""));
+    for c in [&mut alice, &mut bob] {
+        expect_event(c, GroupEventKind::GroupJoinRequested);
+    }
+    let list = Op::ListJoinRequests(ListJoinRequests {});
+    group_err(&mut bob, "club", list.clone(), ErrorCode::Forbidden);
+    let pending: Vec<(String, String)> = group_ok(&mut alice, "club", list.clone())
+        .join_requests
+        .into_iter()
+        .map(|j| (j.user_id, j.message))
+        .collect();
+    assert_eq!(
+        pending,
+        vec![
+            ("carol".to_string(), "let me in".to_string()),
+            ("erin".to_string(), String::new())
+        ]
+    );
+    let review = |user: &str, approve| {
+        Op::ReviewJoin(ReviewJoin {
+            user_id: user.into(),
+            approve,
+        })
+    };
+    group_err(
+        &mut bob,
+        "club",
+        review("carol", true),
+        ErrorCode::Forbidden,
+    );
+    assert_eq!(
+        group_ok(&mut alice, "club", review("carol", true)).event_seq,
+        4
+    );
+    // Carol is in before the event: she hears her own admission.
+    for c in [&mut bob, &mut carol] {
+        let (d, e) = expect_event(c, GroupEventKind::GroupJoined);
+        assert_eq!(
+            (d.sender.as_str(), e.user_ids),
+            ("alice", users(&["carol"]))
+        );
+    }
+    group_ok(&mut alice, "club", review("erin", false));
+    for c in [&mut bob, &mut carol] {
+        expect_event(c, GroupEventKind::GroupJoinDeclined);
+    }
+    nothing_pending(&mut erin);
+    group_err(
+        &mut alice,
+        "club",
+        review("erin", true),
+        ErrorCode::NotFound,
+    );
+    assert!(group_ok(&mut alice, "club", list).join_requests.is_empty());
+    assert_eq!(send_group_acked(&mut carol, "club", "c1", "thanks"), 6);
+    assert_eq!(info(&mut carol, "club").member_count, 3);
 }

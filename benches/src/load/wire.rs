@@ -320,6 +320,7 @@ mod tests {
                 content_type: 100,
                 custom_type: "t".into(),
                 payload: Bytes::from_static(b"hello"),
+                recalled: false,
             },
         );
         let mut buf = BytesMut::new();

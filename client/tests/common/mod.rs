@@ -396,6 +396,7 @@ pub fn deliver(conversation_id: u64, seq: u64) -> Deliver {
         content_type: ContentType::Text as u32,
         custom_type: String::new(),
         payload: Bytes::from(format!("hello {seq}")),
+        recalled: false,
     }
 }
 

@@ -16,8 +16,9 @@ use rocksdb::{
 };
 
 use crate::api::{
-    AppendRequest, Appended, ConversationInfo, Durability, MessageStore, StoreOptions,
-    check_device, check_name, now_ms,
+    AppendRequest, Appended, ConversationInfo, ConversationSettings, Durability, MessageStore,
+    RelationChange, RelationKind, StoreOptions, check_device, check_name, check_relations,
+    check_user, now_ms,
 };
 use crate::completion::Completion;
 use crate::dedup::{DedupEntry, DedupIndex};
@@ -27,7 +28,7 @@ use crate::ids::{
 };
 use crate::record::{
     StoredMessage, UserConvRecord, be_at, cursor_key, decode_journal, decode_record, decode_u64,
-    encode_u64, msg_key, pair_key, split_pair_key,
+    encode_u64, msg_key, pair_key, relation_key, split_pair_key,
 };
 use writer::{Op, Writer};
 
@@ -46,10 +47,12 @@ pub(crate) const CF_USER_CONVS: &str = "user_convs";
 pub(crate) const CF_CURSORS: &str = "cursors";
 pub(crate) const CF_JOURNAL: &str = "dedup_journal";
 pub(crate) const CF_META: &str = "meta";
+pub(crate) const CF_RELATIONS: &str = "relations";
+pub(crate) const CF_PROFILES: &str = "profiles";
 
-/// Opened, or created if missing (a directory written before `groups` existed gets it on
-/// its first open by this build).
-const ALL_CFS: [&str; 12] = [
+/// Opened, or created if missing (a directory written before `groups`, `relations` or
+/// `profiles` existed gets them on its first open by this build).
+const ALL_CFS: [&str; 14] = [
     CF_MESSAGES,
     CF_USER_IDS,
     CF_USER_NAMES,
@@ -62,6 +65,8 @@ const ALL_CFS: [&str; 12] = [
     CF_CURSORS,
     CF_JOURNAL,
     CF_META,
+    CF_RELATIONS,
+    CF_PROFILES,
 ];
 
 pub(crate) const META_FORMAT: &[u8] = b"format_version";
@@ -156,6 +161,47 @@ impl Db {
             .get_pinned_cf(self.cf(CF_MEMBERS), pair_key(group, user))
             .map_err(backend)?
             .is_some())
+    }
+
+    /// The stored record of one message (committed), as bytes.
+    pub fn message_record(&self, conv: ConversationId, seq: Seq) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_MESSAGES), msg_key(conv, seq))
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Relations of `kind` of `user` with `other > after`, up to `limit`.
+    fn scan_relations(
+        &self,
+        user: UserId,
+        kind: RelationKind,
+        after: UserId,
+        limit: usize,
+    ) -> Result<Vec<(UserId, Bytes)>> {
+        let mut out = Vec::new();
+        let Some(start) = after.checked_add(1) else {
+            return Ok(out);
+        };
+        let lower = relation_key(user, kind, start);
+        let mut upper = relation_key(user, kind, 0);
+        upper[8] += 1;
+        let mut ro = ReadOptions::default();
+        ro.set_prefix_same_as_start(true);
+        ro.set_iterate_upper_bound(upper[..9].to_vec());
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_RELATIONS), ro);
+        it.seek(lower);
+        while out.len() < limit {
+            let Some((k, v)) = it.item() else { break };
+            if k.len() != 17 || k[..9] != lower[..9] {
+                break;
+            }
+            out.push((be_at(k, 9), Bytes::copy_from_slice(v)));
+            it.next();
+        }
+        it.status().map_err(backend)?;
+        Ok(out)
     }
 
     pub fn meta_version(&self) -> Result<u64> {
@@ -325,6 +371,12 @@ fn cf_options(name: &str, opts: &StoreOptions, cache: &Cache) -> Options {
             o.set_prefix_extractor(SliceTransform::create_fixed_prefix(8));
             o.set_memtable_prefix_bloom_ratio(0.1);
             t.set_whole_key_filtering(false);
+        }
+        // One user's relations of one kind by prefix; point reads (is this user blocked?) on
+        // every 1:1 send, so whole-key filters too.
+        CF_RELATIONS => {
+            o.set_prefix_extractor(SliceTransform::create_fixed_prefix(9));
+            o.set_memtable_prefix_bloom_ratio(0.1);
         }
         _ => {}
     }
@@ -725,6 +777,100 @@ impl MessageStore for RocksStore {
         Ok(self.inner.db.user_conv(user, conv)?.map(|r| r.left_seq))
     }
 
+    fn set_conversation_settings(
+        &self,
+        user: UserId,
+        conv: ConversationId,
+        settings: ConversationSettings,
+    ) -> Completion<ConversationSettings> {
+        if let Err(e) = check_user(user) {
+            return Completion::ready(Err(e));
+        }
+        self.submit(|done| Op::Settings {
+            user,
+            conv,
+            settings,
+            done,
+        })
+    }
+
+    fn conversation_settings(
+        &self,
+        user: UserId,
+        conv: ConversationId,
+    ) -> Result<ConversationSettings> {
+        self.check_open()?;
+        Ok(self
+            .inner
+            .db
+            .user_conv(user, conv)?
+            .map(|r| r.settings())
+            .unwrap_or_default())
+    }
+
+    fn set_relations(&self, changes: Vec<RelationChange>) -> Completion<()> {
+        if let Err(e) = check_relations(&changes) {
+            return Completion::ready(Err(e));
+        }
+        self.submit(|done| Op::Relations(changes, done))
+    }
+
+    fn relation(&self, user: UserId, kind: RelationKind, other: UserId) -> Result<Option<Bytes>> {
+        self.check_open()?;
+        let db = &self.inner.db;
+        Ok(db
+            .db
+            .get_pinned_cf(db.cf(CF_RELATIONS), relation_key(user, kind, other))
+            .map_err(backend)?
+            .map(|v| Bytes::copy_from_slice(&v)))
+    }
+
+    fn relations(
+        &self,
+        user: UserId,
+        kind: RelationKind,
+        after: UserId,
+        limit: usize,
+    ) -> Result<Vec<(UserId, Bytes)>> {
+        self.check_open()?;
+        self.inner.db.scan_relations(user, kind, after, limit)
+    }
+
+    fn count_relations(&self, user: UserId, kind: RelationKind) -> Result<u64> {
+        self.check_open()?;
+        let mut n = 0;
+        let mut after = 0;
+        loop {
+            let page = self.inner.db.scan_relations(user, kind, after, 4096)?;
+            let Some(&(last, _)) = page.last() else {
+                return Ok(n);
+            };
+            n += page.len() as u64;
+            after = last;
+        }
+    }
+
+    fn set_user_profile(&self, user: UserId, profile: Bytes) -> Completion<()> {
+        if let Err(e) = check_user(user) {
+            return Completion::ready(Err(e));
+        }
+        self.submit(|done| Op::Profile {
+            user,
+            profile,
+            done,
+        })
+    }
+
+    fn user_profile(&self, user: UserId) -> Result<Option<Bytes>> {
+        self.check_open()?;
+        let db = &self.inner.db;
+        Ok(db
+            .db
+            .get_pinned_cf(db.cf(CF_PROFILES), user.to_be_bytes())
+            .map_err(backend)?
+            .map(|v| Bytes::copy_from_slice(&v)))
+    }
+
     fn append(&self, req: AppendRequest) -> Completion<Appended> {
         if let Err(e) = req.validate() {
             return Completion::ready(Err(e));
@@ -832,6 +978,7 @@ impl MessageStore for RocksStore {
                     read_seq: rec.read_seq,
                     left_seq: rec.left_seq,
                     delivered_seq,
+                    settings: rec.settings(),
                 });
             }
             it.next();
@@ -993,6 +1140,51 @@ mod tests {
         assert_eq!(s.append(r).wait().unwrap().seq, 1);
         assert_eq!(s.conversations_changed_since(3, 0, None).unwrap().len(), 1);
         assert_eq!(seqs(&s, c), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn failed_commit_rolls_back_settings_recall_and_relations() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let c = direct_conversation(1, 2).unwrap();
+        s.append(msg(c, "m1")).wait().unwrap();
+        let pinned = ConversationSettings {
+            pinned: true,
+            ..ConversationSettings::default()
+        };
+        s.inner.db.hooks.fail_commits.store(1, SeqCst);
+        assert!(s.set_conversation_settings(1, c, pinned).wait().is_err());
+        assert_eq!(
+            s.conversation_settings(1, c).unwrap(),
+            ConversationSettings::default()
+        );
+        // The builder's cache forgot it too: the same change is written again, not a no-op.
+        assert_eq!(
+            s.set_conversation_settings(1, c, pinned).wait().unwrap(),
+            pinned
+        );
+        assert_eq!(s.conversation_settings(1, c).unwrap(), pinned);
+
+        s.inner.db.hooks.fail_commits.store(1, SeqCst);
+        let mut tomb = msg(c, "t1");
+        tomb.recall = Some(1);
+        assert!(s.append(tomb.clone()).wait().is_err());
+        let m = &s.read_forward(c, 1, 1).unwrap()[0];
+        assert!(!m.recalled && !m.payload.is_empty());
+        assert_eq!(s.append(tomb).wait().unwrap().seq, 2);
+        assert!(s.read_forward(c, 1, 1).unwrap()[0].recalled);
+
+        s.inner.db.hooks.fail_commits.store(1, SeqCst);
+        let friend = RelationChange {
+            user: 1,
+            kind: RelationKind::Friend,
+            other: 2,
+            value: Some(Bytes::new()),
+        };
+        assert!(s.set_relations(vec![friend.clone()]).wait().is_err());
+        assert_eq!(s.relation(1, RelationKind::Friend, 2).unwrap(), None);
+        s.set_relations(vec![friend]).wait().unwrap();
+        assert_eq!(s.count_relations(1, RelationKind::Friend).unwrap(), 1);
     }
 
     /// The sequence numbers stored in `c`, ascending.

@@ -50,15 +50,18 @@ use crossbeam_channel::{Receiver, Sender};
 use rocksdb::{ColumnFamily, WriteBatch, WriteOptions};
 
 use super::{CF_CURSORS, CF_GROUPS, CF_JOURNAL, CF_MEMBERS, CF_MESSAGES, CF_META};
-use super::{CF_USER_CONVS, CF_USER_GROUPS, Db, META_VERSION};
-use crate::api::{AppendRequest, Appended, GroupChange, StoreOptions, now_ms};
+use super::{CF_PROFILES, CF_RELATIONS, CF_USER_CONVS, CF_USER_GROUPS, Db, META_VERSION};
+use crate::api::{
+    AppendRequest, Appended, ConversationSettings, GroupChange, RelationChange, StoreOptions,
+    now_ms,
+};
 use crate::completion::Completer;
 use crate::dedup::{DedupEntry, DedupIndex, DedupKey};
 use crate::error::{Result, StorageError};
 use crate::ids::{ConversationId, GroupId, MAX_USER_ID, Seq, UserId, group_conversation};
 use crate::record::{
-    MessageRecord, UserConvRecord, cursor_key, encode_journal_header, encode_record, encode_u64,
-    msg_key, pair_key, push_journal_entry,
+    MessageRecord, UserConvRecord, cursor_key, decode_record, encode_journal_header, encode_record,
+    encode_u64, msg_key, pair_key, push_journal_entry, relation_key,
 };
 
 /// Journal records are trimmed in chunks of this many to keep range tombstones rare.
@@ -85,6 +88,18 @@ pub(crate) enum Op {
         add: bool,
         done: Completer<bool>,
     },
+    Settings {
+        user: UserId,
+        conv: ConversationId,
+        settings: ConversationSettings,
+        done: Completer<ConversationSettings>,
+    },
+    Relations(Vec<RelationChange>, Completer<()>),
+    Profile {
+        user: UserId,
+        profile: bytes::Bytes,
+        done: Completer<()>,
+    },
     Shutdown,
 }
 
@@ -95,6 +110,9 @@ impl std::fmt::Debug for Op {
             Op::SetRead { .. } => "SetRead",
             Op::SetDelivered { .. } => "SetDelivered",
             Op::Member { .. } => "Member",
+            Op::Settings { .. } => "Settings",
+            Op::Relations(..) => "Relations",
+            Op::Profile { .. } => "Profile",
             Op::Shutdown => "Shutdown",
         })
     }
@@ -104,6 +122,11 @@ enum Done {
     Append(Completer<Appended>, Result<Appended>),
     Seq(Completer<Seq>, Result<Seq>),
     Bool(Completer<bool>, Result<bool>),
+    Settings(
+        Completer<ConversationSettings>,
+        Result<ConversationSettings>,
+    ),
+    Unit(Completer<()>, Result<()>),
 }
 
 impl Done {
@@ -112,6 +135,8 @@ impl Done {
             Done::Append(_, r @ Ok(_)) => *r = Err(e.clone()),
             Done::Seq(_, r @ Ok(_)) => *r = Err(e.clone()),
             Done::Bool(_, r @ Ok(_)) => *r = Err(e.clone()),
+            Done::Settings(_, r @ Ok(_)) => *r = Err(e.clone()),
+            Done::Unit(_, r @ Ok(_)) => *r = Err(e.clone()),
             _ => {}
         }
     }
@@ -122,6 +147,8 @@ impl Done {
             Done::Append(tx, r) => drop(tx.send(r)),
             Done::Seq(tx, r) => drop(tx.send(r)),
             Done::Bool(tx, r) => drop(tx.send(r)),
+            Done::Settings(tx, r) => drop(tx.send(r)),
+            Done::Unit(tx, r) => drop(tx.send(r)),
         }
     }
 }
@@ -502,6 +529,34 @@ impl Writer {
                     let r = self.member(group, user, add, &mut batch);
                     done.push(Done::Bool(tx, r));
                 }
+                Op::Settings {
+                    user,
+                    conv,
+                    settings,
+                    done: tx,
+                } => {
+                    let r = self.set_settings(user, conv, settings);
+                    done.push(Done::Settings(tx, r));
+                }
+                Op::Relations(changes, tx) => {
+                    let cf = db.cf(CF_RELATIONS);
+                    for c in &changes {
+                        let key = relation_key(c.user, c.kind, c.other);
+                        match &c.value {
+                            Some(v) => batch.put_cf(cf, key, v),
+                            None => batch.delete_cf(cf, key),
+                        }
+                    }
+                    done.push(Done::Unit(tx, Ok(())));
+                }
+                Op::Profile {
+                    user,
+                    profile,
+                    done: tx,
+                } => {
+                    batch.put_cf(db.cf(CF_PROFILES), user.to_be_bytes(), &profile);
+                    done.push(Done::Unit(tx, Ok(())));
+                }
                 Op::Shutdown => {}
             }
         }
@@ -606,6 +661,10 @@ impl Writer {
                 new_members.push(p);
             }
         }
+        let recalled = match req.recall {
+            Some(target) => self.recalled_record(conv, target, head)?,
+            None => None,
+        };
         if let Some(change) = &req.group_change {
             // Caches what `apply_group_change` needs: every member flag, and every existing
             // user-conversation record (a user without one has none in the database either).
@@ -628,10 +687,14 @@ impl Writer {
                 client_msg_id: &req.client_msg_id,
                 custom_type: &req.custom_type,
                 payload: &req.payload,
+                recalled: false,
             },
             &mut self.rec_buf,
         );
         batch.put_cf(messages, msg_key(conv, seq), &self.rec_buf);
+        if let (Some(target), Some(record)) = (req.recall, recalled) {
+            batch.put_cf(messages, msg_key(conv, target), record);
+        }
         for p in new_members {
             self.put_user_conv(
                 p,
@@ -673,6 +736,64 @@ impl Writer {
             version,
             duplicate: false,
         })
+    }
+
+    /// The record of message `target` rewritten as recalled, or None if it is recalled already.
+    /// The message must be committed (a recall follows its SendAck).
+    fn recalled_record(
+        &self,
+        conv: ConversationId,
+        target: Seq,
+        head: Seq,
+    ) -> Result<Option<Vec<u8>>> {
+        if target == 0 || target > head {
+            return Err(StorageError::InvalidArgument("no such message to recall"));
+        }
+        let Some(bytes) = self.db.message_record(conv, target)? else {
+            return Err(StorageError::InvalidArgument("no such message to recall"));
+        };
+        let r = decode_record(&bytes)?;
+        if r.recalled {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        encode_record(
+            &MessageRecord {
+                payload: &[],
+                recalled: true,
+                ..r
+            },
+            &mut out,
+        );
+        Ok(Some(out))
+    }
+
+    fn set_settings(
+        &mut self,
+        user: UserId,
+        conv: ConversationId,
+        wanted: ConversationSettings,
+    ) -> Result<ConversationSettings> {
+        let head = self.head(conv)?;
+        let rec = self.user_conv(user, conv)?;
+        let current = rec.map(|r| r.settings()).unwrap_or_default();
+        let result = ConversationSettings {
+            cleared_seq: wanted.cleared_seq.min(head).max(current.cleared_seq),
+            ..wanted
+        };
+        if result == current {
+            return Ok(current);
+        }
+        let version = self.next_version();
+        let mut rec = rec.unwrap_or(UserConvRecord {
+            active: true,
+            member_version: version,
+            ..UserConvRecord::default()
+        });
+        rec.set_settings(&result);
+        rec.settings_version = version;
+        self.put_user_conv(user, conv, rec);
+        Ok(result)
     }
 
     fn set_read(&mut self, user: UserId, conv: ConversationId, seq: Seq) -> Result<Seq> {

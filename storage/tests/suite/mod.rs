@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tern_storage::{
-    AppendRequest, Appended, ConversationInfo, DedupWindow, GroupChange, MAX_CLIENT_MSG_ID_LEN,
-    MAX_GROUP_ID, MAX_USER_ID, MessageStore, Peer, StorageError, direct_conversation,
-    group_conversation,
+    AppendRequest, Appended, ConversationInfo, ConversationSettings, DedupWindow, GroupChange,
+    MAX_CLIENT_MSG_ID_LEN, MAX_GROUP_ID, MAX_USER_ID, MessageStore, Peer, RelationChange,
+    RelationKind, StorageError, direct_conversation, group_conversation,
 };
 
 /// A store plus whatever must live as long as it (a temporary directory).
@@ -824,6 +824,204 @@ pub fn close_rejects_later_calls(make: Factory) {
     assert_eq!(s.intern_user("x"), Err(StorageError::Closed));
 }
 
+pub fn conversation_settings(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = f.store.as_ref();
+    let c = direct_conversation(1, 2).unwrap();
+    let mut m = msg(c, 1, "", "x");
+    m.participants = vec![1, 2];
+    append(s, m);
+    fill_more(s, c, 3);
+    assert_eq!(
+        s.conversation_settings(1, c).unwrap(),
+        ConversationSettings::default()
+    );
+    let v0 = s.user_version(1).unwrap();
+    let want = ConversationSettings {
+        pinned: true,
+        hidden: false,
+        muted: true,
+        cleared_seq: 2,
+    };
+    assert_eq!(
+        s.set_conversation_settings(1, c, want).wait().unwrap(),
+        want
+    );
+    assert_eq!(s.conversation_settings(1, c).unwrap(), want);
+    // The other user is untouched.
+    assert_eq!(
+        s.conversation_settings(2, c).unwrap(),
+        ConversationSettings::default()
+    );
+    // The change shows in sync, with the settings.
+    let v1 = s.user_version(1).unwrap();
+    assert!(v1 > v0);
+    let changed = s.conversations_changed_since(1, v0, None).unwrap();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].settings, want);
+    // Unchanged: no write, no new version.
+    assert_eq!(
+        s.set_conversation_settings(1, c, want).wait().unwrap(),
+        want
+    );
+    assert_eq!(s.user_version(1).unwrap(), v1);
+    // cleared_seq never moves backwards and is clamped to the latest seq (4).
+    let back = ConversationSettings {
+        cleared_seq: 1,
+        ..want
+    };
+    assert_eq!(
+        s.set_conversation_settings(1, c, back).wait().unwrap(),
+        want
+    );
+    let far = ConversationSettings {
+        cleared_seq: 99,
+        pinned: false,
+        ..want
+    };
+    let got = s.set_conversation_settings(1, c, far).wait().unwrap();
+    assert_eq!((got.cleared_seq, got.pinned), (4, false));
+    // A conversation never seen gets a record.
+    let other = direct_conversation(1, 3).unwrap();
+    let hidden = ConversationSettings {
+        hidden: true,
+        ..ConversationSettings::default()
+    };
+    assert_eq!(
+        s.set_conversation_settings(1, other, hidden)
+            .wait()
+            .unwrap(),
+        hidden
+    );
+    assert_eq!(conv_info(s, 1, other).unwrap().settings, hidden);
+    assert!(s.set_conversation_settings(0, c, want).wait().is_err());
+}
+
+fn fill_more(s: &dyn MessageStore, conv: u64, n: u64) {
+    for i in 0..n {
+        append(s, msg(conv, 2, &format!("more-{conv}-{i}"), "y"));
+    }
+}
+
+pub fn recall_empties_a_message_with_its_event(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = f.store.as_ref();
+    let c = direct_conversation(1, 2).unwrap();
+    append(s, msg(c, 1, "m1", "secret"));
+    append(s, msg(c, 2, "m2", "reply"));
+    let mut tomb = msg(c, 1, "recall-1", "");
+    tomb.recall = Some(1);
+    let a = append(s, tomb.clone());
+    assert_eq!((a.seq, a.duplicate), (3, false));
+    let page = s.read_forward(c, 1, 10).unwrap();
+    assert_eq!(seqs(&page), vec![1, 2, 3]);
+    assert!(page[0].recalled);
+    assert!(page[0].payload.is_empty());
+    // Everything else about it stays.
+    assert_eq!((page[0].sender, page[0].client_msg_id.as_str()), (1, "m1"));
+    assert!(!page[1].recalled);
+    assert_eq!(&page[1].payload[..], b"reply");
+    let back = s.read_backward(c, 0, 10).unwrap();
+    assert!(back[2].recalled && back[2].seq == 1);
+    // A retry of the tombstone is a duplicate and appends nothing.
+    let again = append(s, tomb);
+    assert_eq!((again.seq, again.duplicate), (3, true));
+    assert_eq!(s.latest_seq(c).unwrap(), 3);
+    // Recalling it once more changes nothing but appends the event.
+    let mut twice = msg(c, 1, "recall-1b", "");
+    twice.recall = Some(1);
+    assert_eq!(append(s, twice).seq, 4);
+    assert!(s.read_forward(c, 1, 1).unwrap()[0].recalled);
+    // No such message: nothing written.
+    for bad in [0, 9] {
+        let mut r = msg(c, 1, &format!("bad-{bad}"), "");
+        r.recall = Some(bad);
+        assert!(matches!(
+            s.append(r).wait(),
+            Err(StorageError::InvalidArgument(_))
+        ));
+    }
+    assert_eq!(s.latest_seq(c).unwrap(), 4);
+}
+
+pub fn relations_and_profiles(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = f.store.as_ref();
+    let change = |user, kind, other, value: Option<&'static str>| RelationChange {
+        user,
+        kind,
+        other,
+        value: value.map(|v: &'static str| Bytes::from_static(v.as_bytes())),
+    };
+    s.set_relations(vec![
+        change(1, RelationKind::Friend, 2, Some("")),
+        change(2, RelationKind::Friend, 1, Some("")),
+        change(1, RelationKind::Friend, 5, Some("")),
+        change(1, RelationKind::Friend, 3, Some("")),
+        change(1, RelationKind::Blocked, 4, Some("")),
+        change(4, RelationKind::FriendRequestReceived, 1, Some("hi")),
+    ])
+    .wait()
+    .unwrap();
+    assert_eq!(
+        s.relation(1, RelationKind::Friend, 2).unwrap(),
+        Some(Bytes::new())
+    );
+    assert_eq!(s.relation(1, RelationKind::Friend, 4).unwrap(), None);
+    assert_eq!(
+        s.relation(1, RelationKind::Blocked, 4).unwrap(),
+        Some(Bytes::new())
+    );
+    assert_eq!(
+        s.relation(4, RelationKind::FriendRequestReceived, 1)
+            .unwrap(),
+        Some(Bytes::from_static(b"hi"))
+    );
+    let firsts = s.relations(1, RelationKind::Friend, 0, 2).unwrap();
+    assert_eq!(
+        firsts.iter().map(|(u, _)| *u).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    let rest = s.relations(1, RelationKind::Friend, 3, 10).unwrap();
+    assert_eq!(rest.iter().map(|(u, _)| *u).collect::<Vec<_>>(), vec![5]);
+    assert_eq!(s.count_relations(1, RelationKind::Friend).unwrap(), 3);
+    assert_eq!(s.count_relations(1, RelationKind::Blocked).unwrap(), 1);
+    assert_eq!(s.count_relations(2, RelationKind::Blocked).unwrap(), 0);
+    // Deletes, in one batch with a set.
+    s.set_relations(vec![
+        change(1, RelationKind::Friend, 3, None),
+        change(1, RelationKind::FriendRequestSent, 9, Some("x")),
+    ])
+    .wait()
+    .unwrap();
+    assert_eq!(s.count_relations(1, RelationKind::Friend).unwrap(), 2);
+    assert_eq!(
+        s.relations(1, RelationKind::FriendRequestSent, 0, 10)
+            .unwrap(),
+        vec![(9, Bytes::from_static(b"x"))]
+    );
+    // A bad batch writes nothing.
+    assert!(
+        s.set_relations(vec![
+            change(1, RelationKind::Friend, 7, Some("")),
+            change(0, RelationKind::Friend, 1, Some("")),
+        ])
+        .wait()
+        .is_err()
+    );
+    assert_eq!(s.relation(1, RelationKind::Friend, 7).unwrap(), None);
+
+    assert_eq!(s.user_profile(1).unwrap(), None);
+    s.set_user_profile(1, Bytes::from_static(b"p1"))
+        .wait()
+        .unwrap();
+    s.set_user_profile(1, Bytes::from_static(b"p2"))
+        .wait()
+        .unwrap();
+    assert_eq!(s.user_profile(1).unwrap(), Some(Bytes::from_static(b"p2")));
+    assert!(s.set_user_profile(0, Bytes::new()).wait().is_err());
+}
+
 #[macro_export]
 macro_rules! suite {
     ($factory:expr) => {
@@ -844,6 +1042,9 @@ macro_rules! suite {
             group_change_of_a_duplicate_is_not_applied,
             invalid_group_change_writes_nothing,
             member_calls_and_group_changes_agree,
+            conversation_settings,
+            recall_empties_a_message_with_its_event,
+            relations_and_profiles,
             close_rejects_later_calls,
         );
     };
