@@ -9,6 +9,7 @@
 #   benches/gateway-load.sh quic           # pairs over TCP and over QUIC, side by side
 #   benches/gateway-load.sh dual           # pairs over TCP, QUIC and both at once (dual channel)
 #   benches/gateway-load.sh flood          # pairs at FLOOD_RATE alone, then under a connection flood
+#   benches/gateway-load.sh fanout         # one group with K online members and one sender
 #
 # Environment: PORT (default 7655), DURATION (default 10s), PAIRS (default 100),
 # CORES_LIST (default "2 1"), CONNS (default 19000), CONNS_CORES (default 2), JITTER (default 2s,
@@ -18,6 +19,8 @@
 # "connect-close silent"; also "garbage"), FLOOD_CONCURRENCY (default 256, attempts in flight for
 # connect-close and garbage), FLOOD_HOLD (default 10000, sockets held open at once by silent),
 # FLOOD_START (default "before": the flood starts 1 s before the pairs log in; "after": 1 s after).
+# Fan-out: FANOUT_MEMBERS (default "1000 10000"), FANOUT_RATE_<K> (the fixed-rate run's Sends/s
+# for K members; default 1,000,000 / K, i.e. a million deliveries/s offered).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,6 +36,7 @@ FLOOD_RATE=${FLOOD_RATE:-5000}
 FLOOD_MODES=${FLOOD_MODES:-"connect-close silent"}
 FLOOD_CONCURRENCY=${FLOOD_CONCURRENCY:-256}
 FLOOD_HOLD=${FLOOD_HOLD:-10000}
+FANOUT_MEMBERS=${FANOUT_MEMBERS:-"1000 10000"}
 WHAT=${1:-all}
 
 # Built separately: one cargo invocation would unify features and rebuild both.
@@ -225,4 +229,27 @@ if [ "$WHAT" = all ] || [ "$WHAT" = flood ]; then
     grep '^RESULT workload=flood' "$WORK/flood.txt" \
         | awk '{ l = ""; for (i = 2; i <= NF; i++) if ($i ~ /^(mode|attempts_per_s|connected|errors|refused|connect_p99_us|endings|held_p50_ms|gw_cpu_pct|listen_overflows|gw_rss_start_kib|gw_rss_peak_kib|gw_rss_after_kib|gw_fds_peak|gw_fds_after)=/) l = l " " $i; print "flood" l }' || true
     grep '^RESULT' "$WORK/flood.txt" || true
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = fanout ]; then
+    # Group fan-out: one group with K online members and one sender, for each K in
+    # FANOUT_MEMBERS: as fast as a window of 64 unanswered Sends allows, then at a fixed rate
+    # (FANOUT_RATE_<K>, default 100 msgs/s for K=10,000 and 1,000 for K=1,000) for the latency.
+    : >"$WORK/fanout.txt"
+    for c in $CORES_LIST; do
+        for k in $FANOUT_MEMBERS; do
+            rate_var="FANOUT_RATE_$k"
+            rate=${!rate_var:-$((1000000 / k))}
+            for r in 0 "$rate"; do
+                start_gateway fsync "$c"
+                echo "== fanout members $k rate $r, gateway cores $c (load: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+                "$BIN"/tern-load fanout --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
+                    --members "$k" --rate "$r" --duration "$DURATION" --gateway-pid "$GW_PID" \
+                    --label "fsync-cores$c" | tee -a "$WORK/fanout.txt" || true
+                gateway_alive "during fanout"
+                stop_gateway
+            done
+        done
+    done
+    grep '^RESULT' "$WORK/fanout.txt" || true
 fi

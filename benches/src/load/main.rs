@@ -6,6 +6,9 @@
 //! - `conns`: idle logged-in connections; reports the gateway's memory per connection. With
 //!   `--storm`, a reconnect storm: all of them dropped at once, then reconnecting with backoff and
 //!   a sync each; reports the time until every client's sync completed and the gateway's memory.
+//! - `fanout`: one group with K online members and one sender; reports deliveries per second,
+//!   latency of every delivery, lost and duplicated deliveries, and the gateway's CPU time per
+//!   delivery.
 //! - `flood`: a flood of TCP connection attempts that never log in (connect and close, connect
 //!   and stay silent until the login timeout, or send garbage); reports attempts per second,
 //!   connects, failures, how the gateway ended each connection, and its CPU time and memory.
@@ -23,6 +26,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod conns;
+mod fanout;
 mod flood;
 mod login;
 mod pairs;
@@ -50,6 +54,9 @@ enum Cmd {
     Conns(conns::ConnsArgs),
     /// A flood of connection attempts that never log in: attempts/s, failures, gateway memory.
     Flood(flood::FloodArgs),
+    /// One group with K online members and one sender: deliveries/s, latency, gateway CPU per
+    /// delivery.
+    Fanout(fanout::FanoutArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +69,11 @@ fn main() -> ExitCode {
             .map_err(|e| format!("runtime: {e}"))
             .and_then(|rt| tokio::task::LocalSet::new().block_on(&rt, pairs::run(a))),
         Cmd::Conns(a) => conns::run(a),
+        Cmd::Fanout(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("runtime: {e}"))
+            .and_then(|rt| tokio::task::LocalSet::new().block_on(&rt, fanout::run(a))),
         Cmd::Flood(a) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -45,13 +45,18 @@ impl SendTemplate {
     /// A Send from pair `pair` to user `to`, `payload` bytes long (at least [`PAYLOAD_HEADER`]).
     /// `id_prefix` makes client message ids unique per run and sender.
     pub fn new(pair: u32, id_prefix: &str, to: &str, payload: usize) -> SendTemplate {
+        SendTemplate::to_target(pair, id_prefix, Target::user(to), payload)
+    }
+
+    /// As [`SendTemplate::new`], to any target (a group).
+    pub fn to_target(pair: u32, id_prefix: &str, target: Target, payload: usize) -> SendTemplate {
         let payload = payload.max(PAYLOAD_HEADER);
         let placeholder = format!("{id_prefix}-{:016x}", 0u64);
         let frame = Frame::new(
             RID_BASE,
             Send {
                 client_msg_id: placeholder.clone(),
-                target: Some(Target::user(to)),
+                target: Some(target),
                 content_type: ContentType::Custom as u32,
                 custom_type: "tern-load".into(),
                 payload: Bytes::from(vec![b'x'; payload]),
