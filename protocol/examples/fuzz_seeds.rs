@@ -7,9 +7,13 @@
 use std::{env, fs, io, path::PathBuf};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use tern_protocol::v1::{
+    AddFriend, CreateGroup, EnterRoom, group_request, room_request, social_request,
+};
 use tern_protocol::{
-    Ack, Codec, ContentType, Deliver, ErrorCode, Frame, Hello, HelloOk, KickReason, Ping, Platform,
-    Send, SendAck, SyncDone, SyncMessages, SyncRequest, Target,
+    Ack, Codec, ContentType, Deliver, ErrorCode, Frame, GroupProfile, GroupRequest, Hello, HelloOk,
+    JoinPolicy, KickReason, MarkRead, Ping, Platform, Recall, RoomRequest, Send, SendAck,
+    SocialRequest, SyncDone, SyncMessages, SyncRequest, Target,
 };
 
 fn main() -> io::Result<()> {
@@ -134,6 +138,56 @@ fn main() -> io::Result<()> {
                 Frame::kick(KickReason::Replaced, "logged in elsewhere"),
             ],
             &[2, 2, 2, 2],
+        ),
+        (
+            "social",
+            vec![
+                Frame::new(
+                    6,
+                    GroupRequest {
+                        group_id: "g1".into(),
+                        op: Some(group_request::Op::Create(CreateGroup {
+                            profile: Some(Box::new(GroupProfile {
+                                name: Some("club".into()),
+                                join_policy: Some(JoinPolicy::Approval.into()),
+                                ..GroupProfile::default()
+                            })),
+                            members: vec!["bob".into()],
+                        })),
+                    },
+                ),
+                Frame::new(
+                    7,
+                    RoomRequest {
+                        room_id: "live".into(),
+                        op: Some(room_request::Op::Enter(EnterRoom {})),
+                    },
+                ),
+                Frame::new(
+                    8,
+                    MarkRead {
+                        conversation_id: 42,
+                        seq: 7,
+                    },
+                ),
+                Frame::new(
+                    9,
+                    SocialRequest {
+                        op: Some(social_request::Op::AddFriend(AddFriend {
+                            user_id: "bob".into(),
+                            message: "hi".into(),
+                        })),
+                    },
+                ),
+                Frame::new(
+                    10,
+                    Recall {
+                        conversation_id: 42,
+                        seq: 7,
+                    },
+                ),
+            ],
+            &[3],
         ),
     ];
     let mut codec = Codec::default();
