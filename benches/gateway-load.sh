@@ -10,6 +10,7 @@
 #   benches/gateway-load.sh dual           # pairs over TCP, QUIC and both at once (dual channel)
 #   benches/gateway-load.sh flood          # pairs at FLOOD_RATE alone, then under a connection flood
 #   benches/gateway-load.sh fanout         # one group with K online members and one sender
+#   benches/gateway-load.sh room           # pairs alone, then next to a busy live room
 #
 # Environment: PORT (default 7655), DURATION (default 10s), PAIRS (default 100),
 # CORES_LIST (default "2 1"), CONNS (default 19000), CONNS_CORES (default 2), JITTER (default 2s,
@@ -21,6 +22,7 @@
 # FLOOD_START (default "before": the flood starts 1 s before the pairs log in; "after": 1 s after).
 # Fan-out: FANOUT_MEMBERS (default "1000 10000"), FANOUT_RATE_<K> (the fixed-rate run's Sends/s
 # for K members; default 1,000,000 / K, i.e. a million deliveries/s offered).
+# Room: ROOM_VIEWERS (default 18000), ROOM_RATE (default 20 messages/s).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -37,6 +39,8 @@ FLOOD_MODES=${FLOOD_MODES:-"connect-close silent"}
 FLOOD_CONCURRENCY=${FLOOD_CONCURRENCY:-256}
 FLOOD_HOLD=${FLOOD_HOLD:-10000}
 FANOUT_MEMBERS=${FANOUT_MEMBERS:-"1000 10000"}
+ROOM_VIEWERS=${ROOM_VIEWERS:-18000}
+ROOM_RATE=${ROOM_RATE:-20}
 WHAT=${1:-all}
 
 # Built separately: one cargo invocation would unify features and rebuild both.
@@ -252,4 +256,37 @@ if [ "$WHAT" = all ] || [ "$WHAT" = fanout ]; then
         done
     done
     grep '^RESULT' "$WORK/fanout.txt" || true
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = room ]; then
+    # A busy live room next to 1:1 traffic: pairs at full speed alone (baseline), then the same
+    # pairs while one room with ROOM_VIEWERS viewers gets ROOM_RATE messages/s (every 10th a
+    # priority message) from another tern-load process. The room's RESULT line follows.
+    secs=${DURATION%s}
+    : >"$WORK/room.txt"
+    for c in $CORES_LIST; do
+        start_gateway fsync "$c"
+        run_pairs "$WORK/room.txt" "baseline-fsync-cores$c"
+        stop_gateway
+        start_gateway fsync "$c"
+        echo "== room $ROOM_VIEWERS viewers at $ROOM_RATE msgs/s, gateway cores $c" >&2
+        "$BIN"/tern-load fanout --room --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
+            --members "$ROOM_VIEWERS" --rate "$ROOM_RATE" --priority-every 10 \
+            --duration "$((secs + 4))s" --gateway-pid "$GW_PID" --label "room-fsync-cores$c" \
+            >"$WORK/room.out" 2>&1 &
+        FLOOD_PID=$!
+        for _ in $(seq 600); do
+            grep -qs "members logged in" "$WORK/room.out" && break
+            sleep 0.1
+        done
+        sleep 1
+        run_pairs "$WORK/room.txt" "with-room-fsync-cores$c"
+        wait "$FLOOD_PID" || true
+        FLOOD_PID=""
+        cat "$WORK/room.out"
+        grep '^RESULT' "$WORK/room.out" >>"$WORK/room.txt" || true
+        gateway_alive "during the room"
+        stop_gateway
+    done
+    grep '^RESULT' "$WORK/room.txt" || true
 fi

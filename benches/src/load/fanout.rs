@@ -2,6 +2,10 @@
 //! second, end-to-end latency of every delivery, lost and duplicated deliveries, and the
 //! gateway's CPU time per delivery.
 //!
+//! With `--room`, a live room instead: every connection enters the room and the sender sends to
+//! it. A viewer that falls behind misses room messages by design, so missing deliveries are
+//! reported (`lost`) but do not fail the run; duplicates do.
+//!
 //! The sender creates the group (a fresh id per run) with the other members, inviting them in
 //! chunks of 500, then pipelines Sends with at most `window` unanswered (or paces them at
 //! `rate`). Every other member reads in batches, stamps each batch with one clock read, counts
@@ -17,8 +21,10 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use tern_protocol::v1::group_request::Op;
-use tern_protocol::v1::{CreateGroup, InviteMembers};
-use tern_protocol::{Ack, Body, Codec, Frame, GroupRequest, Target, decode_frame};
+use tern_protocol::v1::{CreateGroup, EnterRoom, InviteMembers, room_request};
+use tern_protocol::{
+    Ack, Body, Codec, Frame, GroupRequest, RoomRequest, Target, TargetKind, decode_frame,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::spawn_local;
 
@@ -71,6 +77,12 @@ pub struct FanoutArgs {
     /// Free text copied into the RESULT line.
     #[arg(long, default_value = "")]
     label: String,
+    /// A live room instead of a group.
+    #[arg(long)]
+    room: bool,
+    /// With `--room`: every this-many-th message is a priority message (0: none).
+    #[arg(long, default_value_t = 0)]
+    priority_every: u64,
 }
 
 /// What every member's reader adds to.
@@ -105,16 +117,32 @@ pub async fn run(a: FanoutArgs) -> Result<bool, String> {
     let t_login = Instant::now();
     let sem = Rc::new(tokio::sync::Semaphore::new(a.connect_concurrency.max(1)));
     let mut logins = Vec::with_capacity(names.len());
+    let room = a.room.then(|| group.clone());
     for name in &names {
         let (sem, minter, name, server) = (sem.clone(), minter.clone(), name.clone(), a.server);
+        let room = room.clone();
         logins.push(spawn_local(async move {
             let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
-            login::connect(server, None, minter.mint(&name), "load").await
+            let mut c = login::connect(server, None, minter.mint(&name), "load").await?;
+            let mut conv = 0;
+            if let Some(room) = room {
+                let enter = Body::Room(RoomRequest {
+                    room_id: room,
+                    op: Some(room_request::Op::Enter(EnterRoom {})),
+                });
+                if let Body::RoomResponse(r) = request(&mut c, 2, enter).await? {
+                    conv = r.conversation_id;
+                }
+            }
+            Ok::<(Conn, u64), String>((c, conv))
         }));
     }
     let mut conns = Vec::with_capacity(logins.len());
+    let mut conv = 0;
     for l in logins {
-        conns.push(l.await.map_err(|e| e.to_string())??);
+        let (c, room_conv) = l.await.map_err(|e| e.to_string())??;
+        conv = room_conv;
+        conns.push(c);
     }
     eprintln!(
         "fanout: {} members logged in in {:.1}s",
@@ -125,8 +153,7 @@ pub async fn run(a: FanoutArgs) -> Result<bool, String> {
 
     // Create the group and invite the rest.
     let others = &names[1..];
-    let mut conv = 0;
-    for (i, chunk) in others.chunks(CHUNK).enumerate() {
+    for (i, chunk) in others.chunks(CHUNK).enumerate().filter(|_| !a.room) {
         let users: Vec<String> = chunk.to_vec();
         let op = if i == 0 {
             Op::Create(CreateGroup {
@@ -136,7 +163,13 @@ pub async fn run(a: FanoutArgs) -> Result<bool, String> {
         } else {
             Op::Invite(InviteMembers { user_ids: users })
         };
-        conv = group_request(&mut sender, i as u64 + 10, &group, op).await?;
+        let body = Body::Group(GroupRequest {
+            group_id: group.clone(),
+            op: Some(op),
+        });
+        if let Body::GroupResponse(r) = request(&mut sender, i as u64 + 10, body).await? {
+            conv = r.conversation_id;
+        }
     }
 
     let shared = Rc::new(Shared {
@@ -196,7 +229,8 @@ pub async fn run(a: FanoutArgs) -> Result<bool, String> {
         _ => "n/a".into(),
     };
     println!(
-        "RESULT workload=fanout label={} members={} rate={} window={} payload={} duration_s={:.1} conversation={conv} sent={sent} expected={expected} delivered={received} lost={lost} dup={} errors={} deliveries_per_s={per_s:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} gateway_cpu_us_per_delivery={gw_cpu} gen_cpu_us_per_delivery={:.3}",
+        "RESULT workload={} label={} members={} rate={} window={} payload={} duration_s={:.1} conversation={conv} sent={sent} expected={expected} delivered={received} lost={lost} dup={} errors={} deliveries_per_s={per_s:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} gateway_cpu_us_per_delivery={gw_cpu} gen_cpu_us_per_delivery={:.3}",
+        if a.room { "room" } else { "fanout" },
         a.label,
         a.members,
         a.rate,
@@ -210,18 +244,12 @@ pub async fn run(a: FanoutArgs) -> Result<bool, String> {
         h.max() as f64 / 1e6,
         gen_cpu.as_secs_f64() * 1e6 / received.max(1) as f64,
     );
-    Ok(lost == 0 && shared.dup.get() == 0 && shared.errors.get() == 0)
+    Ok((a.room || lost == 0) && shared.dup.get() == 0 && shared.errors.get() == 0)
 }
 
-/// Sends one group request on `c` and waits for its answer; returns the conversation id.
-async fn group_request(c: &mut Conn, rid: u64, group: &str, op: Op) -> Result<u64, String> {
-    let frame = Frame::new(
-        rid,
-        Body::Group(GroupRequest {
-            group_id: group.into(),
-            op: Some(op),
-        }),
-    );
+/// Sends one request on `c` and waits for its answer (an Error answer is an error).
+async fn request(c: &mut Conn, rid: u64, body: Body) -> Result<Body, String> {
+    let frame = Frame::new(rid, body);
     let mut out = BytesMut::new();
     Codec::new(MAX_FRAME)
         .encode(&frame, &mut out)
@@ -234,10 +262,10 @@ async fn group_request(c: &mut Conn, rid: u64, group: &str, op: Op) -> Result<u6
     loop {
         while let Some(f) = codec.decode(&mut c.rbuf).map_err(|e| e.to_string())? {
             match f.body {
-                Some(Body::GroupResponse(r)) if f.request_id == rid => return Ok(r.conversation_id),
                 Some(Body::Error(e)) if f.request_id == rid => {
-                    return Err(format!("group request refused: {} {}", e.code, e.message));
+                    return Err(format!("request refused: {} {}", e.code, e.message));
                 }
+                Some(body) if f.request_id == rid => return Ok(body),
                 _ => {}
             }
         }
@@ -259,12 +287,20 @@ async fn send(
     prefix: &str,
     shared: &Shared,
 ) -> Result<u64, String> {
+    let target = if a.room {
+        Target::new(TargetKind::Room, group)
+    } else {
+        Target::group(group)
+    };
     let template = SendTemplate::to_target(
         MAGIC,
         &format!("{prefix}-f"),
-        Target::group(group),
+        target.clone(),
         a.payload,
+        false,
     );
+    let priority = (a.room && a.priority_every > 0)
+        .then(|| SendTemplate::to_target(MAGIC, &format!("{prefix}-p"), target, a.payload, true));
     let interval = (a.rate > 0).then(|| Duration::from_secs_f64(1.0 / a.rate as f64));
     let start = Instant::now();
     let end = start + a.duration;
@@ -283,7 +319,12 @@ async fn send(
             {
                 break;
             }
-            template.write(&mut out, next_seq, shared.ns(now));
+            match &priority {
+                Some(p) if next_seq % a.priority_every == 0 => {
+                    p.write(&mut out, next_seq, shared.ns(now));
+                }
+                _ => template.write(&mut out, next_seq, shared.ns(now)),
+            }
             next_seq += 1;
         }
         if !out.is_empty() {

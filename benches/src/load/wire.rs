@@ -45,11 +45,17 @@ impl SendTemplate {
     /// A Send from pair `pair` to user `to`, `payload` bytes long (at least [`PAYLOAD_HEADER`]).
     /// `id_prefix` makes client message ids unique per run and sender.
     pub fn new(pair: u32, id_prefix: &str, to: &str, payload: usize) -> SendTemplate {
-        SendTemplate::to_target(pair, id_prefix, Target::user(to), payload)
+        SendTemplate::to_target(pair, id_prefix, Target::user(to), payload, false)
     }
 
-    /// As [`SendTemplate::new`], to any target (a group).
-    pub fn to_target(pair: u32, id_prefix: &str, target: Target, payload: usize) -> SendTemplate {
+    /// As [`SendTemplate::new`], to any target (a group or a room), `priority` as given.
+    pub fn to_target(
+        pair: u32,
+        id_prefix: &str,
+        target: Target,
+        payload: usize,
+        priority: bool,
+    ) -> SendTemplate {
         let payload = payload.max(PAYLOAD_HEADER);
         let placeholder = format!("{id_prefix}-{:016x}", 0u64);
         let frame = Frame::new(
@@ -60,7 +66,7 @@ impl SendTemplate {
                 content_type: ContentType::Custom as u32,
                 custom_type: "tern-load".into(),
                 payload: Bytes::from(vec![b'x'; payload]),
-                priority: false,
+                priority,
             },
         );
         let mut buf = BytesMut::new();
@@ -75,8 +81,10 @@ impl SendTemplate {
         let id_off = find(&bytes, placeholder.as_bytes()).expect("client_msg_id in the template")
             + placeholder.len()
             - 16;
+        // `priority` (field 6, two bytes when set) follows the payload.
+        let trailer = if priority { 2 } else { 0 };
         SendTemplate {
-            payload_off: bytes.len() - payload,
+            payload_off: bytes.len() - payload - trailer,
             bytes,
             rid_off,
             id_off,
