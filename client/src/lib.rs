@@ -113,6 +113,7 @@ mod error;
 mod group;
 pub mod line;
 mod session;
+mod social;
 mod transport;
 
 pub use backoff::{Backoff, BackoffConfig};
@@ -120,11 +121,16 @@ pub use client::{Client, Conversation, Incoming, new_client_msg_id};
 pub use config::{ClientConfig, Transport};
 pub use error::{ClientError, Result};
 pub use group::group_event;
+pub use social::recall_event;
 pub use tern_protocol::v1::group_request::Op as GroupOp;
+pub use tern_protocol::v1::social_request::Op as SocialOp;
 pub use tern_protocol::{
-    ContentType, ConversationState, Deliver, ErrorCode, GroupEvent, GroupEventKind, GroupInfo,
-    GroupMember, GroupProfile, GroupResponse, GroupRole, HelloOk, HistoryPage, JoinPolicy, Kick,
-    KickReason, MemberPage, Platform, SendAck, Target, TargetKind,
+    ContentType, ConversationSettings, ConversationState, Deliver, ErrorCode, GroupEvent,
+    GroupEventKind, GroupInfo, GroupMember, GroupProfile, GroupResponse, GroupRole, HelloOk,
+    HistoryPage, JoinPolicy, Kick, KickReason, ListKind, MemberPage, Platform, Presence,
+    ReadCounts, ReadReceipt, ReadState, RecallEvent, RecallOk, RoomResponse, SendAck,
+    SetConversation, SocialEvent, SocialEventKind, SocialResponse, Target, TargetKind, Typing,
+    UserProfile,
 };
 
 /// What the client tells the application, in the order it happened.
@@ -168,4 +174,16 @@ pub enum Event {
     /// The client gave up (final kick, rejected token, or reconnect turned off); the stream
     /// ends after this.
     Stopped(ClientError),
+    /// Another device of this user moved a read position ([`Client::mark_read`]).
+    ReadState(ReadState),
+    /// The other user of a 1:1 conversation read up to a position.
+    ReadReceipt(ReadReceipt),
+    /// Someone is (or stopped) typing to this user or in one of their groups.
+    Typing(Typing),
+    /// A followed user came online or went offline ([`Client::subscribe_presence`]).
+    Presence(Presence),
+    /// Another device of this user changed a conversation's settings.
+    ConversationSettings(ConversationSettings),
+    /// A friend request, or a friendship added, declined or deleted.
+    Social(SocialEvent),
 }

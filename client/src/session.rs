@@ -253,10 +253,27 @@ impl Session {
             body @ (Body::SendAck(_)
             | Body::HistoryPage(_)
             | Body::GroupResponse(_)
+            | Body::RoomResponse(_)
+            | Body::ReadCounts(_)
+            | Body::PresenceSubscribed(_)
+            | Body::RecallOk(_)
+            | Body::SocialResponse(_)
             | Body::Pong(_)
             | Body::HelloOk(_)) => {
                 self.completions.push_back((request_id, Ok(body)));
             }
+            // Answers when they carry a request id, news from the server otherwise.
+            body @ (Body::ReadState(_) | Body::ConversationSettings(_)) if request_id != 0 => {
+                self.completions.push_back((request_id, Ok(body)));
+            }
+            Body::ReadState(s) => self.events.push_back(Event::ReadState(s)),
+            Body::ConversationSettings(s) => {
+                self.events.push_back(Event::ConversationSettings(s));
+            }
+            Body::ReadReceipt(r) => self.events.push_back(Event::ReadReceipt(r)),
+            Body::Typing(t) => self.events.push_back(Event::Typing(t)),
+            Body::Presence(p) => self.events.push_back(Event::Presence(p)),
+            Body::SocialEvent(e) => self.events.push_back(Event::Social(e)),
             other => {
                 tracing::debug!(kind = other.name(), "ignoring unexpected frame from server");
             }

@@ -86,6 +86,8 @@ impl Core {
                 f.list.push((core, session));
             }
             let devices = self.devices_online(user);
+            // What every follower now knows (the state is kept only while there are followers).
+            f.told = Some(devices);
             let frame = self.presence_frame(&f.name, devices);
             drop(all);
             self.tell(core, session, frame);

@@ -1,0 +1,236 @@
+//! Live rooms, read positions and receipts, presence, conversation settings, recall, and the
+//! social graph (friends, blacklist, profiles): one request each, answered by the server.
+//!
+//! What the server pushes for these (another device's read position, a peer's read receipt,
+//! typing, presence changes, another device's conversation settings, friend events) arrives as
+//! [`Event`](crate::Event)s. Room membership is per connection: after
+//! [`Event::Reconnected`](crate::Event::Reconnected) the application enters its rooms again.
+
+use prost::Message;
+use tern_protocol::v1::{
+    AcceptFriend, AddFriend, Block, DeclineFriend, DeleteFriend, EnterRoom, GetProfiles, LeaveRoom,
+    ListUsers, SetProfile, Unblock, room_request, social_request::Op,
+};
+use tern_protocol::{
+    Body, ContentType, ConversationSettings, Deliver, GetReadCounts, ListKind, MarkRead,
+    RECALL_EVENT_TYPE, ReadCounts, Recall, RecallEvent, RecallOk, RoomRequest, RoomResponse,
+    SendAck, SetConversation, SocialRequest, SocialResponse, SubscribePresence, Target, TargetKind,
+    UserProfile,
+};
+
+use crate::{Client, Result, client::unexpected, new_client_msg_id};
+
+/// The recall that message `m` records: `Some` only for a SYSTEM message with custom type
+/// `tern.recall` whose payload decodes as a [`RecallEvent`].
+pub fn recall_event(m: &Deliver) -> Option<RecallEvent> {
+    if m.content_type != ContentType::System as u32 || m.custom_type != RECALL_EVENT_TYPE {
+        return None;
+    }
+    RecallEvent::decode(&m.payload[..]).ok()
+}
+
+impl Client {
+    async fn room(&self, room: impl Into<String>, op: room_request::Op) -> Result<RoomResponse> {
+        let body = Body::Room(RoomRequest {
+            room_id: room.into(),
+            op: Some(op),
+        });
+        match self.request(body).await? {
+            Body::RoomResponse(r) => Ok(r),
+            other => Err(unexpected("RoomResponse", &other)),
+        }
+    }
+
+    /// Enters live room `room` on this connection; its messages then arrive as
+    /// [`Event::Message`](crate::Event::Message) with a `ROOM` target.
+    pub async fn enter_room(&self, room: impl Into<String>) -> Result<RoomResponse> {
+        self.room(room, room_request::Op::Enter(EnterRoom {})).await
+    }
+
+    /// Leaves live room `room`.
+    pub async fn leave_room(&self, room: impl Into<String>) -> Result<RoomResponse> {
+        self.room(room, room_request::Op::Leave(LeaveRoom {})).await
+    }
+
+    /// Sends to a live room this connection entered; `priority` messages (gifts, notices) are
+    /// kept for viewers who are too far behind for ordinary ones.
+    pub async fn send_room(
+        &self,
+        room: impl Into<String>,
+        content_type: u32,
+        payload: impl Into<bytes::Bytes>,
+        priority: bool,
+    ) -> Result<SendAck> {
+        self.send_message(tern_protocol::Send {
+            client_msg_id: new_client_msg_id(),
+            target: Some(Target::new(TargetKind::Room, room)),
+            content_type,
+            custom_type: String::new(),
+            payload: payload.into(),
+            priority,
+        })
+        .await
+    }
+
+    /// Marks `conversation_id` read up to `seq`; returns the resulting read position (never
+    /// lower than before, at most the latest message).
+    pub async fn mark_read(&self, conversation_id: u64, seq: u64) -> Result<u64> {
+        let body = Body::MarkRead(MarkRead {
+            conversation_id,
+            seq,
+        });
+        match self.request(body).await? {
+            Body::ReadState(s) => Ok(s.read_seq),
+            other => Err(unexpected("ReadState", &other)),
+        }
+    }
+
+    /// For each of `seqs` (at most 100), how many members other than its sender read it.
+    pub async fn read_counts(&self, conversation_id: u64, seqs: Vec<u64>) -> Result<ReadCounts> {
+        let body = Body::GetReadCounts(GetReadCounts {
+            conversation_id,
+            seqs,
+        });
+        match self.request(body).await? {
+            Body::ReadCounts(r) => Ok(r),
+            other => Err(unexpected("ReadCounts", &other)),
+        }
+    }
+
+    /// Follows (or with `unsubscribe`, stops following) whether `users` are online; returns how
+    /// many users this connection follows. Their state then arrives as
+    /// [`Event::Presence`](crate::Event::Presence).
+    pub async fn subscribe_presence(
+        &self,
+        users: impl IntoIterator<Item = impl AsRef<str>>,
+        unsubscribe: bool,
+    ) -> Result<u32> {
+        let body = Body::SubscribePresence(SubscribePresence {
+            user_ids: users.into_iter().map(|u| u.as_ref().to_owned()).collect(),
+            unsubscribe,
+        });
+        match self.request(body).await? {
+            Body::PresenceSubscribed(s) => Ok(s.following),
+            other => Err(unexpected("PresenceSubscribed", &other)),
+        }
+    }
+
+    /// Changes this user's settings of a conversation (the fields present in `change`);
+    /// returns the resulting settings, which the user's other devices get too.
+    pub async fn set_conversation(&self, change: SetConversation) -> Result<ConversationSettings> {
+        match self.request(Body::SetConversation(change)).await? {
+            Body::ConversationSettings(s) => Ok(s),
+            other => Err(unexpected("ConversationSettings", &other)),
+        }
+    }
+
+    /// Recalls message `seq` of `conversation_id`.
+    pub async fn recall(&self, conversation_id: u64, seq: u64) -> Result<RecallOk> {
+        let body = Body::Recall(Recall {
+            conversation_id,
+            seq,
+        });
+        match self.request(body).await? {
+            Body::RecallOk(r) => Ok(r),
+            other => Err(unexpected("RecallOk", &other)),
+        }
+    }
+
+    /// One social operation (the op messages are in `tern_protocol::v1`).
+    pub async fn social(&self, op: Op) -> Result<SocialResponse> {
+        match self
+            .request(Body::Social(SocialRequest { op: Some(op) }))
+            .await?
+        {
+            Body::SocialResponse(r) => Ok(r),
+            other => Err(unexpected("SocialResponse", &other)),
+        }
+    }
+
+    /// Asks `user` to be friends; `Ok(true)` if they had asked first, so you are friends now.
+    pub async fn add_friend(
+        &self,
+        user: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Result<bool> {
+        let op = Op::AddFriend(AddFriend {
+            user_id: user.into(),
+            message: message.into(),
+        });
+        Ok(self.social(op).await?.friends)
+    }
+
+    /// Accepts `user`'s friend request.
+    pub async fn accept_friend(&self, user: impl Into<String>) -> Result<()> {
+        let op = Op::AcceptFriend(AcceptFriend {
+            user_id: user.into(),
+        });
+        self.social(op).await.map(drop)
+    }
+
+    /// Declines `user`'s friend request.
+    pub async fn decline_friend(&self, user: impl Into<String>) -> Result<()> {
+        let op = Op::DeclineFriend(DeclineFriend {
+            user_id: user.into(),
+        });
+        self.social(op).await.map(drop)
+    }
+
+    /// Ends the friendship with `user`.
+    pub async fn delete_friend(&self, user: impl Into<String>) -> Result<()> {
+        let op = Op::DeleteFriend(DeleteFriend {
+            user_id: user.into(),
+        });
+        self.social(op).await.map(drop)
+    }
+
+    /// Blocks `user`: their 1:1 messages and friend requests are refused with `BLOCKED`.
+    pub async fn block(&self, user: impl Into<String>) -> Result<()> {
+        let op = Op::Block(Block {
+            user_id: user.into(),
+        });
+        self.social(op).await.map(drop)
+    }
+
+    /// Unblocks `user`.
+    pub async fn unblock(&self, user: impl Into<String>) -> Result<()> {
+        let op = Op::Unblock(Unblock {
+            user_id: user.into(),
+        });
+        self.social(op).await.map(drop)
+    }
+
+    /// One page of a list; go on with `SocialResponse::next_page_token` until it is 0.
+    pub async fn list_users(
+        &self,
+        kind: ListKind,
+        page_token: u64,
+        limit: u32,
+    ) -> Result<SocialResponse> {
+        let op = Op::List(ListUsers {
+            kind: kind.into(),
+            page_token,
+            limit,
+        });
+        self.social(op).await
+    }
+
+    /// Replaces this user's profile.
+    pub async fn set_profile(&self, profile: UserProfile) -> Result<()> {
+        let op = Op::SetProfile(SetProfile {
+            profile: Some(profile),
+        });
+        self.social(op).await.map(drop)
+    }
+
+    /// The profiles of `users` (at most 100; users without one are left out).
+    pub async fn get_profiles(
+        &self,
+        users: impl IntoIterator<Item = impl AsRef<str>>,
+    ) -> Result<Vec<UserProfile>> {
+        let op = Op::GetProfiles(GetProfiles {
+            user_ids: users.into_iter().map(|u| u.as_ref().to_owned()).collect(),
+        });
+        Ok(self.social(op).await?.profiles)
+    }
+}
