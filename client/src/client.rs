@@ -203,6 +203,7 @@ impl Client {
             events,
             pending: HashMap::new(),
             shared: shared.clone(),
+            rooms: Default::default(),
         };
         let request_timeout = driver.config.request_timeout;
         tokio::spawn(driver.run(leg, conn));
@@ -687,6 +688,8 @@ struct Driver {
     pending: HashMap<u64, oneshot::Sender<Result<Body>>>,
     shared: Arc<Shared>,
     backoff: Backoff,
+    /// Live rooms entered (membership is per connection: a new login enters them again).
+    rooms: std::collections::BTreeSet<String>,
 }
 
 /// The session's connections, by leg.
@@ -779,6 +782,16 @@ impl Driver {
                     tracing::info!(session = ok.session_id, transport = %self.legs[leg].transport, "reconnected");
                     self.session_id = ok.session_id;
                     *lock(&self.shared.login) = Some(ok);
+                    // The rooms the application is in, entered again on the new connection
+                    // (the answers have no waiter and are dropped).
+                    for room in &self.rooms {
+                        self.session.request(Body::Room(tern_protocol::RoomRequest {
+                            room_id: room.clone(),
+                            op: Some(tern_protocol::v1::room_request::Op::Enter(
+                                tern_protocol::v1::EnterRoom {},
+                            )),
+                        }));
+                    }
                     self.emit(Event::Reconnected);
                     return Some((leg, conn));
                 }
@@ -861,6 +874,17 @@ impl Driver {
     fn command(&mut self, command: Command) -> Option<End> {
         match command {
             Command::Request { body, reply } => {
+                if let Body::Room(r) = &*body {
+                    match r.op {
+                        Some(tern_protocol::v1::room_request::Op::Enter(_)) => {
+                            self.rooms.insert(r.room_id.clone());
+                        }
+                        Some(tern_protocol::v1::room_request::Op::Leave(_)) => {
+                            self.rooms.remove(&r.room_id);
+                        }
+                        None => {}
+                    }
+                }
                 let id = self.session.request(*body);
                 self.pending.insert(id, reply);
             }

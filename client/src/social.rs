@@ -3,8 +3,9 @@
 //!
 //! What the server pushes for these (another device's read position, a peer's read receipt,
 //! typing, presence changes, another device's conversation settings, friend events) arrives as
-//! [`Event`](crate::Event)s. Room membership is per connection: after
-//! [`Event::Reconnected`](crate::Event::Reconnected) the application enters its rooms again.
+//! [`Event`](crate::Event)s. Room membership is per connection: the client enters its rooms
+//! again after each reconnect (before [`Event::Reconnected`](crate::Event::Reconnected)). With the
+//! dual channel a room is entered on one path; room messages reach only that path.
 
 use prost::Message;
 use tern_protocol::v1::{

@@ -159,3 +159,51 @@ async fn the_sdk_covers_rooms_receipts_presence_settings_recall_and_friends() {
     alice.close().await;
     alice_tab.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_are_entered_again_after_a_reconnect() {
+    let mut gw = Gateway::start(&[]);
+    let config = |gw: &Gateway, user: &str| {
+        let mut c = ClientConfig::new(gw.addr.to_string(), gw.token(user), "phone");
+        c.backoff.initial = Duration::from_millis(50);
+        c.backoff.max = Duration::from_millis(200);
+        c
+    };
+    let alice = Client::connect(config(&gw, "alice")).await.unwrap();
+    let bob = Client::connect(config(&gw, "bob")).await.unwrap();
+    let (mut alice_in, mut bob_in) = (alice.incoming(), bob.incoming());
+    alice.enter_room("live").await.unwrap();
+    bob.enter_room("live").await.unwrap();
+    bob.enter_room("other").await.unwrap();
+    bob.leave_room("other").await.unwrap();
+
+    // The gateway restarts: the connections, and the rooms' memberships with them, are gone.
+    tokio::task::block_in_place(|| gw.restart());
+    for incoming in [&mut alice_in, &mut bob_in] {
+        next(incoming, |e| matches!(e, Event::Reconnected).then_some(())).await;
+    }
+    // Each client entered "live" again on its new connection before saying Reconnected; a
+    // request made now is answered after that.
+    alice.ping().await.unwrap();
+    bob.ping().await.unwrap();
+    let ack = alice
+        .send_room("live", ContentType::Text as u32, "back again", false)
+        .await
+        .unwrap();
+    assert_eq!(ack.seq, 1, "room numbering starts again with the server");
+    let m = next(&mut bob_in, |e| match e {
+        Event::Message(m) if m.target == Some(Target::new(TargetKind::Room, "live")) => Some(m),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&m.payload[..], b"back again");
+    // The room it left is not entered again.
+    let err = bob
+        .send_room("other", ContentType::Text as u32, "x", false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, tern_client::ClientError::Server { code, .. } if code == tern_client::ErrorCode::NotMember),
+        "{err:?}"
+    );
+}
