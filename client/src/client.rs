@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     Backoff, ClientConfig, ClientError, Event, Result, Transport,
+    rooms::{Rooms, room_op},
     session::{Session, kick_is_final},
     transport::{Connector, Reader, Writer},
 };
@@ -203,7 +204,7 @@ impl Client {
             events,
             pending: HashMap::new(),
             shared: shared.clone(),
-            rooms: Default::default(),
+            rooms: Rooms::default(),
         };
         let request_timeout = driver.config.request_timeout;
         tokio::spawn(driver.run(leg, conn));
@@ -688,8 +689,8 @@ struct Driver {
     pending: HashMap<u64, oneshot::Sender<Result<Body>>>,
     shared: Arc<Shared>,
     backoff: Backoff,
-    /// Live rooms entered (membership is per connection: a new login enters them again).
-    rooms: std::collections::BTreeSet<String>,
+    /// The live rooms the application is in: each new connection enters them again.
+    rooms: Rooms,
 }
 
 /// The session's connections, by leg.
@@ -708,6 +709,7 @@ impl Driver {
             }
             let end = self.serve(&mut paths).await;
             self.session.on_disconnect();
+            self.rooms.disconnected();
             match end {
                 End::Closed(done) => {
                     self.fail_pending(&ClientError::Closed);
@@ -775,23 +777,19 @@ impl Driver {
             }
             let leg = attempt as usize % self.legs.len();
             let hello = self.session.hello(&self.config, true);
-            match establish(&self.config, &self.legs[leg], &hello).await {
+            let login = establish(&self.config, &self.legs[leg], &hello).await;
+            match login.and_then(|(mut conn, ok)| {
+                self.session.on_login(&hello);
+                // Before anything else on the new connection, and before the application hears
+                // of it: the rooms it is in.
+                self.enter_rooms(&mut conn, leg, true)?;
+                Ok((conn, ok))
+            }) {
                 Ok((conn, ok)) => {
                     self.backoff.reset();
-                    self.session.on_login(&hello);
                     tracing::info!(session = ok.session_id, transport = %self.legs[leg].transport, "reconnected");
                     self.session_id = ok.session_id;
                     *lock(&self.shared.login) = Some(ok);
-                    // The rooms the application is in, entered again on the new connection
-                    // (the answers have no waiter and are dropped).
-                    for room in &self.rooms {
-                        self.session.request(Body::Room(tern_protocol::RoomRequest {
-                            room_id: room.clone(),
-                            op: Some(tern_protocol::v1::room_request::Op::Enter(
-                                tern_protocol::v1::EnterRoom {},
-                            )),
-                        }));
-                    }
                     self.emit(Event::Reconnected);
                     return Some((leg, conn));
                 }
@@ -805,16 +803,30 @@ impl Driver {
         }
     }
 
-    /// Writes what the session queued and hands out events and answers. A `Send` goes out on
-    /// every path; anything else on one (a sync the server asked for on the path that asked).
-    /// Returns the paths whose writing failed.
+    /// Queues an EnterRoom for each room the application is in on `conn`, the new connection
+    /// of path `leg` (`new_session`: after a reconnect; otherwise a path joining the session).
+    fn enter_rooms(&mut self, conn: &mut Conn, leg: usize, new_session: bool) -> Result<()> {
+        let session = &mut self.session;
+        for frame in self
+            .rooms
+            .enter_again(leg, new_session, |body| session.unqueued(body))
+        {
+            conn.queue(&frame)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what the session queued and hands out events and answers. A `Send`, and an
+    /// EnterRoom or LeaveRoom (room messages reach only the connections in the room), goes out
+    /// on every path; anything else on one (a sync the server asked for on the path that
+    /// asked). Returns the paths whose writing failed.
     fn pump(&mut self, paths: &mut Paths) -> Vec<(usize, ClientError)> {
         let mut lost = Vec::new();
         let live: Vec<usize> = (0..paths.len()).filter(|&i| paths[i].is_some()).collect();
         if let Some(&primary) = live.first() {
             let sync_leg = self.sync_leg.take().filter(|leg| live.contains(leg));
             while let Some(frame) = self.session.poll_transmit() {
-                let one = if matches!(frame.body, Some(Body::Send(_))) {
+                let one = if matches!(frame.body, Some(Body::Send(_) | Body::Room(_))) {
                     None
                 } else if self.session.is_sync(frame.request_id) {
                     Some(sync_leg.unwrap_or(primary))
@@ -843,9 +855,9 @@ impl Driver {
             self.emit(event);
         }
         while let Some((request_id, result)) = self.session.poll_completion() {
-            // A Send made on several paths is answered by its first SendAck; an error only once
-            // every copy failed (one copy may be refused, e.g. rate-limited, while the other
-            // is stored). Later answers find no one waiting.
+            // A request made on several paths is answered by its first success; an error only
+            // once every copy failed (one copy may be refused, e.g. rate-limited, while the
+            // other is stored). Later answers find no one waiting.
             if result.is_err()
                 && let Some(left) = self.copies.get_mut(&request_id)
                 && *left > 1
@@ -854,6 +866,9 @@ impl Driver {
                 continue;
             }
             self.copies.remove(&request_id);
+            if let Some(event) = self.rooms.answered(request_id, &result) {
+                self.emit(event);
+            }
             if let Some(reply) = self.pending.remove(&request_id) {
                 let _ = reply.send(result);
             }
@@ -874,18 +889,11 @@ impl Driver {
     fn command(&mut self, command: Command) -> Option<End> {
         match command {
             Command::Request { body, reply } => {
-                if let Body::Room(r) = &*body {
-                    match r.op {
-                        Some(tern_protocol::v1::room_request::Op::Enter(_)) => {
-                            self.rooms.insert(r.room_id.clone());
-                        }
-                        Some(tern_protocol::v1::room_request::Op::Leave(_)) => {
-                            self.rooms.remove(&r.room_id);
-                        }
-                        None => {}
-                    }
-                }
+                let room = room_op(&body);
                 let id = self.session.request(*body);
+                if let Some(room) = room {
+                    self.rooms.requested(id, room);
+                }
                 self.pending.insert(id, reply);
             }
             Command::Sync { reply } => {
@@ -1011,9 +1019,12 @@ impl Driver {
                     Err(error) => lost.push((1, error)),
                 },
                 (leg, added) = next_added(&mut adding) => match added {
-                    Ok((conn, ok)) if ok.session_id == self.session_id && paths[leg].is_none() => {
+                    Ok((mut conn, ok)) if ok.session_id == self.session_id && paths[leg].is_none() => {
                         tracing::info!(transport = %self.legs[leg].transport, "path added");
                         backoffs[leg].reset();
+                        if let Err(error) = self.enter_rooms(&mut conn, leg, false) {
+                            lost.push((leg, error));
+                        }
                         paths[leg] = Some(conn);
                         self.emit(Event::PathUp { transport: self.legs[leg].transport });
                         // Until now this path carried nothing: its first live message of a
@@ -1119,9 +1130,12 @@ impl Driver {
                     self.pending.insert(again, reply);
                 }
             } else if let Some(reply) = self.pending.remove(id) {
-                let _ = reply.send(Err(ClientError::Disconnected));
+                let error = Err(ClientError::Disconnected);
+                self.rooms.answered(*id, &error);
+                let _ = reply.send(error);
             }
         }
+        self.rooms.path_lost(leg);
         drop(conn);
         self.emit(Event::PathDown { transport, reason });
     }

@@ -172,6 +172,14 @@ impl Dedup {
         }
     }
 
+    /// Forgets every conversation for which `forget` is true: their next message sets their
+    /// base again, as for a conversation never seen. For conversations whose numbering may
+    /// start again (live rooms, after a new login).
+    pub fn forget_if(&mut self, mut forget: impl FnMut(u64) -> bool) {
+        self.windows
+            .retain(|&conversation_id, _| !forget(conversation_id));
+    }
+
     /// Number of out-of-order seqs remembered for `conversation_id`.
     pub fn pending_above(&self, conversation_id: u64) -> usize {
         self.windows
@@ -292,6 +300,17 @@ mod tests {
         for s in 1..=last {
             assert!(!d.accept(1, s, false), "seq {s} handed over twice");
         }
+    }
+
+    #[test]
+    fn forgotten_conversations_start_again() {
+        let mut d = Dedup::new();
+        assert_eq!(accepted(&mut d, 1, &[1, 2, 3], false), [1, 2, 3]);
+        assert_eq!(accepted(&mut d, 2, &[1, 2], false), [1, 2]);
+        d.forget_if(|c| c == 2);
+        assert_eq!(d.contiguous(2), None);
+        assert_eq!(accepted(&mut d, 2, &[1, 2, 1], false), [1, 2]);
+        assert_eq!(accepted(&mut d, 1, &[1, 2, 3, 4], false), [4]);
     }
 
     #[test]

@@ -44,12 +44,47 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Live rooms ([`Client::enter_room`], [`Client::leave_room`], [`Client::send_room`]) are for
+//! live streams: anyone may enter, and a room's messages reach only the connections in it at
+//! that moment, as [`Event::Message`] with a `ROOM` target and the room's conversation id
+//! ([`is_room_conversation`]). Nothing is stored: no history, no sync, no acks (the client sends
+//! none for rooms), and the seqs number the room's messages of one server run. A viewer that
+//! falls behind misses room messages, priority ones last (`send_room(.., priority: true)` for
+//! gifts and notices). Membership belongs to a connection, so the client remembers the rooms
+//! the application entered and enters them again on each new connection: after a reconnect,
+//! before [`Event::Reconnected`] is reported and before any other request on the new
+//! connection (a room the server refuses then is reported as [`Event::RoomLost`]); and with the
+//! dual channel on a path that joins the session. A room stays entered from
+//! [`Client::enter_room`] until [`Client::leave_room`] or until the server refuses that
+//! EnterRoom; de-duplication of rooms starts afresh with each new session, whose room messages
+//! are all new (a restarted server numbers them from 1 again).
+//!
+//! ```no_run
+//! # async fn demo(client: tern_client::Client) -> Result<(), tern_client::ClientError> {
+//! use tern_client::{ContentType, Event};
+//!
+//! let room = client.enter_room("launch-stream").await?.conversation_id;
+//! client.send_room("launch-stream", ContentType::Text as u32, "hello", false).await?;
+//! let mut incoming = client.incoming();
+//! while let Some(event) = incoming.recv().await {
+//!     match event {
+//!         Event::Message(m) if m.conversation_id == room => {
+//!             println!("{}: {:?}", m.sender, m.payload);
+//!         }
+//!         Event::RoomLost { room_id, reason } => eprintln!("out of {room_id}: {reason}"),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! What it does: one connection task per [`Client`] owns the socket, logs in, matches answers to
 //! requests by request id, hands every (conversation, seq) to the application exactly once
 //! (sync pages and live pushes overlap; see [`dedup`]), acknowledges delivered messages
-//! (coalesced per conversation), pings when idle, and reconnects with exponential backoff and
-//! full jitter, resuming from the last sync position. Requests in flight when a connection
-//! drops fail with [`ClientError::Disconnected`]; retry sends with [`Client::send_with_id`].
+//! (coalesced per conversation; not those of rooms), pings when idle, and reconnects with
+//! exponential backoff and full jitter, resuming from the last sync position and entering its
+//! rooms again. Requests in flight when a connection drops fail with
+//! [`ClientError::Disconnected`]; retry sends with [`Client::send_with_id`].
 //!
 //! Transports ([`ClientConfig::transport`]), each carrying the same frames, with timeouts,
 //! heartbeats and reconnects working the same:
@@ -66,13 +101,16 @@
 //!   channel; [`ClientConfig::server`] is `TCP_ADDR,QUIC_ADDR`). It logs in over TCP (QUIC if
 //!   TCP fails) and joins the other path in the background. Every `Send` goes out on both paths
 //!   (stored once; the first SendAck answers the call, and it may be the one flagged
-//!   `duplicate`); deliveries come on both and are handed over once. Other requests use one
-//!   path. When a path fails ([`Event::PathDown`]) the session goes on over the other; requests
-//!   made on the failed path only fail with [`ClientError::Disconnected`] (a sync is asked
-//!   again); the path is joined again with its own backoff ([`Event::PathUp`]). Each path has
-//!   its own heartbeat, so a path whose network goes silent is noticed within three heartbeat
-//!   intervals. Only when both paths are down does the client reconnect as a new session,
-//!   alternating between TCP and QUIC.
+//!   `duplicate`; the server de-duplicates room Sends too); deliveries come on both and are
+//!   handed over once. EnterRoom and LeaveRoom go on both paths as well (room messages reach
+//!   only the connections in the room; the first answer answers the call), and a path that
+//!   joins enters the rooms again. Other requests use one path. When a path fails
+//!   ([`Event::PathDown`]) the session goes on over the other; requests made on the failed path
+//!   only fail with [`ClientError::Disconnected`] (a sync is asked again); the path is joined
+//!   again with its own backoff ([`Event::PathUp`]). Each path has its own heartbeat, so a path
+//!   whose network goes silent is noticed within three heartbeat intervals. Only when both
+//!   paths are down does the client reconnect as a new session, alternating between TCP and
+//!   QUIC.
 //!
 //! TLS and QUIC check the server's certificate the same way, with the same code: against the PEM
 //! file in [`ClientConfig::ca`] (e.g. the gateway's development certificate,
@@ -112,6 +150,7 @@ pub mod dedup;
 mod error;
 mod group;
 pub mod line;
+mod rooms;
 mod session;
 mod social;
 mod transport;
@@ -121,6 +160,7 @@ pub use client::{Client, Conversation, Incoming, new_client_msg_id};
 pub use config::{ClientConfig, Transport};
 pub use error::{ClientError, Result};
 pub use group::group_event;
+pub use rooms::is_room_conversation;
 pub use social::recall_event;
 pub use tern_protocol::v1::group_request::Op as GroupOp;
 pub use tern_protocol::v1::social_request::Op as SocialOp;
@@ -155,6 +195,8 @@ pub enum Event {
         reason: ClientError,
     },
     /// Logged in again after [`Event::Disconnected`]; a sync from the stored position follows.
+    /// The rooms the application is in have been asked to be entered again, before anything
+    /// else on the new connection ([`Event::RoomLost`] if the server refuses one).
     Reconnected,
     /// Dual channel only: one path (TCP or QUIC) failed and the session goes on over the other.
     /// Requests sent on that path only failed with [`ClientError::Disconnected`] (a sync is
@@ -186,4 +228,12 @@ pub enum Event {
     ConversationSettings(ConversationSettings),
     /// A friend request, or a friendship added, declined or deleted.
     Social(SocialEvent),
+    /// After a reconnect the server refused to let the client enter a room it was in again
+    /// (e.g. `LIMIT_EXCEEDED`): it is no longer in the room and gets none of its messages.
+    RoomLost {
+        /// The room.
+        room_id: String,
+        /// The server's refusal.
+        reason: ClientError,
+    },
 }

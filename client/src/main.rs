@@ -11,7 +11,7 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use tern_client::{
     Client, ClientConfig, ClientError, ContentType, Conversation, Event, GroupProfile, GroupRole,
-    Incoming, JoinPolicy, Platform, Target, Transport, line,
+    Incoming, JoinPolicy, Platform, Target, TargetKind, Transport, line,
 };
 use tokio::io::AsyncBufReadExt;
 
@@ -80,11 +80,22 @@ enum Command {
     /// Send one message and print its SendAck: `sent conversation=<id> seq=<n> time=<ms>`.
     Send {
         /// Recipient user id.
-        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        #[arg(
+            long,
+            required_unless_present_any = ["group", "room"],
+            conflicts_with_all = ["group", "room"]
+        )]
         to: Option<String>,
         /// Recipient group id.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "room")]
         group: Option<String>,
+        /// Live room id. The room is entered first: only a connection in a room may send to it.
+        #[arg(long)]
+        room: Option<String>,
+        /// Room messages only: keep the message for viewers too far behind for ordinary room
+        /// messages (gifts, notices).
+        #[arg(long, conflicts_with_all = ["to", "group"])]
+        priority: bool,
         /// Client message id; repeat a send with the same id to retry it safely
         /// [default: random].
         #[arg(long)]
@@ -98,6 +109,21 @@ enum Command {
     /// A change of a group prints `event=<kind>` and what it concerns instead of the text, e.g.
     /// `conversation=<id> seq=<n> from=<user> time=<ms> event=kicked users=bob,carol`.
     Listen {
+        /// Exit 0 after printing this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds (exit 0, or 1 if --count was not reached).
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Enter a live room and print each of its messages as it arrives, in the `listen` format:
+    /// `conversation=<id> seq=<n> from=<user> time=<ms> text=<text>`.
+    ///
+    /// Rooms keep no history: only messages sent while this command is in the room are
+    /// printed. After a reconnect the room is entered again.
+    Room {
+        /// The room id.
+        room: String,
         /// Exit 0 after printing this many messages.
         #[arg(long)]
         count: Option<u64>,
@@ -345,6 +371,7 @@ impl Command {
         match self {
             Self::Send { .. } => "send",
             Self::Listen { .. } => "listen",
+            Self::Room { .. } => "room",
             Self::History { .. } => "history",
             Self::Chat { .. } => "chat",
             Self::Group { .. } => "group",
@@ -429,6 +456,10 @@ async fn run(cli: Cli) -> ExitCode {
         config.sync_on_login = false;
         config.reconnect = false;
     }
+    if matches!(cli.command, Command::Room { .. }) {
+        // Live messages only: rooms are never synced.
+        config.sync_on_login = false;
+    }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(cli.wait);
     let mut delay = std::time::Duration::from_millis(20);
     let client = loop {
@@ -448,19 +479,29 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Send {
             to,
             group,
+            room,
+            priority,
             id,
             text,
         } => {
-            let target = match (to, group) {
-                (Some(user), _) => Target::user(user),
-                (None, Some(group)) => Target::group(group),
-                (None, None) => unreachable!("clap requires --to or --group"),
+            let target = match (to, group, room) {
+                (Some(user), _, _) => Target::user(user),
+                (None, Some(group), _) => Target::group(group),
+                (None, None, Some(room)) => match client.enter_room(&room).await {
+                    Ok(_) => Target::new(TargetKind::Room, room),
+                    Err(e) => return close_with(&client, fail(&e)).await,
+                },
+                (None, None, None) => unreachable!("clap requires --to, --group or --room"),
             };
-            let id = id.unwrap_or_else(tern_client::new_client_msg_id);
-            match client
-                .send_with_id(id, target, ContentType::Text as u32, text)
-                .await
-            {
+            let send = tern_protocol::Send {
+                client_msg_id: id.unwrap_or_else(tern_client::new_client_msg_id),
+                target: Some(target),
+                content_type: ContentType::Text as u32,
+                custom_type: String::new(),
+                payload: text.into(),
+                priority,
+            };
+            match client.send_message(send).await {
                 Ok(ack) => {
                     print_line(&line::send_ack(&ack));
                     ExitCode::SUCCESS
@@ -468,7 +509,21 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Command::Listen { count, timeout } => listen(&client, count, timeout).await,
+        Command::Listen { count, timeout } => listen(&client, count, timeout, None).await,
+        Command::Room {
+            room,
+            count,
+            timeout,
+        } => match client.enter_room(&room).await {
+            Ok(entered) => {
+                eprintln!(
+                    "# in room={} conversation={}",
+                    entered.room_id, entered.conversation_id
+                );
+                listen(&client, count, timeout, Some(entered.conversation_id)).await
+            }
+            Err(e) => fail(&e),
+        },
         Command::History {
             with,
             group,
@@ -487,6 +542,11 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Chat { user } => chat(&client, &user).await,
         Command::Group { command } => group(&client, command).await,
     };
+    close_with(&client, code).await
+}
+
+/// Closes the client, then returns `code`.
+async fn close_with(client: &Client, code: ExitCode) -> ExitCode {
     client.close().await;
     code
 }
@@ -518,7 +578,7 @@ fn show(event: Option<Event>) -> Result<bool, ExitCode> {
             );
             Ok(false)
         }
-        Some(Event::Stopped(e)) => Err(fail(&e)),
+        Some(Event::RoomLost { reason, .. } | Event::Stopped(reason)) => Err(fail(&reason)),
         None => Err(fail(&ClientError::Closed)),
         Some(_) => Ok(false),
     }
@@ -533,7 +593,14 @@ async fn next(incoming: &mut Incoming, deadline: Option<Instant>) -> Option<Opti
     }
 }
 
-async fn listen(client: &Client, count: Option<u64>, timeout: Option<f64>) -> ExitCode {
+/// Prints incoming messages (only those of conversation `only` if given) until `count` of
+/// them or `timeout` seconds.
+async fn listen(
+    client: &Client,
+    count: Option<u64>,
+    timeout: Option<f64>,
+    only: Option<u64>,
+) -> ExitCode {
     let mut incoming = client.incoming();
     if let Some(ok) = client.login() {
         eprintln!("# listening as user={} device={}", ok.user_id, ok.device_id);
@@ -560,6 +627,11 @@ async fn listen(client: &Client, count: Option<u64>, timeout: Option<f64>) -> Ex
                 None => ExitCode::SUCCESS,
             };
         };
+        if let (Some(only), Some(Event::Message(m))) = (only, &event)
+            && m.conversation_id != only
+        {
+            continue;
+        }
         match show(event) {
             Ok(true) => printed += 1,
             Ok(false) => {}

@@ -12,7 +12,7 @@ use tern_protocol::{
     Ack, Body, Deliver, Frame, Hello, Kick, KickReason, PROTOCOL_VERSION, Ping, SyncRequest,
 };
 
-use crate::{ClientConfig, ClientError, Event, dedup::Dedup};
+use crate::{ClientConfig, ClientError, Event, dedup::Dedup, rooms::is_room_conversation};
 
 /// The answer to one request: the response frame's body, or why there is none.
 pub(crate) type Completion = (u64, Result<Body, ClientError>);
@@ -100,7 +100,11 @@ impl Session {
     }
 
     /// A new session logged in with the Hello `hello`; the server syncs it if it asked to.
+    ///
+    /// Rooms start afresh: a new session only gets room messages sent after it entered them,
+    /// and a restarted server numbers them from 1 again.
     pub(crate) fn on_login(&mut self, hello: &Frame) {
+        self.dedup.forget_if(is_room_conversation);
         self.syncs.clear();
         if matches!(&hello.body, Some(Body::Hello(h)) if h.sync_on_login) {
             self.syncs.insert(hello.request_id);
@@ -160,6 +164,12 @@ impl Session {
         id
     }
 
+    /// A request with a fresh request id, for the driver to write on one path (not queued).
+    pub(crate) fn unqueued(&mut self, body: Body) -> Frame {
+        let id = self.next_id();
+        Frame::new(id, body)
+    }
+
     /// A Ping stamped `now_ms`, for the driver to write on the path it checks (not queued).
     pub(crate) fn ping(&mut self, now_ms: u64) -> Frame {
         let id = self.next_id();
@@ -171,8 +181,12 @@ impl Session {
         )
     }
 
-    /// Queues an Ack the application asked for.
+    /// Queues an Ack the application asked for; none for a room, whose messages are not
+    /// stored (the server ignores such acks).
     pub(crate) fn ack(&mut self, conversation_id: u64, seq: u64) {
+        if is_room_conversation(conversation_id) {
+            return;
+        }
         self.dedup.note_acked(conversation_id, seq);
         self.transmit.push_back(Frame::new(
             0,
@@ -281,11 +295,14 @@ impl Session {
     }
 
     fn deliver(&mut self, message: Deliver) {
-        if self
-            .dedup
-            .accept(message.conversation_id, message.seq, self.is_syncing())
-        {
-            self.touched.insert(message.conversation_id);
+        let conversation_id = message.conversation_id;
+        // A sync never says where a room starts: its first message does, and it is not acked.
+        let room = is_room_conversation(conversation_id);
+        let syncing = self.is_syncing() && !room;
+        if self.dedup.accept(conversation_id, message.seq, syncing) {
+            if !room {
+                self.touched.insert(conversation_id);
+            }
             self.events.push_back(Event::Message(message));
         }
     }

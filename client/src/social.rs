@@ -1,25 +1,23 @@
-//! Live rooms, read positions and receipts, presence, conversation settings, recall, and the
-//! social graph (friends, blacklist, profiles): one request each, answered by the server.
+//! Read positions and receipts, presence, conversation settings, recall, and the social graph
+//! (friends, blacklist, profiles): one request each, answered by the server. Live rooms are in
+//! `rooms.rs`.
 //!
 //! What the server pushes for these (another device's read position, a peer's read receipt,
 //! typing, presence changes, another device's conversation settings, friend events) arrives as
-//! [`Event`](crate::Event)s. Room membership is per connection: the client enters its rooms
-//! again after each reconnect (before [`Event::Reconnected`](crate::Event::Reconnected)). With the
-//! dual channel a room is entered on one path; room messages reach only that path.
+//! [`Event`](crate::Event)s.
 
 use prost::Message;
 use tern_protocol::v1::{
-    AcceptFriend, AddFriend, Block, DeclineFriend, DeleteFriend, EnterRoom, GetProfiles, LeaveRoom,
-    ListUsers, SetProfile, Unblock, room_request, social_request::Op,
+    AcceptFriend, AddFriend, Block, DeclineFriend, DeleteFriend, GetProfiles, ListUsers,
+    SetProfile, Unblock, social_request::Op,
 };
 use tern_protocol::{
     Body, ContentType, ConversationSettings, Deliver, GetReadCounts, ListKind, MarkRead,
-    RECALL_EVENT_TYPE, ReadCounts, Recall, RecallEvent, RecallOk, RoomRequest, RoomResponse,
-    SendAck, SetConversation, SocialRequest, SocialResponse, SubscribePresence, Target, TargetKind,
-    UserProfile,
+    RECALL_EVENT_TYPE, ReadCounts, Recall, RecallEvent, RecallOk, SetConversation, SocialRequest,
+    SocialResponse, SubscribePresence, UserProfile,
 };
 
-use crate::{Client, Result, client::unexpected, new_client_msg_id};
+use crate::{Client, Result, client::unexpected};
 
 /// The recall that message `m` records: `Some` only for a SYSTEM message with custom type
 /// `tern.recall` whose payload decodes as a [`RecallEvent`].
@@ -31,48 +29,6 @@ pub fn recall_event(m: &Deliver) -> Option<RecallEvent> {
 }
 
 impl Client {
-    async fn room(&self, room: impl Into<String>, op: room_request::Op) -> Result<RoomResponse> {
-        let body = Body::Room(RoomRequest {
-            room_id: room.into(),
-            op: Some(op),
-        });
-        match self.request(body).await? {
-            Body::RoomResponse(r) => Ok(r),
-            other => Err(unexpected("RoomResponse", &other)),
-        }
-    }
-
-    /// Enters live room `room` on this connection; its messages then arrive as
-    /// [`Event::Message`](crate::Event::Message) with a `ROOM` target.
-    pub async fn enter_room(&self, room: impl Into<String>) -> Result<RoomResponse> {
-        self.room(room, room_request::Op::Enter(EnterRoom {})).await
-    }
-
-    /// Leaves live room `room`.
-    pub async fn leave_room(&self, room: impl Into<String>) -> Result<RoomResponse> {
-        self.room(room, room_request::Op::Leave(LeaveRoom {})).await
-    }
-
-    /// Sends to a live room this connection entered; `priority` messages (gifts, notices) are
-    /// kept for viewers who are too far behind for ordinary ones.
-    pub async fn send_room(
-        &self,
-        room: impl Into<String>,
-        content_type: u32,
-        payload: impl Into<bytes::Bytes>,
-        priority: bool,
-    ) -> Result<SendAck> {
-        self.send_message(tern_protocol::Send {
-            client_msg_id: new_client_msg_id(),
-            target: Some(Target::new(TargetKind::Room, room)),
-            content_type,
-            custom_type: String::new(),
-            payload: payload.into(),
-            priority,
-        })
-        .await
-    }
-
     /// Marks `conversation_id` read up to `seq`; returns the resulting read position (never
     /// lower than before, at most the latest message).
     pub async fn mark_read(&self, conversation_id: u64, seq: u64) -> Result<u64> {

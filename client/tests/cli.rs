@@ -7,12 +7,15 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use common::{FakeServer, Peer, QuicServer, TestCert, TlsServer, deliver};
+use common::{
+    FakeServer, LIVE, Peer, QuicServer, TestCert, TlsServer, deliver, next_room_request,
+    room_deliver, room_response,
+};
 use prost::Message;
 use tern_protocol::{
     Body, ContentType, ConversationState, ErrorCode, Frame, GROUP_EVENT_TYPE, GroupEvent,
     GroupEventKind, GroupMember, GroupProfile, GroupRequest, GroupResponse, GroupRole, HistoryPage,
-    JoinPolicy, MemberPage, SendAck, SyncConversations, SyncDone, SyncMessages, Target,
+    JoinPolicy, MemberPage, SendAck, SyncConversations, SyncDone, SyncMessages, Target, TargetKind,
     v1::{
         CreateGroup, DissolveGroup, InviteMembers, JoinGroup, KickMembers, LeaveGroup, ListMembers,
         MuteAll, MuteMember, SetRole, TransferOwner, UpdateGroup, group_request::Op,
@@ -943,4 +946,183 @@ async fn listen_prints_group_events_readably() {
          conversation=40 seq=3 from=alice time=1003 event=muted users=dave \
          muted_until=1732234200000\n"
     );
+}
+
+#[tokio::test]
+async fn room_enters_the_room_and_prints_its_messages_until_count() {
+    let server = FakeServer::start().await;
+    let run = tern(
+        &server,
+        &["room", "live", "--count", "2", "--timeout", "10"],
+    );
+    let mut peer = server.accept_login(0).await;
+    assert_eq!(peer.hello.device_id, "cli-room");
+    assert!(!peer.hello.sync_on_login, "rooms are never synced");
+    let (id, request) = next_room_request(&mut peer).await;
+    assert_eq!(request, ("enter", "live".into()));
+    peer.send(room_response(id, "live", LIVE)).await;
+    // Only the room's messages are printed, each once.
+    peer.send(Frame::new(0, deliver(7, 1))).await;
+    peer.send(Frame::new(0, room_deliver(1))).await;
+    peer.send(Frame::new(0, room_deliver(1))).await;
+    let mut gift = room_deliver(2);
+    gift.sender = "carol".into();
+    gift.payload = bytes::Bytes::from_static(b"a rose\tfor you");
+    peer.send(Frame::new(0, gift)).await;
+    peer.send(Frame::new(0, room_deliver(3))).await;
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "conversation=4611686018427387981 seq=1 from=alice time=1001 text=hello 1\n\
+         conversation=4611686018427387981 seq=2 from=carol time=1002 text=a rose\\tfor you\n"
+    );
+    assert!(
+        text(&out.stderr).contains("# in room=live conversation=4611686018427387981\n"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn room_timeout_short_of_count_exits_1_and_a_refused_room_exits_1() {
+    let server = FakeServer::start().await;
+    let run = tern(
+        &server,
+        &["room", "live", "--count", "2", "--timeout", "0.3"],
+    );
+    let mut peer = server.accept_login(0).await;
+    let (id, _) = next_room_request(&mut peer).await;
+    peer.send(room_response(id, "live", LIVE)).await;
+    peer.send(Frame::new(0, room_deliver(1))).await;
+    let out = run.await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stdout),
+        "conversation=4611686018427387981 seq=1 from=alice time=1001 text=hello 1\n"
+    );
+    assert!(
+        text(&out.stderr).ends_with("error: timed out after 1 of 2 messages\n"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let run = tern(&server, &["room", "bad room"]);
+    let mut peer = server.accept_login(0).await;
+    let (id, request) = next_room_request(&mut peer).await;
+    assert_eq!(request, ("enter", "bad room".into()));
+    peer.send(Frame::error(
+        id,
+        ErrorCode::InvalidArgument,
+        "bad room id",
+        false,
+    ))
+    .await;
+    let out = run.await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        text(&out.stderr),
+        "error: INVALID_ARGUMENT (3001): bad room id\n"
+    );
+}
+
+/// Runs `tern send --room live` with `flags`; checks that the room is entered before the Send,
+/// and returns the Send's priority and the output.
+async fn send_to_room(flags: &[&str]) -> (bool, Output) {
+    let server = FakeServer::start().await;
+    let mut args = vec!["send", "--room", "live"];
+    args.extend_from_slice(flags);
+    args.push("a gift");
+    let run = tern(&server, &args);
+    let mut peer = server.accept_login(0).await;
+    assert_eq!(peer.hello.device_id, "cli-send");
+    let (id, request) = next_room_request(&mut peer).await;
+    assert_eq!(request, ("enter", "live".into()));
+    peer.send(room_response(id, "live", LIVE)).await;
+    let frame = peer.recv_request().await;
+    let Some(Body::Send(send)) = frame.body else {
+        panic!("expected Send, got {frame:?}");
+    };
+    assert_eq!(send.target, Some(Target::new(TargetKind::Room, "live")));
+    assert_eq!(&send.payload[..], b"a gift");
+    assert_eq!(send.content_type, ContentType::Text as u32);
+    peer.send(Frame::new(
+        frame.request_id,
+        SendAck {
+            client_msg_id: send.client_msg_id,
+            conversation_id: LIVE,
+            seq: 3,
+            server_time_ms: 1_732_233_600_000,
+            duplicate: false,
+        },
+    ))
+    .await;
+    (send.priority, run.await.unwrap())
+}
+
+#[tokio::test]
+async fn send_to_a_room_enters_it_then_sends_with_priority_if_asked() {
+    for (flags, priority) in [(&["--priority"][..], true), (&[][..], false)] {
+        let (sent_priority, out) = send_to_room(flags).await;
+        assert_eq!(sent_priority, priority, "{flags:?}");
+        assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout),
+            "sent conversation=4611686018427387981 seq=3 time=1732233600000\n"
+        );
+    }
+}
+
+#[tokio::test]
+async fn send_to_a_room_that_refuses_entry_sends_nothing_and_exits_1() {
+    let server = FakeServer::start().await;
+    let run = tern(&server, &["send", "--room", "live", "--priority", "hi"]);
+    let mut peer = server.accept_login(0).await;
+    let (id, _) = next_room_request(&mut peer).await;
+    peer.send(Frame::error(
+        id,
+        ErrorCode::LimitExceeded,
+        "at most 16 rooms",
+        false,
+    ))
+    .await;
+    let out = run.await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        text(&out.stderr),
+        "error: LIMIT_EXCEEDED (3006): at most 16 rooms\n"
+    );
+    assert!(
+        peer.recv().await.is_none(),
+        "no Send, the connection is closed"
+    );
+}
+
+#[tokio::test]
+async fn room_usage_errors_exit_2_before_connecting() {
+    for (args, expected) in [
+        (
+            &["send", "--to", "bob", "--priority", "hi"][..],
+            "the argument '--to <TO>' cannot be used with '--priority'",
+        ),
+        (
+            &["send", "--group", "g1", "--room", "live", "hi"][..],
+            "the argument '--group <GROUP>' cannot be used with '--room <ROOM>'",
+        ),
+        (
+            &["room"][..],
+            "the following required arguments were not provided",
+        ),
+    ] {
+        let out = tern_at("127.0.0.1:9", args, &[], "").await.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty());
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
 }

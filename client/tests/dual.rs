@@ -1,12 +1,14 @@
 //! The SDK's dual channel against an in-process TCP server and an in-process QUIC server on
 //! 127.0.0.1: the QUIC path joins the session the TCP login opened, each Send goes out on both
 //! paths and is answered by the first SendAck (a copy refused on one path does not fail it), and
-//! a path that fails leaves the session running on the other; other requests (groups) go on one
-//! path.
+//! a path that fails leaves the session running on the other; room requests go on both paths,
+//! and a path that joins enters the rooms again; other requests (groups) go on one path.
 
 mod common;
 
-use common::{FakeServer, Peer, QuicServer, WAIT};
+use common::{
+    FakeServer, LIVE, Peer, QuicServer, WAIT, next_room_request, room_deliver, room_response,
+};
 use tern_client::{
     Client, ClientError, ErrorCode, Event, GroupResponse, Incoming, Target, Transport,
 };
@@ -205,5 +207,95 @@ async fn group_requests_go_on_one_path_only() {
         .send(common::send_ack(q_rid, "m1", 1, false))
         .await;
     assert_eq!(sending.await.unwrap().unwrap().seq, 1);
+    client.close().await;
+}
+
+#[tokio::test]
+async fn room_requests_go_on_both_paths_and_a_path_that_joins_enters_the_rooms() {
+    let tcp = FakeServer::start().await;
+    let quic = QuicServer::start();
+    let mut config = tcp.config();
+    config.transport = Transport::Dual;
+    config.server = format!("{},{}", tcp.listener.local_addr().unwrap(), quic.addr());
+    config.ca = Some(quic.cert_path.clone());
+    let (client, tcp_peer) = tokio::join!(Client::connect(config), tcp.accept_login(0));
+    let (client, mut tcp_peer) = (client.unwrap(), tcp_peer);
+    let mut incoming = client.incoming();
+    let mut quic_peer = quic.accept().await;
+    quic_peer.hello_ok(0).await;
+    match next_event(&mut incoming).await {
+        Event::PathUp { transport } => assert_eq!(transport, Transport::Quic),
+        other => panic!("expected PathUp, got {other:?}"),
+    }
+
+    // EnterRoom goes on both paths; the first answer answers the call.
+    let entering = tokio::spawn({
+        let client = client.clone();
+        async move { client.enter_room("live").await }
+    });
+    let (t_id, t_request) = next_room_request(&mut tcp_peer).await;
+    let (q_id, q_request) = next_room_request(&mut quic_peer).await;
+    assert_eq!(t_request, ("enter", "live".into()));
+    assert_eq!(q_request, ("enter", "live".into()));
+    quic_peer.send(room_response(q_id, "live", LIVE)).await;
+    assert_eq!(entering.await.unwrap().unwrap().conversation_id, LIVE);
+    tcp_peer.send(room_response(t_id, "live", LIVE)).await;
+
+    // A room message comes on both paths and is handed over once.
+    tcp_peer.send(Frame::new(0, room_deliver(1))).await;
+    quic_peer.send(Frame::new(0, room_deliver(1))).await;
+    match next_event(&mut incoming).await {
+        Event::Message(m) => assert_eq!((m.conversation_id, m.seq), (LIVE, 1)),
+        other => panic!("expected the room's message, got {other:?}"),
+    }
+
+    // The QUIC path dies and comes back: it enters the room again by itself, first thing.
+    quic_peer
+        .connection
+        .take()
+        .unwrap()
+        .close(0u32.into(), b"gone");
+    drop(quic_peer);
+    match next_event(&mut incoming).await {
+        Event::PathDown { transport, .. } => assert_eq!(transport, Transport::Quic),
+        other => panic!("expected PathDown, got {other:?}"),
+    }
+    let mut quic_peer = quic.accept().await;
+    quic_peer.hello_ok(0).await;
+    let frame = quic_peer.recv_request().await;
+    let Some(Body::Room(request)) = frame.body else {
+        panic!("expected the path's first request to be EnterRoom, got {frame:?}");
+    };
+    assert_eq!(common::room_op(&request), ("enter", "live".into()));
+    quic_peer
+        .send(room_response(frame.request_id, "live", LIVE))
+        .await;
+    match next_event(&mut incoming).await {
+        Event::PathUp { transport } => assert_eq!(transport, Transport::Quic),
+        other => panic!("expected PathUp, got {other:?}"),
+    }
+    quic_peer.send(Frame::new(0, room_deliver(2))).await;
+    tcp_peer.send(Frame::new(0, room_deliver(2))).await;
+    match next_event(&mut incoming).await {
+        Event::Message(m) => assert_eq!((m.conversation_id, m.seq), (LIVE, 2)),
+        other => panic!("expected the room's message, got {other:?}"),
+    }
+
+    // LeaveRoom goes on both paths too.
+    let leaving = tokio::spawn({
+        let client = client.clone();
+        async move { client.leave_room("live").await }
+    });
+    let (t_id, t_request) = next_room_request(&mut tcp_peer).await;
+    let (q_id, q_request) = next_room_request(&mut quic_peer).await;
+    assert_eq!(t_request, ("leave", "live".into()));
+    assert_eq!(q_request, ("leave", "live".into()));
+    tcp_peer.send(room_response(t_id, "live", LIVE)).await;
+    quic_peer.send(room_response(q_id, "live", LIVE)).await;
+    assert_eq!(leaving.await.unwrap().unwrap().room_id, "live");
+    assert!(
+        !matches!(incoming.try_recv(), Some(Event::Message(_))),
+        "each room message handed over once"
+    );
     client.close().await;
 }

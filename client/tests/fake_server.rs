@@ -1,18 +1,18 @@
 //! The SDK against a tiny in-process server that speaks the protocol over a real TCP socket:
 //! login, request matching, typed errors, de-duplication of sync pages against live pushes,
-//! auto-ack, SyncNeeded, heartbeats, reconnect with the sync position, final kicks, and group
-//! requests.
+//! auto-ack, SyncNeeded, heartbeats, reconnect with the sync position, final kicks, group
+//! requests, and live rooms (requests, no acks, entered again on each new connection).
 
 mod common;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{FakeServer, WAIT, deliver};
+use common::{FakeServer, LIVE, WAIT, deliver, next_room_request, room_deliver, room_response};
 use prost::Message;
 use tern_client::{
     Client, ClientError, ContentType, ErrorCode, Event, GroupEvent, GroupEventKind, GroupOp,
-    GroupResponse, Incoming, KickReason, Target,
+    GroupResponse, Incoming, KickReason, Target, TargetKind,
 };
 use tern_protocol::{
     Ack, Body, ConversationState, Frame, GROUP_EVENT_TYPE, GroupRequest, HistoryPage, Pong,
@@ -611,4 +611,309 @@ async fn group_requests_get_the_answer_to_their_own_request_id_and_typed_errors(
             other => panic!("unexpected event {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn room_requests_get_their_own_answers_and_room_sends_carry_priority() {
+    let server = FakeServer::start().await;
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    peer.send(Frame::new(peer.hello_id, SyncDone { user_version: 1 }))
+        .await;
+
+    // Two enters in flight, answered in the opposite order.
+    let entering_live = tokio::spawn({
+        let client = client.clone();
+        async move { client.enter_room("live").await }
+    });
+    let (live_id, live) = next_room_request(&mut peer).await;
+    assert_eq!(live, ("enter", "live".into()));
+    let entering_busy = tokio::spawn({
+        let client = client.clone();
+        async move { client.enter_room("busy").await }
+    });
+    let (busy_id, busy) = next_room_request(&mut peer).await;
+    assert_eq!(busy, ("enter", "busy".into()));
+    assert_ne!(live_id, busy_id);
+    peer.send(room_response(busy_id, "busy", (1 << 62) | 5))
+        .await;
+    peer.send(room_response(live_id, "live", LIVE)).await;
+    let busy = entering_busy.await.unwrap().unwrap();
+    assert_eq!(
+        (busy.room_id.as_str(), busy.conversation_id),
+        ("busy", (1 << 62) | 5)
+    );
+    let live = entering_live.await.unwrap().unwrap();
+    assert_eq!(
+        (live.room_id.as_str(), live.conversation_id),
+        ("live", LIVE)
+    );
+
+    // A refusal is a typed server error.
+    let entering = tokio::spawn({
+        let client = client.clone();
+        async move { client.enter_room("seventeenth").await }
+    });
+    let (id, request) = next_room_request(&mut peer).await;
+    assert_eq!(request, ("enter", "seventeenth".into()));
+    peer.send(Frame::error(
+        id,
+        ErrorCode::LimitExceeded,
+        "at most 16 rooms",
+        false,
+    ))
+    .await;
+    match entering.await.unwrap() {
+        Err(ClientError::Server { code, message }) => {
+            assert_eq!(code, ErrorCode::LimitExceeded);
+            assert_eq!(message, "at most 16 rooms");
+        }
+        other => panic!("expected LIMIT_EXCEEDED, got {other:?}"),
+    }
+
+    // A room Send: target ROOM, priority as asked.
+    for priority in [true, false] {
+        let sending = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .send_room("live", ContentType::Text as u32, "gift", priority)
+                    .await
+            }
+        });
+        let frame = peer.recv_request().await;
+        let Some(Body::Send(send)) = frame.body else {
+            panic!("expected Send, got {frame:?}");
+        };
+        assert_eq!(send.target, Some(Target::new(TargetKind::Room, "live")));
+        assert_eq!(send.priority, priority);
+        assert_eq!(send.content_type, ContentType::Text as u32);
+        assert_eq!(&send.payload[..], b"gift");
+        assert_eq!(send.client_msg_id.len(), 32);
+        peer.send(Frame::new(
+            frame.request_id,
+            SendAck {
+                client_msg_id: send.client_msg_id.clone(),
+                conversation_id: LIVE,
+                seq: 9,
+                server_time_ms: 5,
+                duplicate: false,
+            },
+        ))
+        .await;
+        let ack = sending.await.unwrap().unwrap();
+        assert_eq!((ack.conversation_id, ack.seq), (LIVE, 9));
+        assert_eq!(ack.client_msg_id, send.client_msg_id);
+    }
+
+    let leaving = tokio::spawn({
+        let client = client.clone();
+        async move { client.leave_room("busy").await }
+    });
+    let (id, request) = next_room_request(&mut peer).await;
+    assert_eq!(request, ("leave", "busy".into()));
+    peer.send(room_response(id, "busy", (1 << 62) | 5)).await;
+    assert_eq!(leaving.await.unwrap().unwrap().room_id, "busy");
+}
+
+#[tokio::test]
+async fn room_messages_are_handed_over_once_and_never_acked() {
+    let server = FakeServer::start().await;
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    let mut incoming = client.incoming();
+    peer.send(Frame::new(peer.hello_id, SyncDone { user_version: 1 }))
+        .await;
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::SyncDone { user_version: 1 })
+    ));
+
+    // Each batch read is handled (and its acks written) before the next is sent.
+    let batches = [
+        (vec![deliver(7, 1)], 1),
+        (
+            vec![
+                room_deliver(5),
+                room_deliver(6),
+                room_deliver(6),
+                room_deliver(5),
+            ],
+            2,
+        ),
+        (vec![deliver(7, 2)], 1),
+    ];
+    let mut seen = Vec::new();
+    for (batch, new) in batches {
+        let wanted = seen.len() + new;
+        for m in batch {
+            peer.send(Frame::new(0, m)).await;
+        }
+        while seen.len() < wanted {
+            match next_event(&mut incoming).await {
+                Some(Event::Message(m)) => seen.push((m.conversation_id, m.seq)),
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+        // The application acks a room message itself too: not sent either.
+        client.ack(LIVE, 6).unwrap();
+    }
+    assert_eq!(seen, [(7, 1), (LIVE, 5), (LIVE, 6), (7, 2)]);
+
+    // Everything written before the application's ping: only the 1:1 conversation's acks.
+    let pinging = tokio::spawn({
+        let client = client.clone();
+        async move { client.ping().await }
+    });
+    let mut acks = Vec::new();
+    loop {
+        let frame = peer.recv().await.expect("closed");
+        match frame.body {
+            Some(Body::Ack(Ack {
+                conversation_id,
+                seq,
+            })) => acks.push((conversation_id, seq)),
+            Some(Body::Ping(ping)) => {
+                peer.send(Frame::new(
+                    frame.request_id,
+                    Pong {
+                        client_time_ms: ping.client_time_ms,
+                        server_time_ms: 1,
+                    },
+                ))
+                .await;
+                break;
+            }
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+    pinging.await.unwrap().unwrap();
+    assert_eq!(acks, [(7, 1), (7, 2)]);
+    assert!(incoming.try_recv().is_none(), "nothing handed over twice");
+}
+
+#[tokio::test]
+async fn rooms_are_entered_again_first_thing_on_each_new_connection() {
+    let server = FakeServer::start().await;
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    let mut incoming = client.incoming();
+    peer.send(Frame::new(peer.hello_id, SyncDone { user_version: 1 }))
+        .await;
+
+    // In: live and busy. Not in: full (refused) and gone (left).
+    for (room, refuse) in [
+        ("live", false),
+        ("busy", false),
+        ("full", true),
+        ("gone", false),
+    ] {
+        let entering = tokio::spawn({
+            let client = client.clone();
+            async move { client.enter_room(room).await }
+        });
+        let (id, request) = next_room_request(&mut peer).await;
+        assert_eq!(request, ("enter", room.into()));
+        if refuse {
+            peer.send(Frame::error(id, ErrorCode::LimitExceeded, "full", false))
+                .await;
+            assert!(entering.await.unwrap().is_err());
+        } else {
+            peer.send(room_response(id, room, LIVE)).await;
+            entering.await.unwrap().unwrap();
+        }
+    }
+    let leaving = tokio::spawn({
+        let client = client.clone();
+        async move { client.leave_room("gone").await }
+    });
+    let (id, request) = next_room_request(&mut peer).await;
+    assert_eq!(request, ("leave", "gone".into()));
+    peer.send(room_response(id, "gone", LIVE)).await;
+    leaving.await.unwrap().unwrap();
+
+    peer.send(Frame::new(0, room_deliver(1))).await;
+    peer.send(Frame::new(0, room_deliver(2))).await;
+    let (seen, _) = messages_until_sync_done(&mut incoming).await;
+    assert!(seen.is_empty());
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match next_event(&mut incoming).await {
+            Some(Event::Message(m)) => seen.push((m.conversation_id, m.seq)),
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    assert_eq!(seen, [(LIVE, 1), (LIVE, 2)]);
+
+    // The connection drops (the server restarted).
+    drop(peer);
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Disconnected { .. })
+    ));
+    let mut peer = server.accept_login(0).await;
+    // The first requests on the new connection enter the rooms again, before Reconnected.
+    let (busy_id, busy) = next_room_request(&mut peer).await;
+    let (live_id, live) = next_room_request(&mut peer).await;
+    assert_eq!(
+        [busy, live],
+        [("enter", "busy".into()), ("enter", "live".into())]
+    );
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Reconnected)
+    ));
+    // busy is refused this time: the application hears it is out.
+    peer.send(Frame::error(
+        busy_id,
+        ErrorCode::LimitExceeded,
+        "at most 16 rooms",
+        false,
+    ))
+    .await;
+    peer.send(room_response(live_id, "live", LIVE)).await;
+    match next_event(&mut incoming).await {
+        Some(Event::RoomLost { room_id, reason }) => {
+            assert_eq!(room_id, "busy");
+            assert_eq!(reason.code(), Some(ErrorCode::LimitExceeded));
+        }
+        other => panic!("expected RoomLost, got {other:?}"),
+    }
+    // The restarted server numbers the room's messages from 1 again: they are new.
+    peer.send(Frame::new(0, room_deliver(1))).await;
+    match next_event(&mut incoming).await {
+        Some(Event::Message(m)) => assert_eq!((m.conversation_id, m.seq), (LIVE, 1)),
+        other => panic!("expected the room's message, got {other:?}"),
+    }
+
+    // Another reconnect enters only live.
+    drop(peer);
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Disconnected { .. })
+    ));
+    let mut peer = server.accept_login(0).await;
+    let (_, live) = next_room_request(&mut peer).await;
+    assert_eq!(live, ("enter", "live".into()));
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Reconnected)
+    ));
+    let pinging = tokio::spawn({
+        let client = client.clone();
+        async move { client.ping().await }
+    });
+    let frame = peer.recv().await.unwrap();
+    let Some(Body::Ping(ping)) = frame.body else {
+        panic!("expected the application's Ping next, got {frame:?}");
+    };
+    peer.send(Frame::new(
+        frame.request_id,
+        Pong {
+            client_time_ms: ping.client_time_ms,
+            server_time_ms: 1,
+        },
+    ))
+    .await;
+    pinging.await.unwrap().unwrap();
 }

@@ -13,8 +13,12 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tern_client::{BackoffConfig, Client, ClientConfig, ContentType, Target, Transport};
-use tern_protocol::{Body, Codec, Deliver, Frame, Hello, HelloOk, SendAck};
+use tern_client::{
+    BackoffConfig, Client, ClientConfig, ContentType, Target, TargetKind, Transport,
+};
+use tern_protocol::{
+    Body, Codec, Deliver, Frame, Hello, HelloOk, RoomRequest, RoomResponse, SendAck,
+};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -467,4 +471,49 @@ pub async fn send_text_answered(client: &Client, peer: &mut Peer, text: &'static
     let ack = sending.await.unwrap().unwrap();
     assert_eq!(ack.client_msg_id, send.client_msg_id);
     ack
+}
+
+/// The conversation id of room "live" in these tests (bit 62 set).
+pub const LIVE: u64 = (1 << 62) | 77;
+
+/// Message `seq` of room "live", from alice.
+pub fn room_deliver(seq: u64) -> Deliver {
+    let mut m = deliver(LIVE, seq);
+    m.target = Some(Target::new(TargetKind::Room, "live"));
+    m
+}
+
+/// A RoomResponse answering request `request_id` for `room` (conversation `conversation_id`).
+pub fn room_response(request_id: u64, room: &str, conversation_id: u64) -> Frame {
+    Frame::new(
+        request_id,
+        RoomResponse {
+            room_id: room.into(),
+            conversation_id,
+        },
+    )
+}
+
+/// What a RoomRequest asks: `("enter" | "leave", room)`.
+pub fn room_op(request: &RoomRequest) -> (&'static str, String) {
+    use tern_protocol::v1::room_request::Op;
+    let op = match request.op {
+        Some(Op::Enter(_)) => "enter",
+        Some(Op::Leave(_)) => "leave",
+        None => "none",
+    };
+    (op, request.room_id.clone())
+}
+
+/// The next RoomRequest the client wrote on `peer` (syncs, pings and acks skipped): its request
+/// id and what it asks (see [`room_op`]).
+pub async fn next_room_request(peer: &mut Peer) -> (u64, (&'static str, String)) {
+    loop {
+        let frame = peer.recv_request().await;
+        match frame.body {
+            Some(Body::Room(request)) => return (frame.request_id, room_op(&request)),
+            Some(Body::Sync(_)) => {}
+            other => panic!("expected RoomRequest, got {other:?}"),
+        }
+    }
 }
