@@ -36,9 +36,11 @@ pub struct AppendRequest {
     pub group_change: Option<Box<GroupChange>>,
     /// Recall the message at this seq of the same conversation in the same atomic write: its
     /// stored record loses its payload and is marked recalled ([`StoredMessage::recalled`]);
-    /// everything else about it (seq, version, sender, time, ids, types) stays. The message
-    /// must exist before this append (`InvalidArgument` otherwise); recalling a recalled
-    /// message changes nothing. A duplicate append recalls nothing.
+    /// everything else about it (seq, version, sender, time, ids, types) stays. The seq must
+    /// be in `1..=` the conversation's latest seq before this append (appends queued before
+    /// this one count, acknowledged or not); otherwise the append fails with
+    /// `InvalidArgument` and writes nothing. Recalling a recalled message changes nothing
+    /// (the append still happens). A duplicate append recalls nothing.
     pub recall: Option<Seq>,
 }
 
@@ -72,8 +74,11 @@ pub enum RelationKind {
 /// One change of a relation in [`MessageStore::set_relations`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelationChange {
+    /// Whose relation it is (1..=[`MAX_USER_ID`]).
     pub user: UserId,
+    /// Which list it is in.
     pub kind: RelationKind,
+    /// The user it is with (1..=[`MAX_USER_ID`]).
     pub other: UserId,
     /// The relation's value, opaque to the store (may be empty); None deletes it.
     pub value: Option<Bytes>,
@@ -266,7 +271,7 @@ pub struct ConversationInfo {
     /// Latest sequence number (0 = no message yet).
     pub latest_seq: Seq,
     /// The highest version of any change of this conversation relevant to the user
-    /// (newest message, join or leave, the user's read position).
+    /// (newest message, join or leave, the user's read position or settings).
     pub last_version: u64,
     /// The user's read position (0 = nothing read).
     pub read_seq: Seq,
@@ -361,7 +366,8 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
         after: UserId,
         limit: usize,
     ) -> Result<Vec<(UserId, Bytes)>>;
-    /// How many relations of `kind` `user` has (a scan of them: linear in the count).
+    /// How many relations of `kind` `user` has. No counter is kept: this scans their keys
+    /// (cost linear in the count; cheap for friend lists and blacklists of usual size).
     fn count_relations(&self, user: UserId, kind: RelationKind) -> Result<u64>;
     /// Stores the user's profile (opaque bytes), replacing any earlier one.
     fn set_user_profile(&self, user: UserId, profile: Bytes) -> Completion<()>;

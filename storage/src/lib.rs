@@ -20,11 +20,17 @@
 //!   leaving or changing attributes) that commits atomically with the message recording it;
 //!   read back with [`MessageStore::group_record`], [`MessageStore::member_records`] and
 //!   [`MessageStore::membership`].
+//! * **Settings and recall**: a user's own settings of a conversation (pinned, hidden, muted,
+//!   cleared seq), synced like read positions; an append may recall an earlier message of
+//!   its conversation ([`AppendRequest::recall`]), emptying it atomically with the append.
+//! * **Social graph**: directed relations between users (friends, friend requests, blocked)
+//!   and user profiles, opaque values written in atomic batches
+//!   ([`MessageStore::set_relations`], [`MessageStore::set_user_profile`]).
 //!
 //! What it does **not** do: authorisation (any caller may append to any conversation; the
-//! gateway checks membership), delivery or fan-out, deleting or editing messages, retention,
-//! replication, or sharding across machines. It does not know the wire protocol: payloads
-//! are opaque bytes.
+//! gateway checks membership), delivery or fan-out, deleting or editing messages (a recall
+//! only empties one in place), retention, replication, or sharding across machines. It does
+//! not know the wire protocol: payloads are opaque bytes.
 //!
 //! # Ids
 //!
@@ -36,7 +42,7 @@
 //!
 //! | column family | key | value | why |
 //! |---|---|---|---|
-//! | `messages` | conv BE ++ seq BE | message record | a conversation is one contiguous key range in seq order: a page read is one seek plus `next`/`prev`; a fixed 8-byte prefix extractor with prefix bloom filters (SST and memtable) makes seeks into a conversation skip files that do not hold it; the latest seq is one `seek_for_prev` |
+//! | `messages` | conv BE ++ seq BE | message record (version 2 once recalled: no payload) | a conversation is one contiguous key range in seq order: a page read is one seek plus `next`/`prev`; a fixed 8-byte prefix extractor with prefix bloom filters (SST and memtable) makes seeks into a conversation skip files that do not hold it; the latest seq is one `seek_for_prev` |
 //! | `user_convs` | user BE ++ conv BE | user-conversation record (member flag, read position, versions, seq the user left at, the user's settings: pinned, hidden, muted, cleared seq) | all conversations of a user in one range scan (prefix 8) |
 //! | `cursors` | user BE ++ conv BE ++ device | delivered seq | point reads; whole-key bloom |
 //! | `members`, `user_groups` | group ++ user, user ++ group | the member's attributes (opaque, as given; empty from `add_member`), empty | paged member lists (with attributes) and a user's groups, each a prefix scan |
@@ -53,8 +59,10 @@
 //! ([`decode_record`] documents the message record), except the gateway's opaque group
 //! records and member attributes, stored as given; the directory's `format_version`
 //! is checked on open ([`StorageError::UnsupportedFormat`]). Column families missing from an
-//! existing directory are created on open (`groups` in a directory written before it
-//! existed); the format version is the same.
+//! existing directory are created on open (`groups`, `relations` and `profiles` in a
+//! directory written before they existed); the format version is the same, and records in
+//! the older forms decode (see [`decode_record`]; user-conversation records of 26 and 34
+//! bytes get default values for the newer fields and are rewritten on their next change).
 //!
 //! **Keys written per message**: one (`messages`) in the steady state. Per committed batch:
 //! one `meta` key (the version counter) and, if the batch had idempotent appends, one
@@ -62,14 +70,18 @@
 //! seen in a conversation. The idempotency record is not a second key per message. An append
 //! with a group change also writes the group's record (if given) and, per member entry that
 //! adds, updates or removes a member, its `members` key, plus on a join or leave its
-//! `user_groups` key and the user's `user_convs` record.
+//! `user_groups` key and the user's `user_convs` record. An append with a recall also
+//! rewrites the recalled message's key (nothing if it is recalled already). A settings change
+//! writes the user's `user_convs` record; a relation change one `relations` key (a put or a
+//! delete); a profile one `profiles` key.
 //!
 //! # Sync and versions
 //!
 //! The writer gives every change a **version** from one store-wide counter: each append
-//! (stored inside the message record), each membership change and each read-position change
-//! (stored in the user-conversation record). A conversation's `last_version` for a user is
-//! the maximum of its newest message's version and the user's record's versions; the user's
+//! (stored inside the message record), each membership change, each read-position change and
+//! each settings change (stored in the user-conversation record). A conversation's
+//! `last_version` for a user is the maximum of its newest message's version and the user's
+//! record's versions (membership, read position, settings); the user's
 //! version is the maximum over their conversations. Versions only grow, so "what changed
 //! since V" is `last_version > V`; it is computed by scanning the user's conversation index
 //! and one `seek_for_prev` per conversation (cost linear in the user's number of
@@ -81,11 +93,15 @@
 //!
 //! **Settings and recall.** A user's settings of a conversation
 //! ([`MessageStore::set_conversation_settings`]) live in their user-conversation record and
-//! take a version like a read position, so other devices learn them through sync. A recall
+//! take a version like a read position, so other devices learn them through sync; the
+//! cleared seq is monotonic and clamped like a read position, and a change that leaves the
+//! settings as they are writes nothing and takes no version. A recall
 //! ([`AppendRequest::recall`]) rewrites the recalled message's record (record version 2, no
-//! payload) in the same batch as the append that announces it. Relations and profiles go
-//! through the writer too (batched, same durability) but take no version: they are not part
-//! of sync.
+//! payload; its seq, version, sender, time, ids and types stay) in the same `WriteBatch` as
+//! the append that announces it; a duplicate append recalls nothing. The recalled record
+//! keeps its old version, so the recall reaches sync through its append (the conversation's
+//! newest message). Relations and profiles go through the writer too (batched, same
+//! durability) but take no version: they are not part of sync.
 //!
 //! **Group changes.** A change of a group's stored state is recorded as a message in the
 //! group's conversation, and the append carries the change ([`AppendRequest::group_change`]):
@@ -136,6 +152,11 @@
 //!   most once: a second open in the same process fails with [`StorageError::AlreadyOpen`],
 //!   in another process with [`StorageError::Locked`] (RocksDB's `LOCK` file). So no second
 //!   writer can exist for any conversation.
+//! * **Recall reads.** The builder reads the record a recall rewrites from the database or,
+//!   if the message was appended earlier in the same batch, from that batch. A batch with a
+//!   recall is therefore built only once every batch before it is committed (the pipeline
+//!   pauses for one commit; recalls are rare), so a recall never misses a message in flight
+//!   nor rewrites one that a failed commit rolls back.
 //! * **Sequences.** Per conversation, acknowledged seqs are 1, 2, 3, ... with no gap and no
 //!   reuse, across restarts and crashes (under `Fsync`; under `Wal` across process crashes,
 //!   see the table above): the writer reloads a conversation's head from the log. The
@@ -159,13 +180,17 @@
 //!   uncommitted writes. Completions resolve in batch order, and only after every batch
 //!   built before theirs is committed (so a duplicate answer or a no-op never resolves
 //!   before the write it refers to is committed).
-//! * **Atomicity.** Everything in a batch (messages, index entries, group changes, journal,
-//!   version counter) commits atomically in one `WriteBatch`; in particular a group change
-//!   and the message recording it are never one without the other. A group change is
+//! * **Atomicity.** Everything in a batch (messages, recalled records, index entries, group
+//!   changes, settings, relations, profiles, journal, version counter) commits atomically in
+//!   one `WriteBatch`; in particular a group change or a recall and the message recording it
+//!   are never one without the other, and one [`MessageStore::set_relations`] call is
+//!   applied whole or not at all. A group change is
 //!   validated before it is queued, and the builder does every read an append needs before
 //!   it changes any in-memory state, so a failing append leaves nothing behind; a failed
 //!   commit rolls back the member flags and user-conversation records a group change cached
-//!   (the builder caches nothing else of it).
+//!   (the builder caches nothing else of it), and the user-conversation records settings
+//!   changes cached; recalls, relations and profiles leave nothing in the builder's memory
+//!   beyond their batch.
 //! * **Shutdown.** [`MessageStore::close`] (or dropping the last handle) completes every
 //!   write queued before it, syncs, and joins both writer threads; writes after it resolve to
 //!   [`StorageError::Closed`]. No completion ever hangs.

@@ -20,9 +20,12 @@
 //! 33..   n bytes client message id (UTF-8), m bytes custom type (UTF-8), payload (the rest)
 //! ```
 //!
-//! A recalled message is stored in the same layout with record version 2 and an empty payload
-//! ([`RECALLED_RECORD_VERSION`]); everything else is kept from the original. Records of version
-//! 1 are never recalled.
+//! A recalled message ([`crate::AppendRequest::recall`]) is stored in the same layout with
+//! record version 2 ([`RECALLED_RECORD_VERSION`]) and no payload: the version byte is the
+//! recalled flag. Everything else (global version, sender, timestamp, content type, client
+//! message id, custom type) is kept from the original. A version 1 record is a message that
+//! was not recalled, so every record written before recall existed still decodes as is; a
+//! version 2 record with a payload is corrupt.
 
 use bytes::Bytes;
 
@@ -60,8 +63,8 @@ pub struct MessageRecord<'a> {
     pub recalled: bool,
 }
 
-/// Decodes a stored message record. Total: returns an error for any input that is not a
-/// well-formed record of a known version.
+/// Decodes a stored message record, version 1 or 2 (recalled; see the module docs). Total:
+/// returns an error for any input that is not a well-formed record of a known version.
 pub fn decode_record(buf: &[u8]) -> Result<MessageRecord<'_>> {
     let Some(&v) = buf.first() else {
         return Err(StorageError::Corrupt("empty message record"));
@@ -95,6 +98,13 @@ pub fn decode_record(buf: &[u8]) -> Result<MessageRecord<'_>> {
         .map_err(|_| StorageError::Corrupt("client message id is not UTF-8"))?;
     let custom_type = std::str::from_utf8(&rest[id_len..id_len + ct_len])
         .map_err(|_| StorageError::Corrupt("custom type is not UTF-8"))?;
+    let payload = &rest[id_len + ct_len..];
+    let recalled = v == RECALLED_RECORD_VERSION;
+    if recalled && !payload.is_empty() {
+        return Err(StorageError::Corrupt(
+            "recalled message record has a payload",
+        ));
+    }
     Ok(MessageRecord {
         version: u64_at(buf, 1),
         sender: u64_at(buf, 9),
@@ -102,16 +112,18 @@ pub fn decode_record(buf: &[u8]) -> Result<MessageRecord<'_>> {
         content_type: u32_at(buf, 25),
         client_msg_id,
         custom_type,
-        payload: &rest[id_len + ct_len..],
-        recalled: v == RECALLED_RECORD_VERSION,
+        payload,
+        recalled,
     })
 }
 
-/// Appends the encoding of `r` to `out`. Lengths must have been validated
-/// (`client_msg_id` ≤ [`MAX_CLIENT_MSG_ID_LEN`], `custom_type` ≤ [`MAX_CUSTOM_TYPE_LEN`]).
+/// Appends the encoding of `r` to `out` (version 2 if `recalled`, else 1). Lengths must have
+/// been validated (`client_msg_id` ≤ [`MAX_CLIENT_MSG_ID_LEN`], `custom_type` ≤
+/// [`MAX_CUSTOM_TYPE_LEN`]), and a recalled record has an empty payload.
 pub fn encode_record(r: &MessageRecord<'_>, out: &mut Vec<u8>) {
     debug_assert!(r.client_msg_id.len() <= MAX_CLIENT_MSG_ID_LEN);
     debug_assert!(r.custom_type.len() <= MAX_CUSTOM_TYPE_LEN);
+    debug_assert!(!r.recalled || r.payload.is_empty());
     out.reserve(HEADER + r.client_msg_id.len() + r.custom_type.len() + r.payload.len());
     out.push(if r.recalled {
         RECALLED_RECORD_VERSION
@@ -182,7 +194,7 @@ impl StoredMessage {
 
 /// Per (user, conversation) state, stored in the user-conversation index.
 ///
-/// Version 1 layout (34 bytes):
+/// Version 1 layout (51 bytes, written by this build):
 ///
 /// ```text
 /// 0      u8   record version (1)
@@ -196,11 +208,13 @@ impl StoredMessage {
 /// 43..51 u64  settings_version
 /// ```
 ///
-/// Records written before `left_seq` existed are the first 26 bytes of this; they decode with
-/// `left_seq` 0 (right for members and 1:1 conversations; for a user who had already left, the
-/// seq they left at was not recorded, `active` is false) and are rewritten in the 34-byte form
-/// on their next change; so are the 34-byte records written before the settings existed
-/// (default settings). Any other length is corrupt.
+/// Two older forms are prefixes of it and still decode: records written before `left_seq`
+/// existed are the first 26 bytes (they decode with `left_seq` 0: right for members and 1:1
+/// conversations; for a user who had already left, the seq they left at was not recorded,
+/// `active` is false), records written before the settings existed the first 34 bytes (they
+/// decode with the default settings and `settings_version` 0). Both are rewritten in the
+/// 51-byte form on their next change. Any other length is corrupt. Flag bits other than those
+/// listed are ignored (and written as 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct UserConvRecord {
     pub active: bool,
@@ -219,6 +233,7 @@ pub(crate) struct UserConvRecord {
     pub settings_version: u64,
 }
 
+/// The current form.
 const USER_CONV_LEN: usize = 51;
 /// The form without the settings.
 const USER_CONV_LEN_NO_SETTINGS: usize = 34;
@@ -404,9 +419,11 @@ pub(crate) fn decode_journal(b: &[u8]) -> Result<(u64, Vec<JournalEntry>)> {
 /// Feeds `b` to every decoder of a stored format and checks what a decoder accepts: decoding
 /// never panics, and whatever decodes re-encodes to the same bytes (no two encodings of one
 /// value, nothing silently ignored), except for the documented exceptions: a
-/// user-conversation record ignores flag bits other than bit 0, and its 26-byte form
-/// re-encodes to the 34-byte one with `left_seq` 0. Panics on a violation; the fuzz target
-/// `record_decoder` calls it with arbitrary input.
+/// user-conversation record ignores the flag bits it does not define (bits 1-7 of byte 1,
+/// bits 3-7 of byte 34), and its 26- and 34-byte forms re-encode to the 51-byte one with the
+/// missing fields 0. Message records of both versions (1, and 2 = recalled) re-encode
+/// exactly. Panics on a violation; the fuzz target `record_decoder` calls it with arbitrary
+/// input.
 pub fn check_decoders(b: &[u8]) {
     if let Ok(r) = decode_record(b) {
         let mut out = Vec::new();
@@ -433,7 +450,7 @@ pub fn check_decoders(b: &[u8]) {
         );
     }
     if let Ok(u) = UserConvRecord::decode(b) {
-        // The short form is the long one without its trailing `left_seq` of 0.
+        // The older forms are the current one without their trailing fields, all 0.
         let mut expected = b.to_vec();
         expected[1] &= 1;
         if expected.len() == USER_CONV_LEN {
@@ -551,6 +568,20 @@ mod tests {
             },
             &mut rec,
         );
+        let mut recalled = Vec::new();
+        encode_record(
+            &MessageRecord {
+                version: 8,
+                sender: 3,
+                timestamp_ms: 1,
+                content_type: 2,
+                client_msg_id: "m1",
+                custom_type: "c",
+                payload: b"",
+                recalled: true,
+            },
+            &mut recalled,
+        );
         let mut journal = Vec::new();
         encode_journal_header(9, &mut journal);
         push_journal_entry(&mut journal, 1, 2, 3, 4, "id");
@@ -566,6 +597,7 @@ mod tests {
         };
         for b in [
             rec,
+            recalled,
             journal,
             uc.encode().to_vec(),
             uc.encode()[..USER_CONV_LEN_SHORT].to_vec(),
@@ -609,26 +641,11 @@ mod tests {
             decode_record(&[]),
             Err(StorageError::Corrupt("empty message record"))
         );
-        // Version 2 is the recalled form of the same layout.
+        // Version 2 (recalled) has no payload: one with a payload is damaged.
         let mut v2 = buf.clone();
         v2[0] = RECALLED_RECORD_VERSION;
-        assert_eq!(
-            decode_record(&v2).unwrap(),
-            MessageRecord {
-                recalled: true,
-                ..sample()
-            }
-        );
-        let recalled = MessageRecord {
-            payload: &[],
-            recalled: true,
-            ..sample()
-        };
-        let mut out = Vec::new();
-        encode_record(&recalled, &mut out);
-        assert_eq!(out[0], RECALLED_RECORD_VERSION);
-        assert_eq!(decode_record(&out).unwrap(), recalled);
-        check_decoders(&out);
+        assert!(matches!(decode_record(&v2), Err(StorageError::Corrupt(_))));
+        check_decoders(&v2);
         let mut v3 = buf.clone();
         v3[0] = 3;
         assert_eq!(
@@ -657,6 +674,44 @@ mod tests {
             decode_record(&bad_utf8),
             Err(StorageError::Corrupt(_))
         ));
+    }
+
+    /// A recalled record is the original's header and ids under version 2, without the
+    /// payload; the original (version 1, as written before recall existed) is unchanged.
+    #[test]
+    fn recalled_record_round_trip() {
+        let mut original = Vec::new();
+        encode_record(&sample(), &mut original);
+        assert_eq!(original[0], RECORD_VERSION);
+        assert!(!decode_record(&original).unwrap().recalled);
+
+        let recalled = MessageRecord {
+            payload: &[],
+            recalled: true,
+            ..sample()
+        };
+        let mut out = Vec::new();
+        encode_record(&recalled, &mut out);
+        assert_eq!(out[0], RECALLED_RECORD_VERSION);
+        assert_eq!(out.len(), original.len() - sample().payload.len());
+        assert_eq!(out[1..], original[1..out.len()]);
+        let back = decode_record(&out).unwrap();
+        assert_eq!(back, recalled);
+        assert_eq!(
+            (
+                back.version,
+                back.sender,
+                back.timestamp_ms,
+                back.content_type
+            ),
+            (42, 7, 1_700_000_000_000, 3)
+        );
+        assert_eq!((back.client_msg_id, back.custom_type), ("c-1", "x.custom"));
+        check_decoders(&out);
+        // Truncated inside the ids it is corrupt, like version 1.
+        for cut in 1..out.len() {
+            assert!(decode_record(&out[..cut]).is_err(), "cut {cut}");
+        }
     }
 
     #[test]
@@ -695,6 +750,13 @@ mod tests {
         );
         assert_eq!(UserConvRecord::decode(&r.encode()).unwrap(), r);
         assert!(UserConvRecord::decode(&r.encode()[..10]).is_err());
+        // Undefined settings flag bits are ignored.
+        let mut extra = r.encode();
+        extra[34] = 0xf9;
+        let decoded = UserConvRecord::decode(&extra).unwrap();
+        assert_eq!(decoded.flags, 1);
+        assert!(decoded.settings().pinned && !decoded.settings().muted);
+        check_decoders(&extra);
         assert_eq!(decode_u64(&encode_u64(77)).unwrap(), 77);
 
         let mut j = Vec::new();

@@ -172,14 +172,16 @@ impl Db {
             .map(|v| v.to_vec()))
     }
 
-    /// Relations of `kind` of `user` with `other > after`, up to `limit`.
-    fn scan_relations(
+    /// `f(other, value)` for the relations of `kind` of `user` with `other > after`, up to
+    /// `limit`, ascending: one prefix-bounded scan.
+    fn scan_relations<T>(
         &self,
         user: UserId,
         kind: RelationKind,
         after: UserId,
         limit: usize,
-    ) -> Result<Vec<(UserId, Bytes)>> {
+        mut f: impl FnMut(UserId, &[u8]) -> T,
+    ) -> Result<Vec<T>> {
         let mut out = Vec::new();
         let Some(start) = after.checked_add(1) else {
             return Ok(out);
@@ -197,7 +199,7 @@ impl Db {
             if k.len() != 17 || k[..9] != lower[..9] {
                 break;
             }
-            out.push((be_at(k, 9), Bytes::copy_from_slice(v)));
+            out.push(f(be_at(k, 9), v));
             it.next();
         }
         it.status().map_err(backend)?;
@@ -833,21 +835,22 @@ impl MessageStore for RocksStore {
         limit: usize,
     ) -> Result<Vec<(UserId, Bytes)>> {
         self.check_open()?;
-        self.inner.db.scan_relations(user, kind, after, limit)
+        self.inner
+            .db
+            .scan_relations(user, kind, after, limit, |other, value| {
+                (other, Bytes::copy_from_slice(value))
+            })
     }
 
     fn count_relations(&self, user: UserId, kind: RelationKind) -> Result<u64> {
         self.check_open()?;
-        let mut n = 0;
-        let mut after = 0;
-        loop {
-            let page = self.inner.db.scan_relations(user, kind, after, 4096)?;
-            let Some(&(last, _)) = page.last() else {
-                return Ok(n);
-            };
-            n += page.len() as u64;
-            after = last;
-        }
+        // A scan of the keys (values are not copied; a `Vec<()>` does not allocate).
+        let n = self
+            .inner
+            .db
+            .scan_relations(user, kind, 0, usize::MAX, |_, _| ())?
+            .len();
+        Ok(n as u64)
     }
 
     fn set_user_profile(&self, user: UserId, profile: Bytes) -> Completion<()> {
@@ -1185,6 +1188,90 @@ mod tests {
         assert_eq!(s.relation(1, RelationKind::Friend, 2).unwrap(), None);
         s.set_relations(vec![friend]).wait().unwrap();
         assert_eq!(s.count_relations(1, RelationKind::Friend).unwrap(), 1);
+
+        s.inner.db.hooks.fail_commits.store(1, SeqCst);
+        assert!(
+            s.set_user_profile(1, Bytes::from_static(b"p"))
+                .wait()
+                .is_err()
+        );
+        assert_eq!(s.user_profile(1).unwrap(), None);
+        s.set_user_profile(1, Bytes::from_static(b"p"))
+            .wait()
+            .unwrap();
+        assert_eq!(s.user_profile(1).unwrap(), Some(Bytes::from_static(b"p")));
+    }
+
+    /// A recall whose target is not committed yet: in the batch being committed (the builder
+    /// waits for that commit before it builds the recall), or earlier in the recall's own
+    /// batch. If the target's batch fails, the recall finds no such message.
+    #[test]
+    fn recall_of_an_uncommitted_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let hooks = &s.inner.db.hooks;
+        let c = direct_conversation(1, 2).unwrap();
+        s.append(msg(c, "m1")).wait().unwrap();
+        let recall = |id: &str, seq| AppendRequest {
+            recall: Some(seq),
+            ..msg(c, id)
+        };
+        let recalled = |seq| {
+            let raw = s.inner.db.message_record(c, seq).unwrap().unwrap();
+            let r = decode_record(&raw).unwrap();
+            r.recalled && r.payload.is_empty()
+        };
+
+        // Batch F (m2) is held by the committer; the recall of m2 waits for it.
+        hooks.hold_commits.store(true, SeqCst);
+        let received = hooks.received.load(SeqCst);
+        let f2 = s.append(msg(c, "m2"));
+        wait_until("F held", || hooks.received.load(SeqCst) == received + 1);
+        let built = hooks.built.load(SeqCst);
+        let r2 = s.append(recall("r2", 2));
+        wait_until("recall taken", || s.queue_len() == 0);
+        std::thread::sleep(Duration::from_millis(20));
+        let built_early = hooks.built.load(SeqCst) != built;
+        // Released before asserting: a held committer would hang the store's drop.
+        hooks.hold_commits.store(false, SeqCst);
+        assert!(!built_early, "built before F committed");
+        assert_eq!(f2.wait().unwrap().seq, 2);
+        assert_eq!(r2.wait().unwrap().seq, 3);
+        assert!(recalled(2));
+        assert!(!recalled(1));
+
+        // One batch: m4, its recall, and a second recall of it.
+        hooks.hold_build.store(true, SeqCst);
+        let f4 = s.append(msg(c, "m4"));
+        let r4 = s.append(recall("r4", 4));
+        let r4b = s.append(recall("r4b", 4));
+        wait_until("ops queued", || s.queue_len() == 2);
+        let built = hooks.built.load(SeqCst);
+        hooks.hold_build.store(false, SeqCst);
+        assert_eq!(f4.wait().unwrap().seq, 4);
+        assert_eq!(r4.wait().unwrap().seq, 5);
+        assert_eq!(r4b.wait().unwrap().seq, 6);
+        assert_eq!(hooks.built.load(SeqCst), built + 1, "one batch");
+        assert!(recalled(4));
+        let page = s.read_forward(c, 4, 1).unwrap();
+        assert_eq!(page[0].client_msg_id, "m4");
+
+        // The target's batch fails: the recall behind it is built on the rolled-back state.
+        hooks.hold_commits.store(true, SeqCst);
+        let received = hooks.received.load(SeqCst);
+        let f7 = s.append(msg(c, "m7"));
+        wait_until("F held", || hooks.received.load(SeqCst) == received + 1);
+        let r7 = s.append(recall("r7", 7));
+        wait_until("recall taken", || s.queue_len() == 0);
+        hooks.fail_commits.store(1, SeqCst);
+        hooks.hold_commits.store(false, SeqCst);
+        assert!(matches!(f7.wait(), Err(StorageError::CommitFailed(_))));
+        assert!(matches!(r7.wait(), Err(StorageError::InvalidArgument(_))));
+        assert_eq!(s.latest_seq(c).unwrap(), 6);
+        let r = s.append(recall("r7", 6)).wait().unwrap();
+        assert_eq!((r.seq, r.duplicate), (7, false));
+        assert!(recalled(6));
+        assert_eq!(seqs(&s, c), (1..=7).collect::<Vec<_>>());
     }
 
     /// The sequence numbers stored in `c`, ascending.
@@ -1451,6 +1538,132 @@ mod tests {
             .unwrap();
         assert_eq!(s.inner.db.user_conv(4, conv).unwrap().unwrap(), rec);
         assert_eq!(attrs(&s, g), "4=b");
+    }
+
+    /// A directory written before the `relations` and `profiles` column families, the settings
+    /// and recall existed (34-byte user-conversation records, version 1 message records)
+    /// opens: the column families are created, old records read with default settings, and
+    /// are rewritten in the current forms on their next change.
+    #[test]
+    fn opens_a_directory_without_the_relations_and_profiles_column_families() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = direct_conversation(1, 2).unwrap();
+        let new_cfs = [CF_RELATIONS, CF_PROFILES];
+        {
+            let mut o = Options::default();
+            o.create_if_missing(true);
+            o.create_missing_column_families(true);
+            let old: Vec<&str> = ALL_CFS
+                .into_iter()
+                .filter(|n| !new_cfs.contains(n))
+                .collect();
+            let db = DB::open_cf(&o, dir.path(), &old).unwrap();
+            let cf = |n: &str| db.cf_handle(n).unwrap();
+            db.put_cf(cf(CF_META), META_FORMAT, FORMAT_VERSION.to_le_bytes())
+                .unwrap();
+            db.put_cf(cf(CF_META), META_VERSION, encode_u64(5)).unwrap();
+            let mut rec = Vec::new();
+            crate::record::encode_record(
+                &crate::record::MessageRecord {
+                    version: 5,
+                    sender: 1,
+                    timestamp_ms: 1000,
+                    content_type: 1,
+                    client_msg_id: "old",
+                    custom_type: "",
+                    payload: b"old body",
+                    recalled: false,
+                },
+                &mut rec,
+            );
+            assert_eq!(rec[0], 1);
+            db.put_cf(cf(CF_MESSAGES), msg_key(c, 1), &rec).unwrap();
+            for user in [1, 2] {
+                let uc = UserConvRecord {
+                    active: true,
+                    member_version: 4,
+                    read_seq: 1,
+                    read_version: 5,
+                    ..UserConvRecord::default()
+                }
+                .encode();
+                db.put_cf(cf(CF_USER_CONVS), pair_key(user, c), &uc[..34])
+                    .unwrap();
+            }
+        }
+        let listed = || DB::list_cf(&Options::default(), dir.path()).unwrap();
+        assert!(new_cfs.iter().all(|n| !listed().contains(&n.to_string())));
+
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(
+            s.conversation_settings(1, c).unwrap(),
+            ConversationSettings::default()
+        );
+        assert_eq!(s.read_seq(1, c).unwrap(), 1);
+        let i = s.conversations_changed_since(1, 0, None).unwrap();
+        assert_eq!((i[0].last_version, i[0].settings), (5, Default::default()));
+        assert_eq!(s.relation(1, RelationKind::Friend, 2).unwrap(), None);
+        assert_eq!(s.count_relations(1, RelationKind::Friend).unwrap(), 0);
+        assert_eq!(s.user_profile(1).unwrap(), None);
+        let m = &s.read_forward(c, 1, 1).unwrap()[0];
+        assert!(!m.recalled);
+        assert_eq!((&m.payload[..], m.version), (&b"old body"[..], 5));
+
+        let pinned = ConversationSettings {
+            pinned: true,
+            ..ConversationSettings::default()
+        };
+        s.set_conversation_settings(1, c, pinned).wait().unwrap();
+        let r = s
+            .append(AppendRequest {
+                recall: Some(1),
+                ..msg(c, "r1")
+            })
+            .wait()
+            .unwrap();
+        assert_eq!(r.seq, 2);
+        s.set_relations(vec![RelationChange {
+            user: 1,
+            kind: RelationKind::Friend,
+            other: 2,
+            value: Some(Bytes::from_static(b"since")),
+        }])
+        .wait()
+        .unwrap();
+        s.set_user_profile(1, Bytes::from_static(b"me"))
+            .wait()
+            .unwrap();
+        drop(s);
+
+        assert!(new_cfs.iter().all(|n| listed().contains(&n.to_string())));
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let raw = |user| {
+            let db = &s.inner.db;
+            db.db
+                .get_cf(db.cf(CF_USER_CONVS), pair_key(user, c))
+                .unwrap()
+                .unwrap()
+                .len()
+        };
+        assert_eq!((raw(1), raw(2)), (51, 34), "rewritten on change only");
+        let uc = s.inner.db.user_conv(1, c).unwrap().unwrap();
+        assert_eq!((uc.read_seq, uc.member_version), (1, 4));
+        assert_eq!(s.conversation_settings(1, c).unwrap(), pinned);
+        assert_eq!(
+            s.conversation_settings(2, c).unwrap(),
+            ConversationSettings::default()
+        );
+        let m = &s.read_forward(c, 1, 1).unwrap()[0];
+        assert!(m.recalled && m.payload.is_empty());
+        assert_eq!(
+            (m.version, m.timestamp_ms, m.client_msg_id.as_str()),
+            (5, 1000, "old")
+        );
+        assert_eq!(
+            s.relation(1, RelationKind::Friend, 2).unwrap(),
+            Some(Bytes::from_static(b"since"))
+        );
+        assert_eq!(s.user_profile(1).unwrap(), Some(Bytes::from_static(b"me")));
     }
 
     /// A directory written before the `groups` column family existed (and with 26-byte

@@ -36,6 +36,13 @@
 //! in those caches (member flags and user-conversation records); group records and member
 //! attributes are written to the batch and never cached, so the rollback forgets the whole
 //! change.
+//!
+//! A recall rewrites a stored message record, which the builder must read: from the current
+//! batch if the message was appended earlier in it, else from the database. So before it
+//! builds a batch that holds a recall, the builder waits until every batch built before is
+//! committed (and rolls back first if one failed). Settings changes are cached like read
+//! positions (in the user-conversation records); relations and profiles are only written to
+//! the batch.
 
 use std::collections::VecDeque;
 
@@ -296,6 +303,12 @@ pub(crate) struct Writer {
     journal_buf: Vec<u8>,
     journal_entries: usize,
     dirty_user_convs: HashSet<(UserId, ConversationId)>,
+    /// The messages this batch recalls (conversation, seq).
+    recall_targets: HashSet<(ConversationId, Seq)>,
+    /// Encoded records of recall targets written in this batch (appended, or rewritten as
+    /// recalled), newest wins: what a later recall in the batch must see instead of the
+    /// database.
+    batch_records: HashMap<(ConversationId, Seq), Vec<u8>>,
 }
 
 /// The builder's ends of the channels to and from the committer.
@@ -359,6 +372,8 @@ impl Writer {
             journal_buf: Vec::with_capacity(64 * 1024),
             journal_entries: 0,
             dirty_user_convs: HashSet::default(),
+            recall_targets: HashSet::default(),
+            batch_records: HashMap::default(),
         }
     }
 
@@ -484,6 +499,21 @@ impl Writer {
             if self.members.len() > cap {
                 self.members.clear();
             }
+        }
+        // A recall reads the record it rewrites from the database, so it must see every
+        // batch built before this one committed (recalls are rare: the pipeline pauses for
+        // one commit); targets appended in this batch are kept in `batch_records`.
+        self.recall_targets.clear();
+        self.batch_records.clear();
+        for op in ops.iter() {
+            if let Op::Append(req, _) = op
+                && let Some(target) = req.recall
+            {
+                self.recall_targets.insert((req.conversation, target));
+            }
+        }
+        if !self.recall_targets.is_empty() {
+            self.wait_idle();
         }
         self.dedup.evict_old(now);
         let first_version = self.version + 1;
@@ -692,8 +722,12 @@ impl Writer {
             &mut self.rec_buf,
         );
         batch.put_cf(messages, msg_key(conv, seq), &self.rec_buf);
+        if !self.recall_targets.is_empty() && self.recall_targets.contains(&(conv, seq)) {
+            self.batch_records.insert((conv, seq), self.rec_buf.clone());
+        }
         if let (Some(target), Some(record)) = (req.recall, recalled) {
-            batch.put_cf(messages, msg_key(conv, target), record);
+            batch.put_cf(messages, msg_key(conv, target), &record);
+            self.batch_records.insert((conv, target), record);
         }
         for p in new_members {
             self.put_user_conv(
@@ -738,8 +772,9 @@ impl Writer {
         })
     }
 
-    /// The record of message `target` rewritten as recalled, or None if it is recalled already.
-    /// The message must be committed (a recall follows its SendAck).
+    /// The record of message `target` (`1..=head`) rewritten as recalled, or None if it is
+    /// recalled already. The message is in this batch or committed (`build` waited for the
+    /// batches before it). Reads only.
     fn recalled_record(
         &self,
         conv: ConversationId,
@@ -749,10 +784,19 @@ impl Writer {
         if target == 0 || target > head {
             return Err(StorageError::InvalidArgument("no such message to recall"));
         }
-        let Some(bytes) = self.db.message_record(conv, target)? else {
-            return Err(StorageError::InvalidArgument("no such message to recall"));
+        let stored;
+        let bytes = match self.batch_records.get(&(conv, target)) {
+            Some(b) => &b[..],
+            None => {
+                // Every seq up to the head is stored (no gaps): a miss means a lost message.
+                stored = self
+                    .db
+                    .message_record(conv, target)?
+                    .ok_or(StorageError::Corrupt("message below the head is missing"))?;
+                &stored[..]
+            }
         };
-        let r = decode_record(&bytes)?;
+        let r = decode_record(bytes)?;
         if r.recalled {
             return Ok(None);
         }

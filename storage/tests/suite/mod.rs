@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tern_storage::{
     AppendRequest, Appended, ConversationInfo, ConversationSettings, DedupWindow, GroupChange,
-    MAX_CLIENT_MSG_ID_LEN, MAX_GROUP_ID, MAX_USER_ID, MessageStore, Peer, RelationChange,
-    RelationKind, StorageError, direct_conversation, group_conversation,
+    MAX_CLIENT_MSG_ID_LEN, MAX_GROUP_ID, MAX_RELATION_CHANGES, MAX_USER_ID, MessageStore, Peer,
+    RelationChange, RelationKind, StorageError, direct_conversation, group_conversation,
 };
 
 /// A store plus whatever must live as long as it (a temporary directory).
@@ -881,6 +881,30 @@ pub fn conversation_settings(make: Factory) {
     };
     let got = s.set_conversation_settings(1, c, far).wait().unwrap();
     assert_eq!((got.cleared_seq, got.pinned), (4, false));
+    let v2 = s.user_version(1).unwrap();
+    assert!(v2 > v1);
+    let changed = s.conversations_changed_since(1, v1, None).unwrap();
+    assert_eq!(changed.len(), 1);
+    assert_eq!((changed[0].last_version, changed[0].settings), (v2, got));
+    assert_eq!(s.conversation_settings(1, c).unwrap(), got);
+    // Only a lower cleared seq: nothing changes.
+    let lower = ConversationSettings {
+        cleared_seq: 3,
+        ..got
+    };
+    assert_eq!(
+        s.set_conversation_settings(1, c, lower).wait().unwrap(),
+        got
+    );
+    assert_eq!(s.user_version(1).unwrap(), v2);
+    assert!(
+        s.conversations_changed_since(1, v2, None)
+            .unwrap()
+            .is_empty()
+    );
+    // Settings leave the read position and membership alone.
+    assert_eq!(s.read_seq(1, c).unwrap(), 0);
+    assert!(conv_info(s, 1, c).unwrap().active);
     // A conversation never seen gets a record.
     let other = direct_conversation(1, 3).unwrap();
     let hidden = ConversationSettings {
@@ -893,8 +917,46 @@ pub fn conversation_settings(make: Factory) {
             .unwrap(),
         hidden
     );
-    assert_eq!(conv_info(s, 1, other).unwrap().settings, hidden);
-    assert!(s.set_conversation_settings(0, c, want).wait().is_err());
+    let info = conv_info(s, 1, other).unwrap();
+    assert_eq!(
+        (info.settings, info.active, info.latest_seq),
+        (hidden, true, 0)
+    );
+    // Nothing to clear in an empty conversation.
+    let clear = ConversationSettings {
+        cleared_seq: 5,
+        ..hidden
+    };
+    assert_eq!(
+        s.set_conversation_settings(1, other, clear).wait().unwrap(),
+        hidden
+    );
+    // A group the user left keeps its membership state.
+    let g = 6;
+    let gc = group_conversation(g).unwrap();
+    assert!(s.add_member(g, 1).wait().unwrap());
+    append(s, msg(gc, 2, "g1", "x"));
+    assert!(s.remove_member(g, 1).wait().unwrap());
+    let muted = ConversationSettings {
+        muted: true,
+        ..ConversationSettings::default()
+    };
+    assert_eq!(
+        s.set_conversation_settings(1, gc, muted).wait().unwrap(),
+        muted
+    );
+    let info = conv_info(s, 1, gc).unwrap();
+    assert_eq!(
+        (info.active, info.left_seq, info.settings),
+        (false, 1, muted)
+    );
+    assert_eq!(s.membership(1, g).unwrap(), Some(1));
+    for bad in [0, MAX_USER_ID + 1] {
+        assert!(matches!(
+            s.set_conversation_settings(bad, c, want).wait(),
+            Err(StorageError::InvalidArgument(_))
+        ));
+    }
 }
 
 fn fill_more(s: &dyn MessageStore, conv: u64, n: u64) {
@@ -909,6 +971,14 @@ pub fn recall_empties_a_message_with_its_event(make: Factory) {
     let c = direct_conversation(1, 2).unwrap();
     append(s, msg(c, 1, "m1", "secret"));
     append(s, msg(c, 2, "m2", "reply"));
+    let mut original = s.read_forward(c, 1, 1).unwrap().remove(0);
+    assert!(!original.recalled);
+    // A duplicate carrying a recall applies nothing.
+    let mut dup = msg(c, 2, "m2", "reply");
+    dup.recall = Some(1);
+    let d = append(s, dup);
+    assert_eq!((d.seq, d.duplicate), (2, true));
+    assert_eq!(s.read_forward(c, 1, 1).unwrap()[0], original);
     let mut tomb = msg(c, 1, "recall-1", "");
     tomb.recall = Some(1);
     let a = append(s, tomb.clone());
@@ -918,7 +988,9 @@ pub fn recall_empties_a_message_with_its_event(make: Factory) {
     assert!(page[0].recalled);
     assert!(page[0].payload.is_empty());
     // Everything else about it stays.
-    assert_eq!((page[0].sender, page[0].client_msg_id.as_str()), (1, "m1"));
+    original.recalled = true;
+    original.payload = Bytes::new();
+    assert_eq!(page[0], original);
     assert!(!page[1].recalled);
     assert_eq!(&page[1].payload[..], b"reply");
     let back = s.read_backward(c, 0, 10).unwrap();
@@ -932,9 +1004,12 @@ pub fn recall_empties_a_message_with_its_event(make: Factory) {
     twice.recall = Some(1);
     assert_eq!(append(s, twice).seq, 4);
     assert!(s.read_forward(c, 1, 1).unwrap()[0].recalled);
-    // No such message: nothing written.
-    for bad in [0, 9] {
-        let mut r = msg(c, 1, &format!("bad-{bad}"), "");
+    // No such message (0, the seq this append would get, beyond): nothing written, and the
+    // idempotency key stays free.
+    let v = s.user_version(1).unwrap();
+    for bad in [0, 5, 9] {
+        let mut r = msg(c, 1, "bad", "");
+        r.participants = vec![1, 2, 3];
         r.recall = Some(bad);
         assert!(matches!(
             s.append(r).wait(),
@@ -942,6 +1017,54 @@ pub fn recall_empties_a_message_with_its_event(make: Factory) {
         ));
     }
     assert_eq!(s.latest_seq(c).unwrap(), 4);
+    assert_eq!(s.user_version(1).unwrap(), v);
+    assert!(
+        s.conversations_changed_since(3, 0, None)
+            .unwrap()
+            .is_empty()
+    );
+    let mut ok = msg(c, 1, "bad", "");
+    ok.recall = Some(2);
+    let r = append(s, ok);
+    assert_eq!((r.seq, r.duplicate), (5, false));
+    let page = s.read_forward(c, 1, 10).unwrap();
+    assert_eq!(
+        page.iter().map(|m| m.recalled).collect::<Vec<_>>(),
+        vec![true, true, false, false, false]
+    );
+    // Another conversation's seq 1 is not touched.
+    let other = direct_conversation(1, 3).unwrap();
+    append(s, msg(other, 1, "o1", "keep"));
+    assert_eq!(
+        &s.read_forward(other, 1, 1).unwrap()[0].payload[..],
+        b"keep"
+    );
+}
+
+/// A recall right behind the message it recalls, submitted before that was acknowledged
+/// (possibly in the same batch): the recall sees it.
+pub fn recall_of_a_message_in_flight(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = f.store.as_ref();
+    let c = direct_conversation(1, 2).unwrap();
+    for round in 0..20 {
+        let seq = s.latest_seq(c).unwrap() + 1;
+        let sent = s.append(msg(c, 1, &format!("m{round}"), "oops"));
+        let mut tomb = msg(c, 1, &format!("r{round}"), "");
+        tomb.recall = Some(seq);
+        let recalled = s.append(tomb);
+        // And a second recall of it, queued right behind.
+        let mut again = msg(c, 1, &format!("rr{round}"), "");
+        again.recall = Some(seq);
+        let again = s.append(again);
+        assert_eq!(sent.wait().unwrap().seq, seq);
+        assert_eq!(recalled.wait().unwrap().seq, seq + 1);
+        assert_eq!(again.wait().unwrap().seq, seq + 2);
+        let m = &s.read_forward(c, seq, 1).unwrap()[0];
+        assert!(m.recalled && m.payload.is_empty(), "round {round}");
+        assert_eq!(m.client_msg_id, format!("m{round}"));
+    }
+    assert_eq!(s.latest_seq(c).unwrap(), 60);
 }
 
 pub fn relations_and_profiles(make: Factory) {
@@ -1010,6 +1133,73 @@ pub fn relations_and_profiles(make: Factory) {
         .is_err()
     );
     assert_eq!(s.relation(1, RelationKind::Friend, 7).unwrap(), None);
+    for bad in [
+        change(MAX_USER_ID + 1, RelationKind::Friend, 1, Some("")),
+        change(1, RelationKind::Friend, MAX_USER_ID + 1, Some("")),
+        change(1, RelationKind::Friend, 0, None),
+    ] {
+        assert!(matches!(
+            s.set_relations(vec![change(1, RelationKind::Friend, 7, Some("")), bad])
+                .wait(),
+            Err(StorageError::InvalidArgument(_))
+        ));
+    }
+    let too_many: Vec<_> = (1..=MAX_RELATION_CHANGES as u64 + 1)
+        .map(|u| change(8, RelationKind::Blocked, u, Some("")))
+        .collect();
+    assert!(matches!(
+        s.set_relations(too_many).wait(),
+        Err(StorageError::InvalidArgument(_))
+    ));
+    assert_eq!(s.count_relations(8, RelationKind::Blocked).unwrap(), 0);
+    assert_eq!(s.relation(1, RelationKind::Friend, 7).unwrap(), None);
+    // The most allowed: all or nothing, in order (the last change of a key wins).
+    let mut most: Vec<_> = (1..=MAX_RELATION_CHANGES as u64 - 2)
+        .map(|u| change(8, RelationKind::Blocked, u, Some("")))
+        .collect();
+    most.push(change(8, RelationKind::Blocked, 1, None));
+    most.push(change(8, RelationKind::Blocked, 2, Some("last")));
+    s.set_relations(most).wait().unwrap();
+    assert_eq!(
+        s.count_relations(8, RelationKind::Blocked).unwrap(),
+        MAX_RELATION_CHANGES as u64 - 3
+    );
+    assert_eq!(s.relation(8, RelationKind::Blocked, 1).unwrap(), None);
+    assert_eq!(
+        s.relation(8, RelationKind::Blocked, 2).unwrap(),
+        Some(Bytes::from_static(b"last"))
+    );
+    // Kinds and users are separate lists; paging edges.
+    assert_eq!(s.count_relations(8, RelationKind::Friend).unwrap(), 0);
+    assert_eq!(s.count_relations(9, RelationKind::Blocked).unwrap(), 0);
+    assert!(
+        s.relations(8, RelationKind::Blocked, 0, 0)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.relations(8, RelationKind::Blocked, u64::MAX, 10)
+            .unwrap()
+            .is_empty()
+    );
+    let tail = s
+        .relations(
+            8,
+            RelationKind::Blocked,
+            MAX_RELATION_CHANGES as u64 - 4,
+            10,
+        )
+        .unwrap();
+    assert_eq!(
+        tail.iter().map(|(u, _)| *u).collect::<Vec<_>>(),
+        vec![
+            MAX_RELATION_CHANGES as u64 - 3,
+            MAX_RELATION_CHANGES as u64 - 2
+        ]
+    );
+    // Relations and profiles are not part of sync: no conversation, no version.
+    assert_eq!(s.user_version(1).unwrap(), 0);
+    assert!(s.set_relations(Vec::new()).wait().is_ok());
 
     assert_eq!(s.user_profile(1).unwrap(), None);
     s.set_user_profile(1, Bytes::from_static(b"p1"))
@@ -1019,7 +1209,16 @@ pub fn relations_and_profiles(make: Factory) {
         .wait()
         .unwrap();
     assert_eq!(s.user_profile(1).unwrap(), Some(Bytes::from_static(b"p2")));
-    assert!(s.set_user_profile(0, Bytes::new()).wait().is_err());
+    assert_eq!(s.user_profile(2).unwrap(), None);
+    s.set_user_profile(2, Bytes::new()).wait().unwrap();
+    assert_eq!(s.user_profile(2).unwrap(), Some(Bytes::new()));
+    for bad in [0, MAX_USER_ID + 1] {
+        assert!(matches!(
+            s.set_user_profile(bad, Bytes::new()).wait(),
+            Err(StorageError::InvalidArgument(_))
+        ));
+    }
+    assert_eq!(s.user_version(1).unwrap(), 0);
 }
 
 #[macro_export]
@@ -1044,6 +1243,7 @@ macro_rules! suite {
             member_calls_and_group_changes_agree,
             conversation_settings,
             recall_empties_a_message_with_its_event,
+            recall_of_a_message_in_flight,
             relations_and_profiles,
             close_rejects_later_calls,
         );
