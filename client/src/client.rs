@@ -1,7 +1,7 @@
 //! The client handle and the connection task that drives the session over a transport.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     future::Future,
     pin::Pin,
     sync::{
@@ -42,6 +42,9 @@ const HIGH_WATER: usize = 1 << 20;
 /// How long a closing client waits for a connection's last frames to be written.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
+/// How many of the latest notifications' request ids are kept to recognise their refusals.
+const NOTICES_KEPT: usize = 64;
+
 /// A connected Tern client. Cheap to clone; every clone talks through the same connection task.
 ///
 /// Created by [`Client::connect`], which needs a tokio runtime. The connection task owns the
@@ -79,6 +82,10 @@ enum Command {
     },
     Sync {
         reply: oneshot::Sender<Result<Body>>,
+    },
+    /// A request whose answer nobody waits for (Typing: answered only if refused).
+    Notify {
+        body: Box<Body>,
     },
     Ack {
         conversation_id: u64,
@@ -205,6 +212,7 @@ impl Client {
             pending: HashMap::new(),
             shared: shared.clone(),
             rooms: Rooms::default(),
+            notices: VecDeque::new(),
         };
         let request_timeout = driver.config.request_timeout;
         tokio::spawn(driver.run(leg, conn));
@@ -256,6 +264,17 @@ impl Client {
             Ok(Err(_)) => Err(ClientError::Closed),
             Ok(Ok(result)) => result,
         }
+    }
+
+    /// Writes request `body` without waiting for an answer. Fails only if the client has
+    /// stopped; while disconnected the request is dropped. A refusal by the server is logged.
+    pub(crate) fn notify(&self, body: Body) -> Result<()> {
+        self.inner
+            .commands
+            .send(Command::Notify {
+                body: Box::new(body),
+            })
+            .map_err(|_| ClientError::Closed)
     }
 
     pub(crate) async fn request(&self, body: Body) -> Result<Body> {
@@ -691,6 +710,8 @@ struct Driver {
     backoff: Backoff,
     /// The live rooms the application is in: each new connection enters them again.
     rooms: Rooms,
+    /// Request ids of the latest notifications ([`Command::Notify`]), to log their refusals.
+    notices: VecDeque<u64>,
 }
 
 /// The session's connections, by leg.
@@ -771,7 +792,7 @@ impl Driver {
                         Some(Command::Request { reply, .. } | Command::Sync { reply }) => {
                             let _ = reply.send(Err(ClientError::Disconnected));
                         }
-                        Some(Command::Ack { .. }) => {}
+                        Some(Command::Ack { .. } | Command::Notify { .. }) => {}
                     },
                 }
             }
@@ -869,8 +890,15 @@ impl Driver {
             if let Some(event) = self.rooms.answered(request_id, &result) {
                 self.emit(event);
             }
-            if let Some(reply) = self.pending.remove(&request_id) {
-                let _ = reply.send(result);
+            match (self.pending.remove(&request_id), result) {
+                (Some(reply), result) => {
+                    let _ = reply.send(result);
+                }
+                (None, Err(error)) if self.notices.contains(&request_id) => {
+                    tracing::warn!(request_id, %error, "the server refused a notification");
+                }
+                // A request whose caller gave up, or the client's own.
+                (None, _) => {}
             }
         }
         self.shared
@@ -899,6 +927,13 @@ impl Driver {
             Command::Sync { reply } => {
                 let id = self.session.start_sync();
                 self.pending.insert(id, reply);
+            }
+            Command::Notify { body } => {
+                let id = self.session.request(*body);
+                if self.notices.len() == NOTICES_KEPT {
+                    self.notices.pop_front();
+                }
+                self.notices.push_back(id);
             }
             Command::Ack {
                 conversation_id,

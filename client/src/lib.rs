@@ -78,6 +78,56 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Read positions and receipts: [`Client::mark_read`] moves this user's read position in a
+//! conversation (returned; the user's other devices get [`Event::ReadState`], and the other
+//! user of a 1:1 conversation [`Event::ReadReceipt`]); [`Client::read_counts`] tells how many
+//! members read given messages. [`Client::typing`] is fire and forget: nothing answers it
+//! unless the server refuses it, and others' typing arrives as [`Event::Typing`].
+//! [`Client::subscribe_presence`] follows users for as long as the connection lives; their
+//! state arrives as [`Event::Presence`] (subscribe again after [`Event::Reconnected`]).
+//! [`Client::set_conversation`] pins, hides, mutes or clears a conversation for this user (other
+//! devices: [`Event::ConversationSettings`]). [`Client::recall`] recalls a message: the message
+//! is then served with `recalled` set and no payload, and a tombstone message follows it in the
+//! conversation, which [`recall_event`] decodes. Friends, the blacklist and profiles go through
+//! [`Client::social`] and its conveniences ([`Client::add_friend`], [`Client::list_users`],
+//! [`Client::get_profiles`], ...); friend requests and changes arrive as [`Event::Social`].
+//!
+//! ```no_run
+//! # async fn demo(client: tern_client::Client) -> Result<(), tern_client::ClientError> {
+//! use tern_client::{Event, ListKind, Target, recall_event};
+//!
+//! client.typing(Target::user("alice"), true)?;
+//! let read = client.mark_read(12, 40).await?;
+//! println!("read up to {read}");
+//! let mut token = 0;
+//! loop {
+//!     let page = client.list_users(ListKind::ListFriends, token, 100).await?;
+//!     for friend in &page.users {
+//!         println!("friend {}", friend.user_id);
+//!     }
+//!     if page.next_page_token == 0 {
+//!         break;
+//!     }
+//!     token = page.next_page_token;
+//! }
+//! client.subscribe_presence(["alice"], false).await?;
+//! let mut incoming = client.incoming();
+//! while let Some(event) = incoming.recv().await {
+//!     match event {
+//!         Event::Presence(p) => println!("{} online={}", p.user_id, p.online),
+//!         Event::ReadReceipt(r) => println!("{} read up to {}", r.reader, r.read_seq),
+//!         Event::Social(e) => println!("{:?} from {}", e.kind(), e.user_id),
+//!         Event::Message(m) => match recall_event(&m) {
+//!             Some(recall) => println!("{} recalled seq {}", recall.actor, recall.seq),
+//!             None if m.recalled => println!("seq {} (recalled)", m.seq),
+//!             None => println!("{}: {:?}", m.sender, m.payload),
+//!         },
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! What it does: one connection task per [`Client`] owns the socket, logs in, matches answers to
 //! requests by request id, hands every (conversation, seq) to the application exactly once
 //! (sync pages and live pushes overlap; see [`dedup`]), acknowledges delivered messages
@@ -162,6 +212,7 @@ pub use error::{ClientError, Result};
 pub use group::group_event;
 pub use rooms::is_room_conversation;
 pub use social::recall_event;
+pub use tern_protocol::v1::ListedUser;
 pub use tern_protocol::v1::group_request::Op as GroupOp;
 pub use tern_protocol::v1::social_request::Op as SocialOp;
 pub use tern_protocol::{

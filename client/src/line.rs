@@ -13,12 +13,30 @@
 //! [`group_member`] for each member. Roles are printed as `owner`, `admin` or `member`, join
 //! policies as `free`, `invite-only` or `approval`, as the CLI takes them; a value this client
 //! does not know is printed as its number.
+//!
+//! A recalled message has no payload: it is printed as `conversation=<id> seq=<n> from=<sender>
+//! time=<ms> recalled=true`. The tombstone that records the recall (see
+//! [`recall_event`](crate::recall_event)) is printed as `conversation=<id> seq=<n> from=<actor>
+//! time=<ms> event=recall recalled_seq=<recalled seq>`; see [`recall_event_line`].
+//!
+//! What the server pushes besides messages has a line of its own, starting with a word that
+//! says what it is: [`read_state`] and [`read_receipt`] (`read ...`), [`typing`], [`presence`],
+//! [`conversation_settings`] (`settings ...`) and [`social_event`] (`friend event=...`).
+//!
+//! The answers of the other commands: [`read_state`] for `tern read`, [`recall_ok`] for `tern
+//! recall`, [`listed_user`] for each user of `tern friend list`, [`friend_done`] for the other
+//! friend commands, and [`profile`] for each profile of `tern profile get`.
+//!
+//! Free text (a message's text, a friend request's message, a nickname, a field's value) comes
+//! last on its line and is escaped like a message's text.
 
 use std::fmt::Write;
 
 use tern_protocol::{
-    Deliver, GroupEvent, GroupEventKind, GroupInfo, GroupMember, GroupProfile, GroupResponse,
-    GroupRole, JoinPolicy, SendAck,
+    ConversationSettings, Deliver, GroupEvent, GroupEventKind, GroupInfo, GroupMember,
+    GroupProfile, GroupResponse, GroupRole, JoinPolicy, Presence, ReadReceipt, ReadState,
+    RecallEvent, RecallOk, SendAck, SocialEvent, SocialEventKind, Target, TargetKind, Typing,
+    UserProfile, v1::ListedUser,
 };
 
 use crate::ClientError;
@@ -50,14 +68,23 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-/// The line for one message; a group's event message is printed by [`group_event_line`].
+/// The line for one message; a group's event message is printed by [`group_event_line`], a
+/// recall's tombstone by [`recall_event_line`], and a recalled message with `recalled=true`
+/// instead of its text.
 pub fn message(m: &Deliver) -> String {
     if let Some(event) = crate::group_event(m) {
         return group_event_line(m, &event);
     }
-    let body = match std::str::from_utf8(&m.payload) {
-        Ok(text) => format!("text={}", escape(text)),
-        Err(_) => format!("hex={}", hex(&m.payload)),
+    if let Some(event) = crate::recall_event(m) {
+        return recall_event_line(m, &event);
+    }
+    let body = if m.recalled {
+        "recalled=true".to_owned()
+    } else {
+        match std::str::from_utf8(&m.payload) {
+            Ok(text) => format!("text={}", escape(text)),
+            Err(_) => format!("hex={}", hex(&m.payload)),
+        }
     };
     format!(
         "conversation={} seq={} from={} time={} {body}",
@@ -194,6 +221,150 @@ pub fn group_event_line(m: &Deliver, e: &GroupEvent) -> String {
     line
 }
 
+/// The line for message `m` recording recall `e`: `conversation=<id> seq=<n> from=<actor>
+/// time=<ms> event=recall recalled_seq=<recalled seq>`: `seq` is the tombstone's own,
+/// `recalled_seq` that of the message it recalled.
+pub fn recall_event_line(m: &Deliver, e: &RecallEvent) -> String {
+    let from = if e.actor.is_empty() {
+        &m.sender
+    } else {
+        &e.actor
+    };
+    format!(
+        "conversation={} seq={} from={from} time={} event=recall recalled_seq={}",
+        m.conversation_id, m.seq, m.server_time_ms, e.seq
+    )
+}
+
+/// The line for a read position, the answer of `tern read` and what another device of the
+/// user reports: `read conversation=<id> read_seq=<n>`.
+pub fn read_state(s: &ReadState) -> String {
+    format!(
+        "read conversation={} read_seq={}",
+        s.conversation_id, s.read_seq
+    )
+}
+
+/// The line for the other user's read receipt: `read conversation=<id> reader=<user>
+/// read_seq=<n>`.
+pub fn read_receipt(r: &ReadReceipt) -> String {
+    format!(
+        "read conversation={} reader={} read_seq={}",
+        r.conversation_id, r.reader, r.read_seq
+    )
+}
+
+/// The line for a typing notice: `typing from=<user> target=<kind>:<id> typing=<bool>`, the
+/// target `user:<id>` (a 1:1 conversation: the typing user) or `group:<id>`; `typing=false`
+/// when they stopped.
+pub fn typing(t: &Typing) -> String {
+    format!(
+        "typing from={} target={} typing={}",
+        t.from,
+        target(t.target.as_ref()),
+        t.typing
+    )
+}
+
+/// The line for a followed user's presence: `presence user=<user> online=<bool> devices=<n>`.
+pub fn presence(p: &Presence) -> String {
+    format!(
+        "presence user={} online={} devices={}",
+        p.user_id, p.online, p.devices
+    )
+}
+
+/// The line for a conversation's settings changed by another device of the user: `settings
+/// conversation=<id> pinned=<bool> hidden=<bool> muted=<bool> cleared_seq=<n>`.
+pub fn conversation_settings(s: &ConversationSettings) -> String {
+    format!(
+        "settings conversation={} pinned={} hidden={} muted={} cleared_seq={}",
+        s.conversation_id, s.pinned, s.hidden, s.muted, s.cleared_seq
+    )
+}
+
+/// The line for a friend event: `friend event=<kind> user=<user> message=<text>`, kind
+/// `request`, `added`, `declined` or `deleted` (another value: its number), `user` the other
+/// user, the message (a request's) escaped and running to the end of the line.
+pub fn social_event(e: &SocialEvent) -> String {
+    let kind = match SocialEventKind::try_from(e.kind) {
+        Ok(SocialEventKind::FriendRequest) => "request".to_owned(),
+        Ok(SocialEventKind::FriendAdded) => "added".to_owned(),
+        Ok(SocialEventKind::FriendDeclined) => "declined".to_owned(),
+        Ok(SocialEventKind::FriendDeleted) => "deleted".to_owned(),
+        Ok(SocialEventKind::Unspecified) | Err(_) => e.kind.to_string(),
+    };
+    format!(
+        "friend event={kind} user={} message={}",
+        e.user_id,
+        escape(&e.message)
+    )
+}
+
+/// The line for a recall's answer: `recalled conversation=<id> seq=<n> event_seq=<n>`, where
+/// `event_seq` is the seq of the tombstone appended to the conversation.
+pub fn recall_ok(r: &RecallOk) -> String {
+    format!(
+        "recalled conversation={} seq={} event_seq={}",
+        r.conversation_id, r.seq, r.event_seq
+    )
+}
+
+/// The line for one user of a friend list: `user=<user> message=<text>`, the message (of a
+/// friend request; empty otherwise) escaped and running to the end of the line.
+pub fn listed_user(u: &ListedUser) -> String {
+    format!("user={} message={}", u.user_id, escape(&u.message))
+}
+
+/// The line for a friend operation done: `friend <op> user=<user>` (`op` as the command:
+/// `add`, `accept`, `decline`, `delete`, `block`, `unblock`), plus ` friends=true` when an
+/// `add` made you friends at once (the other user had asked first).
+pub fn friend_done(op: &str, user: &str, friends: bool) -> String {
+    let mut line = format!("friend {op} user={user}");
+    if friends {
+        line.push_str(" friends=true");
+    }
+    line
+}
+
+/// The lines for one user's profile: first `user=<user> avatar_url=<url> nickname=<name>`
+/// (the nickname running to the end of the line), then `user=<user> field=<key>=<value>` for
+/// each application-defined field in key order, values running to the end of their line.
+/// Everything but the user id is escaped.
+pub fn profile(p: &UserProfile) -> Vec<String> {
+    let mut lines = vec![format!(
+        "user={} avatar_url={} nickname={}",
+        p.user_id,
+        escape(&p.avatar_url),
+        escape(&p.nickname)
+    )];
+    let mut custom: Vec<_> = p.custom.iter().collect();
+    custom.sort();
+    for (key, value) in custom {
+        lines.push(format!(
+            "user={} field={}={}",
+            p.user_id,
+            escape(key),
+            escape(value)
+        ));
+    }
+    lines
+}
+
+/// `user:<id>`, `group:<id>` or `room:<id>`; `<number>:<id>` for another kind, `none:` without
+/// a target.
+fn target(t: Option<&Target>) -> String {
+    let Some(t) = t else {
+        return "none:".into();
+    };
+    match TargetKind::try_from(t.kind) {
+        Ok(TargetKind::User) => format!("user:{}", t.id),
+        Ok(TargetKind::Group) => format!("group:{}", t.id),
+        Ok(TargetKind::Room) => format!("room:{}", t.id),
+        Ok(TargetKind::Unspecified) | Err(_) => format!("{}:{}", t.kind, t.id),
+    }
+}
+
 /// The names of the fields set in `profile`.
 fn profile_fields(profile: &GroupProfile) -> Vec<&'static str> {
     [
@@ -257,7 +428,7 @@ fn event_name(kind: i32) -> String {
 mod tests {
     use bytes::Bytes;
     use prost::Message;
-    use tern_protocol::{ContentType, ErrorCode, GROUP_EVENT_TYPE, MemberPage, Target};
+    use tern_protocol::{ContentType, ErrorCode, GROUP_EVENT_TYPE, MemberPage, RECALL_EVENT_TYPE};
 
     use super::*;
 
@@ -539,6 +710,176 @@ mod tests {
         assert_eq!(
             message(&m),
             "conversation=77 seq=5 from=alice time=1732233600000 hex=ffff"
+        );
+    }
+
+    #[test]
+    fn recalled_messages_and_recall_tombstones() {
+        let mut recalled = deliver(b"");
+        recalled.recalled = true;
+        assert_eq!(
+            message(&recalled),
+            "conversation=123 seq=4 from=alice time=1732233600000 recalled=true"
+        );
+
+        let event = RecallEvent {
+            seq: 4,
+            actor: "carol".into(),
+        };
+        let mut tombstone = deliver(b"");
+        tombstone.seq = 6;
+        tombstone.content_type = ContentType::System as u32;
+        tombstone.custom_type = RECALL_EVENT_TYPE.into();
+        tombstone.payload = Bytes::from(event.encode_to_vec());
+        assert_eq!(
+            message(&tombstone),
+            "conversation=123 seq=6 from=carol time=1732233600000 event=recall recalled_seq=4"
+        );
+        // Without an actor in the event: the message's sender.
+        let anonymous = RecallEvent {
+            seq: 4,
+            actor: String::new(),
+        };
+        tombstone.payload = Bytes::from(anonymous.encode_to_vec());
+        tombstone.sender = "dave".into();
+        assert_eq!(
+            message(&tombstone),
+            "conversation=123 seq=6 from=dave time=1732233600000 event=recall recalled_seq=4"
+        );
+        // Not a SYSTEM message: an ordinary one.
+        tombstone.content_type = ContentType::Custom as u32;
+        assert_eq!(
+            message(&tombstone),
+            "conversation=123 seq=6 from=dave time=1732233600000 text=\\u{8}\\u{4}"
+        );
+    }
+
+    #[test]
+    fn pushed_event_lines() {
+        assert_eq!(
+            read_state(&ReadState {
+                conversation_id: 12,
+                read_seq: 40
+            }),
+            "read conversation=12 read_seq=40"
+        );
+        assert_eq!(
+            read_receipt(&ReadReceipt {
+                conversation_id: 12,
+                reader: "alice".into(),
+                read_seq: 41
+            }),
+            "read conversation=12 reader=alice read_seq=41"
+        );
+        let mut t = Typing {
+            target: Some(Target::user("alice")),
+            typing: true,
+            from: "alice".into(),
+        };
+        assert_eq!(
+            typing(&t),
+            "typing from=alice target=user:alice typing=true"
+        );
+        t.target = Some(Target::group("g1"));
+        t.typing = false;
+        assert_eq!(typing(&t), "typing from=alice target=group:g1 typing=false");
+        t.target = None;
+        assert_eq!(typing(&t), "typing from=alice target=none: typing=false");
+        assert_eq!(
+            presence(&Presence {
+                user_id: "alice".into(),
+                online: true,
+                devices: 1
+            }),
+            "presence user=alice online=true devices=1"
+        );
+        assert_eq!(
+            conversation_settings(&ConversationSettings {
+                conversation_id: 12,
+                pinned: true,
+                hidden: false,
+                muted: true,
+                cleared_seq: 3
+            }),
+            "settings conversation=12 pinned=true hidden=false muted=true cleared_seq=3"
+        );
+        let mut e = SocialEvent {
+            kind: SocialEventKind::FriendRequest.into(),
+            user_id: "alice".into(),
+            message: "hi,\nit's me".into(),
+        };
+        assert_eq!(
+            social_event(&e),
+            "friend event=request user=alice message=hi,\\nit's me"
+        );
+        for (kind, name) in [
+            (SocialEventKind::FriendAdded, "added"),
+            (SocialEventKind::FriendDeclined, "declined"),
+            (SocialEventKind::FriendDeleted, "deleted"),
+        ] {
+            e.kind = kind.into();
+            e.message.clear();
+            assert_eq!(
+                social_event(&e),
+                format!("friend event={name} user=alice message=")
+            );
+        }
+        e.kind = 9;
+        assert_eq!(social_event(&e), "friend event=9 user=alice message=");
+    }
+
+    #[test]
+    fn answer_lines() {
+        assert_eq!(
+            recall_ok(&RecallOk {
+                conversation_id: 12,
+                seq: 4,
+                event_seq: 6
+            }),
+            "recalled conversation=12 seq=4 event_seq=6"
+        );
+        assert_eq!(
+            listed_user(&ListedUser {
+                user_id: "alice".into(),
+                message: "let's be\tfriends".into()
+            }),
+            "user=alice message=let's be\\tfriends"
+        );
+        assert_eq!(
+            listed_user(&ListedUser {
+                user_id: "carol".into(),
+                message: String::new()
+            }),
+            "user=carol message="
+        );
+        assert_eq!(friend_done("add", "alice", false), "friend add user=alice");
+        assert_eq!(
+            friend_done("add", "alice", true),
+            "friend add user=alice friends=true"
+        );
+        assert_eq!(friend_done("block", "eve", false), "friend block user=eve");
+
+        let mut p = UserProfile {
+            user_id: "alice".into(),
+            nickname: "Alice B.".into(),
+            avatar_url: "https://example.com/a.png".into(),
+            custom: Default::default(),
+        };
+        assert_eq!(
+            profile(&p),
+            ["user=alice avatar_url=https://example.com/a.png nickname=Alice B."]
+        );
+        p.custom.insert("city".into(), "Lyon".into());
+        p.custom.insert("about".into(), "two\nlines".into());
+        p.nickname.clear();
+        p.avatar_url.clear();
+        assert_eq!(
+            profile(&p),
+            [
+                "user=alice avatar_url= nickname=",
+                "user=alice field=about=two\\nlines",
+                "user=alice field=city=Lyon",
+            ]
         );
     }
 

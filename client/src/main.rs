@@ -11,7 +11,8 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use tern_client::{
     Client, ClientConfig, ClientError, ContentType, Conversation, Event, GroupProfile, GroupRole,
-    Incoming, JoinPolicy, Platform, Target, TargetKind, Transport, line,
+    Incoming, JoinPolicy, ListKind, Platform, ReadState, Target, TargetKind, Transport,
+    UserProfile, line,
 };
 use tokio::io::AsyncBufReadExt;
 
@@ -107,7 +108,17 @@ enum Command {
     /// `conversation=<id> seq=<n> from=<user> time=<ms> text=<text>`.
     ///
     /// A change of a group prints `event=<kind>` and what it concerns instead of the text, e.g.
-    /// `conversation=<id> seq=<n> from=<user> time=<ms> event=kicked users=bob,carol`.
+    /// `conversation=<id> seq=<n> from=<user> time=<ms> event=kicked users=bob,carol`. A
+    /// recalled message prints `recalled=true` instead of its text, and the recall's tombstone
+    /// `... event=recall recalled_seq=<recalled seq>`.
+    ///
+    /// What else the server pushes is printed as it comes, not counted by --count:
+    /// `read conversation=<id> read_seq=<n>` (read on another device), `read conversation=<id>
+    /// reader=<user> read_seq=<n>` (the other user read), `typing from=<user>
+    /// target=<user|group>:<id> typing=<bool>`, `presence user=<user> online=<bool>
+    /// devices=<n>`, `settings conversation=<id> pinned=<bool> hidden=<bool> muted=<bool>
+    /// cleared_seq=<n>` and `friend event=<request|added|declined|deleted> user=<user>
+    /// message=<text>`.
     Listen {
         /// Exit 0 after printing this many messages.
         #[arg(long)]
@@ -149,10 +160,52 @@ enum Command {
         #[arg(long)]
         before: Option<u64>,
     },
-    /// Chat with a user: lines typed on stdin are sent, incoming messages are printed.
+    /// Chat with a user: lines typed on stdin are sent, incoming messages and events are
+    /// printed as by `listen`.
     Chat {
         /// The user to chat with.
         user: String,
+    },
+    /// Mark a conversation read up to and including SEQ and print the resulting position:
+    /// `read conversation=<id> read_seq=<n>` (never lower than before, at most the latest
+    /// message).
+    Read {
+        /// The 1:1 conversation with this user.
+        #[arg(long, required_unless_present_any = ["group", "conversation"], conflicts_with_all = ["group", "conversation"])]
+        to: Option<String>,
+        /// The conversation of this group.
+        #[arg(long, conflicts_with = "conversation")]
+        group: Option<String>,
+        /// The conversation with this id.
+        #[arg(long)]
+        conversation: Option<u64>,
+        /// The seq read up to.
+        seq: u64,
+    },
+    /// Recall message SEQ of a conversation and print `recalled conversation=<id> seq=<n>
+    /// event_seq=<n>`, `event_seq` being the seq of the tombstone added to the conversation
+    /// (printed by `listen` as `... event=recall recalled_seq=<n>`).
+    Recall {
+        /// The conversation with this id.
+        #[arg(long)]
+        conversation: u64,
+        /// The seq of the message to recall.
+        seq: u64,
+    },
+    /// Friends and the blacklist.
+    ///
+    /// A change prints `friend <op> user=<user>` (`add` adds ` friends=true` when the other user
+    /// had asked already, so you are friends at once); `list` prints `user=<user>
+    /// message=<text>` for each user. `listen` prints friend events as `friend event=<request|
+    /// added|declined|deleted> user=<user> message=<text>`.
+    Friend {
+        #[command(subcommand)]
+        command: FriendCommand,
+    },
+    /// Set your profile or read profiles.
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCommand,
     },
     /// Create, join, leave and manage groups.
     ///
@@ -298,6 +351,100 @@ enum GroupCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum FriendCommand {
+    /// Ask a user to be friends (or accept their request, if they asked first).
+    Add {
+        /// The user.
+        user: String,
+        /// Shown to the user with the request.
+        #[arg(long, default_value = "")]
+        message: String,
+    },
+    /// Accept a user's friend request.
+    Accept {
+        /// The user who asked.
+        user: String,
+    },
+    /// Decline a user's friend request.
+    Decline {
+        /// The user who asked.
+        user: String,
+    },
+    /// End a friendship.
+    Delete {
+        /// The friend.
+        user: String,
+    },
+    /// Block a user: their 1:1 messages and friend requests are refused.
+    Block {
+        /// The user.
+        user: String,
+    },
+    /// Unblock a user.
+    Unblock {
+        /// The user.
+        user: String,
+    },
+    /// Print every user of a list, one `user=<user> message=<text>` line each (the message of
+    /// a friend request; empty otherwise).
+    List {
+        /// Which list.
+        #[arg(value_enum, default_value_t = ListArg::Friends)]
+        list: ListArg,
+        /// Users per request [default: the server's].
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ListArg {
+    /// Your friends.
+    Friends,
+    /// Friend requests others sent you, waiting for accept or decline.
+    Requests,
+    /// Friend requests you sent.
+    Sent,
+    /// The users you blocked.
+    Blocked,
+}
+
+impl From<ListArg> for ListKind {
+    fn from(list: ListArg) -> Self {
+        match list {
+            ListArg::Friends => Self::ListFriends,
+            ListArg::Requests => Self::ListRequestsReceived,
+            ListArg::Sent => Self::ListRequestsSent,
+            ListArg::Blocked => Self::ListBlocked,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ProfileCommand {
+    /// Replace your profile with the one given (what is not given is cleared) and print
+    /// `profile set`.
+    Set {
+        /// Your nickname.
+        #[arg(long, default_value = "")]
+        nickname: String,
+        /// Your avatar's URL.
+        #[arg(long, default_value = "")]
+        avatar_url: String,
+        /// An application-defined field, KEY=VALUE. Repeatable.
+        #[arg(long = "field", value_name = "KEY=VALUE", value_parser = parse_field)]
+        fields: Vec<(String, String)>,
+    },
+    /// Print users' profiles: `user=<user> avatar_url=<url> nickname=<name>`, then `user=<user>
+    /// field=<key>=<value>` for each field. Users without a profile are left out.
+    Get {
+        /// The users (at most 100).
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum PolicyArg {
     /// Anyone may join.
@@ -374,6 +521,10 @@ impl Command {
             Self::Room { .. } => "room",
             Self::History { .. } => "history",
             Self::Chat { .. } => "chat",
+            Self::Read { .. } => "read",
+            Self::Recall { .. } => "recall",
+            Self::Friend { .. } => "friend",
+            Self::Profile { .. } => "profile",
             Self::Group { .. } => "group",
         }
     }
@@ -450,7 +601,13 @@ async fn run(cli: Cli) -> ExitCode {
     config.ca = cli.ca;
     if matches!(
         cli.command,
-        Command::Send { .. } | Command::History { .. } | Command::Group { .. }
+        Command::Send { .. }
+            | Command::History { .. }
+            | Command::Read { .. }
+            | Command::Recall { .. }
+            | Command::Friend { .. }
+            | Command::Profile { .. }
+            | Command::Group { .. }
     ) {
         // One request and out: nothing to sync, nothing to reconnect for.
         config.sync_on_login = false;
@@ -540,6 +697,29 @@ async fn run(cli: Cli) -> ExitCode {
             history(&client, conversation, limit, before.unwrap_or(0)).await
         }
         Command::Chat { user } => chat(&client, &user).await,
+        Command::Read {
+            to,
+            group,
+            conversation,
+            seq,
+        } => {
+            let conversation = match (to, group, conversation) {
+                (Some(user), _, _) => Conversation::With(Target::user(user)),
+                (None, Some(group), _) => Conversation::With(Target::group(group)),
+                (None, None, Some(id)) => Conversation::Id(id),
+                (None, None, None) => unreachable!("clap requires one of them"),
+            };
+            read(&client, conversation, seq).await
+        }
+        Command::Recall { conversation, seq } => match client.recall(conversation, seq).await {
+            Ok(ok) => {
+                print_line(&line::recall_ok(&ok));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Friend { command } => friend(&client, command).await,
+        Command::Profile { command } => profile(&client, command).await,
         Command::Group { command } => group(&client, command).await,
     };
     close_with(&client, code).await
@@ -580,8 +760,25 @@ fn show(event: Option<Event>) -> Result<bool, ExitCode> {
         }
         Some(Event::RoomLost { reason, .. } | Event::Stopped(reason)) => Err(fail(&reason)),
         None => Err(fail(&ClientError::Closed)),
-        Some(_) => Ok(false),
+        Some(event) => match pushed(&event) {
+            Some(text) if !print_line(&text) => Err(ExitCode::SUCCESS),
+            _ => Ok(false),
+        },
     }
+}
+
+/// The line for what the server pushed besides messages (read positions and receipts, typing,
+/// presence, conversation settings, friend events); `None` for other events.
+fn pushed(event: &Event) -> Option<String> {
+    Some(match event {
+        Event::ReadState(s) => line::read_state(s),
+        Event::ReadReceipt(r) => line::read_receipt(r),
+        Event::Typing(t) => line::typing(t),
+        Event::Presence(p) => line::presence(p),
+        Event::ConversationSettings(s) => line::conversation_settings(s),
+        Event::Social(e) => line::social_event(e),
+        _ => return None,
+    })
 }
 
 async fn next(incoming: &mut Incoming, deadline: Option<Instant>) -> Option<Option<Event>> {
@@ -627,10 +824,13 @@ async fn listen(
                 None => ExitCode::SUCCESS,
             };
         };
-        if let (Some(only), Some(Event::Message(m))) = (only, &event)
-            && m.conversation_id != only
-        {
-            continue;
+        if let Some(only) = only {
+            match &event {
+                Some(Event::Message(m)) if m.conversation_id != only => continue,
+                // Only the room's messages.
+                Some(other) if pushed(other).is_some() => continue,
+                _ => {}
+            }
         }
         match show(event) {
             Ok(true) => printed += 1,
@@ -753,6 +953,127 @@ async fn group(client: &Client, command: GroupCommand) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),
+    }
+}
+
+/// Marks `conversation` read up to `seq` and prints the resulting position. A conversation
+/// named by its user or group is looked up first (one message of its history).
+async fn read(client: &Client, conversation: Conversation, seq: u64) -> ExitCode {
+    let conversation_id = match conversation {
+        Conversation::Id(id) => id,
+        with @ Conversation::With(_) => match client.history(with, 0, 1).await {
+            Ok(page) => page.conversation_id,
+            Err(e) => return fail(&e),
+        },
+    };
+    match client.mark_read(conversation_id, seq).await {
+        Ok(read_seq) => {
+            print_line(&line::read_state(&ReadState {
+                conversation_id,
+                read_seq,
+            }));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+async fn friend(client: &Client, command: FriendCommand) -> ExitCode {
+    let (op, user, done) = match command {
+        FriendCommand::Add { user, message } => {
+            let done = client.add_friend(&user, message).await;
+            ("add", user, done)
+        }
+        FriendCommand::Accept { user } => {
+            let done = client.accept_friend(&user).await.map(|()| false);
+            ("accept", user, done)
+        }
+        FriendCommand::Decline { user } => {
+            let done = client.decline_friend(&user).await.map(|()| false);
+            ("decline", user, done)
+        }
+        FriendCommand::Delete { user } => {
+            let done = client.delete_friend(&user).await.map(|()| false);
+            ("delete", user, done)
+        }
+        FriendCommand::Block { user } => {
+            let done = client.block(&user).await.map(|()| false);
+            ("block", user, done)
+        }
+        FriendCommand::Unblock { user } => {
+            let done = client.unblock(&user).await.map(|()| false);
+            ("unblock", user, done)
+        }
+        FriendCommand::List { list, limit } => {
+            return list_users(client, list.into(), limit.unwrap_or(0)).await;
+        }
+    };
+    match done {
+        Ok(friends) => {
+            print_line(&line::friend_done(op, &user, friends));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Prints every user of list `kind`, asking for pages of `limit` until the last.
+async fn list_users(client: &Client, kind: ListKind, limit: u32) -> ExitCode {
+    let mut token = 0;
+    loop {
+        let page = match client.list_users(kind, token, limit).await {
+            Ok(page) => page,
+            Err(e) => return fail(&e),
+        };
+        for user in &page.users {
+            if !print_line(&line::listed_user(user)) {
+                return ExitCode::SUCCESS;
+            }
+        }
+        if page.next_page_token == 0 {
+            return ExitCode::SUCCESS;
+        }
+        if page.next_page_token == token {
+            return fail(&ClientError::Protocol(format!(
+                "the list page after token {token} points at itself"
+            )));
+        }
+        token = page.next_page_token;
+    }
+}
+
+async fn profile(client: &Client, command: ProfileCommand) -> ExitCode {
+    match command {
+        ProfileCommand::Set {
+            nickname,
+            avatar_url,
+            fields,
+        } => {
+            let profile = UserProfile {
+                user_id: String::new(),
+                nickname,
+                avatar_url,
+                custom: fields.into_iter().collect(),
+            };
+            match client.set_profile(profile).await {
+                Ok(()) => {
+                    print_line("profile set");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        ProfileCommand::Get { users } => match client.get_profiles(users).await {
+            Ok(profiles) => {
+                for text in profiles.iter().flat_map(line::profile) {
+                    if !print_line(&text) {
+                        break;
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
     }
 }
 

@@ -14,7 +14,7 @@ use tern_protocol::v1::{
 use tern_protocol::{
     Body, ContentType, ConversationSettings, Deliver, GetReadCounts, ListKind, MarkRead,
     RECALL_EVENT_TYPE, ReadCounts, Recall, RecallEvent, RecallOk, SetConversation, SocialRequest,
-    SocialResponse, SubscribePresence, UserProfile,
+    SocialResponse, SubscribePresence, Target, Typing, UserProfile,
 };
 
 use crate::{Client, Result, client::unexpected};
@@ -52,6 +52,19 @@ impl Client {
             Body::ReadCounts(r) => Ok(r),
             other => Err(unexpected("ReadCounts", &other)),
         }
+    }
+
+    /// Tells `target` (a user, or a group's members) that this user is typing, or with
+    /// `typing` false that they stopped. Fire and forget: the server answers nothing unless it
+    /// refuses (`NOT_FOUND`, `NOT_MEMBER`), and such a refusal is only logged. Returns once the
+    /// notice is queued; fails only if the client has stopped, and while disconnected the
+    /// notice is dropped. Nothing is stored: a notice that does not arrive is simply not seen.
+    pub fn typing(&self, target: Target, typing: bool) -> Result<()> {
+        self.notify(Body::Typing(Typing {
+            target: Some(target),
+            typing,
+            from: String::new(),
+        }))
     }
 
     /// Follows (or with `unsubscribe`, stops following) whether `users` are online; returns how

@@ -13,12 +13,17 @@ use common::{
 };
 use prost::Message;
 use tern_protocol::{
-    Body, ContentType, ConversationState, ErrorCode, Frame, GROUP_EVENT_TYPE, GroupEvent,
-    GroupEventKind, GroupMember, GroupProfile, GroupRequest, GroupResponse, GroupRole, HistoryPage,
-    JoinPolicy, MemberPage, SendAck, SyncConversations, SyncDone, SyncMessages, Target, TargetKind,
+    Body, ContentType, ConversationSettings, ConversationState, Deliver, ErrorCode, Frame,
+    GROUP_EVENT_TYPE, GroupEvent, GroupEventKind, GroupMember, GroupProfile, GroupRequest,
+    GroupResponse, GroupRole, HistoryPage, JoinPolicy, ListKind, MarkRead, MemberPage, Presence,
+    RECALL_EVENT_TYPE, ReadReceipt, ReadState, Recall, RecallEvent, RecallOk, SendAck, SocialEvent,
+    SocialEventKind, SocialRequest, SocialResponse, SyncConversations, SyncDone, SyncMessages,
+    Target, TargetKind, Typing, UserProfile,
     v1::{
-        CreateGroup, DissolveGroup, InviteMembers, JoinGroup, KickMembers, LeaveGroup, ListMembers,
-        MuteAll, MuteMember, SetRole, TransferOwner, UpdateGroup, group_request::Op,
+        AcceptFriend, AddFriend, Block, CreateGroup, DeclineFriend, DeleteFriend, DissolveGroup,
+        GetProfiles, InviteMembers, JoinGroup, KickMembers, LeaveGroup, ListMembers, ListUsers,
+        ListedUser, MuteAll, MuteMember, SetProfile, SetRole, TransferOwner, Unblock, UpdateGroup,
+        group_request::Op, social_request::Op as SocialOp,
     },
 };
 
@@ -1114,6 +1119,533 @@ async fn room_usage_errors_exit_2_before_connecting() {
         (
             &["room"][..],
             "the following required arguments were not provided",
+        ),
+    ] {
+        let out = tern_at("127.0.0.1:9", args, &[], "").await.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty());
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+/// The next frame `tern` wrote on `peer` that is not a Ping or an Ack: its request id and body.
+async fn next_request(peer: &mut Peer) -> (u64, Body) {
+    let frame = peer.recv_request().await;
+    (frame.request_id, frame.body.expect("a body"))
+}
+
+/// `Body::Social` with `op`.
+fn social(op: SocialOp) -> Body {
+    Body::Social(SocialRequest { op: Some(op) })
+}
+
+#[tokio::test]
+async fn read_marks_the_conversation_read_and_prints_the_position() {
+    // By conversation id: one request.
+    let server = FakeServer::start().await;
+    let run = tern(&server, &["read", "--conversation", "12", "40"]);
+    let mut peer = server.accept_login(0).await;
+    assert_eq!(peer.hello.device_id, "cli-read");
+    assert!(!peer.hello.sync_on_login);
+    let (id, body) = next_request(&mut peer).await;
+    assert_eq!(
+        body,
+        Body::MarkRead(MarkRead {
+            conversation_id: 12,
+            seq: 40
+        })
+    );
+    peer.send(Frame::new(
+        id,
+        ReadState {
+            conversation_id: 12,
+            read_seq: 38,
+        },
+    ))
+    .await;
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "read conversation=12 read_seq=38\n");
+
+    // By user: the conversation is looked up first.
+    let run = tern(&server, &["read", "--to", "bob", "7"]);
+    let mut peer = server.accept_login(0).await;
+    let (id, body) = next_request(&mut peer).await;
+    let Body::History(request) = body else {
+        panic!("expected HistoryRequest, got {body:?}");
+    };
+    assert_eq!(request.target, Some(Target::user("bob")));
+    assert_eq!((request.before_seq, request.limit), (0, 1));
+    peer.send(Frame::new(
+        id,
+        HistoryPage {
+            conversation_id: 21,
+            messages: vec![deliver(21, 9)],
+            has_more: true,
+        },
+    ))
+    .await;
+    let (id, body) = next_request(&mut peer).await;
+    assert_eq!(
+        body,
+        Body::MarkRead(MarkRead {
+            conversation_id: 21,
+            seq: 7
+        })
+    );
+    peer.send(Frame::new(
+        id,
+        ReadState {
+            conversation_id: 21,
+            read_seq: 7,
+        },
+    ))
+    .await;
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "read conversation=21 read_seq=7\n");
+
+    // A refusal.
+    let run = tern(&server, &["read", "--conversation", "99", "1"]);
+    let mut peer = server.accept_login(0).await;
+    let (id, _) = next_request(&mut peer).await;
+    peer.send(Frame::error(id, ErrorCode::Forbidden, "not yours", false))
+        .await;
+    let out = run.await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(text(&out.stderr), "error: FORBIDDEN (4001): not yours\n");
+}
+
+#[tokio::test]
+async fn recall_prints_the_recall_and_its_tombstone_seq() {
+    let server = FakeServer::start().await;
+    let run = tern(&server, &["recall", "--conversation", "12", "4"]);
+    let mut peer = server.accept_login(0).await;
+    assert_eq!(peer.hello.device_id, "cli-recall");
+    let (id, body) = next_request(&mut peer).await;
+    assert_eq!(
+        body,
+        Body::Recall(Recall {
+            conversation_id: 12,
+            seq: 4
+        })
+    );
+    peer.send(Frame::new(
+        id,
+        RecallOk {
+            conversation_id: 12,
+            seq: 4,
+            event_seq: 41,
+        },
+    ))
+    .await;
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "recalled conversation=12 seq=4 event_seq=41\n"
+    );
+
+    let run = tern(&server, &["recall", "--conversation", "12", "3"]);
+    let mut peer = server.accept_login(0).await;
+    let (id, _) = next_request(&mut peer).await;
+    peer.send(Frame::error(
+        id,
+        ErrorCode::Conflict,
+        "recalled already",
+        false,
+    ))
+    .await;
+    let out = run.await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        text(&out.stderr),
+        "error: CONFLICT (3004): recalled already\n"
+    );
+}
+
+#[tokio::test]
+async fn friend_list_pages_through_every_user() {
+    let server = FakeServer::start().await;
+    let run = tern(&server, &["friend", "list", "requests", "--limit", "2"]);
+    let mut peer = server.accept_login(0).await;
+    assert_eq!(peer.hello.device_id, "cli-friend");
+    let user = |user: &str, message: &str| ListedUser {
+        user_id: user.into(),
+        message: message.into(),
+    };
+    let pages = [
+        (
+            0,
+            vec![user("carol", "hi, it's carol"), user("dave", "")],
+            5,
+        ),
+        (5, vec![user("erin", "two\nlines")], 0),
+    ];
+    for (token, users, next_page_token) in pages {
+        let (id, body) = next_request(&mut peer).await;
+        assert_eq!(
+            body,
+            social(SocialOp::List(ListUsers {
+                kind: ListKind::ListRequestsReceived.into(),
+                page_token: token,
+                limit: 2,
+            }))
+        );
+        peer.send(Frame::new(
+            id,
+            SocialResponse {
+                users,
+                next_page_token,
+                ..Default::default()
+            },
+        ))
+        .await;
+    }
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "user=carol message=hi, it's carol\n\
+         user=dave message=\n\
+         user=erin message=two\\nlines\n"
+    );
+
+    // Friends by default, the server's page size.
+    let run = tern(&server, &["friend", "list"]);
+    let mut peer = server.accept_login(0).await;
+    let (id, body) = next_request(&mut peer).await;
+    assert_eq!(
+        body,
+        social(SocialOp::List(ListUsers {
+            kind: ListKind::ListFriends.into(),
+            page_token: 0,
+            limit: 0,
+        }))
+    );
+    peer.send(Frame::new(id, SocialResponse::default())).await;
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(out.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn each_friend_command_sends_its_operation_and_prints_it() {
+    let cases: [(&[&str], SocialOp, bool, &str); 6] = [
+        (
+            &["add", "alice", "--message", "hi there"],
+            SocialOp::AddFriend(AddFriend {
+                user_id: "alice".into(),
+                message: "hi there".into(),
+            }),
+            true,
+            "friend add user=alice friends=true\n",
+        ),
+        (
+            &["accept", "carol"],
+            SocialOp::AcceptFriend(AcceptFriend {
+                user_id: "carol".into(),
+            }),
+            false,
+            "friend accept user=carol\n",
+        ),
+        (
+            &["decline", "dave"],
+            SocialOp::DeclineFriend(DeclineFriend {
+                user_id: "dave".into(),
+            }),
+            false,
+            "friend decline user=dave\n",
+        ),
+        (
+            &["delete", "erin"],
+            SocialOp::DeleteFriend(DeleteFriend {
+                user_id: "erin".into(),
+            }),
+            false,
+            "friend delete user=erin\n",
+        ),
+        (
+            &["block", "eve"],
+            SocialOp::Block(Block {
+                user_id: "eve".into(),
+            }),
+            false,
+            "friend block user=eve\n",
+        ),
+        (
+            &["unblock", "eve"],
+            SocialOp::Unblock(Unblock {
+                user_id: "eve".into(),
+            }),
+            false,
+            "friend unblock user=eve\n",
+        ),
+    ];
+    let server = FakeServer::start().await;
+    for (args, op, friends, expected) in cases {
+        let args: Vec<&str> = ["friend"].iter().chain(args).copied().collect();
+        let run = tern(&server, &args);
+        let mut peer = server.accept_login(0).await;
+        let (id, body) = next_request(&mut peer).await;
+        assert_eq!(body, social(op), "{args:?}");
+        peer.send(Frame::new(
+            id,
+            SocialResponse {
+                friends,
+                ..Default::default()
+            },
+        ))
+        .await;
+        let out = run.await.unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), expected, "{args:?}");
+    }
+
+    let run = tern(&server, &["friend", "add", "mallory"]);
+    let mut peer = server.accept_login(0).await;
+    let (id, _) = next_request(&mut peer).await;
+    peer.send(Frame::error(id, ErrorCode::Blocked, "blocked", false))
+        .await;
+    let out = run.await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(text(&out.stderr), "error: BLOCKED (4002): blocked\n");
+}
+
+#[tokio::test]
+async fn profile_set_replaces_the_profile_and_get_prints_each() {
+    let server = FakeServer::start().await;
+    let run = tern(
+        &server,
+        &[
+            "profile",
+            "set",
+            "--nickname",
+            "Alice B.",
+            "--field",
+            "city=Lyon",
+            "--field",
+            "about=books",
+        ],
+    );
+    let mut peer = server.accept_login(0).await;
+    assert_eq!(peer.hello.device_id, "cli-profile");
+    let (id, body) = next_request(&mut peer).await;
+    let expected = UserProfile {
+        user_id: String::new(),
+        nickname: "Alice B.".into(),
+        avatar_url: String::new(),
+        custom: [("city", "Lyon"), ("about", "books")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    };
+    assert_eq!(
+        body,
+        social(SocialOp::SetProfile(SetProfile {
+            profile: Some(expected)
+        }))
+    );
+    peer.send(Frame::new(id, SocialResponse::default())).await;
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "profile set\n");
+
+    let run = tern(&server, &["profile", "get", "alice", "nobody", "bob"]);
+    let mut peer = server.accept_login(0).await;
+    let (id, body) = next_request(&mut peer).await;
+    assert_eq!(
+        body,
+        social(SocialOp::GetProfiles(GetProfiles {
+            user_ids: vec!["alice".into(), "nobody".into(), "bob".into()],
+        }))
+    );
+    peer.send(Frame::new(
+        id,
+        SocialResponse {
+            profiles: vec![
+                UserProfile {
+                    user_id: "alice".into(),
+                    nickname: "Alice B.".into(),
+                    avatar_url: "https://example.com/a.png".into(),
+                    custom: [("city".to_owned(), "Lyon".to_owned())].into(),
+                },
+                UserProfile {
+                    user_id: "bob".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        },
+    ))
+    .await;
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "user=alice avatar_url=https://example.com/a.png nickname=Alice B.\n\
+         user=alice field=city=Lyon\n\
+         user=bob avatar_url= nickname=\n"
+    );
+}
+
+#[tokio::test]
+async fn listen_prints_pushed_events_and_recalls_readably() {
+    let server = FakeServer::start().await;
+    let run = tern(&server, &["listen", "--count", "3", "--timeout", "10"]);
+    let mut peer = server.accept_login(0).await;
+    peer.send(Frame::new(peer.hello_id, SyncDone { user_version: 1 }))
+        .await;
+    let recalled = Deliver {
+        recalled: true,
+        payload: bytes::Bytes::new(),
+        ..deliver(12, 4)
+    };
+    let tombstone = Deliver {
+        content_type: ContentType::System as u32,
+        custom_type: RECALL_EVENT_TYPE.into(),
+        payload: bytes::Bytes::from(
+            RecallEvent {
+                seq: 4,
+                actor: "alice".into(),
+            }
+            .encode_to_vec(),
+        ),
+        ..deliver(12, 5)
+    };
+    let pushed: Vec<Body> = vec![
+        ReadState {
+            conversation_id: 12,
+            read_seq: 3,
+        }
+        .into(),
+        recalled.into(),
+        ReadReceipt {
+            conversation_id: 12,
+            reader: "alice".into(),
+            read_seq: 4,
+        }
+        .into(),
+        Typing {
+            target: Some(Target::user("alice")),
+            typing: true,
+            from: "alice".into(),
+        }
+        .into(),
+        Presence {
+            user_id: "alice".into(),
+            online: true,
+            devices: 1,
+        }
+        .into(),
+        ConversationSettings {
+            conversation_id: 12,
+            pinned: true,
+            hidden: false,
+            muted: true,
+            cleared_seq: 0,
+        }
+        .into(),
+        SocialEvent {
+            kind: SocialEventKind::FriendRequest.into(),
+            user_id: "carol".into(),
+            message: "hi, it's carol".into(),
+        }
+        .into(),
+        tombstone.into(),
+        Typing {
+            target: Some(Target::group("g1")),
+            typing: false,
+            from: "dave".into(),
+        }
+        .into(),
+        deliver(12, 6).into(),
+    ];
+    for body in pushed {
+        peer.send(Frame::new(0, body)).await;
+    }
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "read conversation=12 read_seq=3\n\
+         conversation=12 seq=4 from=alice time=1004 recalled=true\n\
+         read conversation=12 reader=alice read_seq=4\n\
+         typing from=alice target=user:alice typing=true\n\
+         presence user=alice online=true devices=1\n\
+         settings conversation=12 pinned=true hidden=false muted=true cleared_seq=0\n\
+         friend event=request user=carol message=hi, it's carol\n\
+         conversation=12 seq=5 from=alice time=1005 event=recall recalled_seq=4\n\
+         typing from=dave target=group:g1 typing=false\n\
+         conversation=12 seq=6 from=alice time=1006 text=hello 6\n"
+    );
+}
+
+#[tokio::test]
+async fn room_prints_only_the_rooms_messages_not_other_events() {
+    let server = FakeServer::start().await;
+    let run = tern(
+        &server,
+        &["room", "live", "--count", "1", "--timeout", "10"],
+    );
+    let mut peer = server.accept_login(0).await;
+    let (id, _) = next_room_request(&mut peer).await;
+    peer.send(room_response(id, "live", LIVE)).await;
+    peer.send(Frame::new(
+        0,
+        Presence {
+            user_id: "alice".into(),
+            online: true,
+            devices: 1,
+        },
+    ))
+    .await;
+    peer.send(Frame::new(0, room_deliver(1))).await;
+    let out = run.await.unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "conversation=4611686018427387981 seq=1 from=alice time=1001 text=hello 1\n"
+    );
+}
+
+#[tokio::test]
+async fn read_recall_friend_and_profile_usage_errors_exit_2_before_connecting() {
+    for (args, expected) in [
+        (
+            &["read", "5"][..],
+            "the following required arguments were not provided",
+        ),
+        (
+            &["read", "--to", "bob", "--conversation", "3", "5"][..],
+            "the argument '--to <TO>' cannot be used with '--conversation <CONVERSATION>'",
+        ),
+        (
+            &["recall", "4"][..],
+            "the following required arguments were not provided",
+        ),
+        (
+            &["friend", "list", "enemies"][..],
+            "invalid value 'enemies'",
+        ),
+        (
+            &["friend", "block"][..],
+            "the following required arguments were not provided",
+        ),
+        (
+            &["profile", "get"][..],
+            "the following required arguments were not provided",
+        ),
+        (
+            &["profile", "set", "--field", "city"][..],
+            "is not KEY=VALUE",
         ),
     ] {
         let out = tern_at("127.0.0.1:9", args, &[], "").await.unwrap();

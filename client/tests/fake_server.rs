@@ -1,7 +1,9 @@
 //! The SDK against a tiny in-process server that speaks the protocol over a real TCP socket:
 //! login, request matching, typed errors, de-duplication of sync pages against live pushes,
 //! auto-ack, SyncNeeded, heartbeats, reconnect with the sync position, final kicks, group
-//! requests, and live rooms (requests, no acks, entered again on each new connection).
+//! requests, live rooms (requests, no acks, entered again on each new connection), read
+//! positions, presence, settings, recall and social requests, and the server's other pushes as
+//! events.
 
 mod common;
 
@@ -12,12 +14,17 @@ use common::{FakeServer, LIVE, WAIT, deliver, next_room_request, room_deliver, r
 use prost::Message;
 use tern_client::{
     Client, ClientError, ContentType, ErrorCode, Event, GroupEvent, GroupEventKind, GroupOp,
-    GroupResponse, Incoming, KickReason, Target, TargetKind,
+    GroupResponse, Incoming, KickReason, ListKind, ListedUser, SocialOp, Target, TargetKind,
 };
 use tern_protocol::{
-    Ack, Body, ConversationState, Frame, GROUP_EVENT_TYPE, GroupRequest, HistoryPage, Pong,
-    SendAck, SyncConversations, SyncDone, SyncMessages, SyncNeeded,
-    v1::{GetGroup, KickMembers, MuteMember},
+    Ack, Body, ConversationSettings, ConversationState, Deliver, Frame, GROUP_EVENT_TYPE,
+    GetReadCounts, GroupRequest, HistoryPage, MarkRead, Pong, Presence, PresenceSubscribed,
+    RECALL_EVENT_TYPE, ReadCounts, ReadReceipt, ReadState, Recall, RecallEvent, RecallOk, SendAck,
+    SetConversation, SocialEvent, SocialEventKind, SocialRequest, SocialResponse,
+    SubscribePresence, SyncConversations, SyncDone, SyncMessages, SyncNeeded, Typing, UserProfile,
+    v1::{
+        AcceptFriend, AddFriend, Block, GetGroup, GetProfiles, KickMembers, ListUsers, MuteMember,
+    },
 };
 use tokio::time::timeout;
 
@@ -916,4 +923,480 @@ async fn rooms_are_entered_again_first_thing_on_each_new_connection() {
     ))
     .await;
     pinging.await.unwrap().unwrap();
+}
+
+/// Runs `call` on a clone of `client`, checks the one request it writes on `peer` with
+/// `check`, answers it with `answer` (echoing its request id) and returns what `call` returned.
+async fn answered<T, F>(
+    client: &Client,
+    peer: &mut common::Peer,
+    call: impl FnOnce(Client) -> F,
+    check: impl FnOnce(Body),
+    answer: impl Into<Body>,
+) -> tern_client::Result<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = tern_client::Result<T>> + Send + 'static,
+{
+    let calling = tokio::spawn(call(client.clone()));
+    let frame = peer.recv_request().await;
+    assert_ne!(frame.request_id, 0);
+    check(frame.body.expect("a body"));
+    peer.send(Frame::new(frame.request_id, answer.into())).await;
+    calling.await.unwrap()
+}
+
+#[tokio::test]
+async fn read_presence_settings_recall_and_social_requests_get_their_answers() {
+    let server = FakeServer::start().await;
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    let mut incoming = client.incoming();
+    peer.send(Frame::new(peer.hello_id, SyncDone { user_version: 1 }))
+        .await;
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::SyncDone { user_version: 1 })
+    ));
+
+    let read = answered(
+        &client,
+        &mut peer,
+        |c| async move { c.mark_read(12, 40).await },
+        |body| {
+            assert_eq!(
+                body,
+                Body::MarkRead(MarkRead {
+                    conversation_id: 12,
+                    seq: 40
+                })
+            )
+        },
+        ReadState {
+            conversation_id: 12,
+            read_seq: 38,
+        },
+    )
+    .await;
+    assert_eq!(read.unwrap(), 38, "the resulting position, clamped");
+    assert!(
+        incoming.try_recv().is_none(),
+        "the answer is not an event too"
+    );
+
+    let counts = answered(
+        &client,
+        &mut peer,
+        |c| async move { c.read_counts(12, vec![3, 5]).await },
+        |body| {
+            assert_eq!(
+                body,
+                Body::GetReadCounts(GetReadCounts {
+                    conversation_id: 12,
+                    seqs: vec![3, 5],
+                })
+            );
+        },
+        ReadCounts {
+            conversation_id: 12,
+            counts: vec![1, 0],
+            members: 2,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((counts.counts, counts.members), (vec![1, 0], 2));
+
+    let following = answered(
+        &client,
+        &mut peer,
+        |c| async move { c.subscribe_presence(["alice", "carol"], false).await },
+        |body| {
+            assert_eq!(
+                body,
+                Body::SubscribePresence(SubscribePresence {
+                    user_ids: vec!["alice".into(), "carol".into()],
+                    unsubscribe: false,
+                })
+            );
+        },
+        PresenceSubscribed { following: 2 },
+    )
+    .await;
+    assert_eq!(following.unwrap(), 2);
+
+    let change = SetConversation {
+        conversation_id: 12,
+        pinned: Some(true),
+        hidden: None,
+        muted: Some(false),
+        clear_upto_seq: 0,
+    };
+    let settings = answered(
+        &client,
+        &mut peer,
+        move |c| async move { c.set_conversation(change).await },
+        |body| assert_eq!(body, Body::SetConversation(change)),
+        ConversationSettings {
+            conversation_id: 12,
+            pinned: true,
+            hidden: false,
+            muted: false,
+            cleared_seq: 0,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(settings.pinned && !settings.muted);
+
+    let recalled = answered(
+        &client,
+        &mut peer,
+        |c| async move { c.recall(12, 4).await },
+        |body| {
+            assert_eq!(
+                body,
+                Body::Recall(Recall {
+                    conversation_id: 12,
+                    seq: 4
+                })
+            )
+        },
+        RecallOk {
+            conversation_id: 12,
+            seq: 4,
+            event_seq: 41,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (recalled.conversation_id, recalled.seq, recalled.event_seq),
+        (12, 4, 41)
+    );
+
+    // A refused recall is a typed error.
+    let refused = answered(
+        &client,
+        &mut peer,
+        |c| async move { c.recall(12, 3).await },
+        |body| assert!(matches!(body, Body::Recall(_))),
+        tern_protocol::Error {
+            code: ErrorCode::Forbidden.into(),
+            message: "the recall window has passed".into(),
+            fatal: false,
+        },
+    )
+    .await;
+    match refused {
+        Err(ClientError::Server { code, message }) => {
+            assert_eq!(code, ErrorCode::Forbidden);
+            assert_eq!(message, "the recall window has passed");
+        }
+        other => panic!("expected FORBIDDEN, got {other:?}"),
+    }
+
+    let social = |op: SocialOp| Body::Social(SocialRequest { op: Some(op) });
+    let friends = answered(
+        &client,
+        &mut peer,
+        |c| async move { c.add_friend("alice", "hi, it's bob").await },
+        |body| {
+            assert_eq!(
+                body,
+                social(SocialOp::AddFriend(AddFriend {
+                    user_id: "alice".into(),
+                    message: "hi, it's bob".into(),
+                }))
+            );
+        },
+        SocialResponse {
+            friends: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(friends.unwrap(), "alice had asked first");
+
+    answered(
+        &client,
+        &mut peer,
+        |c| async move { c.block("eve").await },
+        |body| {
+            assert_eq!(
+                body,
+                social(SocialOp::Block(Block {
+                    user_id: "eve".into()
+                }))
+            );
+        },
+        SocialResponse::default(),
+    )
+    .await
+    .unwrap();
+
+    let page = answered(
+        &client,
+        &mut peer,
+        |c| async move { c.list_users(ListKind::ListRequestsReceived, 9, 2).await },
+        |body| {
+            assert_eq!(
+                body,
+                social(SocialOp::List(ListUsers {
+                    kind: ListKind::ListRequestsReceived.into(),
+                    page_token: 9,
+                    limit: 2,
+                }))
+            );
+        },
+        SocialResponse {
+            users: vec![ListedUser {
+                user_id: "carol".into(),
+                message: "hello".into(),
+            }],
+            next_page_token: 11,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(page.next_page_token, 11);
+    assert_eq!(page.users[0].user_id, "carol");
+    assert_eq!(page.users[0].message, "hello");
+
+    let profiles = answered(
+        &client,
+        &mut peer,
+        |c| async move { c.get_profiles(["alice", "nobody"]).await },
+        |body| {
+            assert_eq!(
+                body,
+                social(SocialOp::GetProfiles(GetProfiles {
+                    user_ids: vec!["alice".into(), "nobody".into()],
+                }))
+            );
+        },
+        SocialResponse {
+            profiles: vec![UserProfile {
+                user_id: "alice".into(),
+                nickname: "Alice".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(profiles.len(), 1);
+    assert_eq!(profiles[0].nickname, "Alice");
+
+    let refused = answered(
+        &client,
+        &mut peer,
+        |c| async move { c.accept_friend("dave").await },
+        |body| {
+            assert_eq!(
+                body,
+                social(SocialOp::AcceptFriend(AcceptFriend {
+                    user_id: "dave".into()
+                }))
+            );
+        },
+        tern_protocol::Error {
+            code: ErrorCode::NotFound.into(),
+            message: "no request from dave".into(),
+            fatal: false,
+        },
+    )
+    .await;
+    assert_eq!(
+        refused.unwrap_err().code(),
+        Some(ErrorCode::NotFound),
+        "typed"
+    );
+    assert!(incoming.try_recv().is_none(), "no events from answers");
+}
+
+#[tokio::test]
+async fn pushed_frames_arrive_as_events_and_typing_waits_for_nothing() {
+    let server = FakeServer::start().await;
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    let mut incoming = client.incoming();
+    peer.send(Frame::new(peer.hello_id, SyncDone { user_version: 1 }))
+        .await;
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::SyncDone { user_version: 1 })
+    ));
+
+    // Typing returns at once; its frame has a request id that nothing answers.
+    client.typing(Target::user("alice"), true).unwrap();
+    let frame = peer.recv_request().await;
+    assert_ne!(frame.request_id, 0);
+    assert_eq!(
+        frame.body,
+        Some(Body::Typing(Typing {
+            target: Some(Target::user("alice")),
+            typing: true,
+            from: String::new(),
+        }))
+    );
+    // A refusal of it is no event and breaks nothing.
+    peer.send(Frame::error(
+        frame.request_id,
+        ErrorCode::NotFound,
+        "no such user",
+        false,
+    ))
+    .await;
+
+    let tombstone = Deliver {
+        seq: 6,
+        sender: "alice".into(),
+        content_type: ContentType::System as u32,
+        custom_type: RECALL_EVENT_TYPE.into(),
+        payload: Bytes::from(
+            RecallEvent {
+                seq: 4,
+                actor: "alice".into(),
+            }
+            .encode_to_vec(),
+        ),
+        ..deliver(12, 6)
+    };
+    let pushed: Vec<Body> = vec![
+        ReadState {
+            conversation_id: 12,
+            read_seq: 5,
+        }
+        .into(),
+        ReadReceipt {
+            conversation_id: 12,
+            reader: "alice".into(),
+            read_seq: 5,
+        }
+        .into(),
+        Typing {
+            target: Some(Target::user("alice")),
+            typing: true,
+            from: "alice".into(),
+        }
+        .into(),
+        Presence {
+            user_id: "carol".into(),
+            online: true,
+            devices: 2,
+        }
+        .into(),
+        ConversationSettings {
+            conversation_id: 12,
+            pinned: false,
+            hidden: true,
+            muted: false,
+            cleared_seq: 0,
+        }
+        .into(),
+        SocialEvent {
+            kind: SocialEventKind::FriendRequest.into(),
+            user_id: "carol".into(),
+            message: "hello".into(),
+        }
+        .into(),
+        Deliver {
+            recalled: true,
+            payload: Bytes::new(),
+            ..deliver(12, 4)
+        }
+        .into(),
+        tombstone.clone().into(),
+    ];
+    for body in pushed {
+        peer.send(Frame::new(0, body)).await;
+    }
+    let mut events = Vec::new();
+    while events.len() < 8 {
+        events.push(next_event(&mut incoming).await.expect("an event"));
+    }
+    match &events[..] {
+        [
+            Event::ReadState(state),
+            Event::ReadReceipt(receipt),
+            Event::Typing(typing),
+            Event::Presence(presence),
+            Event::ConversationSettings(settings),
+            Event::Social(social),
+            Event::Message(recalled),
+            Event::Message(event),
+        ] => {
+            assert_eq!((state.conversation_id, state.read_seq), (12, 5));
+            assert_eq!(
+                (
+                    receipt.conversation_id,
+                    receipt.reader.as_str(),
+                    receipt.read_seq
+                ),
+                (12, "alice", 5)
+            );
+            assert_eq!((typing.from.as_str(), typing.typing), ("alice", true));
+            assert_eq!(
+                (presence.user_id.as_str(), presence.online, presence.devices),
+                ("carol", true, 2)
+            );
+            assert!(settings.hidden);
+            assert_eq!(social.kind(), SocialEventKind::FriendRequest);
+            assert_eq!(
+                (social.user_id.as_str(), social.message.as_str()),
+                ("carol", "hello")
+            );
+            assert!(recalled.recalled && recalled.payload.is_empty());
+            assert_eq!(recalled.seq, 4);
+            assert_eq!(tern_client::recall_event(recalled), None);
+            assert_eq!(event, &tombstone);
+            assert_eq!(
+                tern_client::recall_event(event),
+                Some(RecallEvent {
+                    seq: 4,
+                    actor: "alice".into()
+                })
+            );
+            assert_eq!(tern_client::group_event(event), None);
+        }
+        other => panic!("unexpected events {other:?}"),
+    }
+    assert!(incoming.try_recv().is_none());
+
+    // The session goes on: the next request is answered.
+    let pinging = tokio::spawn({
+        let client = client.clone();
+        async move { client.ping().await }
+    });
+    // Before it: the ack of the messages (4; 6 waits for 5).
+    let frame = peer.recv().await.expect("open");
+    assert_eq!(
+        frame.body,
+        Some(Body::Ack(Ack {
+            conversation_id: 12,
+            seq: 4
+        }))
+    );
+    let frame = peer.recv().await.expect("open");
+    let Some(Body::Ping(ping)) = frame.body else {
+        panic!("expected the application's Ping, got {frame:?}");
+    };
+    peer.send(Frame::new(
+        frame.request_id,
+        Pong {
+            client_time_ms: ping.client_time_ms,
+            server_time_ms: 1,
+        },
+    ))
+    .await;
+    pinging.await.unwrap().unwrap();
+
+    client.close().await;
+    assert!(matches!(
+        client.typing(Target::group("g1"), false),
+        Err(ClientError::Closed)
+    ));
 }
