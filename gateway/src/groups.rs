@@ -196,13 +196,14 @@ impl LocalGroups {
     }
 }
 
-type Refusal = (ErrorCode, String);
+/// A refused request: the wire code and the message for the client.
+pub(crate) type Refusal = (ErrorCode, String);
 
-fn refuse<T>(code: ErrorCode, msg: impl Into<String>) -> Result<T, Refusal> {
+pub(crate) fn refuse<T>(code: ErrorCode, msg: impl Into<String>) -> Result<T, Refusal> {
     Err((code, msg.into()))
 }
 
-fn storage_refusal(e: &StorageError) -> Refusal {
+pub(crate) fn storage_refusal(e: &StorageError) -> Refusal {
     let (code, msg) = storage_error_code(e);
     (code, msg.to_owned())
 }
@@ -543,7 +544,7 @@ impl Core {
         match op {
             Op::Create(_) | Op::Join(_) => unreachable!("handled above"),
             Op::Get(_) => {
-                let info = self.group_info(job, state, &record, conv);
+                let info = self.group_info(&job.name, state, &record, conv);
                 return Ok(Some(self.group_response(
                     job,
                     conv,
@@ -890,13 +891,13 @@ impl Core {
 
     fn group_info(
         &self,
-        job: &GroupJob,
+        name: &str,
         state: &GroupState,
         record: &GroupRecord,
         conv: u64,
     ) -> GroupInfo {
         GroupInfo {
-            group_id: job.name.to_string(),
+            group_id: name.to_owned(),
             conversation_id: conv,
             owner: self.name_of(record.owner),
             profile: record.profile.clone(),
@@ -1021,16 +1022,8 @@ impl Core {
                         let groups = self.groups.borrow();
                         let state = &groups[&group];
                         let record = state.record.clone().unwrap_or_default();
-                        let job_like = GroupJob {
-                            group,
-                            name: after.name.clone(),
-                            actor: req.sender,
-                            actor_name: sender_name.clone(),
-                            reply: reply.clone(),
-                            what: GroupWhat::Op(Op::Get(Default::default())),
-                        };
                         info = Some(Box::new(self.group_info(
-                            &job_like,
+                            &after.name,
                             state,
                             &record,
                             a.conversation,

@@ -67,8 +67,7 @@ impl Core {
 
     /// Pushes a droppable frame to this core's online members of `group`.
     pub fn push_to_group(&self, group: GroupId, except: u64, frame: &Bytes) {
-        let members: Vec<UserId> = self.local_groups.borrow().members(group).collect();
-        for user in members {
+        for user in self.local_groups.borrow().members(group) {
             self.push_to_user(user, except, frame, true);
         }
     }

@@ -27,7 +27,7 @@ use tern_storage::{
 };
 
 use crate::core::{AppendMsg, Core, Recipient, ShardMsg};
-use crate::groups::GroupWhat;
+use crate::groups::{GroupWhat, Refusal, refuse, storage_refusal};
 use crate::rooms::is_room;
 use crate::session::Ctx;
 use crate::token::valid_id;
@@ -38,17 +38,6 @@ pub const MAX_PROFILES_PER_REQUEST: usize = 100;
 pub const MAX_PROFILE_BYTES: usize = 4096;
 /// Longest friend request message.
 pub const MAX_REQUEST_MESSAGE: usize = 256;
-
-type Refusal = (ErrorCode, String);
-
-fn refuse<T>(code: ErrorCode, msg: impl Into<String>) -> Result<T, Refusal> {
-    Err((code, msg.into()))
-}
-
-fn storage(e: tern_storage::StorageError) -> Refusal {
-    let (code, msg) = crate::core::storage_error_code(&e);
-    (code, msg.to_owned())
-}
 
 /// The content of a recall's tombstone event.
 pub fn recall_request(conv: u64, seq: u64, actor: UserId, actor_name: &str) -> AppendRequest {
@@ -80,7 +69,10 @@ impl Core {
         actor: UserId,
         admin: bool,
     ) -> Result<(), Refusal> {
-        let msgs = self.store.read_forward(conv, seq, 1).map_err(storage)?;
+        let msgs = self
+            .store
+            .read_forward(conv, seq, 1)
+            .map_err(|e| storage_refusal(&e))?;
         let Some(m) = msgs.into_iter().next().filter(|m| m.seq == seq) else {
             return refuse(ErrorCode::NotFound, "no such message");
         };
@@ -118,7 +110,7 @@ impl Ctx {
         if name == &*self.user_name {
             return refuse(ErrorCode::InvalidArgument, "that is yourself");
         }
-        self.core.user_id(name).map_err(storage)
+        self.core.user_id(name).map_err(|e| storage_refusal(&e))
     }
 
     fn relation(
@@ -127,7 +119,10 @@ impl Ctx {
         kind: RelationKind,
         other: UserId,
     ) -> Result<Option<bytes::Bytes>, Refusal> {
-        self.core.store.relation(user, kind, other).map_err(storage)
+        self.core
+            .store
+            .relation(user, kind, other)
+            .map_err(|e| storage_refusal(&e))
     }
 
     fn check_friend_room(&self, user: UserId, name: &str) -> Result<(), Refusal> {
@@ -135,7 +130,7 @@ impl Ctx {
             .core
             .store
             .count_relations(user, RelationKind::Friend)
-            .map_err(storage)?;
+            .map_err(|e| storage_refusal(&e))?;
         if n >= u64::from(self.core.cfg.max_friends) {
             return refuse(
                 ErrorCode::LimitExceeded,
@@ -153,7 +148,7 @@ impl Ctx {
             .store
             .set_relations(changes)
             .await
-            .map_err(storage)
+            .map_err(|e| storage_refusal(&e))
     }
 
     /// Tells `other` (on their core) and this user's other devices about a friend operation.
@@ -378,13 +373,17 @@ impl Ctx {
                     .core
                     .store
                     .relations(me, kind, req.page_token, limit + 1)
-                    .map_err(storage)?;
+                    .map_err(|e| storage_refusal(&e))?;
                 if page.len() > limit {
                     page.truncate(limit);
                     resp.next_page_token = page.last().map_or(0, |(u, _)| *u);
                 }
                 for (u, value) in page {
-                    let name = self.core.store.user_name(u).map_err(storage)?;
+                    let name = self
+                        .core
+                        .store
+                        .user_name(u)
+                        .map_err(|e| storage_refusal(&e))?;
                     resp.users.push(ListedUser {
                         user_id: name.unwrap_or_default(),
                         message: String::from_utf8_lossy(&value).into_owned(),
@@ -399,7 +398,7 @@ impl Ctx {
                     .store
                     .set_user_profile(me, profile.encode_to_vec().into())
                     .await
-                    .map_err(storage)?;
+                    .map_err(|e| storage_refusal(&e))?;
             }
             Op::GetProfiles(req) => {
                 if req.user_ids.len() > MAX_PROFILES_PER_REQUEST {
@@ -415,10 +414,20 @@ impl Ctx {
                             "user ids must be 1..=64 bytes without control characters",
                         );
                     }
-                    let Some(id) = self.core.store.lookup_user(name).map_err(storage)? else {
+                    let Some(id) = self
+                        .core
+                        .store
+                        .lookup_user(name)
+                        .map_err(|e| storage_refusal(&e))?
+                    else {
                         continue;
                     };
-                    let Some(bytes) = self.core.store.user_profile(id).map_err(storage)? else {
+                    let Some(bytes) = self
+                        .core
+                        .store
+                        .user_profile(id)
+                        .map_err(|e| storage_refusal(&e))?
+                    else {
                         continue;
                     };
                     let mut p = UserProfile::decode(bytes).map_err(|_| {

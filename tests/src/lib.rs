@@ -557,6 +557,30 @@ impl Conn {
         self.expect_closed();
     }
 
+    /// The next frame, which must answer request `rid`; its body.
+    pub fn answer(&mut self, rid: u64) -> Body {
+        let f = self.recv_frame();
+        assert_eq!(f.request_id, rid, "{f:?}");
+        f.body.expect("a body")
+    }
+
+    /// The next frame, which must be server-initiated (request id 0); its body.
+    pub fn pushed(&mut self) -> Body {
+        let f = self.recv_frame();
+        assert_eq!(f.request_id, 0, "{f:?}");
+        f.body.expect("a body")
+    }
+
+    /// Asserts nothing is waiting: a Ping is answered by the very next frame.
+    pub fn nothing_pending(&mut self) {
+        let rid = self.send_body(Body::Ping(Default::default()));
+        let f = self.recv_frame();
+        assert!(
+            f.request_id == rid && matches!(f.body, Some(Body::Pong(_))),
+            "expected only the Pong, got {f:?}"
+        );
+    }
+
     /// Asserts the server closes the connection next.
     pub fn expect_closed(&mut self) {
         match self.recv() {

@@ -135,16 +135,6 @@ fn users(list: &[&str]) -> Vec<String> {
     list.iter().map(|u| u.to_string()).collect()
 }
 
-/// Checks that nothing is waiting on `c`: a Ping is answered by the very next frame.
-fn nothing_pending(c: &mut Conn) {
-    let rid = c.send_body(Body::Ping(Default::default()));
-    let f = c.recv_frame();
-    assert!(
-        f.request_id == rid && matches!(f.body, Some(Body::Pong(_))),
-        "expected only the Pong, got {f:?}"
-    );
-}
-
 #[test]
 fn members_on_both_cores_get_every_message_once_and_outsiders_get_nothing() {
     let gw = Gateway::start(&["--cores", "2"]);
@@ -197,7 +187,7 @@ fn members_on_both_cores_get_every_message_once_and_outsiders_get_nothing() {
         assert_eq!(d.seq, seq);
     }
     for c in conns.iter_mut().chain([&mut alice_laptop, &mut outsider]) {
-        nothing_pending(c);
+        c.nothing_pending();
     }
 
     // An outsider can neither post, read, ask, nor join an invite-only group.
@@ -402,7 +392,7 @@ fn roles_mutes_and_removals_are_enforced_and_recorded_in_order() {
     for c in [&mut bob, &mut carol] {
         assert_eq!(text(&expect_deliver(c)), "after dave");
     }
-    nothing_pending(&mut dave);
+    dave.nothing_pending();
     send_group_err(&mut dave, "g", "d2", ErrorCode::NotMember);
     group_err(&mut dave, "g", Op::Get(GetGroup {}), ErrorCode::NotMember);
     // Dave's history ends at the event that removed him.
@@ -783,7 +773,7 @@ fn approval_groups_take_join_requests_that_admins_review() {
     for c in [&mut bob, &mut carol] {
         expect_event(c, GroupEventKind::GroupJoinDeclined);
     }
-    nothing_pending(&mut erin);
+    erin.nothing_pending();
     group_err(
         &mut alice,
         "club",

@@ -16,40 +16,18 @@ fn login(gw: &Gateway, user: &str, device: &str) -> Conn {
     gw.login(Via::Tcp, &gw.token(user), device).0
 }
 
-/// The answer to request `rid`, skipping nothing: it must be the next frame.
-fn answer(c: &mut Conn, rid: u64) -> Body {
-    let f = c.recv_frame();
-    assert_eq!(f.request_id, rid, "{f:?}");
-    f.body.expect("a body")
-}
-
 fn mark_read(c: &mut Conn, conv: u64, seq: u64) -> u64 {
     let rid = c.send_body(Body::MarkRead(MarkRead {
         conversation_id: conv,
         seq,
     }));
-    match answer(c, rid) {
+    match c.answer(rid) {
         Body::ReadState(s) => {
             assert_eq!(s.conversation_id, conv);
             s.read_seq
         }
         other => panic!("expected ReadState, got {other:?}"),
     }
-}
-
-fn pushed(c: &mut Conn) -> Body {
-    let f = c.recv_frame();
-    assert_eq!(f.request_id, 0, "{f:?}");
-    f.body.expect("a body")
-}
-
-fn nothing_pending(c: &mut Conn) {
-    let rid = c.send_body(Body::Ping(Default::default()));
-    let f = c.recv_frame();
-    assert!(
-        f.request_id == rid && matches!(f.body, Some(Body::Pong(_))),
-        "expected only the Pong, got {f:?}"
-    );
 }
 
 #[test]
@@ -68,14 +46,14 @@ fn reading_clears_unread_on_every_device_and_tells_the_sender() {
 
     assert_eq!(mark_read(&mut phone, conv, 2), 2);
     assert_eq!(
-        pushed(&mut laptop),
+        laptop.pushed(),
         Body::ReadState(ReadState {
             conversation_id: conv,
             read_seq: 2
         })
     );
     assert_eq!(
-        pushed(&mut bob),
+        bob.pushed(),
         Body::ReadReceipt(ReadReceipt {
             conversation_id: conv,
             reader: "alice".into(),
@@ -87,18 +65,18 @@ fn reading_clears_unread_on_every_device_and_tells_the_sender() {
     // Clamped to the latest message.
     assert_eq!(mark_read(&mut laptop, conv, 99), 3);
     assert_eq!(
-        pushed(&mut phone),
+        phone.pushed(),
         Body::ReadState(ReadState {
             conversation_id: conv,
             read_seq: 3
         })
     );
-    match pushed(&mut bob) {
+    match bob.pushed() {
         Body::ReadReceipt(r) => assert_eq!(r.read_seq, 3),
         other => panic!("expected ReadReceipt, got {other:?}"),
     }
     for c in [&mut phone, &mut laptop, &mut bob] {
-        nothing_pending(c);
+        c.nothing_pending();
     }
     // Sync reports the read position; an outsider may not touch it.
     let rid = phone.send_body(Body::Sync(SyncRequest::default()));
@@ -115,7 +93,7 @@ fn reading_clears_unread_on_every_device_and_tells_the_sender() {
         seqs: vec![1, 3],
     }));
     assert_eq!(
-        answer(&mut bob, rid),
+        bob.answer(rid),
         Body::ReadCounts(ReadCounts {
             conversation_id: conv,
             counts: vec![1, 1],
@@ -138,7 +116,7 @@ fn group_read_counts_count_readers_other_than_the_sender() {
             members: vec!["bob".into(), "carol".into()],
         })),
     }));
-    let conv = match answer(&mut alice, rid) {
+    let conv = match alice.answer(rid) {
         Body::GroupResponse(r) => r.conversation_id,
         other => panic!("expected GroupResponse, got {other:?}"),
     };
@@ -157,12 +135,12 @@ fn group_read_counts_count_readers_other_than_the_sender() {
             conversation_id: conv,
             seqs,
         }));
-        match answer(c, rid) {
+        match c.answer(rid) {
             Body::ReadCounts(r) => (r.counts, r.members),
             other => panic!("expected ReadCounts, got {other:?}"),
         }
     };
-    assert!(matches!(answer(&mut bob, rid), Body::SendAck(_)));
+    assert!(matches!(bob.answer(rid), Body::SendAck(_)));
     assert_eq!(expect_deliver(&mut carol).seq, 2);
     assert_eq!(expect_deliver(&mut alice).seq, 2);
     assert_eq!(counts(&mut bob, vec![1, 2]), (vec![0, 0], 3));
@@ -205,7 +183,7 @@ fn typing_reaches_the_peer_or_the_group_and_nobody_else() {
 
     alice.send_body(typing(Target::user("bob"), true));
     assert_eq!(
-        pushed(&mut bob),
+        bob.pushed(),
         Body::Typing(Typing {
             target: Some(Target::user("alice")),
             typing: true,
@@ -220,14 +198,14 @@ fn typing_reaches_the_peer_or_the_group_and_nobody_else() {
             members: vec!["bob".into(), "carol".into()],
         })),
     }));
-    assert!(matches!(answer(&mut alice, rid), Body::GroupResponse(_)));
+    assert!(matches!(alice.answer(rid), Body::GroupResponse(_)));
     for c in [&mut alice_laptop, &mut bob, &mut carol] {
         expect_deliver(c);
     }
     carol.send_body(typing(Target::group("g"), false));
     for c in [&mut alice, &mut alice_laptop, &mut bob] {
         assert_eq!(
-            pushed(c),
+            c.pushed(),
             Body::Typing(Typing {
                 target: Some(Target::group("g")),
                 typing: false,
@@ -246,7 +224,7 @@ fn typing_reaches_the_peer_or_the_group_and_nobody_else() {
         &mut carol,
         &mut dave,
     ] {
-        nothing_pending(c);
+        c.nothing_pending();
     }
 }
 
@@ -259,13 +237,13 @@ fn followers_learn_when_users_come_online_and_go_offline() {
         user_ids: vec!["alice".into(), "bob".into()],
         unsubscribe: false,
     }));
-    match answer(&mut carol, rid) {
+    match carol.answer(rid) {
         Body::PresenceSubscribed(s) => assert_eq!(s.following, 2),
         other => panic!("expected PresenceSubscribed, got {other:?}"),
     }
     let mut initial = BTreeSet::new();
     for _ in 0..2 {
-        match pushed(&mut carol) {
+        match carol.pushed() {
             Body::Presence(p) => initial.insert((p.user_id, p.online, p.devices)),
             other => panic!("expected Presence, got {other:?}"),
         };
@@ -287,18 +265,18 @@ fn followers_learn_when_users_come_online_and_go_offline() {
             devices,
         })
     };
-    assert_eq!(pushed(&mut carol), presence(true, 1));
+    assert_eq!(carol.pushed(), presence(true, 1));
     // A second device is no news; the last one leaving is.
     let bob_laptop = login(&gw, "bob", "laptop");
     drop(bob_phone);
     drop(bob_laptop);
-    assert_eq!(pushed(&mut carol), presence(false, 0));
+    assert_eq!(carol.pushed(), presence(false, 0));
 
     let rid = carol.send_body(Body::SubscribePresence(SubscribePresence {
         user_ids: vec!["bob".into()],
         unsubscribe: true,
     }));
-    match answer(&mut carol, rid) {
+    match carol.answer(rid) {
         Body::PresenceSubscribed(s) => assert_eq!(s.following, 1),
         other => panic!("expected PresenceSubscribed, got {other:?}"),
     }

@@ -47,15 +47,6 @@ fn send_room(c: &mut Conn, room: &str, id: &str, body: Bytes, priority: bool) ->
     }))
 }
 
-fn nothing_pending(c: &mut Conn) {
-    let rid = c.send_body(Body::Ping(Default::default()));
-    let f = c.recv_frame();
-    assert!(
-        f.request_id == rid && matches!(f.body, Some(Body::Pong(_))),
-        "expected only the Pong, got {f:?}"
-    );
-}
-
 #[test]
 fn viewers_in_the_room_get_each_message_once_and_nobody_else_does() {
     let gw = Gateway::start(&["--cores", "2"]);
@@ -142,7 +133,7 @@ fn viewers_in_the_room_get_each_message_once_and_nobody_else_does() {
         assert_eq!(text(&expect_deliver(v)), "five");
     }
     for v in viewers.iter_mut().chain([&mut passer_by, &mut host]) {
-        nothing_pending(v);
+        v.nothing_pending();
     }
 
     // Rooms have no history and no cursor: acks are ignored, sync does not list them.
@@ -150,7 +141,7 @@ fn viewers_in_the_room_get_each_message_once_and_nobody_else_does() {
         conversation_id: conv,
         seq: 5,
     }));
-    nothing_pending(&mut viewers[0]);
+    viewers[0].nothing_pending();
     let rid = viewers[0].send_body(Body::Sync(SyncRequest::default()));
     let (convs, msgs, _) = collect_sync(&mut viewers[0], rid);
     assert!(convs.is_empty() && msgs.is_empty(), "{convs:?} {msgs:?}");
@@ -271,5 +262,5 @@ fn a_viewer_that_stops_reading_misses_room_messages_but_nothing_else() {
             "priority message {p} was dropped: got {seqs:?}"
         );
     }
-    nothing_pending(&mut slow);
+    slow.nothing_pending();
 }

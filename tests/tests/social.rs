@@ -22,21 +22,9 @@ fn login(gw: &Gateway, user: &str, device: &str) -> Conn {
     gw.login(Via::Tcp, &gw.token(user), device).0
 }
 
-fn answer(c: &mut Conn, rid: u64) -> Body {
-    let f = c.recv_frame();
-    assert_eq!(f.request_id, rid, "{f:?}");
-    f.body.expect("a body")
-}
-
-fn pushed(c: &mut Conn) -> Body {
-    let f = c.recv_frame();
-    assert_eq!(f.request_id, 0, "{f:?}");
-    f.body.expect("a body")
-}
-
 fn social(c: &mut Conn, op: Op) -> SocialResponse {
     let rid = c.send_body(Body::Social(SocialRequest { op: Some(op) }));
-    match answer(c, rid) {
+    match c.answer(rid) {
         Body::SocialResponse(r) => r,
         other => panic!("expected SocialResponse, got {other:?}"),
     }
@@ -90,15 +78,6 @@ fn names(list: &[(String, String)]) -> Vec<&str> {
     list.iter().map(|(u, _)| u.as_str()).collect()
 }
 
-fn nothing_pending(c: &mut Conn) {
-    let rid = c.send_body(Body::Ping(Default::default()));
-    let f = c.recv_frame();
-    assert!(
-        f.request_id == rid && matches!(f.body, Some(Body::Pong(_))),
-        "expected only the Pong, got {f:?}"
-    );
-}
-
 #[test]
 fn friend_requests_are_sent_accepted_declined_and_deleted() {
     let gw = Gateway::start(&["--cores", "2"]);
@@ -110,7 +89,7 @@ fn friend_requests_are_sent_accepted_declined_and_deleted() {
     assert!(!social(&mut alice, add("bob", "hi, it's alice")).friends);
     for b in [&mut bob, &mut bob_laptop] {
         assert_eq!(
-            pushed(b),
+            b.pushed(),
             event(SocialEventKind::FriendRequest, "alice", "hi, it's alice")
         );
     }
@@ -139,11 +118,11 @@ fn friend_requests_are_sent_accepted_declined_and_deleted() {
         .friends
     );
     assert_eq!(
-        pushed(&mut alice),
+        alice.pushed(),
         event(SocialEventKind::FriendAdded, "bob", "")
     );
     assert_eq!(
-        pushed(&mut bob_laptop),
+        bob_laptop.pushed(),
         event(SocialEventKind::FriendAdded, "alice", "")
     );
     assert_eq!(names(&list(&mut alice, ListKind::ListFriends, 10)), ["bob"]);
@@ -160,8 +139,8 @@ fn friend_requests_are_sent_accepted_declined_and_deleted() {
 
     // Carol asks bob, bob declines.
     social(&mut carol, add("bob", "me too"));
-    pushed(&mut bob);
-    pushed(&mut bob_laptop);
+    bob.pushed();
+    bob_laptop.pushed();
     social(
         &mut bob,
         Op::DeclineFriend(DeclineFriend {
@@ -169,18 +148,18 @@ fn friend_requests_are_sent_accepted_declined_and_deleted() {
         }),
     );
     assert_eq!(
-        pushed(&mut carol),
+        carol.pushed(),
         event(SocialEventKind::FriendDeclined, "bob", "")
     );
-    pushed(&mut bob_laptop);
+    bob_laptop.pushed();
     assert!(list(&mut carol, ListKind::ListRequestsSent, 10).is_empty());
 
     // Asking someone who asked you first makes you friends at once.
     social(&mut carol, add("alice", ""));
-    pushed(&mut alice);
+    alice.pushed();
     assert!(social(&mut alice, add("carol", "")).friends);
     assert_eq!(
-        pushed(&mut carol),
+        carol.pushed(),
         event(SocialEventKind::FriendAdded, "alice", "")
     );
     // Two pages of one.
@@ -197,7 +176,7 @@ fn friend_requests_are_sent_accepted_declined_and_deleted() {
     );
     for b in [&mut bob, &mut bob_laptop] {
         assert_eq!(
-            pushed(b),
+            b.pushed(),
             event(SocialEventKind::FriendDeleted, "alice", "")
         );
     }
@@ -213,7 +192,7 @@ fn friend_requests_are_sent_accepted_declined_and_deleted() {
         ErrorCode::NotFound,
     );
     for c in [&mut alice, &mut bob, &mut bob_laptop, &mut carol] {
-        nothing_pending(c);
+        c.nothing_pending();
     }
 }
 
@@ -272,20 +251,20 @@ fn a_friends_only_server_refuses_strangers_and_limits_friends() {
     let rid = send(&mut alice, "bob", "a1", "hi");
     assert_eq!(alice.expect_error(ErrorCode::Forbidden), (rid, false));
     social(&mut alice, add("bob", ""));
-    pushed(&mut bob);
+    bob.pushed();
     social(
         &mut bob,
         Op::AcceptFriend(AcceptFriend {
             user_id: "alice".into(),
         }),
     );
-    pushed(&mut alice);
+    alice.pushed();
     send_acked(&mut alice, "bob", "a2", "friends now");
     assert_eq!(text(&expect_deliver(&mut bob)), "friends now");
     // Alice has her one friend.
     social_err(&mut alice, add("carol", ""), ErrorCode::LimitExceeded);
     social(&mut carol, add("alice", ""));
-    pushed(&mut alice);
+    alice.pushed();
     social_err(
         &mut alice,
         Op::AcceptFriend(AcceptFriend {
@@ -345,7 +324,7 @@ fn profiles_are_stored_and_read_by_others() {
 
 fn set_conversation(c: &mut Conn, req: SetConversation) -> ConversationSettings {
     let rid = c.send_body(Body::SetConversation(req));
-    match answer(c, rid) {
+    match c.answer(rid) {
         Body::ConversationSettings(s) => s,
         other => panic!("expected ConversationSettings, got {other:?}"),
     }
@@ -380,7 +359,7 @@ fn conversation_settings_reach_every_device_and_clearing_hides_history() {
         cleared_seq: 0,
     };
     assert_eq!(s, want);
-    assert_eq!(pushed(&mut laptop), Body::ConversationSettings(want));
+    assert_eq!(laptop.pushed(), Body::ConversationSettings(want));
     // Clear up to 2: gone from history and sync for alice, not for bob.
     let s = set_conversation(
         &mut laptop,
@@ -392,7 +371,7 @@ fn conversation_settings_reach_every_device_and_clearing_hides_history() {
         },
     );
     assert_eq!((s.cleared_seq, s.hidden, s.pinned), (2, true, true));
-    pushed(&mut phone);
+    phone.pushed();
     // Never backwards.
     let s = set_conversation(
         &mut laptop,
@@ -408,7 +387,7 @@ fn conversation_settings_reach_every_device_and_clearing_hides_history() {
             conversation_id: conv,
             ..HistoryRequest::default()
         }));
-        match answer(c, rid) {
+        match c.answer(rid) {
             Body::HistoryPage(p) => p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
             other => panic!("expected HistoryPage, got {other:?}"),
         }
@@ -438,7 +417,7 @@ fn recall(c: &mut Conn, conv: u64, seq: u64) -> Result<RecallOk, ErrorCode> {
         conversation_id: conv,
         seq,
     }));
-    match answer(c, rid) {
+    match c.answer(rid) {
         Body::RecallOk(r) => Ok(r),
         Body::Error(e) => Err(ErrorCode::try_from(e.code).unwrap()),
         other => panic!("expected RecallOk, got {other:?}"),
@@ -483,7 +462,7 @@ fn recalled_messages_lose_their_body_and_everyone_sees_the_tombstone() {
         conversation_id: conv,
         ..HistoryRequest::default()
     }));
-    match answer(&mut bob, rid) {
+    match bob.answer(rid) {
         Body::HistoryPage(p) => {
             let first = p.messages.last().unwrap();
             assert_eq!(first.seq, 1);
@@ -501,7 +480,7 @@ fn recalled_messages_lose_their_body_and_everyone_sees_the_tombstone() {
             members: vec!["bob".into(), "carol".into()],
         })),
     }));
-    let gconv = match answer(&mut alice, rid) {
+    let gconv = match alice.answer(rid) {
         Body::GroupResponse(r) => r.conversation_id,
         other => panic!("expected GroupResponse, got {other:?}"),
     };
@@ -516,7 +495,7 @@ fn recalled_messages_lose_their_body_and_everyone_sees_the_tombstone() {
         payload: "from carol".into(),
         priority: false,
     }));
-    assert!(matches!(answer(&mut carol, rid), Body::SendAck(_)));
+    assert!(matches!(carol.answer(rid), Body::SendAck(_)));
     for c in [&mut alice, &mut alice_laptop, &mut bob] {
         assert_eq!(expect_deliver(c).seq, 2);
     }
