@@ -1,5 +1,6 @@
 //! Compiles `proto/tern.proto` with protox (a pure-Rust protobuf compiler, so no `protoc` is
-//! needed) and generates prost types into `OUT_DIR/tern.v1.rs`.
+//! needed) and generates prost types into `OUT_DIR/tern.v1.rs` and their JSON (serde)
+//! implementations into `OUT_DIR/tern.v1.serde.rs`.
 
 use std::io;
 
@@ -18,5 +19,12 @@ fn main() -> io::Result<()> {
     config.boxed(".tern.v1.GroupResponse.info");
     config.boxed(".tern.v1.CreateGroup.profile");
     config.boxed(".tern.v1.UpdateGroup.profile");
-    config.compile_fds(fds)
+    // Descriptor bytes for pbjson: serde impls with protobuf's canonical JSON mapping, used by
+    // the gateway's HTTP API (a client request in JSON is the same message as on the wire).
+    let descriptors = prost::Message::encode_to_vec(&fds);
+    config.compile_fds(fds)?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors)?
+        .build(&[".tern.v1"])
+        .map_err(io::Error::other)
 }

@@ -25,6 +25,7 @@
 )]
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/tern.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/tern.v1.serde.rs"));
 }
 
 mod codec;
