@@ -111,6 +111,19 @@ pub struct Config {
     /// How long after sending its sender may recall a message (ms; group owners and admins may
     /// recall any time). Default 120,000 (2 minutes).
     pub recall_window_ms: u64,
+    /// Listen address of the admin and push HTTP API (docs/API.md). Default
+    /// `127.0.0.1:7680`; `--no-api` turns it off. HTTPS when `tls_cert` is set.
+    pub api: Option<SocketAddr>,
+    /// The admin secret API requests present as `Authorization: Bearer <secret>` (at least 32
+    /// characters). Default: generated on first start and stored in `<data_dir>/api_secret`.
+    pub api_secret: Option<String>,
+    /// API requests per second, all callers together (bursts up to twice that); more get 429
+    /// RATE_LIMITED. 0 = no limit. Default 2,000.
+    pub api_rate_per_sec: u32,
+    /// The user the API sends as when a message names no sender ("send as the system"): it may
+    /// message anyone and acts as an owner in every group. Default `administrator`. Do not
+    /// give this id to a real user.
+    pub system_user: String,
 }
 
 impl Default for Config {
@@ -149,6 +162,10 @@ impl Default for Config {
             allow_non_friend_messages: true,
             max_friends: 3000,
             recall_window_ms: 120_000,
+            api: Some("127.0.0.1:7680".parse().expect("static address")),
+            api_secret: None,
+            api_rate_per_sec: 2000,
+            system_user: "administrator".into(),
         }
     }
 }
@@ -238,6 +255,17 @@ impl Config {
             && s.len() < 32
         {
             return bad("secret", "must be at least 32 characters");
+        }
+        if let Some(s) = &self.api_secret
+            && s.len() < 32
+        {
+            return bad("api_secret", "must be at least 32 characters");
+        }
+        if !crate::token::valid_id(&self.system_user) {
+            return bad(
+                "system_user",
+                "must be 1..=64 bytes without control characters",
+            );
         }
         if self.io_memory_bytes < 64 << 10 {
             return bad("io_memory_bytes", "must be at least 65536");

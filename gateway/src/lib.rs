@@ -12,8 +12,13 @@
 //! Live rooms ([`rooms`]) are memory only: each core indexes its viewers, the room's owner
 //! core numbers its messages and fans them out once per core.
 //!
-//! What this crate does not do (yet): the social graph, the HTTP admin API.
+//! The admin and push HTTP API ([`api`]) runs on a side thread with its own (tokio) runtime and
+//! reaches the cores only through [`admin::Bridge`].
+//!
+//! What this crate does not do (yet): run as a cluster of nodes.
 
+pub mod admin;
+pub mod api;
 pub mod config;
 pub mod core;
 pub mod groups;
@@ -24,6 +29,7 @@ pub mod rooms;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod side;
 pub mod social;
 pub mod sys;
 pub mod token;

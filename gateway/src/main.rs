@@ -39,6 +39,12 @@ struct Cli {
     /// No plaintext TCP listener: clients connect over --tls or --quic only.
     #[arg(long)]
     no_plaintext: bool,
+    /// Admin and push HTTP API listen address. Default 127.0.0.1:7680.
+    #[arg(long, env = "TERN_API")]
+    api: Option<SocketAddr>,
+    /// No admin HTTP API.
+    #[arg(long, conflicts_with = "api")]
+    no_api: bool,
     /// Number of cores to use (0 = all).
     #[arg(long, env = "TERN_CORES")]
     cores: Option<usize>,
@@ -98,6 +104,12 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     if cli.no_plaintext {
         cfg.plaintext = false;
     }
+    if let Some(a) = cli.api {
+        cfg.api = Some(a);
+    }
+    if cli.no_api {
+        cfg.api = None;
+    }
     if let Some(c) = cli.cores {
         cfg.cores = c;
     }
@@ -110,6 +122,9 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     }
     if let Ok(s) = std::env::var("TERN_SECRET") {
         cfg.secret = Some(s);
+    }
+    if let Ok(s) = std::env::var("TERN_API_SECRET") {
+        cfg.api_secret = Some(s);
     }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
@@ -176,6 +191,9 @@ fn main() -> ExitCode {
                 }
                 if let Some(tls) = ready.tls {
                     eprintln!("tern-gateway TLS listening on {tls}");
+                }
+                if let Some(api) = &ready.api {
+                    eprintln!("tern-gateway API listening on {api}");
                 }
                 match ready.tcp {
                     Some(tcp) => eprintln!("tern-gateway listening on {tcp}"),

@@ -53,15 +53,19 @@ pub enum GatewayError {
     Tls(#[from] tern_quic::tls::TlsError),
     #[error("QUIC: {0}")]
     Quic(#[from] tern_quic::QuicError),
+    #[error("admin API: {0}")]
+    Api(String),
 }
 
 /// Where the gateway listens, once every core does.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Ready {
     /// The plaintext TCP listener; none with `plaintext = false`.
     pub tcp: Option<SocketAddr>,
     pub quic: Option<SocketAddr>,
     pub tls: Option<SocketAddr>,
+    /// The admin API, as a URL base (`http://127.0.0.1:7680` or `https://...`).
+    pub api: Option<String>,
 }
 
 /// The store options the config asks for.
@@ -119,6 +123,7 @@ pub fn run(
         }
     }
     let result = run_cores(&cfg, store.clone(), secret, shutdown, on_ready);
+    // (The side runtime, if any, stopped with the cores: its thread was joined in run_cores.)
     // Flush and close the log whatever happened to the cores.
     let closed = store.close();
     result?;
@@ -144,6 +149,14 @@ fn run_cores(
     let max_connections = cfg.effective_max_connections(nofile);
     let conn_limits = ConnLimits::new(max_connections, cfg.max_connections_per_ip);
     let mesh = MeshBuilder::<ShardMsg, _>::full(n, 4096);
+    let (bridge, mut admin_jobs) = crate::admin::Bridge::new(router);
+    let mut side = crate::side::Side::start(
+        &cfg,
+        store.clone(),
+        secret.clone(),
+        bridge,
+        shutdown.clone(),
+    )?;
     // Bind on core 0 first so that port 0 (tests) resolves to one port every core then shares.
     let addr = if cfg.plaintext {
         Some(
@@ -198,6 +211,7 @@ fn run_cores(
         let ready = ready_tx.clone();
         let conn_limits = conn_limits.clone();
         let tls = tls.clone();
+        let admin_jobs = admin_jobs.remove(0);
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("tern-core-{id}"))
             .io_memory(cfg.io_memory_bytes)
@@ -216,6 +230,7 @@ fn run_cores(
                 core_quic,
                 tls,
                 addr,
+                admin_jobs,
                 ready,
             )
             .await
@@ -227,6 +242,7 @@ fn run_cores(
                 for h in handles {
                     let _ = h.join();
                 }
+                side.join();
                 return Err(executor_error(id, cfg.io_memory_bytes, e.to_string()));
             }
         }
@@ -278,10 +294,14 @@ fn run_cores(
         if let Some(t) = tls_addr {
             info!(%t, "TLS listening");
         }
+        if let Some(api) = side.api_url() {
+            info!(%api, "API listening");
+        }
         on_ready(Ready {
             tcp: addr,
             quic: quic_addr,
             tls: tls_addr,
+            api: side.api_url(),
         });
     }
     for (id, h) in handles.into_iter().enumerate() {
@@ -289,6 +309,7 @@ fn run_cores(
             failure.get_or_insert(executor_error(id, cfg.io_memory_bytes, e.to_string()));
         }
     }
+    side.join();
     if died && failure.is_none() {
         failure = Some(executor_error(
             0,
@@ -378,6 +399,7 @@ async fn core_main(
     core_quic: Option<tern_quic::CoreQuic>,
     tls: Option<(SocketAddr, futures_rustls::TlsAcceptor)>,
     addr: Option<SocketAddr>,
+    admin_jobs: async_channel::Receiver<crate::admin::AdminJob>,
     ready: std::sync::mpsc::Sender<Result<(), GatewayError>>,
 ) {
     // glommio wakes a task waiting for a mesh peer to connect only when its reactor loop turns;
@@ -457,6 +479,7 @@ async fn core_main(
     let completions = glommio::spawn_local(core.clone().run_completions());
     glommio::spawn_local(core.clone().run_idle_sweep()).detach();
     glommio::spawn_local(core.clone().run_room_sends()).detach();
+    glommio::spawn_local(core.clone().run_admin(admin_jobs)).detach();
     {
         let core = core.clone();
         glommio::spawn_local(async move {

@@ -571,6 +571,8 @@ async fn run_session(
         requests: Gcra::default(),
         read_bytes: Gcra::default(),
         following: HashMap::new(),
+        api: false,
+        admin: false,
     };
     if login.sync_on_login {
         // begin_sync happens before the first await inside, so no live message slips between
@@ -752,9 +754,38 @@ pub(crate) struct Ctx {
     read_bytes: Gcra,
     /// Users this connection follows (presence), by name.
     pub(crate) following: HashMap<Arc<str>, UserId>,
+    /// A request of the HTTP API run as this user (no connection): the per-connection and
+    /// per-user rates do not apply (the API has its own).
+    pub(crate) api: bool,
+    /// The API acting as the system user: may message anyone, and acts as an owner in every
+    /// group.
+    pub(crate) admin: bool,
 }
 
 impl Ctx {
+    /// A context for one request of the HTTP API, run as `user` on the user's core.
+    pub(crate) fn for_api(
+        core: Rc<Core>,
+        session: Rc<SessionHandle>,
+        user: UserId,
+        user_name: Arc<str>,
+        admin: bool,
+    ) -> Ctx {
+        Ctx {
+            core,
+            session,
+            user,
+            user_name,
+            acks: Vec::new(),
+            sends: Gcra::default(),
+            requests: Gcra::default(),
+            read_bytes: Gcra::default(),
+            following: HashMap::new(),
+            api: true,
+            admin,
+        }
+    }
+
     async fn flush_acks(&mut self) {
         for c in self.acks.drain(..) {
             if let Err(e) = c.await {
@@ -851,11 +882,12 @@ impl Ctx {
     }
 
     /// Handles one request. Returns false if the connection must close.
-    async fn handle(&mut self, frame: Frame) -> bool {
+    pub(crate) async fn handle(&mut self, frame: Frame) -> bool {
         let rid = frame.request_id;
-        if !self
-            .requests
-            .allow(&self.core.rates.requests, mono_nanos(), 1)
+        if !self.api
+            && !self
+                .requests
+                .allow(&self.core.rates.requests, mono_nanos(), 1)
         {
             self.error(
                 rid,
@@ -966,7 +998,7 @@ impl Ctx {
             return self.error(rid, ErrorCode::InvalidArgument, "target is required");
         };
         let now = mono_nanos();
-        if !self.sends.allow(&self.core.rates.messages, now, 1) {
+        if !self.api && !self.sends.allow(&self.core.rates.messages, now, 1) {
             return self.error(
                 rid,
                 ErrorCode::RateLimited,
@@ -976,13 +1008,14 @@ impl Ctx {
                 ),
             );
         }
-        let user_ok = self
-            .core
-            .user_rates
-            .borrow_mut()
-            .entry(self.user)
-            .or_default()
-            .allow(&self.core.rates.user_messages, now, &send.client_msg_id);
+        let user_ok = self.api
+            || self
+                .core
+                .user_rates
+                .borrow_mut()
+                .entry(self.user)
+                .or_default()
+                .allow(&self.core.rates.user_messages, now, &send.client_msg_id);
         if !user_ok {
             return self.error(
                 rid,
@@ -1138,6 +1171,7 @@ impl Ctx {
             name: Arc::from(name),
             actor: self.user,
             actor_name: self.user_name.clone(),
+            admin: self.admin,
             reply: self.reply_to(rid),
             what,
         };

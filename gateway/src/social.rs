@@ -446,7 +446,7 @@ impl Ctx {
 
     /// Whether this user may send a 1:1 message to `recipient` (blacklist, friends-only option).
     pub(crate) fn may_message(&self, recipient: UserId) -> Result<(), Refusal> {
-        if recipient == self.user {
+        if recipient == self.user || self.admin {
             return Ok(());
         }
         if self

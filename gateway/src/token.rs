@@ -25,6 +25,11 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
+    /// The secret's text (for comparing an API request's bearer secret).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub fn new(bytes: impl Into<Vec<u8>>) -> Secret {
         Secret(bytes.into())
     }
@@ -35,7 +40,13 @@ impl Secret {
     /// hard-linked into place, so when the server and `tern-gateway token` start at the same
     /// moment, both end up with the one secret that won.
     pub fn load_or_create(data_dir: &Path) -> std::io::Result<Secret> {
-        let path = data_dir.join("secret");
+        Secret::load_or_create_named(data_dir, "secret")
+    }
+
+    /// [`Secret::load_or_create`] for the file `<data_dir>/<name>` (the admin API's secret is
+    /// `api_secret`).
+    pub fn load_or_create_named(data_dir: &Path, name: &str) -> std::io::Result<Secret> {
+        let path = data_dir.join(name);
         match read_secret(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             other => return other,
@@ -44,7 +55,7 @@ impl Secret {
         let bytes: [u8; 32] = rand::random();
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         let tmp = data_dir.join(format!(
-            ".secret.{}.{:016x}.tmp",
+            ".{name}.{}.{:016x}.tmp",
             std::process::id(),
             rand::random::<u64>()
         ));

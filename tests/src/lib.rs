@@ -76,6 +76,8 @@ pub struct Gateway {
     pub quic: Option<SocketAddr>,
     /// The TLS-over-TCP address, if the gateway was started with `--tls`.
     pub tls: Option<SocketAddr>,
+    /// The admin API's URL base (`http://127.0.0.1:<port>`), unless started with `--no-api`.
+    pub api: Option<String>,
     pub data_dir: PathBuf,
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
@@ -120,6 +122,9 @@ impl Gateway {
             std::fs::write(&cfg, NO_RATE_LIMITS).expect("write test config");
             cmd.arg("--config").arg(cfg);
         }
+        if !extra_args.iter().any(|a| *a == "--api" || *a == "--no-api") {
+            cmd.arg("--api").arg("127.0.0.1:0");
+        }
         cmd.args(extra_args)
             .env(
                 "TERN_LOG",
@@ -143,6 +148,9 @@ impl Gateway {
                     if let Some(rest) = line.strip_prefix("tern-gateway TLS listening on ") {
                         let _ = tx.send(format!("tls {}", rest.trim()));
                     }
+                    if let Some(rest) = line.strip_prefix("tern-gateway API listening on ") {
+                        let _ = tx.send(format!("api {}", rest.trim()));
+                    }
                     if let Some(rest) = line.strip_prefix("tern-gateway listening on ") {
                         let _ = tx.send(rest.trim().to_string());
                     }
@@ -153,7 +161,7 @@ impl Gateway {
                 }
             });
         }
-        let (mut quic, mut tls) = (None, None);
+        let (mut quic, mut tls, mut api) = (None, None, None);
         let addr = loop {
             match rx.recv_timeout(WAIT) {
                 Ok(a) => {
@@ -161,6 +169,8 @@ impl Gateway {
                         quic = Some(q.parse().expect("QUIC address"));
                     } else if let Some(t) = a.strip_prefix("tls ") {
                         tls = Some(t.parse().expect("TLS address"));
+                    } else if let Some(t) = a.strip_prefix("api ") {
+                        api = Some(t.to_string());
                     } else if a == "no plaintext" {
                         // `--no-plaintext`: the TCP address is one nothing listens on.
                         break tcp.parse().expect("the --tcp address");
@@ -179,6 +189,7 @@ impl Gateway {
             addr,
             quic,
             tls,
+            api,
             data_dir: dir.to_path_buf(),
             child: Some(child),
             log,
@@ -212,6 +223,43 @@ impl Gateway {
     /// Connects over `via` and logs in; panics unless HelloOk comes back.
     pub fn login(&self, via: Via, token: &str, device: &str) -> (Conn, tern_protocol::HelloOk) {
         self.connect(via).hello_ok(token, device)
+    }
+
+    /// The admin API secret the gateway generated (`<data-dir>/api_secret`).
+    pub fn api_secret(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("api_secret"))
+            .expect("api_secret")
+            .trim()
+            .to_string()
+    }
+
+    /// An admin API call with the gateway's secret: the status and the JSON body.
+    pub fn api_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let secret = self.api_secret();
+        self.api_call_with(method, path, body, Some(&format!("Bearer {secret}")))
+    }
+
+    /// An admin API call with the given Authorization header (none: no header).
+    pub fn api_call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        authorization: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let base = self.api.as_deref().expect("the gateway has no API");
+        api_request(
+            &format!("{base}{path}"),
+            method,
+            body.map(|b| b.to_string()).as_deref(),
+            authorization,
+            Some("application/json"),
+        )
     }
 
     /// The development certificate the gateway wrote (`<data-dir>/tls/cert.pem`).
@@ -297,6 +345,7 @@ impl Gateway {
         self.log = g.log.clone();
         self.quic = g.quic;
         self.tls = g.tls;
+        self.api = g.api.clone();
     }
 }
 
@@ -790,4 +839,41 @@ impl QuicWire {
         let _guard = self.rt.enter();
         self.endpoint.rebind(socket).expect("rebind");
     }
+}
+
+/// An HTTP request over a real socket: the status and the body parsed as JSON (`Null` if empty,
+/// the text as a JSON string if it is not JSON). Panics if the server cannot be reached.
+pub fn api_request(
+    url: &str,
+    method: &str,
+    body: Option<&str>,
+    authorization: Option<&str>,
+    content_type: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(WAIT))
+        .build()
+        .into();
+    let mut req = ureq::http::Request::builder().method(method).uri(url);
+    if let Some(a) = authorization {
+        req = req.header("Authorization", a);
+    }
+    if let Some(c) = content_type
+        && body.is_some()
+    {
+        req = req.header("Content-Type", c);
+    }
+    let req = req.body(body.unwrap_or("").to_string()).expect("request");
+    let mut resp = agent
+        .run(req)
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    let value = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+    };
+    (status, value)
 }

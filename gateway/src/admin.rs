@@ -1,0 +1,309 @@
+//! The cores' side of the HTTP API: jobs the API thread hands to a core, and how a core runs them.
+//!
+//! The API runs on its own (tokio) thread and never touches a core's state. It sends an
+//! [`AdminJob`] to the core that owns the user in question (the same [`Router`] as for
+//! connections) over an `async_channel` (the core's task awaits it; the sender wakes it from
+//! the other thread), and awaits a `tokio::sync::oneshot` answer.
+//!
+//! A client request made through the API ([`AdminJob::Request`]) runs exactly as if it came
+//! from a connection of that user: a session handle without a socket is registered on the
+//! user's core for the duration of the request (so answers routed back through the mesh find
+//! it), the request goes through [`Ctx::handle`], and the first frame answering its request id
+//! is the result. The handle is not one of the user's devices: it gets no deliveries and does
+//! not count against `max_devices_per_user`; the user's real devices get the message as from
+//! another device of theirs.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_lite::future;
+use tern_protocol::v1::frame::Body;
+use tern_protocol::{Codec, ErrorCode, Frame, KickReason};
+use tokio::sync::oneshot;
+
+use crate::core::{Core, SessionHandle, now_ms};
+use crate::outbound::Outbound;
+use crate::route::Router;
+use crate::session::Ctx;
+
+/// The device id of the API's request sessions (not a device a client can log in as: device
+/// ids of clients cannot start with `@`... they can, but this one never registers as a device).
+pub const API_DEVICE: &str = "@api";
+
+/// How long a request through the API may wait for its answer from the cores.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the API asks of a core.
+#[derive(Debug)]
+pub enum AdminJob {
+    /// Run a client request as `user` (on the user's core) and answer with the response frame.
+    Request {
+        user: String,
+        /// Acting as the system user: may message anyone; owner rights in every group.
+        admin: bool,
+        frame: Frame,
+        reply: oneshot::Sender<Frame>,
+    },
+    /// End every connection of `user` on this core with Kick(`reason`); answers how many.
+    Kick {
+        user: String,
+        reason: KickReason,
+        message: String,
+        reply: oneshot::Sender<usize>,
+    },
+    /// This core's counts.
+    Stats { reply: oneshot::Sender<CoreStats> },
+}
+
+/// One core's view of its connections.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CoreStats {
+    pub core: usize,
+    /// Open connections (logged in or not) accepted or adopted by this core.
+    pub connections: usize,
+    /// Logged-in sessions (paths) of users routed to this core.
+    pub sessions: usize,
+    /// Users with at least one session on this core.
+    pub users: usize,
+    /// Distinct devices (logical sessions) online.
+    pub devices: usize,
+}
+
+/// The API thread's handle on the cores.
+#[derive(Debug, Clone)]
+pub struct Bridge {
+    cores: Vec<async_channel::Sender<AdminJob>>,
+    router: Router,
+}
+
+/// Why a job did not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("the server is shutting down")]
+    Stopped,
+}
+
+impl Bridge {
+    /// A bridge and each core's receiving end (index = core id).
+    pub fn new(router: Router) -> (Bridge, Vec<async_channel::Receiver<AdminJob>>) {
+        let (senders, receivers) = (0..router.cores())
+            .map(|_| async_channel::bounded(1024))
+            .unzip();
+        (
+            Bridge {
+                cores: senders,
+                router,
+            },
+            receivers,
+        )
+    }
+
+    pub fn cores(&self) -> usize {
+        self.cores.len()
+    }
+
+    async fn ask<T>(
+        &self,
+        core: usize,
+        job: impl FnOnce(oneshot::Sender<T>) -> AdminJob,
+    ) -> Result<T, BridgeError> {
+        let (tx, rx) = oneshot::channel();
+        self.cores[core]
+            .send(job(tx))
+            .await
+            .map_err(|_| BridgeError::Stopped)?;
+        rx.await.map_err(|_| BridgeError::Stopped)
+    }
+
+    /// Runs `frame` as a request of `user`; the answer frame (an Error frame for a refusal).
+    pub async fn request(
+        &self,
+        user: &str,
+        admin: bool,
+        frame: Frame,
+    ) -> Result<Frame, BridgeError> {
+        let core = self.router.user(user).core;
+        self.ask(core, |reply| AdminJob::Request {
+            user: user.to_owned(),
+            admin,
+            frame,
+            reply,
+        })
+        .await
+    }
+
+    /// Kicks every connection of `user`; how many were ended.
+    pub async fn kick(
+        &self,
+        user: &str,
+        reason: KickReason,
+        message: &str,
+    ) -> Result<usize, BridgeError> {
+        let core = self.router.user(user).core;
+        self.ask(core, |reply| AdminJob::Kick {
+            user: user.to_owned(),
+            reason,
+            message: message.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Every core's counts, in core order.
+    pub async fn stats(&self) -> Result<Vec<CoreStats>, BridgeError> {
+        let mut all = Vec::with_capacity(self.cores.len());
+        for core in 0..self.cores.len() {
+            all.push(self.ask(core, |reply| AdminJob::Stats { reply }).await?);
+        }
+        Ok(all)
+    }
+}
+
+impl Core {
+    /// The task that takes the API's jobs for this core until shutdown.
+    pub async fn run_admin(self: Rc<Self>, jobs: async_channel::Receiver<AdminJob>) {
+        loop {
+            let next = future::or(async { jobs.recv().await.ok() }, async {
+                self.stopped().await;
+                None
+            })
+            .await;
+            let Some(job) = next else {
+                return;
+            };
+            let core = self.clone();
+            glommio::spawn_local(async move { core.admin_job(job).await }).detach();
+        }
+    }
+
+    async fn admin_job(self: Rc<Self>, job: AdminJob) {
+        match job {
+            AdminJob::Request {
+                user,
+                admin,
+                frame,
+                reply,
+            } => {
+                let answer = self.api_request(&user, admin, frame).await;
+                let _ = reply.send(answer);
+            }
+            AdminJob::Kick {
+                user,
+                reason,
+                message,
+                reply,
+            } => {
+                let _ = reply.send(self.kick_user(&user, reason, &message));
+            }
+            AdminJob::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+        }
+    }
+
+    fn stats(&self) -> CoreStats {
+        let users = self.users.borrow();
+        let mut devices = 0;
+        for list in users.values() {
+            let mut logical: Vec<u64> = list.iter().map(|s| s.logical).collect();
+            logical.sort_unstable();
+            logical.dedup();
+            devices += logical.len();
+        }
+        CoreStats {
+            core: self.id,
+            connections: self.connections.get(),
+            sessions: users.values().map(Vec::len).sum(),
+            users: users.len(),
+            devices,
+        }
+    }
+
+    /// Ends every session of `user` on this core (their connections get Kick first).
+    pub fn kick_user(&self, user: &str, reason: KickReason, message: &str) -> usize {
+        let Ok(Some(id)) = self.store.lookup_user(user) else {
+            return 0;
+        };
+        let kick = self.encode(&Frame::kick(reason, message));
+        let users = self.users.borrow();
+        let Some(list) = users.get(&id) else {
+            return 0;
+        };
+        for s in list {
+            s.out.push(kick.clone());
+            s.end();
+        }
+        list.len()
+    }
+
+    async fn api_request(self: &Rc<Self>, user: &str, admin: bool, mut frame: Frame) -> Frame {
+        let rid = frame.request_id.max(1);
+        frame.request_id = rid;
+        let id = match self.user_id(user) {
+            Ok(id) => id,
+            Err(e) => {
+                let (code, msg) = crate::core::storage_error_code(&e);
+                return Frame::error(rid, code, msg, false);
+            }
+        };
+        let session_id = self.new_session_id();
+        let session = Rc::new(SessionHandle {
+            id: session_id,
+            logical: session_id,
+            user: id,
+            device: API_DEVICE.to_owned(),
+            out: Outbound::new(self.cfg.outbound_queue_frames),
+            ending: Default::default(),
+            last_active: std::cell::Cell::new(now_ms()),
+            end_waker: Default::default(),
+            rooms: Default::default(),
+            fd: -1,
+        });
+        self.sessions
+            .borrow_mut()
+            .insert(session_id, session.clone());
+        let mut ctx = Ctx::for_api(self.clone(), session.clone(), id, Arc::from(user), admin);
+        Box::pin(ctx.handle(frame)).await;
+        let answer = future::or(answer_of(&self.codec, &session.out, rid), async {
+            glommio::timer::sleep(ANSWER_TIMEOUT).await;
+            None
+        })
+        .await;
+        self.sessions.borrow_mut().remove(&session_id);
+        session.out.close();
+        answer.unwrap_or_else(|| {
+            Frame::error(
+                rid,
+                ErrorCode::Unavailable,
+                "no answer from the server within 10 s; retry later",
+                false,
+            )
+        })
+    }
+}
+
+/// The first frame queued on `out` that answers request `rid` (others, such as SyncNeeded,
+/// are skipped).
+async fn answer_of(codec: &Codec, out: &Outbound, rid: u64) -> Option<Frame> {
+    let mut codec = *codec;
+    let mut pending = BytesMut::new();
+    loop {
+        out.wait_ready().await;
+        let _ = out.take_sync_needed();
+        let mut buf = Vec::new();
+        if !out.drain_into(&mut buf, usize::MAX) {
+            if out.is_closed() {
+                return None;
+            }
+            continue;
+        }
+        pending.extend_from_slice(&buf);
+        while let Ok(Some(frame)) = codec.decode(&mut pending) {
+            if frame.request_id == rid && !matches!(frame.body, Some(Body::Deliver(_))) {
+                return Some(frame);
+            }
+        }
+    }
+}

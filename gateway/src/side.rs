@@ -1,0 +1,144 @@
+//! The side runtime: one thread (`tern-side`) with a tokio runtime for everything HTTP — the
+//! admin API, and (as they are configured) webhooks and push providers. The cores never wait
+//! on it: they reach it through bounded queues and one-shot answers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tern_storage::MessageStore;
+use tracing::warn;
+
+use crate::admin::Bridge;
+use crate::config::Config;
+use crate::server::GatewayError;
+use crate::token::Secret;
+
+/// The running side thread.
+#[derive(Debug)]
+pub struct Side {
+    thread: Option<std::thread::JoinHandle<()>>,
+    api_url: Option<String>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Side {
+    /// Starts the side thread: binds the API (failing the start with the address if it cannot)
+    /// and serves it until `shutdown` is set.
+    pub fn start(
+        cfg: &Arc<Config>,
+        store: Arc<dyn MessageStore>,
+        secret: Secret,
+        bridge: Bridge,
+        shutdown: Arc<AtomicBool>,
+    ) -> Result<Side, GatewayError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("tern-side")
+            .build()
+            .map_err(|e| GatewayError::Api(format!("cannot start the side runtime: {e}")))?;
+        let handle = rt.handle().clone();
+        let mut api = None;
+        if let Some(addr) = cfg.api {
+            let api_secret = match &cfg.api_secret {
+                Some(s) => s.clone(),
+                None => {
+                    let s =
+                        Secret::load_or_create_named(&cfg.data_dir, "api_secret").map_err(|e| {
+                            GatewayError::DataDir {
+                                path: cfg.data_dir.join("api_secret").display().to_string(),
+                                message: e.to_string(),
+                            }
+                        })?;
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+            };
+            let std_listener =
+                std::net::TcpListener::bind(addr).map_err(|e| GatewayError::Listen {
+                    addr,
+                    message: format!("admin API: {e}"),
+                })?;
+            let bound = std_listener
+                .local_addr()
+                .map_err(|e| GatewayError::Listen {
+                    addr,
+                    message: e.to_string(),
+                })?;
+            std_listener
+                .set_nonblocking(true)
+                .map_err(|e| GatewayError::Listen {
+                    addr,
+                    message: e.to_string(),
+                })?;
+            let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+                (Some(cert), Some(key)) => {
+                    let identity = tern_quic::tls::load(cert, key)?;
+                    let mut config = (*tern_quic::tls::server_config(&identity)?).clone();
+                    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                    Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+                }
+                _ => None,
+            };
+            let state = Arc::new(crate::api::ApiState::new(
+                bridge,
+                store,
+                cfg.clone(),
+                secret,
+                &api_secret,
+            ));
+            api = Some((std_listener, tls, state, bound));
+        }
+        let api_url = api
+            .as_ref()
+            .map(|(_, tls, _, bound)| crate::api::describe(*bound, tls.is_some()));
+        let thread = std::thread::Builder::new()
+            .name("tern-side".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let stop = async {
+                        while !shutdown.load(Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    };
+                    match api {
+                        Some((listener, tls, state, _)) => {
+                            match tokio::net::TcpListener::from_std(listener) {
+                                Ok(listener) => {
+                                    let app = crate::api::router(state);
+                                    crate::api::serve(listener, tls, app, stop).await;
+                                }
+                                Err(e) => {
+                                    warn!(error = %e, "admin API listener failed");
+                                    stop.await;
+                                }
+                            }
+                        }
+                        None => stop.await,
+                    }
+                });
+            })
+            .map_err(|e| GatewayError::Api(format!("cannot start the side thread: {e}")))?;
+        Ok(Side {
+            thread: Some(thread),
+            api_url,
+            handle,
+        })
+    }
+
+    /// The API's URL base, if it listens.
+    pub fn api_url(&self) -> Option<String> {
+        self.api_url.clone()
+    }
+
+    /// A handle on the side runtime (for webhooks and push providers).
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+
+    /// Waits for the side thread to end (it ends once shutdown is set).
+    pub fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
