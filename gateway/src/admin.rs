@@ -28,8 +28,8 @@ use crate::outbound::Outbound;
 use crate::route::Router;
 use crate::session::Ctx;
 
-/// The device id of the API's request sessions (not a device a client can log in as: device
-/// ids of clients cannot start with `@`... they can, but this one never registers as a device).
+/// The device id of the API's request sessions. It never registers as one of the user's
+/// devices, so a client using the same id is not affected.
 pub const API_DEVICE: &str = "@api";
 
 /// How long a request through the API may wait for its answer from the cores.
@@ -69,6 +69,10 @@ pub struct CoreStats {
     pub users: usize,
     /// Distinct devices (logical sessions) online.
     pub devices: usize,
+    /// Appends waiting for the store on this core (owner of their conversation).
+    pub appends_pending: usize,
+    /// Room messages waiting to be numbered and fanned out.
+    pub room_queue: usize,
 }
 
 /// The API thread's handle on the cores.
@@ -76,6 +80,7 @@ pub struct CoreStats {
 pub struct Bridge {
     cores: Vec<async_channel::Sender<AdminJob>>,
     router: Router,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Why a job did not get an answer.
@@ -87,7 +92,10 @@ pub enum BridgeError {
 
 impl Bridge {
     /// A bridge and each core's receiving end (index = core id).
-    pub fn new(router: Router) -> (Bridge, Vec<async_channel::Receiver<AdminJob>>) {
+    pub fn new(
+        router: Router,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> (Bridge, Vec<async_channel::Receiver<AdminJob>>) {
         let (senders, receivers) = (0..router.cores())
             .map(|_| async_channel::bounded(1024))
             .unzip();
@@ -95,6 +103,7 @@ impl Bridge {
             Bridge {
                 cores: senders,
                 router,
+                metrics,
             },
             receivers,
         )
@@ -218,6 +227,8 @@ impl Core {
             sessions: users.values().map(Vec::len).sum(),
             users: users.len(),
             devices,
+            appends_pending: self.queue_depths().0,
+            room_queue: self.queue_depths().1,
         }
     }
 

@@ -152,6 +152,7 @@ type ApiResult = Result<axum::Json<Value>, ApiError>;
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
         .route("/v1/users/import", post(import_users))
         .route("/v1/users/{user}/token", post(issue_token))
         .route("/v1/users/{user}/kick", post(kick))
@@ -256,6 +257,44 @@ async fn stats(State(st): State<Arc<ApiState>>) -> ApiResult {
         "connections": sum(|c| c.connections),
         "cores": cores,
     })))
+}
+
+/// Prometheus text format: the cores' counters and histograms, and their current gauges.
+async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    use std::fmt::Write as _;
+    let cores = st.bridge.stats().await?;
+    let mut extra = String::new();
+    type Gauge = (&'static str, &'static str, fn(&crate::admin::CoreStats) -> usize);
+    let gauges: [Gauge; 6] = [
+        ("tern_connections", "Open connections.", |c| c.connections),
+        ("tern_sessions", "Logged-in sessions (paths).", |c| {
+            c.sessions
+        }),
+        ("tern_users_online", "Users with a session.", |c| c.users),
+        (
+            "tern_devices_online",
+            "Devices (logical sessions) online.",
+            |c| c.devices,
+        ),
+        (
+            "tern_appends_pending",
+            "Appends waiting for the store.",
+            |c| c.appends_pending,
+        ),
+        (
+            "tern_room_queue",
+            "Room messages waiting for fan-out.",
+            |c| c.room_queue,
+        ),
+    ];
+    for (name, help, get) in gauges {
+        let _ = writeln!(extra, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for c in &cores {
+            let _ = writeln!(extra, "{name}{{core=\"{}\"}} {}", c.core, get(c));
+        }
+    }
+    let text = st.bridge.metrics.render(&extra);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 #[derive(Deserialize)]

@@ -55,6 +55,8 @@ pub struct ReplyTo {
     /// is gone by then: another path of its session may live on).
     pub user: UserId,
     pub request_id: u64,
+    /// When the request arrived ([`crate::limits::mono_nanos`]), for the SendAck latency.
+    pub at_ns: u64,
 }
 
 /// An append routed to the conversation's owner core.
@@ -226,7 +228,7 @@ pub struct Core {
     pub users: RefCell<HashMap<UserId, Vec<Rc<SessionHandle>>>>,
     pub sessions: RefCell<HashMap<u64, Rc<SessionHandle>>>,
     next_session: Cell<u64>,
-    appends: RefCell<VecDeque<(Completion<Appended>, AppendMsg)>>,
+    appends: RefCell<VecDeque<(Completion<Appended>, AppendMsg, u64)>>,
     appends_waker: RefCell<Option<Waker>>,
     /// Scratch buffer every connection of this core reads into (no per-connection buffer while
     /// idle).
@@ -259,6 +261,8 @@ pub struct Core {
     /// Room messages waiting for [`Core::run_room_sends`], in arrival order.
     pub room_queue: RefCell<VecDeque<RoomSend>>,
     pub room_waker: RefCell<Option<Waker>>,
+    /// Every core's counters (this core writes its own slot only).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Core {
@@ -304,8 +308,10 @@ impl Core {
         mesh: Senders<ShardMsg>,
         shutdown: Arc<AtomicBool>,
         conn_limits: Arc<ConnLimits>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Core {
         Core {
+            metrics,
             rates: Rates::from_config(&cfg),
             conn_limits,
             user_rates: RefCell::default(),
@@ -336,6 +342,16 @@ impl Core {
             connections: Cell::new(0),
             user_ids: RefCell::default(),
         }
+    }
+
+    /// This core's counters.
+    pub fn m(&self) -> &crate::metrics::CoreMetrics {
+        &self.metrics.cores[self.id]
+    }
+
+    /// Pending appends and room messages waiting on this core.
+    pub fn queue_depths(&self) -> (usize, usize) {
+        (self.appends.borrow().len(), self.room_queue.borrow().len())
     }
 
     /// The internal id of user `name`, from the core's cache or the store.
@@ -581,6 +597,9 @@ impl Core {
                 continue;
             }
             let f = frame.get_or_insert_with(|| self.encode_deliver(message));
+            self.m()
+                .deliveries_out
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if s.out
                 .deliver(message.conversation_id, message.seq, f, pending_cap)
             {
@@ -623,7 +642,9 @@ impl Core {
             recall: None,
         };
         let completion = self.store.append(req);
-        self.appends.borrow_mut().push_back((completion, job));
+        self.appends
+            .borrow_mut()
+            .push_back((completion, job, crate::limits::mono_nanos()));
         if let Some(w) = self.appends_waker.borrow_mut().take() {
             w.wake();
         }
@@ -644,10 +665,20 @@ impl Core {
                 }
             })
             .await;
-            let Some((completion, job)) = next else {
+            let Some((completion, job, submitted)) = next else {
                 return;
             };
             let result = completion.await;
+            let now = crate::limits::mono_nanos();
+            self.m()
+                .storage_append
+                .observe_us(now.saturating_sub(submitted) / 1000);
+            let is_change = matches!(&job.to, Recipient::Group(after) if after.change.is_some());
+            if result.is_ok() && job.recall_of == 0 && !is_change && job.reply.at_ns != 0 {
+                self.m()
+                    .send_ack
+                    .observe_us(now.saturating_sub(job.reply.at_ns) / 1000);
+            }
             self.finish_append(job, result).await;
         }
     }

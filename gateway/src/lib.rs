@@ -23,6 +23,7 @@ pub mod config;
 pub mod core;
 pub mod groups;
 pub mod limits;
+pub mod metrics;
 pub mod outbound;
 pub mod presence;
 pub mod rooms;

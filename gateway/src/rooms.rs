@@ -249,7 +249,11 @@ impl Core {
                 continue;
             }
             let f = frame.get_or_insert_with(|| self.encode_deliver(message));
-            s.out.push_below(f.clone(), bound);
+            if s.out.push_below(f.clone(), bound) {
+                self.m()
+                    .deliveries_out
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 }

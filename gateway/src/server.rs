@@ -149,7 +149,8 @@ fn run_cores(
     let max_connections = cfg.effective_max_connections(nofile);
     let conn_limits = ConnLimits::new(max_connections, cfg.max_connections_per_ip);
     let mesh = MeshBuilder::<ShardMsg, _>::full(n, 4096);
-    let (bridge, mut admin_jobs) = crate::admin::Bridge::new(router);
+    let metrics = Arc::new(crate::metrics::Metrics::new(n));
+    let (bridge, mut admin_jobs) = crate::admin::Bridge::new(router, metrics.clone());
     let mut side = crate::side::Side::start(
         &cfg,
         store.clone(),
@@ -212,6 +213,7 @@ fn run_cores(
         let conn_limits = conn_limits.clone();
         let tls = tls.clone();
         let admin_jobs = admin_jobs.remove(0);
+        let metrics = metrics.clone();
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("tern-core-{id}"))
             .io_memory(cfg.io_memory_bytes)
@@ -231,6 +233,7 @@ fn run_cores(
                 tls,
                 addr,
                 admin_jobs,
+                metrics,
                 ready,
             )
             .await
@@ -400,6 +403,7 @@ async fn core_main(
     tls: Option<(SocketAddr, futures_rustls::TlsAcceptor)>,
     addr: Option<SocketAddr>,
     admin_jobs: async_channel::Receiver<crate::admin::AdminJob>,
+    metrics: Arc<crate::metrics::Metrics>,
     ready: std::sync::mpsc::Sender<Result<(), GatewayError>>,
 ) {
     // glommio wakes a task waiting for a mesh peer to connect only when its reactor loop turns;
@@ -466,6 +470,7 @@ async fn core_main(
         senders,
         shutdown.clone(),
         conn_limits,
+        metrics,
     ));
     for (_from, rx) in receivers.streams() {
         let core = core.clone();

@@ -544,6 +544,9 @@ async fn run_session(
     };
     core.groups_online(user);
     core.presence_changed(user);
+    core.m()
+        .logins
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let user_name: Arc<str> = Arc::from(login.user.as_str());
     info!(session = session.id, logical = session.logical, "logged in");
     let writer = glommio::spawn_local(write_loop(core.clone(), stream.clone(), session.clone()));
@@ -804,6 +807,7 @@ impl Ctx {
     }
 
     pub(crate) fn error(&self, request_id: u64, code: ErrorCode, msg: impl Into<String>) {
+        self.core.m().error(code);
         self.reply(&Frame::error(request_id, code, msg, false));
     }
 
@@ -1026,6 +1030,10 @@ impl Ctx {
                 ),
             );
         }
+        self.core
+            .m()
+            .messages_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let kind = TargetKind::try_from(target.kind);
         if matches!(kind, Ok(TargetKind::User) | Ok(TargetKind::Group)) && !valid_id(&target.id) {
             return self.error(
@@ -1133,6 +1141,7 @@ impl Ctx {
             logical: self.session.logical,
             user: self.user,
             request_id: rid,
+            at_ns: mono_nanos(),
         }
     }
 

@@ -497,3 +497,66 @@ fn any_client_request_as_a_user() {
     );
     assert_error(&got, 403, ErrorCode::Forbidden);
 }
+
+/// The sum over cores of a metric's series whose labels contain `labels` (e.g. `code="X"`).
+fn metric(text: &str, name: &str, labels: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{')?;
+            (n == name && rest.contains(labels)).then(|| value.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+#[test]
+fn metrics_count_exactly() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let mut alice = login(&gw, "alice", "phone");
+    let mut bob = login(&gw, "bob", "phone");
+    let _bob2 = login(&gw, "bob", "laptop");
+    for i in 0..5 {
+        send_acked(&mut alice, "bob", &format!("m{i}"), "x");
+    }
+    for _ in 0..5 {
+        expect_deliver(&mut bob);
+    }
+    // One refusal with a known code: a message to a group that does not exist.
+    let rid = alice.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: "g".into(),
+        target: Some(tern_protocol::Target {
+            kind: TargetKind::Group as i32,
+            id: "nope".into(),
+        }),
+        content_type: 1,
+        ..Default::default()
+    }));
+    assert_eq!(alice.expect_error(ErrorCode::NotFound), (rid, false));
+    let base = gw.api.clone().unwrap();
+    let got = api_request(
+        &format!("{base}/metrics"),
+        "GET",
+        None,
+        Some(&format!("Bearer {}", gw.api_secret())),
+        None,
+    );
+    assert_eq!(got.0, 200);
+    let text = got.1.as_str().expect("text").to_string();
+    assert_eq!(metric(&text, "tern_logins_total", ""), 3);
+    assert_eq!(metric(&text, "tern_messages_in_total", ""), 6);
+    // Five messages to bob's two devices.
+    assert_eq!(metric(&text, "tern_deliveries_out_total", ""), 10);
+    assert_eq!(metric(&text, "tern_send_ack_seconds_count", ""), 5);
+    assert_eq!(
+        metric(&text, "tern_send_ack_seconds_bucket", "le=\"+Inf\""),
+        5
+    );
+    assert_eq!(metric(&text, "tern_storage_append_seconds_count", ""), 5);
+    assert_eq!(metric(&text, "tern_errors_total", "code=\"NOT_FOUND\""), 1);
+    assert_eq!(metric(&text, "tern_devices_online", ""), 3);
+    assert_eq!(metric(&text, "tern_users_online", ""), 2);
+    // Without credentials: 401 like every endpoint.
+    let got = api_request(&format!("{base}/metrics"), "GET", None, None, None);
+    assert_eq!(got.0, 401);
+}
