@@ -560,3 +560,50 @@ fn metrics_count_exactly() {
     let got = api_request(&format!("{base}/metrics"), "GET", None, None, None);
     assert_eq!(got.0, 401);
 }
+
+#[test]
+fn https_when_a_certificate_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}tls_cert = {:?}\ntls_key = {:?}\n",
+            tern_tests::NO_RATE_LIMITS,
+            cert_path,
+            key_path
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--cores", "2", "--config", cfg.to_str().unwrap()]);
+    let base = gw.api.clone().unwrap();
+    assert!(base.starts_with("https://127.0.0.1:"), "{base}");
+    let roots = ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+        ureq::tls::Certificate::from_der(cert.cert.der()).to_owned(),
+    ]));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
+        .build()
+        .into();
+    let mut resp = agent
+        .get(&format!("{base}/v1/stats"))
+        .header("Authorization", &format!("Bearer {}", gw.api_secret()))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let v: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(v["users_online"], json!(0));
+    // Plain HTTP to the HTTPS port gets no API answer.
+    let plain = base.replace("https://", "http://");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(5)))
+        .build()
+        .into();
+    assert!(agent.get(&format!("{plain}/v1/stats")).call().is_err());
+}
