@@ -35,6 +35,7 @@ pub mod social;
 pub mod sys;
 pub mod token;
 pub mod transport;
+pub mod webhook;
 
 pub use config::Config;
 pub use server::{GatewayError, Ready, run};
