@@ -54,6 +54,8 @@ pub struct ApiState {
     api_key_digest: [u8; 32],
     limiter: Mutex<Gcra>,
     rate: Rate,
+    /// For their counters in /metrics.
+    pub webhooks: crate::webhook::Webhooks,
 }
 
 impl ApiState {
@@ -73,6 +75,7 @@ impl ApiState {
             secret,
             api_key_digest: Sha256::digest(api_secret.as_bytes()).into(),
             limiter: Mutex::new(Gcra::default()),
+            webhooks: crate::webhook::Webhooks::disabled(),
         }
     }
 }
@@ -264,7 +267,11 @@ async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, ApiError> 
     use std::fmt::Write as _;
     let cores = st.bridge.stats().await?;
     let mut extra = String::new();
-    type Gauge = (&'static str, &'static str, fn(&crate::admin::CoreStats) -> usize);
+    type Gauge = (
+        &'static str,
+        &'static str,
+        fn(&crate::admin::CoreStats) -> usize,
+    );
     let gauges: [Gauge; 6] = [
         ("tern_connections", "Open connections.", |c| c.connections),
         ("tern_sessions", "Logged-in sessions (paths).", |c| {
@@ -292,6 +299,35 @@ async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, ApiError> 
         for c in &cores {
             let _ = writeln!(extra, "{name}{{core=\"{}\"}} {}", c.core, get(c));
         }
+    }
+    let w = st.webhooks.counters();
+    let name = "tern_webhook_events_total";
+    let _ = writeln!(
+        extra,
+        "# HELP {name} Webhook after-events by outcome.\n# TYPE {name} counter"
+    );
+    for (outcome, n) in [
+        ("queued", w.queued),
+        ("delivered", w.delivered),
+        ("attempt_failed", w.attempts_failed),
+        ("retried", w.retried),
+        ("dropped", w.dropped),
+        ("gave_up", w.gave_up),
+    ] {
+        let _ = writeln!(extra, "{name}{{outcome=\"{outcome}\"}} {n}");
+    }
+    let name = "tern_webhook_before_send_total";
+    let _ = writeln!(
+        extra,
+        "# HELP {name} Before-send hook calls by outcome.\n# TYPE {name} counter"
+    );
+    for (outcome, n) in [
+        ("allowed", w.before_send_allowed),
+        ("rejected", w.before_send_rejected),
+        ("replaced", w.before_send_replaced),
+        ("failed", w.before_send_failed),
+    ] {
+        let _ = writeln!(extra, "{name}{{outcome=\"{outcome}\"}} {n}");
     }
     let text = st.bridge.metrics.render(&extra);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())

@@ -124,6 +124,9 @@ pub struct Config {
     /// message anyone and acts as an owner in every group. Default `administrator`. Do not
     /// give this id to a real user.
     pub system_user: String,
+    /// Webhooks to the app's server (`[webhook]` table; off while `url` is empty). See
+    /// [`crate::webhook::WebhookConfig`] for its keys and defaults.
+    pub webhook: crate::webhook::WebhookConfig,
 }
 
 impl Default for Config {
@@ -166,6 +169,7 @@ impl Default for Config {
             api_secret: None,
             api_rate_per_sec: 2000,
             system_user: "administrator".into(),
+            webhook: crate::webhook::WebhookConfig::default(),
         }
     }
 }
@@ -266,6 +270,9 @@ impl Config {
                 "system_user",
                 "must be 1..=64 bytes without control characters",
             );
+        }
+        if let Err(message) = self.webhook.validate() {
+            return bad("webhook", message);
         }
         if self.io_memory_bytes < 64 << 10 {
             return bad("io_memory_bytes", "must be at least 65536");

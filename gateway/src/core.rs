@@ -263,6 +263,8 @@ pub struct Core {
     pub room_waker: RefCell<Option<Waker>>,
     /// Every core's counters (this core writes its own slot only).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Webhooks to the app's server (a disabled handle sends nothing).
+    pub webhooks: crate::webhook::Webhooks,
 }
 
 impl std::fmt::Debug for Core {
@@ -312,6 +314,7 @@ impl Core {
     ) -> Core {
         Core {
             metrics,
+            webhooks: crate::webhook::Webhooks::disabled(),
             rates: Rates::from_config(&cfg),
             conn_limits,
             user_rates: RefCell::default(),
@@ -739,6 +742,25 @@ impl Core {
                     }
                 };
                 let mut own_copy = None;
+                if !a.duplicate
+                    && job.recall_of == 0
+                    && self.webhooks.wants(crate::webhook::AFTER_SEND)
+                {
+                    self.webhooks.emit(
+                        crate::webhook::AFTER_SEND,
+                        serde_json::json!({
+                            "from": &*job.sender_name,
+                            "to_kind": "user",
+                            "to": &*recipient_name,
+                            "conversation_id": a.conversation.to_string(),
+                            "seq": a.seq,
+                            "client_msg_id": &job.req.client_msg_id,
+                            "content_type": job.req.content_type,
+                            "custom_type": &job.req.custom_type,
+                            "server_time_ms": a.server_time_ms,
+                        }),
+                    );
+                }
                 if !a.duplicate {
                     let for_recipient = Deliver {
                         conversation_id: a.conversation,

@@ -214,6 +214,7 @@ fn run_cores(
         let tls = tls.clone();
         let admin_jobs = admin_jobs.remove(0);
         let metrics = metrics.clone();
+        let webhooks = side.webhooks.clone();
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("tern-core-{id}"))
             .io_memory(cfg.io_memory_bytes)
@@ -234,6 +235,7 @@ fn run_cores(
                 addr,
                 admin_jobs,
                 metrics,
+                webhooks,
                 ready,
             )
             .await
@@ -404,6 +406,7 @@ async fn core_main(
     addr: Option<SocketAddr>,
     admin_jobs: async_channel::Receiver<crate::admin::AdminJob>,
     metrics: Arc<crate::metrics::Metrics>,
+    webhooks: crate::webhook::Webhooks,
     ready: std::sync::mpsc::Sender<Result<(), GatewayError>>,
 ) {
     // glommio wakes a task waiting for a mesh peer to connect only when its reactor loop turns;
@@ -461,7 +464,7 @@ async fn core_main(
             return;
         }
     };
-    let core = Rc::new(Core::new(
+    let mut core = Core::new(
         id,
         router,
         cfg.clone(),
@@ -471,7 +474,9 @@ async fn core_main(
         shutdown.clone(),
         conn_limits,
         metrics,
-    ));
+    );
+    core.webhooks = webhooks;
+    let core = Rc::new(core);
     for (_from, rx) in receivers.streams() {
         let core = core.clone();
         glommio::spawn_local(async move {

@@ -547,6 +547,12 @@ async fn run_session(
     core.m()
         .logins
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if core.webhooks.wants(crate::webhook::LOGIN) {
+        core.webhooks.emit(
+            crate::webhook::LOGIN,
+            serde_json::json!({"user": &login.user, "device": &login.device, "session_id": session.logical}),
+        );
+    }
     let user_name: Arc<str> = Arc::from(login.user.as_str());
     info!(session = session.id, logical = session.logical, "logged in");
     let writer = glommio::spawn_local(write_loop(core.clone(), stream.clone(), session.clone()));
@@ -600,6 +606,12 @@ async fn run_session(
     }
     core.presence_changed(user);
     core.leave_all_rooms(&session);
+    if core.webhooks.wants(crate::webhook::LOGOUT) {
+        core.webhooks.emit(
+            crate::webhook::LOGOUT,
+            serde_json::json!({"user": &login.user, "device": &login.device, "session_id": session.logical}),
+        );
+    }
     session.out.close();
     let _ = future::or(
         async {
@@ -920,6 +932,17 @@ impl Ctx {
                 if let Ok(Some(_)) = self.readable(ack.conversation_id) {
                     // Cursor writes are group-committed by the store; they are awaited before
                     // this connection's next sync (which reads them) or when many are pending.
+                    if self.core.webhooks.wants(crate::webhook::DELIVERY_RECEIPT) {
+                        self.core.webhooks.emit(
+                            crate::webhook::DELIVERY_RECEIPT,
+                            serde_json::json!({
+                                "user": &*self.user_name,
+                                "device": &self.session.device,
+                                "conversation_id": ack.conversation_id.to_string(),
+                                "seq": ack.seq,
+                            }),
+                        );
+                    }
                     self.acks.push(self.core.store.set_delivered(
                         self.user,
                         &self.session.device,
@@ -975,7 +998,7 @@ impl Ctx {
         self.core.codec.max_frame_bytes.saturating_sub(512)
     }
 
-    async fn send(&mut self, rid: u64, send: tern_protocol::Send) {
+    async fn send(&mut self, rid: u64, mut send: tern_protocol::Send) {
         let cfg = &self.core.cfg;
         if send.client_msg_id.is_empty() || send.client_msg_id.len() > 64 {
             return self.error(
@@ -1041,6 +1064,49 @@ impl Ctx {
                 ErrorCode::InvalidArgument,
                 "target.id must be 1..=64 bytes without control characters",
             );
+        }
+        if self.core.webhooks.wants(crate::webhook::BEFORE_SEND) {
+            let to_kind = match kind {
+                Ok(TargetKind::Group) => "group",
+                Ok(TargetKind::Room) => "room",
+                _ => "user",
+            };
+            let verdict = self
+                .core
+                .webhooks
+                .before_send(crate::webhook::BeforeSend {
+                    from: self.user_name.to_string(),
+                    to_kind,
+                    to: target.id.clone(),
+                    conversation_id: 0,
+                    client_msg_id: send.client_msg_id.clone(),
+                    content_type: send.content_type as i32,
+                    custom_type: send.custom_type.clone(),
+                    payload: send.payload.clone(),
+                })
+                .await;
+            match verdict {
+                crate::webhook::Verdict::Allow => {}
+                crate::webhook::Verdict::Reject(reason) => {
+                    return self.error(rid, ErrorCode::Forbidden, format!("rejected: {reason}"));
+                }
+                crate::webhook::Verdict::Replace {
+                    payload,
+                    custom_type,
+                } => {
+                    if payload.len() > cfg.max_payload_bytes as usize {
+                        return self.error(
+                            rid,
+                            ErrorCode::PayloadTooLarge,
+                            "the before-send hook's replacement exceeds the payload limit",
+                        );
+                    }
+                    send.payload = payload;
+                    if let Some(c) = custom_type {
+                        send.custom_type = c;
+                    }
+                }
+            }
         }
         match kind {
             Ok(TargetKind::User) => {}

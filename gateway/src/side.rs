@@ -20,6 +20,8 @@ pub struct Side {
     thread: Option<std::thread::JoinHandle<()>>,
     api_url: Option<String>,
     handle: tokio::runtime::Handle,
+    /// The webhooks (a disabled handle when none is configured), for the cores.
+    pub webhooks: crate::webhook::Webhooks,
 }
 
 impl Side {
@@ -38,6 +40,12 @@ impl Side {
             .build()
             .map_err(|e| GatewayError::Api(format!("cannot start the side runtime: {e}")))?;
         let handle = rt.handle().clone();
+        let webhooks = if cfg.webhook.url.is_empty() {
+            crate::webhook::Webhooks::disabled()
+        } else {
+            crate::webhook::Webhooks::start(cfg.webhook.clone(), &handle)
+                .map_err(|e| GatewayError::Api(format!("webhook: {e}")))?
+        };
         let mut api = None;
         if let Some(addr) = cfg.api {
             let api_secret = match &cfg.api_secret {
@@ -79,13 +87,9 @@ impl Side {
                 }
                 _ => None,
             };
-            let state = Arc::new(crate::api::ApiState::new(
-                bridge,
-                store,
-                cfg.clone(),
-                secret,
-                &api_secret,
-            ));
+            let mut st = crate::api::ApiState::new(bridge, store, cfg.clone(), secret, &api_secret);
+            st.webhooks = webhooks.clone();
+            let state = Arc::new(st);
             api = Some((std_listener, tls, state, bound));
         }
         let api_url = api
@@ -122,6 +126,7 @@ impl Side {
             thread: Some(thread),
             api_url,
             handle,
+            webhooks,
         })
     }
 
