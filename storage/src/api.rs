@@ -99,6 +99,78 @@ pub(crate) fn check_relations(changes: &[RelationChange]) -> Result<()> {
     Ok(())
 }
 
+/// One change of the account state in [`MessageStore::set_meta`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaChange {
+    /// The key (1..=[`MAX_META_KEY_LEN`] bytes), opaque to the store; keys sort bytewise.
+    pub key: Bytes,
+    /// The value (at most [`MAX_META_VALUE_LEN`] bytes, may be empty), opaque to the store;
+    /// None deletes the key.
+    pub value: Option<Bytes>,
+}
+
+/// Longest key of the account state, bytes.
+pub const MAX_META_KEY_LEN: usize = 512;
+/// Longest value of the account state, bytes (64 KiB).
+pub const MAX_META_VALUE_LEN: usize = 64 << 10;
+/// Most changes one [`MessageStore::set_meta`] may carry.
+pub const MAX_META_CHANGES: usize = 1_000;
+/// Most entries one [`MessageStore::scan_meta`] returns (a larger `limit` is capped).
+pub const MAX_META_SCAN: usize = 10_000;
+
+pub(crate) fn check_meta(changes: &[MetaChange]) -> Result<()> {
+    // The messages name the limits; a test keeps them in step with the constants.
+    if changes.len() > MAX_META_CHANGES {
+        return Err(StorageError::InvalidArgument(
+            "more than 1000 meta changes in one call",
+        ));
+    }
+    for c in changes {
+        if c.key.is_empty() {
+            return Err(StorageError::InvalidArgument(
+                "empty meta key (keys are 1 to 512 bytes)",
+            ));
+        }
+        if c.key.len() > MAX_META_KEY_LEN {
+            return Err(StorageError::InvalidArgument(
+                "meta key longer than 512 bytes",
+            ));
+        }
+        if c.value
+            .as_ref()
+            .is_some_and(|v| v.len() > MAX_META_VALUE_LEN)
+        {
+            return Err(StorageError::InvalidArgument(
+                "meta value longer than 65536 bytes (64 KiB)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The first key of a bytewise-ordered key space that does not start with `prefix`: the
+/// exclusive upper bound of a prefix scan. None if there is none (`prefix` is empty or all
+/// 0xFF: every key after it starts with it).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let last = prefix.iter().rposition(|&b| b != 0xFF)?;
+    let mut end = prefix[..=last].to_vec();
+    end[last] += 1;
+    Some(end)
+}
+
+/// Where a [`MessageStore::scan_meta`] starts: the first key that may start with `prefix`
+/// and be greater than `after` (an empty `after` excludes nothing).
+pub(crate) fn meta_scan_start(prefix: &[u8], after: &[u8]) -> Vec<u8> {
+    if after.is_empty() || after < prefix {
+        return prefix.to_vec();
+    }
+    // The smallest key greater than `after`.
+    let mut start = Vec::with_capacity(after.len() + 1);
+    start.extend_from_slice(after);
+    start.push(0);
+    start
+}
+
 pub(crate) fn check_user(user: UserId) -> Result<()> {
     if user == 0 || user > MAX_USER_ID {
         return Err(StorageError::InvalidArgument("user id out of range"));
@@ -374,6 +446,32 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
     /// The user's profile, if set.
     fn user_profile(&self, user: UserId) -> Result<Option<Bytes>>;
 
+    /// Applies changes to the account state, a small key-value map of server-side state that
+    /// is not messages (bans, push tokens, aliases, tags, ...): keys and values are opaque
+    /// bytes, keys sort bytewise, so a caller namespaces them with prefixes.
+    ///
+    /// # Invariants
+    ///
+    /// * **Limits.** At most [`MAX_META_CHANGES`] changes, each key 1..=[`MAX_META_KEY_LEN`]
+    ///   bytes, each value at most [`MAX_META_VALUE_LEN`] bytes. A call over a limit resolves
+    ///   to [`StorageError::InvalidArgument`] naming it, and writes nothing.
+    /// * **Atomicity.** All changes of one call are applied in one atomic write, in order (the
+    ///   last change of a key wins): after a crash, all of them or none.
+    /// * **Durability.** An `Ok` completion means the write is committed under the store's
+    ///   durability policy and visible to every read that starts afterwards; reads never see
+    ///   a call half applied or not yet committed.
+    /// * **Ordering.** Calls go through the same writer as appends: calls submitted from one
+    ///   thread are applied in submission order.
+    /// * **Not synced.** Account state takes no version and is not part of sync.
+    fn set_meta(&self, changes: Vec<MetaChange>) -> Completion<()>;
+    /// The value of `key` in the account state, if set (committed writes only).
+    fn meta(&self, key: &[u8]) -> Result<Option<Bytes>>;
+    /// Up to `limit` (at most [`MAX_META_SCAN`]) entries of the account state whose keys start
+    /// with `prefix` and are greater than `after` (empty = from the start of the prefix),
+    /// ascending by key. Page with `after` = the last key of the previous page. Reads nothing
+    /// outside the prefix (an empty prefix scans everything).
+    fn scan_meta(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<Vec<(Bytes, Bytes)>>;
+
     /// Appends a message, and applies its [`AppendRequest::group_change`] in the same atomic
     /// write; resolves once it is stored under the durability policy.
     fn append(&self, req: AppendRequest) -> Completion<Appended>;
@@ -449,4 +547,50 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_first_key_outside_the_prefix() {
+        assert_eq!(prefix_end(b"tag/a"), Some(b"tag/b".to_vec()));
+        assert_eq!(prefix_end(b"tag/a\xff"), Some(b"tag/b".to_vec()));
+        assert_eq!(prefix_end(b"a\xfe\xff\xff"), Some(b"a\xff".to_vec()));
+        assert_eq!(prefix_end(b"\x00"), Some(b"\x01".to_vec()));
+        assert_eq!(prefix_end(b"\xff\xff"), None);
+        assert_eq!(prefix_end(b""), None);
+    }
+
+    #[test]
+    fn meta_scan_starts_after_after_within_the_prefix() {
+        assert_eq!(meta_scan_start(b"tag/", b""), b"tag/");
+        assert_eq!(meta_scan_start(b"tag/", b"tad"), b"tag/");
+        assert_eq!(meta_scan_start(b"tag/", b"tag/"), b"tag/\x00");
+        assert_eq!(meta_scan_start(b"tag/", b"tag/x"), b"tag/x\x00");
+        assert_eq!(meta_scan_start(b"", b"\xff"), b"\xff\x00");
+    }
+
+    /// The errors name the limits they report.
+    #[test]
+    fn meta_limit_errors_name_the_limits() {
+        let change = |key: usize, value: Option<usize>| MetaChange {
+            key: vec![b'k'; key].into(),
+            value: value.map(|n| vec![b'v'; n].into()),
+        };
+        let message = |changes: &[MetaChange]| match check_meta(changes) {
+            Err(StorageError::InvalidArgument(m)) => m,
+            r => panic!("{r:?}"),
+        };
+        let key = MAX_META_KEY_LEN.to_string();
+        assert!(message(&[change(0, None)]).contains(&key));
+        assert!(message(&[change(MAX_META_KEY_LEN + 1, None)]).contains(&key));
+        let value = message(&[change(1, Some(MAX_META_VALUE_LEN + 1))]);
+        assert!(value.contains(&MAX_META_VALUE_LEN.to_string()), "{value}");
+        let many = vec![change(1, None); MAX_META_CHANGES + 1];
+        assert!(message(&many).contains(&MAX_META_CHANGES.to_string()));
+        assert!(check_meta(&[change(MAX_META_KEY_LEN, Some(MAX_META_VALUE_LEN))]).is_ok());
+        assert!(check_meta(&vec![change(1, None); MAX_META_CHANGES]).is_ok());
+    }
 }

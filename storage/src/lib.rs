@@ -26,6 +26,10 @@
 //! * **Social graph**: directed relations between users (friends, friend requests, blocked)
 //!   and user profiles, opaque values written in atomic batches
 //!   ([`MessageStore::set_relations`], [`MessageStore::set_user_profile`]).
+//! * **Account state**: a small key-value map of server-side state that is not messages
+//!   (bans, push tokens, aliases, tags, ...), opaque keys and values changed in atomic
+//!   batches and read by key or by key prefix ([`MessageStore::set_meta`],
+//!   [`MessageStore::meta`], [`MessageStore::scan_meta`]).
 //!
 //! What it does **not** do: authorisation (any caller may append to any conversation; the
 //! gateway checks membership), delivery or fan-out, deleting or editing messages (a recall
@@ -49,9 +53,10 @@
 //! | `groups` | group BE | the group's record (opaque, as given) | point read |
 //! | `relations` | user BE ++ kind u8 ++ other BE | the relation's value (opaque) | one user's friends, requests or blacklist as a prefix scan (fixed 9-byte prefix bloom); "is this sender blocked?" as a point read with whole-key bloom, on every 1:1 send |
 //! | `profiles` | user BE | the user's profile (opaque) | point read |
+//! | `account_meta` | the caller's key (1 to 512 bytes, opaque) | the caller's value (opaque, at most 64 KiB) | point reads with whole-key bloom; prefix scans in bytewise key order with the iterator's upper bound at the end of the prefix (no prefix extractor: callers' prefixes have any length) |
 //! | `user_ids`, `user_names`, `group_ids`, `group_names` | name, id BE | id, name | interning both ways |
 //! | `dedup_journal` | first version of a batch, BE | the batch's idempotent appends | rebuilds the idempotency index on open |
-//! | `meta` | `format_version`, `version`, `next_user_id`, `next_group_id` | counters | |
+//! | `meta` | `format_version`, `version`, `next_user_id`, `next_group_id` | counters | the store's own; callers' keys never go here |
 //!
 //! Separate column families keep the small, hot metadata out of the message log's
 //! compactions, and let each have its own prefix extractor, filters and memtable size.
@@ -59,10 +64,11 @@
 //! ([`decode_record`] documents the message record), except the gateway's opaque group
 //! records and member attributes, stored as given; the directory's `format_version`
 //! is checked on open ([`StorageError::UnsupportedFormat`]). Column families missing from an
-//! existing directory are created on open (`groups`, `relations` and `profiles` in a
-//! directory written before they existed); the format version is the same, and records in
-//! the older forms decode (see [`decode_record`]; user-conversation records of 26 and 34
-//! bytes get default values for the newer fields and are rewritten on their next change).
+//! existing directory are created on open (`groups`, `relations`, `profiles` and
+//! `account_meta` in a directory written before they existed); the format version is the
+//! same, and records in the older forms decode (see [`decode_record`]; user-conversation
+//! records of 26 and 34 bytes get default values for the newer fields and are rewritten on
+//! their next change).
 //!
 //! **Keys written per message**: one (`messages`) in the steady state. Per committed batch:
 //! one `meta` key (the version counter) and, if the batch had idempotent appends, one
@@ -73,7 +79,8 @@
 //! `user_groups` key and the user's `user_convs` record. An append with a recall also
 //! rewrites the recalled message's key (nothing if it is recalled already). A settings change
 //! writes the user's `user_convs` record; a relation change one `relations` key (a put or a
-//! delete); a profile one `profiles` key.
+//! delete); a profile one `profiles` key; an account state change one `account_meta` key (a
+//! put or a delete).
 //!
 //! # Sync and versions
 //!
@@ -100,8 +107,8 @@
 //! payload; its seq, version, sender, time, ids and types stay) in the same `WriteBatch` as
 //! the append that announces it; a duplicate append recalls nothing. The recalled record
 //! keeps its old version, so the recall reaches sync through its append (the conversation's
-//! newest message). Relations and profiles go through the writer too (batched, same
-//! durability) but take no version: they are not part of sync.
+//! newest message). Relations, profiles and account state go through the writer too (batched,
+//! same durability) but take no version: they are not part of sync.
 //!
 //! **Group changes.** A change of a group's stored state is recorded as a message in the
 //! group's conversation, and the append carries the change ([`AppendRequest::group_change`]):
@@ -181,16 +188,16 @@
 //!   built before theirs is committed (so a duplicate answer or a no-op never resolves
 //!   before the write it refers to is committed).
 //! * **Atomicity.** Everything in a batch (messages, recalled records, index entries, group
-//!   changes, settings, relations, profiles, journal, version counter) commits atomically in
-//!   one `WriteBatch`; in particular a group change or a recall and the message recording it
-//!   are never one without the other, and one [`MessageStore::set_relations`] call is
-//!   applied whole or not at all. A group change is
+//!   changes, settings, relations, profiles, account state, journal, version counter) commits
+//!   atomically in one `WriteBatch`; in particular a group change or a recall and the message
+//!   recording it are never one without the other, and one [`MessageStore::set_relations`] or
+//!   [`MessageStore::set_meta`] call is applied whole or not at all. A group change is
 //!   validated before it is queued, and the builder does every read an append needs before
 //!   it changes any in-memory state, so a failing append leaves nothing behind; a failed
 //!   commit rolls back the member flags and user-conversation records a group change cached
 //!   (the builder caches nothing else of it), and the user-conversation records settings
-//!   changes cached; recalls, relations and profiles leave nothing in the builder's memory
-//!   beyond their batch.
+//!   changes cached; recalls, relations, profiles and account state leave nothing in the
+//!   builder's memory beyond their batch.
 //! * **Shutdown.** [`MessageStore::close`] (or dropping the last handle) completes every
 //!   write queued before it, syncs, and joins both writer threads; writes after it resolve to
 //!   [`StorageError::Closed`]. No completion ever hangs.
@@ -214,7 +221,8 @@ mod rocks;
 #[cfg(feature = "store")]
 pub use api::{
     AppendRequest, Appended, ConversationInfo, ConversationSettings, Durability, GroupChange,
-    MAX_RELATION_CHANGES, MessageStore, RelationChange, RelationKind, StoreOptions,
+    MAX_META_CHANGES, MAX_META_KEY_LEN, MAX_META_SCAN, MAX_META_VALUE_LEN, MAX_RELATION_CHANGES,
+    MessageStore, MetaChange, RelationChange, RelationKind, StoreOptions,
 };
 #[cfg(feature = "store")]
 pub use completion::Completion;

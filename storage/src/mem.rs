@@ -1,13 +1,15 @@
 //! [`MemStore`]: an in-memory [`MessageStore`] for unit tests of higher layers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
 use crate::api::{
-    AppendRequest, Appended, ConversationInfo, ConversationSettings, GroupChange, MessageStore,
-    RelationChange, RelationKind, check_device, check_name, check_relations, check_user, now_ms,
+    AppendRequest, Appended, ConversationInfo, ConversationSettings, GroupChange, MAX_META_SCAN,
+    MessageStore, MetaChange, RelationChange, RelationKind, check_device, check_meta, check_name,
+    check_relations, check_user, meta_scan_start, now_ms,
 };
 use crate::completion::Completion;
 use crate::dedup::{DedupEntry, DedupIndex, DedupWindow};
@@ -37,6 +39,7 @@ struct State {
     group_records: HashMap<GroupId, Bytes>,
     relations: BTreeMap<(UserId, u8, UserId), Bytes>,
     profiles: HashMap<UserId, Bytes>,
+    meta: BTreeMap<Bytes, Bytes>,
     user_convs: BTreeMap<(UserId, ConversationId), UserConvRecord>,
     cursors: HashMap<(UserId, ConversationId, String), Seq>,
     dedup: DedupIndex,
@@ -91,6 +94,7 @@ impl MemStore {
                 group_records: HashMap::new(),
                 relations: BTreeMap::new(),
                 profiles: HashMap::new(),
+                meta: BTreeMap::new(),
                 user_convs: BTreeMap::new(),
                 cursors: HashMap::new(),
                 dedup: DedupIndex::new(window),
@@ -508,6 +512,34 @@ impl MessageStore for MemStore {
 
     fn user_profile(&self, user: UserId) -> Result<Option<Bytes>> {
         Ok(self.lock()?.profiles.get(&user).cloned())
+    }
+
+    fn set_meta(&self, changes: Vec<MetaChange>) -> Completion<()> {
+        Completion::ready(check_meta(&changes).and_then(|()| {
+            let mut s = self.lock()?;
+            for c in changes {
+                match c.value {
+                    Some(v) => s.meta.insert(c.key, v),
+                    None => s.meta.remove(&c.key),
+                };
+            }
+            Ok(())
+        }))
+    }
+
+    fn meta(&self, key: &[u8]) -> Result<Option<Bytes>> {
+        Ok(self.lock()?.meta.get(key).cloned())
+    }
+
+    fn scan_meta(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<Vec<(Bytes, Bytes)>> {
+        let s = self.lock()?;
+        let start = meta_scan_start(prefix, after);
+        Ok(s.meta
+            .range::<[u8], _>((Bound::Included(&start[..]), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit.min(MAX_META_SCAN))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 
     fn append(&self, req: AppendRequest) -> Completion<Appended> {

@@ -119,6 +119,74 @@ fn settings_recalls_relations_and_profiles_survive_reopen() {
 }
 
 #[test]
+fn account_meta_survives_reopen() {
+    let put = |k: &'static [u8], v: &'static [u8]| tern_storage::MetaChange {
+        key: Bytes::from_static(k),
+        value: Some(Bytes::from_static(v)),
+    };
+    let del = |k: &'static [u8]| tern_storage::MetaChange {
+        key: Bytes::from_static(k),
+        value: None,
+    };
+    for d in [
+        Durability::Fsync,
+        Durability::Wal {
+            sync_interval_ms: 5,
+        },
+        Durability::Memory,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open(dir.path(), d);
+            s.set_meta(vec![
+                put(b"ban/7", b"until 2030"),
+                put(b"push/7/phone", b"token"),
+                put(b"tag/a\xff", b"x"),
+                put(b"tag/b", b"y"),
+                put(b"gone", b"z"),
+            ])
+            .wait()
+            .unwrap();
+            s.set_meta(vec![del(b"gone"), put(b"push/7/phone", b"token2")])
+                .wait()
+                .unwrap();
+            // Keys named like the store's own counters must not touch them.
+            s.set_meta(vec![
+                put(b"format_version", b"\xff\xff\xff\xff"),
+                put(b"version", b""),
+                put(b"next_user_id", b"1"),
+            ])
+            .wait()
+            .unwrap();
+            assert_eq!(s.intern_user("alice").unwrap(), 1);
+            s.close().unwrap();
+        }
+        let s = open(dir.path(), d);
+        assert_eq!(
+            s.meta(b"ban/7").unwrap(),
+            Some(Bytes::from_static(b"until 2030")),
+            "{d:?}"
+        );
+        assert_eq!(
+            s.meta(b"push/7/phone").unwrap(),
+            Some(Bytes::from_static(b"token2"))
+        );
+        assert_eq!(s.meta(b"gone").unwrap(), None);
+        assert_eq!(
+            s.scan_meta(b"tag/a", b"", 10).unwrap(),
+            vec![(Bytes::from_static(b"tag/a\xff"), Bytes::from_static(b"x"))]
+        );
+        assert_eq!(s.meta(b"version").unwrap(), Some(Bytes::new()));
+        assert_eq!(s.intern_user("bob").unwrap(), 2, "ids continue");
+        assert_eq!(s.scan_meta(b"", b"", 100).unwrap().len(), 7);
+        drop(s);
+        // Dropping the last handle (without close) keeps it too.
+        let s = open(dir.path(), d);
+        assert_eq!(s.scan_meta(b"", b"", 100).unwrap().len(), 7, "{d:?}");
+    }
+}
+
+#[test]
 fn group_changes_survive_reopen() {
     for d in [Durability::Fsync, Durability::Memory] {
         let dir = tempfile::tempdir().unwrap();

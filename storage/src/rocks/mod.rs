@@ -16,9 +16,9 @@ use rocksdb::{
 };
 
 use crate::api::{
-    AppendRequest, Appended, ConversationInfo, ConversationSettings, Durability, MessageStore,
-    RelationChange, RelationKind, StoreOptions, check_device, check_name, check_relations,
-    check_user, now_ms,
+    AppendRequest, Appended, ConversationInfo, ConversationSettings, Durability, MAX_META_SCAN,
+    MessageStore, MetaChange, RelationChange, RelationKind, StoreOptions, check_device, check_meta,
+    check_name, check_relations, check_user, meta_scan_start, now_ms, prefix_end,
 };
 use crate::completion::Completion;
 use crate::dedup::{DedupEntry, DedupIndex};
@@ -49,10 +49,13 @@ pub(crate) const CF_JOURNAL: &str = "dedup_journal";
 pub(crate) const CF_META: &str = "meta";
 pub(crate) const CF_RELATIONS: &str = "relations";
 pub(crate) const CF_PROFILES: &str = "profiles";
+/// The account state ([`MessageStore::set_meta`]); not `meta`, which holds the store's own
+/// counters.
+pub(crate) const CF_ACCOUNT_META: &str = "account_meta";
 
-/// Opened, or created if missing (a directory written before `groups`, `relations` or
-/// `profiles` existed gets them on its first open by this build).
-const ALL_CFS: [&str; 14] = [
+/// Opened, or created if missing (a directory written before `groups`, `relations`,
+/// `profiles` or `account_meta` existed gets them on its first open by this build).
+const ALL_CFS: [&str; 15] = [
     CF_MESSAGES,
     CF_USER_IDS,
     CF_USER_NAMES,
@@ -67,6 +70,7 @@ const ALL_CFS: [&str; 14] = [
     CF_META,
     CF_RELATIONS,
     CF_PROFILES,
+    CF_ACCOUNT_META,
 ];
 
 pub(crate) const META_FORMAT: &[u8] = b"format_version";
@@ -200,6 +204,34 @@ impl Db {
                 break;
             }
             out.push(f(be_at(k, 9), v));
+            it.next();
+        }
+        it.status().map_err(backend)?;
+        Ok(out)
+    }
+
+    /// Up to `limit` entries of the account state with keys starting with `prefix` and
+    /// greater than `after`, ascending. The iterator's upper bound is the end of the prefix,
+    /// so it never reads a key beyond it (nor steps over tombstones there). A prefix without
+    /// an end (empty or all 0xFF) needs no bound: every key from it on starts with it.
+    fn scan_meta(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<Vec<(Bytes, Bytes)>> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let start = meta_scan_start(prefix, after);
+        let mut ro = ReadOptions::default();
+        if let Some(end) = prefix_end(prefix) {
+            if start >= end {
+                return Ok(out);
+            }
+            ro.set_iterate_upper_bound(end);
+        }
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_ACCOUNT_META), ro);
+        it.seek(&start);
+        while out.len() < limit {
+            let Some((k, v)) = it.item() else { break };
+            out.push((Bytes::copy_from_slice(k), Bytes::copy_from_slice(v)));
             it.next();
         }
         it.status().map_err(backend)?;
@@ -874,6 +906,30 @@ impl MessageStore for RocksStore {
             .map(|v| Bytes::copy_from_slice(&v)))
     }
 
+    fn set_meta(&self, changes: Vec<MetaChange>) -> Completion<()> {
+        if let Err(e) = check_meta(&changes) {
+            return Completion::ready(Err(e));
+        }
+        self.submit(|done| Op::Meta(changes, done))
+    }
+
+    fn meta(&self, key: &[u8]) -> Result<Option<Bytes>> {
+        self.check_open()?;
+        let db = &self.inner.db;
+        Ok(db
+            .db
+            .get_pinned_cf(db.cf(CF_ACCOUNT_META), key)
+            .map_err(backend)?
+            .map(|v| Bytes::copy_from_slice(&v)))
+    }
+
+    fn scan_meta(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<Vec<(Bytes, Bytes)>> {
+        self.check_open()?;
+        self.inner
+            .db
+            .scan_meta(prefix, after, limit.min(MAX_META_SCAN))
+    }
+
     fn append(&self, req: AppendRequest) -> Completion<Appended> {
         if let Err(e) = req.validate() {
             return Completion::ready(Err(e));
@@ -1200,6 +1256,78 @@ mod tests {
             .wait()
             .unwrap();
         assert_eq!(s.user_profile(1).unwrap(), Some(Bytes::from_static(b"p")));
+
+        let meta = || {
+            vec![
+                MetaChange {
+                    key: Bytes::from_static(b"ban/1"),
+                    value: Some(Bytes::from_static(b"b")),
+                },
+                MetaChange {
+                    key: Bytes::from_static(b"tag/1"),
+                    value: Some(Bytes::from_static(b"t")),
+                },
+            ]
+        };
+        s.inner.db.hooks.fail_commits.store(1, SeqCst);
+        let e = s.set_meta(meta()).wait().unwrap_err();
+        assert!(matches!(e, StorageError::CommitFailed(_)), "{e:?}");
+        assert!(s.scan_meta(b"", b"", 10).unwrap().is_empty());
+        s.set_meta(meta()).wait().unwrap();
+        assert_eq!(s.scan_meta(b"", b"", 10).unwrap().len(), 2);
+    }
+
+    /// A scan of the account state stops at the end of its prefix: it does not even step over
+    /// the deleted keys that follow it.
+    #[test]
+    fn meta_scan_reads_nothing_past_the_prefix() {
+        use rocksdb::perf::{PerfContext, PerfMetric, PerfStatsLevel, set_perf_stats};
+
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let put = |k: &[u8]| MetaChange {
+            key: Bytes::copy_from_slice(k),
+            value: Some(Bytes::new()),
+        };
+        // Keys right after the prefixes "p/" and "q\xff", deleted: tombstones.
+        for (first, end) in [(&b"p/"[..], &b"p0"[..]), (b"q\xff", b"r")] {
+            let keys: Vec<Vec<u8>> = (0..999)
+                .map(|i| [end, format!("/{i:03}").as_bytes()].concat())
+                .collect();
+            let changes: Vec<_> = keys.iter().map(|k| put(k)).collect();
+            s.set_meta(changes).wait().unwrap();
+            let mut changes: Vec<_> = keys
+                .iter()
+                .map(|k| MetaChange {
+                    key: Bytes::copy_from_slice(k),
+                    value: None,
+                })
+                .collect();
+            changes.push(put(&[first, b"1"].concat()));
+            s.set_meta(changes).wait().unwrap();
+        }
+        s.set_meta(vec![put(b"z")]).wait().unwrap();
+
+        set_perf_stats(PerfStatsLevel::EnableCount);
+        let mut ctx = PerfContext::default();
+        let skipped = |ctx: &PerfContext| ctx.metric(PerfMetric::InternalDeleteSkippedCount);
+        for (prefix, key) in [(&b"p/"[..], &b"p/1"[..]), (b"q\xff", b"q\xff1")] {
+            ctx.reset();
+            let found = s.scan_meta(prefix, b"", 100).unwrap();
+            assert_eq!(found, vec![(Bytes::copy_from_slice(key), Bytes::new())]);
+            assert_eq!(skipped(&ctx), 0, "{prefix:?}");
+        }
+        // Without the bound the same iteration steps over every tombstone.
+        ctx.reset();
+        let db = &s.inner.db;
+        let mut it = db.db.raw_iterator_cf(db.cf(CF_ACCOUNT_META));
+        it.seek(b"p/");
+        while it.item().is_some_and(|(k, _)| k.starts_with(b"p/")) {
+            it.next();
+        }
+        assert_eq!(it.key(), Some(&b"q\xff1"[..]));
+        assert_eq!(skipped(&ctx), 999);
+        set_perf_stats(PerfStatsLevel::Disable);
     }
 
     /// A recall whose target is not committed yet: in the batch being committed (the builder
@@ -1664,6 +1792,55 @@ mod tests {
             Some(Bytes::from_static(b"since"))
         );
         assert_eq!(s.user_profile(1).unwrap(), Some(Bytes::from_static(b"me")));
+    }
+
+    /// A directory written before the `account_meta` column family existed opens: the column
+    /// family is created, and the store's own `meta` counters are untouched by it.
+    #[test]
+    fn opens_a_directory_without_the_account_meta_column_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = direct_conversation(1, 2).unwrap();
+        {
+            let mut o = Options::default();
+            o.create_if_missing(true);
+            o.create_missing_column_families(true);
+            let old: Vec<&str> = ALL_CFS
+                .into_iter()
+                .filter(|&n| n != CF_ACCOUNT_META)
+                .collect();
+            let db = DB::open_cf(&o, dir.path(), &old).unwrap();
+            let cf = |n: &str| db.cf_handle(n).unwrap();
+            db.put_cf(cf(CF_META), META_FORMAT, FORMAT_VERSION.to_le_bytes())
+                .unwrap();
+            db.put_cf(cf(CF_META), META_VERSION, encode_u64(7)).unwrap();
+            db.put_cf(cf(CF_META), META_NEXT_USER, encode_u64(3))
+                .unwrap();
+            db.put_cf(cf(CF_PROFILES), 1u64.to_be_bytes(), b"me")
+                .unwrap();
+        }
+        let listed = || DB::list_cf(&Options::default(), dir.path()).unwrap();
+        assert!(!listed().contains(&CF_ACCOUNT_META.to_owned()));
+
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(s.meta(b"version").unwrap(), None);
+        assert!(s.scan_meta(b"", b"", 10).unwrap().is_empty());
+        assert_eq!(s.user_profile(1).unwrap(), Some(Bytes::from_static(b"me")));
+        s.set_meta(vec![MetaChange {
+            key: Bytes::from_static(b"ban/1"),
+            value: Some(Bytes::from_static(b"yes")),
+        }])
+        .wait()
+        .unwrap();
+        let r = s.append(msg(c, "m1")).wait().unwrap();
+        assert_eq!((r.seq, r.version), (1, 8));
+        assert_eq!(s.intern_user("carol").unwrap(), 3);
+        drop(s);
+
+        assert!(listed().contains(&CF_ACCOUNT_META.to_owned()));
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(s.meta(b"ban/1").unwrap(), Some(Bytes::from_static(b"yes")));
+        assert_eq!(s.inner.db.meta_version().unwrap(), 8);
+        assert_eq!(s.intern_user("dave").unwrap(), 4);
     }
 
     /// A directory written before the `groups` column family existed (and with 26-byte

@@ -41,8 +41,8 @@
 //! batch if the message was appended earlier in it, else from the database. So before it
 //! builds a batch that holds a recall, the builder waits until every batch built before is
 //! committed (and rolls back first if one failed). Settings changes are cached like read
-//! positions (in the user-conversation records); relations and profiles are only written to
-//! the batch.
+//! positions (in the user-conversation records); relations, profiles and account state are
+//! only written to the batch.
 
 use std::collections::VecDeque;
 
@@ -56,11 +56,11 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use rocksdb::{ColumnFamily, WriteBatch, WriteOptions};
 
-use super::{CF_CURSORS, CF_GROUPS, CF_JOURNAL, CF_MEMBERS, CF_MESSAGES, CF_META};
+use super::{CF_ACCOUNT_META, CF_CURSORS, CF_GROUPS, CF_JOURNAL, CF_MEMBERS, CF_MESSAGES, CF_META};
 use super::{CF_PROFILES, CF_RELATIONS, CF_USER_CONVS, CF_USER_GROUPS, Db, META_VERSION};
 use crate::api::{
-    AppendRequest, Appended, ConversationSettings, GroupChange, RelationChange, StoreOptions,
-    now_ms,
+    AppendRequest, Appended, ConversationSettings, GroupChange, MetaChange, RelationChange,
+    StoreOptions, now_ms,
 };
 use crate::completion::Completer;
 use crate::dedup::{DedupEntry, DedupIndex, DedupKey};
@@ -107,6 +107,7 @@ pub(crate) enum Op {
         profile: bytes::Bytes,
         done: Completer<()>,
     },
+    Meta(Vec<MetaChange>, Completer<()>),
     Shutdown,
 }
 
@@ -120,6 +121,7 @@ impl std::fmt::Debug for Op {
             Op::Settings { .. } => "Settings",
             Op::Relations(..) => "Relations",
             Op::Profile { .. } => "Profile",
+            Op::Meta(..) => "Meta",
             Op::Shutdown => "Shutdown",
         })
     }
@@ -585,6 +587,16 @@ impl Writer {
                     done: tx,
                 } => {
                     batch.put_cf(db.cf(CF_PROFILES), user.to_be_bytes(), &profile);
+                    done.push(Done::Unit(tx, Ok(())));
+                }
+                Op::Meta(changes, tx) => {
+                    let cf = db.cf(CF_ACCOUNT_META);
+                    for c in &changes {
+                        match &c.value {
+                            Some(v) => batch.put_cf(cf, &c.key, v),
+                            None => batch.delete_cf(cf, &c.key),
+                        }
+                    }
                     done.push(Done::Unit(tx, Ok(())));
                 }
                 Op::Shutdown => {}

@@ -8,7 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tern_storage::{
     AppendRequest, Appended, ConversationInfo, ConversationSettings, DedupWindow, GroupChange,
-    MAX_CLIENT_MSG_ID_LEN, MAX_GROUP_ID, MAX_RELATION_CHANGES, MAX_USER_ID, MessageStore, Peer,
+    MAX_CLIENT_MSG_ID_LEN, MAX_GROUP_ID, MAX_META_CHANGES, MAX_META_KEY_LEN, MAX_META_SCAN,
+    MAX_META_VALUE_LEN, MAX_RELATION_CHANGES, MAX_USER_ID, MessageStore, MetaChange, Peer,
     RelationChange, RelationKind, StorageError, direct_conversation, group_conversation,
 };
 
@@ -822,6 +823,12 @@ pub fn close_rejects_later_calls(make: Factory) {
     assert_eq!(s.read_forward(c, 1, 1), Err(StorageError::Closed));
     assert_eq!(s.set_read(1, c, 1).wait(), Err(StorageError::Closed));
     assert_eq!(s.intern_user("x"), Err(StorageError::Closed));
+    assert_eq!(
+        s.set_meta(vec![put(b"k", b"v")]).wait(),
+        Err(StorageError::Closed)
+    );
+    assert_eq!(s.meta(b"k"), Err(StorageError::Closed));
+    assert_eq!(s.scan_meta(b"", b"", 1), Err(StorageError::Closed));
 }
 
 pub fn conversation_settings(make: Factory) {
@@ -1221,6 +1228,394 @@ pub fn relations_and_profiles(make: Factory) {
     assert_eq!(s.user_version(1).unwrap(), 0);
 }
 
+fn put(key: &[u8], value: &[u8]) -> MetaChange {
+    MetaChange {
+        key: Bytes::copy_from_slice(key),
+        value: Some(Bytes::copy_from_slice(value)),
+    }
+}
+
+fn del(key: &[u8]) -> MetaChange {
+    MetaChange {
+        key: Bytes::copy_from_slice(key),
+        value: None,
+    }
+}
+
+/// The keys of a scan's result.
+fn keys_of(entries: &[(Bytes, Bytes)]) -> Vec<&[u8]> {
+    entries.iter().map(|(k, _)| &k[..]).collect()
+}
+
+pub fn account_meta(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = f.store.as_ref();
+    let get = |k: &[u8]| s.meta(k).unwrap();
+    assert_eq!(get(b"ban/1"), None);
+    assert!(s.scan_meta(b"", b"", 10).unwrap().is_empty());
+
+    // Put, overwrite, empty value, delete.
+    s.set_meta(vec![put(b"ban/1", b"spam")]).wait().unwrap();
+    assert_eq!(get(b"ban/1"), Some(Bytes::from_static(b"spam")));
+    assert_eq!(get(b"ban/"), None);
+    assert_eq!(get(b"ban/10"), None);
+    s.set_meta(vec![put(b"ban/1", b"abuse")]).wait().unwrap();
+    assert_eq!(get(b"ban/1"), Some(Bytes::from_static(b"abuse")));
+    s.set_meta(vec![put(b"alias/bob", b"")]).wait().unwrap();
+    assert_eq!(get(b"alias/bob"), Some(Bytes::new()), "empty is not absent");
+    s.set_meta(vec![del(b"ban/1")]).wait().unwrap();
+    assert_eq!(get(b"ban/1"), None);
+    s.set_meta(vec![del(b"never/set")]).wait().unwrap();
+    assert_eq!(get(b"never/set"), None);
+    assert!(s.set_meta(Vec::new()).wait().is_ok());
+
+    // One call: all changes in order, the last change of a key wins.
+    s.set_meta(vec![
+        put(b"push/1/phone", b"t1"),
+        put(b"push/1/tablet", b"t2"),
+        put(b"tag/1", b"old"),
+        del(b"alias/bob"),
+        put(b"tag/1", b"new"),
+        put(b"gone", b"x"),
+        del(b"gone"),
+        del(b"back"),
+        put(b"back", b"y"),
+    ])
+    .wait()
+    .unwrap();
+    assert_eq!(
+        s.scan_meta(b"", b"", 100).unwrap(),
+        vec![
+            (Bytes::from_static(b"back"), Bytes::from_static(b"y")),
+            (
+                Bytes::from_static(b"push/1/phone"),
+                Bytes::from_static(b"t1")
+            ),
+            (
+                Bytes::from_static(b"push/1/tablet"),
+                Bytes::from_static(b"t2")
+            ),
+            (Bytes::from_static(b"tag/1"), Bytes::from_static(b"new")),
+        ]
+    );
+
+    // A call with one invalid change writes none of its changes.
+    let e = s
+        .set_meta(vec![
+            put(b"tag/1", b"changed"),
+            del(b"back"),
+            put(b"tag/2", b"added"),
+            put(b"", b"bad"),
+        ])
+        .wait();
+    assert!(matches!(e, Err(StorageError::InvalidArgument(_))), "{e:?}");
+    assert_eq!(get(b"tag/1"), Some(Bytes::from_static(b"new")));
+    assert_eq!(get(b"back"), Some(Bytes::from_static(b"y")));
+    assert_eq!(get(b"tag/2"), None);
+
+    // The store's own counters live elsewhere: keys named like them are plain account state.
+    s.set_meta(vec![
+        put(b"version", b"not a number"),
+        put(b"format_version", b"\xff"),
+        put(b"next_user_id", b""),
+    ])
+    .wait()
+    .unwrap();
+    let u = s.intern_user("meta-user").unwrap();
+    assert_eq!(s.intern_user("meta-user-2").unwrap(), u + 1);
+    let c = direct_conversation(u, u + 1).unwrap();
+    let a = append(s, msg(c, u, "m1", "hi"));
+    assert_eq!((a.seq, a.version), (1, 1));
+    assert_eq!(get(b"version"), Some(Bytes::from_static(b"not a number")));
+
+    // Account state is not part of sync: it takes no version.
+    s.set_meta(vec![put(b"tag/3", b"")]).wait().unwrap();
+    assert_eq!(append(s, msg(c, u, "m2", "hi")).version, 2);
+}
+
+pub fn account_meta_scans(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = f.store.as_ref();
+    let all: [&[u8]; 16] = [
+        b"\x00",
+        b"tag/",
+        b"tag/`",
+        b"tag/a",
+        b"tag/a/1",
+        b"tag/a/15",
+        b"tag/a/2",
+        b"tag/a\xfe",
+        b"tag/a\xff",
+        b"tag/a\xff\x00",
+        b"tag/a\xff\xff",
+        b"tag/a\xff\xff\xff",
+        b"tag/b",
+        b"\xfe\xff",
+        b"\xff",
+        b"\xff\xff\x01",
+    ];
+    // Written in an order other than the key order, in two calls.
+    let mut changes: Vec<_> = all
+        .iter()
+        .rev()
+        .map(|k| put(k, &k[k.len() - 1..]))
+        .collect();
+    let rest = changes.split_off(7);
+    s.set_meta(rest).wait().unwrap();
+    s.set_meta(changes).wait().unwrap();
+    let scan = |prefix: &[u8], after: &[u8], limit| s.scan_meta(prefix, after, limit).unwrap();
+
+    let everything = scan(b"", b"", 100);
+    assert_eq!(keys_of(&everything), all.to_vec(), "bytewise key order");
+    assert!(everything.iter().all(|(k, v)| v[..] == k[k.len() - 1..]));
+    assert_eq!(
+        keys_of(&scan(b"tag/a", b"", 100)),
+        vec![
+            &b"tag/a"[..],
+            b"tag/a/1",
+            b"tag/a/15",
+            b"tag/a/2",
+            b"tag/a\xfe",
+            b"tag/a\xff",
+            b"tag/a\xff\x00",
+            b"tag/a\xff\xff",
+            b"tag/a\xff\xff\xff",
+        ]
+    );
+    // Prefixes ending in 0xFF: the next key outside them is "tag/b".
+    assert_eq!(
+        keys_of(&scan(b"tag/a\xff", b"", 100)),
+        vec![
+            &b"tag/a\xff"[..],
+            b"tag/a\xff\x00",
+            b"tag/a\xff\xff",
+            b"tag/a\xff\xff\xff",
+        ]
+    );
+    assert_eq!(
+        keys_of(&scan(b"tag/a\xff\xff", b"", 100)),
+        vec![&b"tag/a\xff\xff"[..], b"tag/a\xff\xff\xff"]
+    );
+    // All 0xFF: no key after the prefix is outside it; "\xfe\xff" is before it.
+    assert_eq!(
+        keys_of(&scan(b"\xff", b"", 100)),
+        vec![&b"\xff"[..], b"\xff\xff\x01"]
+    );
+    assert_eq!(
+        keys_of(&scan(b"\xff\xff", b"", 100)),
+        vec![&b"\xff\xff\x01"[..]]
+    );
+    assert_eq!(keys_of(&scan(b"tag/b", b"", 100)), vec![&b"tag/b"[..]]);
+    assert!(scan(b"tag/c", b"", 100).is_empty());
+    assert!(scan(b"tag/a/3", b"", 100).is_empty());
+    assert!(scan(b"\x01", b"", 100).is_empty());
+
+    // `after`: strictly greater; before the prefix = from its start; past it = nothing.
+    assert_eq!(
+        keys_of(&scan(b"tag/a/", b"tag/a/1", 100)),
+        vec![&b"tag/a/15"[..], b"tag/a/2"]
+    );
+    assert_eq!(
+        keys_of(&scan(b"tag/a/", b"tag/a/10", 100)),
+        vec![&b"tag/a/15"[..], b"tag/a/2"],
+        "after need not be a key"
+    );
+    assert_eq!(
+        keys_of(&scan(b"tag/a/", b"tag/a/", 100)),
+        vec![&b"tag/a/1"[..], b"tag/a/15", b"tag/a/2"]
+    );
+    assert_eq!(
+        keys_of(&scan(b"tag/a", b"tag/a", 2)),
+        vec![&b"tag/a/1"[..], b"tag/a/15"],
+        "the prefix itself is excluded when it is `after`"
+    );
+    assert_eq!(keys_of(&scan(b"tag/a/", b"tag/", 1)), vec![&b"tag/a/1"[..]]);
+    assert_eq!(keys_of(&scan(b"tag/a/", b"\x00", 1)), vec![&b"tag/a/1"[..]]);
+    assert!(scan(b"tag/a/", b"tag/a/2", 100).is_empty());
+    assert!(scan(b"tag/a/", b"tag/a0", 100).is_empty());
+    assert!(scan(b"tag/a", b"tag/a\xff\xff\xff", 100).is_empty());
+    assert!(scan(b"tag/a", b"\xff", 100).is_empty());
+    assert_eq!(
+        keys_of(&scan(b"tag/a\xff", b"tag/a\xff\x00", 100)),
+        vec![&b"tag/a\xff\xff"[..], b"tag/a\xff\xff\xff"]
+    );
+    assert_eq!(
+        keys_of(&scan(b"\xff", b"\xff", 100)),
+        vec![&b"\xff\xff\x01"[..]]
+    );
+    assert!(scan(b"\xff", b"\xff\xff\x01", 100).is_empty());
+
+    // `limit`, and paging with `after` = the last key of the previous page.
+    assert!(scan(b"tag/a", b"", 0).is_empty());
+    assert_eq!(
+        keys_of(&scan(b"tag/a", b"", 3)),
+        vec![&b"tag/a"[..], b"tag/a/1", b"tag/a/15"]
+    );
+    for page in 1..=4 {
+        let mut paged = Vec::new();
+        let mut after = Bytes::new();
+        loop {
+            let p = scan(b"", &after, page);
+            assert!(p.len() <= page);
+            let Some((last, _)) = p.last() else { break };
+            after = last.clone();
+            paged.extend(p);
+        }
+        assert_eq!(paged, everything, "pages of {page}");
+    }
+
+    // Deleted keys are skipped.
+    s.set_meta(vec![del(b"tag/a/15"), del(b"tag/a\xff")])
+        .wait()
+        .unwrap();
+    assert_eq!(
+        keys_of(&scan(b"tag/a", b"tag/a/1", 3)),
+        vec![&b"tag/a/2"[..], b"tag/a\xfe", b"tag/a\xff\x00"]
+    );
+
+    // A larger limit is capped.
+    for round in 0..=MAX_META_SCAN / MAX_META_CHANGES {
+        let batch = (0..MAX_META_CHANGES)
+            .map(|i| {
+                put(
+                    format!("cap/{:05}", round * MAX_META_CHANGES + i).as_bytes(),
+                    b"",
+                )
+            })
+            .collect();
+        s.set_meta(batch).wait().unwrap();
+    }
+    let first = scan(b"cap/", b"", usize::MAX);
+    assert_eq!(first.len(), MAX_META_SCAN);
+    assert_eq!(&first[0].0[..], b"cap/00000");
+    let last = format!("cap/{:05}", MAX_META_SCAN - 1);
+    assert_eq!(&first[MAX_META_SCAN - 1].0[..], last.as_bytes());
+    let next = scan(b"cap/", last.as_bytes(), usize::MAX);
+    assert_eq!(next.len(), MAX_META_CHANGES);
+    assert_eq!(
+        next.last().unwrap().0,
+        format!("cap/{:05}", MAX_META_SCAN + MAX_META_CHANGES - 1)
+    );
+    assert_eq!(
+        keys_of(&scan(b"tag/b", b"", usize::MAX)),
+        vec![&b"tag/b"[..]]
+    );
+}
+
+/// Every prefix, `after` and limit over the keys of up to 3 bytes from {0x00, 'a', 0xFF}
+/// (some of them deleted), against a filter of the sorted keys.
+pub fn account_meta_scans_exhaustive(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = f.store.as_ref();
+    let alphabet = [0x00, b'a', 0xFF];
+    let mut words: Vec<Vec<u8>> = vec![Vec::new()];
+    for len in 1..=3 {
+        let shorter: Vec<Vec<u8>> = words
+            .iter()
+            .filter(|w| w.len() == len - 1)
+            .cloned()
+            .collect();
+        for w in shorter {
+            for b in alphabet {
+                words.push([&w[..], &[b]].concat());
+            }
+        }
+    }
+    words.sort();
+    let keys: Vec<&Vec<u8>> = words.iter().filter(|w| !w.is_empty()).collect();
+    s.set_meta(keys.iter().map(|k| put(k, k)).collect())
+        .wait()
+        .unwrap();
+    // Every third key deleted: tombstones inside and at the edges of prefixes.
+    let live: Vec<&Vec<u8>> = keys.iter().copied().step_by(3).collect();
+    s.set_meta(
+        keys.iter()
+            .enumerate()
+            .filter(|(i, _)| i % 3 != 0)
+            .map(|(_, k)| del(k))
+            .collect(),
+    )
+    .wait()
+    .unwrap();
+    let mut scans = 0;
+    for prefix in words.iter().filter(|w| w.len() <= 2) {
+        for after in &words {
+            for limit in [0, 1, 2, 100] {
+                let want: Vec<&[u8]> = live
+                    .iter()
+                    .filter(|k| k.starts_with(prefix) && k[..] > after[..])
+                    .take(limit)
+                    .map(|k| &k[..])
+                    .collect();
+                let got = s.scan_meta(prefix, after, limit).unwrap();
+                assert_eq!(
+                    keys_of(&got),
+                    want,
+                    "prefix {prefix:?} after {after:?} {limit}"
+                );
+                assert!(got.iter().all(|(k, v)| k == v));
+                scans += 1;
+            }
+        }
+    }
+    assert_eq!(scans, 13 * 40 * 4);
+}
+
+pub fn account_meta_limits(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = f.store.as_ref();
+    let ok = put(b"limits/ok", b"v");
+    let rejected = |bad: Vec<MetaChange>, limit: &str| {
+        let mut changes = vec![ok.clone()];
+        changes.extend(bad);
+        match s.set_meta(changes).wait() {
+            Err(StorageError::InvalidArgument(m)) => {
+                assert!(m.contains(limit), "{m:?} names {limit}")
+            }
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(s.meta(b"limits/ok").unwrap(), None, "nothing written");
+        assert!(s.scan_meta(b"", b"", 10).unwrap().is_empty());
+    };
+    let key = |n: usize| vec![b'k'; n];
+    let value = |n: usize| vec![b'v'; n];
+
+    rejected(vec![put(b"", b"")], "512");
+    rejected(vec![del(b"")], "512");
+    rejected(vec![put(&key(MAX_META_KEY_LEN + 1), b"")], "512");
+    rejected(vec![del(&key(MAX_META_KEY_LEN + 1))], "512");
+    rejected(
+        vec![put(b"limits/big", &value(MAX_META_VALUE_LEN + 1))],
+        "65536",
+    );
+    let too_many = (1..MAX_META_CHANGES)
+        .map(|i| put(format!("limits/{i}").as_bytes(), b""))
+        .chain([put(b"limits/last", b"")])
+        .collect();
+    rejected(too_many, "1000");
+
+    // At the limits: accepted, whole.
+    let longest = key(MAX_META_KEY_LEN);
+    let biggest = value(MAX_META_VALUE_LEN);
+    s.set_meta(vec![put(&longest, &biggest), put(b"k", b"")])
+        .wait()
+        .unwrap();
+    assert_eq!(s.meta(&longest).unwrap().unwrap(), biggest);
+    let most: Vec<_> = (0..MAX_META_CHANGES)
+        .map(|i| put(format!("most/{i:04}").as_bytes(), &i.to_be_bytes()))
+        .collect();
+    s.set_meta(most).wait().unwrap();
+    let stored = s.scan_meta(b"most/", b"", usize::MAX).unwrap();
+    assert_eq!(stored.len(), MAX_META_CHANGES);
+    for (i, (k, v)) in stored.iter().enumerate() {
+        assert_eq!(k, format!("most/{i:04}").as_bytes());
+        assert_eq!(v[..], i.to_be_bytes());
+    }
+    // Reads of keys no write may use find nothing.
+    assert_eq!(s.meta(b"").unwrap(), None);
+    assert_eq!(s.meta(&key(MAX_META_KEY_LEN + 1)).unwrap(), None);
+}
+
 #[macro_export]
 macro_rules! suite {
     ($factory:expr) => {
@@ -1245,6 +1640,10 @@ macro_rules! suite {
             recall_empties_a_message_with_its_event,
             recall_of_a_message_in_flight,
             relations_and_profiles,
+            account_meta,
+            account_meta_scans,
+            account_meta_scans_exhaustive,
+            account_meta_limits,
             close_rejects_later_calls,
         );
     };
