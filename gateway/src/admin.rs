@@ -295,6 +295,30 @@ impl Core {
     }
 }
 
+/// The account-state key of `user`'s ban: its value is the end of the ban (ms since the epoch,
+/// big-endian u64; 0 = until lifted).
+pub fn ban_key(user: &str) -> Vec<u8> {
+    let mut k = b"ban/".to_vec();
+    k.extend_from_slice(user.as_bytes());
+    k
+}
+
+/// Whether `user` is banned at `now_ms`. A store error counts as not banned (logins do not
+/// fail because the account state cannot be read; the error is logged).
+pub fn banned(store: &dyn tern_storage::MessageStore, user: &str, now_ms: u64) -> bool {
+    match store.meta(&ban_key(user)) {
+        Ok(Some(v)) => {
+            let until = <[u8; 8]>::try_from(v.as_ref()).map_or(0, u64::from_be_bytes);
+            until == 0 || until > now_ms
+        }
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a ban");
+            false
+        }
+    }
+}
+
 /// The first frame queued on `out` that answers request `rid` (others, such as SyncNeeded,
 /// are skipped).
 async fn answer_of(codec: &Codec, out: &Outbound, rid: u64) -> Option<Frame> {

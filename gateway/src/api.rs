@@ -159,6 +159,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/users/import", post(import_users))
         .route("/v1/users/{user}/token", post(issue_token))
         .route("/v1/users/{user}/kick", post(kick))
+        .route("/v1/users/{user}/ban", post(ban).delete(unban))
         .route("/v1/users/{user}/request", post(user_request))
         .route("/v1/system/request", post(system_request))
         .route("/v1/messages", post(send_message))
@@ -447,6 +448,59 @@ async fn kick(
     }
     let kicked = st.bridge.kick(&user, KickReason::Admin, &message).await?;
     Ok(axum::Json(json!({ "user": user, "kicked": kicked })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BanRequest {
+    /// How long (seconds); until lifted when absent.
+    duration_secs: Option<u64>,
+}
+
+/// Bans a user: their connections are kicked (REVOKED) and logins fail with TOKEN_REVOKED until
+/// the ban ends or is lifted. Stored, so it survives restarts.
+async fn ban(
+    State(st): State<Arc<ApiState>>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    check_user(&user)?;
+    let req: BanRequest = if body.is_empty() {
+        BanRequest::default()
+    } else {
+        parse(&headers, &body)?
+    };
+    let until = match req.duration_secs {
+        None => 0,
+        Some(0) => return Err(ApiError::bad("duration_secs must be at least 1")),
+        Some(s) => crate::core::now_ms().saturating_add(s.saturating_mul(1000)),
+    };
+    st.store
+        .set_meta(vec![tern_storage::MetaChange {
+            key: crate::admin::ban_key(&user).into(),
+            value: Some(bytes::Bytes::copy_from_slice(&until.to_be_bytes())),
+        }])
+        .await?;
+    let kicked = st
+        .bridge
+        .kick(&user, KickReason::Revoked, "the user is banned")
+        .await?;
+    Ok(axum::Json(
+        json!({ "user": user, "banned_until_ms": until, "kicked": kicked }),
+    ))
+}
+
+async fn unban(State(st): State<Arc<ApiState>>, Path(user): Path<String>) -> ApiResult {
+    check_user(&user)?;
+    let was = crate::admin::banned(&*st.store, &user, crate::core::now_ms());
+    st.store
+        .set_meta(vec![tern_storage::MetaChange {
+            key: crate::admin::ban_key(&user).into(),
+            value: None,
+        }])
+        .await?;
+    Ok(axum::Json(json!({ "user": user, "was_banned": was })))
 }
 
 /// Client requests the API may make on a user's behalf: those that answer once and leave no

@@ -360,6 +360,9 @@ fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static 
             "the token is bound to another device_id",
         ));
     }
+    if crate::admin::banned(&*core.store, &claims.sub, now_ms()) {
+        return Err((ErrorCode::TokenRevoked, "the user is banned"));
+    }
     Ok(Login {
         user: claims.sub,
         device: hello.device_id,

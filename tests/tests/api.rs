@@ -607,3 +607,52 @@ fn https_when_a_certificate_is_configured() {
         .into();
     assert!(agent.get(&format!("{plain}/v1/stats")).call().is_err());
 }
+
+#[test]
+fn ban_kicks_refuses_logins_survives_restart_and_lifts() {
+    let mut gw = Gateway::start(&["--cores", "2"]);
+    let mut eve = login(&gw, "eve", "phone");
+    let got = ok(gw.api_call("POST", "/v1/users/eve/ban", None));
+    assert_eq!(got["kicked"], json!(1));
+    assert_eq!(got["banned_until_ms"], json!(0));
+    eve.expect_kick(KickReason::Revoked);
+    let token = gw.token("eve");
+    let mut again = gw.connect(Via::Tcp);
+    again.send_body(Body::Hello(tern_tests::hello(&token, "phone")));
+    again.expect_error(ErrorCode::TokenRevoked);
+    // Other users are not affected.
+    let _frank = login(&gw, "frank", "phone");
+    // The ban is stored: still banned after a restart.
+    gw.restart();
+    let mut again = gw.connect(Via::Tcp);
+    again.send_body(Body::Hello(tern_tests::hello(&token, "phone")));
+    again.expect_error(ErrorCode::TokenRevoked);
+    // Lifted: the same token logs in.
+    let got = ok(gw.api_call("DELETE", "/v1/users/eve/ban", None));
+    assert_eq!(got["was_banned"], json!(true));
+    let (_eve, hello) = gw.login(Via::Tcp, &token, "phone");
+    assert_eq!(hello.user_id, "eve");
+    let got = ok(gw.api_call("DELETE", "/v1/users/eve/ban", None));
+    assert_eq!(got["was_banned"], json!(false));
+    // A ban with a duration in the past is impossible; zero is refused.
+    let got = gw.api_call(
+        "POST",
+        "/v1/users/eve/ban",
+        Some(&json!({"duration_secs": 0})),
+    );
+    assert_error(&got, 400, ErrorCode::InvalidArgument);
+    let got = ok(gw.api_call(
+        "POST",
+        "/v1/users/eve/ban",
+        Some(&json!({"duration_secs": 3600})),
+    ));
+    let until = got["banned_until_ms"].as_u64().unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        until > now_ms + 3_590_000 && until <= now_ms + 3_600_000,
+        "{until}"
+    );
+}
