@@ -60,7 +60,7 @@ start_gateway() { # durability cores
         >"$WORK/bench.toml"
     [ -z "${GATEWAY_CONFIG:-}" ] || printf '%s\n' "$GATEWAY_CONFIG" >>"$WORK/bench.toml"
     "$BIN"/tern-gateway --config "$WORK/bench.toml" --data-dir "$WORK/data" \
-        --tcp "127.0.0.1:$PORT" --quic "127.0.0.1:$PORT" --durability "$1" --cores "$2" \
+        --tcp "127.0.0.1:$PORT" --quic "127.0.0.1:$PORT" --api 127.0.0.1:0 --durability "$1" --cores "$2" \
         --log warn 2>"$WORK/gateway.log" &
     GW_PID=$!
     for _ in $(seq 100); do

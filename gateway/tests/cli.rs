@@ -3,7 +3,10 @@
 use std::process::Command;
 
 fn gateway() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tern-gateway"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tern-gateway"));
+    // The admin API on any free port, so tests running side by side do not meet on its default.
+    c.env("TERN_API", "127.0.0.1:0");
+    c
 }
 
 #[test]

@@ -169,6 +169,7 @@ fn a_log_file_that_cannot_grow_does_not_stop_the_gateway() {
         .parse()
         .unwrap();
     let child = std::process::Command::new(tern_tests::binary("tern-gateway"))
+        .env("TERN_API", "127.0.0.1:0")
         .arg("--data-dir")
         .arg(&data)
         .arg("--config")

@@ -233,6 +233,8 @@ fn run_script(script: &str, listen_out: &std::path::Path, wait_for: &str) -> Str
             format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
         )
         .env("LISTEN_OUT", listen_out)
+        // The admin API on any free port: other tests may run a README gateway at the same time.
+        .env("TERN_API", "127.0.0.1:0")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -161,6 +161,7 @@ fn the_plaintext_listener_can_be_turned_off() {
 fn turning_off_plaintext_without_tls_or_quic_is_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(tern_tests::binary("tern-gateway"))
+        .env("TERN_API", "127.0.0.1:0")
         .arg("--data-dir")
         .arg(dir.path())
         .arg("--no-plaintext")
