@@ -91,6 +91,9 @@ enum Command {
         conversation_id: u64,
         seq: u64,
     },
+    PushAck {
+        push_id: u64,
+    },
     Close {
         done: oneshot::Sender<()>,
     },
@@ -341,6 +344,14 @@ impl Client {
                 conversation_id,
                 seq,
             })
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// Acknowledges every server push up to `push_id` (only needed with auto-ack off).
+    pub fn ack_push(&self, push_id: u64) -> Result<()> {
+        self.inner
+            .commands
+            .send(Command::PushAck { push_id })
             .map_err(|_| ClientError::Closed)
     }
 
@@ -792,7 +803,9 @@ impl Driver {
                         Some(Command::Request { reply, .. } | Command::Sync { reply }) => {
                             let _ = reply.send(Err(ClientError::Disconnected));
                         }
-                        Some(Command::Ack { .. } | Command::Notify { .. }) => {}
+                        Some(
+                            Command::Ack { .. } | Command::PushAck { .. } | Command::Notify { .. },
+                        ) => {}
                     },
                 }
             }
@@ -939,6 +952,7 @@ impl Driver {
                 conversation_id,
                 seq,
             } => self.session.ack(conversation_id, seq),
+            Command::PushAck { push_id } => self.session.ack_push(push_id),
             Command::Close { done } => return Some(End::Closed(Some(done))),
         }
         None

@@ -216,12 +216,12 @@ pub use tern_protocol::v1::ListedUser;
 pub use tern_protocol::v1::group_request::Op as GroupOp;
 pub use tern_protocol::v1::social_request::Op as SocialOp;
 pub use tern_protocol::{
-    ContentType, ConversationSettings, ConversationState, Deliver, ErrorCode, GroupEvent,
-    GroupEventKind, GroupInfo, GroupMember, GroupProfile, GroupResponse, GroupRole, HelloOk,
-    HistoryPage, JoinPolicy, Kick, KickReason, ListKind, MemberPage, Platform, Presence,
-    ReadCounts, ReadReceipt, ReadState, RecallEvent, RecallOk, RoomResponse, SendAck,
-    SetConversation, SocialEvent, SocialEventKind, SocialResponse, Target, TargetKind, Typing,
-    UserProfile,
+    ContentType, ConversationSettings, ConversationState, Deliver, DeviceSettings, DoNotDisturb,
+    ErrorCode, GroupEvent, GroupEventKind, GroupInfo, GroupMember, GroupProfile, GroupResponse,
+    GroupRole, HelloOk, HistoryPage, JoinPolicy, Kick, KickReason, ListKind, MemberPage, Platform,
+    Presence, PushNotice, ReadCounts, ReadReceipt, ReadState, RecallEvent, RecallOk, RoomResponse,
+    SendAck, SetConversation, SetDevice, SocialEvent, SocialEventKind, SocialResponse, Target,
+    TargetKind, Typing, UserProfile,
 };
 
 /// What the client tells the application, in the order it happened.
@@ -279,6 +279,9 @@ pub enum Event {
     ConversationSettings(ConversationSettings),
     /// A friend request, or a friendship added, declined or deleted.
     Social(SocialEvent),
+    /// A server push (admin API). Each push id comes once; with auto-ack on it is acknowledged
+    /// at once, otherwise call [`Client::ack_push`].
+    Push(PushNotice),
     /// After a reconnect the server refused to let the client enter a room it was in again
     /// (e.g. `LIMIT_EXCEEDED`): it is no longer in the room and gets none of its messages.
     RoomLost {

@@ -21,7 +21,8 @@
 //!
 //! What the server pushes besides messages has a line of its own, starting with a word that
 //! says what it is: [`read_state`] and [`read_receipt`] (`read ...`), [`typing`], [`presence`],
-//! [`conversation_settings`] (`settings ...`) and [`social_event`] (`friend event=...`).
+//! [`conversation_settings`] (`settings ...`), [`social_event`] (`friend event=...`) and
+//! [`push_notice`] (`push id=...`).
 //!
 //! The answers of the other commands: [`read_state`] for `tern read`, [`recall_ok`] for `tern
 //! recall`, [`listed_user`] for each user of `tern friend list`, [`friend_done`] for the other
@@ -34,9 +35,9 @@ use std::fmt::Write;
 
 use tern_protocol::{
     ConversationSettings, Deliver, GroupEvent, GroupEventKind, GroupInfo, GroupMember,
-    GroupProfile, GroupResponse, GroupRole, JoinPolicy, Presence, ReadReceipt, ReadState,
-    RecallEvent, RecallOk, SendAck, SocialEvent, SocialEventKind, Target, TargetKind, Typing,
-    UserProfile, v1::ListedUser,
+    GroupProfile, GroupResponse, GroupRole, JoinPolicy, Presence, PushNotice, ReadReceipt,
+    ReadState, RecallEvent, RecallOk, SendAck, SocialEvent, SocialEventKind, Target, TargetKind,
+    Typing, UserProfile, v1::ListedUser,
 };
 
 use crate::ClientError;
@@ -89,6 +90,21 @@ pub fn message(m: &Deliver) -> String {
     format!(
         "conversation={} seq={} from={} time={} {body}",
         m.conversation_id, m.seq, m.sender, m.server_time_ms
+    )
+}
+
+/// The line for a server push: `push id=<id> time=<ms> title=<title> text=<text>` (the title
+/// escaped, without spaces: `\s`; the payload as for a message).
+pub fn push_notice(p: &PushNotice) -> String {
+    let body = match std::str::from_utf8(&p.payload) {
+        Ok(text) => format!("text={}", escape(text)),
+        Err(_) => format!("hex={}", hex(&p.payload)),
+    };
+    format!(
+        "push id={} time={} title={} {body}",
+        p.push_id,
+        p.sent_at_ms,
+        escape(&p.title).replace(' ', "\\s")
     )
 }
 

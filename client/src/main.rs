@@ -777,6 +777,7 @@ fn pushed(event: &Event) -> Option<String> {
         Event::Presence(p) => line::presence(p),
         Event::ConversationSettings(s) => line::conversation_settings(s),
         Event::Social(e) => line::social_event(e),
+        Event::Push(p) => line::push_notice(p),
         _ => return None,
     })
 }

@@ -9,7 +9,8 @@
 use std::collections::{BTreeSet, VecDeque};
 
 use tern_protocol::{
-    Ack, Body, Deliver, Frame, Hello, Kick, KickReason, PROTOCOL_VERSION, Ping, SyncRequest,
+    Ack, Body, Deliver, Frame, Hello, Kick, KickReason, PROTOCOL_VERSION, Ping, PushAck,
+    PushNotice, SyncRequest,
 };
 
 use crate::{ClientConfig, ClientError, Event, dedup::Dedup, rooms::is_room_conversation};
@@ -34,6 +35,8 @@ pub(crate) struct Session {
     completions: VecDeque<Completion>,
     kick: Option<Kick>,
     fatal: Option<ClientError>,
+    /// Push ids seen lately (a push can come on both paths, or again at a login).
+    pushes: VecDeque<u64>,
 }
 
 impl Session {
@@ -51,6 +54,7 @@ impl Session {
             completions: VecDeque::new(),
             kick: None,
             fatal: None,
+            pushes: VecDeque::new(),
         }
     }
 
@@ -288,9 +292,34 @@ impl Session {
             Body::Typing(t) => self.events.push_back(Event::Typing(t)),
             Body::Presence(p) => self.events.push_back(Event::Presence(p)),
             Body::SocialEvent(e) => self.events.push_back(Event::Social(e)),
+            Body::PushNotice(p) => self.push(p),
+            body @ Body::DeviceSettings(_) => {
+                self.completions.push_back((request_id, Ok(body)));
+            }
             other => {
                 tracing::debug!(kind = other.name(), "ignoring unexpected frame from server");
             }
+        }
+    }
+
+    /// Queues a PushAck (acknowledges every push up to `push_id`).
+    pub(crate) fn ack_push(&mut self, push_id: u64) {
+        self.transmit.push_back(Frame::new(0, PushAck { push_id }));
+    }
+
+    fn push(&mut self, notice: PushNotice) {
+        const REMEMBERED: usize = 1024;
+        let id = notice.push_id;
+        if self.pushes.contains(&id) {
+            return;
+        }
+        if self.pushes.len() == REMEMBERED {
+            self.pushes.pop_front();
+        }
+        self.pushes.push_back(id);
+        self.events.push_back(Event::Push(notice));
+        if self.auto_ack {
+            self.ack_push(id);
         }
     }
 

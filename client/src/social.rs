@@ -12,9 +12,9 @@ use tern_protocol::v1::{
     SetProfile, Unblock, social_request::Op,
 };
 use tern_protocol::{
-    Body, ContentType, ConversationSettings, Deliver, GetReadCounts, ListKind, MarkRead,
-    RECALL_EVENT_TYPE, ReadCounts, Recall, RecallEvent, RecallOk, SetConversation, SocialRequest,
-    SocialResponse, SubscribePresence, Target, Typing, UserProfile,
+    Body, ContentType, ConversationSettings, Deliver, DeviceSettings, GetReadCounts, ListKind,
+    MarkRead, RECALL_EVENT_TYPE, ReadCounts, Recall, RecallEvent, RecallOk, SetConversation,
+    SetDevice, SocialRequest, SocialResponse, SubscribePresence, Target, Typing, UserProfile,
 };
 
 use crate::{Client, Result, client::unexpected};
@@ -91,6 +91,15 @@ impl Client {
         match self.request(Body::SetConversation(change)).await? {
             Body::ConversationSettings(s) => Ok(s),
             other => Err(unexpected("ConversationSettings", &other)),
+        }
+    }
+
+    /// Changes this device's registration (push provider and token, alias, do-not-disturb:
+    /// the fields present in `change`); returns the whole registration.
+    pub async fn set_device(&self, change: SetDevice) -> Result<DeviceSettings> {
+        match self.request(Body::SetDevice(change)).await? {
+            Body::DeviceSettings(s) => Ok(s),
+            other => Err(unexpected("DeviceSettings", &other)),
         }
     }
 

@@ -55,6 +55,17 @@ pub enum AdminJob {
     },
     /// This core's counts.
     Stats { reply: oneshot::Sender<CoreStats> },
+    /// A server push for this core's online devices it addresses; answers how many got it.
+    Push {
+        notice: Arc<tern_protocol::v1::PushNotice>,
+        targets: Arc<crate::push::PushTargets>,
+        reply: oneshot::Sender<usize>,
+    },
+    /// This core's counters of these pushes.
+    PushCounts {
+        ids: Vec<u64>,
+        reply: oneshot::Sender<Vec<crate::push::PushCount>>,
+    },
 }
 
 /// One core's view of its connections.
@@ -160,6 +171,47 @@ impl Bridge {
         .await
     }
 
+    /// Delivers a push to the online devices of `targets` on `core`; how many got it.
+    pub async fn push(
+        &self,
+        core: usize,
+        notice: Arc<tern_protocol::v1::PushNotice>,
+        targets: Arc<crate::push::PushTargets>,
+    ) -> Result<usize, BridgeError> {
+        self.ask(core, |reply| AdminJob::Push {
+            notice,
+            targets,
+            reply,
+        })
+        .await
+    }
+
+    /// The core that owns `user`.
+    pub fn core_of(&self, user: &str) -> usize {
+        self.router.user(user).core
+    }
+
+    /// The counters of `ids`, summed over the cores.
+    pub async fn push_counts(
+        &self,
+        ids: &[u64],
+    ) -> Result<Vec<crate::push::PushCount>, BridgeError> {
+        let mut sum = vec![crate::push::PushCount::default(); ids.len()];
+        for core in 0..self.cores.len() {
+            let counts = self
+                .ask(core, |reply| AdminJob::PushCounts {
+                    ids: ids.to_vec(),
+                    reply,
+                })
+                .await?;
+            for (s, c) in sum.iter_mut().zip(counts) {
+                s.reached += c.reached;
+                s.acked += c.acked;
+            }
+        }
+        Ok(sum)
+    }
+
     /// Every core's counts, in core order.
     pub async fn stats(&self) -> Result<Vec<CoreStats>, BridgeError> {
         let mut all = Vec::with_capacity(self.cores.len());
@@ -208,6 +260,16 @@ impl Core {
             }
             AdminJob::Stats { reply } => {
                 let _ = reply.send(self.stats());
+            }
+            AdminJob::Push {
+                notice,
+                targets,
+                reply,
+            } => {
+                let _ = reply.send(self.deliver_push(&notice, &targets));
+            }
+            AdminJob::PushCounts { ids, reply } => {
+                let _ = reply.send(self.push_counts_of(&ids));
             }
         }
     }
@@ -271,6 +333,7 @@ impl Core {
             end_waker: Default::default(),
             rooms: Default::default(),
             fd: -1,
+            push: Default::default(),
         });
         self.sessions
             .borrow_mut()

@@ -56,6 +56,8 @@ pub struct ApiState {
     rate: Rate,
     /// For their counters in /metrics.
     pub webhooks: crate::webhook::Webhooks,
+    /// Push ids.
+    pub push_ids: crate::push_api::PushIds,
 }
 
 impl ApiState {
@@ -76,6 +78,7 @@ impl ApiState {
             api_key_digest: Sha256::digest(api_secret.as_bytes()).into(),
             limiter: Mutex::new(Gcra::default()),
             webhooks: crate::webhook::Webhooks::disabled(),
+            push_ids: Default::default(),
         }
     }
 }
@@ -149,7 +152,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult = Result<axum::Json<Value>, ApiError>;
+pub(crate) type ApiResult = Result<axum::Json<Value>, ApiError>;
 
 /// The API's routes, with authentication and the rate limit in front of all of them.
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -166,6 +169,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/messages/recall", post(recall))
         .route("/v1/conversations/{conversation}/messages", get(history))
         .route("/v1/groups", post(group_request))
+        .merge(crate::push_api::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -217,7 +221,10 @@ async fn not_found() -> ApiError {
 }
 
 /// Parses a JSON body, answering INVALID_ARGUMENT with serde's message (it names the field).
-fn parse<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, ApiError> {
     if let Some(ct) = headers.get(header::CONTENT_TYPE)
         && !ct.to_str().is_ok_and(|c| c.starts_with("application/json"))
     {
@@ -226,7 +233,7 @@ fn parse<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> R
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("bad JSON body: {e}")))
 }
 
-fn check_user(user: &str) -> Result<(), ApiError> {
+pub(crate) fn check_user(user: &str) -> Result<(), ApiError> {
     if valid_id(user) {
         Ok(())
     } else {

@@ -41,6 +41,8 @@ pub struct Login {
     /// `Hello.resume_session_id`: the logical session this connection joins as another path
     /// (dual channel), or 0 for a new one.
     pub resume: u64,
+    /// `Hello.platform`.
+    pub platform: i32,
 }
 
 /// Where to send the answer to a Send.
@@ -192,6 +194,8 @@ pub struct SessionHandle {
     /// The connection's socket, for the sweep's checks (TCP only; -1 otherwise). Open for as
     /// long as the session is in [`Core::sessions`] (it is removed before the socket closes).
     pub fd: std::os::fd::RawFd,
+    /// Server pushes delivered on this connection and the device's cursor.
+    pub push: RefCell<crate::push::PushState>,
 }
 
 impl SessionHandle {
@@ -265,6 +269,8 @@ pub struct Core {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Webhooks to the app's server (a disabled handle sends nothing).
     pub webhooks: crate::webhook::Webhooks,
+    /// Per-push counters of this core's devices (bounded, newest pushes kept).
+    pub push_counts: RefCell<std::collections::BTreeMap<u64, crate::push::PushCount>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -315,6 +321,7 @@ impl Core {
         Core {
             metrics,
             webhooks: crate::webhook::Webhooks::disabled(),
+            push_counts: Default::default(),
             rates: Rates::from_config(&cfg),
             conn_limits,
             user_rates: RefCell::default(),

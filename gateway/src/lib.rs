@@ -26,6 +26,8 @@ pub mod limits;
 pub mod metrics;
 pub mod outbound;
 pub mod presence;
+pub mod push;
+pub mod push_api;
 pub mod rooms;
 pub mod route;
 pub mod server;

@@ -370,6 +370,7 @@ fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static 
         sync_version: hello.sync_version,
         sync_on_login: hello.sync_on_login,
         resume: hello.resume_session_id,
+        platform: hello.platform,
     })
 }
 
@@ -585,7 +586,11 @@ async fn run_session(
         following: HashMap::new(),
         api: false,
         admin: false,
+        platform: login.platform,
     };
+    if login.resume == 0 {
+        core.send_pending_pushes(&session, &login.user);
+    }
     if login.sync_on_login {
         // begin_sync happens before the first await inside, so no live message slips between
         // registration and the sync.
@@ -712,6 +717,7 @@ fn register(
         rooms: Default::default(),
         end_waker: Default::default(),
         fd,
+        push: Default::default(),
     });
     list.push(session.clone());
     core.sessions
@@ -778,6 +784,8 @@ pub(crate) struct Ctx {
     /// The API acting as the system user: may message anyone, and acts as an owner in every
     /// group.
     pub(crate) admin: bool,
+    /// The device's platform (`Hello.platform`).
+    pub(crate) platform: i32,
 }
 
 impl Ctx {
@@ -801,6 +809,7 @@ impl Ctx {
             following: HashMap::new(),
             api: true,
             admin,
+            platform: 0,
         }
     }
 
@@ -973,6 +982,8 @@ impl Ctx {
             Some(Body::SetConversation(req)) => self.set_conversation(rid, req).await,
             Some(Body::Recall(req)) => self.recall(rid, req).await,
             Some(Body::Social(req)) => Box::pin(self.social(rid, req)).await,
+            Some(Body::SetDevice(req)) => self.set_device(rid, req).await,
+            Some(Body::PushAck(ack)) => self.push_ack(rid, ack).await,
             Some(Body::Hello(_)) => {
                 self.reply(&Frame::error(
                     rid,

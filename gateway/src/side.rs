@@ -40,6 +40,7 @@ impl Side {
             .build()
             .map_err(|e| GatewayError::Api(format!("cannot start the side runtime: {e}")))?;
         let handle = rt.handle().clone();
+        let store_for_janitor = store.clone();
         let webhooks = if cfg.webhook.url.is_empty() {
             crate::webhook::Webhooks::disabled()
         } else {
@@ -92,6 +93,7 @@ impl Side {
             let state = Arc::new(st);
             api = Some((std_listener, tls, state, bound));
         }
+        let janitor_store = store_for_janitor;
         let api_url = api
             .as_ref()
             .map(|(_, tls, _, bound)| crate::api::describe(*bound, tls.is_some()));
@@ -99,6 +101,7 @@ impl Side {
             .name("tern-side".into())
             .spawn(move || {
                 rt.block_on(async move {
+                    tokio::spawn(push_janitor(janitor_store));
                     let stop = async {
                         while !shutdown.load(Ordering::Relaxed) {
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -144,6 +147,19 @@ impl Side {
     pub fn join(&mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Deletes expired pushes once a minute (and once at start).
+async fn push_janitor(store: Arc<dyn MessageStore>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        match crate::push::sweep_expired(&*store, crate::core::now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "expired pushes deleted"),
+            Err(e) => warn!(error = %e, "cannot delete expired pushes"),
         }
     }
 }

@@ -1,12 +1,13 @@
 //! Constructors and small conveniences on the generated types.
 
 use crate::v1::{
-    Ack, ConversationSettings, Deliver, Error, ErrorCode, Frame, GetReadCounts, GroupRequest,
-    GroupResponse, Hello, HelloOk, HistoryPage, HistoryRequest, Kick, KickReason, MarkRead, Ping,
-    Pong, Presence, PresenceSubscribed, ReadCounts, ReadReceipt, ReadState, Recall, RecallOk,
-    RoomRequest, RoomResponse, Send, SendAck, SetConversation, SocialEvent, SocialRequest,
-    SocialResponse, SubscribePresence, SyncConversations, SyncDone, SyncMessages, SyncNeeded,
-    SyncRequest, Target, TargetKind, Typing, frame::Body,
+    Ack, ConversationSettings, Deliver, DeviceSettings, Error, ErrorCode, Frame, GetReadCounts,
+    GroupRequest, GroupResponse, Hello, HelloOk, HistoryPage, HistoryRequest, Kick, KickReason,
+    MarkRead, Ping, Pong, Presence, PresenceSubscribed, PushAck, PushNotice, ReadCounts,
+    ReadReceipt, ReadState, Recall, RecallOk, RoomRequest, RoomResponse, Send, SendAck,
+    SetConversation, SetDevice, SocialEvent, SocialRequest, SocialResponse, SubscribePresence,
+    SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target, TargetKind, Typing,
+    frame::Body,
 };
 
 impl Frame {
@@ -131,4 +132,8 @@ bodies! {
     Social(SocialRequest) = "SocialRequest",
     SocialResponse(SocialResponse) = "SocialResponse",
     SocialEvent(SocialEvent) = "SocialEvent",
+    SetDevice(SetDevice) = "SetDevice",
+    DeviceSettings(DeviceSettings) = "DeviceSettings",
+    PushNotice(PushNotice) = "PushNotice",
+    PushAck(PushAck) = "PushAck",
 }

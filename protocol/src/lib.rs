@@ -36,14 +36,15 @@ pub use codec::{Codec, MAX_FRAME_DEFAULT, PREFIX_LEN, decode_frame};
 pub use error::CodecError;
 pub use v1::frame::Body;
 pub use v1::{
-    Ack, ContentType, ConversationSettings, ConversationState, Deliver, Error, ErrorCode, Frame,
-    GetReadCounts, GroupEvent, GroupEventKind, GroupInfo, GroupMember, GroupProfile, GroupRequest,
-    GroupResponse, GroupRole, Hello, HelloOk, HistoryPage, HistoryRequest, JoinPolicy, Kick,
-    KickReason, ListKind, MarkRead, MemberPage, Ping, Platform, Pong, Presence, PresenceSubscribed,
-    ReadCounts, ReadReceipt, ReadState, Recall, RecallEvent, RecallOk, RoomRequest, RoomResponse,
-    Send, SendAck, SetConversation, SocialEvent, SocialEventKind, SocialRequest, SocialResponse,
-    SubscribePresence, SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target,
-    TargetKind, Typing, UserProfile,
+    Ack, ContentType, ConversationSettings, ConversationState, Deliver, DeviceSettings,
+    DoNotDisturb, Error, ErrorCode, Frame, GetReadCounts, GroupEvent, GroupEventKind, GroupInfo,
+    GroupMember, GroupProfile, GroupRequest, GroupResponse, GroupRole, Hello, HelloOk, HistoryPage,
+    HistoryRequest, JoinPolicy, Kick, KickReason, ListKind, MarkRead, MemberPage, Ping, Platform,
+    Pong, Presence, PresenceSubscribed, PushAck, PushNotice, ReadCounts, ReadReceipt, ReadState,
+    Recall, RecallEvent, RecallOk, RoomRequest, RoomResponse, Send, SendAck, SetConversation,
+    SetDevice, SocialEvent, SocialEventKind, SocialRequest, SocialResponse, SubscribePresence,
+    SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target, TargetKind, Typing,
+    UserProfile,
 };
 
 /// `custom_type` of the SYSTEM messages that record a group's changes (payload: [`GroupEvent`]).

@@ -59,9 +59,13 @@ fn variant_index(body: &Body) -> usize {
         Body::Social(_) => 34,
         Body::SocialResponse(_) => 35,
         Body::SocialEvent(_) => 36,
+        Body::SetDevice(_) => 37,
+        Body::DeviceSettings(_) => 38,
+        Body::PushNotice(_) => 39,
+        Body::PushAck(_) => 40,
     }
 }
-const VARIANTS: usize = 37;
+const VARIANTS: usize = 41;
 
 fn profile() -> GroupProfile {
     GroupProfile {
@@ -345,6 +349,39 @@ fn every_body() -> Vec<Frame> {
             devices: 2,
         }
         .into(),
+        SetDevice {
+            push_provider: Some("apns".into()),
+            push_token: Some("ab12".into()),
+            alias: Some("alice-phone".into()),
+            dnd: Some(DoNotDisturb {
+                enabled: true,
+                start_minute: 22 * 60,
+                end_minute: 7 * 60,
+                utc_offset_minutes: -300,
+            }),
+        }
+        .into(),
+        DeviceSettings {
+            device_id: "phone".into(),
+            push_provider: "apns".into(),
+            has_push_token: true,
+            alias: "alice-phone".into(),
+            dnd: None,
+            tags: vec!["vip".into()],
+            platform: Platform::Ios.into(),
+        }
+        .into(),
+        PushNotice {
+            push_id: 7,
+            title: "Sale".into(),
+            content_type: ContentType::Text as u32,
+            custom_type: String::new(),
+            payload: Bytes::from_static(b"50% off"),
+            sent_at_ms: 1_700_000_000_000,
+            expires_at_ms: 1_700_086_400_000,
+        }
+        .into(),
+        PushAck { push_id: 7 }.into(),
     ];
     let frames: Vec<Frame> = bodies
         .into_iter()
