@@ -15,6 +15,9 @@
 //! The admin and push HTTP API ([`api`]) runs on a side thread with its own (tokio) runtime and
 //! reaches the cores only through [`admin::Bridge`].
 //!
+//! Push notifications for devices that are offline ([`notify`]: APNs, FCM or a webhook) are
+//! sent from the same side runtime.
+//!
 //! What this crate does not do (yet): run as a cluster of nodes.
 
 pub mod admin;
@@ -24,6 +27,7 @@ pub mod core;
 pub mod groups;
 pub mod limits;
 pub mod metrics;
+pub mod notify;
 pub mod outbound;
 pub mod presence;
 pub mod push;

@@ -529,11 +529,11 @@ fn envelope<T: Serialize>(event: &str, id: &str, time_ms: u64, data: &T) -> Byte
         .into()
 }
 
-fn delivery_id() -> String {
+pub(crate) fn delivery_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -543,7 +543,7 @@ fn now_ms() -> u64 {
 /// The wait before retry number `failures` (1 after the first failed attempt):
 /// `base_ms * 2^(failures - 1)` capped at 60 s, less `roll(half of it)`, a random amount in
 /// `0..=half`, so that events which failed together do not all retry together.
-fn backoff_ms(base_ms: u64, failures: u32, roll: impl FnOnce(u64) -> u64) -> u64 {
+pub(crate) fn backoff_ms(base_ms: u64, failures: u32, roll: impl FnOnce(u64) -> u64) -> u64 {
     let doubling = 1u64 << failures.saturating_sub(1).min(32);
     let step = base_ms.saturating_mul(doubling).min(MAX_BACKOFF_MS);
     step - roll(step / 2).min(step / 2)
@@ -776,26 +776,45 @@ async fn run_queue(shared: Arc<Shared>, mut queue: mpsc::Receiver<Event>) {
     }
 }
 
-fn http_client(rt: &Handle) -> Result<reqwest::Client, String> {
+/// The HTTP client of the gateway's outgoing calls (webhooks, push providers): rustls with
+/// ring, Mozilla's roots plus `extra_roots`, no proxies from the environment, no redirects.
+/// With `http2_only` it speaks HTTP/2 alone (offered by ALPN, and no fallback to HTTP/1.1);
+/// otherwise it offers HTTP/2 and falls back to HTTP/1.1. Errors do not name the caller.
+pub(crate) fn http_client(
+    rt: &Handle,
+    extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+    http2_only: bool,
+) -> Result<reqwest::Client, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
+    for cert in extra_roots {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("TLS: root certificate: {e}"))?;
+    }
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("webhook: TLS: {e}"))?
+        .map_err(|e| format!("TLS: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    // reqwest leaves ALPN of a preconfigured TLS config alone: offer HTTP/2, fall back to 1.1.
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // reqwest leaves ALPN of a preconfigured TLS config alone.
+    tls.alpn_protocols = if http2_only {
+        vec![b"h2".to_vec()]
+    } else {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    };
     let _runtime = rt.enter();
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("tern-gateway/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("webhook: HTTP client: {e}"))
+        .user_agent(concat!("tern-gateway/", env!("CARGO_PKG_VERSION")));
+    if http2_only {
+        builder = builder.http2_prior_knowledge();
+    }
+    builder.build().map_err(|e| format!("HTTP client: {e}"))
 }
 
 struct Inner {
@@ -855,7 +874,7 @@ impl Webhooks {
                 .fold(0, |mask, i| mask | 1 << i)
         };
         let shared = Arc::new(Shared {
-            client: http_client(rt)?,
+            client: http_client(rt, &[], false).map_err(|e| format!("webhook: {e}"))?,
             url,
             secret: cfg.secret.into_bytes().into_boxed_slice(),
             timeout: Duration::from_millis(cfg.timeout_ms),
