@@ -58,6 +58,8 @@ pub struct ApiState {
     pub webhooks: crate::webhook::Webhooks,
     /// Push ids.
     pub push_ids: crate::push_api::PushIds,
+    /// For the push providers' counters in /metrics.
+    pub notifier: crate::notify::Notifier,
 }
 
 impl ApiState {
@@ -79,6 +81,7 @@ impl ApiState {
             limiter: Mutex::new(Gcra::default()),
             webhooks: crate::webhook::Webhooks::disabled(),
             push_ids: Default::default(),
+            notifier: crate::notify::Notifier::disabled(),
         }
     }
 }
@@ -336,6 +339,27 @@ async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, ApiError> 
         ("failed", w.before_send_failed),
     ] {
         let _ = writeln!(extra, "{name}{{outcome=\"{outcome}\"}} {n}");
+    }
+    let n = st.notifier.counters();
+    let name = "tern_push_provider_total";
+    let _ = writeln!(
+        extra,
+        "# HELP {name} Offline push notifications by provider and outcome.\n# TYPE {name} counter"
+    );
+    for provider in crate::notify::Provider::ALL {
+        let c = n.get(provider);
+        for (outcome, v) in [
+            ("sent", c.sent),
+            ("failed", c.failed),
+            ("dropped", c.dropped),
+            ("invalid_token", c.invalid_token),
+        ] {
+            let _ = writeln!(
+                extra,
+                "{name}{{provider=\"{}\",outcome=\"{outcome}\"}} {v}",
+                provider.as_str()
+            );
+        }
     }
     let text = st.bridge.metrics.render(&extra);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())

@@ -127,6 +127,11 @@ pub struct Config {
     /// Webhooks to the app's server (`[webhook]` table; off while `url` is empty). See
     /// [`crate::webhook::WebhookConfig`] for its keys and defaults.
     pub webhook: crate::webhook::WebhookConfig,
+    /// Offline push notifications (`[notify]` with `[notify.apns]`, `[notify.fcm]`,
+    /// `[notify.webhook]`): when a 1:1 message's recipient has no online device, each of their
+    /// devices with a registered push token gets a notification through its provider. Off
+    /// while no provider is configured. See [`crate::notify::NotifyConfig`].
+    pub notify: crate::notify::NotifyConfig,
 }
 
 impl Default for Config {
@@ -170,6 +175,7 @@ impl Default for Config {
             api_rate_per_sec: 2000,
             system_user: "administrator".into(),
             webhook: crate::webhook::WebhookConfig::default(),
+            notify: crate::notify::NotifyConfig::default(),
         }
     }
 }
@@ -273,6 +279,9 @@ impl Config {
         }
         if let Err(message) = self.webhook.validate() {
             return bad("webhook", message);
+        }
+        if let Err(message) = self.notify.validate() {
+            return bad("notify", message);
         }
         if self.io_memory_bytes < 64 << 10 {
             return bad("io_memory_bytes", "must be at least 65536");

@@ -271,6 +271,9 @@ pub struct Core {
     pub webhooks: crate::webhook::Webhooks,
     /// Per-push counters of this core's devices (bounded, newest pushes kept).
     pub push_counts: RefCell<std::collections::BTreeMap<u64, crate::push::PushCount>>,
+    /// Where messages for users without an online device go (offline push notifications);
+    /// None when no push provider is configured.
+    pub offline: Option<async_channel::Sender<crate::push::OfflineJob>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -322,6 +325,7 @@ impl Core {
             metrics,
             webhooks: crate::webhook::Webhooks::disabled(),
             push_counts: Default::default(),
+            offline: None,
             rates: Rates::from_config(&cfg),
             conn_limits,
             user_rates: RefCell::default(),
@@ -541,7 +545,16 @@ impl Core {
                 user,
                 except_logical,
                 message,
-            } => self.deliver_local(user, except_logical, &message),
+            } => {
+                // except_logical is 0 unless a user writes to themself.
+                if except_logical == 0
+                    && self.offline.is_some()
+                    && !self.users.borrow().contains_key(&user)
+                {
+                    self.notify_offline(user, &message);
+                }
+                self.deliver_local(user, except_logical, &message)
+            }
             ShardMsg::Group(job) => self.group_job(job),
             ShardMsg::RoomSend(msg) => self.queue_room_send(msg),
             ShardMsg::ToUser {

@@ -79,6 +79,8 @@ pub struct CoreMetrics {
     pub messages_in: AtomicU64,
     /// Deliveries queued to connections (one per device and message).
     pub deliveries_out: AtomicU64,
+    /// Offline-notification jobs dropped because the side thread's queue was full.
+    pub offline_dropped: AtomicU64,
     /// Time from a Send's arrival to its SendAck being ready on the conversation's owner core.
     pub send_ack: Histogram,
     /// Time from handing an append to the store to its completion (group commit included).
@@ -137,6 +139,12 @@ impl Metrics {
             "tern_deliveries_out_total",
             "Messages queued to connections (one per device).",
             &|c| c.deliveries_out.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "tern_offline_jobs_dropped_total",
+            "Messages for offline users not passed to the push providers (queue full).",
+            &|c| c.offline_dropped.load(Relaxed),
         );
         let name = "tern_errors_total";
         let _ = writeln!(

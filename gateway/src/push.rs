@@ -790,6 +790,147 @@ pub async fn sweep_expired(store: &dyn MessageStore, now: u64) -> Result<usize, 
     Ok(deleted)
 }
 
+/// A 1:1 message whose recipient had no online device: the recipient's core hands it to the
+/// side thread, which sends a notification to each of the recipient's devices with a push token
+/// (not in do-not-disturb). Built only when the conversation is not muted by the recipient.
+#[derive(Debug, Clone)]
+pub struct OfflineJob {
+    pub user: String,
+    pub conversation_id: u64,
+    pub seq: u64,
+    pub sender: String,
+    /// What the notification says: the text (first [`PREVIEW_CHARS`] characters) or the kind
+    /// of message ("[image]").
+    pub preview: String,
+}
+
+/// Characters of a text message shown in its notification.
+pub const PREVIEW_CHARS: usize = 100;
+/// How long a provider may hold a notification for a device that is off (1 day).
+pub const NOTIFICATION_TTL_MS: u64 = 86_400_000;
+
+/// The notification text of a message.
+pub fn preview(content_type: u32, payload: &[u8]) -> String {
+    use tern_protocol::ContentType as C;
+    match C::try_from(content_type as i32) {
+        Ok(C::Text) => {
+            let text = String::from_utf8_lossy(payload);
+            let mut p: String = text.chars().take(PREVIEW_CHARS).collect();
+            if text.chars().nth(PREVIEW_CHARS).is_some() {
+                p.push('…');
+            }
+            p
+        }
+        Ok(C::Image) => "[image]".into(),
+        Ok(C::Audio) => "[voice message]".into(),
+        Ok(C::Video) => "[video]".into(),
+        Ok(C::File) => "[file]".into(),
+        Ok(C::Location) => "[location]".into(),
+        _ => "[new message]".into(),
+    }
+}
+
+impl Core {
+    /// Called for a committed 1:1 message whose recipient has no session on this core (their
+    /// core): queues an [`OfflineJob`] unless the recipient muted the conversation. Never
+    /// blocks: a full queue drops the job (counted).
+    pub fn notify_offline(&self, user: tern_storage::UserId, message: &tern_protocol::Deliver) {
+        let Some(queue) = &self.offline else {
+            return;
+        };
+        if message.recalled || message.content_type == tern_protocol::ContentType::System as u32 {
+            return;
+        }
+        match self
+            .store
+            .conversation_settings(user, message.conversation_id)
+        {
+            Ok(s) if s.muted => return,
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot read conversation settings"),
+        }
+        let Ok(Some(name)) = self.store.user_name(user) else {
+            return;
+        };
+        let job = OfflineJob {
+            user: name,
+            conversation_id: message.conversation_id,
+            seq: message.seq,
+            sender: message.sender.clone(),
+            preview: preview(message.content_type, &message.payload),
+        };
+        if queue.try_send(job).is_err() {
+            self.m()
+                .offline_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// The side thread's task that turns offline jobs into provider notifications.
+pub async fn run_offline(
+    store: std::sync::Arc<dyn MessageStore>,
+    notifier: crate::notify::Notifier,
+    jobs: async_channel::Receiver<OfflineJob>,
+) {
+    while let Ok(job) = jobs.recv().await {
+        let devices = match devices_of(&*store, &job.user) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read device registrations");
+                continue;
+            }
+        };
+        let now = now_ms();
+        for (device, rec) in devices {
+            let Ok(provider) = rec.provider.parse::<crate::notify::Provider>() else {
+                continue;
+            };
+            if rec.token.is_empty() || !notifier.provides(provider) || rec.dnd.quiet_at(now) {
+                continue;
+            }
+            notifier.enqueue(crate::notify::Notification {
+                user: job.user.clone(),
+                device,
+                provider,
+                token: rec.token,
+                title: job.sender.clone(),
+                body: job.preview.clone(),
+                conversation_id: job.conversation_id,
+                seq: job.seq,
+                sender: job.sender.clone(),
+                collapse_id: None,
+                expires_at_ms: Some(now + NOTIFICATION_TTL_MS),
+                data: BTreeMap::new(),
+            });
+        }
+    }
+}
+
+/// What to do when a provider says a token is dead: forget it (if the device still has it).
+pub fn forget_token(store: &dyn MessageStore, n: &crate::notify::Notification) {
+    let Ok(mut rec) = device_record(store, &n.user, &n.device) else {
+        return;
+    };
+    if rec.token != n.token || rec.provider != n.provider.as_str() {
+        return;
+    }
+    let old = token_key(&rec.provider, &rec.token);
+    rec.provider.clear();
+    rec.token.clear();
+    rec.updated_ms = now_ms();
+    drop(store.set_meta(vec![
+        MetaChange {
+            key: old.into(),
+            value: None,
+        },
+        MetaChange {
+            key: dev_key(&n.user, &n.device).into(),
+            value: Some(serde_json::to_vec(&rec).unwrap_or_default().into()),
+        },
+    ]));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -845,6 +986,17 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn previews_cut_text_and_name_other_kinds() {
+        assert_eq!(preview(1, b"hello"), "hello");
+        let long = "é".repeat(150);
+        let p = preview(1, long.as_bytes());
+        assert_eq!(p.chars().count(), PREVIEW_CHARS + 1);
+        assert!(p.ends_with('…'));
+        assert_eq!(preview(2, b"\x89PNG"), "[image]");
+        assert_eq!(preview(100, b"{}"), "[new message]");
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/aliases/{alias}", get(get_alias).delete(delete_alias))
         .route("/v1/tags/{tag}", get(tag_members).post(change_tag))
         .route("/v1/users/{user}/devices", get(user_devices))
+        .route("/v1/users/{user}/devices/{device}", post(register_device))
 }
 
 impl From<Refusal> for ApiError {
@@ -524,6 +525,48 @@ async fn tag_members(
     Ok(axum::Json(
         json!({"tag": tag, "members": members, "next": next}),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceChange {
+    push_provider: Option<String>,
+    push_token: Option<String>,
+    alias: Option<String>,
+    dnd: Option<push::Dnd>,
+}
+
+/// Changes a device's registration as the device itself would with SetDevice (for app servers
+/// that hold their users' push tokens).
+async fn register_device(
+    State(st): State<Arc<ApiState>>,
+    Path((user, device)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    check_user(&user)?;
+    check_label("device", &device)?;
+    let req: DeviceChange = parse(&headers, &body)?;
+    let set = SetDevice {
+        push_provider: req.push_provider,
+        push_token: req.push_token,
+        alias: req.alias,
+        dnd: req.dnd.map(push::Dnd::to_wire),
+    };
+    let (changes, rec) = push::device_changes(&*st.store, &user, &device, None, &set)?;
+    if !changes.is_empty() {
+        st.store.set_meta(changes).await?;
+    }
+    let tags = push::tags_of(&*st.store, &user, Some(&device))?;
+    let s = push::settings_of(&device, &rec, tags);
+    Ok(axum::Json(json!({
+        "device": device,
+        "push_provider": s.push_provider,
+        "has_push_token": s.has_push_token,
+        "alias": s.alias,
+        "dnd": rec.dnd,
+        "tags": s.tags,
+    })))
 }
 
 /// A user's registered devices (without their push tokens) and tags.

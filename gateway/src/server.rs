@@ -214,7 +214,7 @@ fn run_cores(
         let tls = tls.clone();
         let admin_jobs = admin_jobs.remove(0);
         let metrics = metrics.clone();
-        let webhooks = side.webhooks.clone();
+        let hooks = side.hooks.clone();
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("tern-core-{id}"))
             .io_memory(cfg.io_memory_bytes)
@@ -235,7 +235,7 @@ fn run_cores(
                 addr,
                 admin_jobs,
                 metrics,
-                webhooks,
+                hooks,
                 ready,
             )
             .await
@@ -406,7 +406,7 @@ async fn core_main(
     addr: Option<SocketAddr>,
     admin_jobs: async_channel::Receiver<crate::admin::AdminJob>,
     metrics: Arc<crate::metrics::Metrics>,
-    webhooks: crate::webhook::Webhooks,
+    hooks: crate::side::Hooks,
     ready: std::sync::mpsc::Sender<Result<(), GatewayError>>,
 ) {
     // glommio wakes a task waiting for a mesh peer to connect only when its reactor loop turns;
@@ -475,7 +475,8 @@ async fn core_main(
         conn_limits,
         metrics,
     );
-    core.webhooks = webhooks;
+    core.webhooks = hooks.webhooks;
+    core.offline = hooks.offline;
     let core = Rc::new(core);
     for (_from, rx) in receivers.streams() {
         let core = core.clone();

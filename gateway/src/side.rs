@@ -20,9 +20,21 @@ pub struct Side {
     thread: Option<std::thread::JoinHandle<()>>,
     api_url: Option<String>,
     handle: tokio::runtime::Handle,
-    /// The webhooks (a disabled handle when none is configured), for the cores.
-    pub webhooks: crate::webhook::Webhooks,
+    /// What the cores hand to the side thread.
+    pub hooks: Hooks,
 }
+
+/// The side thread's entry points for the cores.
+#[derive(Debug, Clone)]
+pub struct Hooks {
+    /// The webhooks (a disabled handle when none is configured).
+    pub webhooks: crate::webhook::Webhooks,
+    /// Offline push notification jobs (None when no push provider is configured).
+    pub offline: Option<async_channel::Sender<crate::push::OfflineJob>>,
+}
+
+/// Offline jobs the side thread holds before cores start dropping them.
+const OFFLINE_QUEUE: usize = 10_000;
 
 impl Side {
     /// Starts the side thread: binds the API (failing the start with the address if it cannot)
@@ -47,6 +59,25 @@ impl Side {
             crate::webhook::Webhooks::start(cfg.webhook.clone(), &handle)
                 .map_err(|e| GatewayError::Api(format!("webhook: {e}")))?
         };
+        let any_provider =
+            cfg.notify.webhook.is_some() || cfg.notify.apns.is_some() || cfg.notify.fcm.is_some();
+        let mut offline_worker = None;
+        let mut offline = None;
+        let mut notifier = crate::notify::Notifier::disabled();
+        if any_provider {
+            let forget_store = store.clone();
+            let hook: crate::notify::InvalidTokenHook =
+                Arc::new(move |n| crate::push::forget_token(&*forget_store, n));
+            notifier = crate::notify::Notifier::start(cfg.notify.clone(), &handle, Some(hook))
+                .map_err(|e| GatewayError::Api(format!("notify: {e}")))?;
+            let (tx, rx) = async_channel::bounded(OFFLINE_QUEUE);
+            offline = Some(tx);
+            offline_worker = Some(crate::push::run_offline(
+                store.clone(),
+                notifier.clone(),
+                rx,
+            ));
+        }
         let mut api = None;
         if let Some(addr) = cfg.api {
             let api_secret = match &cfg.api_secret {
@@ -90,6 +121,7 @@ impl Side {
             };
             let mut st = crate::api::ApiState::new(bridge, store, cfg.clone(), secret, &api_secret);
             st.webhooks = webhooks.clone();
+            st.notifier = notifier.clone();
             let state = Arc::new(st);
             api = Some((std_listener, tls, state, bound));
         }
@@ -102,6 +134,9 @@ impl Side {
             .spawn(move || {
                 rt.block_on(async move {
                     tokio::spawn(push_janitor(janitor_store));
+                    if let Some(worker) = offline_worker {
+                        tokio::spawn(worker);
+                    }
                     let stop = async {
                         while !shutdown.load(Ordering::Relaxed) {
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -129,7 +164,7 @@ impl Side {
             thread: Some(thread),
             api_url,
             handle,
-            webhooks,
+            hooks: Hooks { webhooks, offline },
         })
     }
 

@@ -386,3 +386,119 @@ fn bad_push_requests_are_refused_with_their_error_and_send_nothing() {
     assert_eq!(p.push_id, made["push_id"].as_u64().unwrap());
     assert_eq!(&p.payload[..], b"real");
 }
+
+/// Whether `X-Tern-Signature: t=<ms>,v1=<hex>` is the HMAC-SHA256 of `t.body` under `secret`.
+fn signed(header: &str, body: &[u8], secret: &str) -> bool {
+    use hmac::{Hmac, Mac};
+    let Some((t, v1)) = header
+        .strip_prefix("t=")
+        .and_then(|rest| rest.split_once(",v1="))
+    else {
+        return false;
+    };
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(t.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    hex == v1
+}
+
+#[test]
+fn offline_recipients_get_a_notification_unless_muted_or_in_do_not_disturb() {
+    const SECRET: &str = "notify-test-secret";
+    let (url, rx) = tern_tests::http_receiver();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    // One request at a time, so notifications arrive in the order of the messages.
+    std::fs::write(
+        &cfg,
+        format!(
+            "[notify]\nconcurrency = 1\n[notify.webhook]\nurl = \"{url}/notify\"\n\
+             secret = {SECRET:?}\n"
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--cores", "2", "--config", cfg.to_str().unwrap()]);
+    // bob's devices, registered by the app server: the phone takes notifications, the pad is
+    // in do-not-disturb all day.
+    let phone = ok(gw.api_call(
+        "POST",
+        "/v1/users/bob/devices/phone",
+        Some(&json!({"push_provider": "webhook", "push_token": "bob-phone-token"})),
+    ));
+    assert_eq!(phone["has_push_token"], json!(true));
+    ok(gw.api_call(
+        "POST",
+        "/v1/users/bob/devices/pad",
+        Some(&json!({
+            "push_provider": "webhook",
+            "push_token": "bob-pad-token",
+            "dnd": {"enabled": true, "start_minute": 0, "end_minute": 0, "utc_offset_minutes": 0},
+        })),
+    ));
+    ok(gw.api_call(
+        "POST",
+        "/v1/users/carol/devices/phone",
+        Some(&json!({"push_provider": "webhook", "push_token": "carol-token"})),
+    ));
+    let mut alice = login(&gw, "alice", "phone");
+    let next = || rx.recv_timeout(tern_tests::WAIT).expect("a notification");
+
+    let a1 = tern_tests::send_acked(&mut alice, "bob", "m1", "hello bob");
+    let n = next();
+    assert_eq!((n.method.as_str(), n.path.as_str()), ("POST", "/notify"));
+    assert!(signed(
+        n.header("x-tern-signature").unwrap(),
+        &n.body,
+        SECRET
+    ));
+    let body = n.json();
+    assert_eq!(body["user"], json!("bob"));
+    assert_eq!(body["device"], json!("phone"));
+    assert_eq!(body["token"], json!("bob-phone-token"));
+    assert_eq!(body["title"], json!("alice"));
+    assert_eq!(body["body"], json!("hello bob"));
+    assert_eq!(body["sender"], json!("alice"));
+    assert_eq!(body["seq"], json!(a1.seq));
+    assert_eq!(
+        body["conversation_id"],
+        json!(a1.conversation_id.to_string())
+    );
+
+    // bob mutes the conversation: no notification for m2; unmuted again, m3 is the next one.
+    let mute = |muted: bool| {
+        let req = json!({"setConversation": {
+            "conversationId": a1.conversation_id.to_string(), "muted": muted}});
+        ok(gw.api_call("POST", "/v1/users/bob/request", Some(&req)));
+    };
+    mute(true);
+    tern_tests::send_acked(&mut alice, "bob", "m2", "muted");
+    mute(false);
+    let a3 = tern_tests::send_acked(&mut alice, "bob", "m3", "unmuted");
+    let body = next().json();
+    assert_eq!(
+        (body["seq"].clone(), body["body"].clone()),
+        (json!(a3.seq), json!("unmuted"))
+    );
+
+    // Online, bob gets the message itself and no notification: the next one is carol's.
+    let mut bob = login(&gw, "bob", "phone");
+    tern_tests::send_acked(&mut alice, "bob", "m4", "live");
+    assert_eq!(
+        tern_tests::text(&tern_tests::expect_deliver(&mut bob)),
+        "live"
+    );
+    tern_tests::send_acked(&mut alice, "carol", "m5", "hi carol");
+    let body = next().json();
+    assert_eq!(
+        (body["user"].clone(), body["token"].clone()),
+        (json!("carol"), json!("carol-token"))
+    );
+    assert!(rx.try_recv().is_err());
+}
