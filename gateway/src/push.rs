@@ -747,6 +747,40 @@ pub fn add_to_audience(a: &mut Audience, user: &str, device: Option<&str>) {
     }
 }
 
+/// The writes that store a push: its record, and unless it is for online devices only
+/// (`expires_ms` 0) one index entry for everyone (`all`), or one per user of `audience`.
+pub fn push_writes(record: &PushRecord, audience: &Audience, all: bool) -> Vec<MetaChange> {
+    let mut changes = vec![MetaChange {
+        key: rec_key(record.id).into(),
+        value: json(record),
+    }];
+    if record.expires_ms == 0 {
+        return changes;
+    }
+    if all {
+        changes.push(MetaChange {
+            key: all_key(record.id).into(),
+            value: Some(Bytes::copy_from_slice(&record.expires_ms.to_be_bytes())),
+        });
+    } else {
+        for (user, devices) in audience {
+            let entry = UserEntry {
+                e: record.expires_ms,
+                d: devices.iter().flatten().cloned().collect(),
+            };
+            changes.push(MetaChange {
+                key: user_key(user, record.id).into(),
+                value: json(&entry),
+            });
+        }
+    }
+    changes
+}
+
+fn json<T: Serialize>(v: &T) -> Option<Bytes> {
+    Some(Bytes::from(serde_json::to_vec(v).unwrap_or_default()))
+}
+
 /// Deletes expired pushes: records (kept `RECORD_GRACE_MS` past their expiry, for the API's
 /// counters) and index entries. One pass; returns how many keys it deleted.
 pub async fn sweep_expired(store: &dyn MessageStore, now: u64) -> Result<usize, StorageError> {
@@ -997,6 +1031,71 @@ mod tests {
         assert!(p.ends_with('…'));
         assert_eq!(preview(2, b"\x89PNG"), "[image]");
         assert_eq!(preview(100, b"{}"), "[new message]");
+    }
+
+    fn record(id: u64, expires_ms: u64) -> PushRecord {
+        PushRecord {
+            v: 1,
+            id,
+            created_ms: 1,
+            expires_ms,
+            title: "t".into(),
+            content_type: 1,
+            custom_type: String::new(),
+            payload: BASE64.encode("hi"),
+            audience: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_push_to_everyone_is_stored_once_and_others_once_per_user() {
+        let mut many = Audience::new();
+        for i in 0..5000 {
+            add_to_audience(&mut many, &format!("u{i}"), None);
+        }
+        // Everyone: the record and one index entry, whatever the number of users.
+        let all = push_writes(&record(7, 100), &Audience::new(), true);
+        assert_eq!(all.len(), 2);
+        assert_eq!(&all[0].key[..], &rec_key(7)[..]);
+        assert_eq!(&all[1].key[..], &all_key(7)[..]);
+        assert_eq!(all[1].value.as_deref(), Some(&100u64.to_be_bytes()[..]));
+        // Users: one small entry each, naming the devices when only some are meant.
+        let mut some = Audience::new();
+        add_to_audience(&mut some, "alice", Some("phone"));
+        add_to_audience(&mut some, "bob", None);
+        let w = push_writes(&record(8, 100), &some, false);
+        assert_eq!(w.len(), 3);
+        let alice: UserEntry = serde_json::from_slice(w[1].value.as_ref().unwrap()).unwrap();
+        assert_eq!((alice.e, alice.d), (100, vec!["phone".to_owned()]));
+        assert_eq!(&w[2].key[..], &user_key("bob", 8)[..]);
+        assert_eq!(push_writes(&record(9, 100), &many, false).len(), 5001);
+        // Online only: the record alone.
+        assert_eq!(push_writes(&record(10, 0), &many, false).len(), 1);
+    }
+
+    #[test]
+    fn expired_pushes_are_swept() {
+        let store = tern_storage::MemStore::new(tern_storage::DedupWindow::default());
+        let mut some = Audience::new();
+        add_to_audience(&mut some, "alice", None);
+        for (id, expires, all) in [(1, 1_000, true), (2, 1_000, false), (3, 9_000_000, true)] {
+            store
+                .set_meta(push_writes(&record(id, expires), &some, all))
+                .wait()
+                .unwrap();
+        }
+        let deleted = futures_lite::future::block_on(sweep_expired(&store, 2_000)).unwrap();
+        // The expired index entries go at once; the records an hour past their expiry.
+        assert_eq!(deleted, 2);
+        assert!(store.meta(&all_key(1)).unwrap().is_none());
+        assert!(store.meta(&user_key("alice", 2)).unwrap().is_none());
+        assert!(store.meta(&rec_key(1)).unwrap().is_some());
+        assert!(store.meta(&all_key(3)).unwrap().is_some());
+        let deleted =
+            futures_lite::future::block_on(sweep_expired(&store, 1_000 + 3_600_000)).unwrap();
+        assert_eq!(deleted, 2);
+        assert!(store.meta(&rec_key(1)).unwrap().is_none());
+        assert!(store.meta(&rec_key(3)).unwrap().is_some());
     }
 
     #[test]

@@ -249,29 +249,7 @@ async fn make_push(State(st): State<Arc<ApiState>>, headers: HeaderMap, body: By
             json!({"users": req.users, "aliases": req.aliases, "tags": req.tags})
         },
     };
-    let mut changes = vec![MetaChange {
-        key: push::rec_key(id).into(),
-        value: Some(serde_json::to_vec(&record).unwrap_or_default().into()),
-    }];
-    if expires != 0 {
-        if req.all {
-            changes.push(MetaChange {
-                key: push::all_key(id).into(),
-                value: Some(Bytes::copy_from_slice(&expires.to_be_bytes())),
-            });
-        } else {
-            for (user, devices) in &audience {
-                let entry = push::UserEntry {
-                    e: expires,
-                    d: devices.iter().flatten().cloned().collect(),
-                };
-                changes.push(MetaChange {
-                    key: push::user_key(user, id).into(),
-                    value: Some(serde_json::to_vec(&entry).unwrap_or_default().into()),
-                });
-            }
-        }
-    }
+    let changes = push::push_writes(&record, &audience, req.all);
     // Durable before any device gets it: a device logging in meanwhile finds it in the index.
     for chunk in changes.chunks(tern_storage::MAX_META_CHANGES) {
         st.store.set_meta(chunk.to_vec()).await?;
