@@ -366,6 +366,29 @@ pub fn ban_key(user: &str) -> Vec<u8> {
     k
 }
 
+/// The account-state key of the revocation of `user`'s tokens: tokens issued at or before its
+/// value (ms since the epoch, big-endian u64) are refused.
+pub fn revoke_key(user: &str) -> Vec<u8> {
+    let mut k = b"revoked/".to_vec();
+    k.extend_from_slice(user.as_bytes());
+    k
+}
+
+/// Whether a token of `user` issued at `iat_ms` was revoked. A store error counts as not
+/// revoked (logged), like [`banned`].
+pub fn revoked(store: &dyn tern_storage::MessageStore, user: &str, iat_ms: u64) -> bool {
+    match store.meta(&revoke_key(user)) {
+        Ok(Some(v)) => {
+            <[u8; 8]>::try_from(v.as_ref()).is_ok_and(|b| iat_ms <= u64::from_be_bytes(b))
+        }
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a token revocation");
+            false
+        }
+    }
+}
+
 /// Whether `user` is banned at `now_ms`. A store error counts as not banned (logins do not
 /// fail because the account state cannot be read; the error is logged).
 pub fn banned(store: &dyn tern_storage::MessageStore, user: &str, now_ms: u64) -> bool {

@@ -166,6 +166,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/users/{user}/token", post(issue_token))
         .route("/v1/users/{user}/kick", post(kick))
         .route("/v1/users/{user}/ban", post(ban).delete(unban))
+        .route("/v1/users/{user}/revoke-tokens", post(revoke_tokens))
         .route("/v1/users/{user}/request", post(user_request))
         .route("/v1/system/request", post(system_request))
         .route("/v1/messages", post(send_message))
@@ -446,6 +447,7 @@ async fn issue_token(
             sub: user.clone(),
             exp,
             dev: req.device,
+            iat_ms: crate::core::now_ms(),
         },
     );
     Ok(axum::Json(
@@ -532,6 +534,27 @@ async fn unban(State(st): State<Arc<ApiState>>, Path(user): Path<String>) -> Api
         }])
         .await?;
     Ok(axum::Json(json!({ "user": user, "was_banned": was })))
+}
+
+/// Revokes every token of `user` issued until now (a lost phone, a leaked token): logins with
+/// them fail with TOKEN_REVOKED, the user's connections are kicked (REVOKED), and tokens issued
+/// afterwards work. Stored, so it survives restarts.
+async fn revoke_tokens(State(st): State<Arc<ApiState>>, Path(user): Path<String>) -> ApiResult {
+    check_user(&user)?;
+    let at = crate::core::now_ms();
+    st.store
+        .set_meta(vec![tern_storage::MetaChange {
+            key: crate::admin::revoke_key(&user).into(),
+            value: Some(bytes::Bytes::copy_from_slice(&at.to_be_bytes())),
+        }])
+        .await?;
+    let kicked = st
+        .bridge
+        .kick(&user, KickReason::Revoked, "the user's tokens were revoked")
+        .await?;
+    Ok(axum::Json(
+        json!({ "user": user, "revoked_until_ms": at, "kicked": kicked }),
+    ))
 }
 
 /// Client requests the API may make on a user's behalf: those that answer once and leave no

@@ -179,6 +179,7 @@ fn main() -> ExitCode {
                 sub: user.clone(),
                 exp: expires_at.unwrap_or_else(|| token::now_secs() + ttl.as_secs().max(1)),
                 dev: device.clone(),
+                iat_ms: tern_gateway::core::now_ms(),
             };
             println!("{}", token::mint(&secret, &claims));
             ExitCode::SUCCESS

@@ -33,10 +33,16 @@ pub const MAX_TAG_CHANGES: usize = 1000;
 /// Hands out push ids: blocks of [`PushIds::BLOCK`] are reserved in the store before use, so ids
 /// keep increasing across restarts (a restart skips the rest of a block).
 #[derive(Debug, Default)]
-pub struct PushIds(tokio::sync::Mutex<(u64, u64)>);
+pub struct PushIds(tokio::sync::Mutex<(u64, u64)>, tokio::sync::Mutex<()>);
 
 impl PushIds {
     const BLOCK: u64 = 1000;
+
+    /// Held from a push's id to the end of its live delivery, so pushes reach every device in
+    /// id order (a device's PushAck acknowledges everything up to its id).
+    pub async fn in_order(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.1.lock().await
+    }
 
     pub async fn next(&self, store: &dyn MessageStore) -> Result<u64, StorageError> {
         let mut g = self.0.lock().await;
@@ -231,6 +237,7 @@ async fn make_push(State(st): State<Arc<ApiState>>, headers: HeaderMap, body: By
         a
     };
 
+    let _in_order = st.push_ids.in_order().await;
     let id = st.push_ids.next(&*st.store).await?;
     let now = now_ms();
     let expires = if ttl == 0 { 0 } else { now + ttl * 1000 };

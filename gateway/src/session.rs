@@ -363,6 +363,9 @@ fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static 
     if crate::admin::banned(&*core.store, &claims.sub, now_ms()) {
         return Err((ErrorCode::TokenRevoked, "the user is banned"));
     }
+    if crate::admin::revoked(&*core.store, &claims.sub, claims.iat_ms) {
+        return Err((ErrorCode::TokenRevoked, "the token was revoked"));
+    }
     Ok(Login {
         user: claims.sub,
         device: hello.device_id,

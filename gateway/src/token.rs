@@ -102,6 +102,14 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev: Option<String>,
+    /// When it was issued (ms since the epoch; 0 for tokens minted before this claim existed).
+    /// A revocation of the user's tokens refuses every token issued at or before it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub iat_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Why a token was refused.
@@ -189,6 +197,7 @@ mod tests {
             sub: "alice".into(),
             exp,
             dev: None,
+            iat_ms: 0,
         }
     }
 
