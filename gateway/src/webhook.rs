@@ -5,7 +5,8 @@
 //! * **After-events** ([`Webhooks::emit`]) tell the app what happened. They are queued and sent
 //!   in the background; the gateway never waits for them. The kinds the gateway emits (the
 //!   `events` option picks some of them; empty means all):
-//!   - `after_send` ([`AFTER_SEND`]): a message was stored and sent;
+//!   - `after_send` ([`AFTER_SEND`]): a 1:1 or group message was stored and sent (room
+//!     messages are not reported);
 //!   - `login` ([`LOGIN`]): a device logged in;
 //!   - `logout` ([`LOGOUT`]): a device logged out or its connection closed;
 //!   - `group_event` ([`GROUP_EVENT`]): a group was created or changed, or its members did;
@@ -73,7 +74,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// After-event: a message was stored and sent.
+/// After-event: a 1:1 or group message was stored and sent.
 pub const AFTER_SEND: &str = "after_send";
 /// After-event: a device logged in.
 pub const LOGIN: &str = "login";
