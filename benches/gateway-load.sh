@@ -313,6 +313,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = webhook ]; then
         exit 1
         ;;
     esac
+    mkdir -p "$WORK"
     : >"$WORK/webhook.txt"
     c=$WEBHOOK_CORES
     for r in $WEBHOOK_RATES; do
@@ -341,7 +342,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = webhook ]; then
         api=$(sed -n 's/^tern-gateway API listening on //p' "$WORK/gateway.log" | head -n 1)
         if [ -n "$api" ] && [ -n "$GW_PID" ]; then
             curl -sf --max-time 5 -H "Authorization: Bearer $(cat "$WORK/data/api_secret")" \
-                "http://$api/metrics" | grep '^tern_webhook_events_total' \
+                "$api/metrics" | grep '^tern_webhook_events_total' \
                 | sed "s/^/METRIC label=deadhook-fsync-cores$c-rate$r /" \
                 | tee -a "$WORK/webhook.txt" || true
         fi
