@@ -325,6 +325,9 @@ if [ "$WHAT" = all ] || [ "$WHAT" = webhook ]; then
         WEBHOOK_TOML=$(printf '[webhook]\nurl = "http://127.0.0.1:%s/hook"\nsecret = "bench"\nevents = ["after_send", "delivery_receipt"]' "$WEBHOOK_PORT")
         start_gateway fsync "$c"
         WEBHOOK_TOML=""
+        # Emptied here, not only by the redirection below: that happens in the background
+        # process, maybe after the first look for its "listening" line.
+        : >"$WORK/blackhole.out"
         "$BIN"/tern-load blackhole --listen "127.0.0.1:$WEBHOOK_PORT" --watch-pid "$GW_PID" \
             --duration "$((secs + 60))s" >"$WORK/blackhole.out" 2>&1 &
         hole_pid=$!
