@@ -1057,8 +1057,7 @@ impl Core {
                     && recall_of == 0
                     && self.webhooks.wants(crate::webhook::AFTER_SEND)
                 {
-                    self.webhooks.emit(
-                        crate::webhook::AFTER_SEND,
+                    self.webhooks.emit_with(crate::webhook::AFTER_SEND, || {
                         serde_json::json!({
                             "from": &*sender_name,
                             "to_kind": "group",
@@ -1069,8 +1068,8 @@ impl Core {
                             "content_type": req.content_type,
                             "custom_type": &req.custom_type,
                             "server_time_ms": a.server_time_ms,
-                        }),
-                    );
+                        })
+                    });
                 }
                 if !a.duplicate {
                     let message = Arc::new(Deliver {

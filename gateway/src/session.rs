@@ -936,15 +936,16 @@ impl Ctx {
                     // Cursor writes are group-committed by the store; they are awaited before
                     // this connection's next sync (which reads them) or when many are pending.
                     if self.core.webhooks.wants(crate::webhook::DELIVERY_RECEIPT) {
-                        self.core.webhooks.emit(
-                            crate::webhook::DELIVERY_RECEIPT,
-                            serde_json::json!({
-                                "user": &*self.user_name,
-                                "device": &self.session.device,
-                                "conversation_id": ack.conversation_id.to_string(),
-                                "seq": ack.seq,
-                            }),
-                        );
+                        self.core
+                            .webhooks
+                            .emit_with(crate::webhook::DELIVERY_RECEIPT, || {
+                                serde_json::json!({
+                                    "user": &*self.user_name,
+                                    "device": &self.session.device,
+                                    "conversation_id": ack.conversation_id.to_string(),
+                                    "seq": ack.seq,
+                                })
+                            });
                     }
                     self.acks.push(self.core.store.set_delivered(
                         self.user,

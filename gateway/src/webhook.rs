@@ -902,6 +902,12 @@ impl Webhooks {
     /// Queues an after-event without blocking: kinds not wanted are skipped; when
     /// `queue_capacity` events are held, the event is dropped and counted.
     pub fn emit(&self, kind: &'static str, data: serde_json::Value) {
+        self.emit_with(kind, || data);
+    }
+
+    /// [`Webhooks::emit`] with the data built by `data` only if the event is queued, so that
+    /// events dropped while the endpoint is dead or slow cost the hot path no allocation.
+    pub fn emit_with(&self, kind: &'static str, data: impl FnOnce() -> serde_json::Value) {
         let Some(inner) = &self.inner else { return };
         debug_assert!(EVENT_KINDS.contains(&kind), "unknown webhook event {kind}");
         if !inner.wants_event(kind) {
@@ -923,7 +929,7 @@ impl Webhooks {
         let event = Event {
             kind,
             time_ms: now_ms(),
-            data,
+            data: data(),
         };
         // The queue holds at most `pending` events, so it is never full here; it is closed
         // only when the side runtime has shut down.
