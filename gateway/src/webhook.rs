@@ -1543,6 +1543,35 @@ mod tests {
     }
 
     #[test]
+    fn dropped_events_are_never_built() {
+        let side = Side::start();
+        let (url, _listener) = silent();
+        let wh = Webhooks::start(
+            WebhookConfig {
+                queue_capacity: 2,
+                concurrency: 1,
+                timeout_ms: 600_000,
+                events: vec![AFTER_SEND.into()],
+                ..config(&url)
+            },
+            &side.handle,
+        )
+        .unwrap();
+        let built = std::cell::Cell::new(0);
+        for seq in 0..5 {
+            wh.emit_with(AFTER_SEND, || {
+                built.set(built.get() + 1);
+                json!({ "seq": seq })
+            });
+        }
+        // Not wanted: not built either.
+        wh.emit_with(LOGIN, || unreachable!("login is not among the events"));
+        assert_eq!(built.get(), 2);
+        let c = wh.counters();
+        assert_eq!((c.queued, c.dropped, c.pending), (2, 3, 2));
+    }
+
+    #[test]
     fn a_dead_endpoint_never_stalls_emit() {
         let side = Side::start();
         let (url, _listener) = silent();
