@@ -11,6 +11,7 @@
 #   benches/gateway-load.sh flood          # pairs at FLOOD_RATE alone, then under a connection flood
 #   benches/gateway-load.sh fanout         # one group with K online members and one sender
 #   benches/gateway-load.sh room           # pairs alone, then next to a busy live room
+#   benches/gateway-load.sh webhook        # pairs without webhooks, then with a dead endpoint
 #
 # Environment: PORT (default 7655), DURATION (default 10s), PAIRS (default 100),
 # CORES_LIST (default "2 1"), CONNS (default 19000), CONNS_CORES (default 2), JITTER (default 2s,
@@ -23,6 +24,8 @@
 # Fan-out: FANOUT_MEMBERS (default "1000 10000"), FANOUT_RATE_<K> (the fixed-rate run's Sends/s
 # for K members; default 1,000,000 / K, i.e. a million deliveries/s offered).
 # Room: ROOM_VIEWERS (default 18000), ROOM_RATE (default 20 messages/s).
+# Webhook: WEBHOOK_CORES (default 2), WEBHOOK_RATES (default "0 5000": the pairs' Sends/s, 0 = as
+# fast as the window allows), WEBHOOK_PORT (default PORT + 1, the dead endpoint's TCP port).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -41,6 +44,11 @@ FLOOD_HOLD=${FLOOD_HOLD:-10000}
 FANOUT_MEMBERS=${FANOUT_MEMBERS:-"1000 10000"}
 ROOM_VIEWERS=${ROOM_VIEWERS:-18000}
 ROOM_RATE=${ROOM_RATE:-20}
+WEBHOOK_CORES=${WEBHOOK_CORES:-2}
+WEBHOOK_RATES=${WEBHOOK_RATES:-"0 5000"}
+WEBHOOK_PORT=${WEBHOOK_PORT:-$((PORT + 1))}
+# Extra configuration after GATEWAY_CONFIG (the webhook case's [webhook] table).
+WEBHOOK_TOML=""
 WHAT=${1:-all}
 
 # Built separately: one cargo invocation would unify features and rebuild both.
@@ -59,6 +67,7 @@ start_gateway() { # durability cores
     printf 'rate_messages_per_sec = 0\nrate_user_messages_per_sec = 0\nrate_requests_per_sec = 0\nrate_read_bytes_per_sec = 0\n' \
         >"$WORK/bench.toml"
     [ -z "${GATEWAY_CONFIG:-}" ] || printf '%s\n' "$GATEWAY_CONFIG" >>"$WORK/bench.toml"
+    [ -z "$WEBHOOK_TOML" ] || printf '%s\n' "$WEBHOOK_TOML" >>"$WORK/bench.toml"
     "$BIN"/tern-gateway --config "$WORK/bench.toml" --data-dir "$WORK/data" \
         --tcp "127.0.0.1:$PORT" --quic "127.0.0.1:$PORT" --api 127.0.0.1:0 --durability "$1" --cores "$2" \
         --log warn 2>"$WORK/gateway.log" &
@@ -289,4 +298,66 @@ if [ "$WHAT" = all ] || [ "$WHAT" = room ]; then
         stop_gateway
     done
     grep '^RESULT' "$WORK/room.txt" || true
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = webhook ]; then
+    # Does a dead webhook endpoint slow messages down? The same pairs, for each rate in
+    # WEBHOOK_RATES: first on a gateway without webhooks, then on one whose [webhook] sends
+    # after_send and delivery_receipt events to `tern-load blackhole`, a local endpoint that
+    # accepts connections and never answers (it stops when the gateway has stopped, or after
+    # a time bound). Compare delivered_per_s and the SendAck latency (ack_p50_us, ack_p99_us);
+    # the webhook counters read from /metrics after each dead run follow.
+    secs=${DURATION%s}
+    case $secs in '' | *[!0-9]*)
+        echo "webhook: DURATION must be whole seconds (e.g. 10s), not $DURATION" >&2
+        exit 1
+        ;;
+    esac
+    mkdir -p "$WORK"
+    : >"$WORK/webhook.txt"
+    c=$WEBHOOK_CORES
+    for r in $WEBHOOK_RATES; do
+        start_gateway fsync "$c"
+        run_pairs "$WORK/webhook.txt" "nohook-fsync-cores$c-rate$r" --rate "$r"
+        gateway_alive "without webhooks"
+        stop_gateway
+
+        WEBHOOK_TOML=$(printf '[webhook]\nurl = "http://127.0.0.1:%s/hook"\nsecret = "bench"\nevents = ["after_send", "delivery_receipt"]' "$WEBHOOK_PORT")
+        start_gateway fsync "$c"
+        WEBHOOK_TOML=""
+        # Emptied here, not only by the redirection below: that happens in the background
+        # process, maybe after the first look for its "listening" line.
+        : >"$WORK/blackhole.out"
+        "$BIN"/tern-load blackhole --listen "127.0.0.1:$WEBHOOK_PORT" --watch-pid "$GW_PID" \
+            --duration "$((secs + 60))s" >"$WORK/blackhole.out" 2>&1 &
+        hole_pid=$!
+        for _ in $(seq 100); do
+            grep -qs "blackhole listening" "$WORK/blackhole.out" && break
+            sleep 0.1
+        done
+        if ! grep -qs "blackhole listening" "$WORK/blackhole.out"; then
+            echo "the dead endpoint did not start:" >&2
+            cat "$WORK/blackhole.out" >&2
+            exit 1
+        fi
+        run_pairs "$WORK/webhook.txt" "deadhook-fsync-cores$c-rate$r" --rate "$r"
+        gateway_alive "with a dead webhook endpoint"
+        api=$(sed -n 's/^tern-gateway API listening on //p' "$WORK/gateway.log" | head -n 1)
+        if [ -n "$api" ] && [ -n "$GW_PID" ]; then
+            curl -sf --max-time 5 -H "Authorization: Bearer $(cat "$WORK/data/api_secret")" \
+                "$api/metrics" | grep '^tern_webhook_events_total' \
+                | sed "s/^/METRIC label=deadhook-fsync-cores$c-rate$r /" \
+                | tee -a "$WORK/webhook.txt" || true
+        fi
+        # The endpoint sees the gateway go and stops by itself; its RESULT line follows.
+        stop_gateway
+        wait "$hole_pid" || true
+        cat "$WORK/blackhole.out"
+        grep '^RESULT' "$WORK/blackhole.out" >>"$WORK/webhook.txt" || true
+    done
+    echo "== webhook summary (pairs without webhooks, then with a dead endpoint, per rate)"
+    grep '^RESULT workload=pairs' "$WORK/webhook.txt" \
+        | awk '{ l = ""; for (i = 2; i <= NF; i++) if ($i ~ /^(label|delivered_per_s|p50_us|p99_us|ack_p50_us|ack_p99_us|ack_max_us|lost|dup|errors|cpu_us_per_msg)=/) l = l " " $i; print "pairs" l }' || true
+    grep '^METRIC' "$WORK/webhook.txt" || true
+    grep '^RESULT workload=blackhole' "$WORK/webhook.txt" || true
 fi

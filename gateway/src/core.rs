@@ -766,8 +766,7 @@ impl Core {
                     && job.recall_of == 0
                     && self.webhooks.wants(crate::webhook::AFTER_SEND)
                 {
-                    self.webhooks.emit(
-                        crate::webhook::AFTER_SEND,
+                    self.webhooks.emit_with(crate::webhook::AFTER_SEND, || {
                         serde_json::json!({
                             "from": &*job.sender_name,
                             "to_kind": "user",
@@ -778,8 +777,8 @@ impl Core {
                             "content_type": job.req.content_type,
                             "custom_type": &job.req.custom_type,
                             "server_time_ms": a.server_time_ms,
-                        }),
-                    );
+                        })
+                    });
                 }
                 if !a.duplicate {
                     let for_recipient = Deliver {

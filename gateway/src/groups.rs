@@ -152,6 +152,9 @@ pub struct Pending {
     with_info: bool,
     /// Answer with `pending` (a join request was filed).
     join_pending: bool,
+    /// A reviewer approved a join request: stored as GROUP_JOINED, reported to the webhook as
+    /// `join_approved`.
+    join_approved: bool,
 }
 
 /// The owner core's copy of one group.
@@ -397,6 +400,7 @@ impl Core {
                 removed: Vec::new(),
                 with_info: true,
                 join_pending: false,
+                join_approved: false,
             };
             self.submit_group_change(state, job, event, pending);
             return Ok(None);
@@ -505,6 +509,7 @@ impl Core {
                     removed: Vec::new(),
                     with_info: false,
                     join_pending: true,
+                    join_approved: false,
                 };
                 self.submit_group_change(state, job, event, pending);
                 return Ok(None);
@@ -525,6 +530,7 @@ impl Core {
                 removed: Vec::new(),
                 with_info: false,
                 join_pending: false,
+                join_approved: false,
             };
             self.submit_group_change(state, job, event, pending);
             return Ok(None);
@@ -545,6 +551,7 @@ impl Core {
             removed: Vec::new(),
             with_info: false,
             join_pending: false,
+            join_approved: false,
         };
         match op {
             Op::Create(_) | Op::Join(_) => unreachable!("handled above"),
@@ -623,6 +630,7 @@ impl Core {
                         .members
                         .push((user, Some(MemberRecord::new(GroupRole::RoleMember, now))));
                     pending.added.push(user);
+                    pending.join_approved = true;
                     event.kind = GroupEventKind::GroupJoined.into();
                 } else {
                     event.kind = GroupEventKind::GroupJoinDeclined.into();
@@ -997,6 +1005,15 @@ impl Core {
                 let mut join_pending = false;
                 if let Some(p) = after.change {
                     join_pending = p.join_pending;
+                    if self.webhooks.wants(crate::webhook::GROUP_EVENT) {
+                        // The event was encoded here a moment ago; it decodes.
+                        if let Ok(event) = GroupEvent::decode(req.payload.clone()) {
+                            self.webhooks.emit(
+                                crate::webhook::GROUP_EVENT,
+                                group_event_hook(&after.name, &a, &event, p.join_approved),
+                            );
+                        }
+                    }
                     let added = Arc::new(p.added);
                     removed = p.removed;
                     {
@@ -1034,6 +1051,25 @@ impl Core {
                             a.conversation,
                         )));
                     }
+                }
+                if !a.duplicate
+                    && !is_change
+                    && recall_of == 0
+                    && self.webhooks.wants(crate::webhook::AFTER_SEND)
+                {
+                    self.webhooks.emit_with(crate::webhook::AFTER_SEND, || {
+                        serde_json::json!({
+                            "from": &*sender_name,
+                            "to_kind": "group",
+                            "to": &*after.name,
+                            "conversation_id": a.conversation.to_string(),
+                            "seq": a.seq,
+                            "client_msg_id": &req.client_msg_id,
+                            "content_type": req.content_type,
+                            "custom_type": &req.custom_type,
+                            "server_time_ms": a.server_time_ms,
+                        })
+                    });
                 }
                 if !a.duplicate {
                     let message = Arc::new(Deliver {
@@ -1172,6 +1208,111 @@ impl Core {
     }
 }
 
+/// The `group_event` webhook's data for a committed change (see the webhook section of
+/// docs/API.md): the group, the event's name, who did it, whom it concerns, the fields of its
+/// kind, and the seq of the event in the group's conversation.
+fn group_event_hook(
+    group: &str,
+    appended: &Appended,
+    event: &GroupEvent,
+    join_approved: bool,
+) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let kind = event.kind();
+    let name = match kind {
+        GroupEventKind::GroupJoined if join_approved => "join_approved",
+        _ => group_event_name(kind),
+    };
+    let mut data = json!({
+        "group_id": group,
+        "conversation_id": appended.conversation.to_string(),
+        "event": name,
+        "operator": &event.actor,
+        "users": &event.user_ids,
+        "event_seq": appended.seq,
+        "server_time_ms": appended.server_time_ms,
+    });
+    let extra = match kind {
+        GroupEventKind::GroupCreated | GroupEventKind::GroupProfileChanged => {
+            Some(("profile", profile_json(event.profile.as_ref())))
+        }
+        GroupEventKind::GroupKicked => Some(("reason", Value::from(event.reason.as_str()))),
+        GroupEventKind::GroupJoinRequested => Some(("message", Value::from(event.reason.as_str()))),
+        GroupEventKind::GroupRoleChanged => Some((
+            "role",
+            Value::from(match event.role() {
+                GroupRole::RoleAdmin => "admin",
+                GroupRole::RoleOwner => "owner",
+                _ => "member",
+            }),
+        )),
+        GroupEventKind::GroupMuted => Some(("muted_until_ms", Value::from(event.muted_until_ms))),
+        _ => None,
+    };
+    if let (Some((key, value)), Some(map)) = (extra, data.as_object_mut()) {
+        map.insert(key.to_owned(), value);
+    }
+    data
+}
+
+/// The webhook name of a group event kind: the protocol's name without `GROUP_`, in lower case.
+fn group_event_name(kind: GroupEventKind) -> &'static str {
+    match kind {
+        GroupEventKind::Unspecified => "unspecified",
+        GroupEventKind::GroupCreated => "created",
+        GroupEventKind::GroupJoined => "joined",
+        GroupEventKind::GroupInvited => "invited",
+        GroupEventKind::GroupLeft => "left",
+        GroupEventKind::GroupKicked => "kicked",
+        GroupEventKind::GroupRoleChanged => "role_changed",
+        GroupEventKind::GroupMuted => "muted",
+        GroupEventKind::GroupUnmuted => "unmuted",
+        GroupEventKind::GroupMutedAll => "muted_all",
+        GroupEventKind::GroupUnmutedAll => "unmuted_all",
+        GroupEventKind::GroupProfileChanged => "profile_changed",
+        GroupEventKind::GroupOwnerChanged => "owner_changed",
+        GroupEventKind::GroupDissolved => "dissolved",
+        GroupEventKind::GroupJoinRequested => "join_requested",
+        GroupEventKind::GroupJoinDeclined => "join_declined",
+    }
+}
+
+/// A profile as webhook JSON: only the fields it has; `join_policy` by name.
+fn profile_json(profile: Option<&GroupProfile>) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    let Some(p) = profile else {
+        return map.into();
+    };
+    for (key, value) in [
+        ("name", &p.name),
+        ("notice", &p.notice),
+        ("introduction", &p.introduction),
+        ("avatar_url", &p.avatar_url),
+    ] {
+        if let Some(v) = value {
+            map.insert(key.to_owned(), v.as_str().into());
+        }
+    }
+    if let Some(policy) = p.join_policy {
+        let policy = match JoinPolicy::try_from(policy) {
+            Ok(JoinPolicy::Free) => "free",
+            Ok(JoinPolicy::InviteOnly) => "invite_only",
+            Ok(JoinPolicy::Approval) => "approval",
+            Err(_) => "unknown",
+        };
+        map.insert("join_policy".to_owned(), policy.into());
+    }
+    if !p.custom.is_empty() {
+        let custom: serde_json::Map<String, serde_json::Value> = p
+            .custom
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().into()))
+            .collect();
+        map.insert("custom".to_owned(), custom.into());
+    }
+    map.into()
+}
+
 fn join_policy(record: &GroupRecord) -> JoinPolicy {
     record
         .profile
@@ -1306,6 +1447,105 @@ mod tests {
         p.custom.clear();
         p.join_policy = Some(7);
         assert_eq!(check_profile(&p).unwrap_err().0, ErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn group_event_hooks_carry_the_fields_of_their_kind() {
+        let appended = Appended {
+            conversation: 9_223_372_036_854_775_809,
+            seq: 4,
+            server_time_ms: 1_700_000_000_000,
+            version: 77,
+            duplicate: false,
+        };
+        let event = |kind: GroupEventKind, users: &[&str]| GroupEvent {
+            kind: kind.into(),
+            actor: "alice".into(),
+            user_ids: users.iter().map(|u| u.to_string()).collect(),
+            ..GroupEvent::default()
+        };
+        let base = |name: &str, users: &[&str]| {
+            serde_json::json!({
+                "group_id": "team",
+                "conversation_id": "9223372036854775809",
+                "event": name,
+                "operator": "alice",
+                "users": users,
+                "event_seq": 4,
+                "server_time_ms": 1_700_000_000_000u64,
+            })
+        };
+        let with = |mut v: serde_json::Value, key: &str, value: serde_json::Value| {
+            v.as_object_mut().unwrap().insert(key.into(), value);
+            v
+        };
+
+        let mut created = event(GroupEventKind::GroupCreated, &["bob"]);
+        created.profile = Some(GroupProfile {
+            name: Some("Team".into()),
+            join_policy: Some(JoinPolicy::Approval.into()),
+            custom: [("k".to_string(), "v".to_string())].into(),
+            ..GroupProfile::default()
+        });
+        assert_eq!(
+            group_event_hook("team", &appended, &created, false),
+            with(
+                base("created", &["bob"]),
+                "profile",
+                serde_json::json!({"name": "Team", "join_policy": "approval", "custom": {"k": "v"}}),
+            )
+        );
+
+        let mut kicked = event(GroupEventKind::GroupKicked, &["bob", "carol"]);
+        kicked.reason = "spam".into();
+        assert_eq!(
+            group_event_hook("team", &appended, &kicked, false),
+            with(base("kicked", &["bob", "carol"]), "reason", "spam".into())
+        );
+
+        let mut role = event(GroupEventKind::GroupRoleChanged, &["bob"]);
+        role.role = GroupRole::RoleAdmin.into();
+        assert_eq!(
+            group_event_hook("team", &appended, &role, false),
+            with(base("role_changed", &["bob"]), "role", "admin".into())
+        );
+
+        let mut muted = event(GroupEventKind::GroupMuted, &["bob"]);
+        muted.muted_until_ms = 5;
+        assert_eq!(
+            group_event_hook("team", &appended, &muted, false),
+            with(base("muted", &["bob"]), "muted_until_ms", 5.into())
+        );
+
+        let mut asked = event(GroupEventKind::GroupJoinRequested, &["alice"]);
+        asked.reason = "let me in".into();
+        assert_eq!(
+            group_event_hook("team", &appended, &asked, false),
+            with(
+                base("join_requested", &["alice"]),
+                "message",
+                "let me in".into()
+            )
+        );
+
+        let joined = event(GroupEventKind::GroupJoined, &["bob"]);
+        assert_eq!(
+            group_event_hook("team", &appended, &joined, false),
+            base("joined", &["bob"])
+        );
+        assert_eq!(
+            group_event_hook("team", &appended, &joined, true),
+            base("join_approved", &["bob"])
+        );
+        assert_eq!(
+            group_event_hook(
+                "team",
+                &appended,
+                &event(GroupEventKind::GroupDissolved, &[]),
+                false
+            ),
+            base("dissolved", &[])
+        );
     }
 
     #[test]

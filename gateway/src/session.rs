@@ -948,15 +948,16 @@ impl Ctx {
                     // Cursor writes are group-committed by the store; they are awaited before
                     // this connection's next sync (which reads them) or when many are pending.
                     if self.core.webhooks.wants(crate::webhook::DELIVERY_RECEIPT) {
-                        self.core.webhooks.emit(
-                            crate::webhook::DELIVERY_RECEIPT,
-                            serde_json::json!({
-                                "user": &*self.user_name,
-                                "device": &self.session.device,
-                                "conversation_id": ack.conversation_id.to_string(),
-                                "seq": ack.seq,
-                            }),
-                        );
+                        self.core
+                            .webhooks
+                            .emit_with(crate::webhook::DELIVERY_RECEIPT, || {
+                                serde_json::json!({
+                                    "user": &*self.user_name,
+                                    "device": &self.session.device,
+                                    "conversation_id": ack.conversation_id.to_string(),
+                                    "seq": ack.seq,
+                                })
+                            });
                     }
                     self.acks.push(self.core.store.set_delivered(
                         self.user,
@@ -1082,11 +1083,59 @@ impl Ctx {
                 "target.id must be 1..=64 bytes without control characters",
             );
         }
+        // The destination is resolved first: the before-send hook sees the real conversation,
+        // and a message that cannot be sent (no such group, not in the room, blocked) costs no
+        // call to it.
+        let dest = match kind {
+            Ok(TargetKind::User) => {
+                let recipient = match self.core.user_id(&target.id) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let (code, msg) = crate::core::storage_error_code(&e);
+                        return self.error(rid, code, msg);
+                    }
+                };
+                if let Err((code, msg)) = self.may_message(recipient) {
+                    return self.error(rid, code, msg);
+                }
+                let Some(conv) = tern_storage::direct_conversation(self.user, recipient) else {
+                    return self.error(rid, ErrorCode::Internal, "user id space exhausted");
+                };
+                Dest::User { recipient, conv }
+            }
+            Ok(TargetKind::Group) => {
+                let Some((group, conv)) = self.find_group(rid, &target.id) else {
+                    return;
+                };
+                Dest::Group { group, conv }
+            }
+            Ok(TargetKind::Room) => {
+                if !valid_id(&target.id) {
+                    return self.error(
+                        rid,
+                        ErrorCode::InvalidArgument,
+                        "target.id must be 1..=64 bytes without control characters",
+                    );
+                }
+                let room = room_conversation(&target.id);
+                if !self.core.in_room(self.session.logical, room) {
+                    return self.error(rid, ErrorCode::NotMember, "enter the room first");
+                }
+                Dest::Room { room }
+            }
+            _ => {
+                return self.error(
+                    rid,
+                    ErrorCode::InvalidArgument,
+                    "target.kind must be USER, GROUP or ROOM",
+                );
+            }
+        };
         if self.core.webhooks.wants(crate::webhook::BEFORE_SEND) {
-            let to_kind = match kind {
-                Ok(TargetKind::Group) => "group",
-                Ok(TargetKind::Room) => "room",
-                _ => "user",
+            let (to_kind, conversation_id) = match dest {
+                Dest::User { conv, .. } => ("user", conv),
+                Dest::Group { conv, .. } => ("group", conv),
+                Dest::Room { room } => ("room", room),
             };
             let verdict = self
                 .core
@@ -1095,7 +1144,7 @@ impl Ctx {
                     from: self.user_name.to_string(),
                     to_kind,
                     to: target.id.clone(),
-                    conversation_id: 0,
+                    conversation_id,
                     client_msg_id: send.client_msg_id.clone(),
                     content_type: send.content_type as i32,
                     custom_type: send.custom_type.clone(),
@@ -1125,12 +1174,32 @@ impl Ctx {
                 }
             }
         }
-        match kind {
-            Ok(TargetKind::User) => {}
-            Ok(TargetKind::Group) => {
-                let Some((group, conv)) = self.find_group(rid, &target.id) else {
-                    return;
+        match dest {
+            Dest::User { recipient, conv } => {
+                let job = AppendMsg {
+                    req: tern_storage::AppendRequest {
+                        conversation: conv,
+                        sender: self.user,
+                        client_msg_id: send.client_msg_id,
+                        content_type: send.content_type,
+                        custom_type: send.custom_type,
+                        payload: send.payload,
+                        participants: vec![self.user, recipient],
+                        group_change: None,
+                        recall: None,
+                    },
+                    reply: self.reply_to(rid),
+                    sender_name: self.user_name.clone(),
+                    to: Recipient::User {
+                        id: recipient,
+                        name: Arc::from(target.id.as_str()),
+                    },
+                    recall_of: 0,
                 };
+                let owner = self.core.router.conversation(conv).core;
+                self.core.send_to_core(owner, ShardMsg::Append(job)).await;
+            }
+            Dest::Group { group, conv } => {
                 let req = tern_storage::AppendRequest {
                     conversation: conv,
                     sender: self.user,
@@ -1142,22 +1211,10 @@ impl Ctx {
                     group_change: None,
                     recall: None,
                 };
-                return self
-                    .to_group_owner(rid, group, conv, &target.id, GroupWhat::Send(req))
+                self.to_group_owner(rid, group, conv, &target.id, GroupWhat::Send(req))
                     .await;
             }
-            Ok(TargetKind::Room) => {
-                if !valid_id(&target.id) {
-                    return self.error(
-                        rid,
-                        ErrorCode::InvalidArgument,
-                        "target.id must be 1..=64 bytes without control characters",
-                    );
-                }
-                let room = room_conversation(&target.id);
-                if !self.core.in_room(self.session.logical, room) {
-                    return self.error(rid, ErrorCode::NotMember, "enter the room first");
-                }
+            Dest::Room { room } => {
                 let msg = RoomSend {
                     room,
                     name: Arc::from(target.id.as_str()),
@@ -1170,51 +1227,9 @@ impl Ctx {
                     reply: self.reply_to(rid),
                 };
                 let owner = self.core.router.conversation(room).core;
-                return self.core.send_to_core(owner, ShardMsg::RoomSend(msg)).await;
-            }
-            _ => {
-                return self.error(
-                    rid,
-                    ErrorCode::InvalidArgument,
-                    "target.kind must be USER, GROUP or ROOM",
-                );
+                self.core.send_to_core(owner, ShardMsg::RoomSend(msg)).await;
             }
         }
-        let recipient = match self.core.user_id(&target.id) {
-            Ok(r) => r,
-            Err(e) => {
-                let (code, msg) = crate::core::storage_error_code(&e);
-                return self.error(rid, code, msg);
-            }
-        };
-        if let Err((code, msg)) = self.may_message(recipient) {
-            return self.error(rid, code, msg);
-        }
-        let Some(conv) = tern_storage::direct_conversation(self.user, recipient) else {
-            return self.error(rid, ErrorCode::Internal, "user id space exhausted");
-        };
-        let job = AppendMsg {
-            req: tern_storage::AppendRequest {
-                conversation: conv,
-                sender: self.user,
-                client_msg_id: send.client_msg_id,
-                content_type: send.content_type,
-                custom_type: send.custom_type,
-                payload: send.payload,
-                participants: vec![self.user, recipient],
-                group_change: None,
-                recall: None,
-            },
-            reply: self.reply_to(rid),
-            sender_name: self.user_name.clone(),
-            to: Recipient::User {
-                id: recipient,
-                name: Arc::from(target.id.as_str()),
-            },
-            recall_of: 0,
-        };
-        let owner = self.core.router.conversation(conv).core;
-        self.core.send_to_core(owner, ShardMsg::Append(job)).await;
     }
 
     pub(crate) fn reply_to(&self, rid: u64) -> ReplyTo {
@@ -1648,6 +1663,14 @@ fn split_by_size(messages: Vec<Deliver>, budget: usize) -> Vec<Vec<Deliver>> {
         groups.push(current);
     }
     groups
+}
+
+/// Where a Send goes, resolved before the before-send hook is asked.
+#[derive(Clone, Copy)]
+enum Dest {
+    User { recipient: UserId, conv: u64 },
+    Group { group: GroupId, conv: u64 },
+    Room { room: u64 },
 }
 
 #[cfg(test)]

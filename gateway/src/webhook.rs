@@ -5,7 +5,8 @@
 //! * **After-events** ([`Webhooks::emit`]) tell the app what happened. They are queued and sent
 //!   in the background; the gateway never waits for them. The kinds the gateway emits (the
 //!   `events` option picks some of them; empty means all):
-//!   - `after_send` ([`AFTER_SEND`]): a message was stored and sent;
+//!   - `after_send` ([`AFTER_SEND`]): a 1:1 or group message was stored and sent (room
+//!     messages are not reported);
 //!   - `login` ([`LOGIN`]): a device logged in;
 //!   - `logout` ([`LOGOUT`]): a device logged out or its connection closed;
 //!   - `group_event` ([`GROUP_EVENT`]): a group was created or changed, or its members did;
@@ -73,7 +74,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// After-event: a message was stored and sent.
+/// After-event: a 1:1 or group message was stored and sent.
 pub const AFTER_SEND: &str = "after_send";
 /// After-event: a device logged in.
 pub const LOGIN: &str = "login";
@@ -920,6 +921,12 @@ impl Webhooks {
     /// Queues an after-event without blocking: kinds not wanted are skipped; when
     /// `queue_capacity` events are held, the event is dropped and counted.
     pub fn emit(&self, kind: &'static str, data: serde_json::Value) {
+        self.emit_with(kind, || data);
+    }
+
+    /// [`Webhooks::emit`] with the data built by `data` only if the event is queued, so that
+    /// events dropped while the endpoint is dead or slow cost the hot path no allocation.
+    pub fn emit_with(&self, kind: &'static str, data: impl FnOnce() -> serde_json::Value) {
         let Some(inner) = &self.inner else { return };
         debug_assert!(EVENT_KINDS.contains(&kind), "unknown webhook event {kind}");
         if !inner.wants_event(kind) {
@@ -941,7 +948,7 @@ impl Webhooks {
         let event = Event {
             kind,
             time_ms: now_ms(),
-            data,
+            data: data(),
         };
         // The queue holds at most `pending` events, so it is never full here; it is closed
         // only when the side runtime has shut down.
@@ -1552,6 +1559,35 @@ mod tests {
                 ..WebhookCounters::default()
             }
         );
+    }
+
+    #[test]
+    fn dropped_events_are_never_built() {
+        let side = Side::start();
+        let (url, _listener) = silent();
+        let wh = Webhooks::start(
+            WebhookConfig {
+                queue_capacity: 2,
+                concurrency: 1,
+                timeout_ms: 600_000,
+                events: vec![AFTER_SEND.into()],
+                ..config(&url)
+            },
+            &side.handle,
+        )
+        .unwrap();
+        let built = std::cell::Cell::new(0);
+        for seq in 0..5 {
+            wh.emit_with(AFTER_SEND, || {
+                built.set(built.get() + 1);
+                json!({ "seq": seq })
+            });
+        }
+        // Not wanted: not built either.
+        wh.emit_with(LOGIN, || unreachable!("login is not among the events"));
+        assert_eq!(built.get(), 2);
+        let c = wh.counters();
+        assert_eq!((c.queued, c.dropped, c.pending), (2, 3, 2));
     }
 
     #[test]

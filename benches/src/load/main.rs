@@ -12,6 +12,8 @@
 //! - `flood`: a flood of TCP connection attempts that never log in (connect and close, connect
 //!   and stay silent until the login timeout, or send garbage); reports attempts per second,
 //!   connects, failures, how the gateway ended each connection, and its CPU time and memory.
+//! - `blackhole`: a dead HTTP endpoint that accepts connections and never answers, for runs with
+//!   the gateway's webhooks pointed at it; reports the connections and bytes it swallowed.
 //!
 //! It shares the machine with the gateway, so it is frugal: one thread, a current-thread tokio
 //! runtime, raw sockets, pre-encoded Send frames patched in place, and a frame scanner that reads
@@ -25,6 +27,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod blackhole;
 mod conns;
 mod fanout;
 mod flood;
@@ -57,6 +60,9 @@ enum Cmd {
     /// One group with K online members and one sender: deliveries/s, latency, gateway CPU per
     /// delivery.
     Fanout(fanout::FanoutArgs),
+    /// A dead HTTP endpoint: accepts connections, reads, never answers; exits after
+    /// `--duration`.
+    Blackhole(blackhole::BlackholeArgs),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +85,11 @@ fn main() -> ExitCode {
             .build()
             .map_err(|e| format!("runtime: {e}"))
             .and_then(|rt| tokio::task::LocalSet::new().block_on(&rt, flood::run(a))),
+        Cmd::Blackhole(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("runtime: {e}"))
+            .and_then(|rt| tokio::task::LocalSet::new().block_on(&rt, blackhole::run(a))),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -86,6 +86,8 @@ struct Shared {
     /// Per pair: SendAcks the sender got, published when it has stopped; `u64::MAX` before.
     final_acked: Vec<Cell<u64>>,
     latency_ns: RefCell<Histogram<u64>>,
+    /// From writing a Send to reading its (first) SendAck.
+    ack_latency_ns: RefCell<Histogram<u64>>,
 }
 
 impl Shared {
@@ -327,6 +329,9 @@ pub async fn run(a: PairsArgs) -> Result<bool, String> {
         latency_ns: RefCell::new(
             Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static bounds"),
         ),
+        ack_latency_ns: RefCell::new(
+            Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static bounds"),
+        ),
     });
     let rate_per_sender = a.rate as f64 / f64::from(a.pairs);
     let mut send_tasks = Vec::new();
@@ -436,6 +441,10 @@ async fn sender(
     } else {
         Vec::new()
     };
+    // When each Send in flight was written, by seq modulo the window: at most `window` Sends
+    // await their first SendAck, so a slot is reused only after its Send was answered (or
+    // refused). The seq is kept to tell a stale slot.
+    let mut written_ns = vec![(u64::MAX, 0u64); window.max(1) as usize];
     let mut deadline = sh.send_end;
     let mut sleep = pin!(tokio::time::sleep_until(deadline.into()));
     'run: loop {
@@ -457,6 +466,7 @@ async fn sender(
                 let ts = sh.ns(now);
                 for _ in 0..n {
                     tpl.write(&mut wbuf, next, ts);
+                    written_ns[(next % window) as usize] = (next, ts);
                     next += 1;
                 }
                 for o in &mut outstanding {
@@ -504,6 +514,8 @@ async fn sender(
         let who_p = who[p].as_str();
         let conn = &mut paths[p];
         let outstanding = &mut outstanding[p];
+        let read_ns = sh.ns(Instant::now());
+        let mut ack_latency = sh.ack_latency_ns.borrow_mut();
         let parsed = wire::for_each_frame(&conn.rbuf, |body| {
             match wire::scan(body)? {
                 Scanned::SendAck { request_id } if request_id & RID_BASE != 0 => {
@@ -512,6 +524,10 @@ async fn sender(
                         Arrival::First => {
                             out.acked += 1;
                             *outstanding = outstanding.saturating_sub(1);
+                            let (written_seq, at) = written_ns[(seq % window) as usize];
+                            if written_seq == seq {
+                                let _ = ack_latency.record(read_ns.saturating_sub(at).max(1));
+                            }
                         }
                         Arrival::Second => {
                             // The other path answered first.
@@ -534,6 +550,7 @@ async fn sender(
             }
             Ok(())
         });
+        drop(ack_latency);
         match parsed {
             Ok(n) => conn.rbuf.advance(n),
             Err(e) => {
@@ -800,6 +817,9 @@ fn report(
     let h = sh.latency_ns.borrow();
     let q = |p: f64| h.value_at_quantile(p) as f64 / 1e3;
     let (p50, p99, p999, max) = (q(0.5), q(0.99), q(0.999), h.max() as f64 / 1e3);
+    let ah = sh.ack_latency_ns.borrow();
+    let aq = |p: f64| ah.value_at_quantile(p) as f64 / 1e3;
+    let (ack_p50, ack_p99, ack_max) = (aq(0.5), aq(0.99), ah.max() as f64 / 1e3);
     let per_msg = |d: Duration| {
         if delivered == 0 {
             0.0
@@ -823,6 +843,13 @@ fn report(
         fmt_us(p999),
         fmt_us(max),
         h.len()
+    );
+    println!(
+        "sendack     p50 {} p99 {} max {}  (Send written to SendAck read, {} samples)",
+        fmt_us(ack_p50),
+        fmt_us(ack_p99),
+        fmt_us(ack_max),
+        ah.len()
     );
     println!(
         "integrity   lost {lost}  duplicated {dup}  reordered {reordered}  misrouted {misrouted}  server-seq gaps {gaps}"
@@ -907,7 +934,7 @@ fn report(
     }
     let healthy = lost == 0 && dup == 0;
     println!(
-        "RESULT workload=pairs transport={} udp_datagrams_per_s={udp_per_s:.0} label={} pairs={} rate={} window={} payload={} duration_s={:.1} sent={sent} acked={acked} delivered={delivered} delivered_per_s={per_s:.0} p50_us={p50:.0} p99_us={p99:.0} p999_us={p999:.0} max_us={max:.0} lost={lost} dup={dup} reordered={reordered} sync_needed={} errors={} cpu_us_per_msg={} gen_cpu_us_per_msg={:.2}{}",
+        "RESULT workload=pairs transport={} udp_datagrams_per_s={udp_per_s:.0} label={} pairs={} rate={} window={} payload={} duration_s={:.1} sent={sent} acked={acked} delivered={delivered} delivered_per_s={per_s:.0} p50_us={p50:.0} p99_us={p99:.0} p999_us={p999:.0} max_us={max:.0} ack_p50_us={ack_p50:.0} ack_p99_us={ack_p99:.0} ack_max_us={ack_max:.0} lost={lost} dup={dup} reordered={reordered} sync_needed={} errors={} cpu_us_per_msg={} gen_cpu_us_per_msg={:.2}{}",
         a.transport,
         if a.label.is_empty() { "-" } else { &a.label },
         a.pairs,
