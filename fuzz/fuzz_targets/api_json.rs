@@ -14,7 +14,12 @@ use tern_protocol::{Frame, GroupRequest};
 
 fn round_trip<T>(data: &[u8])
 where
-    T: serde::Serialize + serde::de::DeserializeOwned + Message + Default + PartialEq + std::fmt::Debug,
+    T: serde::Serialize
+        + serde::de::DeserializeOwned
+        + Message
+        + Default
+        + PartialEq
+        + std::fmt::Debug,
 {
     let Ok(value) = serde_json::from_slice::<T>(data) else {
         return;
