@@ -823,16 +823,21 @@ impl Core {
                     return refuse(ErrorCode::Forbidden, "only the owner transfers ownership");
                 }
                 let (u, mut m) = self.member_named(state, &req.user_id)?;
-                if u == job.actor {
+                // The current owner is the actor, except for the system user acting as an
+                // owner without being a member: then the group's real owner steps down.
+                let previous = record.owner;
+                if u == previous {
                     return refuse(ErrorCode::InvalidArgument, "already the owner");
                 }
                 m.role = GroupRole::RoleOwner.into();
                 m.muted_until_ms = 0;
-                let mut old = me.clone();
-                old.role = GroupRole::RoleMember.into();
                 pending.record.owner = u;
                 pending.members.push((u, Some(m)));
-                pending.members.push((job.actor, Some(old)));
+                if let Some(old) = state.members.get(&previous) {
+                    let mut old = old.clone();
+                    old.role = GroupRole::RoleMember.into();
+                    pending.members.push((previous, Some(old)));
+                }
                 event.kind = GroupEventKind::GroupOwnerChanged.into();
                 event.user_ids = vec![req.user_id.clone()];
             }

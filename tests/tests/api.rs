@@ -656,3 +656,60 @@ fn ban_kicks_refuses_logins_survives_restart_and_lifts() {
         "{until}"
     );
 }
+
+#[test]
+fn the_admin_transfers_a_group_it_is_not_a_member_of_to_exactly_one_new_owner() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    ok(gw.api_call(
+        "POST",
+        "/v1/groups?as=alice",
+        Some(&json!({"groupId": "club", "create": {"profile": {"name": "Club"}, "members": ["bob"]}})),
+    ));
+    // As the system user (not a member): bob becomes the owner, alice a member.
+    ok(gw.api_call(
+        "POST",
+        "/v1/groups",
+        Some(&json!({"groupId": "club", "transfer": {"userId": "bob"}})),
+    ));
+    let got = ok(gw.api_call(
+        "POST",
+        "/v1/groups?as=bob",
+        Some(&json!({"groupId": "club", "listMembers": {}})),
+    ));
+    let mut members: Vec<(String, String)> = got["groupResponse"]["members"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["userId"].as_str().unwrap().to_owned(),
+                m["role"].as_str().unwrap_or("ROLE_MEMBER").to_owned(),
+            )
+        })
+        .collect();
+    members.sort();
+    assert_eq!(
+        members,
+        [
+            ("alice".to_owned(), "ROLE_MEMBER".to_owned()),
+            ("bob".to_owned(), "ROLE_OWNER".to_owned())
+        ]
+    );
+    let got = ok(gw.api_call(
+        "POST",
+        "/v1/groups",
+        Some(&json!({"groupId": "club", "get": {}})),
+    ));
+    assert_eq!(got["groupResponse"]["info"]["owner"], json!("bob"));
+    assert_eq!(got["groupResponse"]["info"]["memberCount"], json!(2));
+    // Transferring to the owner is refused.
+    assert_error(
+        &gw.api_call(
+            "POST",
+            "/v1/groups",
+            Some(&json!({"groupId": "club", "transfer": {"userId": "bob"}})),
+        ),
+        400,
+        ErrorCode::InvalidArgument,
+    );
+}
