@@ -61,6 +61,11 @@ pub enum AdminJob {
         targets: Arc<crate::push::PushTargets>,
         reply: oneshot::Sender<usize>,
     },
+    /// Which of these users (routed to this core) have a session on it.
+    Online {
+        users: Vec<tern_storage::UserId>,
+        reply: oneshot::Sender<Vec<bool>>,
+    },
     /// This core's counters of these pushes.
     PushCounts {
         ids: Vec<u64>,
@@ -186,6 +191,16 @@ impl Bridge {
         .await
     }
 
+    /// Which of `users` (all routed to `core`) are online.
+    pub async fn online(
+        &self,
+        core: usize,
+        users: Vec<tern_storage::UserId>,
+    ) -> Result<Vec<bool>, BridgeError> {
+        self.ask(core, |reply| AdminJob::Online { users, reply })
+            .await
+    }
+
     /// The core that owns `user`.
     pub fn core_of(&self, user: &str) -> usize {
         self.router.user(user).core
@@ -267,6 +282,10 @@ impl Core {
                 reply,
             } => {
                 let _ = reply.send(self.deliver_push(&notice, &targets));
+            }
+            AdminJob::Online { users, reply } => {
+                let online = self.users.borrow();
+                let _ = reply.send(users.iter().map(|u| online.contains_key(u)).collect());
             }
             AdminJob::PushCounts { ids, reply } => {
                 let _ = reply.send(self.push_counts_of(&ids));

@@ -1089,6 +1089,25 @@ impl Core {
                         payload: req.payload,
                         recalled: false,
                     });
+                    let limit = self.cfg.notify.group_max_members;
+                    if self.offline.is_some() && !is_change && recall_of == 0 && limit > 0 {
+                        let members: Option<Vec<UserId>> = {
+                            let groups = self.groups.borrow();
+                            groups.get(&group).and_then(|state| {
+                                (state.members.len() <= limit).then(|| {
+                                    state
+                                        .members
+                                        .keys()
+                                        .copied()
+                                        .filter(|&u| u != req.sender)
+                                        .collect()
+                                })
+                            })
+                        };
+                        if let Some(members) = members {
+                            self.notify_offline_group(&after.name, members, &message);
+                        }
+                    }
                     for core in 0..self.router.cores() {
                         self.send_to_core(
                             core,

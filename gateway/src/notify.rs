@@ -139,6 +139,10 @@ pub struct NotifyConfig {
     /// PEM file of root certificates trusted by the providers' clients besides Mozilla's
     /// (a private push gateway, tests). Default none.
     pub ca_file: Option<PathBuf>,
+    /// Group messages notify the group's offline members only in groups of at most this many
+    /// members (each message costs a look-up per member). 0: no notifications for group
+    /// messages. Default 1,000.
+    pub group_max_members: usize,
 }
 
 impl Default for NotifyConfig {
@@ -152,6 +156,7 @@ impl Default for NotifyConfig {
             max_attempts: 3,
             retry_base_ms: 500,
             ca_file: None,
+            group_max_members: 1000,
         }
     }
 }

@@ -824,9 +824,10 @@ pub async fn sweep_expired(store: &dyn MessageStore, now: u64) -> Result<usize, 
     Ok(deleted)
 }
 
-/// A 1:1 message whose recipient had no online device: the recipient's core hands it to the
-/// side thread, which sends a notification to each of the recipient's devices with a push token
-/// (not in do-not-disturb). Built only when the conversation is not muted by the recipient.
+/// A message for the offline-notification path. For a 1:1 message (`group` None), `user`
+/// had no online device when it arrived at their core, and the recipient's conversation is not
+/// muted. For a group message, `members` are the group's members except the sender; the side
+/// thread asks their cores which are offline and checks each one's mute.
 #[derive(Debug, Clone)]
 pub struct OfflineJob {
     pub user: String,
@@ -836,6 +837,8 @@ pub struct OfflineJob {
     /// What the notification says: the text (first [`PREVIEW_CHARS`] characters) or the kind
     /// of message ("[image]").
     pub preview: String,
+    /// For a group message: the group's id and its members other than the sender.
+    pub group: Option<(String, Vec<tern_storage::UserId>)>,
 }
 
 /// Characters of a text message shown in its notification.
@@ -892,6 +895,7 @@ impl Core {
             seq: message.seq,
             sender: message.sender.clone(),
             preview: preview(message.content_type, &message.payload),
+            group: None,
         };
         if queue.try_send(job).is_err() {
             self.m()
@@ -901,20 +905,114 @@ impl Core {
     }
 }
 
+impl Core {
+    /// On a group's owner core, for a committed group message: queues an [`OfflineJob`] naming
+    /// the members (not the sender) when the group is small enough for notifications.
+    pub fn notify_offline_group(
+        &self,
+        group: &str,
+        members: Vec<tern_storage::UserId>,
+        message: &tern_protocol::Deliver,
+    ) {
+        let Some(queue) = &self.offline else {
+            return;
+        };
+        if message.content_type == tern_protocol::ContentType::System as u32 || members.is_empty() {
+            return;
+        }
+        let job = OfflineJob {
+            user: String::new(),
+            conversation_id: message.conversation_id,
+            seq: message.seq,
+            sender: message.sender.clone(),
+            preview: preview(message.content_type, &message.payload),
+            group: Some((group.to_owned(), members)),
+        };
+        if queue.try_send(job).is_err() {
+            self.m()
+                .offline_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// The offline members of a group message whose conversation is not muted, by name.
+async fn offline_members(
+    store: &dyn MessageStore,
+    bridge: &crate::admin::Bridge,
+    conversation: u64,
+    members: &[tern_storage::UserId],
+) -> Vec<String> {
+    let mut by_core: BTreeMap<usize, Vec<(tern_storage::UserId, String)>> = BTreeMap::new();
+    for &id in members {
+        if let Ok(Some(name)) = store.user_name(id) {
+            by_core
+                .entry(bridge.core_of(&name))
+                .or_default()
+                .push((id, name));
+        }
+    }
+    let mut offline = Vec::new();
+    for (core, users) in by_core {
+        let ids: Vec<tern_storage::UserId> = users.iter().map(|(id, _)| *id).collect();
+        let Ok(online) = bridge.online(core, ids).await else {
+            return Vec::new();
+        };
+        for ((id, name), on) in users.into_iter().zip(online) {
+            let muted = store
+                .conversation_settings(id, conversation)
+                .is_ok_and(|s| s.muted);
+            if !on && !muted {
+                offline.push(name);
+            }
+        }
+    }
+    offline
+}
+
 /// The side thread's task that turns offline jobs into provider notifications.
 pub async fn run_offline(
     store: std::sync::Arc<dyn MessageStore>,
     notifier: crate::notify::Notifier,
+    bridge: crate::admin::Bridge,
     jobs: async_channel::Receiver<OfflineJob>,
 ) {
-    while let Ok(job) = jobs.recv().await {
-        let devices = match devices_of(&*store, &job.user) {
+    while let Ok(mut job) = jobs.recv().await {
+        match job.group.take() {
+            None => notify_user(&*store, &notifier, &job, None),
+            Some((group, members)) => {
+                for user in offline_members(&*store, &bridge, job.conversation_id, &members).await {
+                    job.user = user;
+                    notify_user(&*store, &notifier, &job, Some(&group));
+                }
+            }
+        }
+    }
+}
+
+/// Queues a notification for each of `job.user`'s devices that takes them.
+fn notify_user(
+    store: &dyn MessageStore,
+    notifier: &crate::notify::Notifier,
+    job: &OfflineJob,
+    group: Option<&str>,
+) {
+    {
+        let devices = match devices_of(store, &job.user) {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read device registrations");
-                continue;
+                return;
             }
         };
+        let (title, body) = match group {
+            None => (job.sender.clone(), job.preview.clone()),
+            Some(g) => (g.to_owned(), format!("{}: {}", job.sender, job.preview)),
+        };
+        let mut data = BTreeMap::new();
+        if let Some(g) = group {
+            data.insert("group_id".to_owned(), g.to_owned());
+        }
         let now = now_ms();
         for (device, rec) in devices {
             let Ok(provider) = rec.provider.parse::<crate::notify::Provider>() else {
@@ -928,14 +1026,14 @@ pub async fn run_offline(
                 device,
                 provider,
                 token: rec.token,
-                title: job.sender.clone(),
-                body: job.preview.clone(),
+                title: title.clone(),
+                body: body.clone(),
                 conversation_id: job.conversation_id,
                 seq: job.seq,
                 sender: job.sender.clone(),
                 collapse_id: None,
                 expires_at_ms: Some(now + NOTIFICATION_TTL_MS),
-                data: BTreeMap::new(),
+                data: data.clone(),
             });
         }
     }

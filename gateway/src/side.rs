@@ -75,6 +75,7 @@ impl Side {
             offline_worker = Some(crate::push::run_offline(
                 store.clone(),
                 notifier.clone(),
+                bridge.clone(),
                 rx,
             ));
         }

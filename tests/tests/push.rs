@@ -502,3 +502,79 @@ fn offline_recipients_get_a_notification_unless_muted_or_in_do_not_disturb() {
     );
     assert!(rx.try_recv().is_err());
 }
+
+#[test]
+fn a_group_message_notifies_the_offline_members_who_did_not_mute_the_group() {
+    const SECRET: &str = "notify-test-secret";
+    let (url, rx) = tern_tests::http_receiver();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[notify]\nconcurrency = 1\n[notify.webhook]\nurl = \"{url}/notify\"\n\
+             secret = {SECRET:?}\n"
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--cores", "2", "--config", cfg.to_str().unwrap()]);
+    for user in ["alice", "bob", "carol", "dave", "erin"] {
+        ok(gw.api_call(
+            "POST",
+            &format!("/v1/users/{user}/devices/phone"),
+            Some(&json!({"push_provider": "webhook", "push_token": format!("{user}-token")})),
+        ));
+    }
+    let made = ok(gw.api_call(
+        "POST",
+        "/v1/groups?as=alice",
+        Some(
+            &json!({"groupId": "crew", "create": {"profile": {"name": "Crew"},
+            "members": ["bob", "carol", "dave"]}}),
+        ),
+    ));
+    let conv = made["groupResponse"]["info"]["conversationId"].clone();
+    // dave mutes the group; carol is online; bob is offline.
+    let req = json!({"setConversation": {"conversationId": conv, "muted": true}});
+    ok(gw.api_call("POST", "/v1/users/dave/request", Some(&req)));
+    let mut carol = login(&gw, "carol", "phone");
+    let mut alice = login(&gw, "alice", "phone");
+    let rid = alice.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: "g1".into(),
+        target: Some(tern_protocol::Target::group("crew")),
+        content_type: tern_protocol::ContentType::Text as u32,
+        custom_type: String::new(),
+        payload: bytes::Bytes::from_static(b"hi crew"),
+        priority: false,
+    }));
+    let ack = tern_tests::expect_ack(&mut alice, rid);
+    // carol's delivery (after the group's creation event).
+    loop {
+        let d = tern_tests::expect_deliver(&mut carol);
+        if d.seq == ack.seq {
+            assert_eq!(tern_tests::text(&d), "hi crew");
+            break;
+        }
+    }
+    let next = || {
+        rx.recv_timeout(tern_tests::WAIT)
+            .expect("a notification")
+            .json()
+    };
+    let n = next();
+    assert_eq!(n["user"], json!("bob"));
+    assert_eq!(n["token"], json!("bob-token"));
+    assert_eq!(n["title"], json!("crew"));
+    assert_eq!(n["body"], json!("alice: hi crew"));
+    assert_eq!(n["seq"], json!(ack.seq));
+    assert_eq!(n["data"]["group_id"], json!("crew"));
+    // Nothing for carol (online), dave (muted) or alice (the sender): the next notification
+    // is for a later 1:1 message to erin.
+    tern_tests::send_acked(&mut alice, "erin", "m1", "hi erin");
+    let n = next();
+    assert_eq!(
+        (n["user"].clone(), n["body"].clone()),
+        (json!("erin"), json!("hi erin"))
+    );
+    assert!(rx.try_recv().is_err());
+}
