@@ -341,6 +341,7 @@ async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, ApiError> 
     ] {
         let _ = writeln!(extra, "{name}{{outcome=\"{outcome}\"}} {n}");
     }
+    commit_histograms(&mut extra, &st.store.commit_stats());
     let n = st.notifier.counters();
     let name = "tern_push_provider_total";
     let _ = writeln!(
@@ -364,6 +365,48 @@ async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, ApiError> 
     }
     let text = st.bridge.metrics.render(&extra);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// The store's group-commit counters as two Prometheus histograms: batch size (operations) and
+/// commit time (seconds).
+fn commit_histograms(out: &mut String, c: &tern_storage::CommitStats) {
+    use std::fmt::Write as _;
+    let name = "tern_storage_commit_batch_size";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Operations per group commit.\n# TYPE {name} histogram"
+    );
+    let mut cumulative = 0;
+    for (bound, n) in tern_storage::COMMIT_SIZE_BOUNDS.iter().zip(&c.size_buckets) {
+        cumulative += n;
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", c.commits);
+    let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", c.ops, c.commits);
+    let name = "tern_storage_commit_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time of a group commit (WAL write and sync).\n# TYPE {name} histogram"
+    );
+    let mut cumulative = 0;
+    for (bound, n) in tern_storage::COMMIT_MICROS_BOUNDS
+        .iter()
+        .zip(&c.micros_buckets)
+    {
+        cumulative += n;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{}\"}} {cumulative}",
+            *bound as f64 / 1e6
+        );
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", c.commits);
+    let _ = writeln!(
+        out,
+        "{name}_sum {}\n{name}_count {}",
+        c.micros_sum as f64 / 1e6,
+        c.commits
+    );
 }
 
 #[derive(Deserialize)]

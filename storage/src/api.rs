@@ -160,6 +160,30 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 
 /// Where a [`MessageStore::scan_meta`] starts: the first key that may start with `prefix`
 /// and be greater than `after` (an empty `after` excludes nothing).
+/// Upper bounds (operations per batch) of the buckets of [`CommitStats::size_buckets`].
+pub const COMMIT_SIZE_BOUNDS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+/// Upper bounds (microseconds) of the buckets of [`CommitStats::micros_buckets`].
+pub const COMMIT_MICROS_BOUNDS: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+];
+
+/// The group commit's counters since the store was opened, for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Batches committed (a batch of only duplicates writes nothing but counts).
+    pub commits: u64,
+    /// Operations (appends, cursor and account-state changes, ...) in them.
+    pub ops: u64,
+    /// `size_buckets[i]`: batches of at most `COMMIT_SIZE_BOUNDS[i]` operations (and more than
+    /// the bound before); the last entry counts larger batches.
+    pub size_buckets: [u64; COMMIT_SIZE_BOUNDS.len() + 1],
+    /// Total time spent in commits (the WAL write and its sync), in microseconds.
+    pub micros_sum: u64,
+    /// `micros_buckets[i]`: commits that took at most `COMMIT_MICROS_BOUNDS[i]` µs (and more
+    /// than the bound before); the last entry counts slower ones.
+    pub micros_buckets: [u64; COMMIT_MICROS_BOUNDS.len() + 1],
+}
+
 pub(crate) fn meta_scan_start(prefix: &[u8], after: &[u8]) -> Vec<u8> {
     if after.is_empty() || after < prefix {
         return prefix.to_vec();
@@ -471,6 +495,10 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
     /// ascending by key. Page with `after` = the last key of the previous page. Reads nothing
     /// outside the prefix (an empty prefix scans everything).
     fn scan_meta(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<Vec<(Bytes, Bytes)>>;
+    /// The group commit's counters (all zero for a store without one).
+    fn commit_stats(&self) -> CommitStats {
+        CommitStats::default()
+    }
 
     /// Appends a message, and applies its [`AppendRequest::group_change`] in the same atomic
     /// write; resolves once it is stored under the durability policy.

@@ -220,9 +220,10 @@ mod rocks;
 
 #[cfg(feature = "store")]
 pub use api::{
-    AppendRequest, Appended, ConversationInfo, ConversationSettings, Durability, GroupChange,
-    MAX_META_CHANGES, MAX_META_KEY_LEN, MAX_META_SCAN, MAX_META_VALUE_LEN, MAX_RELATION_CHANGES,
-    MessageStore, MetaChange, RelationChange, RelationKind, StoreOptions,
+    AppendRequest, Appended, COMMIT_MICROS_BOUNDS, COMMIT_SIZE_BOUNDS, CommitStats,
+    ConversationInfo, ConversationSettings, Durability, GroupChange, MAX_META_CHANGES,
+    MAX_META_KEY_LEN, MAX_META_SCAN, MAX_META_VALUE_LEN, MAX_RELATION_CHANGES, MessageStore,
+    MetaChange, RelationChange, RelationKind, StoreOptions,
 };
 #[cfg(feature = "store")]
 pub use completion::Completion;

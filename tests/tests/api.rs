@@ -553,6 +553,19 @@ fn metrics_count_exactly() {
         5
     );
     assert_eq!(metric(&text, "tern_storage_append_seconds_count", ""), 5);
+    // Group commits: the five appends were each awaited, so at least five batches; both
+    // histograms count the same commits.
+    let commits = metric(
+        &text,
+        "tern_storage_commit_batch_size_bucket",
+        "le=\"+Inf\"",
+    );
+    assert!(commits >= 5, "{text}");
+    assert_eq!(
+        metric(&text, "tern_storage_commit_seconds_bucket", "le=\"+Inf\""),
+        commits
+    );
+    assert!(text.contains(&format!("tern_storage_commit_batch_size_count {commits}\n")));
     assert_eq!(metric(&text, "tern_errors_total", "code=\"NOT_FOUND\""), 1);
     assert_eq!(metric(&text, "tern_devices_online", ""), 3);
     assert_eq!(metric(&text, "tern_users_online", ""), 2);

@@ -111,6 +111,8 @@ impl Drop for DirGuard {
 /// The RocksDB handle with the read helpers shared by readers and the writer thread.
 pub(crate) struct Db {
     pub db: DB,
+    /// The committer's counters.
+    pub stats: writer::CommitCounters,
     #[cfg(test)]
     pub hooks: writer::Hooks,
 }
@@ -488,6 +490,7 @@ impl RocksStore {
         })?;
         let db = Arc::new(Db {
             db,
+            stats: Default::default(),
             #[cfg(test)]
             hooks: writer::Hooks::default(),
         });
@@ -928,6 +931,10 @@ impl MessageStore for RocksStore {
         self.inner
             .db
             .scan_meta(prefix, after, limit.min(MAX_META_SCAN))
+    }
+
+    fn commit_stats(&self) -> crate::api::CommitStats {
+        self.inner.db.stats.snapshot()
     }
 
     fn append(&self, req: AppendRequest) -> Completion<Appended> {
@@ -1409,6 +1416,47 @@ mod tests {
             .iter()
             .map(|m| m.seq)
             .collect()
+    }
+
+    /// The commit counters count batches, their operations, and their sizes and times in
+    /// buckets; appends made while a commit is held share batches.
+    #[test]
+    fn commit_stats_count_batches_and_their_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let c = direct_conversation(1, 2).unwrap();
+        let before = s.commit_stats();
+        for i in 1..=3 {
+            s.append(msg(c, &format!("a{i}"))).wait().unwrap();
+        }
+        let after = s.commit_stats();
+        assert_eq!(after.commits - before.commits, 3);
+        assert_eq!(after.ops - before.ops, 3);
+        assert_eq!(after.size_buckets[0] - before.size_buckets[0], 3);
+        let timed = |st: &crate::CommitStats| st.micros_buckets.iter().sum::<u64>();
+        assert_eq!(timed(&after) - timed(&before), 3);
+
+        // One commit held: the appends that follow wait and are built together.
+        let hooks = &s.inner.db.hooks;
+        hooks.hold_commits.store(true, SeqCst);
+        let received = hooks.received.load(SeqCst);
+        let first = s.append(msg(c, "b0"));
+        wait_until("held", || hooks.received.load(SeqCst) == received + 1);
+        // All twenty are queued before the commit is released: at most one batch (the one the
+        // builder hands over next) is built while it is held, the rest make one more.
+        let rest: Vec<_> = (1..=20)
+            .map(|i| s.append(msg(c, &format!("b{i}"))))
+            .collect();
+        hooks.hold_commits.store(false, SeqCst);
+        first.wait().unwrap();
+        for r in rest {
+            r.wait().unwrap();
+        }
+        let end = s.commit_stats();
+        assert_eq!(end.ops - after.ops, 21);
+        assert!(end.commits - after.commits <= 3, "{end:?}");
+        let sized = |st: &crate::CommitStats| st.size_buckets.iter().sum::<u64>();
+        assert_eq!(sized(&end), end.commits);
     }
 
     fn wait_until(what: &str, cond: impl Fn() -> bool) {

@@ -50,6 +50,7 @@ use std::collections::VecDeque;
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, ahash::RandomState>;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use std::thread::JoinHandle;
 
@@ -202,6 +203,41 @@ fn commit(db: &Db, batch: WriteBatch, opts: &WriteOptions) -> Result<(), String>
     db.db.write_opt(batch, opts).map_err(|e| e.into_string())
 }
 
+/// The committer's counters (one writer thread; read by metrics from any thread).
+#[derive(Debug, Default)]
+pub(crate) struct CommitCounters {
+    commits: AtomicU64,
+    ops: AtomicU64,
+    size_buckets: [AtomicU64; crate::api::COMMIT_SIZE_BOUNDS.len() + 1],
+    micros_sum: AtomicU64,
+    micros_buckets: [AtomicU64; crate::api::COMMIT_MICROS_BOUNDS.len() + 1],
+}
+
+impl CommitCounters {
+    fn record(&self, ops: usize, micros: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ops = ops as u64;
+        self.commits.fetch_add(1, Relaxed);
+        self.ops.fetch_add(ops, Relaxed);
+        let i = crate::api::COMMIT_SIZE_BOUNDS.partition_point(|&b| b < ops);
+        self.size_buckets[i].fetch_add(1, Relaxed);
+        self.micros_sum.fetch_add(micros, Relaxed);
+        let i = crate::api::COMMIT_MICROS_BOUNDS.partition_point(|&b| b < micros);
+        self.micros_buckets[i].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> crate::api::CommitStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::api::CommitStats {
+            commits: self.commits.load(Relaxed),
+            ops: self.ops.load(Relaxed),
+            size_buckets: std::array::from_fn(|i| self.size_buckets[i].load(Relaxed)),
+            micros_sum: self.micros_sum.load(Relaxed),
+            micros_buckets: std::array::from_fn(|i| self.micros_buckets[i].load(Relaxed)),
+        }
+    }
+}
+
 /// A batch on its way from the builder to the committer.
 pub(crate) struct Built {
     /// The builder's epoch when it built the batch (see the module docs).
@@ -245,8 +281,14 @@ impl Committer {
                     self.db.hooks.received.fetch_add(1, SeqCst);
                     hold(&self.db.hooks.hold_commits);
                 }
+                let started = std::time::Instant::now();
+                let ops = built.done.len();
                 match built.batch.map(|b| commit(&self.db, b, &self.write_opts)) {
-                    None | Some(Ok(())) => (Outcome::Committed, None),
+                    None | Some(Ok(())) => {
+                        let micros = started.elapsed().as_micros() as u64;
+                        self.db.stats.record(ops, micros);
+                        (Outcome::Committed, None)
+                    }
                     Some(Err(e)) => {
                         live_epoch = built.epoch + 1;
                         last_failure.clone_from(&e);
