@@ -130,24 +130,58 @@ impl Client {
     }
 }
 
-/// Acknowledged sends so far, for the thread that decides when to kill.
-#[derive(Default)]
+/// Acknowledged sends so far, for the thread that decides when to kill, and the gate that
+/// holds new sends back once the next kill point is reached (so a kill always finds senders
+/// with messages left to send, however fast they are).
 struct Progress {
-    acked: Mutex<u64>,
+    /// (acknowledged, the kill point new sends stop at).
+    state: Mutex<(u64, u64)>,
     changed: Condvar,
 }
 
 impl Progress {
+    fn new(first_kill_at: u64) -> Progress {
+        Progress {
+            state: Mutex::new((0, first_kill_at)),
+            changed: Condvar::new(),
+        }
+    }
+
     fn add(&self) {
-        *self.acked.lock().unwrap() += 1;
+        self.state.lock().unwrap().0 += 1;
+        self.changed.notify_all();
+    }
+
+    /// Whether a new message may be sent (the next kill point is not reached yet).
+    fn may_send(&self) -> bool {
+        let s = self.state.lock().unwrap();
+        s.0 < s.1
+    }
+
+    /// Waits until new sends are allowed again (after the kill and restart).
+    fn wait_open(&self) {
+        let guard = self.state.lock().unwrap();
+        let (_g, timeout) = self
+            .changed
+            .wait_timeout_while(guard, WAIT, |s| s.0 >= s.1)
+            .unwrap();
+        assert!(
+            !timeout.timed_out(),
+            "the send gate stayed closed for {WAIT:?}"
+        );
+    }
+
+    /// Opens the gate up to the next kill point (`u64::MAX`: no more kills).
+    fn reopen(&self, next_kill_at: u64) {
+        self.state.lock().unwrap().1 = next_kill_at;
         self.changed.notify_all();
     }
 
     fn wait_for(&self, n: u64) {
-        let guard = self.acked.lock().unwrap();
+        let guard = self.state.lock().unwrap();
         let (_g, timeout) = self
             .changed
-            .wait_timeout_while(guard, WAIT, |a| *a < n)
+            .wait_timeout_while(guard, WAIT, |s| s.0 < n)
             .unwrap();
         assert!(
             !timeout.timed_out(),
@@ -181,6 +215,8 @@ fn sender(
                 while inflight.len() < WINDOW {
                     let idx = match retry.pop_front() {
                         Some(i) => i,
+                        // At a kill point: only what is in flight finishes.
+                        None if next < n && !progress.may_send() => break,
                         None if next < n => {
                             next += 1;
                             next - 1
@@ -198,6 +234,12 @@ fn sender(
                     inflight.insert(rid, idx);
                 }
                 if inflight.is_empty() {
+                    if next < n {
+                        // Held at a kill point: the kill and restart come, then the next send
+                        // finds the connection gone and reconnects.
+                        progress.wait_open();
+                        continue;
+                    }
                     return Ok(());
                 }
                 let f = c.recv()?;
@@ -289,7 +331,17 @@ fn acknowledged_messages_survive_repeated_sigkill_exactly_once_and_in_order() {
 
     let mut gw = Gateway::start(&["--cores", "2"]);
     let addr = gw.addr;
-    let progress = Arc::new(Progress::default());
+    // Kill at random points of the acknowledged stream.
+    let total = per_sender * PAIRS as u64;
+    let mut kill_points = Vec::new();
+    let mut at = 0;
+    for _ in 0..rounds {
+        at += 1 + rng.next() % (total / (rounds + 1)).max(1);
+        kill_points.push(at);
+    }
+    let progress = Arc::new(Progress::new(
+        kill_points.first().copied().unwrap_or(u64::MAX),
+    ));
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for pair in 0..PAIRS {
@@ -304,14 +356,11 @@ fn acknowledged_messages_survive_repeated_sigkill_exactly_once_and_in_order() {
         receivers.push(std::thread::spawn(move || receiver(addr, b, per_sender)));
     }
 
-    // Kill at random points of the acknowledged stream.
-    let total = per_sender * PAIRS as u64;
-    let mut at = 0;
-    for _ in 0..rounds {
-        at += 1 + rng.next() % (total / (rounds + 1)).max(1);
+    for (i, &at) in kill_points.iter().enumerate() {
         progress.wait_for(at);
         gw.kill();
         gw.start_again();
+        progress.reopen(kill_points.get(i + 1).copied().unwrap_or(u64::MAX));
     }
 
     let (mut reconnects, mut resent_total) = (0, 0);
@@ -341,6 +390,6 @@ fn acknowledged_messages_survive_repeated_sigkill_exactly_once_and_in_order() {
         "{rounds} kills, {total} messages: senders reconnected {reconnects} times and sent \
          {resent_total} unacknowledged messages again; 0 lost, 0 duplicated"
     );
-    // The first kill comes at a quarter of the stream at most: senders were cut off.
+    // Every kill came while senders were held with messages left: they were cut off.
     assert!(reconnects >= 1, "no sender was ever disconnected");
 }
