@@ -217,7 +217,50 @@ async fn guard(State(st): State<Arc<ApiState>>, req: Request, next: Next) -> Res
         )
         .into_response();
     }
-    next.run(req).await
+    json_errors(next.run(req).await).await
+}
+
+/// Refusals made before a handler runs (a body over the limit, a query or path that does not
+/// parse, a method the path does not take) come from the framework as plain text: they are
+/// turned into the API's JSON errors, keeping their status.
+async fn json_errors(r: Response) -> Response {
+    let status = r.status();
+    let is_json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return r;
+    }
+    let text = axum::body::to_bytes(r.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let (code, fallback) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            ErrorCode::PayloadTooLarge,
+            format!("the request body is over {MAX_BODY_BYTES} bytes"),
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            ErrorCode::InvalidArgument,
+            "this path does not take this method (see docs/API.md)".to_owned(),
+        ),
+        StatusCode::NOT_FOUND => (ErrorCode::NotFound, "not found".to_owned()),
+        s if s.is_server_error() => (ErrorCode::Internal, "server error".to_owned()),
+        _ => (ErrorCode::InvalidArgument, "bad request".to_owned()),
+    };
+    let message = if text.is_empty() || status == StatusCode::PAYLOAD_TOO_LARGE {
+        fallback
+    } else {
+        text
+    };
+    ApiError {
+        status,
+        code,
+        message,
+    }
+    .into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -726,3 +726,35 @@ fn the_admin_transfers_a_group_it_is_not_a_member_of_to_exactly_one_new_owner() 
         ErrorCode::InvalidArgument,
     );
 }
+
+#[test]
+fn refusals_before_a_handler_are_json_errors_too() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    // A body over 1 MiB.
+    let big = json!({"to_user": "bob", "text": "x".repeat(1 << 20)});
+    assert_error(
+        &gw.api_call("POST", "/v1/messages", Some(&big)),
+        413,
+        ErrorCode::PayloadTooLarge,
+    );
+    // A path parameter and a query that do not parse, an unknown query parameter.
+    let got = gw.api_call("GET", "/v1/conversations/abc/messages", None);
+    assert_error(&got, 400, ErrorCode::InvalidArgument);
+    assert!(!got.1["error"]["message"].as_str().unwrap().is_empty());
+    assert_error(
+        &gw.api_call("GET", "/v1/conversations/1/messages?limit=many", None),
+        400,
+        ErrorCode::InvalidArgument,
+    );
+    assert_error(
+        &gw.api_call("GET", "/v1/tags/vip?colour=red", None),
+        400,
+        ErrorCode::InvalidArgument,
+    );
+    // A method the path does not take.
+    assert_error(
+        &gw.api_call("DELETE", "/v1/push", None),
+        405,
+        ErrorCode::InvalidArgument,
+    );
+}
