@@ -488,8 +488,13 @@ impl Core {
             self.handle(msg);
             return;
         }
-        if let Err(_msg) = self.mesh.send_to(core, msg).await {
-            tracing::warn!(core, "cross-core channel closed; message dropped");
+        match self.mesh.send_to(core, msg).await {
+            Ok(()) => {
+                if let Some(n) = self.m().mesh_sent.get(core) {
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Err(_msg) => tracing::warn!(core, "cross-core channel closed; message dropped"),
         }
     }
 

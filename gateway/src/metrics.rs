@@ -81,6 +81,10 @@ pub struct CoreMetrics {
     pub deliveries_out: AtomicU64,
     /// Offline-notification jobs dropped because the side thread's queue was full.
     pub offline_dropped: AtomicU64,
+    /// Messages this core put on its queue to each core (index: the receiving core).
+    pub mesh_sent: Vec<AtomicU64>,
+    /// Messages this core took off the queue from each core (index: the sending core).
+    pub mesh_received: Vec<AtomicU64>,
     /// Time from a Send's arrival to its SendAck being ready on the conversation's owner core.
     pub send_ack: Histogram,
     /// Time from handing an append to the store to its completion (group commit included).
@@ -109,8 +113,15 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(cores: usize) -> Metrics {
+        let per_core = || (0..cores).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
         Metrics {
-            cores: (0..cores).map(|_| CoreMetrics::default()).collect(),
+            cores: (0..cores)
+                .map(|_| CoreMetrics {
+                    mesh_sent: per_core(),
+                    mesh_received: per_core(),
+                    ..CoreMetrics::default()
+                })
+                .collect(),
         }
     }
 
@@ -179,6 +190,24 @@ impl Metrics {
             "Time from handing an append to the store to its completion (group commit).",
             |c| &c.storage_append,
         );
+        let name = "tern_mesh_queue_depth";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Messages waiting on the queue from one core to another.\n# TYPE {name} gauge"
+        );
+        for (from, c) in self.cores.iter().enumerate() {
+            for (to, sent) in c.mesh_sent.iter().enumerate() {
+                if from == to {
+                    continue;
+                }
+                let taken = self.cores[to]
+                    .mesh_received
+                    .get(from)
+                    .map_or(0, |r| r.load(Relaxed));
+                let depth = sent.load(Relaxed).saturating_sub(taken);
+                let _ = writeln!(out, "{name}{{from=\"{from}\",to=\"{to}\"}} {depth}");
+            }
+        }
         out.push_str(extra);
         out
     }
@@ -234,5 +263,18 @@ mod tests {
         assert!(text.contains("tern_errors_total{core=\"0\",code=\"RATE_LIMITED\"} 1\n"));
         assert!(text.contains("tern_errors_total{core=\"0\",code=\"OTHER\"} 1\n"));
         assert_eq!(m.cores[0].errors(ErrorCode::RateLimited), 1);
+    }
+
+    #[test]
+    fn mesh_queue_depth_is_sent_minus_taken_per_pair() {
+        let m = Metrics::new(2);
+        m.cores[0].mesh_sent[1].fetch_add(5, Relaxed);
+        m.cores[1].mesh_received[0].fetch_add(3, Relaxed);
+        m.cores[1].mesh_sent[0].fetch_add(2, Relaxed);
+        m.cores[0].mesh_received[1].fetch_add(2, Relaxed);
+        let text = m.render("");
+        assert!(text.contains("tern_mesh_queue_depth{from=\"0\",to=\"1\"} 2\n"));
+        assert!(text.contains("tern_mesh_queue_depth{from=\"1\",to=\"0\"} 0\n"));
+        assert!(!text.contains("from=\"0\",to=\"0\""));
     }
 }

@@ -142,12 +142,19 @@ impl Core {
     fn tell(&self, core: usize, session: u64, frame: Bytes) {
         if core == self.id {
             self.push_to_session(session, frame);
-        } else if let Err(e) = self
-            .mesh
-            .try_send_to(core, ShardMsg::ToSession { session, frame })
-        {
-            // A full ring means that core is overwhelmed; presence is best effort.
-            tracing::debug!(error = %e, "presence notice dropped");
+        } else {
+            match self
+                .mesh
+                .try_send_to(core, ShardMsg::ToSession { session, frame })
+            {
+                Ok(()) => {
+                    if let Some(n) = self.m().mesh_sent.get(core) {
+                        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                // A full ring means that core is overwhelmed; presence is best effort.
+                Err(e) => tracing::debug!(error = %e, "presence notice dropped"),
+            }
         }
     }
 

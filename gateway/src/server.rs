@@ -478,10 +478,13 @@ async fn core_main(
     core.webhooks = hooks.webhooks;
     core.offline = hooks.offline;
     let core = Rc::new(core);
-    for (_from, rx) in receivers.streams() {
+    for (from, rx) in receivers.streams() {
         let core = core.clone();
         glommio::spawn_local(async move {
             while let Some(msg) = rx.recv().await {
+                if let Some(n) = core.m().mesh_received.get(from) {
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 core.handle(msg);
             }
         })

@@ -568,6 +568,10 @@ fn metrics_count_exactly() {
     assert!(text.contains(&format!("tern_storage_commit_batch_size_count {commits}\n")));
     assert_eq!(metric(&text, "tern_errors_total", "code=\"NOT_FOUND\""), 1);
     assert_eq!(metric(&text, "tern_devices_online", ""), 3);
+    // Quiet now: nothing waits between the cores, and both directions are reported.
+    assert_eq!(metric(&text, "tern_mesh_queue_depth", ""), 0);
+    assert!(text.contains("tern_mesh_queue_depth{from=\"0\",to=\"1\"} 0\n"));
+    assert!(text.contains("tern_mesh_queue_depth{from=\"1\",to=\"0\"} 0\n"));
     assert_eq!(metric(&text, "tern_users_online", ""), 2);
     // Without credentials: 401 like every endpoint.
     let got = api_request(&format!("{base}/metrics"), "GET", None, None, None);
