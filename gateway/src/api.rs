@@ -103,7 +103,7 @@ impl ApiError {
         }
     }
 
-    fn bad(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad(message: impl Into<String>) -> ApiError {
         ApiError::new(ErrorCode::InvalidArgument, message)
     }
 }
@@ -735,6 +735,31 @@ fn acting(st: &ApiState, user: Option<String>) -> Result<(String, bool), ApiErro
     }
 }
 
+/// A request's payload: `text` (UTF-8) or `payload_base64`, exactly one of them.
+pub(crate) fn payload_of(
+    text: Option<String>,
+    payload_base64: Option<String>,
+) -> Result<bytes::Bytes, ApiError> {
+    match (text, payload_base64) {
+        (Some(t), None) => Ok(bytes::Bytes::from(t)),
+        (None, Some(b)) => BASE64
+            .decode(b)
+            .map(bytes::Bytes::from)
+            .map_err(|e| ApiError::bad(format!("payload_base64: {e}"))),
+        _ => Err(ApiError::bad("give exactly one of text and payload_base64")),
+    }
+}
+
+/// A ContentType by its name (TEXT, IMAGE, ..., CUSTOM, SYSTEM); TEXT when absent.
+pub(crate) fn content_type_of(name: Option<&str>) -> Result<ContentType, ApiError> {
+    match name {
+        None => Ok(ContentType::Text),
+        Some(name) => ContentType::from_str_name(name)
+            .filter(|c| *c != ContentType::Unspecified)
+            .ok_or_else(|| ApiError::bad(format!("content_type: unknown content type {name:?}"))),
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SendMessage {
@@ -774,21 +799,8 @@ async fn send_message(
         },
         _ => return Err(ApiError::bad("give exactly one of to_user and to_group")),
     };
-    let payload = match (req.text, req.payload_base64) {
-        (Some(t), None) => bytes::Bytes::from(t),
-        (None, Some(b)) => bytes::Bytes::from(
-            BASE64
-                .decode(b)
-                .map_err(|e| ApiError::bad(format!("payload_base64: {e}")))?,
-        ),
-        _ => return Err(ApiError::bad("give exactly one of text and payload_base64")),
-    };
-    let content_type = match req.content_type.as_deref() {
-        None => ContentType::Text,
-        Some(name) => ContentType::from_str_name(name)
-            .filter(|c| *c != ContentType::Unspecified)
-            .ok_or_else(|| ApiError::bad(format!("content_type: unknown content type {name:?}")))?,
-    };
+    let payload = payload_of(req.text, req.payload_base64)?;
+    let content_type = content_type_of(req.content_type.as_deref())?;
     let client_msg_id = req
         .client_msg_id
         .unwrap_or_else(|| format!("api-{:032x}", rand::random::<u128>()));

@@ -39,6 +39,8 @@ pub mod session;
 pub mod side;
 pub mod social;
 pub mod sys;
+#[cfg(test)]
+mod test_side;
 pub mod token;
 pub mod transport;
 pub mod webhook;

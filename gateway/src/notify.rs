@@ -84,6 +84,7 @@ use serde_json::json;
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
+use crate::token::now_secs;
 use crate::webhook::{self, backoff_ms, now_ms};
 
 /// APNs' production endpoint; the development one is `https://api.sandbox.push.apple.com`.
@@ -601,10 +602,6 @@ impl Counters {
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
-}
-
-fn now_secs() -> u64 {
-    now_ms() / 1000
 }
 
 /// Why an attempt did not succeed; logged, never shown to clients.
@@ -1481,10 +1478,7 @@ mod tests {
     use base64::engine::general_purpose::STANDARD;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use ring::signature::{KeyPair, UnparsedPublicKey};
-    use tokio::sync::oneshot;
 
-    /// Failure deadline of every wait; no test waits on time to make progress.
-    const WAIT: Duration = Duration::from_secs(20);
     /// A test-only RSA key, as in a service-account file.
     const FCM_TEST_KEY: &str = include_str!("../tests/data/fcm-test-key.pem");
     const TEAM: &str = "TEAM123456";
@@ -1494,59 +1488,7 @@ mod tests {
     const SEND_PATH: &str = "/v1/projects/tern-test/messages:send";
     const SECRET: &str = "pushsec_test";
 
-    /// The side runtime as the gateway runs it: one tokio thread. The tests, like the cores,
-    /// call in from outside it.
-    struct Side {
-        handle: Handle,
-        stop: Option<oneshot::Sender<()>>,
-        thread: Option<std::thread::JoinHandle<()>>,
-    }
-
-    impl Side {
-        fn start() -> Side {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let handle = rt.handle().clone();
-            let (stop, stopped) = oneshot::channel::<()>();
-            let thread = std::thread::spawn(move || {
-                rt.block_on(async {
-                    let _ = stopped.await;
-                });
-            });
-            Side {
-                handle,
-                stop: Some(stop),
-                thread: Some(thread),
-            }
-        }
-
-        /// Awaits `f` on this (non-tokio) thread, failing the test after `WAIT`.
-        fn wait<F: Future>(&self, f: F) -> F::Output {
-            let (expired, expiry) = oneshot::channel::<()>();
-            let watchdog = self.handle.spawn(async move {
-                tokio::time::sleep(WAIT).await;
-                let _ = expired.send(());
-            });
-            let out = futures_lite::future::block_on(futures_lite::future::or(
-                async { Some(f.await) },
-                async {
-                    let _ = expiry.await;
-                    None
-                },
-            ));
-            watchdog.abort();
-            out.expect("timed out")
-        }
-    }
-
-    impl Drop for Side {
-        fn drop(&mut self) {
-            let _ = self.stop.take().unwrap().send(());
-            let _ = self.thread.take().unwrap().join();
-        }
-    }
+    use crate::test_side::{Side, WAIT};
 
     /// One request as the provider's server saw it.
     #[derive(Debug)]

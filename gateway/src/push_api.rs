@@ -14,7 +14,7 @@ use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as B64
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tern_protocol::ErrorCode;
-use tern_protocol::v1::{ContentType, SetDevice};
+use tern_protocol::v1::SetDevice;
 use tern_storage::{MessageStore, MetaChange, StorageError};
 
 use crate::api::{ApiError, ApiResult, ApiState, check_user, parse};
@@ -100,10 +100,6 @@ fn check_label(what: &str, label: &str) -> Result<(), ApiError> {
     }
 }
 
-fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorCode::InvalidArgument, msg)
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PushRequest {
@@ -164,7 +160,7 @@ async fn make_push(State(st): State<Arc<ApiState>>, headers: HeaderMap, body: By
     let req: PushRequest = parse(&headers, &body)?;
     let listed = !req.users.is_empty() || !req.aliases.is_empty() || !req.tags.is_empty();
     if req.all == listed {
-        return Err(bad(
+        return Err(ApiError::bad(
             "give either \"all\": true or at least one of users, aliases and tags",
         ));
     }
@@ -190,17 +186,11 @@ async fn make_push(State(st): State<Arc<ApiState>>, headers: HeaderMap, body: By
         check_label("tag", t)?;
     }
     if req.title.len() > MAX_TITLE_BYTES {
-        return Err(bad(format!(
+        return Err(ApiError::bad(format!(
             "title must be at most {MAX_TITLE_BYTES} bytes"
         )));
     }
-    let payload = match (&req.text, &req.payload_base64) {
-        (Some(t), None) => t.as_bytes().to_vec(),
-        (None, Some(b)) => BASE64
-            .decode(b)
-            .map_err(|e| bad(format!("payload_base64: {e}")))?,
-        _ => return Err(bad("give exactly one of text and payload_base64")),
-    };
+    let payload = crate::api::payload_of(req.text.clone(), req.payload_base64.clone())?;
     if payload.len() > st.cfg.max_payload_bytes as usize {
         return Err(ApiError::new(
             ErrorCode::PayloadTooLarge,
@@ -211,15 +201,10 @@ async fn make_push(State(st): State<Arc<ApiState>>, headers: HeaderMap, body: By
             ),
         ));
     }
-    let content_type = match req.content_type.as_deref() {
-        None => ContentType::Text,
-        Some(name) => ContentType::from_str_name(name)
-            .filter(|c| *c != ContentType::Unspecified)
-            .ok_or_else(|| bad(format!("content_type: unknown content type {name:?}")))?,
-    };
+    let content_type = crate::api::content_type_of(req.content_type.as_deref())?;
     let ttl = req.ttl_secs.unwrap_or(push::DEFAULT_TTL_SECS);
     if ttl > push::MAX_TTL_SECS {
-        return Err(bad(format!(
+        return Err(ApiError::bad(format!(
             "ttl_secs must be 0..={} (10 days)",
             push::MAX_TTL_SECS
         )));
@@ -296,7 +281,7 @@ async fn make_push(State(st): State<Arc<ApiState>>, headers: HeaderMap, body: By
 async fn push_info(State(st): State<Arc<ApiState>>, Path(id): Path<String>) -> ApiResult {
     let id: u64 = id
         .parse()
-        .map_err(|_| bad("the push id must be a decimal number"))?;
+        .map_err(|_| ApiError::bad("the push id must be a decimal number"))?;
     let rec = st
         .store
         .meta(&push::rec_key(id))?
@@ -412,7 +397,7 @@ async fn change_tag(
         ));
     }
     if req.add.is_empty() && req.remove.is_empty() {
-        return Err(bad("give add or remove"));
+        return Err(ApiError::bad("give add or remove"));
     }
     let mut changes = Vec::new();
     let mut added_per_user: BTreeMap<&str, usize> = BTreeMap::new();
@@ -480,7 +465,7 @@ async fn tag_members(
     check_label("tag", &tag)?;
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 1000 {
-        return Err(bad("limit must be 1..=1000"));
+        return Err(ApiError::bad("limit must be 1..=1000"));
     }
     let prefix = push::tag_prefix(&tag);
     let after = match &q.after {
@@ -490,7 +475,7 @@ async fn tag_members(
             k.extend(
                 B64URL
                     .decode(a)
-                    .map_err(|_| bad("after: not a page cursor"))?,
+                    .map_err(|_| ApiError::bad("after: not a page cursor"))?,
             );
             k
         }

@@ -968,3 +968,26 @@ pub fn http_receiver() -> (String, std::sync::mpsc::Receiver<HttpRequest>) {
     });
     (url, rx)
 }
+
+/// Whether `header` (`X-Tern-Signature: t=<ms>,v1=<hex>`) is the HMAC-SHA256 of `t.body` under
+/// `secret`, as a webhook receiver checks it.
+pub fn signature_valid(header: &str, body: &[u8], secret: &str) -> bool {
+    use hmac::{Hmac, Mac};
+    let Some((t, v1)) = header
+        .strip_prefix("t=")
+        .and_then(|rest| rest.split_once(",v1="))
+    else {
+        return false;
+    };
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key");
+    mac.update(t.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    hex == v1
+}

@@ -387,44 +387,29 @@ fn bad_push_requests_are_refused_with_their_error_and_send_nothing() {
     assert_eq!(&p.payload[..], b"real");
 }
 
-/// Whether `X-Tern-Signature: t=<ms>,v1=<hex>` is the HMAC-SHA256 of `t.body` under `secret`.
-fn signed(header: &str, body: &[u8], secret: &str) -> bool {
-    use hmac::{Hmac, Mac};
-    let Some((t, v1)) = header
-        .strip_prefix("t=")
-        .and_then(|rest| rest.split_once(",v1="))
-    else {
-        return false;
-    };
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(t.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    let hex: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    hex == v1
-}
+const NOTIFY_SECRET: &str = "notify-test-secret";
 
-#[test]
-fn offline_recipients_get_a_notification_unless_muted_or_in_do_not_disturb() {
-    const SECRET: &str = "notify-test-secret";
-    let (url, rx) = tern_tests::http_receiver();
+/// A two-core gateway whose offline notifications go to `url` (a generic webhook provider)
+/// one request at a time, so they arrive in the order of the messages.
+fn notify_gateway(url: &str) -> (Gateway, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("gw.toml");
-    // One request at a time, so notifications arrive in the order of the messages.
     std::fs::write(
         &cfg,
         format!(
             "[notify]\nconcurrency = 1\n[notify.webhook]\nurl = \"{url}/notify\"\n\
-             secret = {SECRET:?}\n"
+             secret = {NOTIFY_SECRET:?}\n"
         ),
     )
     .unwrap();
     let gw = Gateway::start(&["--cores", "2", "--config", cfg.to_str().unwrap()]);
+    (gw, dir)
+}
+
+#[test]
+fn offline_recipients_get_a_notification_unless_muted_or_in_do_not_disturb() {
+    let (url, rx) = tern_tests::http_receiver();
+    let (gw, _dir) = notify_gateway(&url);
     // bob's devices, registered by the app server: the phone takes notifications, the pad is
     // in do-not-disturb all day.
     let phone = ok(gw.api_call(
@@ -453,10 +438,10 @@ fn offline_recipients_get_a_notification_unless_muted_or_in_do_not_disturb() {
     let a1 = tern_tests::send_acked(&mut alice, "bob", "m1", "hello bob");
     let n = next();
     assert_eq!((n.method.as_str(), n.path.as_str()), ("POST", "/notify"));
-    assert!(signed(
+    assert!(tern_tests::signature_valid(
         n.header("x-tern-signature").unwrap(),
         &n.body,
-        SECRET
+        NOTIFY_SECRET
     ));
     let body = n.json();
     assert_eq!(body["user"], json!("bob"));
@@ -505,19 +490,8 @@ fn offline_recipients_get_a_notification_unless_muted_or_in_do_not_disturb() {
 
 #[test]
 fn a_group_message_notifies_the_offline_members_who_did_not_mute_the_group() {
-    const SECRET: &str = "notify-test-secret";
     let (url, rx) = tern_tests::http_receiver();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("gw.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[notify]\nconcurrency = 1\n[notify.webhook]\nurl = \"{url}/notify\"\n\
-             secret = {SECRET:?}\n"
-        ),
-    )
-    .unwrap();
-    let gw = Gateway::start(&["--cores", "2", "--config", cfg.to_str().unwrap()]);
+    let (gw, _dir) = notify_gateway(&url);
     for user in ["alice", "bob", "carol", "dave", "erin"] {
         ok(gw.api_call(
             "POST",
