@@ -460,6 +460,12 @@ impl RocksStore {
         db_opts.increase_parallelism(2);
         db_opts.set_max_background_jobs(2);
         db_opts.set_max_total_wal_size(512 << 20);
+        // A full disk needs no reopen: on a "no space" error RocksDB refuses writes, and the
+        // SstFileManager it creates by default checks the free space every 5 s and, once the
+        // largest memtable's size is free, resumes them (it flushes the memtables and starts
+        // a new WAL). That relies on defaults kept here: one data path, paranoid checks, no
+        // manual WAL flush. Other write errors are fatal to RocksDB until the store is opened
+        // again.
         if opts.durability == Durability::Memory {
             // Without a WAL, only atomic flushes keep the column families consistent.
             db_opts.set_atomic_flush(true);
@@ -1282,6 +1288,54 @@ mod tests {
         assert!(s.scan_meta(b"", b"", 10).unwrap().is_empty());
         s.set_meta(meta()).wait().unwrap();
         assert_eq!(s.scan_meta(b"", b"", 10).unwrap().len(), 2);
+    }
+
+    /// While the disk is full every commit fails, for as long as it lasts (RocksDB refuses
+    /// writes until it has recovered): each failure is rolled back on its own and nothing is
+    /// latched, so the first commit that succeeds continues every sequence where the last
+    /// acknowledged write left it, before and after a reopen.
+    #[test]
+    fn a_run_of_failed_commits_latches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let c = direct_conversation(1, 2).unwrap();
+        for i in 1..=2 {
+            assert_eq!(s.append(msg(c, &format!("m{i}"))).wait().unwrap().seq, i);
+        }
+        s.inner.db.hooks.fail_commits.store(usize::MAX, SeqCst);
+        for round in 0..20 {
+            // A client retrying one message, and a burst queued together: several batches,
+            // the later ones built on a batch that fails.
+            let retry = s.append(msg(c, "m3"));
+            let burst: Vec<_> = (0..10)
+                .map(|i| s.append(msg(c, &format!("b{round}-{i}"))))
+                .collect();
+            let read = s.set_read(2, c, 2);
+            for r in std::iter::once(retry).chain(burst) {
+                let r = r.wait();
+                assert!(matches!(r, Err(StorageError::CommitFailed(_))), "{r:?}");
+            }
+            assert!(read.wait().is_err());
+        }
+        assert_eq!(s.latest_seq(c).unwrap(), 2);
+        assert_eq!(s.read_seq(2, c).unwrap(), 0);
+
+        // Space returns.
+        s.inner.db.hooks.fail_commits.store(0, SeqCst);
+        let r = s.append(msg(c, "m3")).wait().unwrap();
+        assert_eq!((r.seq, r.duplicate), (3, false), "no gap, no stale entry");
+        let r = s.append(msg(c, "b0-0")).wait().unwrap();
+        assert_eq!((r.seq, r.duplicate), (4, false), "never written before");
+        assert_eq!(s.set_read(2, c, 4).wait().unwrap(), 4);
+        assert_eq!(seqs(&s, c), vec![1, 2, 3, 4]);
+        drop(s);
+
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(seqs(&s, c), vec![1, 2, 3, 4]);
+        assert_eq!(s.read_seq(2, c).unwrap(), 4);
+        let r = s.append(msg(c, "m3")).wait().unwrap();
+        assert_eq!((r.seq, r.duplicate), (3, true));
+        assert_eq!(s.append(msg(c, "m5")).wait().unwrap().seq, 5);
     }
 
     /// A scan of the account state stops at the end of its prefix: it does not even step over
