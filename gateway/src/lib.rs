@@ -46,4 +46,6 @@ pub mod transport;
 pub mod webhook;
 
 pub use config::Config;
-pub use server::{GatewayError, Ready, run};
+#[cfg(feature = "rocks")]
+pub use server::run;
+pub use server::{GatewayError, Ready, run_with_store};

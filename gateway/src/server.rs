@@ -10,7 +10,7 @@ use std::time::Duration;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
-use tern_storage::{MessageStore, RocksStore, StoreOptions};
+use tern_storage::{MessageStore, StoreOptions};
 use tracing::{info, warn};
 
 use crate::config::{Config, Durability};
@@ -93,8 +93,10 @@ pub fn load_secret(cfg: &Config) -> Result<Secret, GatewayError> {
     })
 }
 
-/// Runs the gateway until `shutdown` is set (or SIGTERM/SIGINT when `handle_signals`).
-/// `on_ready` is called with the bound addresses once every core listens.
+/// Runs the gateway on its RocksDB log in `cfg.data_dir` until `shutdown` is set (or
+/// SIGTERM/SIGINT when `handle_signals`). `on_ready` is called with the bound addresses once
+/// every core listens.
+#[cfg(feature = "rocks")]
 pub fn run(
     cfg: Config,
     shutdown: Arc<AtomicBool>,
@@ -106,12 +108,30 @@ pub fn run(
         path: cfg.data_dir.display().to_string(),
         message: e.to_string(),
     })?;
-    let secret = load_secret(&cfg)?;
     crate::sys::ignore_file_size_signal();
-    let store: Arc<dyn MessageStore> = Arc::new(RocksStore::open(
+    let store: Arc<dyn MessageStore> = Arc::new(tern_storage::RocksStore::open(
         cfg.data_dir.join("log"),
         store_options(&cfg),
     )?);
+    run_with_store(cfg, store, shutdown, handle_signals, on_ready)
+}
+
+/// Runs the gateway on `store` (which it closes when it stops), as [`run`] does on its
+/// RocksDB log. `cfg.data_dir` still holds the login secret unless `cfg.secret` is set.
+pub fn run_with_store(
+    cfg: Config,
+    store: Arc<dyn MessageStore>,
+    shutdown: Arc<AtomicBool>,
+    handle_signals: bool,
+    on_ready: impl FnOnce(Ready),
+) -> Result<(), GatewayError> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| GatewayError::DataDir {
+        path: cfg.data_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let secret = load_secret(&cfg)?;
+    crate::sys::ignore_broken_pipe_signal();
     if handle_signals {
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
             signal_hook::flag::register(sig, shutdown.clone()).map_err(|e| {

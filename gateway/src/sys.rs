@@ -104,3 +104,13 @@ pub fn ignore_file_size_signal() {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
+
+/// Makes a write to a connection the peer has closed fail with `EPIPE` instead of killing the
+/// process with SIGPIPE. A Rust `main` ignores SIGPIPE already; a gateway embedded in another
+/// program (or run under a C `main`, as the session fuzz target does) must too.
+pub fn ignore_broken_pipe_signal() {
+    // SAFETY: as above, SIG_IGN installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}

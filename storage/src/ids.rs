@@ -73,7 +73,7 @@ pub fn conversation_kind(conv: ConversationId) -> Option<ConversationKind> {
 }
 
 /// For user `me`, who or what is on the other side of `conv`.
-#[cfg(any(feature = "store", test))]
+#[cfg(any(feature = "mem", test))]
 pub(crate) fn peer_of(me: UserId, conv: ConversationId) -> Peer {
     match conversation_kind(conv) {
         Some(ConversationKind::Direct { low, high }) => {

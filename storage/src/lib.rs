@@ -203,38 +203,40 @@
 //!   [`StorageError::Closed`]. No completion ever hangs.
 
 #![forbid(unsafe_code)]
+// With `mem` alone, the parts only `RocksStore` uses are unused.
+#![cfg_attr(not(feature = "store"), allow(dead_code))]
 
-#[cfg(feature = "store")]
+#[cfg(feature = "mem")]
 mod api;
-#[cfg(feature = "store")]
+#[cfg(feature = "mem")]
 mod completion;
-#[cfg(feature = "store")]
+#[cfg(feature = "mem")]
 mod dedup;
 mod error;
 mod ids;
-#[cfg(feature = "store")]
+#[cfg(feature = "mem")]
 mod mem;
 mod record;
 #[cfg(feature = "store")]
 mod rocks;
 
-#[cfg(feature = "store")]
+#[cfg(feature = "mem")]
 pub use api::{
     AppendRequest, Appended, COMMIT_MICROS_BOUNDS, COMMIT_SIZE_BOUNDS, CommitStats,
     ConversationInfo, ConversationSettings, Durability, GroupChange, MAX_META_CHANGES,
     MAX_META_KEY_LEN, MAX_META_SCAN, MAX_META_VALUE_LEN, MAX_RELATION_CHANGES, MessageStore,
     MetaChange, RelationChange, RelationKind, StoreOptions,
 };
-#[cfg(feature = "store")]
+#[cfg(feature = "mem")]
 pub use completion::Completion;
-#[cfg(feature = "store")]
+#[cfg(feature = "mem")]
 pub use dedup::DedupWindow;
 pub use error::{Result, StorageError};
 pub use ids::{
     ConversationId, ConversationKind, GroupId, MAX_GROUP_ID, MAX_USER_ID, Peer, Seq, UserId,
     conversation_kind, direct_conversation, group_conversation,
 };
-#[cfg(feature = "store")]
+#[cfg(feature = "mem")]
 pub use mem::MemStore;
 pub use record::{
     MAX_CLIENT_MSG_ID_LEN, MAX_CUSTOM_TYPE_LEN, MessageRecord, RECALLED_RECORD_VERSION,

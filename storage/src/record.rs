@@ -291,7 +291,7 @@ impl UserConvRecord {
     }
 
     /// The highest version of any change recorded here.
-    #[cfg(feature = "store")]
+    #[cfg(feature = "mem")]
     pub fn last_version(&self) -> u64 {
         self.member_version
             .max(self.read_version)
@@ -299,7 +299,7 @@ impl UserConvRecord {
     }
 
     /// The settings stored here.
-    #[cfg(feature = "store")]
+    #[cfg(feature = "mem")]
     pub fn settings(&self) -> crate::api::ConversationSettings {
         crate::api::ConversationSettings {
             pinned: self.flags & 1 != 0,
@@ -310,7 +310,7 @@ impl UserConvRecord {
     }
 
     /// Stores `s`'s flags and cleared seq (the caller sets the version).
-    #[cfg(feature = "store")]
+    #[cfg(feature = "mem")]
     pub fn set_settings(&mut self, s: &crate::api::ConversationSettings) {
         self.flags = u8::from(s.pinned) | u8::from(s.hidden) << 1 | u8::from(s.muted) << 2;
         self.cleared_seq = s.cleared_seq;
