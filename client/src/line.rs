@@ -435,6 +435,7 @@ fn event_name(kind: i32) -> String {
         Ok(GroupEventKind::GroupDissolved) => "dissolved",
         Ok(GroupEventKind::GroupJoinRequested) => "join_requested",
         Ok(GroupEventKind::GroupJoinDeclined) => "join_declined",
+        Ok(GroupEventKind::GroupHiddenMembersChanged) => "hidden_members_changed",
         Ok(GroupEventKind::Unspecified) | Err(_) => return kind.to_string(),
     };
     name.into()

@@ -46,6 +46,13 @@ pub enum AdminJob {
         frame: Frame,
         reply: oneshot::Sender<Frame>,
     },
+    /// An operation on a group's hidden members, as the system user (on its core); answered
+    /// with a GroupResponse or an Error frame.
+    Hidden {
+        group: String,
+        op: crate::groups::HiddenOp,
+        reply: oneshot::Sender<Frame>,
+    },
     /// End every connection of `user` on this core with Kick(`reason`); answers how many.
     Kick {
         user: String,
@@ -159,6 +166,23 @@ impl Bridge {
         .await
     }
 
+    /// Runs a hidden-member operation on `group` as the system user `system`; the answer frame
+    /// (an Error frame for a refusal).
+    pub async fn hidden_members(
+        &self,
+        system: &str,
+        group: &str,
+        op: crate::groups::HiddenOp,
+    ) -> Result<Frame, BridgeError> {
+        let core = self.router.user(system).core;
+        self.ask(core, |reply| AdminJob::Hidden {
+            group: group.to_owned(),
+            op,
+            reply,
+        })
+        .await
+    }
+
     /// Kicks every connection of `user`; how many were ended.
     pub async fn kick(
         &self,
@@ -262,7 +286,14 @@ impl Core {
                 frame,
                 reply,
             } => {
-                let answer = self.api_request(&user, admin, frame).await;
+                let answer = self.api_request(&user, admin, ApiWork::Frame(frame)).await;
+                let _ = reply.send(answer);
+            }
+            AdminJob::Hidden { group, op, reply } => {
+                let system = self.cfg.system_user.clone();
+                let answer = self
+                    .api_request(&system, true, ApiWork::Hidden { group, op })
+                    .await;
                 let _ = reply.send(answer);
             }
             AdminJob::Kick {
@@ -330,9 +361,11 @@ impl Core {
         list.len()
     }
 
-    async fn api_request(self: &Rc<Self>, user: &str, admin: bool, mut frame: Frame) -> Frame {
-        let rid = frame.request_id.max(1);
-        frame.request_id = rid;
+    async fn api_request(self: &Rc<Self>, user: &str, admin: bool, work: ApiWork) -> Frame {
+        let rid = match &work {
+            ApiWork::Frame(frame) => frame.request_id.max(1),
+            ApiWork::Hidden { .. } => 1,
+        };
         let id = match self.user_id(user) {
             Ok(id) => id,
             Err(e) => {
@@ -358,7 +391,13 @@ impl Core {
             .borrow_mut()
             .insert(session_id, session.clone());
         let mut ctx = Ctx::for_api(self.clone(), session.clone(), id, Arc::from(user), admin);
-        Box::pin(ctx.handle(frame)).await;
+        match work {
+            ApiWork::Frame(mut frame) => {
+                frame.request_id = rid;
+                Box::pin(ctx.handle(frame)).await;
+            }
+            ApiWork::Hidden { group, op } => ctx.hidden_members(rid, &group, op).await,
+        }
         let answer = future::or(answer_of(&self.codec, &session.out, rid), async {
             glommio::timer::sleep(ANSWER_TIMEOUT).await;
             None
@@ -375,6 +414,17 @@ impl Core {
             )
         })
     }
+}
+
+/// What an API request session runs.
+enum ApiWork {
+    /// A client request.
+    Frame(Frame),
+    /// A hidden-member operation (as the system user).
+    Hidden {
+        group: String,
+        op: crate::groups::HiddenOp,
+    },
 }
 
 /// The account-state key of `user`'s ban: its value is the end of the ban (ms since the epoch,

@@ -173,6 +173,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/messages/recall", post(recall))
         .route("/v1/conversations/{conversation}/messages", get(history))
         .route("/v1/groups", post(group_request))
+        .route(
+            "/v1/groups/{group}/hidden-members",
+            post(add_hidden_member).get(list_hidden_members),
+        )
+        .route(
+            "/v1/groups/{group}/hidden-members/{user}",
+            axum::routing::delete(remove_hidden_member),
+        )
         .merge(crate::push_api::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -715,6 +723,108 @@ async fn group_request(
     let req: tern_protocol::v1::GroupRequest = parse(&headers, &body)?;
     let (user, admin) = acting(&st, q.r#as)?;
     answer(st.bridge.request(&user, admin, Frame::new(1, req)).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HiddenMember {
+    user: String,
+}
+
+/// No query parameters: the hidden-member endpoints act as the system user only, so an `as`
+/// (or anything else) is refused rather than ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+fn check_group(group: &str) -> Result<(), ApiError> {
+    if valid_id(group) {
+        Ok(())
+    } else {
+        Err(ApiError::bad(
+            "group id must be 1..=64 bytes without control characters",
+        ))
+    }
+}
+
+/// The GroupResponse of a hidden-member operation, or the error it was refused with.
+async fn hidden_op(
+    st: &ApiState,
+    group: &str,
+    op: crate::groups::HiddenOp,
+) -> Result<tern_protocol::v1::GroupResponse, ApiError> {
+    let frame = st
+        .bridge
+        .hidden_members(&st.cfg.system_user, group, op)
+        .await?;
+    match frame.body {
+        Some(Body::GroupResponse(r)) => Ok(r),
+        Some(Body::Error(e)) => {
+            let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal);
+            Err(ApiError::new(code, e.message))
+        }
+        _ => Err(ApiError::new(ErrorCode::Internal, "unexpected answer")),
+    }
+}
+
+/// Makes a user a hidden member of a group: they receive everything, may send, and are listed
+/// to no member. The group's log records it with an event that names nobody.
+async fn add_hidden_member(
+    State(st): State<Arc<ApiState>>,
+    Path(group): Path<String>,
+    Query(NoParams {}): Query<NoParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    check_group(&group)?;
+    let req: HiddenMember = parse(&headers, &body)?;
+    check_user(&req.user)?;
+    let r = hidden_op(&st, &group, crate::groups::HiddenOp::Add(req.user.clone())).await?;
+    Ok(axum::Json(json!({
+        "group_id": group,
+        "user": req.user,
+        "added": r.event_seq != 0,
+        "conversation_id": r.conversation_id.to_string(),
+        "event_seq": r.event_seq,
+    })))
+}
+
+/// Removes a hidden member: their history ends at the event that removed them.
+async fn remove_hidden_member(
+    State(st): State<Arc<ApiState>>,
+    Path((group, user)): Path<(String, String)>,
+    Query(NoParams {}): Query<NoParams>,
+) -> ApiResult {
+    check_group(&group)?;
+    check_user(&user)?;
+    let r = hidden_op(&st, &group, crate::groups::HiddenOp::Remove(user.clone())).await?;
+    Ok(axum::Json(json!({
+        "group_id": group,
+        "user": user,
+        "conversation_id": r.conversation_id.to_string(),
+        "event_seq": r.event_seq,
+    })))
+}
+
+/// A group's hidden members, in ascending order of internal id.
+async fn list_hidden_members(
+    State(st): State<Arc<ApiState>>,
+    Path(group): Path<String>,
+    Query(NoParams {}): Query<NoParams>,
+) -> ApiResult {
+    check_group(&group)?;
+    let r = hidden_op(&st, &group, crate::groups::HiddenOp::List).await?;
+    let members: Vec<Value> = r
+        .members
+        .map(|p| p.members)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| json!({"user": m.user_id, "joined_at_ms": m.joined_at_ms}))
+        .collect();
+    Ok(axum::Json(json!({
+        "group_id": group,
+        "hidden_members": members,
+    })))
 }
 
 #[derive(Deserialize)]

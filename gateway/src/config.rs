@@ -103,6 +103,10 @@ pub struct Config {
     /// Most members a group may have (the owner included); an invite or join past it fails with
     /// `LIMIT_EXCEEDED`. Default 100,000.
     pub group_max_members: u32,
+    /// Most hidden members a group may have (members added through the admin API who receive
+    /// everything and are listed to nobody; they do not count against `group_max_members`).
+    /// 1..=10,000; default 100. Adding one past it fails with `LIMIT_EXCEEDED`.
+    pub group_max_hidden_members: u32,
     /// Whether users who are not friends may send each other 1:1 messages (default true). When
     /// false, such a Send fails with FORBIDDEN.
     pub allow_non_friend_messages: bool,
@@ -167,6 +171,7 @@ impl Default for Config {
             rate_read_bytes_per_sec: 1 << 20,
             write_timeout_ms: 30_000,
             group_max_members: 100_000,
+            group_max_hidden_members: 100,
             allow_non_friend_messages: true,
             max_friends: 3000,
             recall_window_ms: 120_000,
@@ -254,6 +259,9 @@ impl Config {
         }
         if self.group_max_members < 2 {
             return bad("group_max_members", "must be at least 2");
+        }
+        if self.group_max_hidden_members == 0 || self.group_max_hidden_members > 10_000 {
+            return bad("group_max_hidden_members", "must be between 1 and 10000");
         }
         if self.outbound_queue_frames < 16 {
             return bad("outbound_queue_frames", "must be at least 16");

@@ -18,12 +18,20 @@
 //! Join requests of APPROVAL groups live in the group's record (at most [`MAX_PENDING_JOINS`]),
 //! each filed and settled with an event like any other change.
 //!
-//! Not here yet: hidden members (they need the server API), and evicting idle groups' state
-//! from the owner's memory.
+//! Hidden members ([`HiddenOp`], only through the admin API) are members for everything that
+//! delivers or reads (fan-out, sync, history, sends, read positions) and for nothing that lists
+//! or counts members to clients: member lists, `member_count`, read counts and every operation
+//! naming a member treat them as non-members. Their changes are recorded with
+//! GROUP_HIDDEN_MEMBERS_CHANGED events that name nobody and are sent by the system user, so the
+//! log stays one contiguous sequence for everyone. They do not count against
+//! `group_max_members` (so what members see stays consistent), but against
+//! `group_max_hidden_members`.
+//!
+//! Not here yet: evicting idle groups' state from the owner's memory.
 //!
 //! [`Router::conversation`]: crate::route::Router::conversation
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -92,6 +100,10 @@ pub struct MemberRecord {
     pub muted_until_ms: u64,
     #[prost(uint64, tag = "4")]
     pub joined_at_ms: u64,
+    /// A hidden member (added through the admin API). Absent in records written before hidden
+    /// members existed, which decode as visible members.
+    #[prost(bool, tag = "5")]
+    pub hidden: bool,
 }
 
 impl MemberRecord {
@@ -101,12 +113,25 @@ impl MemberRecord {
             role: role.into(),
             muted_until_ms: 0,
             joined_at_ms: now,
+            hidden: false,
+        }
+    }
+
+    fn hidden(now: u64) -> MemberRecord {
+        MemberRecord {
+            hidden: true,
+            ..MemberRecord::new(GroupRole::RoleMember, now)
         }
     }
 
     fn is_admin(&self) -> bool {
         matches!(self.role(), GroupRole::RoleAdmin | GroupRole::RoleOwner)
     }
+}
+
+/// Whether a stored member record is a hidden member's (a record that does not decode is not).
+pub(crate) fn is_hidden(attrs: &[u8]) -> bool {
+    MemberRecord::decode(attrs).is_ok_and(|m| m.hidden)
 }
 
 /// A request about one group, on its way to (or waiting on) the group's owner core.
@@ -129,6 +154,19 @@ pub enum GroupWhat {
     Op(Op),
     /// Recall the message with this seq (its sender within the window, or an admin).
     Recall(u64),
+    /// Manage hidden members (the admin API only: refused unless `GroupJob::admin`).
+    Hidden(HiddenOp),
+}
+
+/// An operation on a group's hidden members, made by the admin API.
+#[derive(Debug, Clone)]
+pub enum HiddenOp {
+    /// Make this user (not a member yet) a hidden member.
+    Add(String),
+    /// Remove this hidden member.
+    Remove(String),
+    /// List the hidden members.
+    List,
 }
 
 /// What a committed group append must do afterwards, carried through the completion queue.
@@ -155,6 +193,24 @@ pub struct Pending {
     /// A reviewer approved a join request: stored as GROUP_JOINED, reported to the webhook as
     /// `join_approved`.
     join_approved: bool,
+    /// A hidden member's change: who, and `added`, `removed` or `left` (for the webhook, which
+    /// names them; the event does not). Such events are sent by the system user.
+    hidden: Option<(String, &'static str)>,
+}
+
+impl Pending {
+    fn new(record: GroupRecord) -> Pending {
+        Pending {
+            record,
+            members: Vec::new(),
+            added: Vec::new(),
+            removed: Vec::new(),
+            with_info: false,
+            join_pending: false,
+            join_approved: false,
+            hidden: None,
+        }
+    }
 }
 
 /// The owner core's copy of one group.
@@ -163,9 +219,36 @@ pub struct GroupState {
     /// None until the group is created.
     record: Option<GroupRecord>,
     members: BTreeMap<UserId, MemberRecord>,
+    /// The hidden ones among `members`.
+    hidden: BTreeSet<UserId>,
     /// A change is being committed; jobs wait in `waiting`.
     busy: bool,
     waiting: VecDeque<GroupJob>,
+}
+
+impl GroupState {
+    /// Members as clients see them: without the hidden ones.
+    fn visible_count(&self) -> usize {
+        self.members.len() - self.hidden.len()
+    }
+
+    /// Installs a member's committed record (None: removed).
+    fn set_member(&mut self, user: UserId, member: Option<MemberRecord>) {
+        match member {
+            Some(m) => {
+                if m.hidden {
+                    self.hidden.insert(user);
+                } else {
+                    self.hidden.remove(&user);
+                }
+                self.members.insert(user, m);
+            }
+            None => {
+                self.hidden.remove(&user);
+                self.members.remove(&user);
+            }
+        }
+    }
 }
 
 /// The groups of this core's online users, for fan-out.
@@ -308,8 +391,11 @@ impl Core {
             ),
             None => None,
         };
-        let mut members = BTreeMap::new();
-        if record.is_some() {
+        let mut state = GroupState {
+            record,
+            ..GroupState::default()
+        };
+        if state.record.is_some() {
             let mut after = 0;
             loop {
                 let page = self.store.member_records(group, after, 4096)?;
@@ -320,17 +406,12 @@ impl Core {
                     let m = MemberRecord::decode(b).map_err(|_| {
                         StorageError::Corrupt("group member record does not decode")
                     })?;
-                    members.insert(u, m);
+                    state.set_member(u, Some(m));
                 }
                 after = last;
             }
         }
-        Ok(GroupState {
-            record,
-            members,
-            busy: false,
-            waiting: VecDeque::new(),
-        })
+        Ok(state)
     }
 
     /// Checks a job against the group's state. A send or a change is submitted (the change
@@ -394,13 +475,10 @@ impl Core {
             };
             let added = members.iter().map(|(u, _)| *u).collect();
             let pending = Pending {
-                record,
                 members,
                 added,
-                removed: Vec::new(),
                 with_info: true,
-                join_pending: false,
-                join_approved: false,
+                ..Pending::new(record)
             };
             self.submit_group_change(state, job, event, pending);
             return Ok(None);
@@ -459,6 +537,7 @@ impl Core {
                 });
                 return Ok(None);
             }
+            GroupWhat::Hidden(op) => return self.hidden_op(state, job, &record, op, now, conv),
             GroupWhat::Op(op) => op,
         };
         if let Op::Join(join) = op {
@@ -503,13 +582,8 @@ impl Core {
                     ..GroupEvent::default()
                 };
                 let pending = Pending {
-                    record,
-                    members: Vec::new(),
-                    added: Vec::new(),
-                    removed: Vec::new(),
-                    with_info: false,
                     join_pending: true,
-                    join_approved: false,
+                    ..Pending::new(record)
                 };
                 self.submit_group_change(state, job, event, pending);
                 return Ok(None);
@@ -521,16 +595,12 @@ impl Core {
                 ..GroupEvent::default()
             };
             let pending = Pending {
-                record,
                 members: vec![(
                     job.actor,
                     Some(MemberRecord::new(GroupRole::RoleMember, now)),
                 )],
                 added: vec![job.actor],
-                removed: Vec::new(),
-                with_info: false,
-                join_pending: false,
-                join_approved: false,
+                ..Pending::new(record)
             };
             self.submit_group_change(state, job, event, pending);
             return Ok(None);
@@ -544,15 +614,7 @@ impl Core {
             actor: job.actor_name.to_string(),
             ..GroupEvent::default()
         };
-        let mut pending = Pending {
-            record: record.clone(),
-            members: Vec::new(),
-            added: Vec::new(),
-            removed: Vec::new(),
-            with_info: false,
-            join_pending: false,
-            join_approved: false,
-        };
+        let mut pending = Pending::new(record.clone());
         match op {
             Op::Create(_) | Op::Join(_) => unreachable!("handled above"),
             Op::Get(_) => {
@@ -573,19 +635,16 @@ impl Core {
                 } as usize;
                 let mut members = Vec::with_capacity(limit);
                 let mut next = 0;
-                for (&u, m) in state.members.range(req.page_token.saturating_add(1)..) {
-                    if members.len() == limit {
-                        break;
-                    }
-                    members.push(GroupMember {
-                        user_id: self.name_of(u),
-                        role: m.role,
-                        muted_until_ms: m.muted_until_ms,
-                        joined_at_ms: m.joined_at_ms,
-                    });
+                // Hidden members are listed to nobody, themselves included.
+                let mut visible = state
+                    .members
+                    .range(req.page_token.saturating_add(1)..)
+                    .filter(|(_, m)| !m.hidden);
+                for (&u, m) in visible.by_ref().take(limit) {
+                    members.push(self.wire_member(u, m));
                     next = u;
                 }
-                let more = next != 0 && state.members.range(next + 1..).next().is_some();
+                let more = next != 0 && visible.next().is_some();
                 let page = MemberPage {
                     members,
                     next_page_token: if more { next } else { 0 },
@@ -599,8 +658,14 @@ impl Core {
                         "the owner cannot leave: transfer ownership or dissolve the group",
                     );
                 }
-                event.kind = GroupEventKind::GroupLeft.into();
-                event.user_ids = vec![job.actor_name.to_string()];
+                if me.hidden {
+                    // Recorded without naming them, like their addition.
+                    event = self.hidden_event();
+                    pending.hidden = Some((job.actor_name.to_string(), "left"));
+                } else {
+                    event.kind = GroupEventKind::GroupLeft.into();
+                    event.user_ids = vec![job.actor_name.to_string()];
+                }
                 pending.members.push((job.actor, None));
                 pending.removed.push(job.actor);
             }
@@ -709,7 +774,9 @@ impl Core {
                             "cannot remove yourself: leave the group instead",
                         );
                     }
-                    let Some(m) = state.members.get(&u) else {
+                    // Hidden members are not members to a kick: they are removed through the
+                    // admin API, with an event that does not name them.
+                    let Some(m) = state.members.get(&u).filter(|m| !m.hidden) else {
                         continue;
                     };
                     if !owner && m.is_admin() {
@@ -858,7 +925,7 @@ impl Core {
     }
 
     fn check_room(&self, state: &GroupState, more: usize) -> Result<(), Refusal> {
-        if state.members.len() + more > self.cfg.group_max_members as usize {
+        if state.visible_count() + more > self.cfg.group_max_members as usize {
             return refuse(
                 ErrorCode::LimitExceeded,
                 format!("a group has at most {} members", self.cfg.group_max_members),
@@ -877,10 +944,139 @@ impl Core {
             Ok(None) => return refuse(ErrorCode::NotMember, format!("{name} is not a member")),
             Err(e) => return Err(storage_refusal(&e)),
         };
+        // A hidden member is answered as a non-member: nothing reveals them.
         match state.members.get(&id) {
-            Some(m) => Ok((id, m.clone())),
-            None => refuse(ErrorCode::NotMember, format!("{name} is not a member")),
+            Some(m) if !m.hidden => Ok((id, m.clone())),
+            _ => refuse(ErrorCode::NotMember, format!("{name} is not a member")),
         }
+    }
+
+    fn wire_member(&self, user: UserId, m: &MemberRecord) -> GroupMember {
+        GroupMember {
+            user_id: self.name_of(user),
+            role: m.role,
+            muted_until_ms: m.muted_until_ms,
+            joined_at_ms: m.joined_at_ms,
+        }
+    }
+
+    /// The system user: the sender and actor of hidden members' events.
+    fn system_user(&self) -> Result<(UserId, Arc<str>), Refusal> {
+        let name = &self.cfg.system_user;
+        let id = self.user_id(name).map_err(|e| storage_refusal(&e))?;
+        Ok((id, Arc::from(name.as_str())))
+    }
+
+    /// The event of a hidden member's change: it names nobody.
+    fn hidden_event(&self) -> GroupEvent {
+        GroupEvent {
+            kind: GroupEventKind::GroupHiddenMembersChanged.into(),
+            actor: self.cfg.system_user.clone(),
+            ..GroupEvent::default()
+        }
+    }
+
+    /// Adds, removes or lists hidden members (the admin API only).
+    fn hidden_op(
+        self: &Rc<Self>,
+        state: &mut GroupState,
+        job: &GroupJob,
+        record: &GroupRecord,
+        op: &HiddenOp,
+        now: u64,
+        conv: u64,
+    ) -> Result<Option<Bytes>, Refusal> {
+        if !job.admin {
+            return refuse(
+                ErrorCode::Forbidden,
+                "hidden members are managed through the admin API only",
+            );
+        }
+        let mut pending = Pending::new(record.clone());
+        match op {
+            HiddenOp::List => {
+                let members = state
+                    .hidden
+                    .iter()
+                    .filter_map(|&u| state.members.get(&u).map(|m| self.wire_member(u, m)))
+                    .collect();
+                let page = MemberPage {
+                    members,
+                    next_page_token: 0,
+                };
+                return Ok(Some(self.group_response(job, conv, 0, None, Some(page))));
+            }
+            HiddenOp::Add(name) => {
+                if *name == self.cfg.system_user {
+                    return refuse(
+                        ErrorCode::InvalidArgument,
+                        "the system user has an owner's rights in every group already",
+                    );
+                }
+                let user = self.user_id(name).map_err(|e| storage_refusal(&e))?;
+                match state.members.get(&user) {
+                    Some(m) if m.hidden => {
+                        return Ok(Some(self.group_response(job, conv, 0, None, None)));
+                    }
+                    Some(_) => {
+                        return refuse(
+                            ErrorCode::Conflict,
+                            format!(
+                                "{name} is a visible member of this group: remove them first to \
+                                 add them as a hidden member"
+                            ),
+                        );
+                    }
+                    None => {}
+                }
+                if state.hidden.len() >= self.cfg.group_max_hidden_members as usize {
+                    return refuse(
+                        ErrorCode::LimitExceeded,
+                        format!(
+                            "a group has at most {} hidden members",
+                            self.cfg.group_max_hidden_members
+                        ),
+                    );
+                }
+                // A join request they filed is settled: they are in.
+                pending.record.pending.retain(|p| p.user != user);
+                pending
+                    .members
+                    .push((user, Some(MemberRecord::hidden(now))));
+                pending.added.push(user);
+                pending.hidden = Some((name.clone(), "added"));
+            }
+            HiddenOp::Remove(name) => {
+                let user = match self.store.lookup_user(name) {
+                    Ok(u) => u,
+                    Err(e) => return Err(storage_refusal(&e)),
+                };
+                match user.and_then(|u| state.members.get(&u).map(|m| (u, m))) {
+                    Some((u, m)) if m.hidden => {
+                        pending.members.push((u, None));
+                        pending.removed.push(u);
+                        pending.hidden = Some((name.clone(), "removed"));
+                    }
+                    Some(_) => {
+                        return refuse(
+                            ErrorCode::Conflict,
+                            format!(
+                                "{name} is a visible member of this group: remove them with a kick"
+                            ),
+                        );
+                    }
+                    None => {
+                        return refuse(
+                            ErrorCode::NotMember,
+                            format!("{name} is not a hidden member of this group"),
+                        );
+                    }
+                }
+            }
+        }
+        let event = self.hidden_event();
+        self.submit_group_change(state, job, event, pending);
+        Ok(None)
     }
 
     fn resolve_users(&self, names: &[String]) -> Result<Vec<UserId>, Refusal> {
@@ -920,7 +1116,7 @@ impl Core {
             owner: self.name_of(record.owner),
             profile: record.profile.clone(),
             muted_all: record.muted_all,
-            member_count: state.members.len() as u32,
+            member_count: state.visible_count() as u32,
             max_members: self.cfg.group_max_members,
             created_at_ms: record.created_at_ms,
             latest_seq: self.store.latest_seq(conv).unwrap_or(0),
@@ -966,11 +1162,20 @@ impl Core {
                 .map(|(u, m)| (*u, m.as_ref().map(|m| Bytes::from(m.encode_to_vec()))))
                 .collect(),
         };
+        // A hidden member's change is sent by the system user: its sender would name them.
+        let (sender, sender_name) = if pending.hidden.is_some() {
+            match self.system_user() {
+                Ok(s) => s,
+                Err(refusal) => return self.group_reply_error(job, refusal),
+            }
+        } else {
+            (job.actor, job.actor_name.clone())
+        };
         state.busy = true;
         self.submit_append(AppendMsg {
             req: AppendRequest {
                 conversation: conv,
-                sender: job.actor,
+                sender,
                 client_msg_id: String::new(),
                 content_type: ContentType::System as u32,
                 custom_type: GROUP_EVENT_TYPE.to_owned(),
@@ -980,7 +1185,7 @@ impl Core {
                 recall: None,
             },
             reply: job.reply.clone(),
-            sender_name: job.actor_name.clone(),
+            sender_name,
             to: Recipient::Group(Box::new(GroupAfter {
                 group: job.group,
                 name: job.name.clone(),
@@ -1015,7 +1220,13 @@ impl Core {
                         if let Ok(event) = GroupEvent::decode(req.payload.clone()) {
                             self.webhooks.emit(
                                 crate::webhook::GROUP_EVENT,
-                                group_event_hook(&after.name, &a, &event, p.join_approved),
+                                group_event_hook(
+                                    &after.name,
+                                    &a,
+                                    &event,
+                                    p.join_approved,
+                                    p.hidden.as_ref().map(|(u, c)| (u.as_str(), *c)),
+                                ),
                             );
                         }
                     }
@@ -1026,10 +1237,7 @@ impl Core {
                         let state = groups.entry(group).or_default();
                         state.record = Some(p.record);
                         for (u, m) in p.members {
-                            match m {
-                                Some(m) => state.members.insert(u, m),
-                                None => state.members.remove(&u),
-                            };
+                            state.set_member(u, m);
                         }
                     }
                     if !added.is_empty() {
@@ -1234,12 +1442,15 @@ impl Core {
 
 /// The `group_event` webhook's data for a committed change (see the webhook section of
 /// docs/API.md): the group, the event's name, who did it, whom it concerns, the fields of its
-/// kind, and the seq of the event in the group's conversation.
+/// kind, and the seq of the event in the group's conversation. A hidden member's change
+/// (`hidden`: who, and what happened) names them here, unlike its event: the webhook goes to the
+/// application's server.
 fn group_event_hook(
     group: &str,
     appended: &Appended,
     event: &GroupEvent,
     join_approved: bool,
+    hidden: Option<(&str, &str)>,
 ) -> serde_json::Value {
     use serde_json::{Value, json};
     let kind = event.kind();
@@ -1271,8 +1482,14 @@ fn group_event_hook(
             }),
         )),
         GroupEventKind::GroupMuted => Some(("muted_until_ms", Value::from(event.muted_until_ms))),
+        GroupEventKind::GroupHiddenMembersChanged => {
+            hidden.map(|(_, change)| ("change", Value::from(change)))
+        }
         _ => None,
     };
+    if let (Some((user, _)), Some(map)) = (hidden, data.as_object_mut()) {
+        map.insert("users".to_owned(), json!([user]));
+    }
     if let (Some((key, value)), Some(map)) = (extra, data.as_object_mut()) {
         map.insert(key.to_owned(), value);
     }
@@ -1298,6 +1515,7 @@ fn group_event_name(kind: GroupEventKind) -> &'static str {
         GroupEventKind::GroupDissolved => "dissolved",
         GroupEventKind::GroupJoinRequested => "join_requested",
         GroupEventKind::GroupJoinDeclined => "join_declined",
+        GroupEventKind::GroupHiddenMembersChanged => "hidden_members_changed",
     }
 }
 
@@ -1512,7 +1730,7 @@ mod tests {
             ..GroupProfile::default()
         });
         assert_eq!(
-            group_event_hook("team", &appended, &created, false),
+            group_event_hook("team", &appended, &created, false, None),
             with(
                 base("created", &["bob"]),
                 "profile",
@@ -1523,28 +1741,28 @@ mod tests {
         let mut kicked = event(GroupEventKind::GroupKicked, &["bob", "carol"]);
         kicked.reason = "spam".into();
         assert_eq!(
-            group_event_hook("team", &appended, &kicked, false),
+            group_event_hook("team", &appended, &kicked, false, None),
             with(base("kicked", &["bob", "carol"]), "reason", "spam".into())
         );
 
         let mut role = event(GroupEventKind::GroupRoleChanged, &["bob"]);
         role.role = GroupRole::RoleAdmin.into();
         assert_eq!(
-            group_event_hook("team", &appended, &role, false),
+            group_event_hook("team", &appended, &role, false, None),
             with(base("role_changed", &["bob"]), "role", "admin".into())
         );
 
         let mut muted = event(GroupEventKind::GroupMuted, &["bob"]);
         muted.muted_until_ms = 5;
         assert_eq!(
-            group_event_hook("team", &appended, &muted, false),
+            group_event_hook("team", &appended, &muted, false, None),
             with(base("muted", &["bob"]), "muted_until_ms", 5.into())
         );
 
         let mut asked = event(GroupEventKind::GroupJoinRequested, &["alice"]);
         asked.reason = "let me in".into();
         assert_eq!(
-            group_event_hook("team", &appended, &asked, false),
+            group_event_hook("team", &appended, &asked, false, None),
             with(
                 base("join_requested", &["alice"]),
                 "message",
@@ -1554,11 +1772,11 @@ mod tests {
 
         let joined = event(GroupEventKind::GroupJoined, &["bob"]);
         assert_eq!(
-            group_event_hook("team", &appended, &joined, false),
+            group_event_hook("team", &appended, &joined, false, None),
             base("joined", &["bob"])
         );
         assert_eq!(
-            group_event_hook("team", &appended, &joined, true),
+            group_event_hook("team", &appended, &joined, true, None),
             base("join_approved", &["bob"])
         );
         assert_eq!(
@@ -1566,9 +1784,27 @@ mod tests {
                 "team",
                 &appended,
                 &event(GroupEventKind::GroupDissolved, &[]),
-                false
+                false,
+                None
             ),
             base("dissolved", &[])
+        );
+
+        // A hidden member's event names nobody; its webhook names them and what happened.
+        let hidden = GroupEvent {
+            kind: GroupEventKind::GroupHiddenMembersChanged.into(),
+            actor: "administrator".into(),
+            ..GroupEvent::default()
+        };
+        let mut want = with(
+            base("hidden_members_changed", &["agent"]),
+            "change",
+            "added".into(),
+        );
+        want["operator"] = "administrator".into();
+        assert_eq!(
+            group_event_hook("team", &appended, &hidden, false, Some(("agent", "added"))),
+            want
         );
     }
 
@@ -1594,5 +1830,26 @@ mod tests {
         let m = MemberRecord::new(GroupRole::RoleAdmin, 9);
         assert_eq!(MemberRecord::decode(&m.encode_to_vec()[..]).unwrap(), m);
         assert!(m.is_admin());
+        let h = MemberRecord::hidden(9);
+        assert_eq!(MemberRecord::decode(&h.encode_to_vec()[..]).unwrap(), h);
+        assert!(h.hidden && !h.is_admin());
+    }
+
+    /// A member record written before hidden members existed (fields 1 to 4 only) decodes as a
+    /// visible member; a hidden one adds exactly field 5 = 1.
+    #[test]
+    fn member_records_without_the_hidden_flag_decode_as_visible() {
+        // format 1, role ROLE_ADMIN (2), muted_until_ms 0 (omitted), joined_at_ms 9.
+        let old = [0x08, 0x01, 0x10, 0x02, 0x20, 0x09];
+        let m = MemberRecord::decode(&old[..]).unwrap();
+        assert_eq!(m, MemberRecord::new(GroupRole::RoleAdmin, 9));
+        assert!(!m.hidden);
+        assert_eq!(
+            MemberRecord::new(GroupRole::RoleAdmin, 9).encode_to_vec(),
+            old
+        );
+        let mut hidden = MemberRecord::new(GroupRole::RoleMember, 9).encode_to_vec();
+        hidden.extend_from_slice(&[0x28, 0x01]);
+        assert_eq!(hidden, MemberRecord::hidden(9).encode_to_vec());
     }
 }

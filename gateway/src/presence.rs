@@ -258,15 +258,21 @@ impl Ctx {
                 }
             }
             Some(ConversationKind::Group(g)) => {
+                // Hidden members are neither counted nor count as readers: the counts would
+                // reveal them.
                 let mut all = Vec::new();
                 let mut after = 0;
                 loop {
-                    let page = match store.members(g, after, 4096) {
+                    let page = match store.member_records(g, after, 4096) {
                         Ok(p) => p,
                         Err(e) => return self.storage_error(rid, &e),
                     };
-                    let Some(&last) = page.last() else { break };
-                    all.extend(page);
+                    let Some(&(last, _)) = page.last() else { break };
+                    all.extend(
+                        page.into_iter()
+                            .filter(|(_, attrs)| !crate::groups::is_hidden(attrs))
+                            .map(|(u, _)| u),
+                    );
                     after = last;
                     glommio::yield_if_needed().await;
                 }

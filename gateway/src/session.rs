@@ -30,7 +30,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::core::{
     AppendMsg, ConnCount, Core, Login, Recipient, ReplyTo, SessionHandle, ShardMsg, now_ms,
 };
-use crate::groups::{GroupJob, GroupWhat};
+use crate::groups::{GroupJob, GroupWhat, HiddenOp};
 use crate::limits::{ConnSlot, Gcra, Refused, mono_nanos};
 use crate::outbound::Outbound;
 use crate::rooms::{MAX_ROOMS_PER_CONNECTION, RoomSend, is_room, room_conversation};
@@ -1284,6 +1284,23 @@ impl Ctx {
         };
         let owner = self.core.router.conversation(conv).core;
         self.core.send_to_core(owner, ShardMsg::Group(job)).await;
+    }
+
+    /// A hidden-member operation of the admin API: goes to the group's owner core like any
+    /// group operation, which refuses it unless the context is the admin's.
+    pub(crate) async fn hidden_members(&mut self, rid: u64, group: &str, op: HiddenOp) {
+        if !valid_id(group) {
+            return self.error(
+                rid,
+                ErrorCode::InvalidArgument,
+                "group id must be 1..=64 bytes without control characters",
+            );
+        }
+        let Some((id, conv)) = self.find_group(rid, group) else {
+            return;
+        };
+        self.to_group_owner(rid, id, conv, group, GroupWhat::Hidden(op))
+            .await;
     }
 
     /// A group operation: checked here for form, then decided by the group's owner core.
