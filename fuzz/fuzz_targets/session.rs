@@ -139,12 +139,45 @@ fn trace(line: String) {
     }
 }
 
+/// The gateway's last log lines (its `info` level, or `TERN_FUZZ_LOG`), printed with the trace.
+static LOG: Mutex<std::collections::VecDeque<String>> =
+    Mutex::new(std::collections::VecDeque::new());
+
+struct LogRing;
+
+impl Write for LogRing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut log = LOG.lock().unwrap_or_else(|e| e.into_inner());
+        if log.len() >= 400 {
+            log.pop_front();
+        }
+        log.push_back(String::from_utf8_lossy(buf).trim_end().to_string());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Prints the trace before the panic is reported (and the process aborted).
 fn install_trace_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        let filter = std::env::var("TERN_FUZZ_LOG").unwrap_or_else(|_| "info".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_ansi(false)
+            .with_writer(|| LogRing)
+            .try_init();
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
+            if let Ok(log) = LOG.try_lock() {
+                eprintln!("---- the gateway's last log lines ----");
+                for line in log.iter() {
+                    eprintln!("{line}");
+                }
+            }
             if let Ok(t) = TRACE.try_lock() {
                 eprintln!("---- what this input did ----");
                 for line in t.iter() {
@@ -397,6 +430,15 @@ enum ApiCall {
         limit: Option<u8>,
     },
     Devices(Name),
+    HideMember {
+        group: u8,
+        user: Name,
+    },
+    HiddenMembers(u8),
+    UnhideMember {
+        group: u8,
+        user: Name,
+    },
     Device {
         user: Name,
         device: u8,
@@ -438,6 +480,13 @@ impl Conn {
         }
     }
 
+    /// The connection in traces: descriptor and local port (the gateway logs the peer port).
+    fn name(&self) -> String {
+        use std::os::fd::AsRawFd;
+        let port = self.stream.local_addr().map_or(0, |a| a.port());
+        format!("connection fd={} port={port}", self.stream.as_raw_fd())
+    }
+
     fn rid(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -465,15 +514,27 @@ impl Conn {
             }
             let mut chunk = [0u8; 16 << 10];
             match self.stream.read(&mut chunk) {
-                Ok(0) => return Got::Closed,
+                Ok(0) => {
+                    trace(format!(
+                        "  {} closed by the gateway (end of stream)",
+                        self.name()
+                    ));
+                    return Got::Closed;
+                }
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                // libFuzzer's timer signal interrupts blocking reads.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
                         || e.kind() == std::io::ErrorKind::TimedOut =>
                 {
                     panic!("the gateway did not answer within {WAIT:?}: waiting for {waiting_for}")
                 }
-                Err(_) => return Got::Closed,
+                Err(e) => {
+                    // EBADF would mean that something in this process closed the descriptor.
+                    trace(format!("  {} closed: {e}", self.name()));
+                    return Got::Closed;
+                }
             }
         }
     }
@@ -727,6 +788,7 @@ impl Harness {
         let device = format!("d{dev}");
         let token = self.token(u, token, &device);
         let mut conn = Conn::connect(self.addr);
+        trace(format!("  login on {}", conn.name()));
         let rid = conn.rid();
         let hello = v1::Hello {
             protocol_version: if wrong_version { 7 } else { PROTOCOL_VERSION },
@@ -1347,6 +1409,31 @@ impl Harness {
                 ),
                 None,
             ),
+            ApiCall::HideMember { group, user } => (
+                "POST",
+                format!(
+                    "/v1/groups/{}/hidden-members",
+                    pct(&self.group_name(*group))
+                ),
+                Some(json!({"user": self.name(user)})),
+            ),
+            ApiCall::HiddenMembers(group) => (
+                "GET",
+                format!(
+                    "/v1/groups/{}/hidden-members",
+                    pct(&self.group_name(*group))
+                ),
+                None,
+            ),
+            ApiCall::UnhideMember { group, user } => (
+                "DELETE",
+                format!(
+                    "/v1/groups/{}/hidden-members/{}",
+                    pct(&self.group_name(*group)),
+                    pct(&self.name(user))
+                ),
+                None,
+            ),
             ApiCall::Devices(user) => (
                 "GET",
                 format!("/v1/users/{}/devices", pct(&self.name(user))),
@@ -1631,6 +1718,7 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>) -> (u16
         match stream.read(&mut chunk) {
             Ok(0) => panic!("the API closed {method} {path} without an answer"),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("no answer from the API to {method} {path} within {WAIT:?}: {e}"),
         }
     };
@@ -1650,6 +1738,7 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>) -> (u16
         match stream.read(&mut chunk) {
             Ok(0) => panic!("the API's answer to {method} {path} was cut short"),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("the API's answer to {method} {path} stalled: {e}"),
         }
     }
