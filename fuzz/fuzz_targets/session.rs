@@ -62,6 +62,8 @@ const API_SECRET: &str = "session-fuzz-api-secret-0123456789";
 struct Running {
     addr: SocketAddr,
     api: SocketAddr,
+    /// Nothing may hold the store once the gateway has stopped.
+    store: std::sync::Weak<dyn MessageStore>,
     secret: Secret,
     shutdown: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -88,6 +90,7 @@ impl Running {
         let store: Arc<dyn MessageStore> = Arc::new(MemStore::new(
             tern_gateway::server::store_options(&cfg).dedup_window,
         ));
+        let store_ref = Arc::downgrade(&store);
         let shutdown = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = shutdown.clone();
@@ -110,6 +113,7 @@ impl Running {
         Running {
             addr,
             api,
+            store: store_ref,
             secret,
             shutdown,
             thread: Some(thread),
@@ -124,6 +128,11 @@ impl Running {
         if let Some(t) = self.thread.take() {
             t.join().expect("the gateway thread ends cleanly");
         }
+        assert_eq!(
+            self.store.strong_count(),
+            0,
+            "the stopped gateway still holds its store"
+        );
     }
 }
 

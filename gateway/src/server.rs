@@ -498,22 +498,27 @@ async fn core_main(
     core.webhooks = hooks.webhooks;
     core.offline = hooks.offline;
     let core = Rc::new(core);
+    // The core's own loops, which never end by themselves: cancelled when the core stops, so
+    // that nothing keeps the core (and with it the store) alive after this function returns.
+    let mut loops = Vec::new();
     for (from, rx) in receivers.streams() {
         let core = core.clone();
-        glommio::spawn_local(async move {
-            while let Some(msg) = rx.recv().await {
-                if let Some(n) = core.m().mesh_received.get(from) {
-                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        loops.push(
+            glommio::spawn_local(async move {
+                while let Some(msg) = rx.recv().await {
+                    if let Some(n) = core.m().mesh_received.get(from) {
+                        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    core.handle(msg);
                 }
-                core.handle(msg);
-            }
-        })
-        .detach();
+            })
+            .detach(),
+        );
     }
     let completions = glommio::spawn_local(core.clone().run_completions());
-    glommio::spawn_local(core.clone().run_idle_sweep()).detach();
-    glommio::spawn_local(core.clone().run_room_sends()).detach();
-    glommio::spawn_local(core.clone().run_admin(admin_jobs)).detach();
+    loops.push(glommio::spawn_local(core.clone().run_idle_sweep()).detach());
+    loops.push(glommio::spawn_local(core.clone().run_room_sends()).detach());
+    loops.push(glommio::spawn_local(core.clone().run_admin(admin_jobs)).detach());
     {
         let core = core.clone();
         glommio::spawn_local(async move {
@@ -562,4 +567,13 @@ async fn core_main(
         glommio::timer::sleep(Duration::from_millis(500)),
     )
     .await;
+    // A cancelled task drops its future when the executor next runs it: yield so that it does
+    // before this executor ends.
+    for task in &loops {
+        task.cancel();
+    }
+    drop(loops);
+    for _ in 0..4 {
+        futures_lite::future::yield_now().await;
+    }
 }
