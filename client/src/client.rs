@@ -215,6 +215,7 @@ impl Client {
             pending: HashMap::new(),
             shared: shared.clone(),
             rooms: Rooms::default(),
+            presence_leg: leg,
             notices: VecDeque::new(),
         };
         let request_timeout = driver.config.request_timeout;
@@ -721,6 +722,10 @@ struct Driver {
     backoff: Backoff,
     /// The live rooms the application is in: each new connection enters them again.
     rooms: Rooms,
+    /// The path whose connection follows the users the application follows (presence is
+    /// pushed only to the connection that subscribed): the first of a session, until it is
+    /// lost while the session goes on.
+    presence_leg: usize,
     /// Request ids of the latest notifications ([`Command::Notify`]), to log their refusals.
     notices: VecDeque<u64>,
 }
@@ -815,14 +820,16 @@ impl Driver {
             match login.and_then(|(mut conn, ok)| {
                 self.session.on_login(&hello);
                 // Before anything else on the new connection, and before the application hears
-                // of it: the rooms it is in.
+                // of it: the rooms it is in, and the users it follows.
                 self.enter_rooms(&mut conn, leg, true)?;
+                self.follow_again(&mut conn, leg)?;
                 Ok((conn, ok))
             }) {
                 Ok((conn, ok)) => {
                     self.backoff.reset();
                     tracing::info!(session = ok.session_id, transport = %self.legs[leg].transport, "reconnected");
                     self.session_id = ok.session_id;
+                    self.presence_leg = leg;
                     *lock(&self.shared.login) = Some(ok);
                     self.emit(Event::Reconnected);
                     return Some((leg, conn));
@@ -850,10 +857,20 @@ impl Driver {
         Ok(())
     }
 
+    /// Queues a SubscribePresence for the users the application follows on `conn`, the new
+    /// connection of path `leg`, which carries presence from now on.
+    fn follow_again(&mut self, conn: &mut Conn, leg: usize) -> Result<()> {
+        for frame in self.session.follow_again(leg) {
+            conn.queue(&frame)?;
+        }
+        Ok(())
+    }
+
     /// Writes what the session queued and hands out events and answers. A `Send`, and an
     /// EnterRoom or LeaveRoom (room messages reach only the connections in the room), goes out
     /// on every path; anything else on one (a sync the server asked for on the path that
-    /// asked). Returns the paths whose writing failed.
+    /// asked, a SubscribePresence on the path that carries presence). Returns the paths whose
+    /// writing failed.
     fn pump(&mut self, paths: &mut Paths) -> Vec<(usize, ClientError)> {
         let mut lost = Vec::new();
         let live: Vec<usize> = (0..paths.len()).filter(|&i| paths[i].is_some()).collect();
@@ -864,6 +881,12 @@ impl Driver {
                     None
                 } else if self.session.is_sync(frame.request_id) {
                     Some(sync_leg.unwrap_or(primary))
+                } else if matches!(frame.body, Some(Body::SubscribePresence(_))) {
+                    Some(if live.contains(&self.presence_leg) {
+                        self.presence_leg
+                    } else {
+                        primary
+                    })
                 } else {
                     Some(primary)
                 };
@@ -1002,6 +1025,18 @@ impl Driver {
                         self.path_lost(conn, leg, error);
                         retry_at[leg] =
                             Some(tokio::time::Instant::now() + backoffs[leg].next_delay());
+                        if leg == self.presence_leg
+                            && let Some(other) = paths.iter().position(Option::is_some)
+                            && let Some(conn) = paths[other].as_mut()
+                        {
+                            // The users followed on the lost path are followed on the other.
+                            self.presence_leg = other;
+                            if let Err(error) =
+                                self.follow_again(conn, other).and_then(|()| conn.flush())
+                            {
+                                lost.push((other, error));
+                            }
+                        }
                     }
                 }
                 if round == 0 {
@@ -1181,10 +1216,12 @@ impl Driver {
             } else if let Some(reply) = self.pending.remove(id) {
                 let error = Err(ClientError::Disconnected);
                 self.rooms.answered(*id, &error);
+                self.session.request_lost(*id);
                 let _ = reply.send(error);
             }
         }
         self.rooms.path_lost(leg);
+        self.session.presence_path_lost(leg);
         drop(conn);
         self.emit(Event::PathDown { transport, reason });
     }

@@ -83,8 +83,8 @@
 //! user of a 1:1 conversation [`Event::ReadReceipt`]); [`Client::read_counts`] tells how many
 //! members read given messages. [`Client::typing`] is fire and forget: nothing answers it
 //! unless the server refuses it, and others' typing arrives as [`Event::Typing`].
-//! [`Client::subscribe_presence`] follows users for as long as the connection lives; their
-//! state arrives as [`Event::Presence`] (subscribe again after [`Event::Reconnected`]).
+//! [`Client::subscribe_presence`] follows users (see Presence below); their state arrives as
+//! [`Event::Presence`].
 //! [`Client::set_conversation`] pins, hides, mutes or clears a conversation for this user (other
 //! devices: [`Event::ConversationSettings`]). [`Client::recall`] recalls a message: the message
 //! is then served with `recalled` set and no payload, and a tombstone message follows it in the
@@ -128,12 +128,58 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Presence: the server follows users for one connection only, so the client remembers whom the
+//! application follows and follows them again on each new connection that carries presence:
+//! after a reconnect, before [`Event::Reconnected`] is reported and before any other request
+//! on the new connection except entering rooms; and with the dual channel, on the other path
+//! when the path that carried presence is lost while the session goes on (presence is followed
+//! on one path only, and pushed only there). A user is followed from the answer to
+//! [`Client::subscribe_presence`] until the answer to its unsubscription: a call that fails,
+//! including one whose connection is lost before the answer, changes nothing the client keeps
+//! (call it again). The client tells the application a user's online state only when it
+//! differs from what it told last: the first state after a subscription, then each change. So
+//! after a reconnect (or a lost path) there is an [`Event::Presence`] for each followed user
+//! whose online state changed meanwhile and for no other, and the application ends up with
+//! every followed user's current state; a user who went offline and came back while the client
+//! was away is not reported. `Presence::devices` is the count when the state changed; changes
+//! of the count alone are not reported. Presence of a user the client does not follow (e.g. a
+//! notice already on its way when an unsubscription was answered) is handed over as it comes. If
+//! the server refuses to follow users again (e.g. `LIMIT_EXCEEDED`), they are no longer
+//! followed and [`Event::PresenceLost`] names them; presence is best effort on the server too
+//! (a notice to a connection whose queue is full is dropped).
+//!
+//! ```no_run
+//! # async fn demo(client: tern_client::Client) -> Result<(), tern_client::ClientError> {
+//! use std::collections::HashMap;
+//! use tern_client::Event;
+//!
+//! client.subscribe_presence(["alice", "bob"], false).await?;
+//! let mut online = HashMap::new();
+//! let mut incoming = client.incoming();
+//! while let Some(event) = incoming.recv().await {
+//!     match event {
+//!         // Right after subscribing, after a reconnect, and on every change.
+//!         Event::Presence(p) => {
+//!             online.insert(p.user_id, p.online);
+//!         }
+//!         Event::PresenceLost { user_ids, reason } => {
+//!             eprintln!("no longer following {user_ids:?}: {reason}");
+//!             for user in user_ids {
+//!                 online.remove(&user);
+//!             }
+//!         }
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! What it does: one connection task per [`Client`] owns the socket, logs in, matches answers to
 //! requests by request id, hands every (conversation, seq) to the application exactly once
 //! (sync pages and live pushes overlap; see [`dedup`]), acknowledges delivered messages
 //! (coalesced per conversation; not those of rooms), pings when idle, and reconnects with
-//! exponential backoff and full jitter, resuming from the last sync position and entering its
-//! rooms again. Requests in flight when a connection drops fail with
+//! exponential backoff and full jitter, resuming from the last sync position, entering its
+//! rooms and following its users again. Requests in flight when a connection drops fail with
 //! [`ClientError::Disconnected`]; retry sends with [`Client::send_with_id`].
 //!
 //! Transports ([`ClientConfig::transport`]), each carrying the same frames, with timeouts,
@@ -154,7 +200,8 @@
 //!   `duplicate`; the server de-duplicates room Sends too); deliveries come on both and are
 //!   handed over once. EnterRoom and LeaveRoom go on both paths as well (room messages reach
 //!   only the connections in the room; the first answer answers the call), and a path that
-//!   joins enters the rooms again. Other requests use one path. When a path fails
+//!   joins enters the rooms again. SubscribePresence goes on the path that carries presence
+//!   (see Presence). Other requests use one path. When a path fails
 //!   ([`Event::PathDown`]) the session goes on over the other; requests made on the failed path
 //!   only fail with [`ClientError::Disconnected`] (a sync is asked again); the path is joined
 //!   again with its own backoff ([`Event::PathUp`]). Each path has its own heartbeat, so a path
@@ -200,6 +247,7 @@ pub mod dedup;
 mod error;
 mod group;
 pub mod line;
+mod presence;
 mod rooms;
 mod session;
 mod social;
@@ -246,8 +294,10 @@ pub enum Event {
         reason: ClientError,
     },
     /// Logged in again after [`Event::Disconnected`]; a sync from the stored position follows.
-    /// The rooms the application is in have been asked to be entered again, before anything
-    /// else on the new connection ([`Event::RoomLost`] if the server refuses one).
+    /// The rooms the application is in have been asked to be entered again, and the users it
+    /// follows to be followed again, before anything else on the new connection
+    /// ([`Event::RoomLost`] or [`Event::PresenceLost`] if the server refuses). An
+    /// [`Event::Presence`] follows for each followed user whose online state changed meanwhile.
     Reconnected,
     /// Dual channel only: one path (TCP or QUIC) failed and the session goes on over the other.
     /// Requests sent on that path only failed with [`ClientError::Disconnected`] (a sync is
@@ -273,7 +323,9 @@ pub enum Event {
     ReadReceipt(ReadReceipt),
     /// Someone is (or stopped) typing to this user or in one of their groups.
     Typing(Typing),
-    /// A followed user came online or went offline ([`Client::subscribe_presence`]).
+    /// A followed user's online state ([`Client::subscribe_presence`]): the first after a
+    /// subscription, then only when it differs from the last one reported, including a change
+    /// that happened while the client was disconnected (reported after the reconnect).
     Presence(Presence),
     /// Another device of this user changed a conversation's settings.
     ConversationSettings(ConversationSettings),
@@ -287,6 +339,15 @@ pub enum Event {
     RoomLost {
         /// The room.
         room_id: String,
+        /// The server's refusal.
+        reason: ClientError,
+    },
+    /// After a reconnect (or the loss of the dual-channel path that carried presence) the
+    /// server refused to follow these users again: they are no longer followed and no
+    /// [`Event::Presence`] comes for them. Subscribe again to retry.
+    PresenceLost {
+        /// The users.
+        user_ids: Vec<String>,
         /// The server's refusal.
         reason: ClientError,
     },

@@ -13,7 +13,10 @@ use tern_protocol::{
     PushNotice, SyncRequest,
 };
 
-use crate::{ClientConfig, ClientError, Event, dedup::Dedup, rooms::is_room_conversation};
+use crate::{
+    ClientConfig, ClientError, Event, dedup::Dedup, presence::Following,
+    rooms::is_room_conversation,
+};
 
 /// The answer to one request: the response frame's body, or why there is none.
 pub(crate) type Completion = (u64, Result<Body, ClientError>);
@@ -37,6 +40,8 @@ pub(crate) struct Session {
     fatal: Option<ClientError>,
     /// Push ids seen lately (a push can come on both paths, or again at a login).
     pushes: VecDeque<u64>,
+    /// The users the application follows (presence), kept across connections.
+    following: Following,
 }
 
 impl Session {
@@ -55,6 +60,7 @@ impl Session {
             kick: None,
             fatal: None,
             pushes: VecDeque::new(),
+            following: Following::default(),
         }
     }
 
@@ -124,6 +130,7 @@ impl Session {
         self.sync_needed = false;
         self.transmit.clear();
         self.touched.clear();
+        self.following.disconnected();
     }
 
     /// True if `request_id` is a sync in flight.
@@ -153,8 +160,36 @@ impl Session {
     /// Queues a request and returns its request id.
     pub(crate) fn request(&mut self, body: Body) -> u64 {
         let id = self.next_id();
+        self.following.requested(id, &body);
         self.transmit.push_back(Frame::new(id, body));
         id
+    }
+
+    /// The application's request `id` was lost with the path it was written on.
+    pub(crate) fn request_lost(&mut self, id: u64) {
+        self.following.forget(id);
+    }
+
+    /// The SubscribePresence requests that follow every user the application follows again,
+    /// for the driver to write first thing on path `leg`, which now carries presence (not
+    /// queued). None when nobody is followed.
+    pub(crate) fn follow_again(&mut self, leg: usize) -> Vec<Frame> {
+        let Self {
+            following,
+            next_request_id,
+            ..
+        } = self;
+        following.follow_again(leg, || {
+            let id = *next_request_id;
+            *next_request_id += 1;
+            id
+        })
+    }
+
+    /// Path `leg` of a session that goes on is gone: the presence requests the client made
+    /// there by itself will not be answered.
+    pub(crate) fn presence_path_lost(&mut self, leg: usize) {
+        self.following.path_lost(leg);
     }
 
     /// Queues a SyncRequest from the stored position and returns its request id.
@@ -263,6 +298,9 @@ impl Session {
                     self.fatal = Some(err.clone());
                 }
                 if request_id != 0 {
+                    if let Some(lost) = self.following.answered(request_id, Err(&err)) {
+                        self.events.push_back(lost);
+                    }
                     self.completions.push_back((request_id, Err(err)));
                 } else if !error.fatal {
                     tracing::warn!(%err, "error from server");
@@ -273,11 +311,15 @@ impl Session {
             | Body::GroupResponse(_)
             | Body::RoomResponse(_)
             | Body::ReadCounts(_)
-            | Body::PresenceSubscribed(_)
             | Body::RecallOk(_)
             | Body::SocialResponse(_)
             | Body::Pong(_)
             | Body::HelloOk(_)) => {
+                self.completions.push_back((request_id, Ok(body)));
+            }
+            body @ Body::PresenceSubscribed(_) => {
+                // Before any Presence read after it: those are of the users it follows.
+                self.following.answered(request_id, Ok(()));
                 self.completions.push_back((request_id, Ok(body)));
             }
             // Answers when they carry a request id, news from the server otherwise.
@@ -290,7 +332,11 @@ impl Session {
             }
             Body::ReadReceipt(r) => self.events.push_back(Event::ReadReceipt(r)),
             Body::Typing(t) => self.events.push_back(Event::Typing(t)),
-            Body::Presence(p) => self.events.push_back(Event::Presence(p)),
+            Body::Presence(p) => {
+                if let Some(event) = self.following.presence(p) {
+                    self.events.push_back(event);
+                }
+            }
             Body::SocialEvent(e) => self.events.push_back(Event::Social(e)),
             Body::PushNotice(p) => self.push(p),
             body @ Body::DeviceSettings(_) => {

@@ -67,9 +67,15 @@ impl Client {
         }))
     }
 
-    /// Follows (or with `unsubscribe`, stops following) whether `users` are online; returns how
-    /// many users this connection follows. Their state then arrives as
-    /// [`Event::Presence`](crate::Event::Presence).
+    /// Follows (or with `unsubscribe`, stops following) whether `users` are online (at most
+    /// 1000 per call); returns how many users the connection follows. Their state then arrives
+    /// as [`Event::Presence`](crate::Event::Presence): each newly followed user's current state,
+    /// then each change.
+    ///
+    /// The client keeps following them across reconnects (see the crate docs, Presence) from
+    /// the server's answer until that of the call that unsubscribes them; a call that fails
+    /// (refused, or [`ClientError::Disconnected`](crate::ClientError::Disconnected)) changes
+    /// nothing the client keeps, and one that timed out counts if its answer arrives later.
     pub async fn subscribe_presence(
         &self,
         users: impl IntoIterator<Item = impl AsRef<str>>,

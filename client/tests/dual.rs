@@ -2,7 +2,8 @@
 //! 127.0.0.1: the QUIC path joins the session the TCP login opened, each Send goes out on both
 //! paths and is answered by the first SendAck (a copy refused on one path does not fail it), and
 //! a path that fails leaves the session running on the other; room requests go on both paths,
-//! and a path that joins enters the rooms again; other requests (groups) go on one path.
+//! and a path that joins enters the rooms again; presence is followed on one path, and on the
+//! other when that one fails; other requests (groups) go on one path.
 
 mod common;
 
@@ -12,7 +13,7 @@ use common::{
 use tern_client::{
     Client, ClientError, ErrorCode, Event, GroupResponse, Incoming, Target, Transport,
 };
-use tern_protocol::{Body, Frame};
+use tern_protocol::{Body, Frame, Presence, PresenceSubscribed};
 use tokio::time::timeout;
 
 /// The next event that is not about sync.
@@ -297,5 +298,129 @@ async fn room_requests_go_on_both_paths_and_a_path_that_joins_enters_the_rooms()
         !matches!(incoming.try_recv(), Some(Event::Message(_))),
         "each room message handed over once"
     );
+    client.close().await;
+}
+
+/// The next request on `peer` that is not a Sync.
+async fn next_request(peer: &mut Peer) -> Frame {
+    loop {
+        let frame = peer.recv_request().await;
+        if !matches!(frame.body, Some(Body::Sync(_))) {
+            return frame;
+        }
+    }
+}
+
+/// The next request on `peer` (syncs skipped), which must be a SubscribePresence: its id and
+/// users.
+async fn next_subscription(peer: &mut Peer) -> (u64, Vec<String>) {
+    let frame = next_request(peer).await;
+    match frame.body {
+        Some(Body::SubscribePresence(s)) if !s.unsubscribe => (frame.request_id, s.user_ids),
+        other => panic!("expected SubscribePresence, got {other:?}"),
+    }
+}
+
+fn presence(user: &str, online: bool) -> Frame {
+    Frame::new(
+        0,
+        Presence {
+            user_id: user.into(),
+            online,
+            devices: u32::from(online),
+        },
+    )
+}
+
+#[tokio::test]
+async fn presence_is_followed_on_one_path_and_on_the_other_when_it_fails() {
+    let tcp = FakeServer::start().await;
+    let quic = QuicServer::start();
+    let mut config = tcp.config();
+    config.transport = Transport::Dual;
+    config.server = format!("{},{}", tcp.listener.local_addr().unwrap(), quic.addr());
+    config.ca = Some(quic.cert_path.clone());
+    let (client, tcp_peer) = tokio::join!(Client::connect(config), tcp.accept_login(0));
+    let (client, mut tcp_peer) = (client.unwrap(), tcp_peer);
+    let mut incoming = client.incoming();
+    let mut quic_peer = quic.accept().await;
+    quic_peer.hello_ok(0).await;
+    match next_event(&mut incoming).await {
+        Event::PathUp { transport } => assert_eq!(transport, Transport::Quic),
+        other => panic!("expected PathUp, got {other:?}"),
+    }
+
+    // The subscription goes on the login path (TCP) only.
+    let subscribing = tokio::spawn({
+        let client = client.clone();
+        async move { client.subscribe_presence(["alice"], false).await }
+    });
+    let (id, users) = next_subscription(&mut tcp_peer).await;
+    assert_eq!(users, ["alice"]);
+    tcp_peer
+        .send(Frame::new(id, PresenceSubscribed { following: 1 }))
+        .await;
+    assert_eq!(subscribing.await.unwrap().unwrap(), 1);
+    tcp_peer.send(presence("alice", true)).await;
+    match next_event(&mut incoming).await {
+        Event::Presence(p) => assert_eq!((p.user_id.as_str(), p.online), ("alice", true)),
+        other => panic!("expected Presence, got {other:?}"),
+    }
+
+    // The TCP path dies: alice is followed on the QUIC path at once (the first request there,
+    // so the application's subscription never went on it), and only a change is told.
+    drop(tcp_peer);
+    match next_event(&mut incoming).await {
+        Event::PathDown { transport, .. } => assert_eq!(transport, Transport::Tcp),
+        other => panic!("expected PathDown, got {other:?}"),
+    }
+    let (id, users) = next_subscription(&mut quic_peer).await;
+    assert_eq!(users, ["alice"]);
+    quic_peer
+        .send(Frame::new(id, PresenceSubscribed { following: 1 }))
+        .await;
+    quic_peer.send(presence("alice", true)).await;
+    quic_peer.send(presence("alice", false)).await;
+    match next_event(&mut incoming).await {
+        Event::Presence(p) => assert_eq!((p.user_id.as_str(), p.online), ("alice", false)),
+        other => panic!("expected Presence, got {other:?}"),
+    }
+
+    // TCP comes back; presence stays on QUIC, where the application's next subscription goes.
+    let mut tcp_peer = tcp.accept_login(0).await;
+    match next_event(&mut incoming).await {
+        Event::PathUp { transport } => assert_eq!(transport, Transport::Tcp),
+        other => panic!("expected PathUp, got {other:?}"),
+    }
+    let subscribing = tokio::spawn({
+        let client = client.clone();
+        async move { client.subscribe_presence(["bob"], false).await }
+    });
+    let (id, users) = next_subscription(&mut quic_peer).await;
+    assert_eq!(users, ["bob"]);
+    quic_peer
+        .send(Frame::new(id, PresenceSubscribed { following: 2 }))
+        .await;
+    assert_eq!(subscribing.await.unwrap().unwrap(), 2);
+    // A group request goes on TCP, the first path, and is the first request there.
+    let leaving = tokio::spawn({
+        let client = client.clone();
+        async move { client.leave_group("g1").await }
+    });
+    let frame = next_request(&mut tcp_peer).await;
+    let Some(Body::Group(request)) = frame.body else {
+        panic!("expected the group request first on TCP, got {frame:?}");
+    };
+    assert_eq!(request.group_id, "g1");
+    tcp_peer
+        .send(Frame::new(
+            frame.request_id,
+            GroupResponse {
+                group_id: "g1".into(),
+                ..GroupResponse::default()
+            },
+        ))
+        .await;
+    leaving.await.unwrap().unwrap();
     client.close().await;
 }

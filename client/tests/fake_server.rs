@@ -2,8 +2,8 @@
 //! login, request matching, typed errors, de-duplication of sync pages against live pushes,
 //! auto-ack, SyncNeeded, heartbeats, reconnect with the sync position, final kicks, group
 //! requests, live rooms (requests, no acks, entered again on each new connection), read
-//! positions, presence, settings, recall and social requests, and the server's other pushes as
-//! events.
+//! positions, presence (followed again on each new connection, only changes told), settings,
+//! recall and social requests, and the server's other pushes as events.
 
 mod common;
 
@@ -913,6 +913,193 @@ async fn rooms_are_entered_again_first_thing_on_each_new_connection() {
     let frame = peer.recv().await.unwrap();
     let Some(Body::Ping(ping)) = frame.body else {
         panic!("expected the application's Ping next, got {frame:?}");
+    };
+    peer.send(Frame::new(
+        frame.request_id,
+        Pong {
+            client_time_ms: ping.client_time_ms,
+            server_time_ms: 1,
+        },
+    ))
+    .await;
+    pinging.await.unwrap().unwrap();
+}
+
+/// The next request on `peer`, which must be a SubscribePresence: its id, users and direction.
+async fn next_presence_request(peer: &mut common::Peer) -> (u64, Vec<String>, bool) {
+    let frame = peer.recv_request().await;
+    match frame.body {
+        Some(Body::SubscribePresence(s)) => (frame.request_id, s.user_ids, s.unsubscribe),
+        other => panic!("expected SubscribePresence, got {other:?}"),
+    }
+}
+
+fn presence(user: &str, online: bool) -> Frame {
+    Frame::new(
+        0,
+        Presence {
+            user_id: user.into(),
+            online,
+            devices: u32::from(online),
+        },
+    )
+}
+
+/// The next event, which must be a Presence: (user, online).
+async fn next_presence(incoming: &mut Incoming) -> (String, bool) {
+    match next_event(incoming).await {
+        Some(Event::Presence(p)) => (p.user_id, p.online),
+        other => panic!("expected Presence, got {other:?}"),
+    }
+}
+
+/// Calls subscribe_presence(`users`, `unsubscribe`) and answers it with `following`.
+async fn subscribe_answered(
+    client: &Client,
+    peer: &mut common::Peer,
+    users: &'static [&'static str],
+    unsubscribe: bool,
+    following: u32,
+) {
+    let calling = tokio::spawn({
+        let client = client.clone();
+        async move { client.subscribe_presence(users, unsubscribe).await }
+    });
+    let (id, asked, unsub) = next_presence_request(peer).await;
+    assert_eq!(
+        (asked, unsub),
+        (users.iter().map(|u| u.to_string()).collect(), unsubscribe)
+    );
+    peer.send(Frame::new(id, PresenceSubscribed { following }))
+        .await;
+    assert_eq!(calling.await.unwrap().unwrap(), following);
+}
+
+#[tokio::test]
+async fn followed_users_are_followed_again_on_each_new_connection_and_only_changes_reported() {
+    let server = FakeServer::start().await;
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(0));
+    let (client, mut peer) = (client.unwrap(), peer);
+    let mut incoming = client.incoming();
+    peer.send(Frame::new(peer.hello_id, SyncDone { user_version: 1 }))
+        .await;
+    let (seen, _) = messages_until_sync_done(&mut incoming).await;
+    assert!(seen.is_empty());
+
+    // Followed: alice, carol, dave. Not: erin (refused), frank (unsubscribed).
+    subscribe_answered(&client, &mut peer, &["carol", "alice", "frank"], false, 3).await;
+    let refused = tokio::spawn({
+        let client = client.clone();
+        async move { client.subscribe_presence(["erin"], false).await }
+    });
+    let (id, _, _) = next_presence_request(&mut peer).await;
+    peer.send(Frame::error(
+        id,
+        ErrorCode::LimitExceeded,
+        "too many",
+        false,
+    ))
+    .await;
+    assert!(refused.await.unwrap().is_err());
+    subscribe_answered(&client, &mut peer, &["frank"], true, 2).await;
+    subscribe_answered(&client, &mut peer, &["dave"], false, 3).await;
+    for (user, online) in [
+        ("alice", true),
+        ("carol", false),
+        ("dave", true),
+        ("alice", true),
+    ] {
+        peer.send(presence(user, online)).await;
+    }
+    let mut told = Vec::new();
+    for _ in 0..3 {
+        told.push(next_presence(&mut incoming).await);
+    }
+    assert_eq!(
+        told,
+        [
+            ("alice".into(), true),
+            ("carol".into(), false),
+            ("dave".into(), true)
+        ],
+        "a repeat is not told"
+    );
+
+    // The connection drops (the server restarted).
+    drop(peer);
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Disconnected { .. })
+    ));
+    let mut peer = server.accept_login(0).await;
+    // The first request on the new connection follows everyone again, before Reconnected.
+    let (id, users, unsubscribe) = next_presence_request(&mut peer).await;
+    assert_eq!(users, ["alice", "carol", "dave"]);
+    assert!(!unsubscribe);
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Reconnected)
+    ));
+    // alice went offline and carol came online meanwhile; dave did not change.
+    peer.send(Frame::new(id, PresenceSubscribed { following: 3 }))
+        .await;
+    for (user, online) in [("alice", false), ("carol", true), ("dave", true)] {
+        peer.send(presence(user, online)).await;
+    }
+    assert_eq!(next_presence(&mut incoming).await, ("alice".into(), false));
+    assert_eq!(next_presence(&mut incoming).await, ("carol".into(), true));
+    // Later changes come on the new connection without a new subscription.
+    peer.send(presence("dave", false)).await;
+    assert_eq!(next_presence(&mut incoming).await, ("dave".into(), false));
+
+    // Unsubscribed now: not followed again.
+    subscribe_answered(&client, &mut peer, &["carol"], true, 2).await;
+    drop(peer);
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Disconnected { .. })
+    ));
+    let mut peer = server.accept_login(0).await;
+    let (id, users, _) = next_presence_request(&mut peer).await;
+    assert_eq!(users, ["alice", "dave"]);
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Reconnected)
+    ));
+    // This time the server refuses: the application hears whom it no longer follows.
+    peer.send(Frame::error(
+        id,
+        ErrorCode::LimitExceeded,
+        "a connection follows at most 5000 users",
+        false,
+    ))
+    .await;
+    match next_event(&mut incoming).await {
+        Some(Event::PresenceLost { user_ids, reason }) => {
+            assert_eq!(user_ids, ["alice", "dave"]);
+            assert_eq!(reason.code(), Some(ErrorCode::LimitExceeded));
+        }
+        other => panic!("expected PresenceLost, got {other:?}"),
+    }
+
+    // Nobody followed: the next connection subscribes nothing; the application's Ping is first.
+    drop(peer);
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Disconnected { .. })
+    ));
+    let mut peer = server.accept_login(0).await;
+    assert!(matches!(
+        next_event(&mut incoming).await,
+        Some(Event::Reconnected)
+    ));
+    let pinging = tokio::spawn({
+        let client = client.clone();
+        async move { client.ping().await }
+    });
+    let frame = peer.recv().await.unwrap();
+    let Some(Body::Ping(ping)) = frame.body else {
+        panic!("expected the application's Ping first, got {frame:?}");
     };
     peer.send(Frame::new(
         frame.request_id,

@@ -1,5 +1,6 @@
 //! The Rust SDK against a real gateway: rooms, read receipts, presence, conversation settings,
-//! recall and friends, with the server's pushes arriving as events.
+//! recall and friends, with the server's pushes arriving as events; rooms entered and users
+//! followed again after a reconnect.
 
 use std::time::Duration;
 
@@ -206,4 +207,88 @@ async fn rooms_are_entered_again_after_a_reconnect() {
         matches!(err, tern_client::ClientError::Server { code, .. } if code == tern_client::ErrorCode::NotMember),
         "{err:?}"
     );
+}
+
+/// The next Presence: (user, online).
+async fn next_presence(incoming: &mut Incoming) -> (String, bool) {
+    next(incoming, |e| match e {
+        Event::Presence(p) => Some((p.user_id, p.online)),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followed_users_stay_followed_across_a_reconnect() {
+    let mut gw = Gateway::start(&["--cores", "2"]);
+    let config = |gw: &Gateway, user: &str| {
+        let mut c = ClientConfig::new(gw.addr.to_string(), gw.token(user), "phone");
+        c.backoff.initial = Duration::from_millis(50);
+        c.backoff.max = Duration::from_millis(200);
+        c
+    };
+    let alice = Client::connect(config(&gw, "alice")).await.unwrap();
+    let bob = Client::connect(config(&gw, "bob")).await.unwrap();
+    let mut alice_in = alice.incoming();
+    assert_eq!(
+        alice
+            .subscribe_presence(["bob", "carol"], false)
+            .await
+            .unwrap(),
+        2
+    );
+    let mut first = [
+        next_presence(&mut alice_in).await,
+        next_presence(&mut alice_in).await,
+    ];
+    first.sort();
+    assert_eq!(first, [("bob".into(), true), ("carol".into(), false)]);
+
+    // The gateway dies (killed: no notices on the way out), and with it every connection and
+    // presence subscription; bob leaves while it is down.
+    tokio::task::block_in_place(|| gw.kill());
+    bob.close().await;
+    tokio::task::block_in_place(|| gw.start_again());
+    next(&mut alice_in, |e| match e {
+        Event::Reconnected => Some(()),
+        Event::Presence(p) => panic!("presence before the reconnect: {p:?}"),
+        _ => None,
+    })
+    .await;
+
+    // What changed meanwhile is told after the reconnect: bob is offline. carol, still
+    // offline, is not told again.
+    assert_eq!(next_presence(&mut alice_in).await, ("bob".into(), false));
+    // Later changes arrive without alice subscribing again.
+    let carol = Client::connect(config(&gw, "carol")).await.unwrap();
+    assert_eq!(next_presence(&mut alice_in).await, ("carol".into(), true));
+    let bob = Client::connect(config(&gw, "bob")).await.unwrap();
+    assert_eq!(next_presence(&mut alice_in).await, ("bob".into(), true));
+    bob.close().await;
+    assert_eq!(next_presence(&mut alice_in).await, ("bob".into(), false));
+    carol.close().await;
+    assert_eq!(next_presence(&mut alice_in).await, ("carol".into(), false));
+
+    // Unsubscribed: no longer followed, after another reconnect either.
+    assert_eq!(alice.subscribe_presence(["bob"], true).await.unwrap(), 1);
+    tokio::task::block_in_place(|| {
+        gw.kill();
+        gw.start_again();
+    });
+    next(&mut alice_in, |e| match e {
+        Event::Reconnected => Some(()),
+        Event::Presence(p) => panic!("presence before the reconnect: {p:?}"),
+        _ => None,
+    })
+    .await;
+    let bob = Client::connect(config(&gw, "bob")).await.unwrap();
+    let carol = Client::connect(config(&gw, "carol")).await.unwrap();
+    assert_eq!(
+        next_presence(&mut alice_in).await,
+        ("carol".into(), true),
+        "bob's coming online is not told"
+    );
+    bob.close().await;
+    carol.close().await;
+    alice.close().await;
 }
