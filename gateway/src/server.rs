@@ -93,6 +93,15 @@ pub fn load_secret(cfg: &Config) -> Result<Secret, GatewayError> {
     })
 }
 
+/// Checks the config and creates the data directory.
+fn prepare(cfg: &Config) -> Result<(), GatewayError> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| GatewayError::DataDir {
+        path: cfg.data_dir.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
 /// Runs the gateway on its RocksDB log in `cfg.data_dir` until `shutdown` is set (or
 /// SIGTERM/SIGINT when `handle_signals`). `on_ready` is called with the bound addresses once
 /// every core listens.
@@ -103,11 +112,7 @@ pub fn run(
     handle_signals: bool,
     on_ready: impl FnOnce(Ready),
 ) -> Result<(), GatewayError> {
-    cfg.validate()?;
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| GatewayError::DataDir {
-        path: cfg.data_dir.display().to_string(),
-        message: e.to_string(),
-    })?;
+    prepare(&cfg)?;
     crate::sys::ignore_file_size_signal();
     let store: Arc<dyn MessageStore> = Arc::new(tern_storage::RocksStore::open(
         cfg.data_dir.join("log"),
@@ -125,11 +130,7 @@ pub fn run_with_store(
     handle_signals: bool,
     on_ready: impl FnOnce(Ready),
 ) -> Result<(), GatewayError> {
-    cfg.validate()?;
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| GatewayError::DataDir {
-        path: cfg.data_dir.display().to_string(),
-        message: e.to_string(),
-    })?;
+    prepare(&cfg)?;
     let secret = load_secret(&cfg)?;
     crate::sys::ignore_broken_pipe_signal();
     if handle_signals {
