@@ -1,6 +1,7 @@
 //! The storage API: the [`MessageStore`] trait and its request and result types.
 
 use std::fmt;
+#[cfg(feature = "store")]
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -151,6 +152,7 @@ pub(crate) fn check_meta(changes: &[MetaChange]) -> Result<()> {
 /// The first key of a bytewise-ordered key space that does not start with `prefix`: the
 /// exclusive upper bound of a prefix scan. None if there is none (`prefix` is empty or all
 /// 0xFF: every key after it starts with it).
+#[cfg(feature = "store")]
 pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let last = prefix.iter().rposition(|&b| b != 0xFF)?;
     let mut end = prefix[..=last].to_vec();
@@ -345,6 +347,7 @@ impl StoreOptions {
         }
     }
 
+    #[cfg(feature = "store")]
     pub(crate) fn sync_interval(&self) -> Option<Duration> {
         match self.durability {
             Durability::Wal { sync_interval_ms } => {
@@ -582,6 +585,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "store")]
     fn prefix_end_is_the_first_key_outside_the_prefix() {
         assert_eq!(prefix_end(b"tag/a"), Some(b"tag/b".to_vec()));
         assert_eq!(prefix_end(b"tag/a\xff"), Some(b"tag/b".to_vec()));

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 
+#[cfg(feature = "store")]
 use futures_channel::oneshot;
 
 use crate::error::{Result, StorageError};
@@ -26,6 +27,8 @@ pub struct Completion<T> {
 #[derive(Debug)]
 enum State<T> {
     Ready(Option<Result<T>>),
+    /// Resolved by the writer thread (only `RocksStore` has one).
+    #[cfg(feature = "store")]
     Pending(oneshot::Receiver<Result<T>>),
     Done,
 }
@@ -34,6 +37,7 @@ enum State<T> {
 impl<T> Unpin for Completion<T> {}
 
 /// The writer's half of a [`Completion`].
+#[cfg(feature = "store")]
 pub(crate) type Completer<T> = oneshot::Sender<Result<T>>;
 
 impl<T> Completion<T> {
@@ -44,6 +48,7 @@ impl<T> Completion<T> {
         }
     }
 
+    #[cfg(feature = "store")]
     pub(crate) fn channel() -> (Completer<T>, Self) {
         let (tx, rx) = oneshot::channel();
         (
@@ -92,8 +97,12 @@ impl<T> Future for Completion<T> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
         let this = self.get_mut();
+        // Without the writer thread (`MemStore` only) every completion is ready when made.
+        #[cfg(not(feature = "store"))]
+        let _ = cx;
         let out = match &mut this.state {
             State::Ready(r) => r.take().unwrap_or(Err(StorageError::Closed)),
+            #[cfg(feature = "store")]
             State::Pending(rx) => match Pin::new(rx).poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(r)) => r,

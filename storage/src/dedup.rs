@@ -104,6 +104,7 @@ impl DedupIndex {
     }
 
     /// Forgets entries with version ≥ `from_version` (a failed batch).
+    #[cfg(feature = "store")]
     pub fn rollback(&mut self, from_version: u64) {
         while let Some((_, _, v)) = self.order.back() {
             if *v < from_version {
@@ -116,6 +117,7 @@ impl DedupIndex {
     }
 
     /// Version of the oldest remembered entry.
+    #[cfg(feature = "store")]
     pub fn oldest_version(&self) -> Option<u64> {
         self.order.front().map(|(_, _, v)| *v)
     }

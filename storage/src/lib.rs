@@ -203,8 +203,6 @@
 //!   [`StorageError::Closed`]. No completion ever hangs.
 
 #![forbid(unsafe_code)]
-// With `mem` alone, the parts only `RocksStore` uses are unused.
-#![cfg_attr(not(feature = "store"), allow(dead_code))]
 
 #[cfg(feature = "mem")]
 mod api;
