@@ -142,13 +142,20 @@ fn send_until_refused(conn: &mut Conn, acked: &mut Vec<(u64, String)>, limit: us
     panic!("the store still took writes after {limit} sends ({refused} refused)");
 }
 
-#[test]
-fn a_write_error_other_than_no_space_refuses_sends_until_a_restart_and_loses_nothing_acked() {
-    let mut gw = Gateway::start(&[]);
+/// Alice and bob logged in, and alice's first five messages to bob acknowledged (seqs 1-5).
+struct Before {
+    alice_token: String,
+    bob_token: String,
+    alice: Conn,
+    bob: Conn,
+    acked: Vec<(u64, String)>,
+}
+
+fn log_in_and_send_five(gw: &Gateway) -> Before {
     let (alice_token, bob_token) = (gw.token("alice"), gw.token("bob"));
     let (mut alice, _) = Conn::login(gw.addr, &alice_token, "phone");
     // Bob's user id is registered before the disk fails (a first login writes).
-    let (mut bob, _) = Conn::login(gw.addr, &bob_token, "phone");
+    let (bob, _) = Conn::login(gw.addr, &bob_token, "phone");
     let mut acked = Vec::new();
     for i in 1..=5u64 {
         let text = format!("before {i}");
@@ -158,6 +165,25 @@ fn a_write_error_other_than_no_space_refuses_sends_until_a_restart_and_loses_not
         );
         acked.push((i, text));
     }
+    Before {
+        alice_token,
+        bob_token,
+        alice,
+        bob,
+        acked,
+    }
+}
+
+#[test]
+fn a_write_error_other_than_no_space_refuses_sends_until_a_restart_and_loses_nothing_acked() {
+    let mut gw = Gateway::start(&[]);
+    let Before {
+        alice_token,
+        bob_token,
+        mut alice,
+        mut bob,
+        mut acked,
+    } = log_in_and_send_five(&gw);
 
     // The next WAL append that passes this size fails.
     set_file_size_limit(gw.pid(), wal_bytes(&gw) + 256);
@@ -311,19 +337,13 @@ fn a_full_disk_refuses_sends_and_the_gateway_takes_them_again_once_space_returns
     let tmpfs = Tmpfs::mount(TMPFS_BYTES);
     let data = tmpfs.path().join("data");
     let mut gw = Gateway::start_in(&data, &[]);
-    let (alice_token, bob_token) = (gw.token("alice"), gw.token("bob"));
-    let (mut alice, _) = Conn::login(gw.addr, &alice_token, "phone");
-    // Bob's user id is registered before the disk fills (a first login writes).
-    let (mut bob, _) = Conn::login(gw.addr, &bob_token, "phone");
-    let mut acked = Vec::new();
-    for i in 1..=5u64 {
-        let text = format!("before {i}");
-        assert_eq!(
-            send_acked(&mut alice, "bob", &format!("m{i}"), &text).seq,
-            i
-        );
-        acked.push((i, text));
-    }
+    let Before {
+        alice_token,
+        bob_token,
+        mut alice,
+        mut bob,
+        mut acked,
+    } = log_in_and_send_five(&gw);
     let wal = std::fs::read_dir(gw.data_dir.join("log"))
         .unwrap()
         .filter_map(Result::ok)
