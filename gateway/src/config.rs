@@ -110,6 +110,13 @@ pub struct Config {
     /// Whether users who are not friends may send each other 1:1 messages (default true). When
     /// false, such a Send fails with FORBIDDEN.
     pub allow_non_friend_messages: bool,
+    /// A live room with at least this many viewers on one core gets its messages in batches on
+    /// that core: each viewer is written to once per `room_batch_ms` with everything that
+    /// arrived since, instead of once per message. 0 turns batching off. Default 1,000.
+    pub room_batch_viewers: usize,
+    /// The batch interval of big rooms (milliseconds, 1..=10,000): the longest a room message
+    /// waits on a core before its viewers' sockets are written. Default 500.
+    pub room_batch_ms: u64,
     /// Most friends one user may have; more fail with LIMIT_EXCEEDED. Default 3,000.
     pub max_friends: u32,
     /// How long after sending its sender may recall a message (ms; group owners and admins may
@@ -173,6 +180,8 @@ impl Default for Config {
             group_max_members: 100_000,
             group_max_hidden_members: 100,
             allow_non_friend_messages: true,
+            room_batch_viewers: 1_000,
+            room_batch_ms: 500,
             max_friends: 3000,
             recall_window_ms: 120_000,
             api: Some("127.0.0.1:7680".parse().expect("static address")),
@@ -266,6 +275,9 @@ impl Config {
         if self.outbound_queue_frames < 16 {
             return bad("outbound_queue_frames", "must be at least 16");
         }
+        if self.room_batch_ms == 0 || self.room_batch_ms > 10_000 {
+            return bad("room_batch_ms", "must be between 1 and 10000");
+        }
         if self.max_page == 0 || self.max_page > 10_000 {
             return bad("max_page", "must be between 1 and 10000");
         }
@@ -358,6 +370,9 @@ mod tests {
         let cfg = Config::from_toml("max_frame_bytes = 10\n").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("`max_frame_bytes`"), "{err}");
+        let cfg = Config::from_toml("room_batch_ms = 0\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("`room_batch_ms`"), "{err}");
         let err = Config::from_toml("durability = \"sometimes\"\n").unwrap_err();
         assert!(err.contains("durability"), "{err}");
     }

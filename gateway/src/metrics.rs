@@ -79,6 +79,9 @@ pub struct CoreMetrics {
     pub messages_in: AtomicU64,
     /// Deliveries queued to connections (one per device and message).
     pub deliveries_out: AtomicU64,
+    /// Room messages queued to viewers of a big room, written at the room's next batch flush
+    /// (also counted in `deliveries_out`).
+    pub room_deliveries_batched: AtomicU64,
     /// Offline-notification jobs dropped because the side thread's queue was full.
     pub offline_dropped: AtomicU64,
     /// Messages this core put on its queue to each core (index: the receiving core).
@@ -150,6 +153,12 @@ impl Metrics {
             "tern_deliveries_out_total",
             "Messages queued to connections (one per device).",
             &|c| c.deliveries_out.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "tern_room_deliveries_batched_total",
+            "Room messages queued to viewers of a big room and written at its next batch flush.",
+            &|c| c.room_deliveries_batched.load(Relaxed),
         );
         counter(
             &mut out,

@@ -14,6 +14,13 @@
 //!   room messages, and priority ones (gifts, notices) once it holds three quarters. Room
 //!   messages never cause `SyncNeeded`, and a busy room always leaves a quarter of each queue
 //!   to the viewer's own messages, which are never dropped.
+//! * A big room (at least `room_batch_viewers` viewers on a core) is written in batches on that
+//!   core: its messages are queued to the viewers at once but their sockets are written once per
+//!   `room_batch_ms`, each write carrying every room message since the last. A socket write to a
+//!   viewer costs about as much as the whole fan-out of one message to it does, so this is what
+//!   keeps a busy room with tens of thousands of viewers from taking the cores from other
+//!   traffic. A viewer's own traffic (replies, 1:1 and group messages) is written at once, and
+//!   takes the held room messages with it.
 //!
 //! Rooms have no history, no unread counts and never appear in sync.
 //!
@@ -22,6 +29,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tern_protocol::v1::{Deliver, Frame, SendAck, Target, TargetKind};
@@ -74,6 +83,10 @@ pub struct RoomOwned {
 #[derive(Debug, Default)]
 pub struct LocalRooms {
     viewers: HashMap<u64, Vec<Rc<SessionHandle>>>,
+    /// Big rooms with messages queued to their viewers since the last batch flush.
+    held: Vec<u64>,
+    /// The batch flush task, while it waits for a room to hold something.
+    flush_waker: Option<Waker>,
 }
 
 impl LocalRooms {
@@ -146,11 +159,11 @@ impl Core {
     pub async fn run_room_sends(self: Rc<Self>) {
         loop {
             let next = std::future::poll_fn(|cx| match self.room_queue.borrow_mut().pop_front() {
-                Some(msg) => std::task::Poll::Ready(Some(msg)),
-                None if self.stopping.get() => std::task::Poll::Ready(None),
+                Some(msg) => Poll::Ready(Some(msg)),
+                None if self.stopping.get() => Poll::Ready(None),
                 None => {
                     *self.room_waker.borrow_mut() = Some(cx.waker().clone());
-                    std::task::Poll::Pending
+                    Poll::Pending
                 }
             })
             .await;
@@ -235,24 +248,70 @@ impl Core {
     }
 
     /// Pushes a room message to this core's viewers of `room`, encoded once. A full queue
-    /// misses it (see the module docs); nobody becomes lagging.
+    /// misses it (see the module docs); nobody becomes lagging. In a big room (at least
+    /// `room_batch_viewers` viewers here) the message is only queued: [`Core::run_room_flush`]
+    /// starts the viewers' writes once per `room_batch_ms`, so that each write carries every
+    /// room message since the last one.
     pub fn deliver_room(&self, room: u64, except: u64, priority: bool, message: &Deliver) {
-        let local = self.local_rooms.borrow();
+        let mut local = self.local_rooms.borrow_mut();
+        let local = &mut *local;
         let Some(list) = local.viewers.get(&room) else {
             return;
         };
+        let batch = self.cfg.room_batch_viewers;
+        let hold = batch > 0 && list.len() >= batch;
         let cap = self.cfg.outbound_queue_frames;
         let bound = if priority { cap * 3 / 4 } else { cap / 2 };
         let mut frame: Option<Bytes> = None;
+        let mut queued = 0;
         for s in list {
             if s.logical == except {
                 continue;
             }
             let f = frame.get_or_insert_with(|| self.encode_deliver(message));
-            if s.out.push_below(f.clone(), bound) {
-                self.m()
-                    .deliveries_out
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let ok = if hold {
+                s.out.hold_below(f.clone(), bound)
+            } else {
+                s.out.push_below(f.clone(), bound)
+            };
+            queued += u64::from(ok);
+        }
+        let m = self.m();
+        m.deliveries_out
+            .fetch_add(queued, std::sync::atomic::Ordering::Relaxed);
+        if hold {
+            m.room_deliveries_batched
+                .fetch_add(queued, std::sync::atomic::Ordering::Relaxed);
+            if !local.held.contains(&room) {
+                local.held.push(room);
+            }
+            if let Some(w) = local.flush_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// The task that writes big rooms' held messages to their viewers, once per
+    /// `room_batch_ms` while any room holds some.
+    pub async fn run_room_flush(self: Rc<Self>) {
+        let every = Duration::from_millis(self.cfg.room_batch_ms);
+        loop {
+            std::future::poll_fn(|cx| {
+                let mut local = self.local_rooms.borrow_mut();
+                if local.held.is_empty() {
+                    local.flush_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+            glommio::timer::sleep(every).await;
+            let mut local = self.local_rooms.borrow_mut();
+            for room in std::mem::take(&mut local.held) {
+                for s in local.viewers.get(&room).into_iter().flatten() {
+                    s.out.flush();
+                }
             }
         }
     }

@@ -244,6 +244,20 @@ impl Gateway {
         self.api_call_with(method, path, body, Some(&format!("Bearer {secret}")))
     }
 
+    /// The gateway's `/metrics` text (Prometheus exposition).
+    pub fn metrics(&self) -> String {
+        let base = self.api.as_deref().expect("the gateway has no API");
+        let (status, body) = api_request(
+            &format!("{base}/metrics"),
+            "GET",
+            None,
+            Some(&format!("Bearer {}", self.api_secret())),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        body.as_str().expect("metrics are text").to_string()
+    }
+
     /// An admin API call with the given Authorization header (none: no header).
     pub fn api_call_with(
         &self,
@@ -640,6 +654,18 @@ impl Conn {
 }
 
 /// Sends a text message to user `to`; returns the request id.
+/// The sum of the series of metric `name` whose labels contain `labels`, in a `/metrics` text.
+pub fn metric(text: &str, name: &str, labels: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{')?;
+            (n == name && rest.contains(labels)).then(|| value.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
 pub fn send(c: &mut Conn, to: &str, id: &str, text: &str) -> u64 {
     c.send_body(Body::Send(tern_protocol::Send {
         client_msg_id: id.into(),

@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 use tern_protocol::v1::frame::Body;
 use tern_protocol::{ContentType, ErrorCode, KickReason, TargetKind};
-use tern_tests::{Conn, Gateway, Via, api_request, expect_deliver, send_acked, text};
+use tern_tests::{Conn, Gateway, Via, api_request, expect_deliver, metric, send_acked, text};
 
 fn login(gw: &Gateway, user: &str, device: &str) -> Conn {
     gw.login(Via::Tcp, &gw.token(user), device).0
@@ -548,17 +548,6 @@ fn any_client_request_as_a_user() {
 }
 
 /// The sum over cores of a metric's series whose labels contain `labels` (e.g. `code="X"`).
-fn metric(text: &str, name: &str, labels: &str) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{')?;
-            (n == name && rest.contains(labels)).then(|| value.parse::<u64>().ok())?
-        })
-        .sum()
-}
-
 #[test]
 fn metrics_count_exactly() {
     let gw = Gateway::start(&["--cores", "2"]);
@@ -583,15 +572,7 @@ fn metrics_count_exactly() {
     }));
     assert_eq!(alice.expect_error(ErrorCode::NotFound), (rid, false));
     let base = gw.api.clone().unwrap();
-    let got = api_request(
-        &format!("{base}/metrics"),
-        "GET",
-        None,
-        Some(&format!("Bearer {}", gw.api_secret())),
-        None,
-    );
-    assert_eq!(got.0, 200);
-    let text = got.1.as_str().expect("text").to_string();
+    let text = gw.metrics();
     assert_eq!(metric(&text, "tern_logins_total", ""), 3);
     assert_eq!(metric(&text, "tern_messages_in_total", ""), 6);
     // Five messages to bob's two devices.

@@ -1,6 +1,6 @@
 //! Live rooms end to end: a real gateway on two cores, real sockets. Who gets room messages,
-//! de-duplication of retries, rooms staying out of sync, and a viewer that stops reading
-//! missing room messages without lagging or losing its own messages.
+//! de-duplication of retries, rooms staying out of sync, a viewer that stops reading missing
+//! room messages without lagging or losing its own messages, and big rooms written in batches.
 
 use bytes::Bytes;
 use tern_protocol::v1::frame::Body;
@@ -10,8 +10,8 @@ use tern_protocol::{
     Ack, ContentType, ErrorCode, Frame, RoomRequest, RoomResponse, SyncRequest, Target, TargetKind,
 };
 use tern_tests::{
-    Conn, Gateway, NO_RATE_LIMITS, Recv, Via, collect_sync, expect_ack, expect_deliver, send_acked,
-    text,
+    Conn, Gateway, NO_RATE_LIMITS, Recv, Via, collect_sync, expect_ack, expect_deliver, metric,
+    send_acked, text,
 };
 
 fn login(gw: &Gateway, user: &str) -> Conn {
@@ -263,4 +263,77 @@ fn a_viewer_that_stops_reading_misses_room_messages_but_nothing_else() {
         );
     }
     slow.nothing_pending();
+}
+
+/// A room with at least `room_batch_viewers` viewers on a core is written in batches: its
+/// messages reach every viewer once and in order within the batch interval, and are counted as
+/// batched. A smaller room on the same core is written at once, and a viewer's own traffic takes
+/// the held room messages along, in the order they were queued.
+#[test]
+fn a_big_room_is_written_in_batches_and_a_small_one_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("batch.toml");
+    std::fs::write(
+        &cfg,
+        format!("{NO_RATE_LIMITS}room_batch_viewers = 4\nroom_batch_ms = 100\n"),
+    )
+    .unwrap();
+    let gw = Gateway::start_in(
+        &dir.path().join("data"),
+        &["--config", cfg.to_str().unwrap(), "--cores", "1"],
+    );
+    let mut host = login(&gw, "host");
+    let mut viewers: Vec<Conn> = (0..3).map(|i| login(&gw, &format!("viewer{i}"))).collect();
+    // "big": the host and three viewers (4, batched); "small": the host and viewer0 (2).
+    let big = enter(&mut host, "big").conversation_id;
+    for v in &mut viewers {
+        enter(v, "big");
+    }
+    let small = enter(&mut host, "small").conversation_id;
+    enter(&mut viewers[0], "small");
+
+    for i in 1..=3u64 {
+        let rid = send_room(
+            &mut host,
+            "big",
+            &format!("b{i}"),
+            format!("big {i}").into(),
+            i == 2,
+        );
+        assert_eq!(expect_ack(&mut host, rid).seq, i);
+    }
+    let rid = send_room(
+        &mut host,
+        "small",
+        "s1",
+        Bytes::from_static(b"small"),
+        false,
+    );
+    assert_eq!(expect_ack(&mut host, rid).seq, 1);
+
+    let got = |v: &mut Conn, n: usize| -> Vec<(u64, u64, String)> {
+        (0..n)
+            .map(|_| {
+                let d = expect_deliver(v);
+                (d.conversation_id, d.seq, text(&d).to_string())
+            })
+            .collect()
+    };
+    let big_ones: Vec<(u64, u64, String)> = (1..=3).map(|i| (big, i, format!("big {i}"))).collect();
+    let mut with_small = big_ones.clone();
+    with_small.push((small, 1, "small".into()));
+    assert_eq!(got(&mut viewers[0], 4), with_small);
+    for v in &mut viewers[1..] {
+        assert_eq!(got(v, 3), big_ones);
+    }
+    for c in viewers.iter_mut().chain([&mut host]) {
+        c.nothing_pending();
+    }
+    let text = gw.metrics();
+    assert_eq!(
+        metric(&text, "tern_room_deliveries_batched_total", ""),
+        9,
+        "three messages to three viewers of the big room"
+    );
+    assert_eq!(metric(&text, "tern_deliveries_out_total", ""), 10);
 }

@@ -35,6 +35,8 @@ use crate::wire::{self, MAX_FRAME, RID_BASE, Scanned, SendTemplate, Stamp};
 
 /// The `pair` field of every load message's stamp: group events never carry it.
 const MAGIC: u32 = 0xFA17_0001;
+/// The stamp of the warm-up message, sent before the clock starts.
+const WARM: u32 = 0xFA17_0002;
 /// Users per CreateGroup / InviteMembers.
 const CHUNK: usize = 500;
 
@@ -93,6 +95,8 @@ struct Shared {
     dup: Cell<u64>,
     last_delivery: Cell<Option<Instant>>,
     errors: Cell<u64>,
+    /// Members that got the warm-up message.
+    warm: Cell<u64>,
 }
 
 impl Shared {
@@ -181,6 +185,7 @@ pub async fn run(a: FanoutArgs) -> Result<bool, String> {
         dup: Cell::new(0),
         last_delivery: Cell::new(None),
         errors: Cell::new(0),
+        warm: Cell::new(0),
     });
     let stop = Rc::new(Cell::new(false));
     let mut readers = Vec::with_capacity(conns.len());
@@ -192,6 +197,8 @@ pub async fn run(a: FanoutArgs) -> Result<bool, String> {
             a.ack_every,
         )));
     }
+
+    warm_up(&mut sender, &a, &group, &prefix, &shared).await?;
 
     let gw0 = a.gateway_pid.map(ProcSnap::take).transpose()?;
     let cpu0 = sys::self_cpu();
@@ -275,6 +282,78 @@ async fn request(c: &mut Conn, rid: u64, body: Body) -> Result<Body, String> {
             .map_err(|e| format!("group request: {e}"))?;
         if n == 0 {
             return Err("connection closed during a group request".into());
+        }
+    }
+}
+
+/// Sends one message that is not counted and waits until every member got it, so that the
+/// clock starts with nothing queued: the membership events of the invitations (one per chunk,
+/// each to every member invited so far) or the room entries are delivered by then.
+async fn warm_up(
+    c: &mut Conn,
+    a: &FanoutArgs,
+    group: &str,
+    prefix: &str,
+    shared: &Shared,
+) -> Result<(), String> {
+    let target = if a.room {
+        Target::new(TargetKind::Room, group)
+    } else {
+        Target::group(group)
+    };
+    let mut out = Vec::new();
+    SendTemplate::to_target(WARM, &format!("{prefix}-w"), target, a.payload, a.room)
+        .write(&mut out, 1, 0);
+    c.stream
+        .write_all(&out)
+        .await
+        .map_err(|e| format!("warm-up send: {e}"))?;
+    let want = u64::from(a.members - 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shared.warm.get() < want {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{} of {want} members got the warm-up message within 30 s",
+                shared.warm.get()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Its SendAck (or refusal) is in the sender's buffer by now.
+    loop {
+        let mut answer = None;
+        let used = wire::for_each_frame(&c.rbuf, |body| {
+            match wire::scan(body)? {
+                Scanned::SendAck { request_id } if request_id == RID_BASE | 1 => {
+                    answer = Some(true);
+                }
+                Scanned::Other(_) => {
+                    if let Ok(Frame {
+                        request_id,
+                        body: Some(Body::Error(_)),
+                    }) = decode_frame(bytes::Bytes::copy_from_slice(body))
+                        && request_id == RID_BASE | 1
+                    {
+                        answer = Some(false);
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        })
+        .map_err(|e| e.0)?;
+        let _ = c.rbuf.split_to(used);
+        match answer {
+            Some(true) => return Ok(()),
+            Some(false) => return Err("the warm-up message was refused".into()),
+            None => {}
+        }
+        let n = tokio::time::timeout(login::LOGIN_TIMEOUT, c.stream.read_buf(&mut c.rbuf))
+            .await
+            .map_err(|_| "no SendAck for the warm-up message".to_string())?
+            .map_err(|e| format!("warm-up: {e}"))?;
+        if n == 0 {
+            return Err("the sender's connection closed during the warm-up".into());
         }
     }
 }
@@ -394,7 +473,11 @@ async fn member(mut c: Conn, shared: Rc<Shared>, stop: Rc<Cell<bool>>, ack_every
             } = wire::scan(body)?
             {
                 latest = Some((conversation_id, seq));
-                if let Some(st) = Stamp::parse(payload)
+                let stamp = Stamp::parse(payload);
+                if stamp.as_ref().is_some_and(|st| st.pair == WARM) {
+                    shared.warm.set(shared.warm.get() + 1);
+                }
+                if let Some(st) = stamp
                     && st.pair == MAGIC
                 {
                     if st.seq <= last_seq {
