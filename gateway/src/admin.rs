@@ -336,7 +336,7 @@ impl Core {
         CoreStats {
             core: self.id,
             connections: self.connections.get(),
-            sessions: users.values().map(Vec::len).sum(),
+            sessions: users.values().map(|list| list.len()).sum(),
             users: users.len(),
             devices,
             appends_pending: self.queue_depths().0,

@@ -229,8 +229,8 @@ pub struct Core {
     pub secret: Secret,
     pub codec: Codec,
     pub mesh: Senders<ShardMsg>,
-    pub users: RefCell<HashMap<UserId, Vec<Rc<SessionHandle>>>>,
-    pub sessions: RefCell<HashMap<u64, Rc<SessionHandle>>>,
+    pub users: RefCell<crate::FastMap<UserId, Sessions>>,
+    pub sessions: RefCell<crate::FastMap<u64, Rc<SessionHandle>>>,
     next_session: Cell<u64>,
     appends: RefCell<VecDeque<(Completion<Appended>, AppendMsg, u64)>>,
     appends_waker: RefCell<Option<Waker>>,
@@ -281,6 +281,11 @@ impl std::fmt::Debug for Core {
         f.debug_struct("Core").field("id", &self.id).finish()
     }
 }
+
+/// A user's sessions on a core, kept inline in the users map for the usual one or two: a group
+/// fan-out looks up thousands of users per message, and an inline list saves a cache miss on
+/// each.
+pub type Sessions = smallvec::SmallVec<[Rc<SessionHandle>; 2]>;
 
 /// Counts an open connection on its core for as long as it lives (shutdown waits for the count
 /// to reach zero). Moves with the connection; a hand-off to another core drops it here.
@@ -604,36 +609,41 @@ impl Core {
     /// session `except`, encoding it once, on first need. Every path of a dual-channel session
     /// gets it; the client keeps the first copy.
     pub fn deliver_local(&self, user: UserId, except: u64, message: &Deliver) {
-        self.deliver_to_user(user, except, message, &mut None);
+        let n = self.deliver_to_user(user, except, message, &mut None);
+        self.m()
+            .deliveries_out
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// [`Core::deliver_local`] with the frame encoded at most once across calls (`frame`).
+    /// Returns the number of sessions it was offered to; the caller counts them in
+    /// `deliveries_out`.
     pub fn deliver_to_user(
         &self,
         user: UserId,
         except: u64,
         message: &Deliver,
         frame: &mut Option<Bytes>,
-    ) {
+    ) -> u64 {
         let users = self.users.borrow();
         let Some(list) = users.get(&user) else {
-            return;
+            return 0;
         };
         let pending_cap = self.cfg.outbound_queue_frames;
+        let mut offered = 0;
         for s in list {
             if s.logical == except {
                 continue;
             }
             let f = frame.get_or_insert_with(|| self.encode_deliver(message));
-            self.m()
-                .deliveries_out
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            offered += 1;
             if s.out
                 .deliver(message.conversation_id, message.seq, f, pending_cap)
             {
                 tracing::debug!(session = s.id, "slow consumer: live push paused until sync");
             }
         }
+        offered
     }
 
     pub(crate) fn encode_deliver(&self, message: &Deliver) -> Bytes {

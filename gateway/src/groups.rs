@@ -31,7 +31,7 @@
 //!
 //! [`Router::conversation`]: crate::route::Router::conversation
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -254,8 +254,8 @@ impl GroupState {
 /// The groups of this core's online users, for fan-out.
 #[derive(Debug, Default)]
 pub struct LocalGroups {
-    by_group: HashMap<GroupId, HashSet<UserId>>,
-    by_user: HashMap<UserId, Vec<GroupId>>,
+    by_group: crate::FastMap<GroupId, crate::FastSet<UserId>>,
+    by_user: crate::FastMap<UserId, Vec<GroupId>>,
 }
 
 impl LocalGroups {
@@ -351,9 +351,13 @@ impl Core {
     pub fn deliver_group(&self, group: GroupId, except: u64, message: &Deliver) {
         let local = self.local_groups.borrow();
         let mut frame = None;
+        let mut offered = 0;
         for user in local.members(group) {
-            self.deliver_to_user(user, except, message, &mut frame);
+            offered += self.deliver_to_user(user, except, message, &mut frame);
         }
+        self.m()
+            .deliveries_out
+            .fetch_add(offered, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Handles a job on the group's owner core: waits behind a change being committed, or runs.

@@ -47,7 +47,31 @@ pub struct Outbound {
     /// Highest sequence sent per conversation (by sync or live push). A live delivery at or
     /// below it is a message the device already got through a sync: its Deliver was still
     /// crossing cores when the sync read the log.
-    high: RefCell<HashMap<u64, u64>>,
+    high: RefCell<Highs>,
+}
+
+/// Highest sequence sent per conversation. The conversation used last is kept inline, the others
+/// in a map: a group fan-out offers one message to thousands of sessions, and reading each
+/// session's map cost a cache miss per delivery. 0 means nothing sent.
+#[derive(Debug, Default)]
+struct Highs {
+    conv: u64,
+    seq: u64,
+    rest: crate::FastMap<u64, u64>,
+}
+
+impl Highs {
+    /// The highest sequence sent in `conv`, made the inline entry.
+    fn slot(&mut self, conv: u64) -> &mut u64 {
+        if conv != self.conv {
+            if self.seq > 0 {
+                self.rest.insert(self.conv, self.seq);
+            }
+            self.seq = self.rest.remove(&conv).unwrap_or(0);
+            self.conv = conv;
+        }
+        &mut self.seq
+    }
 }
 
 impl Outbound {
@@ -59,7 +83,7 @@ impl Outbound {
             space: RefCell::new(Vec::new()),
             closed: Cell::new(false),
             state: RefCell::new(DeliveryState::Live),
-            high: RefCell::new(HashMap::new()),
+            high: RefCell::default(),
         }
     }
 
@@ -151,13 +175,16 @@ impl Outbound {
         let mut st = self.state.borrow_mut();
         match &mut *st {
             DeliveryState::Live => {
-                if self.high.borrow().get(&conv).is_some_and(|&h| seq <= h) {
+                let mut high = self.high.borrow_mut();
+                let h = high.slot(conv);
+                if seq <= *h {
                     return false;
                 }
                 if self.try_push(frame.clone()) {
-                    self.high.borrow_mut().insert(conv, seq);
+                    *h = seq;
                     false
                 } else {
+                    drop(high);
                     *st = DeliveryState::lagging();
                     self.wake_writer();
                     true
@@ -198,7 +225,7 @@ impl Outbound {
             {
                 let mut high = self.high.borrow_mut();
                 for (&conv, &upto) in synced_upto {
-                    let h = high.entry(conv).or_insert(0);
+                    let h = high.slot(conv);
                     *h = (*h).max(upto);
                 }
             }
@@ -208,11 +235,11 @@ impl Outbound {
                 return;
             }
             for (conv, seq, frame) in pending {
-                if self.high.borrow().get(&conv).is_some_and(|&h| seq <= h) {
+                if seq <= *self.high.borrow_mut().slot(conv) {
                     continue;
                 }
                 if self.try_push(frame) {
-                    self.high.borrow_mut().insert(conv, seq);
+                    *self.high.borrow_mut().slot(conv) = seq;
                 } else {
                     *self.state.borrow_mut() = DeliveryState::lagging();
                     self.wake_writer();
@@ -402,5 +429,23 @@ mod tests {
         buf.clear();
         assert!(out.drain_into(&mut buf, usize::MAX));
         assert_eq!(buf, [4, 5]);
+    }
+
+    #[test]
+    fn highs_keep_every_conversation_across_switches() {
+        let mut h = Highs::default();
+        *h.slot(7) = 5;
+        *h.slot(9) = 2;
+        assert_eq!(*h.slot(7), 5);
+        assert_eq!(*h.slot(9), 2);
+        assert_eq!(*h.slot(11), 0);
+        assert_eq!(*h.slot(0), 0);
+        assert_eq!(
+            h.rest.len(),
+            2,
+            "conversations with nothing sent are not stored"
+        );
+        assert_eq!(*h.slot(7), 5);
+        assert_eq!(*h.slot(9), 2);
     }
 }

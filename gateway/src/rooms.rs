@@ -26,7 +26,7 @@
 //!
 //! [`Router::conversation`]: crate::route::Router::conversation
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -82,7 +82,7 @@ pub struct RoomOwned {
 /// The connections of this core in each room.
 #[derive(Debug, Default)]
 pub struct LocalRooms {
-    viewers: HashMap<u64, Vec<Rc<SessionHandle>>>,
+    viewers: crate::FastMap<u64, Vec<Rc<SessionHandle>>>,
     /// Big rooms with messages queued to their viewers since the last batch flush.
     held: Vec<u64>,
     /// The batch flush task, while it waits for a room to hold something.
