@@ -111,12 +111,18 @@ pub struct Config {
     /// false, such a Send fails with FORBIDDEN.
     pub allow_non_friend_messages: bool,
     /// A live room with at least this many viewers on one core gets its messages in batches on
-    /// that core: each viewer is written to once per `room_batch_ms` with everything that
-    /// arrived since, instead of once per message. 0 turns batching off. Default 1,000.
+    /// that core: each flush writes every viewer once, with everything that arrived since the
+    /// last, instead of once per message. 0 turns batching off. Default 1,000.
     pub room_batch_viewers: usize,
-    /// The batch interval of big rooms (milliseconds, 1..=10,000): the longest a room message
-    /// waits on a core before its viewers' sockets are written. Default 500.
+    /// The shortest interval between two flushes of big rooms on a core (milliseconds,
+    /// 1..=10,000). A message to a quiet room goes out at once; the ones that follow within
+    /// the interval wait for its end. Default 200.
     pub room_batch_ms: u64,
+    /// The socket writes per second a core may spend on big rooms' viewers (at least 100): after
+    /// a flush that wrote to N viewers the next waits N / `room_writes_per_sec` seconds if that
+    /// is longer than `room_batch_ms`, so a bigger room is flushed less often instead of costing
+    /// more. Default 10,000 (about a tenth of a core).
+    pub room_writes_per_sec: u32,
     /// Most friends one user may have; more fail with LIMIT_EXCEEDED. Default 3,000.
     pub max_friends: u32,
     /// How long after sending its sender may recall a message (ms; group owners and admins may
@@ -181,7 +187,8 @@ impl Default for Config {
             group_max_hidden_members: 100,
             allow_non_friend_messages: true,
             room_batch_viewers: 1_000,
-            room_batch_ms: 500,
+            room_batch_ms: 200,
+            room_writes_per_sec: 10_000,
             max_friends: 3000,
             recall_window_ms: 120_000,
             api: Some("127.0.0.1:7680".parse().expect("static address")),
@@ -277,6 +284,9 @@ impl Config {
         }
         if self.room_batch_ms == 0 || self.room_batch_ms > 10_000 {
             return bad("room_batch_ms", "must be between 1 and 10000");
+        }
+        if self.room_writes_per_sec < 100 {
+            return bad("room_writes_per_sec", "must be at least 100");
         }
         if self.max_page == 0 || self.max_page > 10_000 {
             return bad("max_page", "must be between 1 and 10000");

@@ -123,16 +123,6 @@ impl Outbound {
     /// Queues a frame if fewer than `bound` are queued (room messages, which a full queue
     /// misses without the session becoming lagging). Returns false if it was dropped.
     pub fn push_below(&self, frame: Bytes, bound: usize) -> bool {
-        let queued = self.hold_below(frame, bound);
-        if queued {
-            self.wake_writer();
-        }
-        queued
-    }
-
-    /// As [`Outbound::push_below`], without waking the writer: the frame goes out with the
-    /// next write, which [`Outbound::flush`] (or any other frame) starts.
-    pub fn hold_below(&self, frame: Bytes, bound: usize) -> bool {
         if self.closed.get() {
             return true;
         }
@@ -141,12 +131,9 @@ impl Outbound {
             return false;
         }
         q.push_back(frame);
-        true
-    }
-
-    /// Starts a write of whatever is queued (frames held by [`Outbound::hold_below`]).
-    pub fn flush(&self) {
+        drop(q);
         self.wake_writer();
+        true
     }
 
     /// Waits until fewer than `cap` frames are queued. The reader calls it before each request,
@@ -387,48 +374,6 @@ mod tests {
         o.end_sync(&HashMap::new());
         assert!(o.lagging_since().is_some());
         assert!(o.take_sync_needed());
-    }
-
-    #[test]
-    fn held_frames_wait_for_a_flush_or_other_output() {
-        struct Count(std::sync::atomic::AtomicUsize);
-        impl std::task::Wake for Count {
-            fn wake(self: std::sync::Arc<Self>) {
-                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-        let count = std::sync::Arc::new(Count(Default::default()));
-        let woken = || count.0.load(std::sync::atomic::Ordering::SeqCst);
-        let waker = Waker::from(count.clone());
-        let mut cx = std::task::Context::from_waker(&waker);
-        let out = Outbound::new(16);
-        let mut wait = |out: &Outbound| {
-            let f = std::pin::pin!(out.wait_ready());
-            std::future::Future::poll(f, &mut cx)
-        };
-
-        assert!(wait(&out).is_pending());
-        assert!(out.hold_below(b(1), 2));
-        assert!(out.hold_below(b(2), 2));
-        assert!(
-            !out.hold_below(b(3), 2),
-            "held frames count against the bound"
-        );
-        assert_eq!(woken(), 0, "holding does not start a write");
-        out.flush();
-        assert_eq!(woken(), 1);
-        let mut buf = Vec::new();
-        assert!(out.drain_into(&mut buf, usize::MAX));
-        assert_eq!(buf, [1, 2]);
-
-        // Any other frame takes the held ones along, in order.
-        assert!(wait(&out).is_pending());
-        assert!(out.hold_below(b(4), 8));
-        out.push(b(5));
-        assert_eq!(woken(), 2);
-        buf.clear();
-        assert!(out.drain_into(&mut buf, usize::MAX));
-        assert_eq!(buf, [4, 5]);
     }
 
     #[test]

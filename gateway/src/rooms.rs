@@ -15,12 +15,18 @@
 //!   messages never cause `SyncNeeded`, and a busy room always leaves a quarter of each queue
 //!   to the viewer's own messages, which are never dropped.
 //! * A big room (at least `room_batch_viewers` viewers on a core) is written in batches on that
-//!   core: its messages are queued to the viewers at once but their sockets are written once per
-//!   `room_batch_ms`, each write carrying every room message since the last. A socket write to a
-//!   viewer costs about as much as the whole fan-out of one message to it does, so this is what
-//!   keeps a busy room with tens of thousands of viewers from taking the cores from other
-//!   traffic. A viewer's own traffic (replies, 1:1 and group messages) is written at once, and
-//!   takes the held room messages with it.
+//!   core ([`Held`]): its messages wait on the core, and each flush gives every viewer one
+//!   buffer with all of them (shared by the viewers, except the senders, whose own messages are
+//!   left out), so a viewer costs one queue entry and one socket write per flush whatever the
+//!   message rate. A socket write costs about as much as everything else a delivery does many
+//!   times over, so this is what keeps a busy room from taking the cores from other traffic.
+//!   Flushes are spaced by at least `room_batch_ms`, and by as long as writing to that many
+//!   viewers takes at `room_writes_per_sec` (a per-core budget): a quiet room's message goes
+//!   out at once, a room of 9,000 viewers on a core is flushed about once a second under the
+//!   default budget, and a bigger one less often, never costing the core more writes. Held
+//!   messages are bounded like a queue: ordinary ones are dropped for everyone once a room
+//!   holds half of `outbound_queue_frames` frames or [`HELD_BYTES`], priority ones at three
+//!   quarters or twice the bytes.
 //!
 //! Rooms have no history, no unread counts and never appear in sync.
 //!
@@ -30,7 +36,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tern_protocol::v1::{Deliver, Frame, SendAck, Target, TargetKind};
@@ -83,10 +89,56 @@ pub struct RoomOwned {
 #[derive(Debug, Default)]
 pub struct LocalRooms {
     viewers: crate::FastMap<u64, Vec<Rc<SessionHandle>>>,
-    /// Big rooms with messages queued to their viewers since the last batch flush.
-    held: Vec<u64>,
+    /// Big rooms' messages waiting for the next batch flush, by room.
+    held: crate::FastMap<u64, Held>,
     /// The batch flush task, while it waits for a room to hold something.
     flush_waker: Option<Waker>,
+}
+
+/// Bytes of ordinary messages one big room holds on a core between two flushes (priority
+/// messages: twice this); more are dropped, as a full queue drops them.
+pub const HELD_BYTES: usize = 1 << 20;
+
+/// A big room's messages held on a core until its next flush, oldest first.
+#[derive(Debug, Default)]
+pub struct Held {
+    /// (encoded Deliver frame, its sender's logical session, priority).
+    frames: Vec<(Bytes, u64, bool)>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Holds a frame unless the room holds too much already (see [`HELD_BYTES`]); `cap` is
+    /// `outbound_queue_frames`. Returns false if it was dropped.
+    fn hold(&mut self, frame: Bytes, sender: u64, priority: bool, cap: usize) -> bool {
+        let (frames, bytes) = if priority {
+            (cap * 3 / 4, 2 * HELD_BYTES)
+        } else {
+            (cap / 2, HELD_BYTES)
+        };
+        if self.frames.len() >= frames || self.bytes + frame.len() > bytes {
+            return false;
+        }
+        self.bytes += frame.len();
+        self.frames.push((frame, sender, priority));
+        true
+    }
+
+    /// What the viewer of logical session `viewer` (None: a viewer that sent none of them) gets:
+    /// the held frames, or only the priority ones, without its own, in one buffer; and how many
+    /// frames that is.
+    fn for_viewer(&self, viewer: Option<u64>, priority_only: bool) -> (Bytes, u64) {
+        let mut out = Vec::new();
+        let mut n = 0;
+        for (frame, sender, priority) in &self.frames {
+            if Some(*sender) == viewer || (priority_only && !priority) {
+                continue;
+            }
+            out.extend_from_slice(frame);
+            n += 1;
+        }
+        (Bytes::from(out), n)
+    }
 }
 
 impl LocalRooms {
@@ -248,19 +300,29 @@ impl Core {
     }
 
     /// Pushes a room message to this core's viewers of `room`, encoded once. A full queue
-    /// misses it (see the module docs); nobody becomes lagging. In a big room (at least
-    /// `room_batch_viewers` viewers here) the message is only queued: [`Core::run_room_flush`]
-    /// starts the viewers' writes once per `room_batch_ms`, so that each write carries every
-    /// room message since the last one.
+    /// misses it (see the module docs); nobody becomes lagging. A big room's message (at least
+    /// `room_batch_viewers` viewers here) is held for [`Core::run_room_flush`] instead.
     pub fn deliver_room(&self, room: u64, except: u64, priority: bool, message: &Deliver) {
         let mut local = self.local_rooms.borrow_mut();
         let local = &mut *local;
         let Some(list) = local.viewers.get(&room) else {
             return;
         };
-        let batch = self.cfg.room_batch_viewers;
-        let hold = batch > 0 && list.len() >= batch;
         let cap = self.cfg.outbound_queue_frames;
+        let batch = self.cfg.room_batch_viewers;
+        if batch > 0 && list.len() >= batch {
+            let frame = self.encode_deliver(message);
+            if local
+                .held
+                .entry(room)
+                .or_default()
+                .hold(frame, except, priority, cap)
+                && let Some(w) = local.flush_waker.take()
+            {
+                w.wake();
+            }
+            return;
+        }
         let bound = if priority { cap * 3 / 4 } else { cap / 2 };
         let mut frame: Option<Bytes> = None;
         let mut queued = 0;
@@ -269,32 +331,68 @@ impl Core {
                 continue;
             }
             let f = frame.get_or_insert_with(|| self.encode_deliver(message));
-            let ok = if hold {
-                s.out.hold_below(f.clone(), bound)
-            } else {
-                s.out.push_below(f.clone(), bound)
+            queued += u64::from(s.out.push_below(f.clone(), bound));
+        }
+        self.m()
+            .deliveries_out
+            .fetch_add(queued, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Gives each viewer of every room in `held` its batch: everything held if its queue is
+    /// below half its bound, only the priority messages below three quarters, nothing above
+    /// (the bounds of [`Core::deliver_room`]). Returns the number of viewers written to.
+    fn flush_rooms(&self, held: crate::FastMap<u64, Held>) -> usize {
+        let local = self.local_rooms.borrow();
+        let cap = self.cfg.outbound_queue_frames;
+        let (mut writes, mut delivered) = (0, 0);
+        for (room, held) in held {
+            let Some(list) = local.viewers.get(&room) else {
+                continue;
             };
-            queued += u64::from(ok);
+            let mut senders: Vec<u64> = held.frames.iter().map(|f| f.1).collect();
+            senders.sort_unstable();
+            senders.dedup();
+            let all = held.for_viewer(None, false);
+            let priority = held.for_viewer(None, true);
+            for s in list {
+                let sender = senders.binary_search(&s.logical).is_ok();
+                let pick = |priority_only: bool| {
+                    if sender {
+                        held.for_viewer(Some(s.logical), priority_only)
+                    } else if priority_only {
+                        priority.clone()
+                    } else {
+                        all.clone()
+                    }
+                };
+                for (priority_only, bound) in [(false, cap / 2), (true, cap * 3 / 4)] {
+                    let (bytes, n) = pick(priority_only);
+                    if n == 0 {
+                        break;
+                    }
+                    if s.out.push_below(bytes, bound) {
+                        writes += 1;
+                        delivered += n;
+                        break;
+                    }
+                }
+            }
         }
         let m = self.m();
         m.deliveries_out
-            .fetch_add(queued, std::sync::atomic::Ordering::Relaxed);
-        if hold {
-            m.room_deliveries_batched
-                .fetch_add(queued, std::sync::atomic::Ordering::Relaxed);
-            if !local.held.contains(&room) {
-                local.held.push(room);
-            }
-            if let Some(w) = local.flush_waker.take() {
-                w.wake();
-            }
-        }
+            .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+        m.room_deliveries_batched
+            .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+        writes
     }
 
-    /// The task that writes big rooms' held messages to their viewers, once per
-    /// `room_batch_ms` while any room holds some.
+    /// The task that flushes big rooms' held messages: at once if the core's last flush is
+    /// long enough ago, otherwise when it is. After a flush that wrote to N viewers the next
+    /// waits `room_batch_ms`, or N / `room_writes_per_sec` seconds if that is longer.
     pub async fn run_room_flush(self: Rc<Self>) {
-        let every = Duration::from_millis(self.cfg.room_batch_ms);
+        let min = Duration::from_millis(self.cfg.room_batch_ms);
+        let budget = self.cfg.room_writes_per_sec as f64;
+        let mut next: Option<Instant> = None;
         loop {
             std::future::poll_fn(|cx| {
                 let mut local = self.local_rooms.borrow_mut();
@@ -306,13 +404,70 @@ impl Core {
                 }
             })
             .await;
-            glommio::timer::sleep(every).await;
-            let mut local = self.local_rooms.borrow_mut();
-            for room in std::mem::take(&mut local.held) {
-                for s in local.viewers.get(&room).into_iter().flatten() {
-                    s.out.flush();
-                }
+            if let Some(wait) = next.and_then(|t| t.checked_duration_since(Instant::now())) {
+                glommio::timer::sleep(wait).await;
             }
+            let held = std::mem::take(&mut self.local_rooms.borrow_mut().held);
+            let writes = self.flush_rooms(held);
+            let spacing = min.max(Duration::from_secs_f64(writes as f64 / budget));
+            next = Some(Instant::now() + spacing);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: u8, len: usize) -> Bytes {
+        Bytes::from(vec![n; len])
+    }
+
+    #[test]
+    fn each_viewer_gets_one_buffer_without_its_own_messages() {
+        let mut held = Held::default();
+        // Messages 1 and 3 from session 7, 2 (priority) from session 9.
+        assert!(held.hold(frame(1, 2), 7, false, 16));
+        assert!(held.hold(frame(2, 2), 9, true, 16));
+        assert!(held.hold(frame(3, 2), 7, false, 16));
+        assert_eq!(
+            held.for_viewer(None, false),
+            (Bytes::from(vec![1, 1, 2, 2, 3, 3]), 3)
+        );
+        assert_eq!(
+            held.for_viewer(Some(7), false),
+            (Bytes::from(vec![2, 2]), 1)
+        );
+        assert_eq!(
+            held.for_viewer(Some(9), false),
+            (Bytes::from(vec![1, 1, 3, 3]), 2)
+        );
+        assert_eq!(held.for_viewer(None, true), (Bytes::from(vec![2, 2]), 1));
+        assert_eq!(held.for_viewer(Some(9), true), (Bytes::new(), 0));
+    }
+
+    #[test]
+    fn a_room_holds_a_bounded_number_of_frames_and_bytes() {
+        // cap 16: ordinary messages up to 8 frames, priority ones up to 12.
+        let mut held = Held::default();
+        for i in 0..8 {
+            assert!(held.hold(frame(i, 1), 1, false, 16));
+        }
+        assert!(!held.hold(frame(8, 1), 1, false, 16));
+        for i in 0..4 {
+            assert!(held.hold(frame(i, 1), 1, true, 16));
+        }
+        assert!(!held.hold(frame(4, 1), 1, true, 16));
+        assert_eq!(held.frames.len(), 12);
+
+        // Bytes: ordinary messages up to HELD_BYTES, priority ones up to twice that.
+        let mut held = Held::default();
+        let half = HELD_BYTES / 2;
+        assert!(held.hold(frame(1, half), 1, false, 4096));
+        assert!(held.hold(frame(2, half), 1, false, 4096));
+        assert!(!held.hold(frame(3, 1), 1, false, 4096));
+        assert!(held.hold(frame(4, HELD_BYTES), 1, true, 4096));
+        assert!(!held.hold(frame(5, 1), 1, true, 4096));
+        assert_eq!(held.bytes, 2 * HELD_BYTES);
     }
 }
