@@ -84,6 +84,9 @@ impl Running {
             secret: Some("session-fuzz-secret-0123456789abcdef".into()),
             group_max_members: 8,
             recall_window_ms: 60_000,
+            // Any room of two connections on a core takes the batched path.
+            room_batch_viewers: 2,
+            room_batch_ms: 1,
             ..Default::default()
         };
         let secret = Secret::new(cfg.secret.clone().unwrap().into_bytes());
