@@ -95,6 +95,19 @@ impl Gateway {
         g
     }
 
+    /// Starts a gateway on a fresh temporary data directory with `config` as its configuration
+    /// file (TOML), and `extra_args`.
+    pub fn start_with_config(config: &str, extra_args: &[&str]) -> Gateway {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cfg = tmp.path().join("tern.toml");
+        std::fs::write(&cfg, config).expect("write the configuration file");
+        let mut args = vec!["--config", cfg.to_str().expect("a UTF-8 temp path")];
+        args.extend_from_slice(extra_args);
+        let mut g = Gateway::start_in(&tmp.path().join("data"), &args);
+        g._tmp = Some(tmp);
+        g
+    }
+
     /// Starts a gateway on `dir` (which may hold data from an earlier run).
     pub fn start_in(dir: &Path, extra_args: &[&str]) -> Gateway {
         Gateway::spawn(dir, &format!("127.0.0.1:{}", free_port()), extra_args)

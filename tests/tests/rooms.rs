@@ -177,16 +177,9 @@ fn bad_room_requests_get_their_error_codes() {
 /// the priority ones, is never told to sync, and still gets its own 1:1 message live.
 #[test]
 fn a_viewer_that_stops_reading_misses_room_messages_but_nothing_else() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("small-queues.toml");
-    std::fs::write(
-        &cfg,
-        format!("{NO_RATE_LIMITS}outbound_queue_frames = 16\n"),
-    )
-    .unwrap();
-    let gw = Gateway::start_in(
-        &dir.path().join("data"),
-        &["--config", cfg.to_str().unwrap()],
+    let gw = Gateway::start_with_config(
+        &format!("{NO_RATE_LIMITS}outbound_queue_frames = 16\n"),
+        &[],
     );
     let mut host = login(&gw, "host");
     let mut slow = login(&gw, "slow");
@@ -270,16 +263,9 @@ fn a_viewer_that_stops_reading_misses_room_messages_but_nothing_else() {
 /// counted as batched. A smaller room on the same core is written at once.
 #[test]
 fn a_big_room_is_written_in_batches_and_a_small_one_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("batch.toml");
-    std::fs::write(
-        &cfg,
-        format!("{NO_RATE_LIMITS}room_batch_viewers = 4\nroom_batch_ms = 100\n"),
-    )
-    .unwrap();
-    let gw = Gateway::start_in(
-        &dir.path().join("data"),
-        &["--config", cfg.to_str().unwrap(), "--cores", "1"],
+    let gw = Gateway::start_with_config(
+        &format!("{NO_RATE_LIMITS}room_batch_viewers = 4\nroom_batch_ms = 100\n"),
+        &["--cores", "1"],
     );
     let mut host = login(&gw, "host");
     let mut viewers: Vec<Conn> = (0..3).map(|i| login(&gw, &format!("viewer{i}"))).collect();

@@ -294,14 +294,20 @@ async fn request(c: &mut Conn, rid: u64, body: Body) -> Result<Body, String> {
                 _ => {}
             }
         }
-        let n = tokio::time::timeout(login::LOGIN_TIMEOUT, c.stream.read_buf(&mut c.rbuf))
-            .await
-            .map_err(|_| "no answer to a group request".to_string())?
-            .map_err(|e| format!("group request: {e}"))?;
-        if n == 0 {
-            return Err("connection closed during a group request".into());
-        }
+        read_more(c, "a group request").await?;
     }
+}
+
+/// Reads more of `c` into its buffer, waiting at most the login timeout for `what`'s answer.
+async fn read_more(c: &mut Conn, what: &str) -> Result<(), String> {
+    let n = tokio::time::timeout(login::LOGIN_TIMEOUT, c.stream.read_buf(&mut c.rbuf))
+        .await
+        .map_err(|_| format!("no answer to {what}"))?
+        .map_err(|e| format!("{what}: {e}"))?;
+    if n == 0 {
+        return Err(format!("the connection closed during {what}"));
+    }
+    Ok(())
 }
 
 /// Sends one message that is not counted and waits until every member got it, so that the
@@ -366,13 +372,7 @@ async fn warm_up(
             Some(false) => return Err("the warm-up message was refused".into()),
             None => {}
         }
-        let n = tokio::time::timeout(login::LOGIN_TIMEOUT, c.stream.read_buf(&mut c.rbuf))
-            .await
-            .map_err(|_| "no SendAck for the warm-up message".to_string())?
-            .map_err(|e| format!("warm-up: {e}"))?;
-        if n == 0 {
-            return Err("the sender's connection closed during the warm-up".into());
-        }
+        read_more(c, "the warm-up message").await?;
     }
 }
 
