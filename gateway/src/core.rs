@@ -442,6 +442,7 @@ impl Core {
         if let Some(w) = self.room_waker.borrow_mut().take() {
             w.wake();
         }
+        self.wake_room_flush();
         let kick = self.encode(&Frame::kick(
             tern_protocol::KickReason::Shutdown,
             "server is shutting down",

@@ -276,6 +276,21 @@ impl Outbound {
         true
     }
 
+    /// For the writer: takes the first queued frame if it is at least `min` bytes long, to be
+    /// written without a copy.
+    pub fn pop_large(&self, min: usize) -> Option<Bytes> {
+        let mut q = self.queue.borrow_mut();
+        if q.front().is_none_or(|f| f.len() < min) {
+            return None;
+        }
+        let frame = q.pop_front();
+        drop(q);
+        for w in self.space.borrow_mut().drain(..) {
+            w.wake();
+        }
+        frame
+    }
+
     /// For the writer: waits for something to write (or close).
     pub async fn wait_ready(&self) {
         std::future::poll_fn(|cx| {
@@ -392,5 +407,19 @@ mod tests {
         );
         assert_eq!(*h.slot(7), 5);
         assert_eq!(*h.slot(9), 2);
+    }
+
+    #[test]
+    fn only_a_large_first_frame_is_taken_whole() {
+        let out = Outbound::new(16);
+        assert_eq!(out.pop_large(4), None);
+        out.push(b(1));
+        out.push(Bytes::from(vec![2; 4]));
+        assert_eq!(out.pop_large(4), None, "the first frame is small");
+        let mut buf = Vec::new();
+        assert!(out.drain_into(&mut buf, 1));
+        assert_eq!(buf, [1]);
+        assert_eq!(out.pop_large(4), Some(Bytes::from(vec![2; 4])));
+        assert_eq!(out.len(), 0);
     }
 }

@@ -21,9 +21,11 @@
 //!   message rate. A socket write costs about as much as everything else a delivery does many
 //!   times over, so this is what keeps a busy room from taking the cores from other traffic.
 //!   Flushes are spaced by at least `room_batch_ms`, and by as long as writing to that many
-//!   viewers takes at `room_writes_per_sec` (a per-core budget): a quiet room's message goes
-//!   out at once, a room of 9,000 viewers on a core is flushed about once a second under the
-//!   default budget, and a bigger one less often, never costing the core more writes. Held
+//!   viewers takes at `room_writes_per_sec` (a per-core budget), up to [`MAX_SPACING`]: a quiet
+//!   room's message goes out at once, a room of 9,000 viewers on a core is flushed about once a
+//!   second under the default budget, and a bigger one less often, never costing the core more
+//!   writes. A room that falls below the threshold keeps holding until its held messages are
+//!   flushed, so that none is overtaken. Held
 //!   messages are bounded like a queue: ordinary ones are dropped for everyone once a room
 //!   holds half of `outbound_queue_frames` frames or [`HELD_BYTES`], priority ones at three
 //!   quarters or twice the bytes.
@@ -95,6 +97,10 @@ pub struct LocalRooms {
     flush_waker: Option<Waker>,
 }
 
+/// The longest wait between two flushes of big rooms on a core, however many viewers they
+/// have (the write budget is exceeded rather than holding messages longer).
+pub const MAX_SPACING: Duration = Duration::from_secs(10);
+
 /// Bytes of ordinary messages one big room holds on a core between two flushes (priority
 /// messages: twice this); more are dropped, as a full queue drops them.
 pub const HELD_BYTES: usize = 1 << 20;
@@ -108,15 +114,19 @@ pub struct Held {
 }
 
 impl Held {
-    /// Holds a frame unless the room holds too much already (see [`HELD_BYTES`]); `cap` is
-    /// `outbound_queue_frames`. Returns false if it was dropped.
+    /// Holds a frame unless the room holds too much already (see [`HELD_BYTES`]; a first
+    /// frame is always held); `cap` is `outbound_queue_frames`. Returns false if it was
+    /// dropped.
     fn hold(&mut self, frame: Bytes, sender: u64, priority: bool, cap: usize) -> bool {
         let (frames, bytes) = if priority {
             (cap * 3 / 4, 2 * HELD_BYTES)
         } else {
             (cap / 2, HELD_BYTES)
         };
-        if self.frames.len() >= frames || self.bytes + frame.len() > bytes {
+        // The first frame is always held, however big (up to `max_frame_bytes`).
+        if !self.frames.is_empty()
+            && (self.frames.len() >= frames || self.bytes + frame.len() > bytes)
+        {
             return false;
         }
         self.bytes += frame.len();
@@ -301,7 +311,8 @@ impl Core {
 
     /// Pushes a room message to this core's viewers of `room`, encoded once. A full queue
     /// misses it (see the module docs); nobody becomes lagging. A big room's message (at least
-    /// `room_batch_viewers` viewers here) is held for [`Core::run_room_flush`] instead.
+    /// `room_batch_viewers` viewers here, or messages held already) is held for
+    /// [`Core::run_room_flush`] instead.
     pub fn deliver_room(&self, room: u64, except: u64, priority: bool, message: &Deliver) {
         let mut local = self.local_rooms.borrow_mut();
         let local = &mut *local;
@@ -310,7 +321,9 @@ impl Core {
         };
         let cap = self.cfg.outbound_queue_frames;
         let batch = self.cfg.room_batch_viewers;
-        if batch > 0 && list.len() >= batch {
+        // A room with messages held keeps holding until they are flushed, even if it just
+        // fell below the threshold: a message written at once would overtake them.
+        if batch > 0 && (list.len() >= batch || local.held.contains_key(&room)) {
             let frame = self.encode_deliver(message);
             if local
                 .held
@@ -336,6 +349,13 @@ impl Core {
         self.m()
             .deliveries_out
             .fetch_add(queued, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Wakes the room flush task (to stop, when the server does).
+    pub fn wake_room_flush(&self) {
+        if let Some(w) = self.local_rooms.borrow_mut().flush_waker.take() {
+            w.wake();
+        }
     }
 
     /// Gives each viewer of every room in `held` its batch: everything held if its queue is
@@ -388,7 +408,8 @@ impl Core {
 
     /// The task that flushes big rooms' held messages: at once if the core's last flush is
     /// long enough ago, otherwise when it is. After a flush that wrote to N viewers the next
-    /// waits `room_batch_ms`, or N / `room_writes_per_sec` seconds if that is longer.
+    /// waits `room_batch_ms`, or N / `room_writes_per_sec` seconds if that is longer, but never
+    /// more than [`MAX_SPACING`].
     pub async fn run_room_flush(self: Rc<Self>) {
         let min = Duration::from_millis(self.cfg.room_batch_ms);
         let budget = self.cfg.room_writes_per_sec as f64;
@@ -396,7 +417,7 @@ impl Core {
         loop {
             std::future::poll_fn(|cx| {
                 let mut local = self.local_rooms.borrow_mut();
-                if local.held.is_empty() {
+                if local.held.is_empty() && !self.stopping.get() {
                     local.flush_waker = Some(cx.waker().clone());
                     Poll::Pending
                 } else {
@@ -407,9 +428,13 @@ impl Core {
             if let Some(wait) = next.and_then(|t| t.checked_duration_since(Instant::now())) {
                 glommio::timer::sleep(wait).await;
             }
+            if self.stopping.get() {
+                // Rooms keep nothing: what is held when the server stops is not sent.
+                return;
+            }
             let held = std::mem::take(&mut self.local_rooms.borrow_mut().held);
             let writes = self.flush_rooms(held);
-            let spacing = min.max(Duration::from_secs_f64(writes as f64 / budget));
+            let spacing = Duration::from_secs_f64(writes as f64 / budget).clamp(min, MAX_SPACING);
             next = Some(Instant::now() + spacing);
         }
     }
@@ -469,5 +494,10 @@ mod tests {
         assert!(held.hold(frame(4, HELD_BYTES), 1, true, 4096));
         assert!(!held.hold(frame(5, 1), 1, true, 4096));
         assert_eq!(held.bytes, 2 * HELD_BYTES);
+
+        // A first frame is held whatever its size.
+        let mut held = Held::default();
+        assert!(held.hold(frame(1, 3 * HELD_BYTES), 1, false, 4096));
+        assert!(!held.hold(frame(2, 1), 1, true, 4096));
     }
 }

@@ -729,6 +729,9 @@ fn register(
     Ok(session)
 }
 
+/// Bytes a session's writer gathers into one write.
+const WRITE_CHUNK: usize = 64 << 10;
+
 async fn write_loop(core: Rc<Core>, stream: Stream, session: Rc<SessionHandle>) {
     let out = &session.out;
     loop {
@@ -737,15 +740,18 @@ async fn write_loop(core: Rc<Core>, stream: Stream, session: Rc<SessionHandle>) 
             let v = core.store.user_version(session.user).unwrap_or(0);
             out.push(core.encode(&Frame::new(0, SyncNeeded { user_version: v })));
         }
+        // A big entry (a live room's batch, shared by its viewers) is written from where it
+        // is; smaller frames are gathered into one buffer.
+        let big = out.pop_large(WRITE_CHUNK);
         let mut buf = Vec::new();
-        if !out.drain_into(&mut buf, 64 << 10) {
-            if out.is_closed() {
-                return;
-            }
-            continue;
-        }
+        let bytes: &[u8] = match &big {
+            Some(b) => b,
+            None if out.drain_into(&mut buf, WRITE_CHUNK) => &buf,
+            None if out.is_closed() => return,
+            None => continue,
+        };
         let stall = Duration::from_millis(core.cfg.write_timeout_ms);
-        match write_all_within(&stream, &buf, stall).await {
+        match write_all_within(&stream, bytes, stall).await {
             Ok(()) => {}
             Err(e) if e.kind() != std::io::ErrorKind::TimedOut => {
                 debug!(error = %e, "write failed");

@@ -666,8 +666,8 @@ impl Conn {
     }
 }
 
-/// Sends a text message to user `to`; returns the request id.
-/// The sum of the series of metric `name` whose labels contain `labels`, in a `/metrics` text.
+/// The sum of the series of metric `name` whose labels contain `labels` (e.g. `code="X"`), in
+/// a `/metrics` text.
 pub fn metric(text: &str, name: &str, labels: &str) -> u64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
@@ -679,6 +679,7 @@ pub fn metric(text: &str, name: &str, labels: &str) -> u64 {
         .sum()
 }
 
+/// Sends a text message to user `to`; returns the request id.
 pub fn send(c: &mut Conn, to: &str, id: &str, text: &str) -> u64 {
     c.send_body(Body::Send(tern_protocol::Send {
         client_msg_id: id.into(),

@@ -547,7 +547,6 @@ fn any_client_request_as_a_user() {
     assert_error(&got, 403, ErrorCode::Forbidden);
 }
 
-/// The sum over cores of a metric's series whose labels contain `labels` (e.g. `code="X"`).
 #[test]
 fn metrics_count_exactly() {
     let gw = Gateway::start(&["--cores", "2"]);

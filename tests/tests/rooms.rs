@@ -326,14 +326,59 @@ fn a_big_room_is_written_in_batches_and_a_small_one_at_once() {
     with_small.push((small, 1, "small".into()));
     assert_eq!(got(&mut viewers[0], 5), with_small);
     assert_eq!(got(&mut viewers[2], 4), big_ones);
+    // Nothing is sent twice: the next message is the next thing every viewer gets.
+    let rid = send_room(&mut host, "big", "b5", Bytes::from_static(b"big 5"), false);
+    assert_eq!(expect_ack(&mut host, rid).seq, 5);
+    for v in &mut viewers {
+        assert_eq!(got(v, 1), [(big, 5, "big 5".to_string())]);
+    }
     for c in viewers.iter_mut().chain([&mut host]) {
         c.nothing_pending();
     }
     let text = gw.metrics();
     assert_eq!(
         metric(&text, "tern_room_deliveries_batched_total", ""),
-        12,
-        "three messages to three viewers and one to three"
+        15,
+        "four messages to three viewers and one to three"
     );
-    assert_eq!(metric(&text, "tern_deliveries_out_total", ""), 13);
+    assert_eq!(metric(&text, "tern_deliveries_out_total", ""), 16);
+}
+
+/// A big room that falls below `room_batch_viewers` while messages are held keeps holding
+/// until they are flushed: a message written at once would overtake them.
+#[test]
+fn a_room_that_shrinks_keeps_its_order() {
+    let gw = Gateway::start_with_config(
+        &format!("{NO_RATE_LIMITS}room_batch_viewers = 3\nroom_batch_ms = 2000\n"),
+        &["--cores", "1"],
+    );
+    let mut host = login(&gw, "host");
+    let mut stays = login(&gw, "stays");
+    let mut leaves = login(&gw, "leaves");
+    for c in [&mut host, &mut stays, &mut leaves] {
+        enter(c, "live");
+    }
+    let post = |host: &mut Conn, i: u64| {
+        let rid = send_room(
+            host,
+            "live",
+            &format!("m{i}"),
+            format!("m{i}").into(),
+            false,
+        );
+        assert_eq!(expect_ack(host, rid).seq, i);
+    };
+    // The first message to a quiet room goes out at once; the second waits for the next
+    // flush, two seconds later.
+    post(&mut host, 1);
+    assert_eq!(text(&expect_deliver(&mut stays)), "m1");
+    assert_eq!(text(&expect_deliver(&mut leaves)), "m1");
+    post(&mut host, 2);
+    room_op(&mut leaves, "live", Op::Leave(LeaveRoom {}));
+    post(&mut host, 3);
+    let seqs: Vec<u64> = (0..2).map(|_| expect_deliver(&mut stays).seq).collect();
+    assert_eq!(seqs, [2, 3]);
+    for c in [&mut host, &mut stays, &mut leaves] {
+        c.nothing_pending();
+    }
 }
