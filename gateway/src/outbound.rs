@@ -39,6 +39,8 @@ impl DeliveryState {
 #[derive(Debug)]
 pub struct Outbound {
     queue: RefCell<VecDeque<Bytes>>,
+    /// Bytes in `queue`.
+    bytes: Cell<usize>,
     cap: usize,
     writer: RefCell<Option<Waker>>,
     space: RefCell<Vec<Waker>>,
@@ -78,6 +80,7 @@ impl Outbound {
     pub fn new(cap: usize) -> Outbound {
         Outbound {
             queue: RefCell::new(VecDeque::new()),
+            bytes: Cell::new(0),
             cap,
             writer: RefCell::new(None),
             space: RefCell::new(Vec::new()),
@@ -101,6 +104,7 @@ impl Outbound {
         if self.closed.get() {
             return;
         }
+        self.bytes.set(self.bytes.get() + frame.len());
         self.queue.borrow_mut().push_back(frame);
         self.wake_writer();
     }
@@ -114,6 +118,7 @@ impl Outbound {
         if q.len() >= self.cap {
             return false;
         }
+        self.bytes.set(self.bytes.get() + frame.len());
         q.push_back(frame);
         drop(q);
         self.wake_writer();
@@ -123,13 +128,21 @@ impl Outbound {
     /// Queues a frame if fewer than `bound` are queued (room messages, which a full queue
     /// misses without the session becoming lagging). Returns false if it was dropped.
     pub fn push_below(&self, frame: Bytes, bound: usize) -> bool {
+        self.push_within(frame, bound, usize::MAX)
+    }
+
+    /// As [`Outbound::push_below`], and only if the queue would then hold at most `max_bytes`
+    /// (an empty queue takes any frame): a live room's batch is one entry of many frames.
+    pub fn push_within(&self, frame: Bytes, bound: usize, max_bytes: usize) -> bool {
         if self.closed.get() {
             return true;
         }
         let mut q = self.queue.borrow_mut();
-        if q.len() >= bound {
+        let bytes = self.bytes.get() + frame.len();
+        if q.len() >= bound || (!q.is_empty() && bytes > max_bytes) {
             return false;
         }
+        self.bytes.set(bytes);
         q.push_back(frame);
         drop(q);
         self.wake_writer();
@@ -264,6 +277,7 @@ impl Outbound {
                 break;
             }
             buf.extend_from_slice(f);
+            self.bytes.set(self.bytes.get() - f.len());
             q.pop_front();
         }
         if q.is_empty() && q.capacity() > 64 {
@@ -285,6 +299,9 @@ impl Outbound {
         }
         let frame = q.pop_front();
         drop(q);
+        if let Some(f) = &frame {
+            self.bytes.set(self.bytes.get() - f.len());
+        }
         for w in self.space.borrow_mut().drain(..) {
             w.wake();
         }
@@ -421,5 +438,26 @@ mod tests {
         assert_eq!(buf, [1]);
         assert_eq!(out.pop_large(4), Some(Bytes::from(vec![2; 4])));
         assert_eq!(out.len(), 0);
+    }
+
+    #[test]
+    fn a_byte_bound_counts_what_is_queued() {
+        let out = Outbound::new(16);
+        let big = |n: u8| Bytes::from(vec![n; 6]);
+        assert!(
+            out.push_within(big(1), 8, 10),
+            "an empty queue takes any frame"
+        );
+        assert!(!out.push_within(big(2), 8, 10), "6 + 6 bytes is over 10");
+        out.push(b(3));
+        assert_eq!(out.bytes.get(), 7);
+        assert!(!out.push_within(b(4), 8, 7));
+        assert!(out.push_within(b(4), 8, 8));
+        assert_eq!(out.pop_large(6), Some(big(1)));
+        let mut buf = Vec::new();
+        assert!(out.drain_into(&mut buf, usize::MAX));
+        assert_eq!(buf, [3, 4]);
+        assert_eq!(out.bytes.get(), 0);
+        assert!(out.push_within(big(5), 8, 6));
     }
 }

@@ -28,7 +28,8 @@
 //!   flushed, so that none is overtaken. Held
 //!   messages are bounded like a queue: ordinary ones are dropped for everyone once a room
 //!   holds half of `outbound_queue_frames` frames or [`HELD_BYTES`], priority ones at three
-//!   quarters or twice the bytes.
+//!   quarters or twice the bytes; and a viewer whose queue holds [`QUEUE_BYTES`] misses
+//!   batches until it has read them.
 //!
 //! Rooms have no history, no unread counts and never appear in sync.
 //!
@@ -104,6 +105,11 @@ pub const MAX_SPACING: Duration = Duration::from_secs(10);
 /// Bytes of ordinary messages one big room holds on a core between two flushes (priority
 /// messages: twice this); more are dropped, as a full queue drops them.
 pub const HELD_BYTES: usize = 1 << 20;
+
+/// Bytes a viewer's queue may hold for a big room's batch to be added to it (a batch is one
+/// queue entry of many frames, so the entry bound alone would not limit its memory); a viewer
+/// over it misses the batch, as a full queue misses a message.
+pub const QUEUE_BYTES: usize = 4 << 20;
 
 /// A big room's messages held on a core until its next flush, oldest first.
 #[derive(Debug, Default)]
@@ -360,7 +366,8 @@ impl Core {
 
     /// Gives each viewer of every room in `held` its batch: everything held if its queue is
     /// below half its bound, only the priority messages below three quarters, nothing above
-    /// (the bounds of [`Core::deliver_room`]). Returns the number of viewers written to.
+    /// (the bounds of [`Core::deliver_room`]), and nothing that would take its queue over
+    /// [`QUEUE_BYTES`]. Returns the number of viewers written to.
     fn flush_rooms(&self, held: crate::FastMap<u64, Held>) -> usize {
         let local = self.local_rooms.borrow();
         let cap = self.cfg.outbound_queue_frames;
@@ -390,7 +397,7 @@ impl Core {
                     if n == 0 {
                         break;
                     }
-                    if s.out.push_below(bytes, bound) {
+                    if s.out.push_within(bytes, bound, QUEUE_BYTES) {
                         writes += 1;
                         delivered += n;
                         break;
