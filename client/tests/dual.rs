@@ -8,13 +8,39 @@
 mod common;
 
 use common::{
-    FakeServer, LIVE, Peer, QuicServer, WAIT, next_room_request, room_deliver, room_response,
+    FakeServer, LIVE, Peer, QuicServer, WAIT, next_room_request, presence, room_deliver,
+    room_response,
 };
 use tern_client::{
     Client, ClientError, ErrorCode, Event, GroupResponse, Incoming, Target, Transport,
 };
-use tern_protocol::{Body, Frame, Presence, PresenceSubscribed};
+use tern_protocol::{Body, Frame, PresenceSubscribed};
 use tokio::time::timeout;
+
+/// A dual-channel configuration: TCP to `tcp`, QUIC to `quic`.
+fn dual_config(tcp: &FakeServer, quic: &QuicServer) -> tern_client::ClientConfig {
+    let mut config = tcp.config();
+    config.transport = Transport::Dual;
+    config.server = format!("{},{}", tcp.listener.local_addr().unwrap(), quic.addr());
+    config.ca = Some(quic.cert_path.clone());
+    config
+}
+
+/// A dual-channel client logged in on `tcp` whose QUIC path joined on `quic` and was reported
+/// up: the client, the TCP peer, the QUIC peer and the client's events.
+async fn both_paths_up(tcp: &FakeServer, quic: &QuicServer) -> (Client, Peer, Peer, Incoming) {
+    let (client, tcp_peer) =
+        tokio::join!(Client::connect(dual_config(tcp, quic)), tcp.accept_login(0));
+    let client = client.unwrap();
+    let mut incoming = client.incoming();
+    let mut quic_peer = quic.accept().await;
+    quic_peer.hello_ok(0).await;
+    match next_event(&mut incoming).await {
+        Event::PathUp { transport } => assert_eq!(transport, Transport::Quic),
+        other => panic!("expected PathUp, got {other:?}"),
+    }
+    (client, tcp_peer, quic_peer, incoming)
+}
 
 /// The next event that is not about sync.
 async fn next_event(incoming: &mut Incoming) -> Event {
@@ -43,11 +69,10 @@ async fn next_send(peer: &mut Peer) -> (u64, String) {
 async fn sends_go_on_both_paths_and_the_first_ack_answers_even_if_the_other_copy_is_refused() {
     let tcp = FakeServer::start().await;
     let quic = QuicServer::start();
-    let mut config = tcp.config();
-    config.transport = Transport::Dual;
-    config.server = format!("{},{}", tcp.listener.local_addr().unwrap(), quic.addr());
-    config.ca = Some(quic.cert_path.clone());
-    let (client, tcp_peer) = tokio::join!(Client::connect(config), tcp.accept_login(0));
+    let (client, tcp_peer) = tokio::join!(
+        Client::connect(dual_config(&tcp, &quic)),
+        tcp.accept_login(0)
+    );
     let (client, mut tcp_peer) = (client.unwrap(), tcp_peer);
     assert_eq!(tcp_peer.hello.resume_session_id, 0);
     assert!(tcp_peer.hello.sync_on_login);
@@ -147,21 +172,8 @@ async fn sends_go_on_both_paths_and_the_first_ack_answers_even_if_the_other_copy
 
 #[tokio::test]
 async fn group_requests_go_on_one_path_only() {
-    let tcp = FakeServer::start().await;
-    let quic = QuicServer::start();
-    let mut config = tcp.config();
-    config.transport = Transport::Dual;
-    config.server = format!("{},{}", tcp.listener.local_addr().unwrap(), quic.addr());
-    config.ca = Some(quic.cert_path.clone());
-    let (client, tcp_peer) = tokio::join!(Client::connect(config), tcp.accept_login(0));
-    let (client, mut tcp_peer) = (client.unwrap(), tcp_peer);
-    let mut incoming = client.incoming();
-    let mut quic_peer = quic.accept().await;
-    quic_peer.hello_ok(0).await;
-    match next_event(&mut incoming).await {
-        Event::PathUp { transport } => assert_eq!(transport, Transport::Quic),
-        other => panic!("expected PathUp, got {other:?}"),
-    }
+    let (tcp, quic) = (FakeServer::start().await, QuicServer::start());
+    let (client, mut tcp_peer, mut quic_peer, _incoming) = both_paths_up(&tcp, &quic).await;
 
     let leaving = tokio::spawn({
         let client = client.clone();
@@ -213,21 +225,8 @@ async fn group_requests_go_on_one_path_only() {
 
 #[tokio::test]
 async fn room_requests_go_on_both_paths_and_a_path_that_joins_enters_the_rooms() {
-    let tcp = FakeServer::start().await;
-    let quic = QuicServer::start();
-    let mut config = tcp.config();
-    config.transport = Transport::Dual;
-    config.server = format!("{},{}", tcp.listener.local_addr().unwrap(), quic.addr());
-    config.ca = Some(quic.cert_path.clone());
-    let (client, tcp_peer) = tokio::join!(Client::connect(config), tcp.accept_login(0));
-    let (client, mut tcp_peer) = (client.unwrap(), tcp_peer);
-    let mut incoming = client.incoming();
-    let mut quic_peer = quic.accept().await;
-    quic_peer.hello_ok(0).await;
-    match next_event(&mut incoming).await {
-        Event::PathUp { transport } => assert_eq!(transport, Transport::Quic),
-        other => panic!("expected PathUp, got {other:?}"),
-    }
+    let (tcp, quic) = (FakeServer::start().await, QuicServer::start());
+    let (client, mut tcp_peer, mut quic_peer, mut incoming) = both_paths_up(&tcp, &quic).await;
 
     // EnterRoom goes on both paths; the first answer answers the call.
     let entering = tokio::spawn({
@@ -321,34 +320,10 @@ async fn next_subscription(peer: &mut Peer) -> (u64, Vec<String>) {
     }
 }
 
-fn presence(user: &str, online: bool) -> Frame {
-    Frame::new(
-        0,
-        Presence {
-            user_id: user.into(),
-            online,
-            devices: u32::from(online),
-        },
-    )
-}
-
 #[tokio::test]
 async fn presence_is_followed_on_one_path_and_on_the_other_when_it_fails() {
-    let tcp = FakeServer::start().await;
-    let quic = QuicServer::start();
-    let mut config = tcp.config();
-    config.transport = Transport::Dual;
-    config.server = format!("{},{}", tcp.listener.local_addr().unwrap(), quic.addr());
-    config.ca = Some(quic.cert_path.clone());
-    let (client, tcp_peer) = tokio::join!(Client::connect(config), tcp.accept_login(0));
-    let (client, mut tcp_peer) = (client.unwrap(), tcp_peer);
-    let mut incoming = client.incoming();
-    let mut quic_peer = quic.accept().await;
-    quic_peer.hello_ok(0).await;
-    match next_event(&mut incoming).await {
-        Event::PathUp { transport } => assert_eq!(transport, Transport::Quic),
-        other => panic!("expected PathUp, got {other:?}"),
-    }
+    let (tcp, quic) = (FakeServer::start().await, QuicServer::start());
+    let (client, mut tcp_peer, mut quic_peer, mut incoming) = both_paths_up(&tcp, &quic).await;
 
     // The subscription goes on the login path (TCP) only.
     let subscribing = tokio::spawn({

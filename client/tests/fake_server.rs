@@ -10,7 +10,9 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{FakeServer, LIVE, WAIT, deliver, next_room_request, room_deliver, room_response};
+use common::{
+    FakeServer, LIVE, WAIT, deliver, next_room_request, presence, room_deliver, room_response,
+};
 use prost::Message;
 use tern_client::{
     Client, ClientError, ContentType, ErrorCode, Event, GroupEvent, GroupEventKind, GroupOp,
@@ -906,23 +908,7 @@ async fn rooms_are_entered_again_first_thing_on_each_new_connection() {
         next_event(&mut incoming).await,
         Some(Event::Reconnected)
     ));
-    let pinging = tokio::spawn({
-        let client = client.clone();
-        async move { client.ping().await }
-    });
-    let frame = peer.recv().await.unwrap();
-    let Some(Body::Ping(ping)) = frame.body else {
-        panic!("expected the application's Ping next, got {frame:?}");
-    };
-    peer.send(Frame::new(
-        frame.request_id,
-        Pong {
-            client_time_ms: ping.client_time_ms,
-            server_time_ms: 1,
-        },
-    ))
-    .await;
-    pinging.await.unwrap().unwrap();
+    common::ping_pong(&client, &mut peer).await;
 }
 
 /// The next request on `peer`, which must be a SubscribePresence: its id, users and direction.
@@ -932,17 +918,6 @@ async fn next_presence_request(peer: &mut common::Peer) -> (u64, Vec<String>, bo
         Some(Body::SubscribePresence(s)) => (frame.request_id, s.user_ids, s.unsubscribe),
         other => panic!("expected SubscribePresence, got {other:?}"),
     }
-}
-
-fn presence(user: &str, online: bool) -> Frame {
-    Frame::new(
-        0,
-        Presence {
-            user_id: user.into(),
-            online,
-            devices: u32::from(online),
-        },
-    )
 }
 
 /// The next event, which must be a Presence: (user, online).
@@ -1093,23 +1068,7 @@ async fn followed_users_are_followed_again_on_each_new_connection_and_only_chang
         next_event(&mut incoming).await,
         Some(Event::Reconnected)
     ));
-    let pinging = tokio::spawn({
-        let client = client.clone();
-        async move { client.ping().await }
-    });
-    let frame = peer.recv().await.unwrap();
-    let Some(Body::Ping(ping)) = frame.body else {
-        panic!("expected the application's Ping first, got {frame:?}");
-    };
-    peer.send(Frame::new(
-        frame.request_id,
-        Pong {
-            client_time_ms: ping.client_time_ms,
-            server_time_ms: 1,
-        },
-    ))
-    .await;
-    pinging.await.unwrap().unwrap();
+    common::ping_pong(&client, &mut peer).await;
 }
 
 /// Runs `call` on a clone of `client`, checks the one request it writes on `peer` with

@@ -7,7 +7,7 @@ mod common;
 
 use common::{QuicServer, TestCert, WAIT};
 use tern_client::{Client, ClientError, Event, Incoming, Target, Transport};
-use tern_protocol::{Body, Frame, Pong, SyncDone, SyncMessages};
+use tern_protocol::{Frame, SyncDone, SyncMessages};
 use tokio::time::timeout;
 
 async fn next_event(incoming: &mut Incoming) -> Option<Event> {
@@ -39,23 +39,7 @@ async fn logs_in_sends_and_pings_over_one_quic_stream() {
     let ack = common::send_text_answered(&client, &mut peer, "hi over quic").await;
     assert_eq!((ack.conversation_id, ack.seq), (12, 1));
 
-    let pinging = tokio::spawn({
-        let client = client.clone();
-        async move { client.ping().await }
-    });
-    let frame = peer.recv().await.unwrap();
-    let Some(Body::Ping(ping)) = frame.body else {
-        panic!("expected Ping, got {frame:?}");
-    };
-    peer.send(Frame::new(
-        frame.request_id,
-        Pong {
-            client_time_ms: ping.client_time_ms,
-            server_time_ms: 1,
-        },
-    ))
-    .await;
-    assert!(pinging.await.unwrap().is_ok());
+    common::ping_pong(&client, &mut peer).await;
 
     // Close finishes the stream (the server reads its end), then closes the connection.
     client.close().await;

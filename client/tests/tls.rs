@@ -9,7 +9,7 @@ mod common;
 use bytes::BytesMut;
 use common::{TestCert, TlsHandshake, TlsServer, WAIT};
 use tern_client::{Client, ClientError, Event, Incoming, Target, Transport};
-use tern_protocol::{Ack, Body, Codec, Frame, Pong, SyncDone, SyncMessages};
+use tern_protocol::{Ack, Body, Codec, Frame, SyncDone, SyncMessages};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -18,27 +18,6 @@ use tokio::{
 
 async fn next_event(incoming: &mut Incoming) -> Option<Event> {
     timeout(WAIT, incoming.recv()).await.expect("no event")
-}
-
-/// Pings and answers the Ping with a Pong.
-async fn ping_pong(client: &Client, peer: &mut common::Peer) {
-    let pinging = tokio::spawn({
-        let client = client.clone();
-        async move { client.ping().await }
-    });
-    let frame = peer.recv().await.unwrap();
-    let Some(Body::Ping(ping)) = frame.body else {
-        panic!("expected Ping, got {frame:?}");
-    };
-    peer.send(Frame::new(
-        frame.request_id,
-        Pong {
-            client_time_ms: ping.client_time_ms,
-            server_time_ms: 1,
-        },
-    ))
-    .await;
-    assert!(pinging.await.unwrap().is_ok());
 }
 
 #[tokio::test]
@@ -66,7 +45,7 @@ async fn logs_in_sends_and_pings_over_tls() {
 
     let ack = common::send_text_answered(&client, &mut peer, "hi over tls").await;
     assert_eq!((ack.conversation_id, ack.seq), (12, 1));
-    ping_pong(&client, &mut peer).await;
+    common::ping_pong(&client, &mut peer).await;
 
     // Close sends close_notify: the server reads a clean end of stream (an end without it
     // would be an UnexpectedEof error, which `recv` does not accept).
@@ -98,7 +77,7 @@ async fn tls_1_2_and_a_server_that_selects_no_alpn_protocol_are_accepted() {
     );
     let ack = common::send_text_answered(&client, &mut peer, "hi over tls 1.2").await;
     assert_eq!((ack.conversation_id, ack.seq), (12, 1));
-    ping_pong(&client, &mut peer).await;
+    common::ping_pong(&client, &mut peer).await;
     client.close().await;
     assert!(peer.recv().await.is_none(), "close ends the TLS stream");
 }

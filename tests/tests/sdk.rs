@@ -22,6 +22,14 @@ async fn connect(gw: &Gateway, user: &str, device: &str) -> (Client, Incoming) {
     (c, incoming)
 }
 
+/// A phone of `user` that reconnects within 50–200 ms of losing its connection.
+fn quick_reconnects(gw: &Gateway, user: &str) -> ClientConfig {
+    let mut c = ClientConfig::new(gw.addr.to_string(), gw.token(user), "phone");
+    c.backoff.initial = Duration::from_millis(50);
+    c.backoff.max = Duration::from_millis(200);
+    c
+}
+
 /// The next event that `pick` accepts, skipping others (sync bookkeeping, own messages).
 async fn next<T>(incoming: &mut Incoming, mut pick: impl FnMut(Event) -> Option<T>) -> T {
     let wait = async {
@@ -164,14 +172,10 @@ async fn the_sdk_covers_rooms_receipts_presence_settings_recall_and_friends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rooms_are_entered_again_after_a_reconnect() {
     let mut gw = Gateway::start(&[]);
-    let config = |gw: &Gateway, user: &str| {
-        let mut c = ClientConfig::new(gw.addr.to_string(), gw.token(user), "phone");
-        c.backoff.initial = Duration::from_millis(50);
-        c.backoff.max = Duration::from_millis(200);
-        c
-    };
-    let alice = Client::connect(config(&gw, "alice")).await.unwrap();
-    let bob = Client::connect(config(&gw, "bob")).await.unwrap();
+    let alice = Client::connect(quick_reconnects(&gw, "alice"))
+        .await
+        .unwrap();
+    let bob = Client::connect(quick_reconnects(&gw, "bob")).await.unwrap();
     let (mut alice_in, mut bob_in) = (alice.incoming(), bob.incoming());
     alice.enter_room("live").await.unwrap();
     bob.enter_room("live").await.unwrap();
@@ -221,14 +225,10 @@ async fn next_presence(incoming: &mut Incoming) -> (String, bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followed_users_stay_followed_across_a_reconnect() {
     let mut gw = Gateway::start(&["--cores", "2"]);
-    let config = |gw: &Gateway, user: &str| {
-        let mut c = ClientConfig::new(gw.addr.to_string(), gw.token(user), "phone");
-        c.backoff.initial = Duration::from_millis(50);
-        c.backoff.max = Duration::from_millis(200);
-        c
-    };
-    let alice = Client::connect(config(&gw, "alice")).await.unwrap();
-    let bob = Client::connect(config(&gw, "bob")).await.unwrap();
+    let alice = Client::connect(quick_reconnects(&gw, "alice"))
+        .await
+        .unwrap();
+    let bob = Client::connect(quick_reconnects(&gw, "bob")).await.unwrap();
     let mut alice_in = alice.incoming();
     assert_eq!(
         alice
@@ -260,9 +260,11 @@ async fn followed_users_stay_followed_across_a_reconnect() {
     // offline, is not told again.
     assert_eq!(next_presence(&mut alice_in).await, ("bob".into(), false));
     // Later changes arrive without alice subscribing again.
-    let carol = Client::connect(config(&gw, "carol")).await.unwrap();
+    let carol = Client::connect(quick_reconnects(&gw, "carol"))
+        .await
+        .unwrap();
     assert_eq!(next_presence(&mut alice_in).await, ("carol".into(), true));
-    let bob = Client::connect(config(&gw, "bob")).await.unwrap();
+    let bob = Client::connect(quick_reconnects(&gw, "bob")).await.unwrap();
     assert_eq!(next_presence(&mut alice_in).await, ("bob".into(), true));
     bob.close().await;
     assert_eq!(next_presence(&mut alice_in).await, ("bob".into(), false));
@@ -281,8 +283,10 @@ async fn followed_users_stay_followed_across_a_reconnect() {
         _ => None,
     })
     .await;
-    let bob = Client::connect(config(&gw, "bob")).await.unwrap();
-    let carol = Client::connect(config(&gw, "carol")).await.unwrap();
+    let bob = Client::connect(quick_reconnects(&gw, "bob")).await.unwrap();
+    let carol = Client::connect(quick_reconnects(&gw, "carol"))
+        .await
+        .unwrap();
     assert_eq!(
         next_presence(&mut alice_in).await,
         ("carol".into(), true),

@@ -17,7 +17,7 @@ use tern_client::{
     BackoffConfig, Client, ClientConfig, ContentType, Target, TargetKind, Transport,
 };
 use tern_protocol::{
-    Body, Codec, Deliver, Frame, Hello, HelloOk, RoomRequest, RoomResponse, SendAck,
+    Body, Codec, Deliver, Frame, Hello, HelloOk, Pong, Presence, RoomRequest, RoomResponse, SendAck,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -437,6 +437,40 @@ pub async fn send_answered(
     peer.send(send_ack(frame.request_id, id, seq, duplicate))
         .await;
     sending.await.unwrap().unwrap()
+}
+
+/// Pings through `client`, checks that the next frame on `peer` is the Ping, answers it with a
+/// Pong and checks that the ping succeeded.
+pub async fn ping_pong(client: &Client, peer: &mut Peer) {
+    let pinging = tokio::spawn({
+        let client = client.clone();
+        async move { client.ping().await }
+    });
+    let frame = peer.recv().await.unwrap();
+    let Some(Body::Ping(ping)) = frame.body else {
+        panic!("expected Ping, got {frame:?}");
+    };
+    peer.send(Frame::new(
+        frame.request_id,
+        Pong {
+            client_time_ms: ping.client_time_ms,
+            server_time_ms: 1,
+        },
+    ))
+    .await;
+    assert!(pinging.await.unwrap().is_ok());
+}
+
+/// A Presence push: `user` online (one device) or offline.
+pub fn presence(user: &str, online: bool) -> Frame {
+    Frame::new(
+        0,
+        Presence {
+            user_id: user.into(),
+            online,
+            devices: u32::from(online),
+        },
+    )
 }
 
 /// Sends `text` to alice through `client`, checks the Send that reaches `peer` (target and
