@@ -111,6 +111,13 @@ pub const HELD_BYTES: usize = 1 << 20;
 /// over it misses the batch, as a full queue misses a message.
 pub const QUEUE_BYTES: usize = 4 << 20;
 
+/// How many frames a viewer's queue (or a big room's held messages) may hold for another room
+/// message to be added: half of `outbound_queue_frames` (`cap`), three quarters for priority
+/// messages; the last quarter is left to the viewer's own messages.
+fn room_bound(cap: usize, priority: bool) -> usize {
+    if priority { cap * 3 / 4 } else { cap / 2 }
+}
+
 /// A big room's messages held on a core until its next flush, oldest first.
 #[derive(Debug, Default)]
 pub struct Held {
@@ -124,11 +131,8 @@ impl Held {
     /// frame is always held); `cap` is `outbound_queue_frames`. Returns false if it was
     /// dropped.
     fn hold(&mut self, frame: Bytes, sender: u64, priority: bool, cap: usize) -> bool {
-        let (frames, bytes) = if priority {
-            (cap * 3 / 4, 2 * HELD_BYTES)
-        } else {
-            (cap / 2, HELD_BYTES)
-        };
+        let frames = room_bound(cap, priority);
+        let bytes = if priority { 2 * HELD_BYTES } else { HELD_BYTES };
         // The first frame is always held, however big (up to `max_frame_bytes`).
         if !self.frames.is_empty()
             && (self.frames.len() >= frames || self.bytes + frame.len() > bytes)
@@ -342,7 +346,7 @@ impl Core {
             }
             return;
         }
-        let bound = if priority { cap * 3 / 4 } else { cap / 2 };
+        let bound = room_bound(cap, priority);
         let mut frame: Option<Bytes> = None;
         let mut queued = 0;
         for s in list {
@@ -392,8 +396,9 @@ impl Core {
                         all.clone()
                     }
                 };
-                for (priority_only, bound) in [(false, cap / 2), (true, cap * 3 / 4)] {
+                for priority_only in [false, true] {
                     let (bytes, n) = pick(priority_only);
+                    let bound = room_bound(cap, priority_only);
                     if n == 0 {
                         break;
                     }
