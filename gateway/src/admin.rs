@@ -443,19 +443,29 @@ pub fn revoke_key(user: &str) -> Vec<u8> {
     k
 }
 
-/// Whether a token of `user` issued at `iat_ms` was revoked. A store error counts as not
-/// revoked (logged), like [`banned`].
-pub fn revoked(store: &dyn tern_storage::MessageStore, user: &str, iat_ms: u64) -> bool {
+/// The end of the last revocation of `user`'s tokens: tokens issued at or before it are refused.
+/// A store error counts as no revocation (logged), like [`banned`].
+fn revoked_until(store: &dyn tern_storage::MessageStore, user: &str) -> Option<u64> {
     match store.meta(&revoke_key(user)) {
-        Ok(Some(v)) => {
-            <[u8; 8]>::try_from(v.as_ref()).is_ok_and(|b| iat_ms <= u64::from_be_bytes(b))
-        }
-        Ok(None) => false,
+        Ok(Some(v)) => <[u8; 8]>::try_from(v.as_ref()).ok().map(u64::from_be_bytes),
+        Ok(None) => None,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read a token revocation");
-            false
+            None
         }
     }
+}
+
+/// Whether a token of `user` issued at `iat_ms` was revoked.
+pub fn revoked(store: &dyn tern_storage::MessageStore, user: &str, iat_ms: u64) -> bool {
+    revoked_until(store, user).is_some_and(|until| iat_ms <= until)
+}
+
+/// The issue time (`iat_ms`) of a token the gateway mints for `user` at `now_ms`: later than the
+/// last revocation, so a token issued after a revocation works even within the same millisecond
+/// (or when the revocation was stamped by a clock running ahead).
+pub fn issue_time(store: &dyn tern_storage::MessageStore, user: &str, now_ms: u64) -> u64 {
+    revoked_until(store, user).map_or(now_ms, |until| now_ms.max(until.saturating_add(1)))
 }
 
 /// Whether `user` is banned at `now_ms`. A store error counts as not banned (logins do not
@@ -495,5 +505,46 @@ async fn answer_of(codec: &Codec, out: &Outbound, rid: u64) -> Option<Frame> {
                 return Some(frame);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_storage::{MessageStore, MetaChange};
+
+    #[test]
+    fn tokens_minted_after_a_revocation_are_not_revoked_even_in_its_millisecond() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = tern_storage::RocksStore::open(
+            dir.path(),
+            tern_storage::StoreOptions::with_durability(tern_storage::Durability::Memory),
+        )
+        .unwrap();
+        // No revocation: the clock's time, nothing refused.
+        assert_eq!(issue_time(&store, "alice", 5_000), 5_000);
+        assert!(!revoked(&store, "alice", 0));
+        let revoke = |at: u64| {
+            store
+                .set_meta(vec![MetaChange {
+                    key: revoke_key("alice").into(),
+                    value: Some(bytes::Bytes::copy_from_slice(&at.to_be_bytes())),
+                }])
+                .wait()
+                .unwrap();
+        };
+        // Revoked at 5,000: a token of that millisecond was issued before it, one the gateway
+        // mints in it is stamped just after.
+        revoke(5_000);
+        assert!(revoked(&store, "alice", 5_000));
+        assert!(!revoked(&store, "alice", 5_001));
+        assert_eq!(issue_time(&store, "alice", 5_000), 5_001);
+        // A revocation stamped ahead of this clock.
+        revoke(9_000);
+        assert_eq!(issue_time(&store, "alice", 5_000), 9_001);
+        // Later clocks keep their time; other users are not affected.
+        assert_eq!(issue_time(&store, "alice", 12_000), 12_000);
+        assert_eq!(issue_time(&store, "bob", 5_000), 5_000);
+        assert!(!revoked(&store, "bob", 1));
     }
 }

@@ -541,7 +541,7 @@ async fn issue_token(
             sub: user.clone(),
             exp,
             dev: req.device,
-            iat_ms: crate::core::now_ms(),
+            iat_ms: crate::admin::issue_time(&*st.store, &user, crate::core::now_ms()),
         },
     );
     Ok(axum::Json(
