@@ -1,13 +1,16 @@
 //! The in-memory idempotency index shared by both stores.
 
 use std::collections::VecDeque;
-
-// ahash: fast, and randomly keyed so client-chosen ids cannot be used for hash flooding.
-type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ids::{ConversationId, Seq, UserId};
+use crate::sharded::ShardedMap;
+
+/// Entries of the eviction order allocated up front (at most; fewer with a smaller window):
+/// the order then never doubles and copies a full queue while appends wait. Untouched, the
+/// reservation costs address space, not memory.
+const ORDER_RESERVE: usize = 1 << 20;
 
 /// How long an idempotent append is remembered.
 ///
@@ -52,7 +55,9 @@ pub(crate) type DedupKey = (UserId, Arc<str>);
 #[derive(Debug)]
 pub(crate) struct DedupIndex {
     window: DedupWindow,
-    map: HashMap<DedupKey, DedupEntry>,
+    /// Sharded: it holds up to `max_entries` (a million by default) and must not stall the
+    /// writer while it grows.
+    map: ShardedMap<DedupKey, DedupEntry>,
     /// Insertion order (= version order) for eviction.
     order: VecDeque<(DedupKey, u64 /* time */, u64 /* version */)>,
 }
@@ -61,8 +66,8 @@ impl DedupIndex {
     pub fn new(window: DedupWindow) -> Self {
         DedupIndex {
             window,
-            map: HashMap::default(),
-            order: VecDeque::new(),
+            map: ShardedMap::default(),
+            order: VecDeque::with_capacity(window.max_entries.min(ORDER_RESERVE)),
         }
     }
 

@@ -217,6 +217,8 @@ mod mem;
 mod record;
 #[cfg(feature = "store")]
 mod rocks;
+#[cfg(feature = "mem")]
+mod sharded;
 
 #[cfg(feature = "mem")]
 pub use api::{

@@ -460,6 +460,10 @@ impl RocksStore {
         db_opts.increase_parallelism(2);
         db_opts.set_max_background_jobs(2);
         db_opts.set_max_total_wal_size(512 << 20);
+        // Flushes and compactions hand their files to the disk every MiB instead of in one
+        // burst at the end, which queued the WAL's fsyncs (every acknowledged append) behind
+        // tens of megabytes.
+        db_opts.set_bytes_per_sync(1 << 20);
         // A full disk needs no reopen: on a "no space" error RocksDB refuses writes, and the
         // SstFileManager it creates by default checks the free space every 5 s and, once the
         // largest memtable's size is free, resumes them (it flushes the memtables and starts

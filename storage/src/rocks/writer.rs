@@ -71,6 +71,7 @@ use crate::record::{
     MessageRecord, UserConvRecord, cursor_key, decode_record, encode_journal_header, encode_record,
     encode_u64, msg_key, pair_key, push_journal_entry, relation_key,
 };
+use crate::sharded::ShardedMap;
 
 /// Journal records are trimmed in chunks of this many to keep range tombstones rare.
 const JOURNAL_TRIM_CHUNK: usize = 64;
@@ -330,12 +331,14 @@ pub(crate) struct Writer {
     cache_entries: usize,
     /// Latest assigned seq per conversation (committed, or in a batch built and not yet
     /// committed).
-    heads: HashMap<ConversationId, Seq>,
+    /// These caches hold up to `cache_entries` each: sharded, so that growing does not stall
+    /// the writer.
+    heads: ShardedMap<ConversationId, Seq>,
     /// Cached user-conversation records (absent = not cached, look in the database).
-    user_convs: HashMap<(UserId, ConversationId), UserConvRecord>,
+    user_convs: ShardedMap<(UserId, ConversationId), UserConvRecord>,
     /// Cached delivered cursors and memberships (as `heads`: committed or built).
-    cursors: HashMap<Vec<u8>, Seq>,
-    members: HashMap<(GroupId, UserId), bool>,
+    cursors: ShardedMap<Vec<u8>, Seq>,
+    members: ShardedMap<(GroupId, UserId), bool>,
     dedup: DedupIndex,
     /// Dedup journal records in the database (or in a built batch): (key, highest version
     /// inside).
@@ -404,10 +407,10 @@ impl Writer {
             epoch: 0,
             max_batch: opts.max_batch.max(1),
             cache_entries: opts.cache_entries.max(1),
-            heads: HashMap::default(),
-            user_convs: HashMap::default(),
-            cursors: HashMap::default(),
-            members: HashMap::default(),
+            heads: ShardedMap::default(),
+            user_convs: ShardedMap::default(),
+            cursors: ShardedMap::default(),
+            members: ShardedMap::default(),
             dedup,
             journal: journal.into(),
             version,
