@@ -274,7 +274,7 @@ async fn sync_needed_and_explicit_sync_start_from_the_stored_position() {
 #[tokio::test]
 async fn pings_when_idle() {
     let server = FakeServer::start().await;
-    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(50));
+    let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(300));
     let (client, mut peer) = (client.unwrap(), peer);
     let frame = peer.recv().await.unwrap();
     let Some(Body::Ping(ping)) = frame.body else {

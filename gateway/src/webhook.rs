@@ -1120,6 +1120,9 @@ mod tests {
             url: url.to_owned(),
             secret: SECRET.to_owned(),
             retry_base_ms: 1,
+            // Before-send answers must not time out on a loaded machine (the timeout test sets
+            // its own).
+            before_send_timeout_ms: 10_000,
             ..WebhookConfig::default()
         }
     }

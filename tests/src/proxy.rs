@@ -523,7 +523,7 @@ mod tests {
     use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
 
     /// Upper bound on a wait for something that should happen at once.
-    const PATIENCE: Duration = Duration::from_secs(2);
+    const PATIENCE: Duration = crate::WAIT;
     /// How long a read must stay empty to show that nothing is coming.
     const QUIET: Duration = Duration::from_millis(300);
 

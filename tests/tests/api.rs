@@ -386,19 +386,26 @@ fn send_as_system_and_as_user_reaches_devices_with_sequence_numbers() {
 #[test]
 fn tokens_kick_and_stats() {
     let gw = Gateway::start(&["--cores", "2"]);
+    let secs = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let before = secs();
     let got = ok(gw.api_call(
         "POST",
         "/v1/users/carol/token",
         Some(&json!({"ttl_secs": 600, "device": "tablet"})),
     ));
+    let after = secs();
     assert_eq!(got["user"], json!("carol"));
     let token = got["token"].as_str().unwrap().to_string();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
     let exp = got["expires_at"].as_u64().unwrap();
-    assert!((now + 599..=now + 601).contains(&exp), "{exp} vs {now}");
+    assert!(
+        (before + 600..=after + 600).contains(&exp),
+        "{exp} vs {before}..={after}"
+    );
     // The token logs in, for its device only.
     let (mut carol, ok_hello) = gw.login(Via::Tcp, &token, "tablet");
     assert_eq!(ok_hello.user_id, "carol");

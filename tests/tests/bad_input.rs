@@ -247,7 +247,7 @@ fn login_timeout_and_replaced_device() {
     let cfg = dir.path().join("tern.toml");
     std::fs::write(
         &cfg,
-        "login_timeout_ms = 200\nheartbeat_interval_ms = 100\nidle_timeout_ms = 400\n",
+        "login_timeout_ms = 200\nheartbeat_interval_ms = 100\nidle_timeout_ms = 1500\n",
     )
     .unwrap();
     let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);

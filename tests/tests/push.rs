@@ -141,9 +141,11 @@ fn a_push_to_a_tag_reaches_exactly_the_tagged_devices_online_and_later_within_it
 fn an_offline_device_gets_a_push_within_its_ttl_and_not_after_it() {
     let gw = Gateway::start(&["--cores", "2"]);
     tag(&gw, "beta", json!([{"user": "gina"}, {"user": "hal"}]));
+    // Tokens first: gina must log in within the short ttl, with nothing slow in between.
+    let (gina_token, hal_token) = (gw.token("gina"), gw.token("hal"));
     let short = push(
         &gw,
-        json!({"tags": ["beta"], "text": "short", "ttl_secs": 1}),
+        json!({"tags": ["beta"], "text": "short", "ttl_secs": 3}),
     );
     let long = push(
         &gw,
@@ -159,7 +161,7 @@ fn an_offline_device_gets_a_push_within_its_ttl_and_not_after_it() {
     assert!(short_id < long_id);
 
     // gina logs in within the short push's ttl: both, oldest first.
-    let mut gina = login(&gw, "gina", "phone");
+    let mut gina = gw.login(Via::Tcp, &gina_token, "phone").0;
     assert_eq!(expect_push(&mut gina).push_id, short_id);
     assert_eq!(expect_push(&mut gina).push_id, long_id);
     gina.nothing_pending();
@@ -174,7 +176,7 @@ fn an_offline_device_gets_a_push_within_its_ttl_and_not_after_it() {
     if expires >= now {
         std::thread::sleep(std::time::Duration::from_millis(expires - now + 5));
     }
-    let mut hal = login(&gw, "hal", "phone");
+    let mut hal = gw.login(Via::Tcp, &hal_token, "phone").0;
     assert_eq!(expect_push(&mut hal).push_id, long_id);
     hal.nothing_pending();
 }

@@ -106,7 +106,7 @@ fn gateway(url: &str, secret: &str, fail_open: bool) -> (Gateway, tempfile::Temp
         &cfg,
         format!(
             "{NO_RATE_LIMITS}[webhook]\nurl = {url:?}\nsecret = {secret:?}\nbefore_send = true\n\
-             fail_open = {fail_open}\nretry_base_ms = 10\n"
+             fail_open = {fail_open}\nretry_base_ms = 10\nbefore_send_timeout_ms = 10000\n"
         ),
     )
     .unwrap();
