@@ -454,7 +454,8 @@ impl Core {
     }
 
     /// Ends sessions that sent nothing for `idle_timeout`. One sweep per core instead of a timer
-    /// per connection: idle connections cost no timer, and reads arm nothing.
+    /// per connection: idle connections cost no timer, and reads arm nothing. Also frees the
+    /// buffers of empty outbound queues.
     pub async fn run_idle_sweep(self: Rc<Self>) {
         let idle = self.cfg.idle_timeout_ms;
         let period = std::time::Duration::from_millis((idle / 4).clamp(10, 1000));
@@ -469,6 +470,7 @@ impl Core {
                 if s.ending.get() {
                     continue;
                 }
+                s.out.release_if_empty();
                 if now.saturating_sub(s.last_active.get()) > idle {
                     s.out.push(kick.clone());
                     s.end();

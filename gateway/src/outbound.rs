@@ -151,9 +151,14 @@ impl Outbound {
 
     /// Waits until fewer than `cap` frames are queued. The reader calls it before each request,
     /// so a client that does not read its socket stops being read too.
+    /// Whether [`Outbound::wait_room`] would return at once.
+    pub fn has_room(&self) -> bool {
+        self.closed.get() || self.queue.borrow().len() < self.cap
+    }
+
     pub async fn wait_room(&self) {
         std::future::poll_fn(|cx| {
-            if self.closed.get() || self.queue.borrow().len() < self.cap {
+            if self.has_room() {
                 Poll::Ready(())
             } else {
                 self.space.borrow_mut().push(cx.waker().clone());
@@ -288,6 +293,19 @@ impl Outbound {
             w.wake();
         }
         true
+    }
+
+    /// Frees the buffers of an empty queue. The core's idle sweep calls it, so an idle
+    /// connection keeps none, and a busy one allocates them again at most once a sweep.
+    pub fn release_if_empty(&self) {
+        let mut q = self.queue.borrow_mut();
+        if q.is_empty() && q.capacity() > 0 {
+            *q = VecDeque::new();
+        }
+        let mut space = self.space.borrow_mut();
+        if space.is_empty() && space.capacity() > 0 {
+            *space = Vec::new();
+        }
     }
 
     /// For the writer: takes the first queued frame if it is at least `min` bytes long, to be
@@ -438,6 +456,23 @@ mod tests {
         assert_eq!(buf, [1]);
         assert_eq!(out.pop_large(4), Some(Bytes::from(vec![2; 4])));
         assert_eq!(out.len(), 0);
+    }
+
+    #[test]
+    fn an_empty_queue_gives_its_buffer_back() {
+        let out = Outbound::new(16);
+        out.push(b(1));
+        out.release_if_empty();
+        assert!(out.queue.borrow().capacity() > 0, "a queued frame keeps it");
+        let mut buf = Vec::new();
+        assert!(out.drain_into(&mut buf, usize::MAX));
+        assert!(out.queue.borrow().capacity() > 0);
+        out.release_if_empty();
+        assert_eq!(out.queue.borrow().capacity(), 0);
+        out.push(b(2));
+        buf.clear();
+        assert!(out.drain_into(&mut buf, usize::MAX));
+        assert_eq!(buf, [2]);
     }
 
     #[test]

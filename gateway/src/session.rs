@@ -600,7 +600,9 @@ async fn run_session(
         Box::pin(ctx.sync(login.request_id, login.sync_version, 0, Some(user_version))).await;
     }
     ctx.read_loop(&stream, inbuf).await;
-    ctx.unfollow_all().await;
+    // Boxed: its cross-core sends are large, and inline they would be part of the session's
+    // future, and so of every idle connection's task, for the whole session.
+    Box::pin(ctx.unfollow_all()).await;
 
     // Tear down: unregister, let the writer flush (bounded), close.
     {
@@ -857,7 +859,15 @@ impl Ctx {
                         // Only whole frames count as activity: a client trickling a frame byte
                         // by byte is closed by the idle timeout.
                         self.session.last_active.set(now_ms());
-                        self.session.out.wait_room().await;
+                        // A decoded frame is large: boxed while it waits for room, so that
+                        // it is not part of every idle connection's task.
+                        let frame = if self.session.out.has_room() {
+                            frame
+                        } else {
+                            let frame = Box::new(frame);
+                            self.session.out.wait_room().await;
+                            *frame
+                        };
                         // Boxed: request handling has the largest state of the session; inline
                         // it would be carried by every idle connection's task.
                         if !Box::pin(self.handle(frame)).await {
