@@ -461,10 +461,11 @@ pub fn revoked(store: &dyn tern_storage::MessageStore, user: &str, iat_ms: u64) 
     revoked_until(store, user).is_some_and(|until| iat_ms <= until)
 }
 
-/// The issue time (`iat_ms`) of a token the gateway mints for `user` at `now_ms`: later than the
-/// last revocation, so a token issued after a revocation works even within the same millisecond
-/// (or when the revocation was stamped by a clock running ahead).
-pub fn issue_time(store: &dyn tern_storage::MessageStore, user: &str, now_ms: u64) -> u64 {
+/// `now_ms`, or just after `user`'s last revocation if that is later. The gateway stamps with
+/// it both the tokens it mints (`iat_ms`), so that one issued after a revocation works even
+/// within the same millisecond (or when the revocation was stamped by a clock running ahead),
+/// and a new revocation, so that it covers every token minted before it.
+pub fn after_revocation(store: &dyn tern_storage::MessageStore, user: &str, now_ms: u64) -> u64 {
     revoked_until(store, user).map_or(now_ms, |until| now_ms.max(until.saturating_add(1)))
 }
 
@@ -522,7 +523,7 @@ mod tests {
         )
         .unwrap();
         // No revocation: the clock's time, nothing refused.
-        assert_eq!(issue_time(&store, "alice", 5_000), 5_000);
+        assert_eq!(after_revocation(&store, "alice", 5_000), 5_000);
         assert!(!revoked(&store, "alice", 0));
         let revoke = |at: u64| {
             store
@@ -538,13 +539,17 @@ mod tests {
         revoke(5_000);
         assert!(revoked(&store, "alice", 5_000));
         assert!(!revoked(&store, "alice", 5_001));
-        assert_eq!(issue_time(&store, "alice", 5_000), 5_001);
+        assert_eq!(after_revocation(&store, "alice", 5_000), 5_001);
         // A revocation stamped ahead of this clock.
         revoke(9_000);
-        assert_eq!(issue_time(&store, "alice", 5_000), 9_001);
+        assert_eq!(after_revocation(&store, "alice", 5_000), 9_001);
+        // A second revocation in the same millisecond covers the token minted after the first.
+        revoke(after_revocation(&store, "alice", 5_000));
+        assert!(revoked(&store, "alice", 9_001));
+        assert!(!revoked(&store, "alice", 9_002));
         // Later clocks keep their time; other users are not affected.
-        assert_eq!(issue_time(&store, "alice", 12_000), 12_000);
-        assert_eq!(issue_time(&store, "bob", 5_000), 5_000);
+        assert_eq!(after_revocation(&store, "alice", 12_000), 12_000);
+        assert_eq!(after_revocation(&store, "bob", 5_000), 5_000);
         assert!(!revoked(&store, "bob", 1));
     }
 }

@@ -541,7 +541,7 @@ async fn issue_token(
             sub: user.clone(),
             exp,
             dev: req.device,
-            iat_ms: crate::admin::issue_time(&*st.store, &user, crate::core::now_ms()),
+            iat_ms: crate::admin::after_revocation(&*st.store, &user, crate::core::now_ms()),
         },
     );
     Ok(axum::Json(
@@ -635,7 +635,8 @@ async fn unban(State(st): State<Arc<ApiState>>, Path(user): Path<String>) -> Api
 /// afterwards work. Stored, so it survives restarts.
 async fn revoke_tokens(State(st): State<Arc<ApiState>>, Path(user): Path<String>) -> ApiResult {
     check_user(&user)?;
-    let at = crate::core::now_ms();
+    // After the last revocation: it must cover tokens minted just after that one.
+    let at = crate::admin::after_revocation(&*st.store, &user, crate::core::now_ms());
     st.store
         .set_meta(vec![tern_storage::MetaChange {
             key: crate::admin::revoke_key(&user).into(),

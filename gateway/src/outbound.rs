@@ -149,13 +149,13 @@ impl Outbound {
         true
     }
 
-    /// Waits until fewer than `cap` frames are queued. The reader calls it before each request,
-    /// so a client that does not read its socket stops being read too.
     /// Whether [`Outbound::wait_room`] would return at once.
     pub fn has_room(&self) -> bool {
         self.closed.get() || self.queue.borrow().len() < self.cap
     }
 
+    /// Waits until fewer than `cap` frames are queued. The reader calls it before each request,
+    /// so a client that does not read its socket stops being read too.
     pub async fn wait_room(&self) {
         std::future::poll_fn(|cx| {
             if self.has_room() {

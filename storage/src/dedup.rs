@@ -84,11 +84,13 @@ impl DedupIndex {
         if self.window.max_entries == 0 {
             return;
         }
-        self.order.push_back((key.clone(), e.time_ms, e.version));
-        self.map.insert(key, e);
-        while self.order.len() > self.window.max_entries {
+        // Evict first, so the order never holds more than `max_entries` (nor outgrows its
+        // reservation).
+        while self.order.len() >= self.window.max_entries {
             self.pop_front();
         }
+        self.order.push_back((key.clone(), e.time_ms, e.version));
+        self.map.insert(key, e);
     }
 
     /// Drops entries that left the window by age.
@@ -170,5 +172,23 @@ mod tests {
         d.rollback(3);
         assert_eq!(d.len(), 0);
         assert_eq!(d.get(&k("c"), 1050), None);
+    }
+
+    #[test]
+    fn a_full_window_keeps_its_reservation() {
+        let mut d = DedupIndex::new(DedupWindow {
+            max_entries: 100,
+            max_age: Duration::from_secs(60),
+        });
+        let reserved = d.order.capacity();
+        assert!(reserved >= 100);
+        for i in 0..1_000u64 {
+            d.insert((1, Arc::from(format!("m{i}"))), e(i + 1, 1000));
+        }
+        assert_eq!(d.len(), 100);
+        assert_eq!(d.order.capacity(), reserved);
+        assert_eq!(d.oldest_version(), Some(901));
+        assert_eq!(d.get(&(1, Arc::from("m899")), 1000), None);
+        assert_eq!(d.get(&(1, Arc::from("m900")), 1000), Some(e(901, 1000)));
     }
 }
