@@ -517,9 +517,9 @@ impl Core {
             } => {
                 let stream = crate::sys::adopt_stream(fd);
                 let core = self.clone();
-                glommio::spawn_local(async move {
-                    crate::session::run_adopted(core, stream, leftover, login, slot).await;
-                })
+                glommio::spawn_local(crate::session::run_adopted(
+                    core, stream, leftover, login, slot,
+                ))
                 .detach();
             }
             ShardMsg::AdoptRelay {
@@ -530,10 +530,8 @@ impl Core {
             } => {
                 let relay = Relay::open(self, id, from);
                 let core = self.clone();
-                glommio::spawn_local(async move {
-                    crate::session::run_relayed(core, relay, leftover, login).await;
-                })
-                .detach();
+                glommio::spawn_local(crate::session::run_relayed(core, relay, leftover, login))
+                    .detach();
             }
             ShardMsg::Relay { id, event } => {
                 let relay = self.relays.borrow().get(&id).cloned();

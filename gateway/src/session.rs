@@ -119,6 +119,28 @@ async fn write_all(stream: &Stream, buf: &[u8]) -> std::io::Result<()> {
     write_all_within(stream, buf, Duration::MAX).await
 }
 
+/// Writes to a plain TCP socket what it takes without waiting, and returns how much that was
+/// (0 for the other transports: their writes may need a flush, and go through
+/// [`write_all_within`]).
+fn write_now(stream: &Stream, buf: &[u8]) -> std::io::Result<usize> {
+    let mut s = stream.borrow_mut();
+    if !matches!(&*s, Transport::Tcp(_)) {
+        return Ok(0);
+    }
+    // Nothing waits on this context: a write that would block is retried with a real waker.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut n = 0;
+    while n < buf.len() {
+        match s.poll_write(&mut cx, &buf[n..]) {
+            Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(k)) => n += k,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => break,
+        }
+    }
+    Ok(n)
+}
+
 /// Writes all of `buf`, failing with `TimedOut` if the socket accepts nothing for `stall`.
 async fn write_all_within(stream: &Stream, mut buf: &[u8], stall: Duration) -> std::io::Result<()> {
     while !buf.is_empty() {
@@ -377,14 +399,16 @@ fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static 
     })
 }
 
-/// A connection handed over by another core.
-pub async fn run_adopted(
+/// A connection handed over by another core. A plain function returning the session's future
+/// (not an `async fn`): an async wrapper would keep its own copy of the arguments beside the
+/// session's state for as long as the connection lives.
+pub fn run_adopted(
     core: Rc<Core>,
     stream: TcpStream,
     leftover: Vec<u8>,
     login: Login,
     slot: ConnSlot,
-) {
+) -> impl Future<Output = ()> {
     let count = ConnCount::new(&core);
     let span =
         tracing::info_span!("conn", core = core.id, user = %login.user, device = %login.device);
@@ -397,12 +421,16 @@ pub async fn run_adopted(
         Some(slot),
     )
     .instrument(span)
-    .await;
 }
 
 /// A QUIC session relayed from the core that holds its connection (which counts it against
-/// the connection limits).
-pub async fn run_relayed(core: Rc<Core>, relay: Rc<Relay>, leftover: Vec<u8>, login: Login) {
+/// the connection limits). A plain function, as [`run_adopted`].
+pub fn run_relayed(
+    core: Rc<Core>,
+    relay: Rc<Relay>,
+    leftover: Vec<u8>,
+    login: Login,
+) -> impl Future<Output = ()> {
     let count = ConnCount::new(&core);
     let span = tracing::info_span!("conn", core = core.id, user = %login.user, device = %login.device, relay = relay.id);
     run_session(
@@ -414,7 +442,6 @@ pub async fn run_relayed(core: Rc<Core>, relay: Rc<Relay>, leftover: Vec<u8>, lo
         None,
     )
     .instrument(span)
-    .await;
 }
 
 /// Accepts TLS-over-TCP connections until shutdown: the TLS handshake must complete within
@@ -753,7 +780,14 @@ async fn write_loop(core: Rc<Core>, stream: Stream, session: Rc<SessionHandle>) 
             None => continue,
         };
         let stall = Duration::from_millis(core.cfg.write_timeout_ms);
-        match write_all_within(&stream, bytes, stall).await {
+        let written = match write_now(&stream, bytes) {
+            Ok(n) if n == bytes.len() => Ok(()),
+            // The socket is full (or not plain TCP): wait for it. Boxed, so that the waiting
+            // write's state is not part of every idle writer's task.
+            Ok(n) => Box::pin(write_all_within(&stream, &bytes[n..], stall)).await,
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(()) => {}
             Err(e) if e.kind() != std::io::ErrorKind::TimedOut => {
                 debug!(error = %e, "write failed");
