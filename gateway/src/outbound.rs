@@ -54,22 +54,24 @@ pub struct Outbound {
 
 /// Highest sequence sent per conversation. The conversation used last is kept inline, the others
 /// in a map: a group fan-out offers one message to thousands of sessions, and reading each
-/// session's map cost a cache miss per delivery. 0 means nothing sent.
+/// session's map cost a cache miss per delivery. 0 means nothing sent. The map is boxed, and
+/// made only once a second conversation is used: inline it would be part of every connection.
 #[derive(Debug, Default)]
 struct Highs {
     conv: u64,
     seq: u64,
-    rest: crate::FastMap<u64, u64>,
+    rest: Option<Box<crate::FastMap<u64, u64>>>,
 }
 
 impl Highs {
     /// The highest sequence sent in `conv`, made the inline entry.
     fn slot(&mut self, conv: u64) -> &mut u64 {
         if conv != self.conv {
+            let rest = self.rest.get_or_insert_default();
             if self.seq > 0 {
-                self.rest.insert(self.conv, self.seq);
+                rest.insert(self.conv, self.seq);
             }
-            self.seq = self.rest.remove(&conv).unwrap_or(0);
+            self.seq = rest.remove(&conv).unwrap_or(0);
             self.conv = conv;
         }
         &mut self.seq
@@ -429,6 +431,9 @@ mod tests {
     #[test]
     fn highs_keep_every_conversation_across_switches() {
         let mut h = Highs::default();
+        *h.slot(0) = 3;
+        assert!(h.rest.is_none(), "one conversation needs no map");
+        *h.slot(0) = 0;
         *h.slot(7) = 5;
         *h.slot(9) = 2;
         assert_eq!(*h.slot(7), 5);
@@ -436,7 +441,7 @@ mod tests {
         assert_eq!(*h.slot(11), 0);
         assert_eq!(*h.slot(0), 0);
         assert_eq!(
-            h.rest.len(),
+            h.rest.as_ref().map_or(0, |r| r.len()),
             2,
             "conversations with nothing sent are not stored"
         );

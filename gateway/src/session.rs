@@ -548,123 +548,132 @@ pub async fn quic_accept_loop(core: Rc<Core>, listener: tern_quic::Listener) {
 }
 
 /// The logged-in session on the user's core.
-async fn run_session(
+///
+/// A plain function returning an `async` block rather than an `async fn`: an `async fn` keeps
+/// its arguments twice in its state (as arguments and as locals), for the whole session.
+#[allow(clippy::manual_async_fn)] // see above: an `async fn` stores its arguments twice
+fn run_session(
     core: Rc<Core>,
     stream: Stream,
     inbuf: BytesMut,
     login: Login,
-    _count: ConnCount,
-    _slot: Option<ConnSlot>,
-) {
-    let user = match core.store.intern_user(&login.user) {
-        Ok(u) => u,
-        Err(e) => {
-            warn!(error = %e, "cannot register user");
-            let f = Frame::error(login.request_id, ErrorCode::Internal, "server error", true);
-            Box::pin(close_with(&core, &stream, &f)).await;
-            return;
-        }
-    };
-    // Register (kicking an older connection of the same device) before anything can be
-    // committed for this session, so that sync + live push cover every message.
-    let registered = register(&core, user, &login, stream.borrow().raw_fd().unwrap_or(-1));
-    let session = match registered {
-        Ok(session) => session,
-        Err((code, message)) => {
-            let f = Frame::error(login.request_id, code, message, true);
-            Box::pin(close_with(&core, &stream, &f)).await;
-            return;
-        }
-    };
-    core.groups_online(user);
-    core.presence_changed(user);
-    core.m()
-        .logins
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if core.webhooks.wants(crate::webhook::LOGIN) {
-        core.webhooks.emit(
-            crate::webhook::LOGIN,
-            serde_json::json!({"user": &login.user, "device": &login.device, "session_id": session.logical}),
-        );
-    }
-    let user_name: Arc<str> = Arc::from(login.user.as_str());
-    info!(session = session.id, logical = session.logical, "logged in");
-    let writer = glommio::spawn_local(write_loop(core.clone(), stream.clone(), session.clone()));
-    let user_version = core.store.user_version(user).unwrap_or(0);
-    session.out.push(core.encode(&Frame::new(
-        login.request_id,
-        HelloOk {
-            user_id: login.user.clone(),
-            device_id: login.device.clone(),
-            session_id: session.logical,
-            server_time_ms: now_ms(),
-            user_version,
-            max_frame_bytes: core.cfg.max_frame_bytes,
-            max_payload_bytes: core.cfg.max_payload_bytes,
-            heartbeat_interval_ms: core.cfg.heartbeat_interval_ms,
-        },
-    )));
-    let mut ctx = Ctx {
-        core: core.clone(),
-        session: session.clone(),
-        user,
-        user_name,
-        acks: Vec::new(),
-        sends: Gcra::default(),
-        requests: Gcra::default(),
-        read_bytes: Gcra::default(),
-        following: HashMap::new(),
-        api: false,
-        admin: false,
-        platform: login.platform,
-    };
-    if login.resume == 0 {
-        core.send_pending_pushes(&session, &login.user);
-    }
-    if login.sync_on_login {
-        // begin_sync happens before the first await inside, so no live message slips between
-        // registration and the sync.
-        Box::pin(ctx.sync(login.request_id, login.sync_version, 0, Some(user_version))).await;
-    }
-    ctx.read_loop(&stream, inbuf).await;
-    // Boxed: its cross-core sends are large, and inline they would be part of the session's
-    // future, and so of every idle connection's task, for the whole session.
-    Box::pin(ctx.unfollow_all()).await;
-
-    // Tear down: unregister, let the writer flush (bounded), close.
-    {
-        let mut users = core.users.borrow_mut();
-        if let Some(list) = users.get_mut(&user) {
-            list.retain(|s| s.id != session.id);
-            if list.is_empty() {
-                users.remove(&user);
-                core.user_rates.borrow_mut().remove(&user);
-                core.groups_offline(user);
+    count: ConnCount,
+    slot: Option<ConnSlot>,
+) -> impl Future<Output = ()> {
+    async move {
+        // Captured, so held (counted against the limits) until the session ends.
+        let _ = (&count, &slot);
+        let user = match core.store.intern_user(&login.user) {
+            Ok(u) => u,
+            Err(e) => {
+                warn!(error = %e, "cannot register user");
+                let f = Frame::error(login.request_id, ErrorCode::Internal, "server error", true);
+                Box::pin(close_with(&core, &stream, &f)).await;
+                return;
             }
+        };
+        // Register (kicking an older connection of the same device) before anything can be
+        // committed for this session, so that sync + live push cover every message.
+        let registered = register(&core, user, &login, stream.borrow().raw_fd().unwrap_or(-1));
+        let session = match registered {
+            Ok(session) => session,
+            Err((code, message)) => {
+                let f = Frame::error(login.request_id, code, message, true);
+                Box::pin(close_with(&core, &stream, &f)).await;
+                return;
+            }
+        };
+        core.groups_online(user);
+        core.presence_changed(user);
+        core.m()
+            .logins
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if core.webhooks.wants(crate::webhook::LOGIN) {
+            core.webhooks.emit(
+                crate::webhook::LOGIN,
+                serde_json::json!({"user": &login.user, "device": &login.device, "session_id": session.logical}),
+            );
         }
-        core.sessions.borrow_mut().remove(&session.id);
+        let user_name: Arc<str> = Arc::from(login.user.as_str());
+        info!(session = session.id, logical = session.logical, "logged in");
+        let writer =
+            glommio::spawn_local(write_loop(core.clone(), stream.clone(), session.clone()));
+        let user_version = core.store.user_version(user).unwrap_or(0);
+        session.out.push(core.encode(&Frame::new(
+            login.request_id,
+            HelloOk {
+                user_id: login.user.clone(),
+                device_id: login.device.clone(),
+                session_id: session.logical,
+                server_time_ms: now_ms(),
+                user_version,
+                max_frame_bytes: core.cfg.max_frame_bytes,
+                max_payload_bytes: core.cfg.max_payload_bytes,
+                heartbeat_interval_ms: core.cfg.heartbeat_interval_ms,
+            },
+        )));
+        let mut ctx = Ctx {
+            core: core.clone(),
+            session: session.clone(),
+            user,
+            user_name,
+            acks: Vec::new(),
+            sends: Gcra::default(),
+            requests: Gcra::default(),
+            read_bytes: Gcra::default(),
+            following: HashMap::new(),
+            api: false,
+            admin: false,
+            platform: login.platform,
+        };
+        if login.resume == 0 {
+            core.send_pending_pushes(&session, &login.user);
+        }
+        if login.sync_on_login {
+            // begin_sync happens before the first await inside, so no live message slips between
+            // registration and the sync.
+            Box::pin(ctx.sync(login.request_id, login.sync_version, 0, Some(user_version))).await;
+        }
+        ctx.read_loop(&stream, inbuf).await;
+        // Boxed: its cross-core sends are large, and inline they would be part of the session's
+        // future, and so of every idle connection's task, for the whole session.
+        Box::pin(ctx.unfollow_all()).await;
+
+        // Tear down: unregister, let the writer flush (bounded), close.
+        {
+            let mut users = core.users.borrow_mut();
+            if let Some(list) = users.get_mut(&user) {
+                list.retain(|s| s.id != session.id);
+                if list.is_empty() {
+                    users.remove(&user);
+                    core.user_rates.borrow_mut().remove(&user);
+                    core.groups_offline(user);
+                }
+            }
+            core.sessions.borrow_mut().remove(&session.id);
+        }
+        core.presence_changed(user);
+        core.leave_all_rooms(&session);
+        if core.webhooks.wants(crate::webhook::LOGOUT) {
+            core.webhooks.emit(
+                crate::webhook::LOGOUT,
+                serde_json::json!({"user": &login.user, "device": &login.device, "session_id": session.logical}),
+            );
+        }
+        session.out.close();
+        let _ = future::or(
+            async {
+                writer.await;
+            },
+            glommio::timer::sleep(Duration::from_millis(
+                core.cfg.shutdown_timeout_ms.min(2000),
+            )),
+        )
+        .await;
+        stream.borrow_mut().shutdown(std::net::Shutdown::Both);
+        core.wake_completions();
+        info!(session = session.id, "closed");
     }
-    core.presence_changed(user);
-    core.leave_all_rooms(&session);
-    if core.webhooks.wants(crate::webhook::LOGOUT) {
-        core.webhooks.emit(
-            crate::webhook::LOGOUT,
-            serde_json::json!({"user": &login.user, "device": &login.device, "session_id": session.logical}),
-        );
-    }
-    session.out.close();
-    let _ = future::or(
-        async {
-            writer.await;
-        },
-        glommio::timer::sleep(Duration::from_millis(
-            core.cfg.shutdown_timeout_ms.min(2000),
-        )),
-    )
-    .await;
-    stream.borrow_mut().shutdown(std::net::Shutdown::Both);
-    core.wake_completions();
-    info!(session = session.id, "closed");
 }
 
 /// Most connections one logical session may have at once (a dual-channel client uses two; a
@@ -761,46 +770,55 @@ fn register(
 /// Bytes a session's writer gathers into one write.
 const WRITE_CHUNK: usize = 64 << 10;
 
-async fn write_loop(core: Rc<Core>, stream: Stream, session: Rc<SessionHandle>) {
-    let out = &session.out;
-    loop {
-        out.wait_ready().await;
-        if out.take_sync_needed() {
-            let v = core.store.user_version(session.user).unwrap_or(0);
-            out.push(core.encode(&Frame::new(0, SyncNeeded { user_version: v })));
-        }
-        // A big entry (a live room's batch, shared by its viewers) is written from where it
-        // is; smaller frames are gathered into one buffer.
-        let big = out.pop_large(WRITE_CHUNK);
-        let mut buf = Vec::new();
-        let bytes: &[u8] = match &big {
-            Some(b) => b,
-            None if out.drain_into(&mut buf, WRITE_CHUNK) => &buf,
-            None if out.is_closed() => return,
-            None => continue,
-        };
-        let stall = Duration::from_millis(core.cfg.write_timeout_ms);
-        let written = match write_now(&stream, bytes) {
-            Ok(n) if n == bytes.len() => Ok(()),
-            // The socket is full (or not plain TCP): wait for it. Boxed, so that the waiting
-            // write's state is not part of every idle writer's task.
-            Ok(n) => Box::pin(write_all_within(&stream, &bytes[n..], stall)).await,
-            Err(e) => Err(e),
-        };
-        match written {
-            Ok(()) => {}
-            Err(e) if e.kind() != std::io::ErrorKind::TimedOut => {
-                debug!(error = %e, "write failed");
-                session.end();
-                return;
+/// A plain function returning an `async` block: an `async fn` would keep its arguments twice
+/// in the task's state.
+#[allow(clippy::manual_async_fn)] // see above: an `async fn` stores its arguments twice
+fn write_loop(
+    core: Rc<Core>,
+    stream: Stream,
+    session: Rc<SessionHandle>,
+) -> impl Future<Output = ()> {
+    async move {
+        let out = &session.out;
+        loop {
+            out.wait_ready().await;
+            if out.take_sync_needed() {
+                let v = core.store.user_version(session.user).unwrap_or(0);
+                out.push(core.encode(&Frame::new(0, SyncNeeded { user_version: v })));
             }
-            Err(_) => {
-                // The client stopped reading: reset rather than close, so that neither its
-                // unread bytes nor ours keep kernel memory.
-                info!(session = session.id, "write timeout: client is not reading");
-                stream.borrow_mut().abort();
-                session.end();
-                return;
+            // A big entry (a live room's batch, shared by its viewers) is written from where it
+            // is; smaller frames are gathered into one buffer.
+            let big = out.pop_large(WRITE_CHUNK);
+            let mut buf = Vec::new();
+            let bytes: &[u8] = match &big {
+                Some(b) => b,
+                None if out.drain_into(&mut buf, WRITE_CHUNK) => &buf,
+                None if out.is_closed() => return,
+                None => continue,
+            };
+            let stall = Duration::from_millis(core.cfg.write_timeout_ms);
+            let written = match write_now(&stream, bytes) {
+                Ok(n) if n == bytes.len() => Ok(()),
+                // The socket is full (or not plain TCP): wait for it. Boxed, so that the waiting
+                // write's state is not part of every idle writer's task.
+                Ok(n) => Box::pin(write_all_within(&stream, &bytes[n..], stall)).await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => {}
+                Err(e) if e.kind() != std::io::ErrorKind::TimedOut => {
+                    debug!(error = %e, "write failed");
+                    session.end();
+                    return;
+                }
+                Err(_) => {
+                    // The client stopped reading: reset rather than close, so that neither its
+                    // unread bytes nor ours keep kernel memory.
+                    info!(session = session.id, "write timeout: client is not reading");
+                    stream.borrow_mut().abort();
+                    session.end();
+                    return;
+                }
             }
         }
     }
@@ -880,81 +898,89 @@ impl Ctx {
         self.reply(&Frame::error(request_id, code, msg, false));
     }
 
-    async fn read_loop(&mut self, stream: &Stream, mut inbuf: BytesMut) {
-        let core = self.core.clone();
-        let mut codec = core.codec;
-        loop {
+    /// A plain function returning an `async` block, as [`write_loop`].
+    #[allow(clippy::manual_async_fn)] // see above: an `async fn` stores its arguments twice
+    fn read_loop<'a>(
+        &'a mut self,
+        stream: &'a Stream,
+        mut inbuf: BytesMut,
+    ) -> impl Future<Output = ()> + 'a {
+        async move {
+            let core = self.core.clone();
+            let mut codec = core.codec;
             loop {
-                if self.session.ending.get() {
-                    return;
-                }
-                match codec.decode(&mut inbuf) {
-                    Ok(Some(frame)) => {
-                        // Only whole frames count as activity: a client trickling a frame byte
-                        // by byte is closed by the idle timeout.
-                        self.session.last_active.set(now_ms());
-                        // A decoded frame is large: boxed while it waits for room, so that
-                        // it is not part of every idle connection's task.
-                        let frame = if self.session.out.has_room() {
-                            frame
-                        } else {
-                            let frame = Box::new(frame);
-                            self.session.out.wait_room().await;
-                            *frame
-                        };
-                        // Boxed: request handling has the largest state of the session; inline
-                        // it would be carried by every idle connection's task.
-                        if !Box::pin(self.handle(frame)).await {
+                loop {
+                    if self.session.ending.get() {
+                        return;
+                    }
+                    match codec.decode(&mut inbuf) {
+                        Ok(Some(frame)) => {
+                            // Only whole frames count as activity: a client trickling a frame byte
+                            // by byte is closed by the idle timeout.
+                            self.session.last_active.set(now_ms());
+                            // A decoded frame is large: boxed while it waits for room, so that
+                            // it is not part of every idle connection's task.
+                            let frame = if self.session.out.has_room() {
+                                frame
+                            } else {
+                                let frame = Box::new(frame);
+                                self.session.out.wait_room().await;
+                                *frame
+                            };
+                            // Boxed: request handling has the largest state of the session; inline
+                            // it would be carried by every idle connection's task.
+                            if !Box::pin(self.handle(frame)).await {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) if !e.is_fatal() => {
+                            self.reply(&e.to_frame());
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "bad frame; closing");
+                            self.reply(&e.to_frame());
+                            self.session.end();
                             return;
                         }
                     }
-                    Ok(None) => break,
-                    Err(e) if !e.is_fatal() => {
-                        self.reply(&e.to_frame());
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "bad frame; closing");
-                        self.reply(&e.to_frame());
-                        self.session.end();
-                        return;
-                    }
                 }
-            }
-            if inbuf.is_empty() && inbuf.capacity() > 0 {
-                // Idle connections keep no read buffer.
-                inbuf = BytesMut::new();
-            }
-            let woke = future::or(
-                async { Wake::Read(read_some(&core, stream, &mut inbuf).await) },
-                async {
-                    self.session.ended().await;
-                    Wake::Ended
-                },
-            )
-            .await;
-            match woke {
-                Wake::Read(Ok(0)) | Wake::Read(Err(_)) | Wake::Ended => return,
-                Wake::Read(Ok(n)) => {
-                    let rate = &core.rates.read_bytes;
-                    let wait = self
-                        .read_bytes
-                        .charge(rate, mono_nanos(), (n as u64).div_ceil(64));
-                    if !wait.is_zero() {
-                        // Over the byte rate: stop reading for a while (the frames already
-                        // read are still handled first).
-                        let ended = future::or(
-                            async {
-                                glommio::timer::sleep(wait).await;
-                                false
-                            },
-                            async {
-                                self.session.ended().await;
-                                true
-                            },
-                        )
-                        .await;
-                        if ended {
-                            return;
+                if inbuf.is_empty() && inbuf.capacity() > 0 {
+                    // Idle connections keep no read buffer.
+                    inbuf = BytesMut::new();
+                }
+                let woke = future::or(
+                    async { Wake::Read(read_some(&core, stream, &mut inbuf).await) },
+                    async {
+                        self.session.ended().await;
+                        Wake::Ended
+                    },
+                )
+                .await;
+                match woke {
+                    Wake::Read(Ok(0)) | Wake::Read(Err(_)) | Wake::Ended => return,
+                    Wake::Read(Ok(n)) => {
+                        let rate = &core.rates.read_bytes;
+                        let wait =
+                            self.read_bytes
+                                .charge(rate, mono_nanos(), (n as u64).div_ceil(64));
+                        if !wait.is_zero() {
+                            // Over the byte rate: stop reading for a while (the frames already
+                            // read are still handled first).
+                            let ended = future::or(
+                                async {
+                                    glommio::timer::sleep(wait).await;
+                                    false
+                                },
+                                async {
+                                    self.session.ended().await;
+                                    true
+                                },
+                            )
+                            .await;
+                            if ended {
+                                return;
+                            }
                         }
                     }
                 }
