@@ -990,6 +990,18 @@ impl MessageStore for RocksStore {
         // range [end - limit, end): read it forward and reverse it. Stepping a RocksDB
         // iterator backwards is much slower than forwards (a memtable skiplist has no back
         // links: each `prev` is a search), measured 58 vs 25 us per page of 50.
+        if before_seq != 0 {
+            // A page below the head (the usual case when paging back) needs no look for the
+            // head: it comes back whole. Short, `before_seq` is past the head.
+            let start = before_seq.saturating_sub(limit as u64).max(1);
+            let want = (before_seq - start) as usize;
+            it.seek(msg_key(conv, start));
+            let mut page = collect_page(&mut it, conv, want)?;
+            if page.len() == want {
+                page.reverse();
+                return Ok(page);
+            }
+        }
         let Some((latest, _)) = head_with(&mut it, conv)? else {
             return Ok(Vec::new());
         };

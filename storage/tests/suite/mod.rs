@@ -276,6 +276,12 @@ pub fn read_backward_pages(make: Factory) {
     assert!(s.read_backward(c, 1, 4).unwrap().is_empty());
     assert_eq!(seqs(&s.read_backward(c, 100, 2).unwrap()), vec![10, 9]);
     assert_eq!(seqs(&s.read_backward(c, 11, 1).unwrap()), vec![10]);
+    // Just past the head, and a page larger than the conversation.
+    assert_eq!(seqs(&s.read_backward(c, 12, 3).unwrap()), vec![10, 9, 8]);
+    assert_eq!(
+        seqs(&s.read_backward(c, 11, 20).unwrap()),
+        (1..=10).rev().collect::<Vec<_>>()
+    );
     assert!(s.read_backward(c, 0, 0).unwrap().is_empty());
     assert!(
         s.read_backward(direct_conversation(5, 6).unwrap(), 0, 4)
