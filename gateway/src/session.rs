@@ -612,20 +612,14 @@ fn run_session(
                 heartbeat_interval_ms: core.cfg.heartbeat_interval_ms,
             },
         )));
-        let mut ctx = Ctx {
-            core: core.clone(),
-            session: session.clone(),
+        let mut ctx = Ctx::new(
+            core.clone(),
+            session.clone(),
             user,
             user_name,
-            acks: Vec::new(),
-            sends: Gcra::default(),
-            requests: Gcra::default(),
-            read_bytes: Gcra::default(),
-            following: HashMap::new(),
-            api: false,
-            admin: false,
-            platform: login.platform,
-        };
+            false,
+            login.platform,
+        );
         if login.resume == 0 {
             core.send_pending_pushes(&session, &login.user);
         }
@@ -852,13 +846,14 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    /// A context for one request of the HTTP API, run as `user` on the user's core.
-    pub(crate) fn for_api(
+    /// A connection's context (`admin` only for the API's system user).
+    fn new(
         core: Rc<Core>,
         session: Rc<SessionHandle>,
         user: UserId,
         user_name: Arc<str>,
         admin: bool,
+        platform: i32,
     ) -> Ctx {
         Ctx {
             core,
@@ -870,9 +865,23 @@ impl Ctx {
             requests: Gcra::default(),
             read_bytes: Gcra::default(),
             following: HashMap::new(),
-            api: true,
+            api: false,
             admin,
-            platform: 0,
+            platform,
+        }
+    }
+
+    /// A context for one request of the HTTP API, run as `user` on the user's core.
+    pub(crate) fn for_api(
+        core: Rc<Core>,
+        session: Rc<SessionHandle>,
+        user: UserId,
+        user_name: Arc<str>,
+        admin: bool,
+    ) -> Ctx {
+        Ctx {
+            api: true,
+            ..Ctx::new(core, session, user, user_name, admin, 0)
         }
     }
 
