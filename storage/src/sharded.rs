@@ -76,10 +76,12 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
         old
     }
 
+    #[cfg_attr(not(feature = "store"), allow(dead_code))] // used by the RocksDB writer
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
+    #[cfg_attr(not(feature = "store"), allow(dead_code))] // used by the RocksDB writer
     pub(crate) fn clear(&mut self) {
         for s in &mut self.shards {
             *s = Map::with_hasher(self.hasher.clone());
