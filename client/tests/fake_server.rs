@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    FakeServer, LIVE, WAIT, deliver, next_room_request, presence, room_deliver, room_response,
+    FakeServer, LIVE, WAIT, answer_ping, deliver, next_room_request, presence, room_deliver,
+    room_response,
 };
 use prost::Message;
 use tern_client::{
@@ -20,7 +21,7 @@ use tern_client::{
 };
 use tern_protocol::{
     Ack, Body, ConversationSettings, ConversationState, Deliver, Frame, GROUP_EVENT_TYPE,
-    GetReadCounts, GroupRequest, HistoryPage, MarkRead, Pong, Presence, PresenceSubscribed,
+    GetReadCounts, GroupRequest, HistoryPage, MarkRead, Presence, PresenceSubscribed,
     RECALL_EVENT_TYPE, ReadCounts, ReadReceipt, ReadState, Recall, RecallEvent, RecallOk, SendAck,
     SetConversation, SocialEvent, SocialEventKind, SocialRequest, SocialResponse,
     SubscribePresence, SyncConversations, SyncDone, SyncMessages, SyncNeeded, Typing, UserProfile,
@@ -277,18 +278,10 @@ async fn pings_when_idle() {
     let (client, peer) = tokio::join!(Client::connect(server.config()), server.accept_login(300));
     let (client, mut peer) = (client.unwrap(), peer);
     let frame = peer.recv().await.unwrap();
-    let Some(Body::Ping(ping)) = frame.body else {
-        panic!("expected Ping, got {frame:?}");
-    };
+    let ping = answer_ping(&mut peer, &frame)
+        .await
+        .unwrap_or_else(|| panic!("expected Ping, got {frame:?}"));
     assert!(ping.client_time_ms > 0);
-    peer.send(Frame::new(
-        frame.request_id,
-        Pong {
-            client_time_ms: ping.client_time_ms,
-            server_time_ms: 1,
-        },
-    ))
-    .await;
     // An explicit ping round trip too.
     let pinging = tokio::spawn({
         let client = client.clone();
@@ -296,16 +289,7 @@ async fn pings_when_idle() {
     });
     loop {
         let frame = peer.recv().await.unwrap();
-        if let Some(Body::Ping(ping)) = frame.body {
-            peer.send(Frame::new(
-                frame.request_id,
-                Pong {
-                    client_time_ms: ping.client_time_ms,
-                    server_time_ms: 1,
-                },
-            ))
-            .await;
-        }
+        answer_ping(&mut peer, &frame).await;
         if pinging.is_finished() {
             break;
         }
@@ -777,20 +761,13 @@ async fn room_messages_are_handed_over_once_and_never_acked() {
     let mut acks = Vec::new();
     loop {
         let frame = peer.recv().await.expect("closed");
-        match frame.body {
+        match &frame.body {
             Some(Body::Ack(Ack {
                 conversation_id,
                 seq,
-            })) => acks.push((conversation_id, seq)),
-            Some(Body::Ping(ping)) => {
-                peer.send(Frame::new(
-                    frame.request_id,
-                    Pong {
-                        client_time_ms: ping.client_time_ms,
-                        server_time_ms: 1,
-                    },
-                ))
-                .await;
+            })) => acks.push((*conversation_id, *seq)),
+            Some(Body::Ping(_)) => {
+                answer_ping(&mut peer, &frame).await;
                 break;
             }
             other => panic!("unexpected frame {other:?}"),
@@ -1527,17 +1504,9 @@ async fn pushed_frames_arrive_as_events_and_typing_waits_for_nothing() {
         }))
     );
     let frame = peer.recv().await.expect("open");
-    let Some(Body::Ping(ping)) = frame.body else {
-        panic!("expected the application's Ping, got {frame:?}");
-    };
-    peer.send(Frame::new(
-        frame.request_id,
-        Pong {
-            client_time_ms: ping.client_time_ms,
-            server_time_ms: 1,
-        },
-    ))
-    .await;
+    answer_ping(&mut peer, &frame)
+        .await
+        .unwrap_or_else(|| panic!("expected the application's Ping, got {frame:?}"));
     pinging.await.unwrap().unwrap();
 
     client.close().await;

@@ -551,7 +551,10 @@ pub async fn quic_accept_loop(core: Rc<Core>, listener: tern_quic::Listener) {
 ///
 /// A plain function returning an `async` block rather than an `async fn`: an `async fn` keeps
 /// its arguments twice in its state (as arguments and as locals), for the whole session.
-#[allow(clippy::manual_async_fn)] // see above: an `async fn` stores its arguments twice
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
 fn run_session(
     core: Rc<Core>,
     stream: Stream,
@@ -766,7 +769,10 @@ const WRITE_CHUNK: usize = 64 << 10;
 
 /// A plain function returning an `async` block: an `async fn` would keep its arguments twice
 /// in the task's state.
-#[allow(clippy::manual_async_fn)] // see above: an `async fn` stores its arguments twice
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
 fn write_loop(
     core: Rc<Core>,
     stream: Stream,
@@ -908,7 +914,10 @@ impl Ctx {
     }
 
     /// A plain function returning an `async` block, as [`write_loop`].
-    #[allow(clippy::manual_async_fn)] // see above: an `async fn` stores its arguments twice
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn stores its arguments twice"
+    )]
     fn read_loop<'a>(
         &'a mut self,
         stream: &'a Stream,

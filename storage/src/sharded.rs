@@ -42,7 +42,7 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
     /// The shard of `key`, in `0..SHARDS`. Taken from the middle of the hash: a shard's map
     /// uses the low bits for the bucket and the top seven as the bucket's tag, and neither must
     /// be the same for all of a shard's keys.
-    pub(crate) fn shard_of<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
+    fn shard_of<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
         (self.hasher.hash_one(key) >> 32) as usize % SHARDS
     }
 
@@ -76,12 +76,12 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
         old
     }
 
-    #[cfg_attr(not(feature = "store"), allow(dead_code))] // used by the RocksDB writer
+    #[cfg(feature = "store")]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    #[cfg_attr(not(feature = "store"), allow(dead_code))] // used by the RocksDB writer
+    #[cfg(feature = "store")]
     pub(crate) fn clear(&mut self) {
         for s in &mut self.shards {
             *s = Map::with_hasher(self.hasher.clone());

@@ -17,7 +17,8 @@ use tern_client::{
     BackoffConfig, Client, ClientConfig, ContentType, Target, TargetKind, Transport,
 };
 use tern_protocol::{
-    Body, Codec, Deliver, Frame, Hello, HelloOk, Pong, Presence, RoomRequest, RoomResponse, SendAck,
+    Body, Codec, Deliver, Frame, Hello, HelloOk, Ping, Pong, Presence, RoomRequest, RoomResponse,
+    SendAck,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -447,8 +448,16 @@ pub async fn ping_pong(client: &Client, peer: &mut Peer) {
         async move { client.ping().await }
     });
     let frame = peer.recv().await.unwrap();
-    let Some(Body::Ping(ping)) = frame.body else {
-        panic!("expected Ping, got {frame:?}");
+    answer_ping(peer, &frame)
+        .await
+        .unwrap_or_else(|| panic!("expected Ping, got {frame:?}"));
+    assert!(pinging.await.unwrap().is_ok());
+}
+
+/// If `frame` is a Ping, answers it with its Pong and returns the Ping; otherwise sends nothing.
+pub async fn answer_ping(peer: &mut Peer, frame: &Frame) -> Option<Ping> {
+    let Some(Body::Ping(ping)) = &frame.body else {
+        return None;
     };
     peer.send(Frame::new(
         frame.request_id,
@@ -458,7 +467,7 @@ pub async fn ping_pong(client: &Client, peer: &mut Peer) {
         },
     ))
     .await;
-    assert!(pinging.await.unwrap().is_ok());
+    Some(*ping)
 }
 
 /// A Presence push: `user` online (one device) or offline.
