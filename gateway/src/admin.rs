@@ -384,7 +384,9 @@ impl Core {
             last_active: std::cell::Cell::new(now_ms()),
             end_waker: Default::default(),
             rooms: Default::default(),
-            fd: -1,
+            fd: std::cell::Cell::new(-1),
+            park: std::cell::Cell::new(crate::core::Park::Never),
+            readable: Default::default(),
             push: Default::default(),
         });
         self.sessions

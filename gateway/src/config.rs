@@ -62,6 +62,11 @@ pub struct Config {
     pub heartbeat_interval_ms: u32,
     /// A logged-in connection that sends nothing for this long (milliseconds) is closed.
     pub idle_timeout_ms: u64,
+    /// A logged-in TCP connection that sent nothing for this long (milliseconds), with nothing
+    /// queued for it, is parked: its socket waits in one epoll set shared by all cores and its
+    /// session keeps only its state, no read buffer, tasks or I/O requests (docs/architecture.md,
+    /// "Parked connections"). It comes back on the next frame, delivery or kick. 0: never park.
+    pub park_after_ms: u64,
     /// Maximum simultaneously connected devices per user.
     pub max_devices_per_user: usize,
     /// Frames queued for one connection before the server stops pushing to it and asks it to sync.
@@ -170,6 +175,7 @@ impl Default for Config {
             login_timeout_ms: 10_000,
             heartbeat_interval_ms: 30_000,
             idle_timeout_ms: 60_000,
+            park_after_ms: 2_000,
             max_devices_per_user: 10,
             outbound_queue_frames: 4096,
             max_page: 200,

@@ -193,17 +193,83 @@ pub struct SessionHandle {
     pub rooms: RefCell<Vec<u64>>,
     /// The connection's socket, for the sweep's checks (TCP only; -1 otherwise). Open for as
     /// long as the session is in [`Core::sessions`] (it is removed before the socket closes).
-    pub fd: std::os::fd::RawFd,
+    /// Parking moves the socket to another descriptor.
+    pub fd: Cell<std::os::fd::RawFd>,
+    /// Whether the connection is parked (`park.rs`), or asked to park by the idle sweep.
+    pub park: Cell<Park>,
+    /// A parked connection's socket became ready (set by the core's unparker).
+    pub readable: Cell<bool>,
     /// Server pushes delivered on this connection and the device's cursor.
     pub push: RefCell<crate::push::PushState>,
+}
+
+/// Where a connection is with parking (`park.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Park {
+    /// Reading its socket.
+    #[default]
+    Active,
+    /// The idle sweep asked it to park; its reader parks if nothing is in flight.
+    Asked,
+    /// Parked.
+    Parked,
+    /// Never parks (not a plain TCP connection).
+    Never,
 }
 
 impl SessionHandle {
     pub fn end(&self) {
         self.ending.set(true);
+        self.wake_reader();
+    }
+
+    fn wake_reader(&self) {
         if let Some(w) = self.end_waker.borrow_mut().take() {
             w.wake();
         }
+    }
+
+    /// Asks an active connection to park (the idle sweep).
+    pub fn ask_park(&self) {
+        if self.park.get() == Park::Active {
+            self.park.set(Park::Asked);
+            self.wake_reader();
+        }
+    }
+
+    /// A parked connection's socket became ready.
+    pub fn wake_readable(&self) {
+        if self.park.get() == Park::Parked {
+            self.readable.set(true);
+            self.wake_reader();
+        }
+    }
+
+    /// Resolves once the session must end, or (for a reader) stop reading and park.
+    pub async fn interrupted(&self) {
+        std::future::poll_fn(|cx| {
+            if self.ending.get() || self.park.get() == Park::Asked {
+                Poll::Ready(())
+            } else {
+                *self.end_waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// For a parked connection: resolves once its socket is ready, something is queued for it,
+    /// or it must end.
+    pub async fn unparked(&self) {
+        let signalled = std::future::poll_fn(|cx| {
+            if self.ending.get() || self.readable.get() {
+                Poll::Ready(())
+            } else {
+                *self.end_waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        });
+        futures_lite::future::or(signalled, self.out.wait_ready()).await
     }
 
     /// Resolves once [`SessionHandle::end`] was called.
@@ -274,6 +340,8 @@ pub struct Core {
     /// Where messages for users without an online device go (offline push notifications);
     /// None when no push provider is configured.
     pub offline: Option<async_channel::Sender<crate::push::OfflineJob>>,
+    /// Where idle connections park (None when `park_after_ms` is 0).
+    pub parker: Option<Arc<crate::park::Parker>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -306,6 +374,11 @@ impl Drop for ConnCount {
 }
 
 /// Milliseconds since the Unix epoch.
+/// The core a session id ([`Core::new_session_id`]) belongs to.
+pub fn core_of_session(id: u64) -> usize {
+    (id >> 48) as usize
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -331,6 +404,7 @@ impl Core {
             webhooks: crate::webhook::Webhooks::disabled(),
             push_counts: Default::default(),
             offline: None,
+            parker: None,
             rates: Rates::from_config(&cfg),
             conn_limits,
             user_rates: RefCell::default(),
@@ -455,10 +529,15 @@ impl Core {
 
     /// Ends sessions that sent nothing for `idle_timeout`. One sweep per core instead of a timer
     /// per connection: idle connections cost no timer, and reads arm nothing. Also frees the
-    /// buffers of empty outbound queues.
+    /// buffers of empty outbound queues, and asks connections quiet for `park_after_ms` to park.
     pub async fn run_idle_sweep(self: Rc<Self>) {
         let idle = self.cfg.idle_timeout_ms;
-        let period = std::time::Duration::from_millis((idle / 4).clamp(10, 1000));
+        let park_after = match self.parker {
+            Some(_) => self.cfg.park_after_ms,
+            None => u64::MAX,
+        };
+        let period =
+            std::time::Duration::from_millis((idle / 4).min(park_after / 2).clamp(10, 1000));
         let kick = self.encode(&Frame::kick(
             tern_protocol::KickReason::Idle,
             "no frame within the idle timeout",
@@ -471,20 +550,23 @@ impl Core {
                     continue;
                 }
                 s.out.release_if_empty();
-                if now.saturating_sub(s.last_active.get()) > idle {
+                let quiet = now.saturating_sub(s.last_active.get());
+                if quiet > idle {
                     s.out.push(kick.clone());
                     s.end();
                 } else if let Some(since) = s.out.lagging_since()
                     && now.saturating_sub(since) > self.cfg.write_timeout_ms
-                    && s.fd >= 0
-                    && crate::sys::unsent_bytes(s.fd) > 0
+                    && s.fd.get() >= 0
+                    && crate::sys::unsent_bytes(s.fd.get()) > 0
                 {
                     // Live messages stopped long ago and what was written is still not
                     // taken: the client does not read. (A blocked write is timed out by the
                     // writer itself; this catches a client whose kernel buffer absorbed it all.)
                     tracing::info!(session = s.id, "client is not reading: resetting");
-                    crate::sys::set_linger_zero(s.fd);
+                    crate::sys::set_linger_zero(s.fd.get());
                     s.end();
+                } else if quiet >= park_after {
+                    s.ask_park();
                 }
             }
         }

@@ -29,6 +29,7 @@ pub mod limits;
 pub mod metrics;
 pub mod notify;
 pub mod outbound;
+pub mod park;
 pub mod presence;
 pub mod push;
 pub mod push_api;

@@ -84,6 +84,8 @@ pub struct CoreMetrics {
     pub room_deliveries_batched: AtomicU64,
     /// Offline-notification jobs dropped because the side thread's queue was full.
     pub offline_dropped: AtomicU64,
+    /// Connections parked right now (`park.rs`).
+    parked: AtomicU64,
     /// Messages this core put on its queue to each core (index: the receiving core).
     pub mesh_sent: Vec<AtomicU64>,
     /// Messages this core took off the queue from each core (index: the sending core).
@@ -100,6 +102,15 @@ impl CoreMetrics {
     pub fn error(&self, code: ErrorCode) {
         let i = CODES.iter().position(|c| *c == code).unwrap_or(CODES.len());
         self.errors[i].fetch_add(1, Relaxed);
+    }
+
+    /// A connection parked (`+1`) or came back (`-1`).
+    pub fn parked(&self, delta: i64) {
+        if delta >= 0 {
+            self.parked.fetch_add(delta as u64, Relaxed);
+        } else {
+            self.parked.fetch_sub(delta.unsigned_abs(), Relaxed);
+        }
     }
 
     pub fn errors(&self, code: ErrorCode) -> u64 {
@@ -166,6 +177,14 @@ impl Metrics {
             "Messages for offline users not passed to the push providers (queue full).",
             &|c| c.offline_dropped.load(Relaxed),
         );
+        let name = "tern_parked_connections";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Idle connections parked (no tasks, socket in the shared epoll set).\n# TYPE {name} gauge"
+        );
+        for (i, c) in self.cores.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{core=\"{i}\"}} {}", c.parked.load(Relaxed));
+        }
         let name = "tern_errors_total";
         let _ = writeln!(
             out,

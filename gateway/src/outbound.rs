@@ -45,6 +45,9 @@ pub struct Outbound {
     writer: RefCell<Option<Waker>>,
     space: RefCell<Vec<Waker>>,
     closed: Cell<bool>,
+    /// The last poll of [`Outbound::wait_ready`] found nothing to do (and none found work
+    /// since): the writer is parked there, not in the middle of a write.
+    waiting: Cell<bool>,
     pub state: RefCell<DeliveryState>,
     /// Highest sequence sent per conversation (by sync or live push). A live delivery at or
     /// below it is a message the device already got through a sync: its Deliver was still
@@ -87,6 +90,7 @@ impl Outbound {
             writer: RefCell::new(None),
             space: RefCell::new(Vec::new()),
             closed: Cell::new(false),
+            waiting: Cell::new(false),
             state: RefCell::new(DeliveryState::Live),
             high: RefCell::default(),
         }
@@ -328,16 +332,32 @@ impl Outbound {
         frame
     }
 
+    /// Whether the writer waits for work with nothing queued and nothing owed (no sync in
+    /// progress, no SyncNeeded to send): ending it now cuts no write short.
+    pub fn writer_idle(&self) -> bool {
+        self.queue.borrow().is_empty()
+            && self.waiting.get()
+            && !self.closed.get()
+            && matches!(
+                *self.state.borrow(),
+                DeliveryState::Live | DeliveryState::Lagging { notified: true, .. }
+            )
+    }
+
     /// For the writer: waits for something to write (or close).
     pub async fn wait_ready(&self) {
         std::future::poll_fn(|cx| {
-            if self.closed.get() || !self.queue.borrow().is_empty() {
-                return Poll::Ready(());
-            }
-            if let DeliveryState::Lagging {
-                notified: false, ..
-            } = &*self.state.borrow()
-            {
+            let ready = self.closed.get()
+                || !self.queue.borrow().is_empty()
+                || matches!(
+                    *self.state.borrow(),
+                    DeliveryState::Lagging {
+                        notified: false,
+                        ..
+                    }
+                );
+            self.waiting.set(!ready);
+            if ready {
                 return Poll::Ready(());
             }
             *self.writer.borrow_mut() = Some(cx.waker().clone());
@@ -461,6 +481,28 @@ mod tests {
         assert_eq!(buf, [1]);
         assert_eq!(out.pop_large(4), Some(Bytes::from(vec![2; 4])));
         assert_eq!(out.len(), 0);
+    }
+
+    #[test]
+    fn the_writer_is_idle_only_while_it_waits_at_an_empty_queue() {
+        use std::future::Future;
+        let out = Outbound::new(4);
+        let mut cx = std::task::Context::from_waker(Waker::noop());
+        assert!(!out.writer_idle(), "a writer that never waited");
+        let mut wait = Box::pin(out.wait_ready());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        assert!(out.writer_idle());
+        out.push(b(1));
+        assert!(!out.writer_idle(), "something is queued");
+        assert!(wait.as_mut().poll(&mut cx).is_ready());
+        let mut buf = Vec::new();
+        out.drain_into(&mut buf, 1 << 20);
+        assert!(!out.writer_idle(), "writing what it took");
+        let mut wait = Box::pin(out.wait_ready());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        assert!(out.writer_idle());
+        out.begin_sync();
+        assert!(!out.writer_idle(), "a sync is in progress");
     }
 
     #[test]

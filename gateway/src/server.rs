@@ -47,6 +47,11 @@ pub enum GatewayError {
         limit_kib: u64,
         suggest_kib: u64,
     },
+    #[error(
+        "cannot start the watcher of parked connections (epoll): {0}; park_after_ms = 0 runs \
+         without parking"
+    )]
+    Parker(std::io::Error),
     #[error("cannot listen on {addr}: {message}")]
     Listen { addr: SocketAddr, message: String },
     #[error("TLS: {0}")]
@@ -169,6 +174,12 @@ fn run_cores(
     let (nofile, _) = crate::sys::rlimit(libc::RLIMIT_NOFILE);
     let max_connections = cfg.effective_max_connections(nofile);
     let conn_limits = ConnLimits::new(max_connections, cfg.max_connections_per_ip);
+    let parker = match cfg.park_after_ms {
+        0 => None,
+        _ => Some(Arc::new(
+            crate::park::Parker::start(n).map_err(GatewayError::Parker)?,
+        )),
+    };
     let mesh = MeshBuilder::<ShardMsg, _>::full(n, 4096);
     let metrics = Arc::new(crate::metrics::Metrics::new(n));
     let (bridge, mut admin_jobs) = crate::admin::Bridge::new(router, metrics.clone());
@@ -232,6 +243,7 @@ fn run_cores(
         let core_shutdown = shutdown.clone();
         let ready = ready_tx.clone();
         let conn_limits = conn_limits.clone();
+        let parker = parker.clone();
         let tls = tls.clone();
         let admin_jobs = admin_jobs.remove(0);
         let metrics = metrics.clone();
@@ -256,6 +268,7 @@ fn run_cores(
                 mesh,
                 core_shutdown,
                 conn_limits,
+                parker,
                 core_quic,
                 tls,
                 addr,
@@ -427,6 +440,7 @@ async fn core_main(
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
     shutdown: Arc<AtomicBool>,
     conn_limits: Arc<ConnLimits>,
+    parker: Option<Arc<crate::park::Parker>>,
     core_quic: Option<tern_quic::CoreQuic>,
     tls: Option<(SocketAddr, futures_rustls::TlsAcceptor)>,
     addr: Option<SocketAddr>,
@@ -503,6 +517,7 @@ async fn core_main(
     );
     core.webhooks = hooks.webhooks;
     core.offline = hooks.offline;
+    core.parker = parker.clone();
     let core = Rc::new(core);
     // The core's own loops, which never end by themselves: cancelled when the core stops, so
     // that nothing keeps the core (and with it the store) alive after this function returns.
@@ -523,6 +538,9 @@ async fn core_main(
     }
     let completions = glommio::spawn_local(core.clone().run_completions());
     loops.push(glommio::spawn_local(core.clone().run_idle_sweep()).detach());
+    if let Some(parker) = parker {
+        loops.push(glommio::spawn_local(crate::park::run_unparker(core.clone(), parker)).detach());
+    }
     loops.push(glommio::spawn_local(core.clone().run_room_sends()).detach());
     loops.push(glommio::spawn_local(core.clone().run_room_flush()).detach());
     loops.push(glommio::spawn_local(core.clone().run_admin(admin_jobs)).detach());

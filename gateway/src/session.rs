@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
@@ -28,7 +29,7 @@ use tern_storage::{
 use tracing::{Instrument, debug, info, warn};
 
 use crate::core::{
-    AppendMsg, ConnCount, Core, Login, Recipient, ReplyTo, SessionHandle, ShardMsg, now_ms,
+    AppendMsg, ConnCount, Core, Login, Park, Recipient, ReplyTo, SessionHandle, ShardMsg, now_ms,
 };
 use crate::groups::{GroupJob, GroupWhat, HiddenOp};
 use crate::limits::{ConnSlot, Gcra, Refused, mono_nanos};
@@ -547,10 +548,15 @@ pub async fn quic_accept_loop(core: Rc<Core>, listener: tern_quic::Listener) {
     .await;
 }
 
-/// The logged-in session on the user's core.
+/// The logged-in session on the user's core: the login (registration, HelloOk, the sync on
+/// login), then its connection served until it closes, parked whenever it is quiet
+/// (`park.rs`), then the tear-down.
 ///
 /// A plain function returning an `async` block rather than an `async fn`: an `async fn` keeps
-/// its arguments twice in its state (as arguments and as locals), for the whole session.
+/// its arguments twice in its state (as arguments and as locals), for the whole session. The
+/// arguments are boxed together, so that the task keeps one pointer for them; the login and the
+/// reader run as boxed futures and the session's state is boxed ([`Live`]), so that what a
+/// parked connection's task holds is little more than that state.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn stores its arguments twice"
@@ -563,80 +569,158 @@ fn run_session(
     count: ConnCount,
     slot: Option<ConnSlot>,
 ) -> impl Future<Output = ()> {
+    let start = Box::new(Start {
+        core,
+        stream,
+        inbuf,
+        login,
+        count,
+        slot,
+    });
     async move {
-        // Captured, so held (counted against the limits) until the session ends.
-        let _ = (&count, &slot);
-        let user = match core.store.intern_user(&login.user) {
-            Ok(u) => u,
-            Err(e) => {
-                warn!(error = %e, "cannot register user");
-                let f = Frame::error(login.request_id, ErrorCode::Internal, "server error", true);
-                Box::pin(close_with(&core, &stream, &f)).await;
-                return;
-            }
+        let Some((live, stream, inbuf, writer)) = Box::pin(log_in(*start)).await else {
+            return;
         };
-        // Register (kicking an older connection of the same device) before anything can be
-        // committed for this session, so that sync + live push cover every message.
-        let registered = register(&core, user, &login, stream.borrow().raw_fd().unwrap_or(-1));
-        let session = match registered {
-            Ok(session) => session,
-            Err((code, message)) => {
-                let f = Frame::error(login.request_id, code, message, true);
-                Box::pin(close_with(&core, &stream, &f)).await;
-                return;
+        let mut live = live;
+        let mut conn = (stream, writer);
+        let mut inbuf = Some(inbuf);
+        loop {
+            let read = live
+                .ctx
+                .read_loop(&conn.0, inbuf.take().unwrap_or_default());
+            match Box::pin(read).await {
+                ReadEnd::Closed => break,
+                ReadEnd::Park => {
+                    let (stream, writer) = conn;
+                    // The reader checked that the writer waits at its empty queue: ending it
+                    // cuts nothing short.
+                    let _ = writer.cancel().await;
+                    let stream = park(&live.ctx.core, &live.ctx.session, stream).await;
+                    let writer = glommio::spawn_local(write_loop(
+                        live.ctx.core.clone(),
+                        stream.clone(),
+                        live.ctx.session.clone(),
+                    ));
+                    conn = (stream, writer);
+                }
             }
-        };
-        core.groups_online(user);
-        core.presence_changed(user);
-        core.m()
-            .logins
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if core.webhooks.wants(crate::webhook::LOGIN) {
-            core.webhooks.emit(
-                crate::webhook::LOGIN,
-                serde_json::json!({"user": &login.user, "device": &login.device, "session_id": session.logical}),
-            );
         }
-        let user_name: Arc<str> = Arc::from(login.user.as_str());
-        info!(session = session.id, logical = session.logical, "logged in");
-        let writer =
-            glommio::spawn_local(write_loop(core.clone(), stream.clone(), session.clone()));
-        let user_version = core.store.user_version(user).unwrap_or(0);
-        session.out.push(core.encode(&Frame::new(
-            login.request_id,
-            HelloOk {
-                user_id: login.user.clone(),
-                device_id: login.device.clone(),
-                session_id: session.logical,
-                server_time_ms: now_ms(),
-                user_version,
-                max_frame_bytes: core.cfg.max_frame_bytes,
-                max_payload_bytes: core.cfg.max_payload_bytes,
-                heartbeat_interval_ms: core.cfg.heartbeat_interval_ms,
-            },
-        )));
-        let mut ctx = Ctx::new(
+        Box::pin(live.close(conn.0, conn.1)).await;
+    }
+}
+
+/// What a session starts with, handed over by the login.
+struct Start {
+    core: Rc<Core>,
+    stream: Stream,
+    inbuf: BytesMut,
+    login: Login,
+    count: ConnCount,
+    slot: Option<ConnSlot>,
+}
+
+/// What a logged-in session keeps for its whole life, parked or not.
+struct Live {
+    ctx: Ctx,
+    /// Held (counted against the limits) until the session ends.
+    _count: ConnCount,
+    _slot: Option<ConnSlot>,
+}
+
+/// Registers the session (a refusal is sent and the connection closed), queues HelloOk, starts
+/// the writer and runs the sync on login.
+async fn log_in(start: Start) -> Option<(Box<Live>, Stream, BytesMut, glommio::Task<()>)> {
+    let Start {
+        core,
+        stream,
+        inbuf,
+        login,
+        count,
+        slot,
+    } = start;
+    let user = match core.store.intern_user(&login.user) {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(error = %e, "cannot register user");
+            let f = Frame::error(login.request_id, ErrorCode::Internal, "server error", true);
+            close_with(&core, &stream, &f).await;
+            return None;
+        }
+    };
+    // Register (kicking an older connection of the same device) before anything can be
+    // committed for this session, so that sync + live push cover every message.
+    let registered = register(&core, user, &login, stream.borrow().raw_fd().unwrap_or(-1));
+    let session = match registered {
+        Ok(session) => session,
+        Err((code, message)) => {
+            let f = Frame::error(login.request_id, code, message, true);
+            close_with(&core, &stream, &f).await;
+            return None;
+        }
+    };
+    if core.parker.is_none() || !matches!(&*stream.borrow(), Transport::Tcp(_)) {
+        session.park.set(Park::Never);
+    }
+    core.groups_online(user);
+    core.presence_changed(user);
+    core.m()
+        .logins
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if core.webhooks.wants(crate::webhook::LOGIN) {
+        core.webhooks.emit(
+            crate::webhook::LOGIN,
+            serde_json::json!({"user": &login.user, "device": &login.device, "session_id": session.logical}),
+        );
+    }
+    let user_name: Arc<str> = Arc::from(login.user.as_str());
+    info!(session = session.id, logical = session.logical, "logged in");
+    let writer = glommio::spawn_local(write_loop(core.clone(), stream.clone(), session.clone()));
+    let user_version = core.store.user_version(user).unwrap_or(0);
+    session.out.push(core.encode(&Frame::new(
+        login.request_id,
+        HelloOk {
+            user_id: login.user.clone(),
+            device_id: login.device.clone(),
+            session_id: session.logical,
+            server_time_ms: now_ms(),
+            user_version,
+            max_frame_bytes: core.cfg.max_frame_bytes,
+            max_payload_bytes: core.cfg.max_payload_bytes,
+            heartbeat_interval_ms: core.cfg.heartbeat_interval_ms,
+        },
+    )));
+    let mut live = Box::new(Live {
+        ctx: Ctx::new(
             core.clone(),
             session.clone(),
             user,
             user_name,
             false,
             login.platform,
-        );
-        if login.resume == 0 {
-            core.send_pending_pushes(&session, &login.user);
-        }
-        if login.sync_on_login {
-            // begin_sync happens before the first await inside, so no live message slips between
-            // registration and the sync.
-            Box::pin(ctx.sync(login.request_id, login.sync_version, 0, Some(user_version))).await;
-        }
-        ctx.read_loop(&stream, inbuf).await;
-        // Boxed: its cross-core sends are large, and inline they would be part of the session's
-        // future, and so of every idle connection's task, for the whole session.
-        Box::pin(ctx.unfollow_all()).await;
+        ),
+        _count: count,
+        _slot: slot,
+    });
+    if login.resume == 0 {
+        core.send_pending_pushes(&session, &login.user);
+    }
+    if login.sync_on_login {
+        // begin_sync happens before the first await inside, so no live message slips between
+        // registration and the sync.
+        Box::pin(
+            live.ctx
+                .sync(login.request_id, login.sync_version, 0, Some(user_version)),
+        )
+        .await;
+    }
+    Some((live, stream, inbuf, writer))
+}
 
-        // Tear down: unregister, let the writer flush (bounded), close.
+impl Live {
+    /// Tears the session down: unregisters it, lets the writer flush (bounded), closes.
+    async fn close(mut self: Box<Self>, stream: Stream, writer: glommio::Task<()>) {
+        self.ctx.unfollow_all().await;
+        let (core, session, user) = (&self.ctx.core, &self.ctx.session, self.ctx.user);
         {
             let mut users = core.users.borrow_mut();
             if let Some(list) = users.get_mut(&user) {
@@ -650,11 +734,11 @@ fn run_session(
             core.sessions.borrow_mut().remove(&session.id);
         }
         core.presence_changed(user);
-        core.leave_all_rooms(&session);
+        core.leave_all_rooms(session);
         if core.webhooks.wants(crate::webhook::LOGOUT) {
             core.webhooks.emit(
                 crate::webhook::LOGOUT,
-                serde_json::json!({"user": &login.user, "device": &login.device, "session_id": session.logical}),
+                serde_json::json!({"user": &*self.ctx.user_name, "device": &session.device, "session_id": session.logical}),
             );
         }
         session.out.close();
@@ -670,6 +754,64 @@ fn run_session(
         stream.borrow_mut().shutdown(std::net::Shutdown::Both);
         core.wake_completions();
         info!(session = session.id, "closed");
+    }
+}
+
+/// Parks a quiet plain-TCP connection (`park.rs`) until its socket is ready, something is
+/// queued for it, or it must end, and returns its stream adopted again. Returns the stream at
+/// once when it cannot park.
+async fn park(core: &Core, session: &SessionHandle, stream: Stream) -> Stream {
+    let Some(parker) = &core.parker else {
+        session.park.set(Park::Never);
+        return stream;
+    };
+    let fd = match leave_glommio(session, stream) {
+        Ok(fd) => fd,
+        Err(stream) => return stream,
+    };
+    session.readable.set(false);
+    let fd = match parker.park(fd, session.id) {
+        Ok(parked) => {
+            session.fd.set(parked.as_raw_fd());
+            session.park.set(Park::Parked);
+            core.m().parked(1);
+            session.unparked().await;
+            core.m().parked(-1);
+            session.park.set(Park::Active);
+            parked.unpark()
+        }
+        Err((e, fd)) => {
+            warn!(error = %e, "cannot park a connection");
+            session.park.set(Park::Never);
+            fd
+        }
+    };
+    let tcp = crate::sys::adopt_stream(fd);
+    session.fd.set(tcp.as_raw_fd());
+    Rc::new(RefCell::new(Transport::Tcp(tcp)))
+}
+
+/// Takes a plain TCP connection's socket out of glommio: a duplicate of its descriptor, the
+/// stream (and with it its I/O requests) dropped. Gives the stream back if it cannot.
+fn leave_glommio(session: &SessionHandle, stream: Stream) -> Result<crate::sys::MovedFd, Stream> {
+    let tcp = match Rc::try_unwrap(stream).map(RefCell::into_inner) {
+        Ok(Transport::Tcp(tcp)) => tcp,
+        Ok(other) => {
+            session.park.set(Park::Never);
+            return Err(Rc::new(RefCell::new(other)));
+        }
+        Err(stream) => {
+            session.park.set(Park::Active);
+            return Err(stream);
+        }
+    };
+    match crate::sys::dup_stream(&tcp) {
+        Ok(fd) => Ok(fd),
+        Err(e) => {
+            debug!(error = %e, "cannot park");
+            session.park.set(Park::Active);
+            Err(Rc::new(RefCell::new(Transport::Tcp(tcp))))
+        }
     }
 }
 
@@ -754,7 +896,9 @@ fn register(
         last_active: std::cell::Cell::new(now_ms()),
         rooms: Default::default(),
         end_waker: Default::default(),
-        fd,
+        fd: std::cell::Cell::new(fd),
+        park: Default::default(),
+        readable: Default::default(),
         push: Default::default(),
     });
     list.push(session.clone());
@@ -826,7 +970,16 @@ fn write_loop(
 
 enum Wake {
     Read(std::io::Result<usize>),
-    Ended,
+    /// The session must end, or was asked to park.
+    Interrupted,
+}
+
+/// Why a connection's reader stopped.
+enum ReadEnd {
+    /// The connection closes.
+    Closed,
+    /// It parks (`park.rs`): nothing is in flight.
+    Park,
 }
 
 /// A logged-in connection's request handling state (the reader task's).
@@ -922,14 +1075,14 @@ impl Ctx {
         &'a mut self,
         stream: &'a Stream,
         mut inbuf: BytesMut,
-    ) -> impl Future<Output = ()> + 'a {
+    ) -> impl Future<Output = ReadEnd> + 'a {
         async move {
             let core = self.core.clone();
             let mut codec = core.codec;
             loop {
                 loop {
                     if self.session.ending.get() {
-                        return;
+                        return ReadEnd::Closed;
                     }
                     match codec.decode(&mut inbuf) {
                         Ok(Some(frame)) => {
@@ -948,7 +1101,7 @@ impl Ctx {
                             // Boxed: request handling has the largest state of the session; inline
                             // it would be carried by every idle connection's task.
                             if !Box::pin(self.handle(frame)).await {
-                                return;
+                                return ReadEnd::Closed;
                             }
                         }
                         Ok(None) => break,
@@ -959,7 +1112,7 @@ impl Ctx {
                             debug!(error = %e, "bad frame; closing");
                             self.reply(&e.to_frame());
                             self.session.end();
-                            return;
+                            return ReadEnd::Closed;
                         }
                     }
                 }
@@ -970,13 +1123,26 @@ impl Ctx {
                 let woke = future::or(
                     async { Wake::Read(read_some(&core, stream, &mut inbuf).await) },
                     async {
-                        self.session.ended().await;
-                        Wake::Ended
+                        self.session.interrupted().await;
+                        Wake::Interrupted
                     },
                 )
                 .await;
                 match woke {
-                    Wake::Read(Ok(0)) | Wake::Read(Err(_)) | Wake::Ended => return,
+                    Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return ReadEnd::Closed,
+                    Wake::Interrupted if self.session.ending.get() => return ReadEnd::Closed,
+                    Wake::Interrupted => {
+                        // Asked to park: only between frames, with nothing left to write and
+                        // the writer waiting for more (so ending it cuts nothing short).
+                        self.flush_acks().await;
+                        if inbuf.is_empty()
+                            && self.session.out.writer_idle()
+                            && matches!(&*stream.borrow(), Transport::Tcp(_))
+                        {
+                            return ReadEnd::Park;
+                        }
+                        self.session.park.set(crate::core::Park::Active);
+                    }
                     Wake::Read(Ok(n)) => {
                         let rate = &core.rates.read_bytes;
                         let wait =
@@ -997,7 +1163,7 @@ impl Ctx {
                             )
                             .await;
                             if ended {
-                                return;
+                                return ReadEnd::Closed;
                             }
                         }
                     }

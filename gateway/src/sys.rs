@@ -1,16 +1,41 @@
-//! The gateway's only `unsafe`: moving a socket's file descriptor between cores.
+//! The gateway's only `unsafe`: moving a socket's file descriptor between cores (and parking
+//! it, `park.rs`).
 //!
 //! glommio's `TcpStream` is bound to the executor that created it and has no `into_raw_fd`, so a
 //! connection changes core by duplicating its descriptor, dropping the original stream on the
 //! accepting core, and adopting the duplicate on the owning core.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use glommio::net::TcpStream;
 
-/// A descriptor in flight between cores. Closes itself if never adopted.
+/// A descriptor in flight between cores, or parked (`park.rs`). Closes itself if never
+/// adopted.
 #[derive(Debug)]
 pub struct MovedFd(OwnedFd);
+
+impl AsFd for MovedFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl AsRawFd for MovedFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Adds a parked socket to the parked connections' epoll set.
+pub fn watch(
+    poller: &polling::Poller,
+    fd: &MovedFd,
+    interest: polling::Event,
+) -> std::io::Result<()> {
+    // SAFETY: polling requires the descriptor to be deleted from the set before it is closed.
+    // `fd` only leaves `park.rs` through `ParkedFd`, whose `unpark` and `Drop` delete it first.
+    unsafe { poller.add(fd.as_raw_fd(), interest) }
+}
 
 /// Duplicates `stream`'s descriptor so the stream can be dropped while the socket lives on.
 pub fn dup_stream(stream: &TcpStream) -> std::io::Result<MovedFd> {

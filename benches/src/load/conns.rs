@@ -44,6 +44,10 @@ pub struct ConnsArgs {
     /// How long to hold the connections open after the last login (`--storm`: before the drop).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub(crate) hold: Duration,
+    /// How long after the last login the gateway's RSS with the connections is read (time for
+    /// queued login work, and for idle connections to park: `park_after_ms`, 2 s by default).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub(crate) settle: Duration,
     /// Generator processes to spread the connections over (each is limited by `ulimit -n`).
     #[arg(long, default_value_t = 1)]
     pub(crate) procs: u32,
@@ -154,8 +158,9 @@ pub fn run(a: ConnsArgs) -> Result<bool, String> {
         }
     }
     let setup = started.elapsed();
-    // Let the gateway finish whatever login work is still queued before reading its RSS.
-    std::thread::sleep(Duration::from_secs(1));
+    // Let the gateway finish whatever login work is still queued (and park idle connections)
+    // before reading its RSS.
+    std::thread::sleep(a.settle);
     let during = snap(a.gateway_pid)?;
     eprintln!(
         "tern-load conns: {opened} logged in, {failed} failed, in {:.2} s; holding {:?}",
