@@ -550,6 +550,7 @@ impl Core {
                     continue;
                 }
                 s.out.release_if_empty();
+                let wrote = s.out.take_wrote();
                 let quiet = now.saturating_sub(s.last_active.get());
                 if quiet > idle {
                     s.out.push(kick.clone());
@@ -565,7 +566,9 @@ impl Core {
                     tracing::info!(session = s.id, "client is not reading: resetting");
                     crate::sys::set_linger_zero(s.fd.get());
                     s.end();
-                } else if quiet >= park_after {
+                } else if quiet >= park_after && !wrote {
+                    // Nothing from the client for `park_after_ms` and nothing to it since the
+                    // last sweep.
                     s.ask_park();
                 }
             }

@@ -48,6 +48,10 @@ pub struct Outbound {
     /// The last poll of [`Outbound::wait_ready`] found nothing to do (and none found work
     /// since): the writer is parked there, not in the middle of a write.
     waiting: Cell<bool>,
+    /// The writer is asked to stop once nothing is queued (its connection parks).
+    stopping: Cell<bool>,
+    /// The writer took something to write since the idle sweep last looked.
+    wrote: Cell<bool>,
     pub state: RefCell<DeliveryState>,
     /// Highest sequence sent per conversation (by sync or live push). A live delivery at or
     /// below it is a message the device already got through a sync: its Deliver was still
@@ -91,6 +95,8 @@ impl Outbound {
             space: RefCell::new(Vec::new()),
             closed: Cell::new(false),
             waiting: Cell::new(false),
+            stopping: Cell::new(false),
+            wrote: Cell::new(false),
             state: RefCell::new(DeliveryState::Live),
             high: RefCell::default(),
         }
@@ -295,10 +301,17 @@ impl Outbound {
             *q = VecDeque::new();
         }
         drop(q);
+        self.wrote.set(true);
         for w in self.space.borrow_mut().drain(..) {
             w.wake();
         }
         true
+    }
+
+    /// Whether the writer took something to write since the last call (the idle sweep's: a
+    /// connection that only receives is not idle).
+    pub fn take_wrote(&self) -> bool {
+        self.wrote.replace(false)
     }
 
     /// Frees the buffers of an empty queue. The core's idle sweep calls it, so an idle
@@ -325,6 +338,7 @@ impl Outbound {
         drop(q);
         if let Some(f) = &frame {
             self.bytes.set(self.bytes.get() - f.len());
+            self.wrote.set(true);
         }
         for w in self.space.borrow_mut().drain(..) {
             w.wake();
@@ -344,10 +358,25 @@ impl Outbound {
             )
     }
 
-    /// For the writer: waits for something to write (or close).
+    /// Asks the writer to stop once it has written what is queued (`true`), or lets a new
+    /// writer run (`false`). The writer's task then ends by itself: its connection parks.
+    pub fn stop_writer(&self, stop: bool) {
+        self.stopping.set(stop);
+        if stop {
+            self.wake_writer();
+        }
+    }
+
+    /// For the writer: whether to stop now (nothing queued, and asked to).
+    pub fn writer_stops(&self) -> bool {
+        self.stopping.get() && self.queue.borrow().is_empty()
+    }
+
+    /// For the writer: waits for something to write (or close, or stop).
     pub async fn wait_ready(&self) {
         std::future::poll_fn(|cx| {
             let ready = self.closed.get()
+                || self.stopping.get()
                 || !self.queue.borrow().is_empty()
                 || matches!(
                     *self.state.borrow(),
@@ -503,6 +532,29 @@ mod tests {
         assert!(out.writer_idle());
         out.begin_sync();
         assert!(!out.writer_idle(), "a sync is in progress");
+    }
+
+    #[test]
+    fn a_stopped_writer_writes_what_is_queued_first() {
+        use std::future::Future;
+        let out = Outbound::new(4);
+        let mut cx = std::task::Context::from_waker(Waker::noop());
+        let mut wait = Box::pin(out.wait_ready());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        out.push(b(1));
+        out.stop_writer(true);
+        assert!(wait.as_mut().poll(&mut cx).is_ready());
+        assert!(!out.writer_stops(), "a frame is still queued");
+        let mut buf = Vec::new();
+        assert!(out.drain_into(&mut buf, 1 << 20));
+        assert_eq!(buf, [1]);
+        assert!(out.writer_stops());
+        assert!(out.take_wrote());
+        assert!(!out.take_wrote(), "reported once");
+        out.stop_writer(false);
+        let mut wait = Box::pin(out.wait_ready());
+        assert!(wait.as_mut().poll(&mut cx).is_pending(), "a new writer waits again");
+        assert!(!out.writer_stops());
     }
 
     #[test]

@@ -554,9 +554,8 @@ pub async fn quic_accept_loop(core: Rc<Core>, listener: tern_quic::Listener) {
 ///
 /// A plain function returning an `async` block rather than an `async fn`: an `async fn` keeps
 /// its arguments twice in its state (as arguments and as locals), for the whole session. The
-/// arguments are boxed together, so that the task keeps one pointer for them; the login and the
-/// reader run as boxed futures and the session's state is boxed ([`Live`]), so that what a
-/// parked connection's task holds is little more than that state.
+/// login and the reader run as boxed futures and the session's state is boxed ([`Live`]), so
+/// that what a parked connection's task holds is little more than that state.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn stores its arguments twice"
@@ -569,16 +568,18 @@ fn run_session(
     count: ConnCount,
     slot: Option<ConnSlot>,
 ) -> impl Future<Output = ()> {
-    let start = Box::new(Start {
+    // Boxed, and consumed by its await: the login's state (and the arguments it took) is freed
+    // once the login is done.
+    let login = Box::pin(log_in(Start {
         core,
         stream,
         inbuf,
         login,
         count,
         slot,
-    });
+    }));
     async move {
-        let Some((live, stream, inbuf, writer)) = Box::pin(log_in(*start)).await else {
+        let Some((live, stream, inbuf, writer)) = login.await else {
             return;
         };
         let mut live = live;
@@ -592,9 +593,13 @@ fn run_session(
                 ReadEnd::Closed => break,
                 ReadEnd::Park => {
                     let (stream, writer) = conn;
-                    // The reader checked that the writer waits at its empty queue: ending it
-                    // cuts nothing short.
-                    let _ = writer.cancel().await;
+                    // The writer ends by itself once nothing is queued (the reader checked that
+                    // it waits at its empty queue). Not cancelled: glommio 0.9 never frees the
+                    // memory of a task cancelled while it waits.
+                    let out = &live.ctx.session.out;
+                    out.stop_writer(true);
+                    writer.await;
+                    out.stop_writer(false);
                     let stream = park(&live.ctx.core, &live.ctx.session, stream).await;
                     let writer = glommio::spawn_local(write_loop(
                         live.ctx.core.clone(),
@@ -937,7 +942,7 @@ fn write_loop(
             let bytes: &[u8] = match &big {
                 Some(b) => b,
                 None if out.drain_into(&mut buf, WRITE_CHUNK) => &buf,
-                None if out.is_closed() => return,
+                None if out.is_closed() || out.writer_stops() => return,
                 None => continue,
             };
             let stall = Duration::from_millis(core.cfg.write_timeout_ms);
