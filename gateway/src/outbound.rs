@@ -553,7 +553,10 @@ mod tests {
         assert!(!out.take_wrote(), "reported once");
         out.stop_writer(false);
         let mut wait = Box::pin(out.wait_ready());
-        assert!(wait.as_mut().poll(&mut cx).is_pending(), "a new writer waits again");
+        assert!(
+            wait.as_mut().poll(&mut cx).is_pending(),
+            "a new writer waits again"
+        );
         assert!(!out.writer_stops());
     }
 
