@@ -277,10 +277,15 @@ async fn handle_new(core: Rc<Core>, stream: Transport, count: ConnCount, slot: C
     if owner == core.id {
         // A task of its own, so the login phase's state is freed rather than kept as part of a
         // long-lived session's future.
-        glommio::spawn_local(
-            run_session(core, stream, inbuf, login, count, Some(slot))
-                .instrument(tracing::Span::current()),
-        )
+        glommio::spawn_local(run_session(
+            core,
+            stream,
+            inbuf,
+            login,
+            count,
+            Some(slot),
+            tracing::Span::current(),
+        ))
         .detach();
         return;
     }
@@ -420,8 +425,8 @@ pub fn run_adopted(
         login,
         count,
         Some(slot),
+        span,
     )
-    .instrument(span)
 }
 
 /// A QUIC session relayed from the core that holds its connection (which counts it against
@@ -441,8 +446,8 @@ pub fn run_relayed(
         login,
         count,
         None,
+        span,
     )
-    .instrument(span)
 }
 
 /// Accepts TLS-over-TCP connections until shutdown: the TLS handshake must complete within
@@ -567,29 +572,33 @@ fn run_session(
     login: Login,
     count: ConnCount,
     slot: Option<ConnSlot>,
+    span: tracing::Span,
 ) -> impl Future<Output = ()> {
     // Boxed, and consumed by its await: the login's state (and the arguments it took) is freed
     // once the login is done.
-    let login = Box::pin(log_in(Start {
-        core,
-        stream,
-        inbuf,
-        login,
-        count,
-        slot,
-    }));
+    let login = Box::pin(
+        log_in(Start {
+            core,
+            stream,
+            inbuf,
+            login,
+            count,
+            slot,
+            span: span.clone(),
+        })
+        .instrument(span),
+    );
     async move {
         let Some((live, stream, inbuf, writer)) = login.await else {
             return;
         };
         let mut live = live;
         let mut conn = (stream, writer);
-        let mut inbuf = Some(inbuf);
+        let mut inbuf = inbuf;
         loop {
-            let read = live
-                .ctx
-                .read_loop(&conn.0, inbuf.take().unwrap_or_default());
-            match Box::pin(read).await {
+            let input = inbuf.take().map(|b| *b).unwrap_or_default();
+            let read = live.ctx.read_loop(&conn.0, input);
+            match Box::pin(read.instrument(live.span.clone())).await {
                 ReadEnd::Closed => break,
                 ReadEnd::Park => {
                     let (stream, writer) = conn;
@@ -610,7 +619,8 @@ fn run_session(
                 }
             }
         }
-        Box::pin(live.close(conn.0, conn.1)).await;
+        let span = live.span.clone();
+        Box::pin(live.close(conn.0, conn.1).instrument(span)).await;
     }
 }
 
@@ -622,19 +632,24 @@ struct Start {
     login: Login,
     count: ConnCount,
     slot: Option<ConnSlot>,
+    span: tracing::Span,
 }
 
 /// What a logged-in session keeps for its whole life, parked or not.
 struct Live {
     ctx: Ctx,
+    /// The connection's span (the task is not instrumented as a whole: the span would be part
+    /// of its future).
+    span: tracing::Span,
     /// Held (counted against the limits) until the session ends.
     _count: ConnCount,
     _slot: Option<ConnSlot>,
 }
 
 /// Registers the session (a refusal is sent and the connection closed), queues HelloOk, starts
-/// the writer and runs the sync on login.
-async fn log_in(start: Start) -> Option<(Box<Live>, Stream, BytesMut, glommio::Task<()>)> {
+/// the writer and runs the sync on login. What was read after Hello comes back boxed, and only
+/// if there is some: the session's task keeps it until its first read.
+async fn log_in(start: Start) -> Option<LoggedIn> {
     let Start {
         core,
         stream,
@@ -642,6 +657,7 @@ async fn log_in(start: Start) -> Option<(Box<Live>, Stream, BytesMut, glommio::T
         login,
         count,
         slot,
+        span,
     } = start;
     let user = match core.store.intern_user(&login.user) {
         Ok(u) => u,
@@ -703,6 +719,7 @@ async fn log_in(start: Start) -> Option<(Box<Live>, Stream, BytesMut, glommio::T
             false,
             login.platform,
         ),
+        span,
         _count: count,
         _slot: slot,
     });
@@ -718,8 +735,12 @@ async fn log_in(start: Start) -> Option<(Box<Live>, Stream, BytesMut, glommio::T
         )
         .await;
     }
+    let inbuf = (!inbuf.is_empty()).then(|| Box::new(inbuf));
     Some((live, stream, inbuf, writer))
 }
+
+/// The session's state, its stream, what was read after Hello, its writer.
+type LoggedIn = (Box<Live>, Stream, Option<Box<BytesMut>>, glommio::Task<()>);
 
 impl Live {
     /// Tears the session down: unregisters it, lets the writer flush (bounded), closes.
