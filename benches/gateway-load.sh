@@ -158,7 +158,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = conns ]; then
         echo "== conns $CONNS, gateway cores $c (load: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
         "$BIN"/tern-load conns --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
             --count "$CONNS" --procs 2 --source-ips 127.0.0.2,127.0.0.3 \
-            --gateway-pid "$GW_PID" --hold 5s | tee -a "$WORK/conns.txt" || true
+            --gateway-pid "$GW_PID" --hold 5s --settle 5s | tee -a "$WORK/conns.txt" || true
         stop_gateway
     done
 fi
