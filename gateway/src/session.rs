@@ -277,15 +277,15 @@ async fn handle_new(core: Rc<Core>, stream: Transport, count: ConnCount, slot: C
     if owner == core.id {
         // A task of its own, so the login phase's state is freed rather than kept as part of a
         // long-lived session's future.
-        glommio::spawn_local(run_session(
+        glommio::spawn_local(run_session(Start {
             core,
             stream,
             inbuf,
             login,
             count,
-            Some(slot),
-            tracing::Span::current(),
-        ))
+            slot: Some(slot),
+            span: tracing::Span::current(),
+        }))
         .detach();
         return;
     }
@@ -418,15 +418,15 @@ pub fn run_adopted(
     let count = ConnCount::new(&core);
     let span =
         tracing::info_span!("conn", core = core.id, user = %login.user, device = %login.device);
-    run_session(
+    run_session(Start {
         core,
-        Rc::new(RefCell::new(Transport::Tcp(stream))),
-        BytesMut::from(&leftover[..]),
+        stream: Rc::new(RefCell::new(Transport::Tcp(stream))),
+        inbuf: BytesMut::from(&leftover[..]),
         login,
         count,
-        Some(slot),
+        slot: Some(slot),
         span,
-    )
+    })
 }
 
 /// A QUIC session relayed from the core that holds its connection (which counts it against
@@ -439,15 +439,15 @@ pub fn run_relayed(
 ) -> impl Future<Output = ()> {
     let count = ConnCount::new(&core);
     let span = tracing::info_span!("conn", core = core.id, user = %login.user, device = %login.device, relay = relay.id);
-    run_session(
+    run_session(Start {
         core,
-        Rc::new(RefCell::new(Transport::Relay(relay))),
-        BytesMut::from(&leftover[..]),
+        stream: Rc::new(RefCell::new(Transport::Relay(relay))),
+        inbuf: BytesMut::from(&leftover[..]),
         login,
         count,
-        None,
+        slot: None,
         span,
-    )
+    })
 }
 
 /// Accepts TLS-over-TCP connections until shutdown: the TLS handshake must complete within
@@ -558,36 +558,18 @@ pub async fn quic_accept_loop(core: Rc<Core>, listener: tern_quic::Listener) {
 /// (`park.rs`), then the tear-down.
 ///
 /// A plain function returning an `async` block rather than an `async fn`: an `async fn` keeps
-/// its arguments twice in its state (as arguments and as locals), for the whole session. The
-/// login and the reader run as boxed futures and the session's state is boxed ([`Live`]), so
-/// that what a parked connection's task holds is little more than that state.
+/// its arguments in its state for the whole session. The login and the reader run as boxed
+/// futures and the session's state is boxed ([`Live`]), so that what a parked connection's task
+/// holds is little more than that state.
 #[allow(
     clippy::manual_async_fn,
-    reason = "an async fn stores its arguments twice"
+    reason = "an async fn stores its arguments for the whole session"
 )]
-fn run_session(
-    core: Rc<Core>,
-    stream: Stream,
-    inbuf: BytesMut,
-    login: Login,
-    count: ConnCount,
-    slot: Option<ConnSlot>,
-    span: tracing::Span,
-) -> impl Future<Output = ()> {
-    // Boxed, and consumed by its await: the login's state (and the arguments it took) is freed
-    // once the login is done.
-    let login = Box::pin(
-        log_in(Start {
-            core,
-            stream,
-            inbuf,
-            login,
-            count,
-            slot,
-            span: span.clone(),
-        })
-        .instrument(span),
-    );
+fn run_session(start: Start) -> impl Future<Output = ()> {
+    // Boxed, and consumed by its await: the login's state (and what it was started with) is
+    // freed once the login is done.
+    let span = start.span.clone();
+    let login = Box::pin(log_in(start).instrument(span));
     async move {
         let Some((live, stream, inbuf, writer)) = login.await else {
             return;
