@@ -8,13 +8,17 @@ use bytes::BytesMut;
 use tern_protocol::v1::frame::Body;
 use tern_protocol::{Codec, Frame, KickReason, Ping, Target};
 use tern_tests::{
-    Conn, Gateway, NO_RATE_LIMITS, WAIT, expect_ack, expect_deliver, metric, send, text,
+    Conn, Gateway, NO_RATE_LIMITS, Via, WAIT, expect_ack, expect_deliver, metric, send, text,
 };
 
 fn gateway(extra_config: &str) -> Gateway {
+    gateway_with_args(extra_config, &[])
+}
+
+fn gateway_with_args(extra_config: &str, args: &[&str]) -> Gateway {
     Gateway::start_with_config(
         &format!("park_after_ms = 100\n{extra_config}{NO_RATE_LIMITS}"),
-        &[],
+        args,
     )
 }
 
@@ -129,4 +133,24 @@ fn shutdown_wakes_parked_connections() {
     gw.stop();
     alice.expect_kick(KickReason::Shutdown);
     bob.expect_kick(KickReason::Shutdown);
+}
+
+#[test]
+fn tls_and_quic_connections_do_not_park() {
+    let gw = gateway_with_args("", &["--tls", "127.0.0.1:0", "--quic", "127.0.0.1:0"]);
+    let (mut alice, _) = gw.login(Via::Tls, &gw.token("alice"), "a1");
+    let (mut carol, _) = gw.login(Via::Quic, &gw.token("carol"), "c1");
+    let (mut bob, _) = gw.login(Via::Tcp, &gw.token("bob"), "b1");
+    // Only the plain TCP connection parks, although the other two were quiet for longer.
+    wait_parked(&gw, 1);
+    let rid = send(&mut alice, "bob", "t1", "over TLS");
+    assert_eq!(expect_ack(&mut alice, rid).seq, 1);
+    assert_eq!(text(&expect_deliver(&mut bob)), "over TLS");
+    wait_parked(&gw, 1);
+    let rid = send(&mut carol, "alice", "q1", "over QUIC");
+    assert_eq!(expect_ack(&mut carol, rid).seq, 1);
+    assert_eq!(text(&expect_deliver(&mut alice)), "over QUIC");
+    // Bob stayed parked all along; the sweeps that parked him twice asked the others too.
+    assert_eq!(metric(&gw.metrics(), "tern_parked_connections", ""), 1);
+    bob.nothing_pending();
 }
