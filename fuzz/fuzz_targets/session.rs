@@ -87,6 +87,8 @@ impl Running {
             // Any room of two connections on a core takes the batched path.
             room_batch_viewers: 2,
             room_batch_ms: 1,
+            // Connections park between the operations of an input and come back for them.
+            park_after_ms: 20,
             ..Default::default()
         };
         let secret = Secret::new(cfg.secret.clone().unwrap().into_bytes());
