@@ -386,7 +386,6 @@ impl Core {
             rooms: Default::default(),
             fd: std::cell::Cell::new(-1),
             park: std::cell::Cell::new(crate::core::Park::Never),
-            readable: Default::default(),
             push: Default::default(),
         });
         self.sessions

@@ -197,8 +197,6 @@ pub struct SessionHandle {
     pub fd: Cell<std::os::fd::RawFd>,
     /// Whether the connection is parked (`park.rs`), or asked to park by the idle sweep.
     pub park: Cell<Park>,
-    /// A parked connection's socket became ready (set by the core's unparker).
-    pub readable: Cell<bool>,
     /// Server pushes delivered on this connection and the device's cursor.
     pub push: RefCell<crate::push::PushState>,
 }
@@ -213,6 +211,8 @@ pub enum Park {
     Asked,
     /// Parked.
     Parked,
+    /// Parked, and its socket became ready (set by the core's unparker).
+    Readable,
     /// Never parks (not a plain TCP connection).
     Never,
 }
@@ -240,49 +240,39 @@ impl SessionHandle {
     /// A parked connection's socket became ready.
     pub fn wake_readable(&self) {
         if self.park.get() == Park::Parked {
-            self.readable.set(true);
+            self.park.set(Park::Readable);
             self.wake_reader();
         }
     }
 
     /// Resolves once the session must end, or (for a reader) stop reading and park.
-    pub async fn interrupted(&self) {
-        std::future::poll_fn(|cx| {
-            if self.ending.get() || self.park.get() == Park::Asked {
-                Poll::Ready(())
-            } else {
-                *self.end_waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await
+    pub fn interrupted(&self) -> impl Future<Output = ()> + '_ {
+        self.ending_or(Some(Park::Asked))
     }
 
     /// For a parked connection: resolves once its socket is ready, something is queued for it,
     /// or it must end.
-    pub async fn unparked(&self) {
-        let signalled = std::future::poll_fn(|cx| {
-            if self.ending.get() || self.readable.get() {
-                Poll::Ready(())
-            } else {
-                *self.end_waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        });
-        futures_lite::future::or(signalled, self.out.wait_ready()).await
+    pub fn unparked(&self) -> impl Future<Output = ()> + '_ {
+        futures_lite::future::or(self.ending_or(Some(Park::Readable)), self.out.wait_ready())
     }
 
     /// Resolves once [`SessionHandle::end`] was called.
-    pub async fn ended(&self) {
-        std::future::poll_fn(|cx| {
-            if self.ending.get() {
+    pub fn ended(&self) -> impl Future<Output = ()> + '_ {
+        self.ending_or(None)
+    }
+
+    /// Resolves once the session must end, or its parking state is `park`. Plain functions
+    /// returning the future, not `async fn`s: a parked connection's task holds one, and each
+    /// `async` layer would add its own state to it.
+    fn ending_or(&self, park: Option<Park>) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.ending.get() || park.is_some_and(|p| self.park.get() == p) {
                 Poll::Ready(())
             } else {
                 *self.end_waker.borrow_mut() = Some(cx.waker().clone());
                 Poll::Pending
             }
         })
-        .await
     }
 }
 
@@ -373,12 +363,12 @@ impl Drop for ConnCount {
     }
 }
 
-/// Milliseconds since the Unix epoch.
 /// The core a session id ([`Core::new_session_id`]) belongs to.
 pub fn core_of_session(id: u64) -> usize {
     (id >> 48) as usize
 }
 
+/// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -7,7 +7,7 @@
 //! histograms here are fixed-bucket atomics, which a registry would put behind a lock.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use tern_protocol::ErrorCode;
 
@@ -85,7 +85,7 @@ pub struct CoreMetrics {
     /// Offline-notification jobs dropped because the side thread's queue was full.
     pub offline_dropped: AtomicU64,
     /// Connections parked right now (`park.rs`).
-    parked: AtomicU64,
+    parked: AtomicI64,
     /// Messages this core put on its queue to each core (index: the receiving core).
     pub mesh_sent: Vec<AtomicU64>,
     /// Messages this core took off the queue from each core (index: the sending core).
@@ -106,11 +106,7 @@ impl CoreMetrics {
 
     /// A connection parked (`+1`) or came back (`-1`).
     pub fn parked(&self, delta: i64) {
-        if delta >= 0 {
-            self.parked.fetch_add(delta as u64, Relaxed);
-        } else {
-            self.parked.fetch_sub(delta.unsigned_abs(), Relaxed);
-        }
+        self.parked.fetch_add(delta, Relaxed);
     }
 
     pub fn errors(&self, code: ErrorCode) -> u64 {

@@ -560,7 +560,10 @@ pub async fn quic_accept_loop(core: Rc<Core>, listener: tern_quic::Listener) {
 /// A plain function returning an `async` block rather than an `async fn`: an `async fn` keeps
 /// its arguments in its state for the whole session. The login and the reader run as boxed
 /// futures and the session's state is boxed ([`Live`]), so that what a parked connection's task
-/// holds is little more than that state.
+/// holds is little more than that state. Keep the future within 200 bytes (192 now): with
+/// glommio's task header the task is then a 256-byte block, an allocator size class that no
+/// short-lived block shares, so that parked connections leave no half-empty pages behind
+/// (docs/PERFORMANCE.md, "Parked connections").
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn stores its arguments for the whole session"
@@ -777,7 +780,6 @@ async fn park(core: &Core, session: &SessionHandle, stream: Stream) -> Stream {
         Ok(fd) => fd,
         Err(stream) => return stream,
     };
-    session.readable.set(false);
     let fd = match parker.park(fd, session.id) {
         Ok(parked) => {
             session.fd.set(parked.as_raw_fd());
@@ -906,7 +908,6 @@ fn register(
         end_waker: Default::default(),
         fd: std::cell::Cell::new(fd),
         park: Default::default(),
-        readable: Default::default(),
         push: Default::default(),
     });
     list.push(session.clone());
@@ -1140,13 +1141,11 @@ impl Ctx {
                     Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return ReadEnd::Closed,
                     Wake::Interrupted if self.session.ending.get() => return ReadEnd::Closed,
                     Wake::Interrupted => {
-                        // Asked to park: only between frames, with nothing left to write and
+                        // Asked to park (only plain TCP sessions are: the login marks the others
+                        // `Park::Never`): only between frames, with nothing left to write and
                         // the writer waiting for more (so ending it cuts nothing short).
                         self.flush_acks().await;
-                        if inbuf.is_empty()
-                            && self.session.out.writer_idle()
-                            && matches!(&*stream.borrow(), Transport::Tcp(_))
-                        {
+                        if inbuf.is_empty() && self.session.out.writer_idle() {
                             return ReadEnd::Park;
                         }
                         self.session.park.set(crate::core::Park::Active);
