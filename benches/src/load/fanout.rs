@@ -69,6 +69,11 @@ pub struct FanoutArgs {
     /// Each member acks every this many messages.
     #[arg(long, default_value_t = 64)]
     ack_every: u64,
+    /// Threads reading the members' connections, each through its own epoll set (member i
+    /// goes to thread i mod n); 0 = one per CPU. One thread keeps the generator's CPU per
+    /// delivery lowest; more read in parallel, as members on other machines would.
+    #[arg(long, default_value_t = 1)]
+    readers: usize,
     /// How long to wait for outstanding deliveries after the last Send.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     drain: Duration,
@@ -89,7 +94,7 @@ pub struct FanoutArgs {
     priority_every: u64,
 }
 
-/// What the members' reader thread reports, read by the sender's thread.
+/// What the members' reader threads report, read by the sender's thread.
 struct Shared {
     t0: Instant,
     received: AtomicU64,
@@ -97,7 +102,7 @@ struct Shared {
     errors: AtomicU64,
     /// Members that got the warm-up message.
     warm: AtomicU64,
-    /// Nanoseconds from `t0` to the last read that brought deliveries (0: none yet).
+    /// Nanoseconds from `t0` to the latest read that brought deliveries (0: none yet).
     last_delivery_ns: AtomicU64,
     stop: AtomicBool,
 }
@@ -192,25 +197,33 @@ pub async fn run(a: FanoutArgs) -> Result<bool, String> {
         last_delivery_ns: AtomicU64::new(0),
         stop: AtomicBool::new(false),
     });
-    let mut members = Vec::with_capacity(conns.len());
-    for c in conns {
+    let readers = match a.readers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    }
+    .min(conns.len().max(1));
+    // Round robin, so that the gateway's delivery order does not favour one reader.
+    let mut groups: Vec<Vec<Member>> = (0..readers).map(|_| Vec::new()).collect();
+    for (i, c) in conns.into_iter().enumerate() {
         let tcp = c
             .stream
             .into_tcp()
             .ok_or("fanout members connect over TCP")?;
         let std = tcp.into_std().map_err(|e| format!("member socket: {e}"))?;
-        members.push(Member::new(
+        groups[i % readers].push(Member::new(
             mio::net::TcpStream::from_std(std),
             c.rbuf.to_vec(),
         ));
     }
-    let reader = {
+    let mut reader_threads = Vec::with_capacity(readers);
+    for (i, members) in groups.into_iter().enumerate() {
         let (shared, ack_every) = (shared.clone(), a.ack_every);
-        std::thread::Builder::new()
-            .name("fanout-members".into())
+        let thread = std::thread::Builder::new()
+            .name(format!("fanout-members-{i}"))
             .spawn(move || read_members(members, &shared, ack_every))
-            .map_err(|e| format!("reader thread: {e}"))?
-    };
+            .map_err(|e| format!("reader thread: {e}"))?;
+        reader_threads.push(thread);
+    }
 
     warm_up(&mut sender, &a, &group, &prefix, &shared).await?;
 
@@ -230,9 +243,13 @@ pub async fn run(a: FanoutArgs) -> Result<bool, String> {
     let gen_cpu = sys::self_cpu() - cpu0;
     shared.stop.store(true, Ordering::Relaxed);
     drop(sender);
-    let h = reader
-        .join()
-        .map_err(|_| "the members' reader panicked".to_string())??;
+    let mut h = latency_histogram();
+    for thread in reader_threads {
+        let part = thread
+            .join()
+            .map_err(|_| "a members' reader panicked".to_string())??;
+        h.add(part).map_err(|e| format!("latency histogram: {e}"))?;
+    }
 
     let received = Shared::get(&shared.received);
     let lost = expected.saturating_sub(received);
@@ -491,9 +508,44 @@ impl Member {
     }
 }
 
-/// Reads every member's connection on one thread, through epoll (mio): one `recv` per
-/// readiness event into a shared buffer (a short read means the socket is drained; more data
-/// raises a new event), so that the generator's cost per delivery stays small next to the
+/// Latencies in nanoseconds, up to an hour.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static bounds")
+}
+
+/// Delivery counts of one reader, added to [`Shared`] once per batch of readiness events so
+/// that the reader threads do not contend for its counters on every delivery.
+#[derive(Default)]
+struct Counts {
+    received: u64,
+    dup: u64,
+    warm: u64,
+    last_ns: u64,
+}
+
+impl Counts {
+    fn publish(&mut self, shared: &Shared) {
+        for (local, total) in [
+            (self.received, &shared.received),
+            (self.dup, &shared.dup),
+            (self.warm, &shared.warm),
+        ] {
+            if local > 0 {
+                total.fetch_add(local, Ordering::Relaxed);
+            }
+        }
+        if self.last_ns > 0 {
+            shared
+                .last_delivery_ns
+                .fetch_max(self.last_ns, Ordering::Relaxed);
+        }
+        *self = Counts::default();
+    }
+}
+
+/// Reads its share of the members' connections on one thread, through epoll (mio): one `recv`
+/// per readiness event into a shared buffer (a short read means the socket is drained; more
+/// data raises a new event), so that the generator's cost per delivery stays small next to the
 /// gateway's on the same cores. Records each delivery's latency, counts, and acks every
 /// `ack_every` messages. Returns the latency histogram once `shared.stop` is set.
 fn read_members(
@@ -501,7 +553,8 @@ fn read_members(
     shared: &Shared,
     ack_every: u64,
 ) -> Result<Histogram<u64>, String> {
-    let mut hist = Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static bounds");
+    let mut hist = latency_histogram();
+    let mut counts = Counts::default();
     let mut poll = mio::Poll::new().map_err(|e| format!("epoll: {e}"))?;
     for (i, m) in members.iter_mut().enumerate() {
         poll.registry()
@@ -555,16 +608,16 @@ fn read_members(
                         latest = Some((conversation_id, seq));
                         let stamp = Stamp::parse(payload);
                         if stamp.as_ref().is_some_and(|st| st.pair == WARM) {
-                            shared.warm.fetch_add(1, Ordering::Relaxed);
+                            counts.warm += 1;
                         }
                         if let Some(st) = stamp
                             && st.pair == MAGIC
                         {
                             if st.seq <= m.last_seq {
-                                shared.dup.fetch_add(1, Ordering::Relaxed);
+                                counts.dup += 1;
                             } else {
                                 m.last_seq = st.seq;
-                                shared.received.fetch_add(1, Ordering::Relaxed);
+                                counts.received += 1;
                                 hist.saturating_record(now_ns.saturating_sub(st.ts_ns).max(1));
                             }
                             m.since_ack += 1;
@@ -579,7 +632,7 @@ fn read_members(
                 };
                 m.partial.clear();
                 m.partial.extend_from_slice(&buf[used..kept + n]);
-                shared.last_delivery_ns.store(now_ns, Ordering::Relaxed);
+                counts.last_ns = now_ns;
                 if m.since_ack >= ack_every
                     && let Some((conversation_id, seq)) = latest
                 {
@@ -608,6 +661,7 @@ fn read_members(
                 }
             }
         }
+        counts.publish(shared);
     }
     Ok(hist)
 }
