@@ -753,19 +753,37 @@ impl Live {
             );
         }
         session.out.close();
-        let _ = future::or(
-            async {
-                writer.await;
-            },
-            glommio::timer::sleep(Duration::from_millis(
-                core.cfg.shutdown_timeout_ms.min(2000),
-            )),
-        )
-        .await;
+        let grace = Duration::from_millis(core.cfg.shutdown_timeout_ms.min(2000));
+        let mut writer = writer;
+        if !ends_within(&mut writer, grace).await {
+            // The writer is stuck on a connection whose client does not read. Reset the
+            // connection, which fails the write, and let the writer end by itself: dropping it
+            // would cancel it, and glommio 0.9 never frees a task cancelled while it waits.
+            stream.borrow_mut().abort();
+            stream.borrow_mut().shutdown(std::net::Shutdown::Both);
+            if !ends_within(&mut writer, grace).await {
+                warn!(session = session.id, "the writer did not end after a reset");
+            }
+        }
         stream.borrow_mut().shutdown(std::net::Shutdown::Both);
         core.wake_completions();
         info!(session = session.id, "closed");
     }
+}
+
+/// Whether `task` ends within `limit`; it keeps running if not.
+async fn ends_within(task: &mut glommio::Task<()>, limit: Duration) -> bool {
+    future::or(
+        async {
+            task.await;
+            true
+        },
+        async {
+            glommio::timer::sleep(limit).await;
+            false
+        },
+    )
+    .await
 }
 
 /// Parks a quiet plain-TCP connection (`park.rs`) until its socket is ready, something is

@@ -277,33 +277,37 @@ fn trickled_frames_are_closed_by_the_login_and_idle_timeouts() {
     assert!(sent.load(Ordering::SeqCst) < 100, "the frame was complete");
 }
 
-#[test]
-fn a_client_that_never_reads_is_reset_after_the_write_timeout() {
-    let (gw, _cfg) = gateway_with(
-        "write_timeout_ms = 300\noutbound_queue_frames = 16\nrate_messages_per_sec = 0\n\
-         rate_user_messages_per_sec = 0\nrate_requests_per_sec = 0\nrate_read_bytes_per_sec = 0\n",
-    );
-    // Bob's receive window is tiny and he never reads.
+/// Rate limits off, as a client that never reads needs many messages sent to it.
+const NO_RATES: &str = "rate_messages_per_sec = 0\nrate_user_messages_per_sec = 0\n\
+    rate_requests_per_sec = 0\nrate_read_bytes_per_sec = 0\n";
+
+/// Logs Bob in on a connection with a tiny receive window that he never reads, and has Alice
+/// send him `n` messages of 32 KiB: enough to fill his window and the server's send buffer many
+/// times over, so that his writer waits on a full socket.
+fn bob_stops_reading(gw: &Gateway, n: usize) -> Conn {
     let mut bob = Conn::connect_with(gw.addr, None, Some(4096));
     bob.send_body(Body::Hello(hello(&gw.token("bob"), "phone")));
     let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
-    // Enough to fill Bob's window and the server's send buffer many times over.
     let payload = Bytes::from(vec![3u8; 32 << 10]);
-    let n = 400;
     for i in 0..n {
         alice.send_body(send("bob", &format!("m{i}"), payload.clone()));
     }
     for _ in 0..n {
         assert!(matches!(alice.recv_frame().body, Some(Body::SendAck(_))));
     }
-    // Without reading, wait for the reset (POLLERR/POLLHUP), bounded by WAIT.
-    let fd = std::os::fd::AsRawFd::as_raw_fd(bob.stream());
+    bob
+}
+
+/// Without reading, waits (bounded by WAIT) until the server resets `c`: POLLERR/POLLHUP, and
+/// reading then ends.
+fn expect_reset(c: &mut Conn) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(c.stream());
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLRDHUP,
         revents: 0,
     };
-    // SAFETY: one valid pollfd for a descriptor `bob` owns for the duration of the call.
+    // SAFETY: one valid pollfd for a descriptor `c` owns for the duration of the call.
     let ready = unsafe { libc::poll(&mut pfd, 1, WAIT.as_millis() as i32) };
     assert_eq!(
         ready, 1,
@@ -315,30 +319,51 @@ fn a_client_that_never_reads_is_reset_after_the_write_timeout() {
         "{:#x}",
         pfd.revents
     );
-    // Reading now fails or ends: the connection is gone.
     loop {
-        match bob.recv() {
+        match c.recv() {
             Recv::Closed => break,
             Recv::Frame(_) => {}
         }
     }
+}
+
+#[test]
+fn a_client_that_never_reads_is_reset_after_the_write_timeout() {
+    let (gw, _cfg) = gateway_with(&format!(
+        "write_timeout_ms = 300\noutbound_queue_frames = 16\n{NO_RATES}"
+    ));
+    let n = 400;
+    let mut bob = bob_stops_reading(&gw, n);
+    expect_reset(&mut bob);
     // Bob catches up on another connection: nothing was lost.
+    assert_eq!(synced_seqs(&gw), (1..=n as u64).collect::<Vec<_>>());
+}
+
+/// A session that ends while its writer waits on a full socket (here: replaced by a new login
+/// from the same device, long before the write timeout) resets the connection, so that the
+/// writer's write fails and the writer ends by itself.
+#[test]
+fn a_replaced_connection_whose_client_does_not_read_is_reset() {
+    let (gw, _cfg) = gateway_with(&format!(
+        "write_timeout_ms = 600000\nshutdown_timeout_ms = 500\n{NO_RATES}"
+    ));
+    let n = 400;
+    let mut bob = bob_stops_reading(&gw, n);
     let (mut bob2, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
-    let rid = bob2.send_body(Body::Sync(SyncRequest {
-        since_version: 0,
-        page_size: 0,
-    }));
-    let mut seqs = Vec::new();
+    expect_reset(&mut bob);
+    assert_eq!(synced_seqs(&gw), (1..=n as u64).collect::<Vec<_>>());
+    // The gateway goes on serving Bob's new connection.
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "tablet");
+    alice.send_body(send("bob", "after", Bytes::from_static(b"after")));
+    assert!(matches!(alice.recv_frame().body, Some(Body::SendAck(_))));
     loop {
-        let f = bob2.recv_frame();
-        if f.request_id != rid {
-            continue;
-        }
-        match f.body {
-            Some(Body::SyncMessages(m)) => seqs.extend(m.messages.iter().map(|d| d.seq)),
-            Some(Body::SyncDone(_)) => break,
-            _ => {}
+        if let Some(Body::Deliver(d)) = bob2.recv_frame().body {
+            assert_eq!((d.seq, &d.payload[..]), (n as u64 + 1, &b"after"[..]));
+            break;
         }
     }
-    assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>());
+    // The writer ended by itself after the reset (its task was not dropped while waiting).
+    // Logged before the connection closed, so it is in the log by now if it happened.
+    let log = gw.log();
+    assert!(!log.contains("did not end after a reset"), "{log}");
 }
