@@ -347,7 +347,12 @@ fn a_replaced_connection_whose_client_does_not_read_is_reset() {
     let (gw, _cfg) = gateway_with(&format!(
         "write_timeout_ms = 600000\nshutdown_timeout_ms = 500\n{NO_RATES}"
     ));
-    let n = 400;
+    // More than the server's socket send buffer can ever hold, so that the writer waits.
+    let wmem_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse::<usize>().ok())
+        .unwrap_or(4 << 20);
+    let n = (wmem_max / (32 << 10) + 100).max(400);
     let mut bob = bob_stops_reading(&gw, n);
     let (mut bob2, _) = Conn::login(gw.addr, &gw.token("bob"), "phone");
     expect_reset(&mut bob);
