@@ -46,7 +46,7 @@
 //!
 //! | column family | key | value | why |
 //! |---|---|---|---|
-//! | `messages` | conv BE ++ seq BE | message record (version 2 once recalled: no payload) | a conversation is one contiguous key range in seq order: a page read is one seek plus `next`/`prev`; a fixed 8-byte prefix extractor with prefix bloom filters (SST and memtable) makes seeks into a conversation skip files that do not hold it; the latest seq is one `seek_for_prev` |
+//! | `messages` | conv BE ++ seq BE | message record (version 2 once recalled: no payload) | a conversation is one contiguous key range in seq order: a page read is one seek plus `next`/`prev`; a fixed 8-byte prefix extractor with prefix bloom filters (SST and memtable) makes seeks into a conversation skip files that do not hold it; the latest seq is one `seek_for_prev`; since a conversation's keys arrive in order, each memtable insert starts from a hint kept per conversation (`memtable_insert_with_hint_prefix_extractor`) instead of a skiplist search |
 //! | `user_convs` | user BE ++ conv BE | user-conversation record (member flag, read position, versions, seq the user left at, the user's settings: pinned, hidden, muted, cleared seq) | all conversations of a user in one range scan (prefix 8) |
 //! | `cursors` | user BE ++ conv BE ++ device | delivered seq | point reads; whole-key bloom |
 //! | `members`, `user_groups` | group ++ user, user ++ group | the member's attributes (opaque, as given; empty from `add_member`), empty | paged member lists (with attributes) and a user's groups, each a prefix scan |

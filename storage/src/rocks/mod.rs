@@ -394,8 +394,20 @@ fn write_options(d: Durability) -> WriteOptions {
     wo
 }
 
-fn cf_options(name: &str, opts: &StoreOptions, cache: &Cache) -> Options {
+fn cf_options(name: &str, opts: &StoreOptions, cache: &Cache) -> Result<Options> {
     let mut o = Options::default();
+    if name == CF_MESSAGES {
+        // A conversation's messages arrive in sequence order, so each memtable insert starts
+        // from where the conversation's previous one went (a hint per prefix) instead of
+        // searching the skiplist from the top: about 0.35 us less per append for the committer
+        // (docs/PERFORMANCE.md). The hints live as long as the memtable, one per conversation
+        // in it. Not settable through the C API, hence the options string.
+        o = o
+            .get_options_from_string(
+                "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.8",
+            )
+            .map_err(backend)?;
+    }
     let mut t = BlockBasedOptions::default();
     t.set_block_cache(cache);
     t.set_bloom_filter(10.0, false);
@@ -436,7 +448,7 @@ fn cf_options(name: &str, opts: &StoreOptions, cache: &Cache) -> Options {
         o.set_write_buffer_size(8 << 20);
         o.set_compression_type(DBCompressionType::Lz4);
     }
-    o
+    Ok(o)
 }
 
 impl RocksStore {
@@ -486,7 +498,13 @@ impl RocksStore {
         }
         let cfs = names
             .iter()
-            .map(|n| ColumnFamilyDescriptor::new(n, cf_options(n, &opts, &cache)));
+            .map(|n| {
+                Ok(ColumnFamilyDescriptor::new(
+                    n,
+                    cf_options(n, &opts, &cache)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let db = DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(|e| {
             let msg = e.into_string();
             if msg.contains("lock") || msg.contains("LOCK") {
@@ -1184,6 +1202,77 @@ mod tests {
             participants: vec![1, 2],
             ..AppendRequest::default()
         }
+    }
+
+    /// The messages column family inserts with a hint per conversation, and appends to
+    /// interleaved conversations (within batches and across them) read back in order from the
+    /// memtable, forwards and backwards, and again after a reopen.
+    #[test]
+    fn messages_memtable_inserts_with_a_hint_per_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let convs: Vec<u64> = (2..=4)
+            .map(|p| direct_conversation(1, p).unwrap())
+            .collect();
+        let check = |s: &RocksStore| {
+            for (k, &c) in convs.iter().enumerate() {
+                let fwd = s.read_forward(c, 1, 100).unwrap();
+                let seqs: Vec<u64> = fwd.iter().map(|m| m.seq).collect();
+                assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+                let ids: Vec<&str> = fwd.iter().map(|m| m.client_msg_id.as_str()).collect();
+                let want: Vec<String> = (0..20).map(|i| format!("c{k}-{i}")).collect();
+                assert_eq!(ids, want);
+                let back: Vec<u64> = s
+                    .read_backward(c, 0, 5)
+                    .unwrap()
+                    .iter()
+                    .map(|m| m.seq)
+                    .collect();
+                assert_eq!(back, vec![20, 19, 18, 17, 16]);
+            }
+        };
+        {
+            let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+            // Round one submits everything before waiting (large batches, conversations
+            // interleaved inside each); round two waits for each append (one per batch).
+            let mut pending = Vec::new();
+            for i in 0..10 {
+                for (k, &c) in convs.iter().enumerate() {
+                    pending.push(s.append(msg(c, &format!("c{k}-{i}"))));
+                }
+            }
+            for p in pending {
+                p.wait().unwrap();
+            }
+            for i in 10..20 {
+                for (k, &c) in convs.iter().enumerate().rev() {
+                    s.append(msg(c, &format!("c{k}-{i}"))).wait().unwrap();
+                }
+            }
+            check(&s);
+        }
+        let s = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        check(&s);
+        // The setting is in the options RocksDB persisted for the messages column family.
+        let options = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("OPTIONS-")
+            })
+            .max()
+            .unwrap();
+        let text = std::fs::read_to_string(options).unwrap();
+        let section = text
+            .split("[CFOptions \"")
+            .find(|sec| sec.starts_with(&format!("{CF_MESSAGES}\"")))
+            .unwrap();
+        assert!(
+            section.contains("memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.8"),
+            "{section}"
+        );
     }
 
     /// A failed commit consumes no sequence number, leaves no idempotency entry behind, and
