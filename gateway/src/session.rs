@@ -755,17 +755,18 @@ impl Live {
         session.out.close();
         let grace = Duration::from_millis(core.cfg.shutdown_timeout_ms.min(2000));
         let mut writer = writer;
-        if !ends_within(&mut writer, grace).await {
-            // The writer is stuck on a connection whose client does not read. Reset the
-            // connection, which fails the write, and let the writer end by itself: dropping it
-            // would cancel it, and glommio 0.9 never frees a task cancelled while it waits.
+        let flushed = ends_within(&mut writer, grace).await;
+        if !flushed {
+            // The writer is stuck on a connection whose client does not read: reset it rather
+            // than close it.
             stream.borrow_mut().abort();
-            stream.borrow_mut().shutdown(std::net::Shutdown::Both);
-            if !ends_within(&mut writer, grace).await {
-                warn!(session = session.id, "the writer did not end after a reset");
-            }
         }
         stream.borrow_mut().shutdown(std::net::Shutdown::Both);
+        // The shutdown fails a stuck write, so the writer ends by itself: dropping it would
+        // cancel it, and glommio 0.9 never frees a task cancelled while it waits.
+        if !flushed && !ends_within(&mut writer, grace).await {
+            warn!(session = session.id, "the writer did not end after a reset");
+        }
         core.wake_completions();
         info!(session = session.id, "closed");
     }

@@ -243,7 +243,7 @@ pub async fn run(a: FanoutArgs) -> Result<bool, String> {
     let gen_cpu = sys::self_cpu() - cpu0;
     shared.stop.store(true, Ordering::Relaxed);
     drop(sender);
-    let mut h = latency_histogram();
+    let mut h = wire::latency_histogram();
     for thread in reader_threads {
         let part = thread
             .join()
@@ -508,11 +508,6 @@ impl Member {
     }
 }
 
-/// Latencies in nanoseconds, up to an hour.
-fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static bounds")
-}
-
 /// Delivery counts of one reader, added to [`Shared`] once per batch of readiness events so
 /// that the reader threads do not contend for its counters on every delivery.
 #[derive(Default)]
@@ -553,7 +548,7 @@ fn read_members(
     shared: &Shared,
     ack_every: u64,
 ) -> Result<Histogram<u64>, String> {
-    let mut hist = latency_histogram();
+    let mut hist = wire::latency_histogram();
     let mut counts = Counts::default();
     let mut poll = mio::Poll::new().map_err(|e| format!("epoll: {e}"))?;
     for (i, m) in members.iter_mut().enumerate() {

@@ -326,12 +326,8 @@ pub async fn run(a: PairsArgs) -> Result<bool, String> {
         drain_end: send_end + a.drain,
         pairs: a.pairs,
         final_acked: (0..a.pairs).map(|_| Cell::new(u64::MAX)).collect(),
-        latency_ns: RefCell::new(
-            Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static bounds"),
-        ),
-        ack_latency_ns: RefCell::new(
-            Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static bounds"),
-        ),
+        latency_ns: RefCell::new(wire::latency_histogram()),
+        ack_latency_ns: RefCell::new(wire::latency_histogram()),
     });
     let rate_per_sender = a.rate as f64 / f64::from(a.pairs);
     let mut send_tasks = Vec::new();

@@ -130,6 +130,11 @@ impl Stamp {
     }
 }
 
+/// A histogram of latencies in nanoseconds (now minus a [`Stamp`]'s `ts_ns`), up to an hour.
+pub fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static bounds")
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
