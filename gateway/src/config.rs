@@ -49,6 +49,13 @@ pub struct Config {
     pub durability: Durability,
     /// WAL sync interval for `durability = "wal"`, in milliseconds.
     pub wal_sync_interval_ms: u64,
+    /// With `durability = "fsync"`, the least time between two WAL syncs, in microseconds
+    /// (default 500; 0 to 100,000). Sends that arrive sooner wait for the next sync and share
+    /// it, so the disk gets at most one sync per interval at any load; a Send that finds the
+    /// last sync older than this is synced at once. 0 syncs as often as the disk allows, which
+    /// on a cloud or virtual disk spends its request budget (docs/PERFORMANCE.md, "Syncs
+    /// spaced").
+    pub min_sync_interval_us: u64,
     /// Secret used to sign tokens (at least 32 characters). Default: generated on first start and
     /// stored in `<data_dir>/secret`.
     pub secret: Option<String>,
@@ -169,6 +176,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./tern-data"),
             durability: Durability::Fsync,
             wal_sync_interval_ms: 100,
+            min_sync_interval_us: 500,
             secret: None,
             max_frame_bytes: 1 << 20,
             max_payload_bytes: 64 << 10,
@@ -275,6 +283,9 @@ impl Config {
                 "idle_timeout_ms",
                 "must be greater than heartbeat_interval_ms",
             );
+        }
+        if self.min_sync_interval_us > 100_000 {
+            return bad("min_sync_interval_us", "must be between 0 and 100000");
         }
         if self.max_devices_per_user == 0 {
             return bad("max_devices_per_user", "must be at least 1");
@@ -391,6 +402,23 @@ mod tests {
         assert!(err.contains("`room_batch_ms`"), "{err}");
         let err = Config::from_toml("durability = \"sometimes\"\n").unwrap_err();
         assert!(err.contains("durability"), "{err}");
+        let cfg = Config::from_toml("min_sync_interval_us = 100001\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("`min_sync_interval_us`"), "{err}");
+    }
+
+    /// The spacing of fsyncs reaches the store in microseconds; 0 and the bound are valid.
+    #[test]
+    fn min_sync_interval_reaches_the_store() {
+        let cfg = Config::default();
+        let opts = crate::server::store_options(&cfg);
+        assert_eq!(opts.min_sync_interval, Duration::from_micros(500));
+        for us in [0, 100_000] {
+            let cfg = Config::from_toml(&format!("min_sync_interval_us = {us}\n")).unwrap();
+            cfg.validate().unwrap();
+            let opts = crate::server::store_options(&cfg);
+            assert_eq!(opts.min_sync_interval, Duration::from_micros(us));
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p tern-storage --example append_load -- \
 //!     [--policy fsync|wal|memory] [--outstanding N | --rate APPENDS_PER_S] \
-//!     [--secs S] [--convs C] [--body BYTES] [--dir PATH]
+//!     [--secs S] [--convs C] [--body BYTES] [--dir PATH] [--min-sync-us US]
 //! ```
 //!
 //! `--outstanding N` (default 4096) is a closed loop: N appends in flight at all times, a
@@ -14,6 +14,9 @@
 //! It also reports the CPU time per append of the writer's two threads, the builder and the
 //! committer (from `/proc/self/task/*/schedstat`), which stays meaningful on a busy machine:
 //! 1e6 divided by the larger one is the pipeline's ceiling in appends/s.
+//! `--min-sync-us` sets `StoreOptions::min_sync_interval` (default 500; 0 syncs as often as
+//! the committer can). The result line also counts the commits, which under `fsync` are the
+//! WAL syncs.
 //!
 //! `--reads` instead measures 50-message page reads (forward and backward) from one
 //! conversation of 10,000 messages (interleaved with 90,000 in other conversations), first
@@ -39,6 +42,7 @@ struct Args {
     body: usize,
     dir: Option<String>,
     reads: bool,
+    min_sync_us: u64,
 }
 
 /// CPU time (ns) consumed so far by the thread of this process whose name starts with
@@ -83,6 +87,7 @@ fn parse() -> Args {
         body: 200,
         dir: None,
         reads: false,
+        min_sync_us: 500,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -105,6 +110,7 @@ fn parse() -> Args {
             "--body" => a.body = val().parse().expect("--body"),
             "--dir" => a.dir = Some(val()),
             "--reads" => a.reads = true,
+            "--min-sync-us" => a.min_sync_us = val().parse().expect("--min-sync-us"),
             f => panic!("unknown flag {f}"),
         }
     }
@@ -135,7 +141,10 @@ fn main() {
     if args.reads {
         return reads(&dir, &body);
     }
-    let store = RocksStore::open(&dir, StoreOptions::with_durability(args.policy)).expect("open");
+    let mut opts = StoreOptions::with_durability(args.policy);
+    opts.min_sync_interval = Duration::from_micros(args.min_sync_us);
+    let store = RocksStore::open(&dir, opts).expect("open");
+    let commits0 = store.commit_stats().commits;
     let writer_cpu0 = cpu_ns(Some("tern-storage-wr"));
     let commit_cpu0 = cpu_ns(Some("tern-storage-co"));
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
@@ -196,8 +205,9 @@ fn main() {
     let secs = start.elapsed().as_secs_f64();
     let writer_us = (cpu_ns(Some("tern-storage-wr")) - writer_cpu0) as f64 / 1e3 / done as f64;
     let commit_us = (cpu_ns(Some("tern-storage-co")) - commit_cpu0) as f64 / 1e3 / done as f64;
+    let commits = store.commit_stats().commits - commits0;
     println!(
-        "policy={:?} mode={} convs={} body={}B: {} appends in {:.2}s = {:.0} appends/s; latency us p50={} p99={} p99.9={} max={}; CPU/append: builder {:.2} us, committer {:.2} us",
+        "policy={:?} mode={} convs={} body={}B min_sync_us={}: {} appends in {:.2}s = {:.0} appends/s; latency us p50={} p99={} p99.9={} max={}; CPU/append: builder {:.2} us, committer {:.2} us; commits/s {:.0}",
         args.policy,
         match args.rate {
             Some(r) => format!("rate={r}/s"),
@@ -205,6 +215,7 @@ fn main() {
         },
         args.convs,
         args.body,
+        args.min_sync_us,
         done,
         secs,
         done as f64 / secs,
@@ -214,6 +225,7 @@ fn main() {
         hist.max(),
         writer_us,
         commit_us,
+        commits as f64 / secs,
     );
     store.close().expect("close");
 }

@@ -151,6 +151,11 @@
 //! membership caches, idempotency index, version counter) therefore runs ahead of the
 //! database by at most two batches; reads go to RocksDB and see only committed batches.
 //!
+//! Under `Fsync` the builder also keeps [`StoreOptions::min_sync_interval`] (default 500 µs)
+//! between hand-offs: a write that comes sooner after the last commit started waits, and what
+//! arrives meanwhile joins its batch, so the disk is asked for at most one sync per interval.
+//! A write with no commit that recent is built at once.
+//!
 //! # Invariants
 //!
 //! * **Single writer.** One pipeline per open store (the builder thread, whose batches one

@@ -482,6 +482,9 @@ impl RocksStore {
         // burst at the end, which queued the WAL's fsyncs (every acknowledged append) behind
         // tens of megabytes.
         db_opts.set_bytes_per_sync(1 << 20);
+        if let Ok(n) = std::env::var("XRECYCLE") {
+            db_opts.set_recycle_log_file_num(n.parse().unwrap());
+        }
         // A full disk needs no reopen: on a "no space" error RocksDB refuses writes, and the
         // SstFileManager it creates by default checks the free space every 5 s and, once the
         // largest memtable's size is free, resumes them (it flushes the memtables and starts
@@ -1622,6 +1625,64 @@ mod tests {
         assert!(end.commits - after.commits <= 3, "{end:?}");
         let sized = |st: &crate::CommitStats| st.size_buckets.iter().sum::<u64>();
         assert_eq!(sized(&end), end.commits);
+    }
+
+    /// Under fsync the builder keeps `min_sync_interval` between commits: an append with no
+    /// recent commit is committed at once; one that comes within the interval waits, and what
+    /// is appended meanwhile shares its batch (one sync).
+    #[test]
+    fn fsync_commits_keep_the_minimum_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let interval = Duration::from_secs(2);
+        let opts = StoreOptions {
+            min_sync_interval: interval,
+            ..StoreOptions::default()
+        };
+        let s = RocksStore::open(dir.path(), opts).unwrap();
+        let hooks = &s.inner.db.hooks;
+        let c = direct_conversation(1, 2).unwrap();
+
+        assert_eq!(s.append(msg(c, "a1")).wait().unwrap().seq, 1);
+        assert_eq!(hooks.spaced.load(SeqCst), 0, "nothing to keep apart from");
+        let built = hooks.built.load(SeqCst);
+        let a2 = s.append(msg(c, "a2"));
+        wait_until("a2 waits", || hooks.spaced.load(SeqCst) == 1);
+        let rest: Vec<_> = (3..=5)
+            .map(|i| s.append(msg(c, &format!("a{i}"))))
+            .collect();
+        assert_eq!(a2.wait().unwrap().seq, 2);
+        for (r, seq) in rest.into_iter().zip(3..) {
+            assert_eq!(r.wait().unwrap().seq, seq);
+        }
+        assert_eq!(hooks.built.load(SeqCst), built + 1, "one batch");
+
+        // Once the interval has passed, the next append does not wait.
+        std::thread::sleep(interval);
+        assert_eq!(s.append(msg(c, "a6")).wait().unwrap().seq, 6);
+        assert_eq!(hooks.spaced.load(SeqCst), 1);
+        assert_eq!(seqs(&s, c), (1..=6).collect::<Vec<_>>());
+    }
+
+    /// The policies that do not sync per commit ignore `min_sync_interval`.
+    #[test]
+    fn only_fsync_keeps_the_minimum_interval() {
+        for durability in [
+            Durability::Wal {
+                sync_interval_ms: 5,
+            },
+            Durability::Memory,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut opts = StoreOptions::with_durability(durability);
+            opts.min_sync_interval = Duration::from_secs(3600);
+            let s = RocksStore::open(dir.path(), opts).unwrap();
+            let c = direct_conversation(1, 2).unwrap();
+            for seq in 1..=3 {
+                let id = format!("a{seq}");
+                assert_eq!(s.append(msg(c, &id)).wait().unwrap().seq, seq);
+            }
+            assert_eq!(s.inner.db.hooks.spaced.load(SeqCst), 0, "{durability:?}");
+        }
     }
 
     fn wait_until(what: &str, cond: impl Fn() -> bool) {

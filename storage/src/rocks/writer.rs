@@ -12,8 +12,12 @@
 //!
 //! The hand-off is a rendezvous channel: while batch N is being committed the builder may
 //! build batch N+1 and then waits until the committer takes it, so at most one batch is
-//! built ahead. There is no timer: under load the queue refills during a commit, so
-//! batches grow with the load and one fsync covers them all.
+//! built ahead. Under load the queue refills during a commit, so batches grow with the load
+//! and one fsync covers them all. Under `Fsync` the builder also keeps
+//! `StoreOptions::min_sync_interval` between hand-offs (`keep_spacing`): holding the first
+//! op of a batch, it waits until that long after the committer took the last batch, so
+//! that a fast disk is not asked for a sync every few appends. An op with no hand-off that
+//! recent does not wait.
 //!
 //! The builder's in-memory state therefore describes the committed log **plus** the batches
 //! built but not yet committed. Its caches never drop an entry that an uncommitted batch
@@ -53,6 +57,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use rocksdb::{ColumnFamily, WriteBatch, WriteOptions};
@@ -179,6 +184,8 @@ pub(crate) struct Hooks {
     pub hold_build: std::sync::atomic::AtomicBool,
     /// Batches the builder has built (and is handing, or has handed, to the committer).
     pub built: std::sync::atomic::AtomicUsize,
+    /// Times the builder has waited to keep `min_sync_interval` between commits.
+    pub spaced: std::sync::atomic::AtomicUsize,
 }
 
 #[cfg(test)]
@@ -329,6 +336,11 @@ pub(crate) struct Writer {
     epoch: u64,
     max_batch: usize,
     cache_entries: usize,
+    /// Least time between two hand-offs to the committer (`StoreOptions::min_sync_interval`,
+    /// under fsync only).
+    spacing: Option<Duration>,
+    /// When the committer took the latest batch (its commit started then).
+    last_hand_off: Option<Instant>,
     /// Latest assigned seq per conversation (committed, or in a batch built and not yet
     /// committed).
     /// These caches hold up to `cache_entries` each: sharded, so that growing does not stall
@@ -407,6 +419,8 @@ impl Writer {
             epoch: 0,
             max_batch: opts.max_batch.max(1),
             cache_entries: opts.cache_entries.max(1),
+            spacing: opts.commit_spacing(),
+            last_hand_off: None,
             heads: ShardedMap::default(),
             user_convs: ShardedMap::default(),
             cursors: ShardedMap::default(),
@@ -434,6 +448,9 @@ impl Writer {
                     false
                 }
             };
+            if !shutdown {
+                self.keep_spacing();
+            }
             #[cfg(test)]
             hold(&self.db.hooks.hold_build);
             while !shutdown && ops.len() < self.max_batch {
@@ -473,8 +490,29 @@ impl Writer {
         // If the committer is gone (it panicked) the batch is dropped with its completers:
         // its completions resolve to `Closed`, and so will every later one.
         if tx.send(built).is_ok() {
+            // A rendezvous: the committer has just taken the batch and starts its commit.
+            self.last_hand_off = Some(Instant::now());
             self.in_flight.push_back(InFlight { first_version });
         }
+    }
+
+    /// With an op in hand, waits until `spacing` has passed since the committer took the last
+    /// batch, so that what arrives meanwhile shares this batch's sync. A full batch already
+    /// queued does not wait: it could not grow.
+    fn keep_spacing(&self) {
+        let (Some(spacing), Some(last)) = (self.spacing, self.last_hand_off) else {
+            return;
+        };
+        let wait = (last + spacing).saturating_duration_since(Instant::now());
+        if wait.is_zero() || self.rx.len() + 1 >= self.max_batch {
+            return;
+        }
+        #[cfg(test)]
+        self.db
+            .hooks
+            .spaced
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(wait);
     }
 
     /// Applies the committer's verdicts that have arrived, without blocking.
