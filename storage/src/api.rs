@@ -331,7 +331,8 @@ pub struct StoreOptions {
     /// costs more than its own time: a virtual or cloud disk charges every request to the
     /// machine's I/O or CPU budget, and syncing every few appends used that budget up
     /// (docs/PERFORMANCE.md, "Syncs spaced"). Zero commits as soon as the committer is free.
-    /// The other policies do not sync per commit and ignore it.
+    /// A close waits for the interval too, so keep it short. The other policies do not sync
+    /// per commit and ignore it.
     pub min_sync_interval: Duration,
 }
 
