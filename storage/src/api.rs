@@ -1,7 +1,6 @@
 //! The storage API: the [`MessageStore`] trait and its request and result types.
 
 use std::fmt;
-#[cfg(feature = "store")]
 use std::time::Duration;
 
 use bytes::Bytes;
