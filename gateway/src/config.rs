@@ -49,10 +49,10 @@ pub struct Config {
     pub durability: Durability,
     /// WAL sync interval for `durability = "wal"`, in milliseconds.
     pub wal_sync_interval_ms: u64,
-    /// With `durability = "fsync"`, the least time between two WAL syncs, in microseconds
-    /// (default 500; 0 to 100,000). Sends that arrive sooner wait for the next sync and share
-    /// it, so the disk gets at most one sync per interval at any load; a Send that finds the
-    /// last sync older than this is synced at once. 0 syncs as often as the disk allows, which
+    /// With `durability = "fsync"`, the least time between the starts of two WAL syncs, in
+    /// microseconds (default 500; 0 to 100,000). Sends that arrive sooner wait for the next sync
+    /// and share it, so the disk gets at most one sync per interval at any load; a Send with no
+    /// sync started within the interval is synced at once. 0 syncs as often as the disk allows, which
     /// on a cloud or virtual disk spends its request budget (docs/PERFORMANCE.md, "Syncs
     /// spaced").
     pub min_sync_interval_us: u64,

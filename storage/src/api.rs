@@ -325,13 +325,14 @@ pub struct StoreOptions {
     /// Under [`Durability::Fsync`], the least time between the starts of two commits, each
     /// one WAL sync (default 500 µs). Appends that arrive sooner wait and share the next sync,
     /// so the disk is asked for at most one sync per interval (2,000 a second) however fast
-    /// appends come; an append that finds the last commit older than this is committed at
-    /// once, so one at a time waits for nothing. Fewer syncs keep the tail short where a sync
-    /// costs more than its own time: a virtual or cloud disk charges every request to the
-    /// machine's I/O or CPU budget, and syncing every few appends used that budget up
-    /// (docs/PERFORMANCE.md, "Syncs spaced"). Zero commits as soon as the committer is free.
-    /// A close waits for the interval too, so keep it short. The other policies do not sync
-    /// per commit and ignore it.
+    /// appends come, unless `max_batch` appends are already queued (a full batch is committed
+    /// without waiting). An append with no commit started within the interval is committed at
+    /// once; a caller appending one at a time gets at most one commit per interval. Fewer
+    /// syncs keep the tail short where a sync costs more than its own time: a virtual or cloud
+    /// disk charges every request to the machine's I/O or CPU budget, and syncing every few
+    /// appends used that budget up (docs/PERFORMANCE.md, "Syncs spaced"). Zero commits as soon
+    /// as the committer is free. A close waits for the interval too, so keep it short. The
+    /// other policies do not sync per commit and ignore it.
     pub min_sync_interval: Duration,
 }
 

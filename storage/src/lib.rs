@@ -153,8 +153,9 @@
 //!
 //! Under `Fsync` the builder also keeps [`StoreOptions::min_sync_interval`] (default 500 µs)
 //! between hand-offs: a write that comes sooner after the last commit started waits, and what
-//! arrives meanwhile joins its batch, so the disk is asked for at most one sync per interval.
-//! A write with no commit that recent is built at once.
+//! arrives meanwhile joins its batch, so the disk is asked for at most one sync per interval
+//! (a full batch of `max_batch` writes does not wait). A write with no commit that recent is
+//! built at once.
 //!
 //! # Invariants
 //!

@@ -482,9 +482,6 @@ impl RocksStore {
         // burst at the end, which queued the WAL's fsyncs (every acknowledged append) behind
         // tens of megabytes.
         db_opts.set_bytes_per_sync(1 << 20);
-        if let Ok(n) = std::env::var("XRECYCLE") {
-            db_opts.set_recycle_log_file_num(n.parse().unwrap());
-        }
         // A full disk needs no reopen: on a "no space" error RocksDB refuses writes, and the
         // SstFileManager it creates by default checks the free space every 5 s and, once the
         // largest memtable's size is free, resumes them (it flushes the memtables and starts
@@ -1628,12 +1625,12 @@ mod tests {
     }
 
     /// Under fsync the builder keeps `min_sync_interval` between commits: an append with no
-    /// recent commit is committed at once; one that comes within the interval waits, and what
-    /// is appended meanwhile shares its batch (one sync).
+    /// recent commit is committed at once; one that comes within the interval waits until the
+    /// interval has passed, and what is appended meanwhile shares its batch (one sync).
     #[test]
     fn fsync_commits_keep_the_minimum_interval() {
         let dir = tempfile::tempdir().unwrap();
-        let interval = Duration::from_secs(2);
+        let interval = Duration::from_secs(1);
         let opts = StoreOptions {
             min_sync_interval: interval,
             ..StoreOptions::default()
@@ -1642,6 +1639,9 @@ mod tests {
         let hooks = &s.inner.db.hooks;
         let c = direct_conversation(1, 2).unwrap();
 
+        // a1 is handed to the committer after this instant, so a2's commit starts at least
+        // `interval` after it.
+        let a1_sent = std::time::Instant::now();
         assert_eq!(s.append(msg(c, "a1")).wait().unwrap().seq, 1);
         assert_eq!(hooks.spaced.load(SeqCst), 0, "nothing to keep apart from");
         let built = hooks.built.load(SeqCst);
@@ -1651,6 +1651,7 @@ mod tests {
             .map(|i| s.append(msg(c, &format!("a{i}"))))
             .collect();
         assert_eq!(a2.wait().unwrap().seq, 2);
+        assert!(a1_sent.elapsed() >= interval, "a2 committed too early");
         for (r, seq) in rest.into_iter().zip(3..) {
             assert_eq!(r.wait().unwrap().seq, seq);
         }
@@ -1663,26 +1664,90 @@ mod tests {
         assert_eq!(seqs(&s, c), (1..=6).collect::<Vec<_>>());
     }
 
-    /// The policies that do not sync per commit ignore `min_sync_interval`.
+    /// A batch that writes nothing (only a repeated append) syncs nothing, so the interval
+    /// still counts from the last commit that synced.
+    #[test]
+    fn a_batch_without_writes_leaves_the_interval_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let interval = Duration::from_secs(1);
+        let opts = StoreOptions {
+            min_sync_interval: interval,
+            ..StoreOptions::default()
+        };
+        let s = RocksStore::open(dir.path(), opts).unwrap();
+        let c = direct_conversation(1, 2).unwrap();
+        assert_eq!(s.append(msg(c, "a1")).wait().unwrap().seq, 1);
+        std::thread::sleep(interval);
+        let again = s.append(msg(c, "a1")).wait().unwrap();
+        assert_eq!((again.seq, again.duplicate), (1, true));
+        assert_eq!(s.append(msg(c, "a2")).wait().unwrap().seq, 2);
+        assert_eq!(s.inner.db.hooks.spaced.load(SeqCst), 0);
+    }
+
+    /// A full batch already queued is committed without waiting for the interval.
+    #[test]
+    fn a_full_batch_does_not_wait_for_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            min_sync_interval: Duration::from_secs(30),
+            max_batch: 2,
+            ..StoreOptions::default()
+        };
+        let s = RocksStore::open(dir.path(), opts).unwrap();
+        let hooks = &s.inner.db.hooks;
+        let c = direct_conversation(1, 2).unwrap();
+        // b0 is held by the builder while b1..b3 queue up: [b0, b1] is built first, then b2
+        // is taken with b3 already queued behind it, a full batch.
+        hooks.hold_build.store(true, SeqCst);
+        let b0 = s.append(msg(c, "b0"));
+        wait_until("b0 taken", || s.queue_len() == 0);
+        let rest: Vec<_> = (1..=3)
+            .map(|i| s.append(msg(c, &format!("b{i}"))))
+            .collect();
+        hooks.hold_build.store(false, SeqCst);
+        assert_eq!(b0.wait().unwrap().seq, 1);
+        for (r, seq) in rest.into_iter().zip(2..) {
+            assert_eq!(r.wait().unwrap().seq, seq);
+        }
+        assert_eq!(hooks.spaced.load(SeqCst), 0);
+        assert_eq!(seqs(&s, c), (1..=4).collect::<Vec<_>>());
+    }
+
+    /// Only fsync syncs per commit, so only fsync keeps the interval; zero turns it off.
     #[test]
     fn only_fsync_keeps_the_minimum_interval() {
-        for durability in [
-            Durability::Wal {
-                sync_interval_ms: 5,
-            },
-            Durability::Memory,
-        ] {
-            let dir = tempfile::tempdir().unwrap();
-            let mut opts = StoreOptions::with_durability(durability);
-            opts.min_sync_interval = Duration::from_secs(3600);
-            let s = RocksStore::open(dir.path(), opts).unwrap();
-            let c = direct_conversation(1, 2).unwrap();
-            for seq in 1..=3 {
-                let id = format!("a{seq}");
-                assert_eq!(s.append(msg(c, &id)).wait().unwrap().seq, seq);
-            }
-            assert_eq!(s.inner.db.hooks.spaced.load(SeqCst), 0, "{durability:?}");
+        let second = Duration::from_secs(1);
+        let with = |durability, min_sync_interval| StoreOptions {
+            min_sync_interval,
+            ..StoreOptions::with_durability(durability)
+        };
+        let wal = Durability::Wal {
+            sync_interval_ms: 5,
+        };
+        assert_eq!(
+            with(Durability::Fsync, second).commit_spacing(),
+            Some(second)
+        );
+        assert_eq!(
+            with(Durability::Fsync, Duration::ZERO).commit_spacing(),
+            None
+        );
+        assert_eq!(with(wal, second).commit_spacing(), None);
+        assert_eq!(with(Durability::Memory, second).commit_spacing(), None);
+        assert_eq!(
+            StoreOptions::default().commit_spacing(),
+            Some(Duration::from_micros(500))
+        );
+
+        // Appends one after another under wal never wait.
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), with(wal, Duration::from_secs(10))).unwrap();
+        let c = direct_conversation(1, 2).unwrap();
+        for seq in 1..=3 {
+            let id = format!("a{seq}");
+            assert_eq!(s.append(msg(c, &id)).wait().unwrap().seq, seq);
         }
+        assert_eq!(s.inner.db.hooks.spaced.load(SeqCst), 0);
     }
 
     fn wait_until(what: &str, cond: impl Fn() -> bool) {

@@ -489,21 +489,28 @@ impl Writer {
         let Some(tx) = &self.to_commit else { return };
         // If the committer is gone (it panicked) the batch is dropped with its completers:
         // its completions resolve to `Closed`, and so will every later one.
+        let syncs = built.batch.is_some();
         if tx.send(built).is_ok() {
-            // A rendezvous: the committer has just taken the batch and starts its commit.
-            self.last_hand_off = Some(Instant::now());
+            // A rendezvous: the committer has just taken the batch and starts its commit (a
+            // batch that writes nothing does not sync, so it leaves the spacing alone).
+            if syncs {
+                self.last_hand_off = Some(Instant::now());
+            }
             self.in_flight.push_back(InFlight { first_version });
         }
     }
 
     /// With an op in hand, waits until `spacing` has passed since the committer took the last
-    /// batch, so that what arrives meanwhile shares this batch's sync. A full batch already
-    /// queued does not wait: it could not grow.
+    /// batch that syncs, so that what arrives meanwhile shares this batch's sync. When a full
+    /// batch (`max_batch` ops) is already queued it does not wait: the batch could not grow.
     fn keep_spacing(&self) {
         let (Some(spacing), Some(last)) = (self.spacing, self.last_hand_off) else {
             return;
         };
-        let wait = (last + spacing).saturating_duration_since(Instant::now());
+        let Some(due) = last.checked_add(spacing) else {
+            return;
+        };
+        let wait = due.saturating_duration_since(Instant::now());
         if wait.is_zero() || self.rx.len() + 1 >= self.max_batch {
             return;
         }
