@@ -1624,23 +1624,32 @@ mod tests {
         assert_eq!(sized(&end), end.commits);
     }
 
+    /// The interval of the spacing tests: long enough that a test's next steps surely happen
+    /// within it on a slow machine.
+    const SPACING: Duration = Duration::from_secs(1);
+
+    /// A store under fsync (the default) with `min_sync_interval` = [`SPACING`].
+    fn spaced_store() -> (tempfile::TempDir, RocksStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            min_sync_interval: SPACING,
+            ..StoreOptions::default()
+        };
+        let s = RocksStore::open(dir.path(), opts).unwrap();
+        (dir, s)
+    }
+
     /// Under fsync the builder keeps `min_sync_interval` between commits: an append with no
     /// recent commit is committed at once; one that comes within the interval waits until the
     /// interval has passed, and what is appended meanwhile shares its batch (one sync).
     #[test]
     fn fsync_commits_keep_the_minimum_interval() {
-        let dir = tempfile::tempdir().unwrap();
-        let interval = Duration::from_secs(1);
-        let opts = StoreOptions {
-            min_sync_interval: interval,
-            ..StoreOptions::default()
-        };
-        let s = RocksStore::open(dir.path(), opts).unwrap();
+        let (_dir, s) = spaced_store();
         let hooks = &s.inner.db.hooks;
         let c = direct_conversation(1, 2).unwrap();
 
         // a1 is handed to the committer after this instant, so a2's commit starts at least
-        // `interval` after it.
+        // `SPACING` after it.
         let a1_sent = std::time::Instant::now();
         assert_eq!(s.append(msg(c, "a1")).wait().unwrap().seq, 1);
         assert_eq!(hooks.spaced.load(SeqCst), 0, "nothing to keep apart from");
@@ -1651,14 +1660,14 @@ mod tests {
             .map(|i| s.append(msg(c, &format!("a{i}"))))
             .collect();
         assert_eq!(a2.wait().unwrap().seq, 2);
-        assert!(a1_sent.elapsed() >= interval, "a2 committed too early");
+        assert!(a1_sent.elapsed() >= SPACING, "a2 committed too early");
         for (r, seq) in rest.into_iter().zip(3..) {
             assert_eq!(r.wait().unwrap().seq, seq);
         }
         assert_eq!(hooks.built.load(SeqCst), built + 1, "one batch");
 
         // Once the interval has passed, the next append does not wait.
-        std::thread::sleep(interval);
+        std::thread::sleep(SPACING);
         assert_eq!(s.append(msg(c, "a6")).wait().unwrap().seq, 6);
         assert_eq!(hooks.spaced.load(SeqCst), 1);
         assert_eq!(seqs(&s, c), (1..=6).collect::<Vec<_>>());
@@ -1668,16 +1677,10 @@ mod tests {
     /// still counts from the last commit that synced.
     #[test]
     fn a_batch_without_writes_leaves_the_interval_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let interval = Duration::from_secs(1);
-        let opts = StoreOptions {
-            min_sync_interval: interval,
-            ..StoreOptions::default()
-        };
-        let s = RocksStore::open(dir.path(), opts).unwrap();
+        let (_dir, s) = spaced_store();
         let c = direct_conversation(1, 2).unwrap();
         assert_eq!(s.append(msg(c, "a1")).wait().unwrap().seq, 1);
-        std::thread::sleep(interval);
+        std::thread::sleep(SPACING);
         let again = s.append(msg(c, "a1")).wait().unwrap();
         assert_eq!((again.seq, again.duplicate), (1, true));
         assert_eq!(s.append(msg(c, "a2")).wait().unwrap().seq, 2);
