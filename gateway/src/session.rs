@@ -729,7 +729,7 @@ type LoggedIn = (Box<Live>, Stream, Option<Box<BytesMut>>, glommio::Task<()>);
 
 impl Live {
     /// Tears the session down: unregisters it, lets the writer flush (bounded), closes.
-    async fn close(mut self: Box<Self>, stream: Stream, writer: glommio::Task<()>) {
+    async fn close(mut self: Box<Self>, stream: Stream, mut writer: glommio::Task<()>) {
         self.ctx.unfollow_all().await;
         let (core, session, user) = (&self.ctx.core, &self.ctx.session, self.ctx.user);
         {
@@ -754,7 +754,6 @@ impl Live {
         }
         session.out.close();
         let grace = Duration::from_millis(core.cfg.shutdown_timeout_ms.min(2000));
-        let mut writer = writer;
         let flushed = ends_within(&mut writer, grace).await;
         if !flushed {
             // The writer is stuck on a connection whose client does not read: reset it rather

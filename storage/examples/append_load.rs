@@ -14,8 +14,8 @@
 //! It also reports the CPU time per append of the writer's two threads, the builder and the
 //! committer (from `/proc/self/task/*/schedstat`), which stays meaningful on a busy machine:
 //! 1e6 divided by the larger one is the pipeline's ceiling in appends/s.
-//! `--min-sync-us` sets `StoreOptions::min_sync_interval` (default 500; 0 syncs as often as
-//! the committer can). The result line also counts the commits, which under `fsync` are the
+//! `--min-sync-us` sets `StoreOptions::min_sync_interval` (default: the store's, 500; 0 syncs
+//! as often as the committer can). The result line also counts the commits, which under `fsync` are the
 //! WAL syncs.
 //!
 //! `--reads` instead measures 50-message page reads (forward and backward) from one
@@ -42,7 +42,7 @@ struct Args {
     body: usize,
     dir: Option<String>,
     reads: bool,
-    min_sync_us: u64,
+    min_sync_us: Option<u64>,
 }
 
 /// CPU time (ns) consumed so far by the thread of this process whose name starts with
@@ -87,7 +87,7 @@ fn parse() -> Args {
         body: 200,
         dir: None,
         reads: false,
-        min_sync_us: 500,
+        min_sync_us: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -110,7 +110,7 @@ fn parse() -> Args {
             "--body" => a.body = val().parse().expect("--body"),
             "--dir" => a.dir = Some(val()),
             "--reads" => a.reads = true,
-            "--min-sync-us" => a.min_sync_us = val().parse().expect("--min-sync-us"),
+            "--min-sync-us" => a.min_sync_us = Some(val().parse().expect("--min-sync-us")),
             f => panic!("unknown flag {f}"),
         }
     }
@@ -142,7 +142,10 @@ fn main() {
         return reads(&dir, &body);
     }
     let mut opts = StoreOptions::with_durability(args.policy);
-    opts.min_sync_interval = Duration::from_micros(args.min_sync_us);
+    if let Some(us) = args.min_sync_us {
+        opts.min_sync_interval = Duration::from_micros(us);
+    }
+    let min_sync_us = opts.min_sync_interval.as_micros();
     let store = RocksStore::open(&dir, opts).expect("open");
     let commits0 = store.commit_stats().commits;
     let writer_cpu0 = cpu_ns(Some("tern-storage-wr"));
@@ -215,7 +218,7 @@ fn main() {
         },
         args.convs,
         args.body,
-        args.min_sync_us,
+        min_sync_us,
         done,
         secs,
         done as f64 / secs,

@@ -1719,7 +1719,6 @@ mod tests {
     /// Only fsync syncs per commit, so only fsync keeps the interval; zero turns it off.
     #[test]
     fn only_fsync_keeps_the_minimum_interval() {
-        let second = Duration::from_secs(1);
         let with = |durability, min_sync_interval| StoreOptions {
             min_sync_interval,
             ..StoreOptions::with_durability(durability)
@@ -1728,15 +1727,15 @@ mod tests {
             sync_interval_ms: 5,
         };
         assert_eq!(
-            with(Durability::Fsync, second).commit_spacing(),
-            Some(second)
+            with(Durability::Fsync, SPACING).commit_spacing(),
+            Some(SPACING)
         );
         assert_eq!(
             with(Durability::Fsync, Duration::ZERO).commit_spacing(),
             None
         );
-        assert_eq!(with(wal, second).commit_spacing(), None);
-        assert_eq!(with(Durability::Memory, second).commit_spacing(), None);
+        assert_eq!(with(wal, SPACING).commit_spacing(), None);
+        assert_eq!(with(Durability::Memory, SPACING).commit_spacing(), None);
         assert_eq!(
             StoreOptions::default().commit_spacing(),
             Some(Duration::from_micros(500))

@@ -493,7 +493,7 @@ impl Writer {
         if tx.send(built).is_ok() {
             // A rendezvous: the committer has just taken the batch and starts its commit (a
             // batch that writes nothing does not sync, so it leaves the spacing alone).
-            if syncs {
+            if syncs && self.spacing.is_some() {
                 self.last_hand_off = Some(Instant::now());
             }
             self.in_flight.push_back(InFlight { first_version });
