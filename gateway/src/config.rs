@@ -85,6 +85,12 @@ pub struct Config {
     /// Bytes of io_uring memory glommio locks per core. Keep it small: it counts against
     /// `ulimit -l` (locked memory).
     pub io_memory_bytes: usize,
+    /// Whether the process may back its heap with transparent huge pages (2 MiB). Off by
+    /// default: the allocator asks for them, and the first touch of each one zeroes 2 MiB in
+    /// one page fault, which held a storage writer thread for about 5 ms at a time on a virtual
+    /// machine while every queued append waited (docs/PERFORMANCE.md, "Huge pages"). Applies
+    /// to the whole process.
+    pub transparent_huge_pages: bool,
     /// Idempotency window: a Send repeated within this many seconds with the same client message
     /// id is answered with the original SendAck.
     pub dedup_window_secs: u64,
@@ -189,6 +195,7 @@ impl Default for Config {
             max_page: 200,
             shutdown_timeout_ms: 5_000,
             io_memory_bytes: 512 << 10,
+            transparent_huge_pages: false,
             dedup_window_secs: 24 * 3600,
             max_connections: 0,
             max_connections_per_ip: 0,

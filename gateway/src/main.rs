@@ -150,6 +150,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !cfg.transparent_huge_pages
+        && let Err(e) = tern_gateway::sys::disable_transparent_huge_pages()
+    {
+        tracing::warn!(error = %e, "cannot turn transparent huge pages off");
+    }
     match &cli.command {
         Some(Command::Token {
             user,

@@ -120,6 +120,19 @@ pub fn unsent_bytes(fd: RawFd) -> usize {
     if r == 0 { n.max(0) as usize } else { 0 }
 }
 
+/// Stops the kernel from backing this process's memory with transparent huge pages
+/// (`PR_SET_THP_DISABLE`, inherited by threads and children). Fails only on kernels without
+/// the setting (before 3.15).
+pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and touches no memory of ours.
+    let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Makes a write past the file-size limit (`ulimit -f`) fail with `EFBIG`, which the store
 /// reports as a write error, instead of killing the process with SIGXFSZ.
 pub fn ignore_file_size_signal() {

@@ -1,6 +1,7 @@
 //! The `tern-gateway` command line: token minting and start-up errors that name the problem.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
 fn gateway() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tern-gateway"));
@@ -90,4 +91,55 @@ fn missing_locked_memory_is_explained() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot start the I/O executor"), "{err}");
     assert!(err.contains("ulimit -l"), "{err}");
+}
+
+/// The `THP_enabled` line of /proc/PID/status of a gateway started with `config`, read once it
+/// listens.
+fn huge_pages_of_a_running_gateway(config: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tern.toml");
+    std::fs::write(&file, config).unwrap();
+    let mut child = gateway()
+        .args(["--tcp", "127.0.0.1:0", "--cores", "1", "--config"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    let mut started = false;
+    for line in stderr.lines().map_while(Result::ok) {
+        started = line.starts_with("tern-gateway listening on");
+        seen.push(line);
+        if started {
+            break;
+        }
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(started, "the gateway did not start: {seen:?}");
+    status
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .expect("a kernel that reports THP_enabled (5.0 or later)")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn transparent_huge_pages_are_off_unless_configured() {
+    assert_eq!(huge_pages_of_a_running_gateway(""), "THP_enabled: 0");
+    // A kernel built without huge pages reports 0 whatever the process asks for.
+    if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+        return;
+    }
+    assert_eq!(
+        huge_pages_of_a_running_gateway("transparent_huge_pages = true\n"),
+        "THP_enabled: 1"
+    );
 }

@@ -68,6 +68,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     sys::raise_nofile();
+    sys::no_transparent_huge_pages();
     let result = match cli.command {
         Cmd::Pairs(a) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -1,9 +1,20 @@
-//! The few OS calls the generator needs: its own file limit and CPU time, and the gateway's CPU
-//! time, I/O counters and memory from /proc. All `unsafe` of the crate is here.
+//! The few OS calls the generator needs: its own file limit, huge-page setting and CPU time,
+//! and the gateway's CPU time, I/O counters and memory from /proc. All `unsafe` of the crate is
+//! here.
 
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 use std::time::Duration;
+
+/// Keeps the generator's heap off transparent huge pages, as the gateway does by default: the
+/// first touch of each 2 MiB page stalls the thread for milliseconds on a virtual machine, which
+/// would show up as latency of the messages it was reading. Best effort.
+pub fn no_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
 
 /// Raises the soft open-file limit to the hard limit; returns the new soft limit.
 pub fn raise_nofile() -> u64 {
