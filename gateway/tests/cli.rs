@@ -1,4 +1,5 @@
-//! The `tern-gateway` command line: token minting and start-up errors that name the problem.
+//! The `tern-gateway` command line: token minting, start-up errors that name the problem, and
+//! what the process sets up for itself (huge pages).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
