@@ -52,8 +52,8 @@ pub struct Config {
     /// With `durability = "fsync"`, the least time between the starts of two WAL syncs, in
     /// microseconds (default 500; 0 to 100,000). Sends that arrive sooner wait for the next sync
     /// and share it, so the disk gets at most one sync per interval at any load; a Send with no
-    /// sync started within the interval is synced at once. 0 syncs as often as the disk allows, which
-    /// on a cloud or virtual disk spends its request budget (docs/PERFORMANCE.md, "Syncs
+    /// sync started within the interval is synced at once. 0 syncs as often as the disk allows,
+    /// which on a cloud or virtual disk spends its request budget (docs/PERFORMANCE.md, "Syncs
     /// spaced").
     pub min_sync_interval_us: u64,
     /// Secret used to sign tokens (at least 32 characters). Default: generated on first start and

@@ -150,11 +150,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !cfg.transparent_huge_pages
-        && let Err(e) = tern_gateway::sys::disable_transparent_huge_pages()
-    {
-        tracing::warn!(error = %e, "cannot turn transparent huge pages off");
-    }
     match &cli.command {
         Some(Command::Token {
             user,
@@ -190,6 +185,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         None => {
+            // Only the server needs this, and before it allocates its heap.
+            if !cfg.transparent_huge_pages
+                && let Err(e) = tern_gateway::sys::disable_transparent_huge_pages()
+            {
+                tracing::warn!(error = %e, "cannot turn transparent huge pages off");
+            }
             let shutdown = Arc::new(AtomicBool::new(false));
             match tern_gateway::run(cfg, shutdown, true, |ready| {
                 if let Some(quic) = ready.quic {

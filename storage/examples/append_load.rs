@@ -15,8 +15,8 @@
 //! committer (from `/proc/self/task/*/schedstat`), which stays meaningful on a busy machine:
 //! 1e6 divided by the larger one is the pipeline's ceiling in appends/s.
 //! `--min-sync-us` sets `StoreOptions::min_sync_interval` (default: the store's, 500; 0 syncs
-//! as often as the committer can). The result line also counts the commits, which under `fsync` are the
-//! WAL syncs.
+//! as often as the committer can). The result line also counts the commits, which under
+//! `fsync` are the WAL syncs.
 //!
 //! `--reads` instead measures 50-message page reads (forward and backward) from one
 //! conversation of 10,000 messages (interleaved with 90,000 in other conversations), first
