@@ -22,7 +22,7 @@ use tern_storage::{
 use crate::config::Config;
 use crate::groups::{GroupAfter, GroupJob, GroupState, LocalGroups};
 use crate::limits::{ConnLimits, ConnSlot, Rates, UserSends};
-use crate::outbound::Outbound;
+use crate::outbound::{Offered, Outbound};
 use crate::presence::Followers;
 use crate::rooms::{LocalRooms, RoomOwned, RoomSend};
 use crate::route::Router;
@@ -293,6 +293,9 @@ pub struct Core {
     /// Scratch buffer every connection of this core reads into (no per-connection buffer while
     /// idle).
     pub read_scratch: RefCell<Vec<u8>>,
+    /// Sessions with live deliveries for [`Core::run_flusher`] to write, and its waker.
+    flush_list: RefCell<Vec<Rc<SessionHandle>>>,
+    flush_waker: RefCell<Option<Waker>>,
     pub shutdown: Arc<AtomicBool>,
     pub stopping: Cell<bool>,
     /// The accept loops (TCP, QUIC), waiting for shutdown.
@@ -419,6 +422,8 @@ impl Core {
             appends: RefCell::default(),
             appends_waker: RefCell::default(),
             read_scratch: RefCell::new(vec![0; 64 << 10]),
+            flush_list: RefCell::default(),
+            flush_waker: RefCell::default(),
             shutdown,
             stopping: Cell::new(false),
             stop_wakers: RefCell::default(),
@@ -713,13 +718,55 @@ impl Core {
             }
             let f = frame.get_or_insert_with(|| self.encode_deliver(message));
             offered += 1;
-            if s.out
+            match s
+                .out
                 .deliver(message.conversation_id, message.seq, f, pending_cap)
             {
-                tracing::debug!(session = s.id, "slow consumer: live push paused until sync");
+                Offered::Done => {}
+                Offered::Flush => self.flush_later(s),
+                Offered::Lagging => {
+                    tracing::debug!(session = s.id, "slow consumer: live push paused until sync");
+                }
             }
         }
         offered
+    }
+
+    /// Has the flusher write what was queued for `session` (see [`Offered::Flush`]).
+    fn flush_later(&self, session: &Rc<SessionHandle>) {
+        let mut list = self.flush_list.borrow_mut();
+        list.push(session.clone());
+        if list.len() == 1
+            && let Some(w) = self.flush_waker.borrow_mut().take()
+        {
+            w.wake();
+        }
+    }
+
+    /// The task that writes live deliveries to connections whose writer waits for work: after
+    /// the task that queued them, so that what one run of the core queued for a connection
+    /// leaves in one write, without a wake-up of each connection's writer.
+    pub async fn run_flusher(self: Rc<Self>) {
+        let mut batch = Vec::new();
+        let mut buf = Vec::new();
+        loop {
+            std::future::poll_fn(|cx| {
+                if self.flush_list.borrow().is_empty() {
+                    *self.flush_waker.borrow_mut() = Some(cx.waker().clone());
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+            std::mem::swap(&mut batch, &mut *self.flush_list.borrow_mut());
+            for s in batch.drain(..) {
+                s.out.flush(&mut buf, crate::session::WRITE_CHUNK);
+            }
+            if buf.capacity() > crate::session::WRITE_CHUNK * 2 {
+                buf = Vec::new();
+            }
+        }
     }
 
     pub(crate) fn encode_deliver(&self, message: &Deliver) -> Bytes {

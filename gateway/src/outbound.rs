@@ -2,6 +2,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::RawFd;
 use std::task::{Poll, Waker};
 
 use bytes::Bytes;
@@ -31,6 +32,17 @@ impl DeliveryState {
     }
 }
 
+/// What became of a live delivery offered to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    /// Queued for the writer, or not needed (already sent, held by a sync, lagging).
+    Done,
+    /// Queued without waking the writer: the core's flusher writes it ([`Outbound::flush`]).
+    Flush,
+    /// The device just became lagging.
+    Lagging,
+}
+
 /// Frames waiting to be written to one connection.
 ///
 /// Live deliveries are refused when `cap` frames are queued (the caller then switches the
@@ -52,6 +64,10 @@ pub struct Outbound {
     stopping: Cell<bool>,
     /// The writer took something to write since the idle sweep last looked.
     wrote: Cell<bool>,
+    /// The plain TCP socket the writer writes to (-1: none, or not plain TCP). While the
+    /// writer waits with nothing to do, the core's flusher writes live deliveries to it
+    /// instead: one task for all of a core's connections rather than one wake-up each.
+    direct: Cell<RawFd>,
     pub state: RefCell<DeliveryState>,
     /// Highest sequence sent per conversation (by sync or live push). A live delivery at or
     /// below it is a message the device already got through a sync: its Deliver was still
@@ -97,6 +113,7 @@ impl Outbound {
             waiting: Cell::new(false),
             stopping: Cell::new(false),
             wrote: Cell::new(false),
+            direct: Cell::new(-1),
             state: RefCell::new(DeliveryState::Live),
             high: RefCell::default(),
         }
@@ -186,25 +203,27 @@ impl Outbound {
         self.push(frame);
     }
 
-    /// Delivers a live message according to the delivery state. Returns true if the device just
-    /// became lagging.
-    pub fn deliver(&self, conv: u64, seq: u64, frame: &Bytes, pending_cap: usize) -> bool {
+    /// Delivers a live message according to the delivery state.
+    pub fn deliver(&self, conv: u64, seq: u64, frame: &Bytes, pending_cap: usize) -> Offered {
         let mut st = self.state.borrow_mut();
         match &mut *st {
             DeliveryState::Live => {
                 let mut high = self.high.borrow_mut();
                 let h = high.slot(conv);
                 if seq <= *h {
-                    return false;
+                    return Offered::Done;
                 }
-                if self.try_push(frame.clone()) {
-                    *h = seq;
-                    false
-                } else {
-                    drop(high);
-                    *st = DeliveryState::lagging();
-                    self.wake_writer();
-                    true
+                match self.queue_live(frame.clone()) {
+                    Some(offered) => {
+                        *h = seq;
+                        offered
+                    }
+                    None => {
+                        drop(high);
+                        *st = DeliveryState::lagging();
+                        self.wake_writer();
+                        Offered::Lagging
+                    }
                 }
             }
             DeliveryState::Syncing { pending, overflow } => {
@@ -213,10 +232,60 @@ impl Outbound {
                 } else {
                     *overflow = true;
                 }
-                false
+                Offered::Done
             }
-            DeliveryState::Lagging { .. } => false,
+            DeliveryState::Lagging { .. } => Offered::Done,
         }
+    }
+
+    /// Queues a live delivery if there is room (None if not). While the writer waits for work on
+    /// a plain TCP socket it is not woken: the first frame queued asks for the core's flusher.
+    fn queue_live(&self, frame: Bytes) -> Option<Offered> {
+        if self.closed.get() {
+            return Some(Offered::Done);
+        }
+        let mut q = self.queue.borrow_mut();
+        if q.len() >= self.cap {
+            return None;
+        }
+        let first = q.is_empty();
+        self.bytes.set(self.bytes.get() + frame.len());
+        q.push_back(frame);
+        drop(q);
+        if self.direct.get() >= 0 && self.waiting.get() && !self.stopping.get() {
+            return Some(if first { Offered::Flush } else { Offered::Done });
+        }
+        self.wake_writer();
+        Some(Offered::Done)
+    }
+
+    /// For the core's flusher: writes what is queued (up to about `max` bytes, gathered in
+    /// `buf`) straight to the socket if the writer still waits for work, so that nothing of
+    /// the connection is being written. What the socket does not take now goes back to the
+    /// front of the queue, and the writer is woken for it (and for any error).
+    pub fn flush(&self, buf: &mut Vec<u8>, max: usize) {
+        if self.queue.borrow().is_empty() {
+            return;
+        }
+        let fd = self.direct.get();
+        if fd >= 0 && self.waiting.get() && !self.stopping.get() && !self.closed.get() {
+            buf.clear();
+            self.drain_into(buf, max);
+            let sent = crate::sys::send_now(fd, buf).unwrap_or(0);
+            if sent < buf.len() {
+                let rest = Bytes::copy_from_slice(&buf[sent..]);
+                self.bytes.set(self.bytes.get() + rest.len());
+                self.queue.borrow_mut().push_front(rest);
+            }
+        }
+        if !self.queue.borrow().is_empty() {
+            self.wake_writer();
+        }
+    }
+
+    /// For the writer: the plain TCP socket it writes to, or -1 (none, or the writer ends).
+    pub fn set_direct(&self, fd: RawFd) {
+        self.direct.set(fd);
     }
 
     /// Since when (ms since the epoch) live messages are dropped for this device, if they are.
@@ -419,13 +488,126 @@ mod tests {
         Bytes::from(vec![n])
     }
 
+    /// Records that the writer was woken.
+    #[derive(Default)]
+    struct Woken(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Woken {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Woken {
+        fn get(&self) -> bool {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// Puts `o`'s writer where the writer task waits for work, with a waker that records
+    /// being woken.
+    fn writer_waits(o: &Outbound) -> std::sync::Arc<Woken> {
+        let woken = std::sync::Arc::new(Woken::default());
+        let waker = Waker::from(woken.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut wait = std::pin::pin!(o.wait_ready());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        woken
+    }
+
+    #[test]
+    fn flusher_sends_what_was_queued_for_a_waiting_writer_in_one_write() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let o = Outbound::new(100);
+        o.set_direct(ours.as_raw_fd());
+        let woken = writer_waits(&o);
+        assert_eq!(o.deliver(1, 1, &b(1), 10), Offered::Flush);
+        assert_eq!(o.deliver(1, 2, &b(2), 10), Offered::Done);
+        assert_eq!(o.deliver(2, 1, &b(3), 10), Offered::Done);
+        assert_eq!(o.len(), 3);
+        let mut buf = Vec::new();
+        o.flush(&mut buf, 1 << 16);
+        assert_eq!(o.len(), 0);
+        assert!(!woken.get(), "the writer had nothing left to do");
+        assert!(o.take_wrote(), "the idle sweep sees the connection busy");
+        peer.set_nonblocking(true).unwrap();
+        let mut got = [0u8; 8];
+        let n = peer.read(&mut got).unwrap();
+        assert_eq!(&got[..n], &[1, 2, 3]);
+        // The next delivery asks for the flusher again; one already sent is not queued.
+        assert_eq!(o.deliver(1, 2, &b(2), 10), Offered::Done);
+        assert_eq!(o.deliver(1, 3, &b(4), 10), Offered::Flush);
+    }
+
+    #[test]
+    fn writer_is_woken_without_a_direct_socket_or_while_it_writes() {
+        let o = Outbound::new(100);
+        let woken = writer_waits(&o);
+        assert_eq!(o.deliver(1, 1, &b(1), 10), Offered::Done);
+        assert!(woken.get());
+
+        let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let o = Outbound::new(100);
+        o.set_direct(std::os::fd::AsRawFd::as_raw_fd(&ours));
+        let woken = writer_waits(&o);
+        // A response wakes the writer, which takes it to write.
+        o.push(b(0));
+        assert!(woken.get());
+        let ready = futures_lite::future::poll_once(o.wait_ready());
+        assert!(futures_lite::future::block_on(ready).is_some());
+        assert!(o.drain_into(&mut Vec::new(), 1 << 16));
+        // While that write is under way, a delivery is left to the writer, not sent beside it.
+        assert_eq!(o.deliver(1, 1, &b(1), 10), Offered::Done);
+        o.flush(&mut Vec::new(), 1 << 16);
+        assert_eq!(o.len(), 1);
+        peer.set_nonblocking(true).unwrap();
+        let e = std::io::Read::read(&mut peer, &mut [0u8; 8]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn what_a_full_socket_does_not_take_goes_back_first_in_line() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let (mut ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        for size in [4096, 1] {
+            let chunk = vec![0u8; size];
+            loop {
+                match ours.write(&chunk) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("filling the socket: {e}"),
+                }
+            }
+        }
+        let o = Outbound::new(100);
+        o.set_direct(ours.as_raw_fd());
+        let woken = writer_waits(&o);
+        assert_eq!(
+            o.deliver(1, 1, &Bytes::from(vec![7; 100]), 10),
+            Offered::Flush
+        );
+        assert_eq!(o.deliver(1, 2, &b(8), 10), Offered::Done);
+        o.flush(&mut Vec::new(), 1 << 16);
+        assert!(woken.get(), "the writer waits for room");
+        assert_eq!(o.deliver(1, 3, &b(9), 10), Offered::Done);
+        let mut rest = Vec::new();
+        assert!(o.drain_into(&mut rest, 1 << 16));
+        let mut want = vec![7; 100];
+        want.extend_from_slice(&[8, 9]);
+        assert_eq!(rest, want);
+    }
+
     #[test]
     fn live_overflow_turns_lagging_and_drops() {
         let o = Outbound::new(2);
-        assert!(!o.deliver(1, 1, &b(1), 10));
-        assert!(!o.deliver(1, 2, &b(2), 10));
-        assert!(o.deliver(1, 3, &b(3), 10));
-        assert!(!o.deliver(1, 4, &b(4), 10));
+        assert_eq!(o.deliver(1, 1, &b(1), 10), Offered::Done);
+        assert_eq!(o.deliver(1, 2, &b(2), 10), Offered::Done);
+        assert_eq!(o.deliver(1, 3, &b(3), 10), Offered::Lagging);
+        assert_eq!(o.deliver(1, 4, &b(4), 10), Offered::Done);
         assert_eq!(o.len(), 2);
         assert!(!o.take_sync_needed(), "only once the queue drained");
         let mut buf = Vec::new();

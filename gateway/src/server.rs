@@ -544,6 +544,7 @@ async fn core_main(
     }
     loops.push(glommio::spawn_local(core.clone().run_room_sends()).detach());
     loops.push(glommio::spawn_local(core.clone().run_room_flush()).detach());
+    loops.push(glommio::spawn_local(core.clone().run_flusher()).detach());
     loops.push(glommio::spawn_local(core.clone().run_admin(admin_jobs)).detach());
     {
         let core = core.clone();

@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
@@ -936,7 +936,7 @@ fn register(
 }
 
 /// Bytes a session's writer gathers into one write.
-const WRITE_CHUNK: usize = 64 << 10;
+pub(crate) const WRITE_CHUNK: usize = 64 << 10;
 
 /// A plain function returning an `async` block: an `async fn` would keep its arguments twice
 /// in the task's state.
@@ -951,6 +951,7 @@ fn write_loop(
 ) -> impl Future<Output = ()> {
     async move {
         let out = &session.out;
+        let _direct = DirectSocket::new(out, stream.borrow().plain_fd());
         loop {
             out.wait_ready().await;
             if out.take_sync_needed() {
@@ -992,6 +993,23 @@ fn write_loop(
                 }
             }
         }
+    }
+}
+
+/// Lends the writer's plain TCP socket to its queue for direct sends (see
+/// [`Outbound::set_direct`]) for as long as the writer runs, however it ends.
+struct DirectSocket<'a>(&'a Outbound);
+
+impl<'a> DirectSocket<'a> {
+    fn new(out: &'a Outbound, fd: Option<RawFd>) -> DirectSocket<'a> {
+        out.set_direct(fd.unwrap_or(-1));
+        DirectSocket(out)
+    }
+}
+
+impl Drop for DirectSocket<'_> {
+    fn drop(&mut self) {
+        self.0.set_direct(-1);
     }
 }
 

@@ -152,3 +152,18 @@ pub fn ignore_broken_pipe_signal() {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
 }
+
+/// Sends what a TCP socket takes now, without blocking and without SIGPIPE. `WouldBlock` when it
+/// takes nothing.
+pub fn send_now(fd: RawFd, buf: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes for the call; the kernel checks `fd`.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}

@@ -125,6 +125,14 @@ impl Transport {
         }
     }
 
+    /// The socket of a plain TCP connection, which bytes may be sent to directly.
+    pub fn plain_fd(&self) -> Option<RawFd> {
+        match self {
+            Transport::Tcp(s) => Some(s.as_raw_fd()),
+            _ => None,
+        }
+    }
+
     /// The socket, for checks only TCP supports (unsent bytes).
     pub fn raw_fd(&self) -> Option<RawFd> {
         self.socket().map(AsRawFd::as_raw_fd)
