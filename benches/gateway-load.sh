@@ -23,7 +23,8 @@
 # FLOOD_START (default "before": the flood starts 1 s before the pairs log in; "after": 1 s after).
 # Fan-out: FANOUT_MEMBERS (default "1000 10000"), FANOUT_RATE_<K> (the fixed-rate run's Sends/s
 # for K members; default 1,000,000 / K, i.e. a million deliveries/s offered), FANOUT_READERS
-# (default 1: threads reading the members; 0 = one per CPU).
+# (default 1: threads reading the members; 0 = one per CPU), FANOUT_READ_PAUSE_US (default 0: how
+# long each reader waits after a round of reads, see `tern-load fanout --help`).
 # Room: ROOM_VIEWERS (default 18000), ROOM_RATE (default 20 messages/s).
 # Webhook: WEBHOOK_CORES (default 2), WEBHOOK_RATES (default "0 5000": the pairs' Sends/s, 0 = as
 # fast as the window allows), WEBHOOK_PORT (default PORT + 1, the dead endpoint's TCP port).
@@ -44,6 +45,7 @@ FLOOD_CONCURRENCY=${FLOOD_CONCURRENCY:-256}
 FLOOD_HOLD=${FLOOD_HOLD:-10000}
 FANOUT_MEMBERS=${FANOUT_MEMBERS:-"1000 10000"}
 FANOUT_READERS=${FANOUT_READERS:-1}
+FANOUT_READ_PAUSE_US=${FANOUT_READ_PAUSE_US:-0}
 ROOM_VIEWERS=${ROOM_VIEWERS:-18000}
 ROOM_RATE=${ROOM_RATE:-20}
 WEBHOOK_CORES=${WEBHOOK_CORES:-2}
@@ -260,6 +262,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = fanout ]; then
                 echo "== fanout members $k rate $r, gateway cores $c (load: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
                 "$BIN"/tern-load fanout --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
                     --members "$k" --rate "$r" --readers "$FANOUT_READERS" \
+                    --read-pause-us "$FANOUT_READ_PAUSE_US" \
                     --duration "$DURATION" --gateway-pid "$GW_PID" \
                     --label "fsync-cores$c" | tee -a "$WORK/fanout.txt" || true
                 gateway_alive "during fanout"

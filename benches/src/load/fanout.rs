@@ -74,6 +74,11 @@ pub struct FanoutArgs {
     /// delivery lowest; more read in parallel, as members on other machines would.
     #[arg(long, default_value_t = 1)]
     readers: usize,
+    /// Microseconds each reader thread waits after a round of reads before it looks for more
+    /// (0: none). Readiness gathers meanwhile: one `epoll_wait` returns more members, and a
+    /// delivery wakes no sleeping reader. The wait counts in the measured latency.
+    #[arg(long, default_value_t = 0)]
+    read_pause_us: u64,
     /// How long to wait for outstanding deliveries after the last Send.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     drain: Duration,
@@ -218,9 +223,10 @@ pub async fn run(a: FanoutArgs) -> Result<bool, String> {
     let mut reader_threads = Vec::with_capacity(readers);
     for (i, members) in groups.into_iter().enumerate() {
         let (shared, ack_every) = (shared.clone(), a.ack_every);
+        let pause = Duration::from_micros(a.read_pause_us);
         let thread = std::thread::Builder::new()
             .name(format!("fanout-members-{i}"))
-            .spawn(move || read_members(members, &shared, ack_every))
+            .spawn(move || read_members(members, &shared, ack_every, pause))
             .map_err(|e| format!("reader thread: {e}"))?;
         reader_threads.push(thread);
     }
@@ -542,11 +548,13 @@ impl Counts {
 /// per readiness event into a shared buffer (a short read means the socket is drained; more
 /// data raises a new event), so that the generator's cost per delivery stays small next to the
 /// gateway's on the same cores. Records each delivery's latency, counts, and acks every
-/// `ack_every` messages. Returns the latency histogram once `shared.stop` is set.
+/// `ack_every` messages, and waits `pause` after each round that read something. Returns the
+/// latency histogram once `shared.stop` is set.
 fn read_members(
     mut members: Vec<Member>,
     shared: &Shared,
     ack_every: u64,
+    pause: Duration,
 ) -> Result<Histogram<u64>, String> {
     let mut hist = wire::latency_histogram();
     let mut counts = Counts::default();
@@ -657,6 +665,9 @@ fn read_members(
             }
         }
         counts.publish(shared);
+        if !pause.is_zero() && !events.is_empty() {
+            std::thread::sleep(pause);
+        }
     }
     Ok(hist)
 }
