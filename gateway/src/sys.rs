@@ -1,5 +1,6 @@
 //! The gateway's only `unsafe`: moving a socket's file descriptor between cores (and parking
-//! it, `park.rs`).
+//! it, `park.rs`), sending to a socket outside glommio (the core's flusher, `outbound.rs`), and
+//! the few system calls std does not wrap (limits, socket options, signals, huge pages).
 //!
 //! glommio's `TcpStream` is bound to the executor that created it and has no `into_raw_fd`, so a
 //! connection changes core by duplicating its descriptor, dropping the original stream on the
