@@ -260,7 +260,7 @@ impl Outbound {
     }
 
     /// For the core's flusher: writes what is queued (up to about `max` bytes, gathered in
-    /// `buf`) straight to the socket if the writer still waits for work, so that nothing of
+    /// `buf` unless the first entry alone is that big) straight to the socket if the writer still waits for work, so that nothing of
     /// the connection is being written. What the socket does not take now goes back to the
     /// front of the queue, and the writer is woken for it (and for any error).
     pub fn flush(&self, buf: &mut Vec<u8>, max: usize) {
@@ -269,11 +269,22 @@ impl Outbound {
         }
         let fd = self.direct.get();
         if fd >= 0 && self.waiting.get() && !self.stopping.get() && !self.closed.get() {
+            // As the writer does: a big entry (a live room's batch) is sent from where it is.
             buf.clear();
-            self.drain_into(buf, max);
-            let sent = crate::sys::send_now(fd, buf).unwrap_or(0);
-            if sent < buf.len() {
-                let rest = Bytes::copy_from_slice(&buf[sent..]);
+            let big = self.pop_large(max);
+            let bytes: &[u8] = match &big {
+                Some(b) => b,
+                None => {
+                    self.drain_into(buf, max);
+                    buf
+                }
+            };
+            let sent = crate::sys::send_now(fd, bytes).unwrap_or(0);
+            if sent < bytes.len() {
+                let rest = match &big {
+                    Some(b) => b.slice(sent..),
+                    None => Bytes::copy_from_slice(&buf[sent..]),
+                };
                 self.bytes.set(self.bytes.get() + rest.len());
                 self.queue.borrow_mut().push_front(rest);
             }
@@ -515,11 +526,29 @@ mod tests {
         woken
     }
 
+    /// A socket pair that keeps each send a record of its own: one read returns what one send
+    /// sent, so the tests see how the flusher grouped its writes.
+    fn record_pair() -> (socket2::Socket, socket2::Socket) {
+        use socket2::{Domain, Socket, Type};
+        let (ours, peer) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        (ours, peer)
+    }
+
+    /// The next record the peer received, or None if there is none.
+    fn next_record(peer: &socket2::Socket) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 256];
+        match std::io::Read::read(&mut &*peer, &mut buf) {
+            Ok(n) => Some(buf[..n].to_vec()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) => panic!("reading the peer: {e}"),
+        }
+    }
+
     #[test]
-    fn flusher_sends_what_was_queued_for_a_waiting_writer_in_one_write() {
-        use std::io::Read;
+    fn flusher_sends_what_was_queued_for_a_waiting_writer_in_one_send() {
         use std::os::fd::AsRawFd;
-        let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (ours, peer) = record_pair();
         let o = Outbound::new(100);
         o.set_direct(ours.as_raw_fd());
         let woken = writer_waits(&o);
@@ -532,13 +561,53 @@ mod tests {
         assert_eq!(o.len(), 0);
         assert!(!woken.get(), "the writer had nothing left to do");
         assert!(o.take_wrote(), "the idle sweep sees the connection busy");
-        peer.set_nonblocking(true).unwrap();
-        let mut got = [0u8; 8];
-        let n = peer.read(&mut got).unwrap();
-        assert_eq!(&got[..n], &[1, 2, 3]);
+        assert_eq!(next_record(&peer), Some(vec![1, 2, 3]));
+        assert_eq!(next_record(&peer), None);
         // The next delivery asks for the flusher again; one already sent is not queued.
         assert_eq!(o.deliver(1, 2, &b(2), 10), Offered::Done);
         assert_eq!(o.deliver(1, 3, &b(4), 10), Offered::Flush);
+    }
+
+    #[test]
+    fn a_flush_sends_at_most_max_bytes_and_leaves_the_rest_to_the_writer() {
+        use std::os::fd::AsRawFd;
+        let (ours, peer) = record_pair();
+        let o = Outbound::new(100);
+        o.set_direct(ours.as_raw_fd());
+        let woken = writer_waits(&o);
+        for (seq, n) in [(1, 1u8), (2, 2), (3, 3)] {
+            o.deliver(1, seq, &Bytes::from(vec![n; 40]), 10);
+        }
+        o.flush(&mut Vec::new(), 100);
+        let mut first = vec![1; 40];
+        first.extend_from_slice(&[2; 40]);
+        assert_eq!(next_record(&peer), Some(first));
+        assert_eq!(next_record(&peer), None);
+        assert!(woken.get(), "the writer takes the rest");
+        let mut rest = Vec::new();
+        assert!(o.drain_into(&mut rest, 1 << 16));
+        assert_eq!(rest, vec![3; 40]);
+    }
+
+    #[test]
+    fn flusher_leaves_the_queue_of_a_stopping_or_closed_writer_to_it() {
+        use std::os::fd::AsRawFd;
+        let (ours, peer) = record_pair();
+        let stopping = Outbound::new(100);
+        let closed = Outbound::new(100);
+        for o in [&stopping, &closed] {
+            o.set_direct(ours.as_raw_fd());
+            writer_waits(o);
+            assert_eq!(o.deliver(1, 1, &b(1), 10), Offered::Flush);
+        }
+        // The writer writes what is queued before it stops (the connection parks) or closes.
+        stopping.stop_writer(true);
+        closed.close();
+        for o in [&stopping, &closed] {
+            o.flush(&mut Vec::new(), 1 << 16);
+            assert_eq!(o.len(), 1);
+        }
+        assert_eq!(next_record(&peer), None);
     }
 
     #[test]
@@ -591,7 +660,9 @@ mod tests {
             Offered::Flush
         );
         assert_eq!(o.deliver(1, 2, &b(8), 10), Offered::Done);
-        o.flush(&mut Vec::new(), 1 << 16);
+        // The flush takes the first frame only (100 bytes), which the socket refuses: it goes
+        // back ahead of the second.
+        o.flush(&mut Vec::new(), 100);
         assert!(woken.get(), "the writer waits for room");
         assert_eq!(o.deliver(1, 3, &b(9), 10), Offered::Done);
         let mut rest = Vec::new();
