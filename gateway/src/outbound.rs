@@ -545,13 +545,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn flusher_sends_what_was_queued_for_a_waiting_writer_in_one_send() {
-        use std::os::fd::AsRawFd;
+    /// A queue whose writer waits for work, lent our end of a record socket pair; with both
+    /// ends (ours must stay open while the queue is used) and the writer's wake record.
+    fn waiting_on_records() -> (
+        Outbound,
+        socket2::Socket,
+        socket2::Socket,
+        std::sync::Arc<Woken>,
+    ) {
         let (ours, peer) = record_pair();
         let o = Outbound::new(100);
-        o.set_direct(ours.as_raw_fd());
+        o.set_direct(std::os::fd::AsRawFd::as_raw_fd(&ours));
         let woken = writer_waits(&o);
+        (o, ours, peer, woken)
+    }
+
+    #[test]
+    fn flusher_sends_what_was_queued_for_a_waiting_writer_in_one_send() {
+        let (o, _ours, peer, woken) = waiting_on_records();
         assert_eq!(o.deliver(1, 1, &b(1), 10), Offered::Flush);
         assert_eq!(o.deliver(1, 2, &b(2), 10), Offered::Done);
         assert_eq!(o.deliver(2, 1, &b(3), 10), Offered::Done);
@@ -570,11 +581,7 @@ mod tests {
 
     #[test]
     fn a_flush_sends_at_most_max_bytes_and_leaves_the_rest_to_the_writer() {
-        use std::os::fd::AsRawFd;
-        let (ours, peer) = record_pair();
-        let o = Outbound::new(100);
-        o.set_direct(ours.as_raw_fd());
-        let woken = writer_waits(&o);
+        let (o, _ours, peer, woken) = waiting_on_records();
         for (seq, n) in [(1, 1u8), (2, 2), (3, 3)] {
             o.deliver(1, seq, &Bytes::from(vec![n; 40]), 10);
         }
