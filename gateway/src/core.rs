@@ -760,11 +760,9 @@ impl Core {
             })
             .await;
             std::mem::swap(&mut batch, &mut *self.flush_list.borrow_mut());
+            // `buf` stays within twice the chunk: a bigger entry is sent from where it is.
             for s in batch.drain(..) {
                 s.out.flush(&mut buf, crate::session::WRITE_CHUNK);
-            }
-            if buf.capacity() > crate::session::WRITE_CHUNK * 2 {
-                buf = Vec::new();
             }
         }
     }

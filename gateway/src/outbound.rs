@@ -138,20 +138,13 @@ impl Outbound {
         self.wake_writer();
     }
 
-    /// Queues a live delivery if there is room.
-    pub fn try_push(&self, frame: Bytes) -> bool {
-        if self.closed.get() {
-            return true;
+    /// Queues a live delivery if there is room, for the writer (no flusher is asked).
+    fn try_push(&self, frame: Bytes) -> bool {
+        let queued = self.queue_live(frame).is_some();
+        if queued {
+            self.wake_writer();
         }
-        let mut q = self.queue.borrow_mut();
-        if q.len() >= self.cap {
-            return false;
-        }
-        self.bytes.set(self.bytes.get() + frame.len());
-        q.push_back(frame);
-        drop(q);
-        self.wake_writer();
-        true
+        queued
     }
 
     /// Queues a frame if fewer than `bound` are queued (room messages, which a full queue
@@ -260,9 +253,10 @@ impl Outbound {
     }
 
     /// For the core's flusher: writes what is queued (up to about `max` bytes, gathered in
-    /// `buf` unless the first entry alone is that big) straight to the socket if the writer still waits for work, so that nothing of
-    /// the connection is being written. What the socket does not take now goes back to the
-    /// front of the queue, and the writer is woken for it (and for any error).
+    /// `buf` unless the first entry alone is that big) straight to the socket if the writer
+    /// still waits for work, so that nothing of the connection is being written. What the
+    /// socket does not take now goes back to the front of the queue, and the writer is woken
+    /// for it (and for any error).
     pub fn flush(&self, buf: &mut Vec<u8>, max: usize) {
         if self.queue.borrow().is_empty() {
             return;
@@ -270,11 +264,11 @@ impl Outbound {
         let fd = self.direct.get();
         if fd >= 0 && self.waiting.get() && !self.stopping.get() && !self.closed.get() {
             // As the writer does: a big entry (a live room's batch) is sent from where it is.
-            buf.clear();
             let big = self.pop_large(max);
             let bytes: &[u8] = match &big {
                 Some(b) => b,
                 None => {
+                    buf.clear();
                     self.drain_into(buf, max);
                     buf
                 }
