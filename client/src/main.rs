@@ -58,7 +58,7 @@ struct Cli {
     /// Seconds to keep retrying the first connection while the server refuses it (it may be
     /// starting). 0 = fail at once. Over QUIC a server that is not there yet does not refuse,
     /// it is silent: the handshake keeps trying for up to 10 s whatever this says.
-    #[arg(long, default_value_t = 5, global = true)]
+    #[arg(long, env = "TERN_WAIT", default_value_t = 5, global = true)]
     wait: u64,
     #[command(subcommand)]
     command: Command,

@@ -64,6 +64,7 @@ fn tern_at(
             .env("TERN_TOKEN", "token-alice")
             .env_remove("TERN_SERVER")
             .env_remove("TERN_DEVICE")
+            .env_remove("TERN_WAIT")
             .env_remove("TERN_TRANSPORT")
             .env_remove("TERN_CA")
             .envs(env)
@@ -992,10 +993,7 @@ async fn room_enters_the_room_and_prints_its_messages_until_count() {
 #[tokio::test]
 async fn room_timeout_short_of_count_exits_1_and_a_refused_room_exits_1() {
     let server = FakeServer::start().await;
-    let run = tern(
-        &server,
-        &["room", "live", "--count", "2", "--timeout", "0.3"],
-    );
+    let run = tern(&server, &["room", "live", "--count", "2", "--timeout", "2"]);
     let mut peer = server.accept_login(0).await;
     let (id, _) = next_room_request(&mut peer).await;
     peer.send(room_response(id, "live", LIVE)).await;

@@ -186,8 +186,10 @@ impl CoreState {
     }
 
     /// Hands a datagram to the core that owns its connection. Never waits: a full queue drops
-    /// the datagram like a congested router would.
+    /// the datagram like a congested router would. Counted before it is handed over, so the
+    /// owner's `forwarded_in` never runs ahead of this core's `forwarded_out`.
     fn forward(&self, owner: u8, remote: SocketAddr, data: &[u8]) {
+        self.stats.forwarded_out();
         let forward = self.forward.borrow();
         let Some(tx) = forward.get(usize::from(owner)).and_then(Option::as_ref) else {
             self.stats.forward_dropped();
@@ -197,9 +199,8 @@ impl CoreState {
             remote,
             data: BytesMut::from(data),
         };
-        match tx.try_send(msg) {
-            Ok(()) => self.stats.forwarded_out(),
-            Err(_) => self.stats.forward_dropped(),
+        if tx.try_send(msg).is_err() {
+            self.stats.forward_dropped();
         }
     }
 

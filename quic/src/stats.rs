@@ -2,8 +2,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Counters of one core's endpoint. Written by that core only (relaxed atomics, no contention);
-/// read by anyone holding the `Arc`, e.g. a metrics exporter or a test on another thread.
+/// Counters of one core's endpoint. Written by that core only (no contention); read by anyone
+/// holding the `Arc`, e.g. a metrics exporter or a test on another thread. Increments release
+/// and reads acquire, so a reader that sees a datagram counted in one core's `forwarded_in`
+/// and then reads the other cores sees it in their `forwarded_out` too.
 #[derive(Debug, Default)]
 pub struct Stats {
     datagrams_in: AtomicU64,
@@ -35,7 +37,8 @@ pub struct StatsSnapshot {
     pub bytes_out: u64,
     /// Sends the socket refused (the datagram is lost; QUIC retransmits).
     pub send_errors: u64,
-    /// Datagrams read here and handed to the core that owns their connection.
+    /// Datagrams read here for a connection another core owns, counted before they are handed
+    /// over (those that could not be are in `forward_dropped` as well).
     pub forwarded_out: u64,
     /// Datagrams another core read and handed to this one.
     pub forwarded_in: u64,
@@ -56,7 +59,7 @@ pub struct StatsSnapshot {
 impl Stats {
     /// The current values.
     pub fn snapshot(&self) -> StatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let get = |c: &AtomicU64| c.load(Ordering::Acquire);
         StatsSnapshot {
             datagrams_in: get(&self.datagrams_in),
             bytes_in: get(&self.bytes_in),
@@ -118,10 +121,10 @@ impl Stats {
     }
 
     pub(crate) fn drained(&self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.open.fetch_sub(1, Ordering::Release);
     }
 }
 
 fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+    c.fetch_add(n, Ordering::Release);
 }

@@ -40,8 +40,13 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// A free port below the kernel's ephemeral range. A gateway on an ephemeral port can lose its
 /// port while it restarts: a client reconnecting meanwhile may be given that very port as its
-/// own and connect to itself, and the socket's TIME_WAIT then blocks the gateway's bind.
+/// own and connect to itself, and the socket's TIME_WAIT then blocks the gateway's bind. A port
+/// is handed out once per test process: the tests of one binary run in parallel, and a port
+/// checked free here is bound by its gateway only later (with `SO_REUSEPORT`, so two gateways
+/// given the same port would both bind it and share its connections).
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
@@ -57,7 +62,8 @@ pub fn free_port() -> u16 {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let port = start + ((x >> 33) % u64::from(span)) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }

@@ -389,7 +389,7 @@ impl UdpProxy {
     }
 
     /// Drops every datagram in both directions until [`UdpProxy::resume`]. A datagram is
-    /// dropped if it reaches the proxy after this returns.
+    /// dropped if the proxy reads it after this returns.
     pub fn drop_all(&self) {
         self.state.dropping.store(true, Ordering::SeqCst);
     }
@@ -789,6 +789,12 @@ mod tests {
         assert_udp_quiet(&echo);
         echo.send_to(b"lost back", mapped).unwrap();
         assert_udp_quiet(&client);
+        // A datagram is judged when the proxy reads it: both must be read before resuming.
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while proxy.dropped() < 2 {
+            assert!(std::time::Instant::now() < deadline, "the proxy read both");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
 
         proxy.resume();
         // Each socket delivers in order, so the dropped datagrams were handled before these.

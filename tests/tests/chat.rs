@@ -305,7 +305,8 @@ fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync(via: Via) 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("tern.toml"),
-        format!("outbound_queue_frames = 64\n{NO_RATE_LIMITS}"),
+        // Bob's blocked writer must not be reset while Alice's 3,000 synced sends run.
+        format!("outbound_queue_frames = 64\nwrite_timeout_ms = 600000\n{NO_RATE_LIMITS}"),
     )
     .unwrap();
     let cfg = dir.path().join("tern.toml");

@@ -104,13 +104,16 @@ fn parked_connections_take_frames_and_deliveries() {
 
 #[test]
 fn parked_connections_are_kicked_and_closed() {
-    let gw = gateway("heartbeat_interval_ms = 500\nidle_timeout_ms = 1500\n");
-    let (mut old, _) = Conn::login(gw.addr, &gw.token("bob"), "b1");
-    let (carol, _) = Conn::login(gw.addr, &gw.token("carol"), "c1");
+    // The idle timeout runs from each login: everything slow (minting tokens runs a process)
+    // happens before the first one, and the timeout leaves room for a loaded machine.
+    let gw = gateway("heartbeat_interval_ms = 1000\nidle_timeout_ms = 5000\n");
+    let (bob_token, carol_token) = (gw.token("bob"), gw.token("carol"));
+    let (mut old, _) = Conn::login(gw.addr, &bob_token, "b1");
+    let (carol, _) = Conn::login(gw.addr, &carol_token, "c1");
     wait_parked(&gw, 2);
 
     // The same device logging in again replaces the parked connection.
-    let (mut bob, _) = Conn::login(gw.addr, &gw.token("bob"), "b1");
+    let (mut bob, _) = Conn::login(gw.addr, &bob_token, "b1");
     old.expect_kick(KickReason::Replaced);
 
     // The peer closing a parked connection ends its session.

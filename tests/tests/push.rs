@@ -145,7 +145,7 @@ fn an_offline_device_gets_a_push_within_its_ttl_and_not_after_it() {
     let (gina_token, hal_token) = (gw.token("gina"), gw.token("hal"));
     let short = push(
         &gw,
-        json!({"tags": ["beta"], "text": "short", "ttl_secs": 3}),
+        json!({"tags": ["beta"], "text": "short", "ttl_secs": 8}),
     );
     let long = push(
         &gw,

@@ -233,6 +233,9 @@ fn run_script(script: &str, listen_out: &std::path::Path, wait_for: &str) -> Str
             format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
         )
         .env("LISTEN_OUT", listen_out)
+        // The gateway starts in the background: on a loaded machine it may take longer than
+        // the client's default 5 s of retrying a refused connection.
+        .env("TERN_WAIT", "60")
         // The admin API on any free port: other tests may run a README gateway at the same time.
         .env("TERN_API", "127.0.0.1:0")
         .output()
