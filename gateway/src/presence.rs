@@ -343,6 +343,11 @@ impl Ctx {
                     Ok(None) => return self.error(rid, ErrorCode::NotFound, "no such user"),
                     Err(e) => return self.storage_error(rid, &e),
                 };
+                // Whoever may not message the peer (blocked, or no friend where only friends
+                // may) may not show them typing either.
+                if let Err((code, msg)) = self.may_message(peer) {
+                    return self.error(rid, code, msg);
+                }
                 // The peer sees who is typing to them.
                 let frame = notice(&self.core, Target::user(self.user_name.to_string()));
                 let core = self.core.router.user(&target.id).core;

@@ -22,7 +22,9 @@ use tern_protocol::v1::{
     SyncDone, SyncMessages, SyncNeeded, Target, TargetKind, frame::Body,
 };
 use tern_protocol::v1::{GroupRequest, RoomRequest, RoomResponse};
-use tern_protocol::{CodecError, ErrorCode, Frame, KickReason, PROTOCOL_VERSION};
+use tern_protocol::{
+    CodecError, ContentType, ErrorCode, Frame, KickReason, PROTOCOL_VERSION, RESERVED_TYPE_PREFIX,
+};
 use tern_storage::{
     ConversationInfo, ConversationKind, GroupId, Peer, StoredMessage, UserId, conversation_kind,
 };
@@ -1340,6 +1342,18 @@ impl Ctx {
                 rid,
                 ErrorCode::InvalidArgument,
                 "custom_type must be at most 64 bytes",
+            );
+        }
+        // Group events and recall notices are SYSTEM messages with a `tern.` type: clients
+        // decode them as the server's word, so only the server writes them.
+        if !self.api
+            && (send.content_type == ContentType::System as u32
+                || send.custom_type.starts_with(RESERVED_TYPE_PREFIX))
+        {
+            return self.error(
+                rid,
+                ErrorCode::InvalidArgument,
+                "content_type SYSTEM and custom types starting with \"tern.\" are the server's",
             );
         }
         let Some(target) = send.target else {

@@ -20,7 +20,7 @@ use tern_protocol::v1::{
     ConversationSettings as WireSettings, Frame, ListKind, ListedUser, Recall, RecallEvent,
     SetConversation, SocialEvent, SocialEventKind, SocialRequest, SocialResponse, UserProfile,
 };
-use tern_protocol::{ContentType, ErrorCode, RECALL_EVENT_TYPE};
+use tern_protocol::{ContentType, ErrorCode, RECALL_EVENT_TYPE, RESERVED_TYPE_PREFIX};
 use tern_storage::{
     AppendRequest, ConversationKind, ConversationSettings, RelationChange, RelationKind, UserId,
     conversation_kind,
@@ -60,8 +60,9 @@ pub fn recall_request(conv: u64, seq: u64, actor: UserId, actor_name: &str) -> A
 }
 
 impl Core {
-    /// Checks a recall of `seq` in `conv` by `actor` who is no group admin: the message must be
-    /// theirs, not recalled yet, and within the recall window.
+    /// Checks a recall of `seq` in `conv` by `actor`: the message must not be recalled yet nor
+    /// be one of the server's events, and unless `admin` it must be the actor's and within the
+    /// recall window.
     pub fn check_recall(
         &self,
         conv: u64,
@@ -78,6 +79,16 @@ impl Core {
         };
         if m.recalled {
             return refuse(ErrorCode::Conflict, "the message was recalled already");
+        }
+        // A group's events are how its members rebuild its membership: they stay, for admins
+        // too, and so do recall notices.
+        if m.content_type == ContentType::System as u32
+            && m.custom_type.starts_with(RESERVED_TYPE_PREFIX)
+        {
+            return refuse(
+                ErrorCode::Forbidden,
+                "group events and recall notices cannot be recalled",
+            );
         }
         if admin {
             return Ok(());

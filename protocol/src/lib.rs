@@ -53,6 +53,10 @@ pub const GROUP_EVENT_TYPE: &str = "tern.group";
 /// `custom_type` of the SYSTEM messages that record a recall (payload: [`RecallEvent`]).
 pub const RECALL_EVENT_TYPE: &str = "tern.recall";
 
+/// Custom types starting with this are the server's: a client's Send with one (or with content
+/// type SYSTEM) is refused with INVALID_ARGUMENT.
+pub const RESERVED_TYPE_PREFIX: &str = "tern.";
+
 /// The protocol version described by `proto/tern.proto`; clients send it in
 /// `Hello.protocol_version`.
 pub const PROTOCOL_VERSION: u32 = 1;

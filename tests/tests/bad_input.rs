@@ -3,7 +3,9 @@
 
 use bytes::Bytes;
 use tern_protocol::v1::frame::Body;
-use tern_protocol::{ErrorCode, HistoryRequest, Target};
+use tern_protocol::{
+    ContentType, ErrorCode, GROUP_EVENT_TYPE, HistoryRequest, RECALL_EVENT_TYPE, Target,
+};
 use tern_tests::{Conn, Gateway, hello};
 
 /// A healthy pair of sessions that must keep working whatever the bad client does.
@@ -207,6 +209,7 @@ fn session_errors_after_login() {
     }));
     assert_eq!(carol.expect_error(ErrorCode::InvalidArgument).0, rid);
     // custom_type: 64 bytes are accepted, 65 are not (docs/PROTOCOL.md, Limits).
+    let mut stored = 0;
     for (len, ok) in [(64, true), (65, false)] {
         let rid = carol.send_body(Body::Send(tern_protocol::Send {
             client_msg_id: format!("custom{len}"),
@@ -219,13 +222,50 @@ fn session_errors_after_login() {
         let f = carol.recv_frame();
         assert_eq!(f.request_id, rid);
         match f.body {
-            Some(Body::SendAck(_)) if ok => {}
+            Some(Body::SendAck(a)) if ok => stored = a.seq,
             Some(Body::Error(e)) if !ok => {
                 assert_eq!(e.code, ErrorCode::InvalidArgument as i32);
                 assert!(e.message.contains("custom_type"), "{}", e.message);
             }
             other => panic!("custom_type of {len} bytes: {other:?}"),
         }
+    }
+    // SYSTEM messages and custom types starting with "tern." are the server's (a forged group
+    // event would be decoded as real): refused, and nothing is stored.
+    let system = ContentType::System as u32;
+    let custom = ContentType::Custom as u32;
+    for (content_type, custom_type) in [
+        (system, ""),
+        (system, GROUP_EVENT_TYPE),
+        (custom, GROUP_EVENT_TYPE),
+        (custom, RECALL_EVENT_TYPE),
+        (1, "tern.anything"),
+    ] {
+        let rid = carol.send_body(Body::Send(tern_protocol::Send {
+            client_msg_id: format!("forged-{content_type}-{custom_type}"),
+            target: Some(Target::user("bob")),
+            content_type,
+            custom_type: custom_type.into(),
+            payload: Bytes::from_static(b"bob was kicked"),
+            priority: false,
+        }));
+        assert_eq!(
+            carol.expect_error(ErrorCode::InvalidArgument),
+            (rid, false),
+            "{content_type} {custom_type:?}"
+        );
+    }
+    let rid = carol.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: "after-forged".into(),
+        target: Some(Target::user("bob")),
+        content_type: custom,
+        custom_type: "tern-app.note".into(),
+        payload: Bytes::from_static(b"x"),
+        priority: false,
+    }));
+    match carol.answer(rid) {
+        Body::SendAck(a) => assert_eq!(a.seq, stored + 1),
+        other => panic!("expected SendAck, got {other:?}"),
     }
 
     // Still logged in: a ping works.

@@ -12,7 +12,7 @@ use tern_protocol::v1::{
 use tern_protocol::{
     ContentType, ConversationSettings, Deliver, ErrorCode, GroupRequest, HistoryRequest, ListKind,
     RECALL_EVENT_TYPE, Recall, RecallEvent, RecallOk, SetConversation, SocialEvent,
-    SocialEventKind, SocialRequest, SocialResponse, Target, UserProfile,
+    SocialEventKind, SocialRequest, SocialResponse, Target, Typing, UserProfile,
 };
 use tern_tests::{
     Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, hello, send, send_acked, text,
@@ -211,6 +211,15 @@ fn a_blocked_user_cannot_message_or_befriend_the_blocker() {
     let rid = send(&mut alice, "bob", "a1", "hello?");
     assert_eq!(alice.expect_error(ErrorCode::Blocked), (rid, false));
     social_err(&mut alice, add("bob", ""), ErrorCode::Blocked);
+    // Nor show him that she is typing.
+    let typing = Body::Typing(Typing {
+        target: Some(Target::user("bob")),
+        typing: true,
+        from: String::new(),
+    });
+    let rid = alice.send_body(typing.clone());
+    assert_eq!(alice.expect_error(ErrorCode::Blocked), (rid, false));
+    bob.nothing_pending();
     // The blocker may still write.
     send_acked(&mut bob, "alice", "b1", "I can talk");
     assert_eq!(text(&expect_deliver(&mut alice)), "I can talk");
@@ -230,6 +239,15 @@ fn a_blocked_user_cannot_message_or_befriend_the_blocker() {
     let ack = send_acked(&mut alice, "bob", "a2", "hello again");
     assert_eq!(ack.seq, 2);
     assert_eq!(text(&expect_deliver(&mut bob)), "hello again");
+    alice.send_body(typing);
+    assert_eq!(
+        bob.pushed(),
+        Body::Typing(Typing {
+            target: Some(Target::user("alice")),
+            typing: true,
+            from: "alice".into()
+        })
+    );
 }
 
 #[test]
@@ -507,4 +525,14 @@ fn recalled_messages_lose_their_body_and_everyone_sees_the_tombstone() {
     }
     let mut mallory = login(&gw, "mallory", "phone");
     assert_eq!(recall(&mut mallory, gconv, 1), Err(ErrorCode::NotMember));
+
+    // The server's own events stay, for their actor and for admins: the group's creation (seq
+    // 1, alice's), a recall notice in the group (seq 3) and one in the 1:1 conversation (seq 2,
+    // alice's, within the window).
+    assert_eq!(recall(&mut alice, gconv, 1), Err(ErrorCode::Forbidden));
+    assert_eq!(recall(&mut alice, gconv, 3), Err(ErrorCode::Forbidden));
+    assert_eq!(recall(&mut alice, conv, 2), Err(ErrorCode::Forbidden));
+    for c in [&mut alice, &mut alice_laptop, &mut bob, &mut carol] {
+        c.nothing_pending();
+    }
 }
