@@ -55,8 +55,8 @@ struct Cli {
     /// kicks the first.
     #[arg(long, env = "TERN_DEVICE", global = true)]
     device: Option<String>,
-    /// Seconds to keep retrying the first connection while the server refuses it (it may be
-    /// starting). 0 = fail at once. Over QUIC a server that is not there yet does not refuse,
+    /// Seconds to keep retrying the first connection while the server refuses it or the
+    /// `--ca` file does not exist yet (it may be starting). 0 = fail at once. Over QUIC a server that is not there yet does not refuse,
     /// it is silent: the handshake keeps trying for up to 10 s whatever this says.
     #[arg(long, env = "TERN_WAIT", default_value_t = 5, global = true)]
     wait: u64,
@@ -625,6 +625,14 @@ async fn run(cli: Cli) -> ExitCode {
             Err(tern_client::ClientError::Io(e))
                 if e.kind() == std::io::ErrorKind::ConnectionRefused
                     && std::time::Instant::now() + delay < deadline =>
+            {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_millis(500));
+            }
+            // A gateway starting for the first time writes its development certificate (the
+            // `--ca` file) once its log is open: wait for the file as for the port.
+            Err(tern_client::ClientError::CaFile { ref path, .. })
+                if !path.exists() && std::time::Instant::now() + delay < deadline =>
             {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(std::time::Duration::from_millis(500));

@@ -470,6 +470,52 @@ async fn tls_with_another_ca_exits_1_naming_the_tls_problem() {
     expect_unknown_issuer(run.await.unwrap(), &addr, &other);
 }
 
+/// A missing `--ca` file is waited for like a refused port (a gateway starting for the first
+/// time writes its certificate once its log is open), up to `--wait` seconds, then named.
+#[tokio::test]
+async fn a_missing_ca_file_is_waited_for_then_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("not-yet.pem");
+    let ca = missing.to_str().unwrap();
+    let args = |wait| {
+        [
+            "--transport",
+            "tls",
+            "--ca",
+            ca,
+            "--wait",
+            wait,
+            "send",
+            "--to",
+            "bob",
+            "x",
+        ]
+    };
+    let started = std::time::Instant::now();
+    let out = tern_at("127.0.0.1:9", &args("0"), &[], "").await.unwrap();
+    let at_once = started.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("not-yet.pem"),
+        "{}",
+        text(&out.stderr)
+    );
+    let started = std::time::Instant::now();
+    let out = tern_at("127.0.0.1:9", &args("1"), &[], "").await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("not-yet.pem"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The retries back off up to 500 ms and stop before the deadline would pass.
+    assert!(
+        waited >= at_once + std::time::Duration::from_millis(400),
+        "{waited:?} against {at_once:?}"
+    );
+}
+
 #[tokio::test]
 async fn help_lists_the_tls_transport() {
     let out = tern_at("127.0.0.1:9", &["--help"], &[], "").await.unwrap();

@@ -94,6 +94,11 @@ pub struct Config {
     /// Idempotency window: a Send repeated within this many seconds with the same client message
     /// id is answered with the original SendAck.
     pub dedup_window_secs: u64,
+    /// Idempotency window by count: the most recent Sends remembered, over all users (about 120
+    /// bytes of memory each plus the id). A Send repeated after this many later Sends is stored
+    /// again even within `dedup_window_secs`: at 200,000 Sends a second the default million
+    /// covers 5 seconds. At least 1000.
+    pub dedup_window_entries: usize,
     /// Most connections the process holds (logged in or not); more are refused with
     /// `CONNECTION_LIMIT`. 0 (default) means the open-file limit minus 512 descriptors kept for
     /// the message log and listeners, so the gateway refuses cleanly before accept fails.
@@ -197,6 +202,7 @@ impl Default for Config {
             io_memory_bytes: 512 << 10,
             transparent_huge_pages: false,
             dedup_window_secs: 24 * 3600,
+            dedup_window_entries: 1_000_000,
             max_connections: 0,
             max_connections_per_ip: 0,
             rate_messages_per_sec: 100,
@@ -235,24 +241,76 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("invalid --set {setting:?}: {message}")]
+    Set { setting: String, message: String },
 }
 
 impl Config {
-    /// Reads a TOML file; unknown keys are errors that name the key.
-    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
-            path: path.to_owned(),
-            message,
-        })
-    }
-
     /// Parses TOML text (errors are toml's messages, which name the key and line).
     pub fn from_toml(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The file's configuration (the defaults without one; unknown keys are errors that name
+    /// the key) with `settings` applied in order.
+    /// Each is `key=value`: any key of the file, dotted for a table's key (`webhook.url=...`);
+    /// the value in TOML syntax (`30000`, `true`, `"a b"`, `["x", "y"]`) or else taken as a
+    /// string. An unknown key or a value of the wrong type is an error naming the setting.
+    pub fn with_settings(file: Option<&Path>, settings: &[String]) -> Result<Config, ConfigError> {
+        let (text, path) = match file {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?,
+                path.to_owned(),
+            ),
+            None => (String::new(), PathBuf::new()),
+        };
+        // The file alone first, so that its own mistakes are reported with their line.
+        let mut cfg = Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.clone(),
+            message,
+        })?;
+        if settings.is_empty() {
+            return Ok(cfg);
+        }
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path,
+            message: e.to_string(),
+        })?;
+        for setting in settings {
+            let bad = |message: String| ConfigError::Set {
+                setting: setting.clone(),
+                message,
+            };
+            let (key, value) = setting
+                .split_once('=')
+                .ok_or_else(|| bad("expected key=value".into()))?;
+            let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+            let mut parts: Vec<&str> = key.trim().split('.').collect();
+            let last = parts.pop().filter(|k| !k.is_empty());
+            let Some(last) = last else {
+                return Err(bad("the key is empty".into()));
+            };
+            let mut at = &mut table;
+            for part in parts {
+                at = at
+                    .entry(part)
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .ok_or_else(|| bad(format!("`{part}` is not a table")))?;
+            }
+            at.insert(last.to_owned(), value);
+            // Read after each setting, so that an error names the setting at fault.
+            cfg = toml::Value::Table(table.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| bad(e.to_string()))?;
+        }
+        Ok(cfg)
     }
 
     /// Checks every value once; the error names the bad key.
@@ -311,6 +369,9 @@ impl Config {
         }
         if self.room_writes_per_sec < 100 {
             return bad("room_writes_per_sec", "must be at least 100");
+        }
+        if self.dedup_window_entries < 1000 {
+            return bad("dedup_window_entries", "must be at least 1000");
         }
         if self.max_page == 0 || self.max_page > 10_000 {
             return bad("max_page", "must be between 1 and 10000");
@@ -412,6 +473,70 @@ mod tests {
         let cfg = Config::from_toml("min_sync_interval_us = 100001\n").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("`min_sync_interval_us`"), "{err}");
+    }
+
+    /// `--set` values override the file's in order, keep their TOML type, reach tables by a
+    /// dotted key, and fall back to a string; mistakes name the setting.
+    #[test]
+    fn settings_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tern.toml");
+        std::fs::write(&file, "idle_timeout_ms = 50000\ncores = 1\n").unwrap();
+        let set = |s: &[&str]| {
+            let s: Vec<String> = s.iter().map(|s| s.to_string()).collect();
+            Config::with_settings(Some(&file), &s)
+        };
+        let cfg = set(&[]).unwrap();
+        assert_eq!((cfg.idle_timeout_ms, cfg.cores), (50_000, 1));
+        let cfg = set(&[
+            "idle_timeout_ms=70000",
+            "idle_timeout_ms = 80000",
+            "durability=wal",
+            "system_user=\"ops team\"",
+            "webhook.url=http://127.0.0.1:9/hook",
+        ])
+        .unwrap();
+        assert_eq!((cfg.idle_timeout_ms, cfg.cores), (80_000, 1));
+        assert_eq!(cfg.durability, Durability::Wal);
+        assert_eq!(cfg.system_user, "ops team");
+        assert_eq!(cfg.webhook.url, "http://127.0.0.1:9/hook");
+        for (bad, names) in [
+            ("bogus_key=1", "bogus_key"),
+            ("idle_timeout_ms=soon", "idle_timeout_ms"),
+            ("idle_timeout_ms", "key=value"),
+            ("=3", "empty"),
+            ("cores.x=1", "`cores` is not a table"),
+        ] {
+            let err = set(&[bad]).unwrap_err().to_string();
+            assert!(err.contains(bad) && err.contains(names), "{bad}: {err}");
+        }
+        let err = Config::with_settings(Some(&dir.path().join("missing.toml")), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.toml"), "{err}");
+        // Without a file: the defaults, then the settings.
+        let cfg = Config::with_settings(None, &["cores=3".to_string()]).unwrap();
+        assert_eq!(
+            (cfg.cores, cfg.idle_timeout_ms),
+            (3, Config::default().idle_timeout_ms)
+        );
+    }
+
+    /// Both bounds of the idempotency window reach the store; fewer than 1000 entries is refused.
+    #[test]
+    fn dedup_window_reaches_the_store() {
+        let opts = crate::server::store_options(&Config::default());
+        assert_eq!(opts.dedup_window.max_entries, 1_000_000);
+        assert_eq!(opts.dedup_window.max_age, Duration::from_secs(24 * 3600));
+        let cfg =
+            Config::from_toml("dedup_window_entries = 1000\ndedup_window_secs = 60\n").unwrap();
+        cfg.validate().unwrap();
+        let opts = crate::server::store_options(&cfg);
+        assert_eq!(opts.dedup_window.max_entries, 1000);
+        assert_eq!(opts.dedup_window.max_age, Duration::from_secs(60));
+        let cfg = Config::from_toml("dedup_window_entries = 999\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("`dedup_window_entries`"), "{err}");
     }
 
     /// The spacing of fsyncs reaches the store in microseconds; 0 and the bound are valid.

@@ -15,9 +15,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Tern instant-messaging gateway.
 ///
-/// Without a subcommand it runs the server. Every option can also be set in a TOML file
-/// (--config) or through its TERN_* environment variable; flags win over the environment,
-/// which wins over the file, which wins over the built-in defaults.
+/// Without a subcommand it runs the server. Every option is a key of the TOML file (--config)
+/// and can be set with --set KEY=VALUE (or TERN_SET); the common ones also have a flag and a
+/// TERN_* environment variable of their own. A flag wins over its environment variable, the
+/// options' own flags over --set, --set over the file, and the file over the built-in defaults.
 #[derive(Debug, Parser)]
 #[command(name = "tern-gateway", version)]
 struct Cli {
@@ -51,6 +52,18 @@ struct Cli {
     /// When a message counts as stored: fsync (default), wal or memory.
     #[arg(long, env = "TERN_DURABILITY")]
     durability: Option<DurabilityArg>,
+    /// Any key of the configuration file, e.g. `--set idle_timeout_ms=60000` or
+    /// `--set webhook.url=http://127.0.0.1:9000/hook`; repeatable. The value is TOML (`30000`,
+    /// `true`, `"text"`, `["a", "b"]`) or else a plain string. TERN_SET holds the same,
+    /// separated by `;`.
+    #[arg(
+        long = "set",
+        value_name = "KEY=VALUE",
+        env = "TERN_SET",
+        value_delimiter = ';',
+        global = true
+    )]
+    set: Vec<String>,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "tern_gateway=debug".
     #[arg(long, env = "TERN_LOG", default_value = "info", global = true)]
     log: String,
@@ -85,10 +98,8 @@ enum Command {
 }
 
 fn load_config(cli: &Cli) -> Result<Config, String> {
-    let mut cfg = match &cli.config {
-        Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
-        None => Config::default(),
-    };
+    let mut cfg =
+        Config::with_settings(cli.config.as_deref(), &cli.set).map_err(|e| e.to_string())?;
     if let Some(d) = &cli.data_dir {
         cfg.data_dir = d.clone();
     }

@@ -84,6 +84,7 @@ pub fn store_options(cfg: &Config) -> StoreOptions {
     };
     let mut o = StoreOptions::with_durability(durability);
     o.dedup_window.max_age = Duration::from_secs(cfg.dedup_window_secs);
+    o.dedup_window.max_entries = cfg.dedup_window_entries;
     o.min_sync_interval = Duration::from_micros(cfg.min_sync_interval_us);
     o
 }

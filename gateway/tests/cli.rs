@@ -60,6 +60,28 @@ fn bad_user_and_bad_config_are_named() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no_such_option"), "{err}");
+
+    // The same mistakes through --set and TERN_SET name the setting.
+    let out = gateway()
+        .args(["--set", "max_frame_bytes=10", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`max_frame_bytes`"), "{err}");
+    let out = gateway()
+        .env("TERN_SET", "cores=1;no_such_option=1")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid --set \"no_such_option=1\"") && err.contains("no_such_option"),
+        "{err}"
+    );
 }
 
 #[test]

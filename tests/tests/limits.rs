@@ -372,3 +372,47 @@ fn a_replaced_connection_whose_client_does_not_read_is_reset() {
     let log = gw.log();
     assert!(!log.contains("did not end after a reset"), "{log}");
 }
+
+/// The idempotency window also ends after `dedup_window_entries` later Sends: a retry within it
+/// gets the original SendAck, one after it is stored again.
+#[test]
+fn the_idempotency_window_holds_the_configured_number_of_sends() {
+    let (gw, _dir) = gateway_with(&format!("dedup_window_entries = 1000\n{NO_RATES}"));
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    // Sends every id back to back, then reads their SendAcks.
+    fn send_all(c: &mut Conn, ids: &[String]) -> Vec<tern_protocol::SendAck> {
+        let rids: Vec<u64> = ids
+            .iter()
+            .map(|id| c.send_body(send("bob", id, Bytes::from_static(b"m"))))
+            .collect();
+        rids.iter()
+            .map(|&rid| match c.answer(rid) {
+                Body::SendAck(a) => a,
+                other => panic!("expected SendAck, got {other:?}"),
+            })
+            .collect()
+    }
+    let first = send_all(&mut alice, &["x".to_string()]).remove(0);
+    assert_eq!((first.seq, first.duplicate), (1, false));
+    // 999 later Sends: "x" is still remembered.
+    let others: Vec<String> = (0..999).map(|i| format!("o{i}")).collect();
+    let acks = send_all(&mut alice, &others);
+    assert_eq!(acks.last().unwrap().seq, 1000);
+    let retry = send_all(&mut alice, &["x".to_string()]).remove(0);
+    assert_eq!((retry.seq, retry.duplicate), (1, true));
+    // The 1000th later Send pushes it out: the next retry is a new message.
+    let last = send_all(&mut alice, &["o999".to_string()]).remove(0);
+    assert_eq!(last.seq, 1001);
+    let again = send_all(&mut alice, &["x".to_string()]).remove(0);
+    assert_eq!((again.seq, again.duplicate), (1002, false));
+}
+
+/// Any key of the configuration file can be set on the command line.
+#[test]
+fn any_key_can_be_set_on_the_command_line() {
+    let gw = Gateway::start(&["--set", "max_devices_per_user=1"]);
+    let (_phone, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    let mut laptop = Conn::connect(gw.addr);
+    let rid = laptop.send_body(Body::Hello(hello(&gw.token("alice"), "laptop")));
+    assert_eq!(laptop.expect_error(ErrorCode::TooManyDevices), (rid, true));
+}
