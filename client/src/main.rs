@@ -619,26 +619,30 @@ async fn run(cli: Cli) -> ExitCode {
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(cli.wait);
     let mut delay = std::time::Duration::from_millis(20);
+    let mut told = false;
     let client = loop {
-        match Client::connect(config.clone()).await {
+        let e = match Client::connect(config.clone()).await {
             Ok(client) => break client,
-            Err(tern_client::ClientError::Io(e))
-                if e.kind() == std::io::ErrorKind::ConnectionRefused
-                    && std::time::Instant::now() + delay < deadline =>
-            {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_millis(500));
-            }
-            // A gateway starting for the first time writes its development certificate (the
-            // `--ca` file) once its log is open: wait for the file as for the port.
-            Err(tern_client::ClientError::CaFile { ref path, .. })
-                if !path.exists() && std::time::Instant::now() + delay < deadline =>
-            {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_millis(500));
-            }
-            Err(e) => return fail(&e),
+            Err(e) => e,
+        };
+        // A server that is starting refuses connections; one starting for the first time also
+        // writes its development certificate (the `--ca` file) only once its log is open.
+        let starting = match &e {
+            tern_client::ClientError::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+            tern_client::ClientError::CaFile { path, .. } => matches!(path.try_exists(), Ok(false)),
+            _ => false,
+        };
+        if !starting || std::time::Instant::now() + delay >= deadline {
+            return fail(&e);
         }
+        if let tern_client::ClientError::CaFile { path, .. } = &e
+            && !told
+        {
+            eprintln!("# waiting for {} (--wait {}s)", path.display(), cli.wait);
+            told = true;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_millis(500));
     };
     let code = match cli.command {
         Command::Send {

@@ -42,7 +42,9 @@ use prost::Message;
 use tern_gateway::token::{Claims, Secret};
 use tern_protocol::v1::frame::Body;
 use tern_protocol::v1::{self, group_request, social_request};
-use tern_protocol::{Codec, Deliver, ErrorCode, Frame, PROTOCOL_VERSION, Target, TargetKind};
+use tern_protocol::{
+    Codec, ContentType, Deliver, ErrorCode, Frame, PROTOCOL_VERSION, Target, TargetKind,
+};
 use tern_storage::{MemStore, MessageStore};
 
 /// How long any answer may take.
@@ -966,6 +968,16 @@ impl Harness {
     }
 
     fn track_send(&mut self, user: usize, send: &v1::Send, answer: Option<&Frame>) {
+        if send.content_type == ContentType::System as u32 {
+            // The server's own content type: refused, and nothing stored.
+            if let Some(f) = answer {
+                assert!(
+                    matches!(&f.body, Some(Body::Error(e)) if e.code == ErrorCode::InvalidArgument as i32),
+                    "a client's SYSTEM send answered with {f:?}"
+                );
+            }
+            return;
+        }
         let sender = self.user_name(user);
         let key = (sender.clone(), send.client_msg_id.clone());
         let Some(Frame {

@@ -1,5 +1,7 @@
 //! Gateway configuration: one typed struct with written defaults, read from an optional TOML file,
-//! overridden by command-line flags and `TERN_*` environment variables, validated once at start.
+//! with `--set key=value` / `TERN_SET` settings applied over it ([`Config::with_settings`]),
+//! then the common options' own flags and `TERN_*` environment variables; validated once at
+//! start.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -131,7 +133,7 @@ pub struct Config {
     /// 1..=10,000; default 100. Adding one past it fails with `LIMIT_EXCEEDED`.
     pub group_max_hidden_members: u32,
     /// Whether users who are not friends may send each other 1:1 messages (default true). When
-    /// false, such a Send fails with FORBIDDEN.
+    /// false, such a Send (or Typing notice) fails with FORBIDDEN.
     pub allow_non_friend_messages: bool,
     /// A live room with at least this many viewers on one core gets its messages in batches on
     /// that core: each flush writes every viewer once, with everything that arrived since the
@@ -287,6 +289,7 @@ impl Config {
             let (key, value) = setting
                 .split_once('=')
                 .ok_or_else(|| bad("expected key=value".into()))?;
+            let value = value.trim();
             let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
                 .ok()
                 .and_then(|mut t| t.remove("v"))
@@ -493,16 +496,18 @@ mod tests {
             "idle_timeout_ms = 80000",
             "durability=wal",
             "system_user=\"ops team\"",
+            "data_dir = /srv/tern data ",
             "webhook.url=http://127.0.0.1:9/hook",
         ])
         .unwrap();
         assert_eq!((cfg.idle_timeout_ms, cfg.cores), (80_000, 1));
         assert_eq!(cfg.durability, Durability::Wal);
         assert_eq!(cfg.system_user, "ops team");
+        assert_eq!(cfg.data_dir, PathBuf::from("/srv/tern data"));
         assert_eq!(cfg.webhook.url, "http://127.0.0.1:9/hook");
         for (bad, names) in [
-            ("bogus_key=1", "bogus_key"),
-            ("idle_timeout_ms=soon", "idle_timeout_ms"),
+            ("bogus_key=1", "unknown field `bogus_key`"),
+            ("idle_timeout_ms=soon", "invalid type"),
             ("idle_timeout_ms", "key=value"),
             ("=3", "empty"),
             ("cores.x=1", "`cores` is not a table"),

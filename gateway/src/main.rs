@@ -15,10 +15,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Tern instant-messaging gateway.
 ///
-/// Without a subcommand it runs the server. Every option is a key of the TOML file (--config)
-/// and can be set with --set KEY=VALUE (or TERN_SET); the common ones also have a flag and a
-/// TERN_* environment variable of their own. A flag wins over its environment variable, the
-/// options' own flags over --set, --set over the file, and the file over the built-in defaults.
+/// Without a subcommand it runs the server. Every server setting is a key of the TOML file
+/// (--config) and can be set with --set KEY=VALUE (or TERN_SET); the common ones also have a
+/// flag and a TERN_* environment variable of their own. From highest to lowest: an option's own
+/// flag, its own variable, --set, TERN_SET, the file, the built-in defaults.
 #[derive(Debug, Parser)]
 #[command(name = "tern-gateway", version)]
 struct Cli {
@@ -54,15 +54,10 @@ struct Cli {
     durability: Option<DurabilityArg>,
     /// Any key of the configuration file, e.g. `--set idle_timeout_ms=60000` or
     /// `--set webhook.url=http://127.0.0.1:9000/hook`; repeatable. The value is TOML (`30000`,
-    /// `true`, `"text"`, `["a", "b"]`) or else a plain string. TERN_SET holds the same,
-    /// separated by `;`.
-    #[arg(
-        long = "set",
-        value_name = "KEY=VALUE",
-        env = "TERN_SET",
-        value_delimiter = ';',
-        global = true
-    )]
+    /// `true`, `"text"`, `["a", "b"]`) or else a plain string. The environment variable
+    /// TERN_SET holds settings too, separated by `;`, applied before the flags. Secrets are
+    /// better set in the file or the environment than on a command line others can list.
+    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
     set: Vec<String>,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "tern_gateway=debug".
     #[arg(long, env = "TERN_LOG", default_value = "info", global = true)]
@@ -98,8 +93,16 @@ enum Command {
 }
 
 fn load_config(cli: &Cli) -> Result<Config, String> {
+    // TERN_SET first, so that a flag given for one run overrides the environment's value.
+    let mut settings: Vec<String> = std::env::var("TERN_SET")
+        .unwrap_or_default()
+        .split(';')
+        .filter(|s| !s.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    settings.extend(cli.set.iter().cloned());
     let mut cfg =
-        Config::with_settings(cli.config.as_deref(), &cli.set).map_err(|e| e.to_string())?;
+        Config::with_settings(cli.config.as_deref(), &settings).map_err(|e| e.to_string())?;
     if let Some(d) = &cli.data_dir {
         cfg.data_dir = d.clone();
     }

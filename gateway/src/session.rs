@@ -1344,16 +1344,21 @@ impl Ctx {
                 "custom_type must be at most 64 bytes",
             );
         }
-        // Group events and recall notices are SYSTEM messages with a `tern.` type: clients
-        // decode them as the server's word, so only the server writes them.
-        if !self.api
-            && (send.content_type == ContentType::System as u32
-                || send.custom_type.starts_with(RESERVED_TYPE_PREFIX))
-        {
+        // Group events and recall notices are SYSTEM messages with a `tern.` type, which clients
+        // take as the server's word: the server writes them itself, never through a Send, and
+        // only its API sends other SYSTEM messages.
+        if send.custom_type.starts_with(RESERVED_TYPE_PREFIX) {
             return self.error(
                 rid,
                 ErrorCode::InvalidArgument,
-                "content_type SYSTEM and custom types starting with \"tern.\" are the server's",
+                "custom types starting with \"tern.\" are the server's",
+            );
+        }
+        if !self.api && send.content_type == ContentType::System as u32 {
+            return self.error(
+                rid,
+                ErrorCode::InvalidArgument,
+                "content_type SYSTEM is sent by the server only",
             );
         }
         let Some(target) = send.target else {

@@ -61,9 +61,17 @@ fn bad_user_and_bad_config_are_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no_such_option"), "{err}");
 
-    // The same mistakes through --set and TERN_SET name the setting.
+    // The same mistakes through --set and TERN_SET name the setting (`token` reads the
+    // configuration as the server does, and exits).
     let out = gateway()
-        .args(["--set", "max_frame_bytes=10", "--data-dir"])
+        .args([
+            "token",
+            "--user",
+            "alice",
+            "--set",
+            "max_frame_bytes=10",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
@@ -71,17 +79,47 @@ fn bad_user_and_bad_config_are_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`max_frame_bytes`"), "{err}");
     let out = gateway()
-        .env("TERN_SET", "cores=1;no_such_option=1")
-        .arg("--data-dir")
+        .env("TERN_SET", "cores=1;;no_such_option=1")
+        .args(["token", "--user", "alice", "--data-dir"])
         .arg(dir.path())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid --set \"no_such_option=1\""), "{err}");
+}
+
+/// TERN_SET and --set add up (empty entries skipped), --set winning for a key both set, and the
+/// token is signed with the secret they give.
+#[test]
+fn settings_from_the_environment_and_flags_add_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let from_env = "e".repeat(40);
+    let from_flag = "f".repeat(40);
+    let out = gateway()
+        .env("TERN_SET", format!("secret={from_env}; ;cores=1;"))
+        .args(["token", "--user", "alice", "--data-dir"])
+        .arg(dir.path())
+        .args(["--set", &format!("secret = {from_flag} ")])
+        .output()
+        .unwrap();
     assert!(
-        err.contains("invalid --set \"no_such_option=1\"") && err.contains("no_such_option"),
-        "{err}"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let check = |secret: &str| {
+        tern_gateway::token::verify(
+            &tern_gateway::token::Secret::new(secret.as_bytes().to_vec()),
+            &token,
+            tern_gateway::token::now_secs(),
+        )
+    };
+    assert_eq!(check(&from_flag).unwrap().sub, "alice");
+    assert!(check(&from_env).is_err());
+    // Nothing was written: the configured secret is used, not the data directory's.
+    assert!(!dir.path().join("secret").exists());
 }
 
 #[test]

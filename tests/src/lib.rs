@@ -149,6 +149,8 @@ impl Gateway {
                 "TERN_LOG",
                 std::env::var("TERN_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // Settings from the caller's environment would change what the tests check.
+            .env_remove("TERN_SET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -381,6 +381,30 @@ fn send_as_system_and_as_user_reaches_devices_with_sequence_numbers() {
         assert_eq!(expect_deliver(dev).seq, 3, "the recall tombstone");
         dev.nothing_pending();
     }
+
+    // The API may send SYSTEM notices (clients may not); nobody may use the server's `tern.`
+    // types, and nothing is stored for them.
+    let got = gw.api_call(
+        "POST",
+        "/v1/messages",
+        Some(&json!({"from": "bob", "to_user": "alice", "text": "forged",
+                     "content_type": "SYSTEM", "custom_type": "tern.group"})),
+    );
+    assert_error(&got, 400, ErrorCode::InvalidArgument);
+    let notice = ok(gw.api_call(
+        "POST",
+        "/v1/messages",
+        Some(
+            &json!({"from": "bob", "to_user": "alice", "text": "bob is away",
+                     "content_type": "SYSTEM", "custom_type": "away"}),
+        ),
+    ));
+    assert_eq!(num(&notice["sendAck"]["seq"]), 4);
+    let d = expect_deliver(&mut alice);
+    assert_eq!(
+        (d.content_type, text(&d)),
+        (ContentType::System as u32, "bob is away")
+    );
 }
 
 #[test]
