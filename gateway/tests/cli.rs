@@ -11,6 +11,27 @@ fn gateway() -> Command {
     c
 }
 
+/// The token `tern-gateway token` printed; panics with its stderr if it failed.
+fn minted(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn verify(
+    secret: &str,
+    token: &str,
+) -> Result<tern_gateway::token::Claims, tern_gateway::token::TokenError> {
+    tern_gateway::token::verify(
+        &tern_gateway::token::Secret::new(secret.as_bytes().to_vec()),
+        token,
+        tern_gateway::token::now_secs(),
+    )
+}
+
 #[test]
 fn token_is_minted_with_the_persisted_secret() {
     let dir = tempfile::tempdir().unwrap();
@@ -19,19 +40,9 @@ fn token_is_minted_with_the_persisted_secret() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let token = minted(out);
     let secret = std::fs::read_to_string(dir.path().join("secret")).unwrap();
-    let claims = tern_gateway::token::verify(
-        &tern_gateway::token::Secret::new(secret.trim().as_bytes().to_vec()),
-        &token,
-        tern_gateway::token::now_secs(),
-    )
-    .unwrap();
+    let claims = verify(secret.trim(), &token).unwrap();
     assert_eq!(claims.sub, "alice");
     let ttl = claims.exp - tern_gateway::token::now_secs();
     assert!((7190..=7200).contains(&ttl), "{ttl}");
@@ -103,21 +114,9 @@ fn settings_from_the_environment_and_flags_add_up() {
         .args(["--set", &format!("secret = {from_flag} ")])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let check = |secret: &str| {
-        tern_gateway::token::verify(
-            &tern_gateway::token::Secret::new(secret.as_bytes().to_vec()),
-            &token,
-            tern_gateway::token::now_secs(),
-        )
-    };
-    assert_eq!(check(&from_flag).unwrap().sub, "alice");
-    assert!(check(&from_env).is_err());
+    let token = minted(out);
+    assert_eq!(verify(&from_flag, &token).unwrap().sub, "alice");
+    assert!(verify(&from_env, &token).is_err());
     // Nothing was written: the configured secret is used, not the data directory's.
     assert!(!dir.path().join("secret").exists());
 }
