@@ -56,8 +56,9 @@ struct Cli {
     #[arg(long, env = "TERN_DEVICE", global = true)]
     device: Option<String>,
     /// Seconds to keep retrying the first connection while the server refuses it or the
-    /// `--ca` file does not exist yet (it may be starting). 0 = fail at once. Over QUIC a server that is not there yet does not refuse,
-    /// it is silent: the handshake keeps trying for up to 10 s whatever this says.
+    /// `--ca` file does not exist yet (it may be starting). 0 = fail at once. Over QUIC a
+    /// server that is not there yet does not refuse, it is silent: the handshake keeps trying
+    /// for up to 10 s whatever this says.
     #[arg(long, env = "TERN_WAIT", default_value_t = 5, global = true)]
     wait: u64,
     #[command(subcommand)]

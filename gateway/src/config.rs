@@ -254,10 +254,10 @@ impl Config {
     }
 
     /// The file's configuration (the defaults without one; unknown keys are errors that name
-    /// the key) with `settings` applied in order.
-    /// Each is `key=value`: any key of the file, dotted for a table's key (`webhook.url=...`);
-    /// the value in TOML syntax (`30000`, `true`, `"a b"`, `["x", "y"]`) or else taken as a
-    /// string. An unknown key or a value of the wrong type is an error naming the setting.
+    /// the key) with `settings` applied in order. Each is `key=value`: any key of the file,
+    /// dotted for a table's key (`webhook.url=...`); the value in TOML syntax (`30000`, `true`,
+    /// `"a b"`, `["x", "y"]`) or else taken as a string. An unknown key or a value of the wrong
+    /// type is an error naming the setting.
     pub fn with_settings(file: Option<&Path>, settings: &[String]) -> Result<Config, ConfigError> {
         let (text, path) = match file {
             Some(path) => (

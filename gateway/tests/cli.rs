@@ -11,6 +11,13 @@ fn gateway() -> Command {
     c
 }
 
+/// The command's stderr, after checking that it refused its arguments (exit status 2).
+fn refused(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// The token `tern-gateway token` printed; panics with its stderr if it failed.
 fn minted(out: std::process::Output) -> String {
     assert!(
@@ -51,52 +58,38 @@ fn token_is_minted_with_the_persisted_secret() {
 #[test]
 fn bad_user_and_bad_config_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let out = gateway()
-        .args(["token", "--user", "", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--user"));
+    let err = refused(
+        gateway()
+            .args(["token", "--user", "", "--data-dir"])
+            .arg(dir.path()),
+    );
+    assert!(err.contains("--user"), "{err}");
 
     let cfg = dir.path().join("tern.toml");
     std::fs::write(&cfg, "max_frame_bytes = 10\n").unwrap();
-    let out = gateway().arg("--config").arg(&cfg).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(gateway().arg("--config").arg(&cfg));
     assert!(err.contains("`max_frame_bytes`"), "{err}");
 
     std::fs::write(&cfg, "no_such_option = true\n").unwrap();
-    let out = gateway().arg("--config").arg(&cfg).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(gateway().arg("--config").arg(&cfg));
     assert!(err.contains("no_such_option"), "{err}");
 
     // The same mistakes through --set and TERN_SET name the setting (`token` reads the
     // configuration as the server does, and exits).
-    let out = gateway()
-        .args([
-            "token",
-            "--user",
-            "alice",
-            "--set",
-            "max_frame_bytes=10",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let token = ["token", "--user", "alice", "--data-dir"];
+    let err = refused(
+        gateway()
+            .args(token)
+            .arg(dir.path())
+            .args(["--set", "max_frame_bytes=10"]),
+    );
     assert!(err.contains("`max_frame_bytes`"), "{err}");
-    let out = gateway()
-        .env("TERN_SET", "cores=1;;no_such_option=1")
-        .args(["token", "--user", "alice", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(
+        gateway()
+            .env("TERN_SET", "cores=1;;no_such_option=1")
+            .args(token)
+            .arg(dir.path()),
+    );
     assert!(err.contains("invalid --set \"no_such_option=1\""), "{err}");
 }
 
