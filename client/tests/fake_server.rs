@@ -163,6 +163,7 @@ async fn sync_pages_and_live_pushes_are_deduplicated_and_acked() {
                 version: 9,
                 left: false,
                 settings: None,
+                peer_read_seq: 0,
             }],
         },
     ))

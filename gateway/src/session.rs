@@ -1812,6 +1812,7 @@ impl Ctx {
                     latest_seq: readable_upto(c),
                     left: c.left_seq > 0,
                     read_seq: c.read_seq,
+                    peer_read_seq: c.peer_read_seq,
                     delivered_seq: c.delivered_seq,
                     version: c.last_version,
                     settings: Some(crate::social::wire_settings(c.conversation, &c.settings)),

@@ -158,6 +158,7 @@ fn every_body() -> Vec<Frame> {
                     delivered_seq: 7,
                     version: 18,
                     left: false,
+                    peer_read_seq: 6,
                     settings: Some(ConversationSettings {
                         conversation_id: 42,
                         pinned: true,
@@ -175,6 +176,7 @@ fn every_body() -> Vec<Frame> {
                     version: 12,
                     left: true,
                     settings: None,
+                    peer_read_seq: 0,
                 },
             ],
         }

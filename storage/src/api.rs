@@ -16,7 +16,8 @@ use crate::record::{MAX_CLIENT_MSG_ID_LEN, MAX_CUSTOM_TYPE_LEN, StoredMessage};
 pub struct AppendRequest {
     /// The conversation ([`crate::direct_conversation`] or [`crate::group_conversation`]).
     pub conversation: ConversationId,
-    /// Internal user id of the sender.
+    /// Internal user id of the sender. If the conversation is active in the sender's index,
+    /// their read position moves to this message (see the crate docs, "Unread").
     pub sender: UserId,
     /// The sender's id for this message, the idempotency key together with `sender`
     /// (at most 256 bytes; empty = not idempotent).
@@ -49,7 +50,8 @@ pub struct AppendRequest {
 pub struct ConversationSettings {
     /// Pinned to the top of the list.
     pub pinned: bool,
-    /// Hidden from the list (the history stays).
+    /// Hidden from the list (the history stays) until a newer message than the hide arrives
+    /// in the conversation (up to where the user may read: a group they left stays hidden).
     pub hidden: bool,
     /// Do not disturb.
     pub muted: bool,
@@ -210,8 +212,8 @@ pub(crate) fn check_user(user: UserId) -> Result<()> {
 ///
 /// * `Some(attributes)` stores the attributes. If the user was not a member, they join: the
 ///   group's conversation becomes active in their index ([`ConversationInfo::active`],
-///   [`ConversationInfo::left_seq`] 0) with this append's version. If they were, only the
-///   attributes change.
+///   [`ConversationInfo::left_seq`] 0) with this append's version, and their read position
+///   moves to this append (nothing unread). If they were, only the attributes change.
 /// * `None` removes a member: the conversation stays in their index, inactive, with
 ///   [`ConversationInfo::left_seq`] = this append's seq and this append's version. Removing a
 ///   non-member is a no-op.
@@ -389,10 +391,16 @@ pub struct ConversationInfo {
     /// Latest sequence number (0 = no message yet).
     pub latest_seq: Seq,
     /// The highest version of any change of this conversation relevant to the user
-    /// (newest message, join or leave, the user's read position or settings).
+    /// (newest message, join or leave, the user's read position or settings, the other
+    /// user's read position).
     pub last_version: u64,
-    /// The user's read position (0 = nothing read).
+    /// The user's read position (0 = nothing read). Never below the user's own latest message
+    /// in the conversation, nor below the event that added them to the group (see the crate
+    /// docs, "Unread").
     pub read_seq: Seq,
+    /// In a 1:1 conversation, the other user's read position (their `read_seq`); 0 for a
+    /// group. A change of it changes `last_version`.
+    pub peer_read_seq: Seq,
     /// 0 while the user is a member (and always for 1:1); otherwise the seq of the event that
     /// removed the user: they may read up to and including it and no further.
     pub left_seq: Seq,
@@ -427,7 +435,8 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
     fn group_name(&self, id: GroupId) -> Result<Option<String>>;
 
     /// Adds `user` to `group` (with empty attributes) and its conversation to the user's
-    /// index. Resolves to false if the user already was a member.
+    /// index, with the read position moved to the latest message (nothing unread). Resolves
+    /// to false if the user already was a member.
     fn add_member(&self, group: GroupId, user: UserId) -> Completion<bool>;
     /// Removes `user` from `group`; the conversation stays in the user's index, inactive, with
     /// [`ConversationInfo::left_seq`] = the conversation's latest seq (0 if it has no message

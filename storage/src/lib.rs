@@ -47,7 +47,7 @@
 //! | column family | key | value | why |
 //! |---|---|---|---|
 //! | `messages` | conv BE ++ seq BE | message record (version 2 once recalled: no payload) | a conversation is one contiguous key range in seq order: a page read is one seek plus `next`/`prev`; a fixed 8-byte prefix extractor with prefix bloom filters (SST and memtable) makes seeks into a conversation skip files that do not hold it; the latest seq is one `seek_for_prev`; since a conversation's keys arrive in order, each memtable insert starts from a hint kept per conversation (`memtable_insert_with_hint_prefix_extractor`) instead of a skiplist search |
-//! | `user_convs` | user BE ++ conv BE | user-conversation record (member flag, read position, versions, seq the user left at, the user's settings: pinned, hidden, muted, cleared seq) | all conversations of a user in one range scan (prefix 8) |
+//! | `user_convs` | user BE ++ conv BE | user-conversation record (member flag, read position, versions, seq the user left at, the user's settings: pinned, hidden and the seq it was hidden at, muted, cleared seq) | all conversations of a user in one range scan (prefix 8) |
 //! | `cursors` | user BE ++ conv BE ++ device | delivered seq | point reads; whole-key bloom |
 //! | `members`, `user_groups` | group ++ user, user ++ group | the member's attributes (opaque, as given; empty from `add_member`), empty | paged member lists (with attributes) and a user's groups, each a prefix scan |
 //! | `groups` | group BE | the group's record (opaque, as given) | point read |
@@ -87,22 +87,35 @@
 //! The writer gives every change a **version** from one store-wide counter: each append
 //! (stored inside the message record), each membership change, each read-position change and
 //! each settings change (stored in the user-conversation record). A conversation's
-//! `last_version` for a user is the maximum of its newest message's version and the user's
-//! record's versions (membership, read position, settings); the user's
-//! version is the maximum over their conversations. Versions only grow, so "what changed
-//! since V" is `last_version > V`; it is computed by scanning the user's conversation index
-//! and one `seek_for_prev` per conversation (cost linear in the user's number of
-//! conversations). Delivered cursors are per device and do not change versions.
+//! `last_version` for a user is the maximum of its newest message's version, the user's
+//! record's versions (membership, read position, settings) and, in a 1:1 conversation, the
+//! version of the other user's read position; the user's version is the maximum over their
+//! conversations. Versions only grow, so "what changed since V" is `last_version > V`; it is
+//! computed by scanning the user's conversation index, with one `seek_for_prev` per
+//! conversation and one point read of the other user's record per 1:1 conversation (cost
+//! linear in the user's number of conversations): a read receipt costs no write to the other
+//! user's records. Delivered cursors are per device and do not change versions.
 //!
 //! Read positions, delivered cursors and membership changes go through the same writer as
 //! appends (batched with them, same durability); read positions and cursors are monotonic (a
 //! lower value is a no-op) and clamped to the conversation's latest seq.
 //!
+//! **Unread.** A user's unread count is `latest_seq - read_seq`, and the writer keeps it free
+//! of what the user already knows: an append moves its sender's read position to it (a user
+//! has read what they wrote; only for a sender with the conversation active in their index,
+//! in the same write, no extra version), and joining a group moves the new member's read
+//! position to the event that added them ([`MessageStore::add_member`]: to the latest
+//! message). Both are one more write of a record the writer caches, at most one per user and
+//! conversation per batch.
+//!
 //! **Settings and recall.** A user's settings of a conversation
 //! ([`MessageStore::set_conversation_settings`]) live in their user-conversation record and
 //! take a version like a read position, so other devices learn them through sync; the
 //! cleared seq is monotonic and clamped like a read position, and a change that leaves the
-//! settings as they are writes nothing and takes no version. A recall
+//! settings as they are writes nothing and takes no version. Hiding records the
+//! conversation's latest readable seq; the conversation reads as hidden only while nothing
+//! newer arrived, so a new message shows it again without any write to the record (its
+//! version makes sync report the conversation). A recall
 //! ([`AppendRequest::recall`]) rewrites the recalled message's record (record version 2, no
 //! payload; its seq, version, sender, time, ids and types stay) in the same `WriteBatch` as
 //! the append that announces it; a duplicate append recalls nothing. The recalled record

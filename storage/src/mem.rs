@@ -15,7 +15,7 @@ use crate::completion::Completion;
 use crate::dedup::{DedupEntry, DedupIndex, DedupWindow};
 use crate::error::{Result, StorageError};
 use crate::ids::{
-    ConversationId, GroupId, MAX_GROUP_ID, MAX_USER_ID, Seq, UserId, group_conversation, peer_of,
+    ConversationId, GroupId, MAX_GROUP_ID, MAX_USER_ID, Seq, UserId, group_conversation,
 };
 use crate::record::{StoredMessage, UserConvRecord};
 
@@ -173,6 +173,8 @@ impl State {
         if let Some(change) = req.group_change {
             self.apply_group_change(*change, conv, seq, version);
         }
+        // The sender has read what they wrote.
+        self.advance_read(req.sender, conv, seq, version);
         if let Some(k) = key {
             self.dedup.insert(
                 k,
@@ -219,11 +221,13 @@ impl State {
             return Ok(false);
         }
         let version = self.next_version();
+        let head = self.latest(conv);
         if add {
             self.join(group, user, conv, Bytes::new(), version);
+            // A new member has nothing unread.
+            self.advance_read(user, conv, head, version);
         } else {
-            let left_seq = self.latest(conv);
-            self.leave(group, user, conv, left_seq, version);
+            self.leave(group, user, conv, head, version);
         }
         Ok(true)
     }
@@ -244,7 +248,11 @@ impl State {
         for (user, attrs) in change.members {
             match (attrs, self.members.get_mut(&(group, user))) {
                 (Some(attrs), Some(current)) => *current = attrs,
-                (Some(attrs), None) => self.join(group, user, conv, attrs, version),
+                (Some(attrs), None) => {
+                    self.join(group, user, conv, attrs, version);
+                    // A new member has read everything up to the event that added them.
+                    self.advance_read(user, conv, seq, version);
+                }
                 (None, Some(_)) => self.leave(group, user, conv, seq, version),
                 (None, None) => {}
             }
@@ -283,6 +291,16 @@ impl State {
         rec.member_version = version;
     }
 
+    /// Moves `user`'s read position forward to `seq`, if `conv` is active in their index.
+    fn advance_read(&mut self, user: UserId, conv: ConversationId, seq: Seq, version: u64) {
+        if let Some(rec) = self.user_convs.get_mut(&(user, conv))
+            && rec.active
+            && rec.read_seq < seq
+        {
+            *rec = rec.read_upto(seq, version);
+        }
+    }
+
     fn set_read(&mut self, user: UserId, conv: ConversationId, seq: Seq) -> Seq {
         let target = seq.min(self.latest(conv));
         let current = self.user_convs.get(&(user, conv)).map_or(0, |r| r.read_seq);
@@ -313,7 +331,7 @@ impl State {
         let current = self
             .user_convs
             .get(&(user, conv))
-            .map(|r| r.settings())
+            .map(|r| r.settings(head))
             .unwrap_or_default();
         let result = ConversationSettings {
             cleared_seq: wanted.cleared_seq.min(head).max(current.cleared_seq),
@@ -331,7 +349,7 @@ impl State {
                 member_version: version,
                 ..UserConvRecord::default()
             });
-        rec.set_settings(&result);
+        rec.set_settings(&result, head);
         rec.settings_version = version;
         result
     }
@@ -450,7 +468,7 @@ impl MessageStore for MemStore {
         let s = self.lock()?;
         Ok(s.user_convs
             .get(&(user, conv))
-            .map(|r| r.settings())
+            .map(|r| r.settings(s.latest(conv)))
             .unwrap_or_default())
     }
 
@@ -599,28 +617,21 @@ impl MessageStore for MemStore {
         let s = self.lock()?;
         let mut out = Vec::new();
         for (&(_, conv), rec) in s.user_convs.range((user, 0)..=(user, u64::MAX)) {
-            let (latest_seq, msg_version) = s.head(conv).map_or((0, 0), |m| (m.seq, m.version));
-            let last_version = rec.last_version().max(msg_version);
-            if last_version <= since_version {
+            let head = s.head(conv).map_or((0, 0), |m| (m.seq, m.version));
+            let peer = rec.peer(user, conv, |other| {
+                Ok(s.user_convs.get(&(other, conv)).copied())
+            })?;
+            let mut info = rec.info(user, conv, head, peer.as_ref());
+            if info.last_version <= since_version {
                 continue;
             }
-            let delivered_seq = device.map_or(0, |d| {
+            info.delivered_seq = device.map_or(0, |d| {
                 s.cursors
                     .get(&(user, conv, d.to_owned()))
                     .copied()
                     .unwrap_or(0)
             });
-            out.push(ConversationInfo {
-                conversation: conv,
-                peer: peer_of(user, conv),
-                active: rec.active,
-                latest_seq,
-                last_version,
-                read_seq: rec.read_seq,
-                left_seq: rec.left_seq,
-                delivered_seq,
-                settings: rec.settings(),
-            });
+            out.push(info);
         }
         Ok(out)
     }

@@ -194,7 +194,7 @@ impl StoredMessage {
 
 /// Per (user, conversation) state, stored in the user-conversation index.
 ///
-/// Version 1 layout (51 bytes, written by this build):
+/// Version 1 layout (59 bytes, written by this build):
 ///
 /// ```text
 /// 0      u8   record version (1)
@@ -206,15 +206,18 @@ impl StoredMessage {
 /// 34     u8   settings flags (bit 0 pinned, bit 1 hidden, bit 2 muted)
 /// 35..43 u64  cleared_seq
 /// 43..51 u64  settings_version
+/// 51..59 u64  hidden_seq
 /// ```
 ///
-/// Two older forms are prefixes of it and still decode: records written before `left_seq`
+/// Three older forms are prefixes of it and still decode: records written before `left_seq`
 /// existed are the first 26 bytes (they decode with `left_seq` 0: right for members and 1:1
 /// conversations; for a user who had already left, the seq they left at was not recorded,
 /// `active` is false), records written before the settings existed the first 34 bytes (they
-/// decode with the default settings and `settings_version` 0). Both are rewritten in the
-/// 51-byte form on their next change. Any other length is corrupt. Flag bits other than those
-/// listed are ignored (and written as 0).
+/// decode with the default settings and `settings_version` 0), records written before
+/// `hidden_seq` existed the first 51 bytes (a hidden one decodes with `hidden_seq`
+/// `u64::MAX`: hidden until unhidden, as it was stored). All are rewritten in the 59-byte form
+/// on their next change. Any other length is corrupt. Flag bits other than those listed are
+/// ignored (and written as 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct UserConvRecord {
     pub active: bool,
@@ -231,10 +234,15 @@ pub(crate) struct UserConvRecord {
     pub cleared_seq: Seq,
     /// Version of the last settings change.
     pub settings_version: u64,
+    /// With the hidden flag: the conversation's latest readable seq when it was hidden. It is
+    /// hidden while no message after this one arrived (see [`UserConvRecord::settings`]).
+    pub hidden_seq: Seq,
 }
 
 /// The current form.
-const USER_CONV_LEN: usize = 51;
+const USER_CONV_LEN: usize = 59;
+/// The form without `hidden_seq`.
+const USER_CONV_LEN_NO_HIDDEN_SEQ: usize = 51;
 /// The form without the settings.
 const USER_CONV_LEN_NO_SETTINGS: usize = 34;
 /// The form without `left_seq`.
@@ -252,13 +260,16 @@ impl UserConvRecord {
         b[34] = self.flags & 7;
         b[35..43].copy_from_slice(&self.cleared_seq.to_le_bytes());
         b[43..51].copy_from_slice(&self.settings_version.to_le_bytes());
+        b[51..59].copy_from_slice(&self.hidden_seq.to_le_bytes());
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
         check_version(b)?;
         let left_seq = match b.len() {
-            USER_CONV_LEN | USER_CONV_LEN_NO_SETTINGS => u64_at(b, 26),
+            USER_CONV_LEN | USER_CONV_LEN_NO_HIDDEN_SEQ | USER_CONV_LEN_NO_SETTINGS => {
+                u64_at(b, 26)
+            }
             USER_CONV_LEN_SHORT => 0,
             _ => {
                 return Err(StorageError::Corrupt(
@@ -266,28 +277,75 @@ impl UserConvRecord {
                 ));
             }
         };
+        let has_settings = b.len() >= USER_CONV_LEN_NO_HIDDEN_SEQ;
+        let flags = if has_settings { b[34] & 7 } else { 0 };
         Ok(UserConvRecord {
             active: b[1] & 1 != 0,
             member_version: u64_at(b, 2),
             read_seq: u64_at(b, 10),
             read_version: u64_at(b, 18),
             left_seq,
-            flags: if b.len() == USER_CONV_LEN {
-                b[34] & 7
-            } else {
-                0
-            },
-            cleared_seq: if b.len() == USER_CONV_LEN {
-                u64_at(b, 35)
-            } else {
-                0
-            },
-            settings_version: if b.len() == USER_CONV_LEN {
-                u64_at(b, 43)
-            } else {
-                0
+            flags,
+            cleared_seq: if has_settings { u64_at(b, 35) } else { 0 },
+            settings_version: if has_settings { u64_at(b, 43) } else { 0 },
+            hidden_seq: match b.len() {
+                USER_CONV_LEN => u64_at(b, 51),
+                _ if flags & 2 != 0 => u64::MAX,
+                _ => 0,
             },
         })
+    }
+
+    /// This record with the read position moved to `seq` by the change at `version`.
+    pub fn read_upto(self, seq: Seq, version: u64) -> Self {
+        UserConvRecord {
+            read_seq: seq,
+            read_version: version,
+            ..self
+        }
+    }
+
+    /// The sync view of this record, `user`'s of `conv`, whose newest message is
+    /// `(latest_seq, its version)`; `peer` is the other user's record of a 1:1 conversation
+    /// ([`UserConvRecord::peer`]). The delivered cursor is left 0.
+    #[cfg(feature = "mem")]
+    pub fn info(
+        &self,
+        user: UserId,
+        conv: ConversationId,
+        (latest_seq, msg_version): (Seq, u64),
+        peer: Option<&UserConvRecord>,
+    ) -> crate::api::ConversationInfo {
+        let (peer_read_seq, peer_read_version) =
+            peer.map_or((0, 0), |p| (p.read_seq, p.read_version));
+        crate::api::ConversationInfo {
+            conversation: conv,
+            peer: crate::ids::peer_of(user, conv),
+            active: self.active,
+            latest_seq,
+            last_version: self.last_version().max(msg_version).max(peer_read_version),
+            read_seq: self.read_seq,
+            peer_read_seq,
+            left_seq: self.left_seq,
+            delivered_seq: 0,
+            settings: self.settings(latest_seq),
+        }
+    }
+
+    /// The other user's record of `user`'s 1:1 conversation `conv`, found with `lookup`
+    /// (this record itself for a conversation with oneself); None for a group.
+    #[cfg(feature = "mem")]
+    pub fn peer(
+        &self,
+        user: UserId,
+        conv: ConversationId,
+        lookup: impl FnOnce(UserId) -> Result<Option<UserConvRecord>>,
+    ) -> Result<Option<UserConvRecord>> {
+        match crate::ids::peer_of(user, conv) {
+            crate::ids::Peer::User(other) if other == user => Ok(Some(*self)),
+            crate::ids::Peer::User(other) => lookup(other),
+            _ => Ok(None),
+        }
     }
 
     /// The highest version of any change recorded here.
@@ -298,22 +356,40 @@ impl UserConvRecord {
             .max(self.settings_version)
     }
 
-    /// The settings stored here.
+    /// The settings stored here, for a conversation whose latest seq is `latest_seq`. A hidden
+    /// conversation shows again once a message newer than the hide arrived (up to where the
+    /// user may read: a group they left stays hidden).
     #[cfg(feature = "mem")]
-    pub fn settings(&self) -> crate::api::ConversationSettings {
+    pub fn settings(&self, latest_seq: Seq) -> crate::api::ConversationSettings {
         crate::api::ConversationSettings {
             pinned: self.flags & 1 != 0,
-            hidden: self.flags & 2 != 0,
+            hidden: self.flags & 2 != 0 && self.readable(latest_seq) <= self.hidden_seq,
             muted: self.flags & 4 != 0,
             cleared_seq: self.cleared_seq,
         }
     }
 
-    /// Stores `s`'s flags and cleared seq (the caller sets the version).
+    /// Stores `s`'s flags and cleared seq for a conversation whose latest seq is `latest_seq`
+    /// (the caller sets the version). Hiding a shown conversation records where it was hidden.
     #[cfg(feature = "mem")]
-    pub fn set_settings(&mut self, s: &crate::api::ConversationSettings) {
+    pub fn set_settings(&mut self, s: &crate::api::ConversationSettings, latest_seq: Seq) {
+        self.hidden_seq = match (s.hidden, self.settings(latest_seq).hidden) {
+            (true, true) => self.hidden_seq,
+            (true, false) => self.readable(latest_seq),
+            (false, _) => 0,
+        };
         self.flags = u8::from(s.pinned) | u8::from(s.hidden) << 1 | u8::from(s.muted) << 2;
         self.cleared_seq = s.cleared_seq;
+    }
+
+    /// The last seq of a conversation whose latest seq is `latest_seq` that the user may read.
+    #[cfg(feature = "mem")]
+    fn readable(&self, latest_seq: Seq) -> Seq {
+        if self.left_seq > 0 {
+            self.left_seq.min(latest_seq)
+        } else {
+            latest_seq
+        }
     }
 }
 
@@ -420,8 +496,8 @@ pub(crate) fn decode_journal(b: &[u8]) -> Result<(u64, Vec<JournalEntry>)> {
 /// never panics, and whatever decodes re-encodes to the same bytes (no two encodings of one
 /// value, nothing silently ignored), except for the documented exceptions: a
 /// user-conversation record ignores the flag bits it does not define (bits 1-7 of byte 1,
-/// bits 3-7 of byte 34), and its 26- and 34-byte forms re-encode to the 51-byte one with the
-/// missing fields 0. Message records of both versions (1, and 2 = recalled) re-encode
+/// bits 3-7 of byte 34), and its 26-, 34- and 51-byte forms re-encode to the 59-byte one with
+/// the missing fields 0 (`hidden_seq` of a hidden 51-byte record: `u64::MAX`). Message records of both versions (1, and 2 = recalled) re-encode
 /// exactly. Panics on a violation; the fuzz target `record_decoder` calls it with arbitrary
 /// input.
 pub fn check_decoders(b: &[u8]) {
@@ -450,13 +526,16 @@ pub fn check_decoders(b: &[u8]) {
         );
     }
     if let Ok(u) = UserConvRecord::decode(b) {
-        // The older forms are the current one without their trailing fields, all 0.
+        // The older forms are the current one without their trailing fields, all 0, except
+        // that a hidden record without `hidden_seq` stays hidden (u64::MAX).
         let mut expected = b.to_vec();
         expected[1] &= 1;
-        if expected.len() == USER_CONV_LEN {
+        if expected.len() >= USER_CONV_LEN_NO_HIDDEN_SEQ {
             expected[34] &= 7;
         }
-        expected.resize(USER_CONV_LEN, 0);
+        let hidden_for_good =
+            expected.len() == USER_CONV_LEN_NO_HIDDEN_SEQ && expected[34] & 2 != 0;
+        expected.resize(USER_CONV_LEN, if hidden_for_good { 0xFF } else { 0 });
         assert_eq!(u.encode()[..], expected[..], "user-conversation record");
     }
     if let Ok(v) = decode_u64(b) {
@@ -594,6 +673,7 @@ mod tests {
             flags: 5,
             cleared_seq: 6,
             settings_version: 7,
+            hidden_seq: 8,
         };
         for b in [
             rec,
@@ -602,6 +682,7 @@ mod tests {
             uc.encode().to_vec(),
             uc.encode()[..USER_CONV_LEN_SHORT].to_vec(),
             uc.encode()[..USER_CONV_LEN_NO_SETTINGS].to_vec(),
+            uc.encode()[..USER_CONV_LEN_NO_HIDDEN_SEQ].to_vec(),
             encode_u64(5).to_vec(),
             pair_key(1, 2).to_vec(),
             Vec::new(),
@@ -725,17 +806,40 @@ mod tests {
             flags: 6,
             cleared_seq: 3,
             settings_version: 12,
+            hidden_seq: 8,
         };
-        assert_eq!(r.encode().len(), 51);
+        assert_eq!(r.encode().len(), 59);
         assert_eq!(r.last_version(), 12);
+        let settings = crate::api::ConversationSettings {
+            pinned: false,
+            hidden: true,
+            muted: true,
+            cleared_seq: 3,
+        };
+        assert_eq!(r.settings(8), settings);
+        // A message after the hide shows it again; after leaving (seq 13), none can.
+        let shown = crate::api::ConversationSettings {
+            hidden: false,
+            ..settings
+        };
+        assert_eq!(r.settings(9), shown);
+        let left = UserConvRecord { left_seq: 8, ..r };
+        assert_eq!(left.settings(20), settings);
+        // The form without hidden_seq: a hidden record stays hidden, whatever comes.
+        let no_hidden_seq = UserConvRecord::decode(&r.encode()[..51]).unwrap();
         assert_eq!(
-            r.settings(),
-            crate::api::ConversationSettings {
-                pinned: false,
-                hidden: true,
-                muted: true,
-                cleared_seq: 3
+            no_hidden_seq,
+            UserConvRecord {
+                hidden_seq: u64::MAX,
+                ..r
             }
+        );
+        assert_eq!(no_hidden_seq.settings(1 << 40), settings);
+        let mut shown_rec = r.encode();
+        shown_rec[34] = 1;
+        assert_eq!(
+            UserConvRecord::decode(&shown_rec[..51]).unwrap().hidden_seq,
+            0
         );
         // The form without settings decodes with default settings.
         let no_settings = UserConvRecord::decode(&r.encode()[..34]).unwrap();
@@ -745,6 +849,7 @@ mod tests {
                 flags: 0,
                 cleared_seq: 0,
                 settings_version: 0,
+                hidden_seq: 0,
                 ..r
             }
         );
@@ -755,7 +860,7 @@ mod tests {
         extra[34] = 0xf9;
         let decoded = UserConvRecord::decode(&extra).unwrap();
         assert_eq!(decoded.flags, 1);
-        assert!(decoded.settings().pinned && !decoded.settings().muted);
+        assert!(decoded.settings(0).pinned && !decoded.settings(0).muted);
         check_decoders(&extra);
         assert_eq!(decode_u64(&encode_u64(77)).unwrap(), 77);
 
@@ -796,11 +901,11 @@ mod tests {
             }
         );
         assert_eq!(r.encode()[..26], old[..]);
-        assert_eq!(r.encode()[26..], [0u8; 25]);
+        assert_eq!(r.encode()[26..], [0u8; 33]);
         check_decoders(&old);
 
         let long = UserConvRecord { left_seq: 7, ..r }.encode();
-        for len in (0..=60).filter(|&n| n != 26 && n != 34 && n != 51) {
+        for len in (0..=70).filter(|&n| ![26, 34, 51, 59].contains(&n)) {
             let mut b = long.to_vec();
             b.resize(len, 0);
             assert!(

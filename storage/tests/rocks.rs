@@ -41,8 +41,9 @@ fn restart_continues_sequences_and_keeps_state() {
             let alice = s.intern_user("alice").unwrap();
             let g = s.intern_group("g").unwrap();
             assert!(s.add_member(g, alice).wait().unwrap());
+            // User 2 writes, so that alice's read position is hers to move.
             for i in 1..=5 {
-                let mut r = msg(c, alice, &format!("m{i}"));
+                let mut r = msg(c, 2, &format!("m{i}"));
                 r.participants = vec![1, 2];
                 assert_eq!(s.append(r).wait().unwrap().seq, i);
             }
@@ -54,7 +55,7 @@ fn restart_continues_sequences_and_keeps_state() {
         };
         let s = open(dir.path(), d);
         assert_eq!(s.latest_seq(c).unwrap(), 5, "{d:?}");
-        let r = s.append(msg(c, alice, "m6")).wait().unwrap();
+        let r = s.append(msg(c, 2, "m6")).wait().unwrap();
         assert_eq!(r.seq, 6);
         assert!(r.version > v_before, "versions continue after a restart");
         assert_eq!(s.read_forward(c, 1, 100).unwrap().len(), 6);

@@ -689,9 +689,24 @@ pub fn metric(text: &str, name: &str, labels: &str) -> u64 {
 
 /// Sends a text message to user `to`; returns the request id.
 pub fn send(c: &mut Conn, to: &str, id: &str, text: &str) -> u64 {
+    send_to(c, Target::user(to), id, text)
+}
+
+/// Sends a text message to group `group`; returns the request id.
+pub fn send_group(c: &mut Conn, group: &str, id: &str, text: &str) -> u64 {
+    send_to(c, Target::group(group), id, text)
+}
+
+/// Sends a text message to group `group` and returns the seq of its SendAck.
+pub fn send_group_acked(c: &mut Conn, group: &str, id: &str, text: &str) -> u64 {
+    let rid = send_group(c, group, id, text);
+    expect_ack(c, rid).seq
+}
+
+fn send_to(c: &mut Conn, target: Target, id: &str, text: &str) -> u64 {
     c.send_body(Body::Send(tern_protocol::Send {
         client_msg_id: id.into(),
-        target: Some(Target::user(to)),
+        target: Some(target),
         content_type: 1,
         custom_type: String::new(),
         payload: Bytes::copy_from_slice(text.as_bytes()),

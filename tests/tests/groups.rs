@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 
-use bytes::Bytes;
 use prost::Message;
 use tern_protocol::v1::frame::Body;
 use tern_protocol::v1::group_request::Op;
@@ -18,7 +17,10 @@ use tern_protocol::{
     GroupInfo, GroupProfile, GroupRequest, GroupResponse, GroupRole, HistoryRequest, JoinPolicy,
     SyncRequest, Target,
 };
-use tern_tests::{Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, hello, text};
+use tern_tests::{
+    Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, hello, send_group,
+    send_group_acked, text,
+};
 
 fn login(gw: &Gateway, user: &str) -> Conn {
     gw.login(Via::Tcp, &gw.token(user), "phone").0
@@ -63,22 +65,6 @@ fn create(c: &mut Conn, group: &str, members: &[&str], policy: JoinPolicy) -> Gr
             members: members.iter().map(|m| m.to_string()).collect(),
         }),
     )
-}
-
-fn send_group(c: &mut Conn, group: &str, id: &str, body: &str) -> u64 {
-    c.send_body(Body::Send(tern_protocol::Send {
-        client_msg_id: id.into(),
-        target: Some(Target::group(group)),
-        content_type: ContentType::Text as u32,
-        custom_type: String::new(),
-        payload: Bytes::copy_from_slice(body.as_bytes()),
-        priority: false,
-    }))
-}
-
-fn send_group_acked(c: &mut Conn, group: &str, id: &str, body: &str) -> u64 {
-    let rid = send_group(c, group, id, body);
-    tern_tests::expect_ack(c, rid).seq
 }
 
 fn send_group_err(c: &mut Conn, group: &str, id: &str, code: ErrorCode) {

@@ -3,7 +3,6 @@
 //! no member (themselves included) sees them in a member list, a member count, a read count or
 //! an event.
 
-use bytes::Bytes;
 use prost::Message;
 use serde_json::{Value, json};
 use tern_protocol::v1::frame::Body;
@@ -17,7 +16,10 @@ use tern_protocol::{
     GroupEventKind, GroupInfo, GroupProfile, GroupRequest, GroupResponse, GroupRole,
     HistoryRequest, JoinPolicy, MarkRead, ReadCounts, ReadState, Target,
 };
-use tern_tests::{Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, hello, text};
+use tern_tests::{
+    Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, hello, send_group,
+    send_group_acked, text,
+};
 
 fn login(gw: &Gateway, user: &str, device: &str) -> Conn {
     gw.login(Via::Tcp, &gw.token(user), device).0
@@ -61,22 +63,6 @@ fn create(c: &mut Conn, group: &str, members: &[&str]) -> GroupResponse {
 
 fn users(list: &[&str]) -> Vec<String> {
     list.iter().map(|u| u.to_string()).collect()
-}
-
-fn send_group(c: &mut Conn, group: &str, id: &str, body: &str) -> u64 {
-    c.send_body(Body::Send(tern_protocol::Send {
-        client_msg_id: id.into(),
-        target: Some(Target::group(group)),
-        content_type: ContentType::Text as u32,
-        custom_type: String::new(),
-        payload: Bytes::copy_from_slice(body.as_bytes()),
-        priority: false,
-    }))
-}
-
-fn send_group_acked(c: &mut Conn, group: &str, id: &str, body: &str) -> u64 {
-    let rid = send_group(c, group, id, body);
-    tern_tests::expect_ack(c, rid).seq
 }
 
 fn event(d: &Deliver) -> GroupEvent {

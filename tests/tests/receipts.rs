@@ -3,14 +3,14 @@
 
 use std::collections::BTreeSet;
 
-use tern_protocol::v1::CreateGroup;
 use tern_protocol::v1::frame::Body;
 use tern_protocol::v1::group_request::Op;
+use tern_protocol::v1::{CreateGroup, InviteMembers};
 use tern_protocol::{
     ErrorCode, GetReadCounts, GroupRequest, MarkRead, Presence, ReadCounts, ReadReceipt, ReadState,
     SubscribePresence, SyncRequest, Target, Typing,
 };
-use tern_tests::{Conn, Gateway, Via, collect_sync, expect_deliver, send_acked};
+use tern_tests::{Conn, Gateway, Via, collect_sync, expect_deliver, send_acked, send_group_acked};
 
 fn login(gw: &Gateway, user: &str, device: &str) -> Conn {
     gw.login(Via::Tcp, &gw.token(user), device).0
@@ -102,6 +102,121 @@ fn reading_clears_unread_on_every_device_and_tells_the_sender() {
     );
 }
 
+/// The state of the only conversation a fresh sync of `since` reports, and the sync's version.
+fn synced_state(c: &mut Conn, since: u64) -> (tern_protocol::ConversationState, u64) {
+    let rid = c.send_body(Body::Sync(SyncRequest {
+        since_version: since,
+        page_size: 0,
+    }));
+    let (mut convs, _, version) = collect_sync(c, rid);
+    assert_eq!(convs.len(), 1, "{convs:?}");
+    (convs.remove(0), version)
+}
+
+#[test]
+fn unread_leaves_out_own_messages_and_sync_carries_the_peers_read_position() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let mut alice = login(&gw, "alice", "phone");
+    let mut bob = login(&gw, "bob", "phone");
+    let conv = send_acked(&mut bob, "alice", "b1", "one").conversation_id;
+    assert_eq!(send_acked(&mut bob, "alice", "b2", "two").seq, 2);
+    assert_eq!(expect_deliver(&mut alice).seq, 1);
+    assert_eq!(expect_deliver(&mut alice).seq, 2);
+    assert_eq!(send_acked(&mut alice, "bob", "a3", "three").seq, 3);
+    assert_eq!(expect_deliver(&mut bob).seq, 3);
+    // No ReadState or ReadReceipt for the reads a send implies.
+    alice.nothing_pending();
+    bob.nothing_pending();
+
+    // Bob's laptop, never seen: bob wrote 1 and 2, alice's reply at 3 is his one unread; alice
+    // has read everything up to her reply.
+    let mut laptop = login(&gw, "bob", "laptop");
+    let (state, version) = synced_state(&mut laptop, 0);
+    assert_eq!(
+        (
+            state.conversation_id,
+            state.latest_seq,
+            state.read_seq,
+            state.peer_read_seq
+        ),
+        (conv, 3, 2, 3)
+    );
+    let (state, _) = synced_state(&mut alice, 0);
+    assert_eq!((state.read_seq, state.peer_read_seq), (3, 2));
+    drop(laptop);
+
+    // Bob writes again; alice reads it while the laptop is away. The phone hears it live.
+    assert_eq!(send_acked(&mut bob, "alice", "b4", "four").seq, 4);
+    assert_eq!(expect_deliver(&mut alice).seq, 4);
+    let rid = alice.send_body(Body::MarkRead(MarkRead {
+        conversation_id: conv,
+        seq: 4,
+    }));
+    assert!(matches!(alice.answer(rid), Body::ReadState(_)));
+    assert_eq!(
+        bob.pushed(),
+        Body::ReadReceipt(ReadReceipt {
+            conversation_id: conv,
+            reader: "alice".into(),
+            read_seq: 4
+        })
+    );
+    // The laptop comes back and syncs from its version: the conversation changed, and the
+    // change includes where alice read up to.
+    let mut laptop = login(&gw, "bob", "laptop");
+    let (state, later) = synced_state(&mut laptop, version);
+    assert_eq!(
+        (state.latest_seq, state.read_seq, state.peer_read_seq),
+        (4, 4, 4)
+    );
+    assert!(later > version && state.version > version);
+    // Nothing changed since: an empty sync.
+    let rid = laptop.send_body(Body::Sync(SyncRequest {
+        since_version: later,
+        page_size: 0,
+    }));
+    let (convs, msgs, _) = collect_sync(&mut laptop, rid);
+    assert!(convs.is_empty() && msgs.is_empty(), "{convs:?} {msgs:?}");
+}
+
+#[test]
+fn a_new_group_member_starts_with_nothing_unread() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let mut alice = login(&gw, "alice", "phone");
+    let rid = alice.send_body(Body::Group(GroupRequest {
+        group_id: "g".into(),
+        op: Some(Op::Create(CreateGroup {
+            profile: None,
+            members: vec![],
+        })),
+    }));
+    assert!(matches!(alice.answer(rid), Body::GroupResponse(_)));
+    for i in 0..3 {
+        send_group_acked(&mut alice, "g", &format!("m{i}"), "before bob");
+    }
+    let (state, _) = synced_state(&mut alice, 0);
+    assert_eq!(
+        (state.latest_seq, state.read_seq),
+        (4, 4),
+        "alice wrote all four"
+    );
+    let rid = alice.send_body(Body::Group(GroupRequest {
+        group_id: "g".into(),
+        op: Some(Op::Invite(InviteMembers {
+            user_ids: vec!["bob".into()],
+        })),
+    }));
+    assert!(matches!(alice.answer(rid), Body::GroupResponse(_)));
+    send_group_acked(&mut alice, "g", "m3", "after bob");
+    let mut bob = login(&gw, "bob", "phone");
+    let (state, _) = synced_state(&mut bob, 0);
+    assert_eq!(
+        (state.latest_seq, state.read_seq, state.peer_read_seq),
+        (6, 5, 0),
+        "one unread: the message after the invitation"
+    );
+}
+
 #[test]
 fn group_read_counts_count_readers_other_than_the_sender() {
     let gw = Gateway::start(&[]);
@@ -143,10 +258,11 @@ fn group_read_counts_count_readers_other_than_the_sender() {
     assert!(matches!(bob.answer(rid), Body::SendAck(_)));
     assert_eq!(expect_deliver(&mut carol).seq, 2);
     assert_eq!(expect_deliver(&mut alice).seq, 2);
-    assert_eq!(counts(&mut bob, vec![1, 2]), (vec![0, 0], 3));
-    // The created event (seq 1) is alice's, the message (seq 2) bob's.
+    // The created event (seq 1) is alice's, the message (seq 2) bob's. Bob and carol joined
+    // at the event, so they have read it; nobody but its sender has read the message.
+    assert_eq!(counts(&mut bob, vec![1, 2]), (vec![2, 0], 3));
     assert_eq!(mark_read(&mut carol, conv, 2), 2);
-    assert_eq!(counts(&mut bob, vec![1, 2]), (vec![1, 1], 3));
+    assert_eq!(counts(&mut bob, vec![1, 2]), (vec![2, 1], 3));
     assert_eq!(mark_read(&mut bob, conv, 2), 2);
     // Bob read his own message: it does not count; he did read alice's event.
     assert_eq!(counts(&mut alice, vec![1, 2, 3]), (vec![2, 1, 0], 3));

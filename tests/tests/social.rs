@@ -12,7 +12,7 @@ use tern_protocol::v1::{
 use tern_protocol::{
     ContentType, ConversationSettings, Deliver, ErrorCode, GroupRequest, HistoryRequest, ListKind,
     RECALL_EVENT_TYPE, Recall, RecallEvent, RecallOk, SetConversation, SocialEvent,
-    SocialEventKind, SocialRequest, SocialResponse, Target, Typing, UserProfile,
+    SocialEventKind, SocialRequest, SocialResponse, SyncRequest, Target, Typing, UserProfile,
 };
 use tern_tests::{
     Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, hello, send, send_acked, text,
@@ -417,10 +417,34 @@ fn conversation_settings_reach_every_device_and_clearing_hides_history() {
     h.sync_on_login = true;
     let rid = tablet.send_body(Body::Hello(h));
     assert!(matches!(tablet.recv_frame().body, Some(Body::HelloOk(_))));
-    let (convs, msgs, _) = collect_sync(&mut tablet, rid);
+    let (convs, msgs, since) = collect_sync(&mut tablet, rid);
     assert_eq!(convs[0].settings.unwrap().cleared_seq, 2);
     assert!(convs[0].settings.unwrap().hidden);
     assert_eq!(msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3]);
+    // Bob writes again: the hidden conversation shows again, pinned and muted as before; the
+    // tablet's next sync reports it changed.
+    assert_eq!(send_acked(&mut bob, "alice", "b4", "back").seq, 4);
+    for c in [&mut phone, &mut laptop, &mut tablet] {
+        assert_eq!(expect_deliver(c).seq, 4);
+    }
+    let rid = tablet.send_body(Body::Sync(SyncRequest {
+        since_version: since,
+        page_size: 0,
+    }));
+    let (convs, _, _) = collect_sync(&mut tablet, rid);
+    assert_eq!(
+        convs
+            .iter()
+            .map(|c| c.settings.unwrap())
+            .collect::<Vec<_>>(),
+        vec![ConversationSettings {
+            conversation_id: conv,
+            pinned: true,
+            hidden: false,
+            muted: true,
+            cleared_seq: 2,
+        }]
+    );
     // Not a conversation of hers.
     let rid = bob.send_body(Body::SetConversation(SetConversation {
         conversation_id: conv + 1,

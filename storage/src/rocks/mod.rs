@@ -24,7 +24,7 @@ use crate::completion::Completion;
 use crate::dedup::{DedupEntry, DedupIndex};
 use crate::error::{Result, StorageError, backend};
 use crate::ids::{
-    ConversationId, GroupId, MAX_GROUP_ID, MAX_USER_ID, Seq, UserId, group_conversation, peer_of,
+    ConversationId, GroupId, MAX_GROUP_ID, MAX_USER_ID, Seq, UserId, group_conversation,
 };
 use crate::record::{
     StoredMessage, UserConvRecord, be_at, cursor_key, decode_journal, decode_record, decode_u64,
@@ -871,12 +871,11 @@ impl MessageStore for RocksStore {
         conv: ConversationId,
     ) -> Result<ConversationSettings> {
         self.check_open()?;
-        Ok(self
-            .inner
-            .db
-            .user_conv(user, conv)?
-            .map(|r| r.settings())
-            .unwrap_or_default())
+        let db = &self.inner.db;
+        let Some(rec) = db.user_conv(user, conv)? else {
+            return Ok(ConversationSettings::default());
+        };
+        Ok(rec.settings(db.head(conv)?.map_or(0, |(seq, _)| seq)))
     }
 
     fn set_relations(&self, changes: Vec<RelationChange>) -> Completion<()> {
@@ -1074,24 +1073,14 @@ impl MessageStore for RocksStore {
                 break;
             }
             let rec = UserConvRecord::decode(v)?;
-            let (latest_seq, msg_version) = head_with(&mut heads, conv)?.unwrap_or((0, 0));
-            let last_version = rec.last_version().max(msg_version);
-            if last_version > since_version {
-                let delivered_seq = match device {
-                    Some(d) => db.cursor(&cursor_key(user, conv, d))?,
-                    None => 0,
-                };
-                out.push(ConversationInfo {
-                    conversation: conv,
-                    peer: peer_of(user, conv),
-                    active: rec.active,
-                    latest_seq,
-                    last_version,
-                    read_seq: rec.read_seq,
-                    left_seq: rec.left_seq,
-                    delivered_seq,
-                    settings: rec.settings(),
-                });
+            let head = head_with(&mut heads, conv)?.unwrap_or((0, 0));
+            let peer = rec.peer(user, conv, |other| db.user_conv(other, conv))?;
+            let mut info = rec.info(user, conv, head, peer.as_ref());
+            if info.last_version > since_version {
+                if let Some(d) = device {
+                    info.delivered_seq = db.cursor(&cursor_key(user, conv, d))?;
+                }
+                out.push(info);
             }
             it.next();
         }
@@ -1303,10 +1292,11 @@ mod tests {
             "no gap, no stale dedup entry"
         );
 
+        // User 2 (user 1 sent everything, so has read it).
         s.inner.db.hooks.fail_commits.store(1, SeqCst);
-        assert!(s.set_read(1, c, 4).wait().is_err());
-        assert_eq!(s.read_seq(1, c).unwrap(), 0);
-        assert_eq!(s.set_read(1, c, 2).wait().unwrap(), 2);
+        assert!(s.set_read(2, c, 4).wait().is_err());
+        assert_eq!(s.read_seq(2, c).unwrap(), 0);
+        assert_eq!(s.set_read(2, c, 2).wait().unwrap(), 2);
 
         s.inner.db.hooks.fail_commits.store(1, SeqCst);
         assert!(s.add_member(5, 1).wait().is_err());
@@ -2114,9 +2104,10 @@ mod tests {
                 .unwrap()
                 .len()
         };
-        assert_eq!((raw(1), raw(2)), (51, 34), "rewritten on change only");
+        assert_eq!((raw(1), raw(2)), (59, 34), "rewritten on change only");
+        // Read up to the recall notice user 1 sent.
         let uc = s.inner.db.user_conv(1, c).unwrap().unwrap();
-        assert_eq!((uc.read_seq, uc.member_version), (1, 4));
+        assert_eq!((uc.read_seq, uc.member_version), (2, 4));
         assert_eq!(s.conversation_settings(1, c).unwrap(), pinned);
         assert_eq!(
             s.conversation_settings(2, c).unwrap(),

@@ -805,6 +805,8 @@ impl Writer {
                 self.user_conv(user, conv)?;
             }
         }
+        // Caches the sender's record for `advance_read`.
+        self.user_conv(req.sender, conv)?;
 
         let seq = head + 1;
         let version = self.next_version();
@@ -845,6 +847,9 @@ impl Writer {
         if let Some(change) = &req.group_change {
             self.apply_group_change(change, conv, seq, version, batch);
         }
+        // The sender has read what they wrote: a user's unread count never includes their own
+        // messages.
+        self.advance_read(req.sender, conv, seq, version);
         if let Some(k) = key {
             push_journal_entry(
                 &mut self.journal_buf,
@@ -914,6 +919,18 @@ impl Writer {
         Ok(Some(out))
     }
 
+    /// Moves `user`'s read position in `conv` forward to `seq` with `version`, if the
+    /// conversation is active in their index (a 1:1 participant, a group member); nothing
+    /// otherwise. The record, if any, must be cached.
+    fn advance_read(&mut self, user: UserId, conv: ConversationId, seq: Seq, version: u64) {
+        if let Some(&rec) = self.user_convs.get(&(user, conv))
+            && rec.active
+            && rec.read_seq < seq
+        {
+            self.put_user_conv(user, conv, rec.read_upto(seq, version));
+        }
+    }
+
     fn set_settings(
         &mut self,
         user: UserId,
@@ -922,7 +939,7 @@ impl Writer {
     ) -> Result<ConversationSettings> {
         let head = self.head(conv)?;
         let rec = self.user_conv(user, conv)?;
-        let current = rec.map(|r| r.settings()).unwrap_or_default();
+        let current = rec.map(|r| r.settings(head)).unwrap_or_default();
         let result = ConversationSettings {
             cleared_seq: wanted.cleared_seq.min(head).max(current.cleared_seq),
             ..wanted
@@ -936,7 +953,7 @@ impl Writer {
             member_version: version,
             ..UserConvRecord::default()
         });
-        rec.set_settings(&result);
+        rec.set_settings(&result, head);
         rec.settings_version = version;
         self.put_user_conv(user, conv, rec);
         Ok(result)
@@ -950,14 +967,12 @@ impl Writer {
             return Ok(current);
         }
         let version = self.next_version();
-        let mut rec = rec.unwrap_or(UserConvRecord {
+        let rec = rec.unwrap_or(UserConvRecord {
             active: true,
             member_version: version,
             ..UserConvRecord::default()
         });
-        rec.read_seq = target;
-        rec.read_version = version;
-        self.put_user_conv(user, conv, rec);
+        self.put_user_conv(user, conv, rec.read_upto(target, version));
         Ok(target)
     }
 
@@ -1011,10 +1026,12 @@ impl Writer {
         }
         // Reads first (this caches the record `join` and `leave` update).
         self.user_conv(user, conv)?;
-        let head = if add { 0 } else { self.head(conv)? };
+        let head = self.head(conv)?;
         let version = self.next_version();
         if add {
             self.join(group, user, conv, b"", version, batch);
+            // A new member has nothing unread.
+            self.advance_read(user, conv, head, version);
         } else {
             self.leave(group, user, conv, head, version, batch);
         }
@@ -1042,7 +1059,11 @@ impl Writer {
                 Some(attrs) if was_member => {
                     batch.put_cf(self.db.cf(CF_MEMBERS), pair_key(group, user), attrs);
                 }
-                Some(attrs) => self.join(group, user, conv, attrs, version, batch),
+                Some(attrs) => {
+                    self.join(group, user, conv, attrs, version, batch);
+                    // A new member has read everything up to the event that added them.
+                    self.advance_read(user, conv, seq, version);
+                }
                 None if was_member => self.leave(group, user, conv, seq, version, batch),
                 None => {}
             }

@@ -415,7 +415,8 @@ pub fn sync_state(make: Factory) {
             .is_empty()
     );
 
-    let mut r = msg(ab, alice, "1", "hi");
+    // Bob writes, so that alice's read position is hers to move.
+    let mut r = msg(ab, bob, "1", "hi");
     r.participants = vec![alice, bob];
     let m1 = append(s, r.clone());
     r.client_msg_id = "2".into();
@@ -488,7 +489,12 @@ pub fn sync_state(make: Factory) {
         2,
         "clamped to latest"
     );
-    assert_eq!(s.read_seq(bob, ab).unwrap(), 0, "per user");
+    assert_eq!(
+        s.read_seq(carol, ac).unwrap(),
+        1,
+        "per user: carol wrote it"
+    );
+    assert_eq!(s.read_seq(alice, ac).unwrap(), 0, "per user");
     assert_eq!(
         s.read_seq(alice, group_conversation(5).unwrap()).unwrap(),
         0
@@ -518,6 +524,175 @@ pub fn sync_state(make: Factory) {
         .find(|i| i.conversation == ab)
         .unwrap();
     assert_eq!((i.read_seq, i.delivered_seq, i.latest_seq), (2, 1, 2));
+}
+
+/// A user's unread count (`latest_seq - read_seq`) leaves out their own messages and
+/// everything before they joined a group; reads only move forward.
+pub fn unread_leaves_out_own_messages_and_what_came_before_joining(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = &*f.store;
+    let (alice, bob, carol, dave) = (1, 2, 3, 4);
+    let unread = |user: u64, conv: u64| {
+        let i = conv_info(s, user, conv).unwrap();
+        (i.latest_seq - i.read_seq, i.read_seq)
+    };
+
+    // 1:1: bob writes twice, alice once; alice's reply reads bob's messages before it.
+    let ab = direct_conversation(alice, bob).unwrap();
+    let send = |sender: u64, id: &str| {
+        let mut r = msg(ab, sender, id, "x");
+        r.participants = vec![alice, bob];
+        append(s, r)
+    };
+    send(bob, "b1");
+    let b2 = send(bob, "b2");
+    assert_eq!(unread(alice, ab), (2, 0));
+    assert_eq!(unread(bob, ab), (0, 2));
+    let a3 = send(alice, "a3");
+    assert_eq!(unread(alice, ab), (0, 3));
+    assert_eq!(unread(bob, ab), (1, 2));
+    // The read moves with the append's own version: nothing else is reported as changed.
+    assert_eq!(conv_info(s, alice, ab).unwrap().last_version, a3.version);
+    assert_eq!(s.user_version(bob).unwrap(), a3.version);
+    // A retry is a duplicate: it moves nothing.
+    assert_eq!(s.set_read(bob, ab, 3).wait().unwrap(), 3);
+    let v = s.user_version(bob).unwrap();
+    let mut retry = msg(ab, bob, "b2", "x");
+    retry.participants = vec![alice, bob];
+    assert!(append(s, retry).duplicate);
+    assert_eq!((unread(bob, ab), s.user_version(bob).unwrap()), ((0, 3), v));
+    assert!(b2.seq < a3.seq);
+
+    // A group: created by alice with bob; both start with nothing unread.
+    let g = s.intern_group("unread").unwrap();
+    let gc = group_conversation(g).unwrap();
+    let mut create = group_msg(
+        g,
+        "create",
+        Some("g"),
+        &[(alice, Some("")), (bob, Some(""))],
+    );
+    create.sender = alice;
+    append(s, create);
+    assert_eq!(unread(alice, gc), (0, 1));
+    assert_eq!(unread(bob, gc), (0, 1));
+    for i in 0..3 {
+        append(s, msg(gc, alice, &format!("g{i}"), "x"));
+    }
+    assert_eq!(unread(bob, gc), (3, 1));
+    assert_eq!(unread(alice, gc), (0, 4));
+    // Carol joins through a change at seq 5: everything up to it is read.
+    let mut join = group_msg(g, "join", None, &[(carol, Some(""))]);
+    join.sender = bob;
+    assert_eq!(append(s, join).seq, 5);
+    assert_eq!(unread(carol, gc), (0, 5));
+    assert_eq!(unread(bob, gc), (0, 5), "bob wrote the join event");
+    append(s, msg(gc, alice, "g-after", "x"));
+    assert_eq!(unread(carol, gc), (1, 5));
+    // Dave is added by the member call: nothing unread either.
+    assert!(s.add_member(g, dave).wait().unwrap());
+    assert_eq!(unread(dave, gc), (0, 6));
+
+    // A sender without the conversation in their index gets no entry; one who left, no read.
+    append(s, msg(gc, 9, "outsider", "x"));
+    assert_eq!(conv_info(s, 9, gc), None);
+    assert!(s.remove_member(g, carol).wait().unwrap());
+    append(s, msg(gc, carol, "after-leaving", "x"));
+    assert_eq!(conv_info(s, carol, gc).unwrap().read_seq, 5);
+
+    // Rejoining reads what was said while away.
+    assert!(s.remove_member(g, dave).wait().unwrap());
+    assert_eq!(append(s, msg(gc, alice, "while-away", "x")).seq, 9);
+    assert!(s.add_member(g, dave).wait().unwrap());
+    assert_eq!(unread(dave, gc), (0, 9));
+}
+
+/// A hidden conversation shows again with the next message (in its sync entry and in the
+/// settings read back), stays hidden while none comes, and can be hidden again.
+pub fn a_hidden_conversation_shows_again_with_a_new_message(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = &*f.store;
+    let c = direct_conversation(1, 2).unwrap();
+    let send = |sender: u64, id: &str| {
+        let mut r = msg(c, sender, id, "x");
+        r.participants = vec![1, 2];
+        append(s, r)
+    };
+    send(2, "m1");
+    let hidden = ConversationSettings {
+        hidden: true,
+        pinned: true,
+        ..ConversationSettings::default()
+    };
+    assert_eq!(
+        s.set_conversation_settings(1, c, hidden).wait().unwrap(),
+        hidden
+    );
+    let v = s.user_version(1).unwrap();
+    // Other users' settings and other changes leave it hidden.
+    s.set_read(1, c, 1).wait().unwrap();
+    assert_eq!(s.conversation_settings(1, c).unwrap(), hidden);
+    assert_eq!(conv_info(s, 1, c).unwrap().settings, hidden);
+    // Hiding it again changes nothing.
+    let v2 = s.user_version(1).unwrap();
+    assert_eq!(
+        s.set_conversation_settings(1, c, hidden).wait().unwrap(),
+        hidden
+    );
+    assert_eq!(s.user_version(1).unwrap(), v2);
+
+    // A new message: shown again, pinned still; sync reports the conversation as changed.
+    let m2 = send(2, "m2");
+    let shown = ConversationSettings {
+        hidden: false,
+        ..hidden
+    };
+    assert_eq!(s.conversation_settings(1, c).unwrap(), shown);
+    let changed = s.conversations_changed_since(1, v, None).unwrap();
+    assert_eq!((changed.len(), changed[0].settings), (1, shown));
+    assert_eq!(changed[0].last_version, m2.version);
+    // Hidden again (a real change now: a new version), then the user's own message shows it.
+    assert_eq!(
+        s.set_conversation_settings(1, c, hidden).wait().unwrap(),
+        hidden
+    );
+    assert!(s.user_version(1).unwrap() > m2.version);
+    assert_eq!(conv_info(s, 1, c).unwrap().settings, hidden);
+    send(1, "m3");
+    assert_eq!(conv_info(s, 1, c).unwrap().settings, shown);
+    // Unhiding a shown conversation is no change.
+    let v3 = s.user_version(1).unwrap();
+    assert_eq!(
+        s.set_conversation_settings(1, c, shown).wait().unwrap(),
+        shown
+    );
+    assert_eq!(s.user_version(1).unwrap(), v3);
+
+    // Hidden while empty: the first message shows it.
+    let empty = direct_conversation(1, 3).unwrap();
+    assert_eq!(
+        s.set_conversation_settings(1, empty, hidden)
+            .wait()
+            .unwrap(),
+        hidden
+    );
+    let mut first = msg(empty, 3, "e1", "x");
+    first.participants = vec![1, 3];
+    append(s, first);
+    assert_eq!(s.conversation_settings(1, empty).unwrap(), shown);
+
+    // A group the user left stays hidden, whatever is said after.
+    let g = 7;
+    let gc = group_conversation(g).unwrap();
+    assert!(s.add_member(g, 1).wait().unwrap());
+    append(s, msg(gc, 2, "g1", "x"));
+    assert!(s.remove_member(g, 1).wait().unwrap());
+    assert_eq!(
+        s.set_conversation_settings(1, gc, hidden).wait().unwrap(),
+        hidden
+    );
+    append(s, msg(gc, 2, "g2", "x"));
+    assert_eq!(conv_info(s, 1, gc).unwrap().settings, hidden);
 }
 
 /// An append to group `g`'s conversation carrying a change of it.
@@ -845,6 +1020,7 @@ pub fn conversation_settings(make: Factory) {
     m.participants = vec![1, 2];
     append(s, m);
     fill_more(s, c, 3);
+    let read = s.read_seq(1, c).unwrap();
     assert_eq!(
         s.conversation_settings(1, c).unwrap(),
         ConversationSettings::default()
@@ -916,7 +1092,7 @@ pub fn conversation_settings(make: Factory) {
             .is_empty()
     );
     // Settings leave the read position and membership alone.
-    assert_eq!(s.read_seq(1, c).unwrap(), 0);
+    assert_eq!(s.read_seq(1, c).unwrap(), read);
     assert!(conv_info(s, 1, c).unwrap().active);
     // A conversation never seen gets a record.
     let other = direct_conversation(1, 3).unwrap();
@@ -1638,11 +1814,13 @@ macro_rules! suite {
             interning,
             membership,
             sync_state,
+            unread_leaves_out_own_messages_and_what_came_before_joining,
             group_change_commits_with_its_append,
             group_change_of_a_duplicate_is_not_applied,
             invalid_group_change_writes_nothing,
             member_calls_and_group_changes_agree,
             conversation_settings,
+            a_hidden_conversation_shows_again_with_a_new_message,
             recall_empties_a_message_with_its_event,
             recall_of_a_message_in_flight,
             relations_and_profiles,
