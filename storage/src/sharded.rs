@@ -54,6 +54,15 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
         self.shards[self.shard_of(key)].get(key)
     }
 
+    pub(crate) fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let shard = self.shard_of(key);
+        self.shards[shard].get_mut(key)
+    }
+
     pub(crate) fn insert(&mut self, key: K, value: V) -> Option<V> {
         let shard = self.shard_of(&key);
         let old = self.shards[shard].insert(key, value);

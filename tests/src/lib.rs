@@ -246,6 +246,25 @@ impl Gateway {
         self.connect(via).hello_ok(token, device)
     }
 
+    /// Connects over `via` and logs `user`'s `device` in with a sync from `since_version` at
+    /// login; the connection and what the sync answered (see [`collect_sync`]).
+    pub fn login_synced(
+        &self,
+        via: Via,
+        user: &str,
+        device: &str,
+        since_version: u64,
+    ) -> (Conn, Synced) {
+        let mut c = self.connect(via);
+        let mut h = hello(&self.token(user), device);
+        h.sync_on_login = true;
+        h.sync_version = since_version;
+        let rid = c.send_body(Body::Hello(h));
+        assert!(matches!(c.recv_frame().body, Some(Body::HelloOk(_))));
+        let synced = collect_sync(&mut c, rid);
+        (c, synced)
+    }
+
     /// The admin API secret the gateway generated (`<data-dir>/api_secret`).
     pub fn api_secret(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("api_secret"))
@@ -692,6 +711,9 @@ pub fn send(c: &mut Conn, to: &str, id: &str, text: &str) -> u64 {
     send_to(c, Target::user(to), id, text)
 }
 
+/// What a sync answered: the conversation states, the messages, `SyncDone.user_version`.
+pub type Synced = (Vec<tern_protocol::ConversationState>, Vec<Deliver>, u64);
+
 /// Sends a text message to group `group`; returns the request id.
 pub fn send_group(c: &mut Conn, group: &str, id: &str, text: &str) -> u64 {
     send_to(c, Target::group(group), id, text)
@@ -743,10 +765,7 @@ pub fn expect_deliver(c: &mut Conn) -> Deliver {
 }
 
 /// Collects a whole sync answer: (conversation states, messages in arrival order, version).
-pub fn collect_sync(
-    c: &mut Conn,
-    rid: u64,
-) -> (Vec<tern_protocol::ConversationState>, Vec<Deliver>, u64) {
+pub fn collect_sync(c: &mut Conn, rid: u64) -> Synced {
     let mut convs = Vec::new();
     let mut msgs = Vec::new();
     loop {

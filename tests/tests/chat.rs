@@ -82,12 +82,7 @@ fn offline_recipient_gets_everything_in_order_on_login(via: Via) {
         let a = send_acked(&mut alice, "bob", &format!("m{i}"), &format!("msg {i}"));
         assert_eq!(a.seq, i);
     }
-    let mut bob = gw.connect(via);
-    let mut h = hello(&gw.token("bob"), "phone");
-    h.sync_on_login = true;
-    let rid = bob.send_body(Body::Hello(h));
-    assert!(matches!(bob.recv_frame().body, Some(Body::HelloOk(_))));
-    let (convs, msgs, version) = collect_sync(&mut bob, rid);
+    let (mut bob, (convs, msgs, version)) = gw.login_synced(via, "bob", "phone", 0);
     assert_eq!(convs.len(), 1);
     assert_eq!(convs[0].latest_seq, 250);
     assert_eq!(convs[0].target, Some(Target::user("alice")));
@@ -138,12 +133,7 @@ fn nothing_acknowledged_is_lost_across_restart_and_kill(via: Via) {
     drop(alice);
     gw.kill();
     gw.start_again();
-    let mut bob = gw.connect(via);
-    let mut h = hello(&gw.token("bob"), "phone");
-    h.sync_on_login = true;
-    let rid = bob.send_body(Body::Hello(h));
-    assert!(matches!(bob.recv_frame().body, Some(Body::HelloOk(_))));
-    let (_, msgs, _) = collect_sync(&mut bob, rid);
+    let (_bob, (_, msgs, _)) = gw.login_synced(via, "bob", "phone", 0);
     assert_eq!(
         msgs.iter().map(|m| m.seq).collect::<Vec<_>>(),
         (1..=40).collect::<Vec<_>>()
@@ -192,12 +182,7 @@ fn sync_racing_with_live_sends_has_no_gap_and_no_duplicate(via: Via) {
             assert_eq!(a.seq, i);
         }
     });
-    let mut bob = gw.connect(via);
-    let mut h = hello(&gw.token("bob"), "phone");
-    h.sync_on_login = true;
-    let rid = bob.send_body(Body::Hello(h));
-    assert!(matches!(bob.recv_frame().body, Some(Body::HelloOk(_))));
-    let (_, synced, _) = collect_sync(&mut bob, rid);
+    let (mut bob, (_, synced, _)) = gw.login_synced(via, "bob", "phone", 0);
     let mut seqs: Vec<u64> = synced.iter().map(|m| m.seq).collect();
     assert!(!seqs.is_empty());
     while seqs.last().copied() != Some(total) {

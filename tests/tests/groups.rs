@@ -18,8 +18,8 @@ use tern_protocol::{
     SyncRequest, Target,
 };
 use tern_tests::{
-    Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, hello, send_group,
-    send_group_acked, text,
+    Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, send_group, send_group_acked,
+    text,
 };
 
 fn login(gw: &Gateway, user: &str) -> Conn {
@@ -458,33 +458,13 @@ fn an_offline_member_catches_up_on_events_and_messages_in_order() {
     let mut alice = login(&gw, "alice");
     create(&mut alice, "team", &["erin"], JoinPolicy::Free);
     send_group_acked(&mut alice, "team", "1", "one");
-    group_ok(
-        &mut alice,
-        "team",
-        Op::Invite(InviteMembers {
-            user_ids: users(&["bob", "erin"]),
-        }),
-    );
+    group_ok(&mut alice, "team", invite(&["bob", "erin"]));
     send_group_acked(&mut alice, "team", "2", "two");
-    group_ok(
-        &mut alice,
-        "team",
-        Op::Update(UpdateGroup {
-            profile: Some(Box::new(GroupProfile {
-                notice: Some("be kind".into()),
-                ..GroupProfile::default()
-            })),
-        }),
-    );
+    group_ok(&mut alice, "team", notice("be kind"));
     send_group_acked(&mut alice, "team", "3", "three");
 
     // Erin was never online: her first sync has the whole log in order, events included.
-    let mut erin = Conn::connect(gw.addr);
-    let mut h = hello(&gw.token("erin"), "phone");
-    h.sync_on_login = true;
-    let rid = erin.send_body(Body::Hello(h));
-    assert!(matches!(erin.recv_frame().body, Some(Body::HelloOk(_))));
-    let (convs, msgs, _) = collect_sync(&mut erin, rid);
+    let (mut erin, (convs, msgs, _)) = gw.login_synced(Via::Tcp, "erin", "phone", 0);
     assert_eq!(convs.len(), 1);
     assert_eq!((convs[0].latest_seq, convs[0].left), (6, false));
     let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
@@ -530,9 +510,7 @@ fn group_state_survives_a_restart_and_dissolve_is_final() {
     group_err(
         &mut alice,
         "g",
-        Op::Invite(InviteMembers {
-            user_ids: users(&["carol", "dave"]),
-        }),
+        invite(&["carol", "dave"]),
         ErrorCode::LimitExceeded,
     );
     drop(alice);
@@ -554,22 +532,9 @@ fn group_state_survives_a_restart_and_dissolve_is_final() {
     );
     // Approval groups take invites only from admins.
     assert_eq!(send_group_acked(&mut alice, "g", "2", "after restart"), 4);
-    group_ok(
-        &mut alice,
-        "g",
-        Op::Invite(InviteMembers {
-            user_ids: users(&["carol"]),
-        }),
-    );
+    group_ok(&mut alice, "g", invite(&["carol"]));
     expect_event(&mut carol, GroupEventKind::GroupInvited);
-    group_err(
-        &mut carol,
-        "g",
-        Op::Invite(InviteMembers {
-            user_ids: users(&["dave"]),
-        }),
-        ErrorCode::Forbidden,
-    );
+    group_err(&mut carol, "g", invite(&["dave"]), ErrorCode::Forbidden);
 
     let r = group_ok(&mut alice, "g", Op::Dissolve(DissolveGroup {}));
     assert_eq!(r.event_seq, 6);
@@ -673,13 +638,7 @@ fn bad_group_requests_get_their_error_codes() {
         ErrorCode::InvalidArgument,
     );
     // Inviting only members already in changes nothing and appends no event.
-    let r = group_ok(
-        &mut alice,
-        "g",
-        Op::Invite(InviteMembers {
-            user_ids: users(&["alice"]),
-        }),
-    );
+    let r = group_ok(&mut alice, "g", invite(&["alice"]));
     assert_eq!(r.event_seq, 0);
     assert_eq!(info(&mut alice, "g").latest_seq, 1);
 }
@@ -769,4 +728,344 @@ fn approval_groups_take_join_requests_that_admins_review() {
     assert!(group_ok(&mut alice, "club", list).join_requests.is_empty());
     assert_eq!(send_group_acked(&mut carol, "club", "c1", "thanks"), 6);
     assert_eq!(info(&mut carol, "club").member_count, 3);
+}
+
+fn kick(users: &[&str]) -> Op {
+    Op::Kick(KickMembers {
+        user_ids: self::users(users),
+        reason: String::new(),
+    })
+}
+
+fn mute(user: &str, duration_ms: u64) -> Op {
+    Op::Mute(MuteMember {
+        user_id: user.into(),
+        duration_ms,
+    })
+}
+
+fn invite(users: &[&str]) -> Op {
+    Op::Invite(InviteMembers {
+        user_ids: self::users(users),
+    })
+}
+
+/// An update of the group's notice only.
+fn notice(text: &str) -> Op {
+    Op::Update(UpdateGroup {
+        profile: Some(Box::new(GroupProfile {
+            notice: Some(text.into()),
+            ..GroupProfile::default()
+        })),
+    })
+}
+
+fn set_role(user: &str, role: GroupRole) -> Op {
+    Op::SetRole(SetRole {
+        user_id: user.into(),
+        role: role.into(),
+    })
+}
+
+/// The refusals of roles and limits the other tests do not reach: each gets its code, and
+/// none of them stores anything (the group's latest seq tells).
+#[test]
+fn role_and_limit_refusals_get_their_codes_and_store_nothing() {
+    let gw = Gateway::start(&["--set", "group_max_members=4"]);
+    let mut alice = login(&gw, "alice");
+    let mut bob = login(&gw, "bob");
+    let mut dave = login(&gw, "dave");
+    let mut erin = login(&gw, "erin");
+    // Five members with the owner: over the limit of four.
+    group_err(
+        &mut alice,
+        "big",
+        Op::Create(CreateGroup {
+            profile: None,
+            members: users(&["bob", "carol", "dave", "erin"]),
+        }),
+        ErrorCode::LimitExceeded,
+    );
+    group_err(&mut alice, "big", Op::Get(GetGroup {}), ErrorCode::NotFound);
+
+    // Alice owns "g"; bob and carol are admins, dave a member: the group is full.
+    create(&mut alice, "g", &["bob", "carol", "dave"], JoinPolicy::Free);
+    for admin in ["bob", "carol"] {
+        group_ok(&mut alice, "g", set_role(admin, GroupRole::RoleAdmin));
+    }
+    let latest = info(&mut alice, "g").latest_seq;
+    assert_eq!(latest, 3);
+    for c in [&mut bob, &mut dave] {
+        expect_event(c, GroupEventKind::GroupCreated);
+        expect_event(c, GroupEventKind::GroupRoleChanged);
+        expect_event(c, GroupEventKind::GroupRoleChanged);
+    }
+    let join = Op::Join(JoinGroup {
+        message: String::new(),
+    });
+    group_err(&mut erin, "g", join.clone(), ErrorCode::LimitExceeded);
+    // An admin may touch neither another admin nor the owner's role.
+    group_err(&mut bob, "g", kick(&["carol"]), ErrorCode::Forbidden);
+    group_err(&mut bob, "g", mute("carol", 60_000), ErrorCode::Forbidden);
+    group_err(&mut alice, "g", kick(&[]), ErrorCode::InvalidArgument);
+    // The owner cannot step down by a role change (TransferOwner does that).
+    group_err(
+        &mut alice,
+        "g",
+        set_role("alice", GroupRole::RoleMember),
+        ErrorCode::InvalidArgument,
+    );
+    // A plain member may not mute everyone, change the profile or hand the group over.
+    group_err(
+        &mut dave,
+        "g",
+        Op::MuteAll(MuteAll { muted: true }),
+        ErrorCode::Forbidden,
+    );
+    let named = |name: &str| GroupProfile {
+        name: Some(name.into()),
+        ..GroupProfile::default()
+    };
+    group_err(
+        &mut dave,
+        "g",
+        Op::Update(UpdateGroup {
+            profile: Some(Box::new(named("mine"))),
+        }),
+        ErrorCode::Forbidden,
+    );
+    group_err(
+        &mut dave,
+        "g",
+        Op::Transfer(TransferOwner {
+            user_id: "dave".into(),
+        }),
+        ErrorCode::Forbidden,
+    );
+    // User ids that are not ids.
+    for bad in ["", "line\nbreak", &"x".repeat(65)] {
+        group_err(&mut alice, "g", invite(&[bad]), ErrorCode::InvalidArgument);
+        group_err(&mut alice, "g", kick(&[bad]), ErrorCode::InvalidArgument);
+    }
+    assert_eq!(info(&mut alice, "g").latest_seq, latest, "nothing stored");
+
+    // An approval group: a join message over 256 bytes is refused; approving a request into
+    // a full group is too, and the request stays pending.
+    create(&mut alice, "club", &["bob"], JoinPolicy::Approval);
+    group_err(
+        &mut dave,
+        "club",
+        Op::Join(JoinGroup {
+            message: "m".repeat(257),
+        }),
+        ErrorCode::InvalidArgument,
+    );
+    expect_event(&mut bob, GroupEventKind::GroupCreated);
+    for c in [&mut dave, &mut erin] {
+        group_ok(c, "club", join.clone());
+        expect_event(&mut alice, GroupEventKind::GroupJoinRequested);
+    }
+    let review = |user: &str| {
+        Op::ReviewJoin(ReviewJoin {
+            user_id: user.into(),
+            approve: true,
+        })
+    };
+    group_ok(&mut alice, "club", review("dave"));
+    group_ok(&mut alice, "club", invite(&["carol"]));
+    group_err(&mut alice, "club", review("erin"), ErrorCode::LimitExceeded);
+    let pending = group_ok(
+        &mut alice,
+        "club",
+        Op::ListJoinRequests(ListJoinRequests {}),
+    );
+    assert_eq!(
+        pending
+            .join_requests
+            .iter()
+            .map(|r| r.user_id.as_str())
+            .collect::<Vec<_>>(),
+        ["erin"]
+    );
+}
+
+/// Custom profile fields over the wire: set, merged, removed by an empty value, read back by
+/// every member and carried by the change event; the limits are refused with nothing stored.
+#[test]
+fn custom_profile_fields_are_merged_read_back_and_bounded() {
+    let gw = Gateway::start(&[]);
+    let mut alice = login(&gw, "alice");
+    let mut bob = login(&gw, "bob");
+    create(&mut alice, "g", &["bob"], JoinPolicy::Free);
+    expect_event(&mut bob, GroupEventKind::GroupCreated);
+    let update = |custom: &[(&str, &str)]| {
+        Op::Update(UpdateGroup {
+            profile: Some(Box::new(GroupProfile {
+                custom: custom
+                    .iter()
+                    .map(|&(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..GroupProfile::default()
+            })),
+        })
+    };
+    let custom = |c: &mut Conn| {
+        let p = info(c, "g").profile.expect("profile");
+        let mut fields: Vec<(String, String)> = p.custom.into_iter().collect();
+        fields.sort();
+        fields
+    };
+    let pairs = |v: &[(&str, &str)]| {
+        v.iter()
+            .map(|&(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+    };
+    group_ok(
+        &mut alice,
+        "g",
+        update(&[("topic", "rust"), ("level", "1")]),
+    );
+    let (_, e) = expect_event(&mut bob, GroupEventKind::GroupProfileChanged);
+    assert_eq!(
+        e.profile.unwrap().custom.get("topic").map(String::as_str),
+        Some("rust")
+    );
+    // Merged: a new key added, one replaced, one removed by its empty value.
+    group_ok(
+        &mut alice,
+        "g",
+        update(&[("level", "2"), ("lang", "en"), ("topic", "")]),
+    );
+    expect_event(&mut bob, GroupEventKind::GroupProfileChanged);
+    assert_eq!(custom(&mut bob), pairs(&[("lang", "en"), ("level", "2")]));
+    // The profile's name and policy were left alone.
+    assert_eq!(
+        info(&mut bob, "g").profile.unwrap().name.as_deref(),
+        Some("g name")
+    );
+
+    let latest = info(&mut alice, "g").latest_seq;
+    let many: Vec<(String, String)> = (0..21).map(|i| (format!("k{i}"), "v".into())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let long_key = "k".repeat(65);
+    let long_value = "v".repeat(1025);
+    for bad in [
+        update(&many),
+        update(&[("", "v")]),
+        update(&[(&long_key, "v")]),
+        update(&[("k", &long_value)]),
+        // 2 stored plus 19 new: over 20 once merged.
+        update(&many[..19]),
+        Op::Update(UpdateGroup {
+            profile: Some(Box::new(GroupProfile {
+                join_policy: Some(99),
+                ..GroupProfile::default()
+            })),
+        }),
+    ] {
+        group_err(&mut alice, "g", bad, ErrorCode::InvalidArgument);
+    }
+    // At the limit exactly: accepted.
+    group_ok(&mut alice, "g", update(&many[..18]));
+    expect_event(&mut bob, GroupEventKind::GroupProfileChanged);
+    assert_eq!(custom(&mut alice).len(), 20);
+    assert_eq!(info(&mut alice, "g").latest_seq, latest + 1);
+    bob.nothing_pending();
+}
+
+/// A timed mute ends by itself: refused before its end (the event says when), accepted after,
+/// with no unmute event.
+#[test]
+fn a_timed_mute_ends_by_itself() {
+    let gw = Gateway::start(&[]);
+    let mut alice = login(&gw, "alice");
+    let mut bob = login(&gw, "bob");
+    create(&mut alice, "g", &["bob"], JoinPolicy::Free);
+    expect_event(&mut bob, GroupEventKind::GroupCreated);
+    group_ok(&mut alice, "g", mute("bob", 400));
+    let (_, e) = expect_event(&mut bob, GroupEventKind::GroupMuted);
+    send_group_err(&mut bob, "g", "early", ErrorCode::Muted);
+    // Waits out the mute on the clock the server also reads (same machine).
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    while now() <= e.muted_until_ms {
+        std::thread::sleep(std::time::Duration::from_millis(
+            e.muted_until_ms + 1 - now().min(e.muted_until_ms),
+        ));
+    }
+    let rid = send_group(&mut bob, "g", "late", "free again");
+    let ack = tern_tests::expect_ack(&mut bob, rid);
+    assert!(ack.server_time_ms > e.muted_until_ms);
+    assert_eq!(ack.seq, 3, "created, muted, this message: no unmute event");
+    let d = expect_deliver(&mut alice);
+    assert_eq!((d.seq, text(&d)), (3, "free again"));
+}
+
+/// A member who synced, went offline and comes back with the version of that sync gets only
+/// what followed, events and messages, in order, after the cursor its device acknowledged.
+#[test]
+fn a_member_back_from_offline_syncs_from_its_version() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let mut alice = login(&gw, "alice");
+    let conv = create(&mut alice, "team", &["bob"], JoinPolicy::Free).conversation_id;
+    send_group_acked(&mut alice, "team", "1", "one");
+
+    // Bob's phone syncs, acknowledges what it got and goes away.
+    let (mut bob, (_, msgs, _)) = gw.login_synced(Via::Tcp, "bob", "phone", 0);
+    assert_eq!(msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+    bob.send_body(Body::Ack(tern_protocol::Ack {
+        conversation_id: conv,
+        seq: 2,
+    }));
+    // A sync after the Ack stores the cursor first; its version is where bob stands.
+    let rid = bob.send_body(Body::Sync(SyncRequest::default()));
+    let (_, _, version) = collect_sync(&mut bob, rid);
+    drop(bob);
+
+    // Meanwhile: carol joins, a message, a profile change, carol is kicked, a message.
+    group_ok(&mut alice, "team", invite(&["carol"]));
+    send_group_acked(&mut alice, "team", "2", "two");
+    group_ok(&mut alice, "team", notice("welcome"));
+    group_ok(&mut alice, "team", kick(&["carol"]));
+    send_group_acked(&mut alice, "team", "3", "three");
+
+    let (mut bob, (convs, msgs, later)) = gw.login_synced(Via::Tcp, "bob", "phone", version);
+    assert_eq!(convs.len(), 1);
+    assert_eq!(
+        (
+            convs[0].conversation_id,
+            convs[0].latest_seq,
+            convs[0].delivered_seq,
+            convs[0].left
+        ),
+        (conv, 7, 2, false)
+    );
+    assert_eq!(
+        msgs.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [3, 4, 5, 6, 7]
+    );
+    let kinds: Vec<Option<i32>> = msgs
+        .iter()
+        .map(|m| (m.content_type == ContentType::System as u32).then(|| event(m).kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            Some(GroupEventKind::GroupInvited as i32),
+            None,
+            Some(GroupEventKind::GroupProfileChanged as i32),
+            Some(GroupEventKind::GroupKicked as i32),
+            None,
+        ]
+    );
+    assert_eq!((text(&msgs[1]), text(&msgs[4])), ("two", "three"));
+    assert_eq!(event(&msgs[3]).user_ids, users(&["carol"]));
+    assert!(later > version);
+    // Live from here on.
+    send_group_acked(&mut alice, "team", "4", "four");
+    assert_eq!(expect_deliver(&mut bob).seq, 8);
 }

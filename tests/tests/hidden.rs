@@ -17,8 +17,7 @@ use tern_protocol::{
     HistoryRequest, JoinPolicy, MarkRead, ReadCounts, ReadState, Target,
 };
 use tern_tests::{
-    Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, hello, send_group,
-    send_group_acked, text,
+    Conn, Gateway, NO_RATE_LIMITS, Via, expect_deliver, send_group, send_group_acked, text,
 };
 
 fn login(gw: &Gateway, user: &str, device: &str) -> Conn {
@@ -177,12 +176,7 @@ fn fresh_sync(
     user: &str,
     device: &str,
 ) -> (Vec<tern_protocol::ConversationState>, Vec<Deliver>) {
-    let mut c = Conn::connect(gw.addr);
-    let mut h = hello(&gw.token(user), device);
-    h.sync_on_login = true;
-    let rid = c.send_body(Body::Hello(h));
-    assert!(matches!(c.recv_frame().body, Some(Body::HelloOk(_))));
-    let (convs, msgs, _) = collect_sync(&mut c, rid);
+    let (_, (convs, msgs, _)) = gw.login_synced(Via::Tcp, user, device, 0);
     (convs, msgs)
 }
 

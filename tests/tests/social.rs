@@ -15,7 +15,7 @@ use tern_protocol::{
     SocialEventKind, SocialRequest, SocialResponse, SyncRequest, Target, Typing, UserProfile,
 };
 use tern_tests::{
-    Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, hello, send, send_acked, text,
+    Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, send, send_acked, text,
 };
 
 fn login(gw: &Gateway, user: &str, device: &str) -> Conn {
@@ -412,12 +412,7 @@ fn conversation_settings_reach_every_device_and_clearing_hides_history() {
     };
     assert_eq!(history(&mut phone), vec![3]);
     assert_eq!(history(&mut bob), vec![3, 2, 1]);
-    let mut tablet = Conn::connect(gw.addr);
-    let mut h = hello(&gw.token("alice"), "tablet");
-    h.sync_on_login = true;
-    let rid = tablet.send_body(Body::Hello(h));
-    assert!(matches!(tablet.recv_frame().body, Some(Body::HelloOk(_))));
-    let (convs, msgs, since) = collect_sync(&mut tablet, rid);
+    let (mut tablet, (convs, msgs, since)) = gw.login_synced(Via::Tcp, "alice", "tablet", 0);
     assert_eq!(convs[0].settings.unwrap().cleared_seq, 2);
     assert!(convs[0].settings.unwrap().hidden);
     assert_eq!(msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3]);

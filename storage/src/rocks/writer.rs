@@ -923,11 +923,12 @@ impl Writer {
     /// conversation is active in their index (a 1:1 participant, a group member); nothing
     /// otherwise. The record, if any, must be cached.
     fn advance_read(&mut self, user: UserId, conv: ConversationId, seq: Seq, version: u64) {
-        if let Some(&rec) = self.user_convs.get(&(user, conv))
+        if let Some(rec) = self.user_convs.get_mut(&(user, conv))
             && rec.active
             && rec.read_seq < seq
         {
-            self.put_user_conv(user, conv, rec.read_upto(seq, version));
+            *rec = rec.read_upto(seq, version);
+            self.dirty_user_convs.insert((user, conv));
         }
     }
 
