@@ -3,10 +3,13 @@
 
 use bytes::Bytes;
 use tern_protocol::v1::frame::Body;
+use tern_protocol::v1::group_request::Op;
+use tern_protocol::v1::{CreateGroup, TargetKind};
 use tern_protocol::{
-    ContentType, ErrorCode, GROUP_EVENT_TYPE, HistoryRequest, RECALL_EVENT_TYPE, Target,
+    ContentType, ErrorCode, GROUP_EVENT_TYPE, GroupRequest, HistoryRequest, RECALL_EVENT_TYPE,
+    Target,
 };
-use tern_tests::{Conn, Gateway, hello};
+use tern_tests::{Conn, Gateway, expect_deliver, hello};
 
 /// A healthy pair of sessions that must keep working whatever the bad client does.
 struct Witness {
@@ -307,4 +310,82 @@ fn login_timeout_and_replaced_device() {
     let (mut quiet, ok) = Conn::login(gw.addr, &gw.token("erin"), "d");
     assert_eq!(ok.heartbeat_interval_ms, 100);
     quiet.expect_kick(tern_protocol::KickReason::Idle);
+}
+
+/// A Send to a group gets the same checks as a 1:1 Send, before anything is stored: the
+/// members get nothing until a valid message, which takes the next seq.
+#[test]
+fn group_sends_get_the_same_checks() {
+    let gw = Gateway::start(&[]);
+    let mut w = Witness::new(&gw);
+    let (mut carol, _) = Conn::login(gw.addr, &gw.token("carol"), "d");
+    let (mut dave, _) = Conn::login(gw.addr, &gw.token("dave"), "d");
+    let rid = carol.send_body(Body::Group(GroupRequest {
+        group_id: "g".into(),
+        op: Some(Op::Create(CreateGroup {
+            profile: None,
+            members: vec!["dave".into()],
+        })),
+    }));
+    assert!(matches!(carol.answer(rid), Body::GroupResponse(_)));
+    assert_eq!(expect_deliver(&mut dave).seq, 1);
+
+    let to_group = |group: &str, id: &str| tern_protocol::Send {
+        client_msg_id: id.into(),
+        target: Some(Target::group(group)),
+        content_type: ContentType::Text as u32,
+        custom_type: String::new(),
+        payload: Bytes::from_static(b"x"),
+        priority: false,
+    };
+    let refused = [
+        (to_group("g", ""), ErrorCode::InvalidArgument),
+        (
+            to_group(&"g".repeat(65), "long-id"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            tern_protocol::Send {
+                payload: Bytes::from(vec![0u8; 65 << 10]),
+                ..to_group("g", "big")
+            },
+            ErrorCode::PayloadTooLarge,
+        ),
+        (
+            tern_protocol::Send {
+                custom_type: "t".repeat(65),
+                ..to_group("g", "custom")
+            },
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            tern_protocol::Send {
+                content_type: ContentType::System as u32,
+                custom_type: GROUP_EVENT_TYPE.into(),
+                ..to_group("g", "forged")
+            },
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            tern_protocol::Send {
+                target: Some(Target::new(TargetKind::Unspecified, "g")),
+                ..to_group("g", "no-kind")
+            },
+            ErrorCode::InvalidArgument,
+        ),
+    ];
+    for (send, code) in refused {
+        let what = format!("{send:?}").chars().take(120).collect::<String>();
+        let rid = carol.send_body(Body::Send(send));
+        assert_eq!(carol.expect_error(code), (rid, false), "{what}");
+    }
+    let rid = carol.send_body(Body::Send(to_group("g", "fine")));
+    match carol.answer(rid) {
+        Body::SendAck(a) => assert_eq!(a.seq, 2),
+        other => panic!("expected SendAck, got {other:?}"),
+    }
+    let d = expect_deliver(&mut dave);
+    assert_eq!((d.seq, d.client_msg_id.as_str()), (2, "fine"));
+    dave.nothing_pending();
+    w.check();
 }
