@@ -51,7 +51,9 @@ pub struct ConversationSettings {
     /// Pinned to the top of the list.
     pub pinned: bool,
     /// Hidden from the list (the history stays) until a newer message than the hide arrives
-    /// in the conversation (up to where the user may read: a group they left stays hidden).
+    /// in the conversation (up to where the user may read: a group they left stays hidden, and
+    /// so does one hidden before the event that removed them). Records stored before the
+    /// hide's position was kept stay hidden until unhidden (see the record's format docs).
     pub hidden: bool,
     /// Do not disturb.
     pub muted: bool,

@@ -170,11 +170,11 @@ impl State {
                 ..UserConvRecord::default()
             });
         }
+        // The sender has read what they wrote (before the group change: a leaver's event too).
+        self.advance_read(req.sender, conv, seq, version);
         if let Some(change) = req.group_change {
             self.apply_group_change(*change, conv, seq, version);
         }
-        // The sender has read what they wrote.
-        self.advance_read(req.sender, conv, seq, version);
         if let Some(k) = key {
             self.dedup.insert(
                 k,
@@ -253,7 +253,13 @@ impl State {
                     // A new member has read everything up to the event that added them.
                     self.advance_read(user, conv, seq, version);
                 }
-                (None, Some(_)) => self.leave(group, user, conv, seq, version),
+                (None, Some(_)) => {
+                    self.leave(group, user, conv, seq, version);
+                    // Hidden before the event that removes them: hidden still.
+                    if let Some(rec) = self.user_convs.get_mut(&(user, conv)) {
+                        rec.hidden_through(seq);
+                    }
+                }
                 (None, None) => {}
             }
         }
@@ -316,8 +322,7 @@ impl State {
                 member_version: version,
                 ..UserConvRecord::default()
             });
-        rec.read_seq = target;
-        rec.read_version = version;
+        *rec = rec.read_upto(target, version);
         target
     }
 

@@ -297,6 +297,7 @@ impl UserConvRecord {
     }
 
     /// This record with the read position moved to `seq` by the change at `version`.
+    #[cfg(feature = "mem")]
     pub fn read_upto(self, seq: Seq, version: u64) -> Self {
         UserConvRecord {
             read_seq: seq,
@@ -380,6 +381,15 @@ impl UserConvRecord {
         };
         self.flags = u8::from(s.pinned) | u8::from(s.hidden) << 1 | u8::from(s.muted) << 2;
         self.cleared_seq = s.cleared_seq;
+    }
+
+    /// Keeps a conversation that was hidden until the event at `event_seq` hidden through it:
+    /// the event that removes the user from a group is the last they may read, and not news.
+    #[cfg(feature = "mem")]
+    pub fn hidden_through(&mut self, event_seq: Seq) {
+        if self.flags & 2 != 0 && self.hidden_seq.saturating_add(1) == event_seq {
+            self.hidden_seq = event_seq;
+        }
     }
 
     /// The last seq of a conversation whose latest seq is `latest_seq` that the user may read.
@@ -817,7 +827,7 @@ mod tests {
             cleared_seq: 3,
         };
         assert_eq!(r.settings(8), settings);
-        // A message after the hide shows it again; after leaving (seq 13), none can.
+        // A message after the hide shows it again; after leaving (at seq 8), none can.
         let shown = crate::api::ConversationSettings {
             hidden: false,
             ..settings

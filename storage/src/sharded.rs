@@ -54,6 +54,7 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
         self.shards[self.shard_of(key)].get(key)
     }
 
+    #[cfg(feature = "store")]
     pub(crate) fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
     where
         K: Borrow<Q>,

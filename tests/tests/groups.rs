@@ -982,7 +982,7 @@ fn a_timed_mute_ends_by_itself() {
     let mut bob = login(&gw, "bob");
     create(&mut alice, "g", &["bob"], JoinPolicy::Free);
     expect_event(&mut bob, GroupEventKind::GroupCreated);
-    group_ok(&mut alice, "g", mute("bob", 400));
+    group_ok(&mut alice, "g", mute("bob", 1500));
     let (_, e) = expect_event(&mut bob, GroupEventKind::GroupMuted);
     send_group_err(&mut bob, "g", "early", ErrorCode::Muted);
     // Waits out the mute on the clock the server also reads (same machine).

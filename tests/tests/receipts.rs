@@ -145,9 +145,23 @@ fn unread_leaves_out_own_messages_and_sync_carries_the_peers_read_position() {
     assert_eq!((state.read_seq, state.peer_read_seq), (3, 2));
     drop(laptop);
 
-    // Bob writes again; alice reads it while the laptop is away. The phone hears it live.
+    // Bob writes again. The laptop comes back, gets it, acknowledges it and goes away again
+    // (the sync after the Ack stores the cursor first).
     assert_eq!(send_acked(&mut bob, "alice", "b4", "four").seq, 4);
     assert_eq!(expect_deliver(&mut alice).seq, 4);
+    let mut laptop = login(&gw, "bob", "laptop");
+    laptop.send_body(Body::Ack(tern_protocol::Ack {
+        conversation_id: conv,
+        seq: 4,
+    }));
+    let (state, version) = synced_state(&mut laptop, version);
+    assert_eq!(
+        (state.latest_seq, state.delivered_seq, state.peer_read_seq),
+        (4, 4, 3)
+    );
+    drop(laptop);
+
+    // Alice reads it while the laptop is away; the phone hears it live.
     let rid = alice.send_body(Body::MarkRead(MarkRead {
         conversation_id: conv,
         seq: 4,
@@ -161,15 +175,25 @@ fn unread_leaves_out_own_messages_and_sync_carries_the_peers_read_position() {
             read_seq: 4
         })
     );
-    // The laptop comes back and syncs from its version: the conversation changed, and the
-    // change includes where alice read up to.
+    // Only alice's read changed since the laptop's version: its sync has the conversation
+    // again, with her read position and no message.
     let mut laptop = login(&gw, "bob", "laptop");
-    let (state, later) = synced_state(&mut laptop, version);
+    let rid = laptop.send_body(Body::Sync(SyncRequest {
+        since_version: version,
+        page_size: 0,
+    }));
+    let (convs, msgs, later) = collect_sync(&mut laptop, rid);
+    assert_eq!(convs.len(), 1, "{convs:?}");
     assert_eq!(
-        (state.latest_seq, state.read_seq, state.peer_read_seq),
+        (
+            convs[0].latest_seq,
+            convs[0].read_seq,
+            convs[0].peer_read_seq
+        ),
         (4, 4, 4)
     );
-    assert!(later > version && state.version > version);
+    assert!(msgs.is_empty(), "{msgs:?}");
+    assert!(later > version && convs[0].version > version);
     // Nothing changed since: an empty sync.
     let rid = laptop.send_body(Body::Sync(SyncRequest {
         since_version: later,

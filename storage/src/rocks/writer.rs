@@ -844,12 +844,13 @@ impl Writer {
                 },
             );
         }
+        // The sender has read what they wrote: a user's unread count never includes their own
+        // messages. Before the group change, so that the event of a sender who leaves is read
+        // too (a sender who joins is covered by the join).
+        self.advance_read(req.sender, conv, seq, version);
         if let Some(change) = &req.group_change {
             self.apply_group_change(change, conv, seq, version, batch);
         }
-        // The sender has read what they wrote: a user's unread count never includes their own
-        // messages.
-        self.advance_read(req.sender, conv, seq, version);
         if let Some(k) = key {
             push_journal_entry(
                 &mut self.journal_buf,
@@ -1065,7 +1066,13 @@ impl Writer {
                     // A new member has read everything up to the event that added them.
                     self.advance_read(user, conv, seq, version);
                 }
-                None if was_member => self.leave(group, user, conv, seq, version, batch),
+                None if was_member => {
+                    self.leave(group, user, conv, seq, version, batch);
+                    // Hidden before the event that removes them: hidden still.
+                    if let Some(rec) = self.user_convs.get_mut(&(user, conv)) {
+                        rec.hidden_through(seq);
+                    }
+                }
                 None => {}
             }
         }

@@ -561,7 +561,7 @@ pub fn unread_leaves_out_own_messages_and_what_came_before_joining(make: Factory
     retry.participants = vec![alice, bob];
     assert!(append(s, retry).duplicate);
     assert_eq!((unread(bob, ab), s.user_version(bob).unwrap()), ((0, 3), v));
-    assert!(b2.seq < a3.seq);
+    assert_eq!(b2.seq, 2);
 
     // A group: created by alice with bob; both start with nothing unread.
     let g = s.intern_group("unread").unwrap();
@@ -605,6 +605,55 @@ pub fn unread_leaves_out_own_messages_and_what_came_before_joining(make: Factory
     assert_eq!(append(s, msg(gc, alice, "while-away", "x")).seq, 9);
     assert!(s.add_member(g, dave).wait().unwrap());
     assert_eq!(unread(dave, gc), (0, 9));
+    // Leaving by one's own event reads it: nothing unread in a group one left.
+    let mut leave = group_msg(g, "bob-leaves", None, &[(bob, None)]);
+    leave.sender = bob;
+    assert_eq!(append(s, leave).seq, 10);
+    let i = conv_info(s, bob, gc).unwrap();
+    assert_eq!((i.active, i.left_seq, i.read_seq), (false, 10, 10));
+}
+
+/// Sync reports the other user's read position of a 1:1 conversation (moved by their reads
+/// and their own messages), and a move of it alone marks the conversation changed.
+pub fn sync_reports_the_peers_read_position(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = &*f.store;
+    let (alice, bob) = (1, 2);
+    let ab = direct_conversation(alice, bob).unwrap();
+    let send = |sender: u64, id: &str| {
+        let mut r = msg(ab, sender, id, "x");
+        r.participants = vec![alice, bob];
+        append(s, r)
+    };
+    send(alice, "a1");
+    send(alice, "a2");
+    let peer = |user: u64| conv_info(s, user, ab).unwrap().peer_read_seq;
+    assert_eq!((peer(alice), peer(bob)), (0, 2));
+    let v = s.user_version(alice).unwrap();
+    assert_eq!(s.set_read(bob, ab, 1).wait().unwrap(), 1);
+    let changed = s.conversations_changed_since(alice, v, None).unwrap();
+    assert_eq!(
+        changed.len(),
+        1,
+        "bob's read alone changes alice's conversation"
+    );
+    assert_eq!((changed[0].peer_read_seq, changed[0].read_seq), (1, 2));
+    assert!(changed[0].last_version > v);
+    assert_eq!(s.user_version(alice).unwrap(), changed[0].last_version);
+    // Bob's reply reads alice's messages.
+    send(bob, "b3");
+    assert_eq!((peer(alice), peer(bob)), (3, 2));
+    // Groups have none; a conversation with oneself reports one's own.
+    let gc = group_conversation(4).unwrap();
+    assert!(s.add_member(4, alice).wait().unwrap());
+    append(s, msg(gc, bob, "g1", "x"));
+    assert_eq!(conv_info(s, alice, gc).unwrap().peer_read_seq, 0);
+    let me = direct_conversation(alice, alice).unwrap();
+    let mut note = msg(me, alice, "self", "x");
+    note.participants = vec![alice];
+    append(s, note);
+    let i = conv_info(s, alice, me).unwrap();
+    assert_eq!((i.read_seq, i.peer_read_seq), (1, 1));
 }
 
 /// A hidden conversation shows again with the next message (in its sync entry and in the
@@ -629,7 +678,7 @@ pub fn a_hidden_conversation_shows_again_with_a_new_message(make: Factory) {
         hidden
     );
     let v = s.user_version(1).unwrap();
-    // Other users' settings and other changes leave it hidden.
+    // A read leaves it hidden.
     s.set_read(1, c, 1).wait().unwrap();
     assert_eq!(s.conversation_settings(1, c).unwrap(), hidden);
     assert_eq!(conv_info(s, 1, c).unwrap().settings, hidden);
@@ -692,6 +741,22 @@ pub fn a_hidden_conversation_shows_again_with_a_new_message(make: Factory) {
         hidden
     );
     append(s, msg(gc, 2, "g2", "x"));
+    assert_eq!(conv_info(s, 1, gc).unwrap().settings, hidden);
+    // Hidden, then removed by an event: the event does not show it again.
+    let g = 8;
+    let gc = group_conversation(g).unwrap();
+    append(
+        s,
+        group_msg(g, "create-8", Some("g"), &[(2, Some("")), (1, Some(""))]),
+    );
+    assert_eq!(
+        s.set_conversation_settings(1, gc, hidden).wait().unwrap(),
+        hidden
+    );
+    append(s, group_msg(g, "kick-1", None, &[(1, None)]));
+    let i = conv_info(s, 1, gc).unwrap();
+    assert_eq!((i.active, i.left_seq, i.settings), (false, 2, hidden));
+    append(s, msg(gc, 2, "g8", "x"));
     assert_eq!(conv_info(s, 1, gc).unwrap().settings, hidden);
 }
 
@@ -1815,6 +1880,7 @@ macro_rules! suite {
             membership,
             sync_state,
             unread_leaves_out_own_messages_and_what_came_before_joining,
+            sync_reports_the_peers_read_position,
             group_change_commits_with_its_append,
             group_change_of_a_duplicate_is_not_applied,
             invalid_group_change_writes_nothing,
