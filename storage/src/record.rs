@@ -507,9 +507,9 @@ pub(crate) fn decode_journal(b: &[u8]) -> Result<(u64, Vec<JournalEntry>)> {
 /// value, nothing silently ignored), except for the documented exceptions: a
 /// user-conversation record ignores the flag bits it does not define (bits 1-7 of byte 1,
 /// bits 3-7 of byte 34), and its 26-, 34- and 51-byte forms re-encode to the 59-byte one with
-/// the missing fields 0 (`hidden_seq` of a hidden 51-byte record: `u64::MAX`). Message records of both versions (1, and 2 = recalled) re-encode
-/// exactly. Panics on a violation; the fuzz target `record_decoder` calls it with arbitrary
-/// input.
+/// the missing fields 0 (`hidden_seq` of a hidden 51-byte record: `u64::MAX`). Message records
+/// of both versions (1, and 2 = recalled) re-encode exactly. Panics on a violation; the fuzz
+/// target `record_decoder` calls it with arbitrary input.
 pub fn check_decoders(b: &[u8]) {
     if let Ok(r) = decode_record(b) {
         let mut out = Vec::new();

@@ -805,8 +805,10 @@ impl Writer {
                 self.user_conv(user, conv)?;
             }
         }
-        // Caches the sender's record for `advance_read`.
-        self.user_conv(req.sender, conv)?;
+        // Caches the sender's record for `advance_read` (a participant's is cached above).
+        if !req.participants.contains(&req.sender) {
+            self.user_conv(req.sender, conv)?;
+        }
 
         let seq = head + 1;
         let version = self.next_version();

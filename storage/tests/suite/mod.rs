@@ -673,10 +673,13 @@ pub fn a_hidden_conversation_shows_again_with_a_new_message(make: Factory) {
         pinned: true,
         ..ConversationSettings::default()
     };
-    assert_eq!(
-        s.set_conversation_settings(1, c, hidden).wait().unwrap(),
-        hidden
-    );
+    // User 1's settings of `conv`, set.
+    let set = |conv: u64, settings: ConversationSettings| {
+        s.set_conversation_settings(1, conv, settings)
+            .wait()
+            .unwrap()
+    };
+    assert_eq!(set(c, hidden), hidden);
     let v = s.user_version(1).unwrap();
     // A read leaves it hidden.
     s.set_read(1, c, 1).wait().unwrap();
@@ -684,10 +687,7 @@ pub fn a_hidden_conversation_shows_again_with_a_new_message(make: Factory) {
     assert_eq!(conv_info(s, 1, c).unwrap().settings, hidden);
     // Hiding it again changes nothing.
     let v2 = s.user_version(1).unwrap();
-    assert_eq!(
-        s.set_conversation_settings(1, c, hidden).wait().unwrap(),
-        hidden
-    );
+    assert_eq!(set(c, hidden), hidden);
     assert_eq!(s.user_version(1).unwrap(), v2);
 
     // A new message: shown again, pinned still; sync reports the conversation as changed.
@@ -701,30 +701,19 @@ pub fn a_hidden_conversation_shows_again_with_a_new_message(make: Factory) {
     assert_eq!((changed.len(), changed[0].settings), (1, shown));
     assert_eq!(changed[0].last_version, m2.version);
     // Hidden again (a real change now: a new version), then the user's own message shows it.
-    assert_eq!(
-        s.set_conversation_settings(1, c, hidden).wait().unwrap(),
-        hidden
-    );
+    assert_eq!(set(c, hidden), hidden);
     assert!(s.user_version(1).unwrap() > m2.version);
     assert_eq!(conv_info(s, 1, c).unwrap().settings, hidden);
     send(1, "m3");
     assert_eq!(conv_info(s, 1, c).unwrap().settings, shown);
     // Unhiding a shown conversation is no change.
     let v3 = s.user_version(1).unwrap();
-    assert_eq!(
-        s.set_conversation_settings(1, c, shown).wait().unwrap(),
-        shown
-    );
+    assert_eq!(set(c, shown), shown);
     assert_eq!(s.user_version(1).unwrap(), v3);
 
     // Hidden while empty: the first message shows it.
     let empty = direct_conversation(1, 3).unwrap();
-    assert_eq!(
-        s.set_conversation_settings(1, empty, hidden)
-            .wait()
-            .unwrap(),
-        hidden
-    );
+    assert_eq!(set(empty, hidden), hidden);
     let mut first = msg(empty, 3, "e1", "x");
     first.participants = vec![1, 3];
     append(s, first);
@@ -736,10 +725,7 @@ pub fn a_hidden_conversation_shows_again_with_a_new_message(make: Factory) {
     assert!(s.add_member(g, 1).wait().unwrap());
     append(s, msg(gc, 2, "g1", "x"));
     assert!(s.remove_member(g, 1).wait().unwrap());
-    assert_eq!(
-        s.set_conversation_settings(1, gc, hidden).wait().unwrap(),
-        hidden
-    );
+    assert_eq!(set(gc, hidden), hidden);
     append(s, msg(gc, 2, "g2", "x"));
     assert_eq!(conv_info(s, 1, gc).unwrap().settings, hidden);
     // Hidden, then removed by an event: the event does not show it again.
@@ -749,10 +735,7 @@ pub fn a_hidden_conversation_shows_again_with_a_new_message(make: Factory) {
         s,
         group_msg(g, "create-8", Some("g"), &[(2, Some("")), (1, Some(""))]),
     );
-    assert_eq!(
-        s.set_conversation_settings(1, gc, hidden).wait().unwrap(),
-        hidden
-    );
+    assert_eq!(set(gc, hidden), hidden);
     append(s, group_msg(g, "kick-1", None, &[(1, None)]));
     let i = conv_info(s, 1, gc).unwrap();
     assert_eq!((i.active, i.left_seq, i.settings), (false, 2, hidden));
