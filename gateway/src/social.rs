@@ -22,8 +22,8 @@ use tern_protocol::v1::{
 };
 use tern_protocol::{ContentType, ErrorCode, RECALL_EVENT_TYPE, RESERVED_TYPE_PREFIX};
 use tern_storage::{
-    AppendRequest, ConversationKind, ConversationSettings, RelationChange, RelationKind, UserId,
-    conversation_kind,
+    AppendRequest, ConversationKind, ConversationSettings, RelationChange, RelationKind,
+    SettingsChange, UserId, conversation_kind,
 };
 
 use crate::core::{AppendMsg, Core, Recipient, ShardMsg};
@@ -491,27 +491,23 @@ impl Ctx {
             }
             Err(e) => return self.storage_error(rid, &e),
         }
+        let change = SettingsChange {
+            pinned: req.pinned,
+            hidden: req.hidden,
+            muted: req.muted,
+            clear_upto_seq: req.clear_upto_seq,
+        };
         let store = self.core.store.clone();
-        let current = match store.conversation_settings(self.user, conv) {
-            Ok(s) => s,
-            Err(e) => return self.storage_error(rid, &e),
-        };
-        let wanted = ConversationSettings {
-            pinned: req.pinned.unwrap_or(current.pinned),
-            hidden: req.hidden.unwrap_or(current.hidden),
-            muted: req.muted.unwrap_or(current.muted),
-            cleared_seq: req.clear_upto_seq.max(current.cleared_seq),
-        };
         let now = match store
-            .set_conversation_settings(self.user, conv, wanted)
+            .set_conversation_settings(self.user, conv, change)
             .await
         {
             Ok(s) => s,
             Err(e) => return self.storage_error(rid, &e),
         };
-        let wire = wire_settings(conv, &now);
+        let wire = wire_settings(conv, &now.settings);
         self.reply(&Frame::new(rid, wire));
-        if now != current {
+        if now.changed {
             let frame = self.core.encode(&Frame::new(0, wire));
             self.core
                 .push_to_user(self.user, self.session.logical, &frame, false);

@@ -61,6 +61,56 @@ pub struct ConversationSettings {
     pub cleared_seq: Seq,
 }
 
+/// A change to a user's settings of one conversation. The store applies it to the settings
+/// stored when it writes the change, so fields left `None` keep their value even if another
+/// device changed them a moment before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SettingsChange {
+    /// Pin or unpin; `None` keeps it.
+    pub pinned: Option<bool>,
+    /// Hide or show; `None` keeps it (a conversation shown again by a new message stays shown).
+    pub hidden: Option<bool>,
+    /// Do not disturb on or off; `None` keeps it.
+    pub muted: Option<bool>,
+    /// Clear history up to and including this seq: clamped to the conversation's latest seq,
+    /// and never moves backwards (0, or a value below the current one, keeps the current one).
+    pub clear_upto_seq: Seq,
+}
+
+impl SettingsChange {
+    /// The settings after this change to `current`, in a conversation whose latest seq is
+    /// `latest_seq`.
+    pub fn apply(&self, current: ConversationSettings, latest_seq: Seq) -> ConversationSettings {
+        ConversationSettings {
+            pinned: self.pinned.unwrap_or(current.pinned),
+            hidden: self.hidden.unwrap_or(current.hidden),
+            muted: self.muted.unwrap_or(current.muted),
+            cleared_seq: self.clear_upto_seq.min(latest_seq).max(current.cleared_seq),
+        }
+    }
+}
+
+/// Every field set to `s`'s value (its `cleared_seq` as the seq to clear up to).
+impl From<ConversationSettings> for SettingsChange {
+    fn from(s: ConversationSettings) -> Self {
+        SettingsChange {
+            pinned: Some(s.pinned),
+            hidden: Some(s.hidden),
+            muted: Some(s.muted),
+            clear_upto_seq: s.cleared_seq,
+        }
+    }
+}
+
+/// What [`MessageStore::set_conversation_settings`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettingsUpdate {
+    /// The settings after the change.
+    pub settings: ConversationSettings,
+    /// Whether they differ from the settings before (only then was anything written).
+    pub changed: bool,
+}
+
 /// Kinds of directed user-to-user relations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -464,17 +514,16 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
     /// never. See [`ConversationInfo::left_seq`].
     fn membership(&self, user: UserId, group: GroupId) -> Result<Option<Seq>>;
 
-    /// Changes the user's settings of `conv`: `cleared_seq` is clamped to the latest seq and
-    /// never moves backwards (a lower value keeps the current one). A real change gets a new
-    /// version, so [`MessageStore::conversations_changed_since`] reports the conversation again
-    /// with its settings; an unchanged result writes nothing. Resolves to the resulting
-    /// settings.
+    /// Applies `change` to the user's settings of `conv` as stored when the change is written
+    /// (see [`SettingsChange::apply`]). A real change gets a new version, so
+    /// [`MessageStore::conversations_changed_since`] reports the conversation again with its
+    /// settings; an unchanged result writes nothing.
     fn set_conversation_settings(
         &self,
         user: UserId,
         conv: ConversationId,
-        settings: ConversationSettings,
-    ) -> Completion<ConversationSettings>;
+        change: SettingsChange,
+    ) -> Completion<SettingsUpdate>;
     /// The user's settings of `conv` (the default if never set).
     fn conversation_settings(
         &self,

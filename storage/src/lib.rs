@@ -110,7 +110,9 @@
 //!
 //! **Settings and recall.** A user's settings of a conversation
 //! ([`MessageStore::set_conversation_settings`]) live in their user-conversation record and
-//! take a version like a read position, so other devices learn them through sync; the
+//! take a version like a read position, so other devices learn them through sync. A change
+//! ([`SettingsChange`]) names only the fields it sets and is applied by the writer to the
+//! record as stored then, so concurrent changes of different fields both hold; the
 //! cleared seq is monotonic and clamped like a read position, and a change that leaves the
 //! settings as they are writes nothing and takes no version. Hiding records the
 //! conversation's latest readable seq; the conversation reads as hidden only while nothing
@@ -244,7 +246,7 @@ pub use api::{
     AppendRequest, Appended, COMMIT_MICROS_BOUNDS, COMMIT_SIZE_BOUNDS, CommitStats,
     ConversationInfo, ConversationSettings, Durability, GroupChange, MAX_META_CHANGES,
     MAX_META_KEY_LEN, MAX_META_SCAN, MAX_META_VALUE_LEN, MAX_RELATION_CHANGES, MessageStore,
-    MetaChange, RelationChange, RelationKind, StoreOptions,
+    MetaChange, RelationChange, RelationKind, SettingsChange, SettingsUpdate, StoreOptions,
 };
 #[cfg(feature = "mem")]
 pub use completion::Completion;

@@ -8,8 +8,8 @@ use bytes::Bytes;
 
 use crate::api::{
     AppendRequest, Appended, ConversationInfo, ConversationSettings, GroupChange, MAX_META_SCAN,
-    MessageStore, MetaChange, RelationChange, RelationKind, check_device, check_meta, check_name,
-    check_relations, check_user, meta_scan_start, now_ms,
+    MessageStore, MetaChange, RelationChange, RelationKind, SettingsChange, SettingsUpdate,
+    check_device, check_meta, check_name, check_relations, check_user, meta_scan_start, now_ms,
 };
 use crate::completion::Completion;
 use crate::dedup::{DedupEntry, DedupIndex, DedupWindow};
@@ -330,20 +330,20 @@ impl State {
         &mut self,
         user: UserId,
         conv: ConversationId,
-        wanted: ConversationSettings,
-    ) -> ConversationSettings {
+        change: SettingsChange,
+    ) -> SettingsUpdate {
         let head = self.latest(conv);
         let current = self
             .user_convs
             .get(&(user, conv))
             .map(|r| r.settings(head))
             .unwrap_or_default();
-        let result = ConversationSettings {
-            cleared_seq: wanted.cleared_seq.min(head).max(current.cleared_seq),
-            ..wanted
-        };
+        let result = change.apply(current, head);
         if result == current {
-            return current;
+            return SettingsUpdate {
+                settings: current,
+                changed: false,
+            };
         }
         let version = self.next_version();
         let rec = self
@@ -356,7 +356,10 @@ impl State {
             });
         rec.set_settings(&result, head);
         rec.settings_version = version;
-        result
+        SettingsUpdate {
+            settings: result,
+            changed: true,
+        }
     }
 
     fn set_delivered(&mut self, user: UserId, device: &str, conv: ConversationId, seq: Seq) -> Seq {
@@ -456,12 +459,12 @@ impl MessageStore for MemStore {
         &self,
         user: UserId,
         conv: ConversationId,
-        settings: ConversationSettings,
-    ) -> Completion<ConversationSettings> {
+        change: SettingsChange,
+    ) -> Completion<SettingsUpdate> {
         Completion::ready(
             check_user(user)
                 .and_then(|()| self.lock())
-                .map(|mut s| s.set_settings(user, conv, settings)),
+                .map(|mut s| s.set_settings(user, conv, change)),
         )
     }
 

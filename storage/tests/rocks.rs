@@ -92,7 +92,9 @@ fn settings_recalls_relations_and_profiles_survive_reopen() {
         let mut tomb = msg(c, 1, "t1");
         tomb.recall = Some(1);
         s.append(tomb).wait().unwrap();
-        s.set_conversation_settings(2, c, muted).wait().unwrap();
+        s.set_conversation_settings(2, c, muted.into())
+            .wait()
+            .unwrap();
         s.set_relations(vec![tern_storage::RelationChange {
             user: 2,
             kind: tern_storage::RelationKind::Blocked,

@@ -440,6 +440,39 @@ fn conversation_settings_reach_every_device_and_clearing_hides_history() {
             cleared_seq: 2,
         }]
     );
+    // Two devices at once, each changing one setting: both changes hold.
+    let unpin = phone.send_body(Body::SetConversation(SetConversation {
+        conversation_id: conv,
+        pinned: Some(false),
+        ..SetConversation::default()
+    }));
+    let unmute = laptop.send_body(Body::SetConversation(SetConversation {
+        conversation_id: conv,
+        muted: Some(false),
+        ..SetConversation::default()
+    }));
+    for (c, rid) in [(&mut phone, unpin), (&mut laptop, unmute)] {
+        // Its answer, and the other device's change pushed, in either order.
+        let mut ids = [c.recv_frame().request_id, c.recv_frame().request_id];
+        ids.sort();
+        assert_eq!(ids, [0, rid]);
+    }
+    let both = ConversationSettings {
+        conversation_id: conv,
+        pinned: false,
+        hidden: false,
+        muted: false,
+        cleared_seq: 2,
+    };
+    // The tablet got both changes, the later one with both applied.
+    tablet.pushed();
+    assert_eq!(tablet.pushed(), Body::ConversationSettings(both));
+    let unchanged = SetConversation {
+        conversation_id: conv,
+        ..SetConversation::default()
+    };
+    assert_eq!(set_conversation(&mut tablet, unchanged), both);
+    phone.nothing_pending();
     // Not a conversation of hers.
     let rid = bob.send_body(Body::SetConversation(SetConversation {
         conversation_id: conv + 1,

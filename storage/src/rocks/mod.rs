@@ -17,8 +17,9 @@ use rocksdb::{
 
 use crate::api::{
     AppendRequest, Appended, ConversationInfo, ConversationSettings, Durability, MAX_META_SCAN,
-    MessageStore, MetaChange, RelationChange, RelationKind, StoreOptions, check_device, check_meta,
-    check_name, check_relations, check_user, meta_scan_start, now_ms, prefix_end,
+    MessageStore, MetaChange, RelationChange, RelationKind, SettingsChange, SettingsUpdate,
+    StoreOptions, check_device, check_meta, check_name, check_relations, check_user,
+    meta_scan_start, now_ms, prefix_end,
 };
 use crate::completion::Completion;
 use crate::dedup::{DedupEntry, DedupIndex};
@@ -852,15 +853,15 @@ impl MessageStore for RocksStore {
         &self,
         user: UserId,
         conv: ConversationId,
-        settings: ConversationSettings,
-    ) -> Completion<ConversationSettings> {
+        change: SettingsChange,
+    ) -> Completion<SettingsUpdate> {
         if let Err(e) = check_user(user) {
             return Completion::ready(Err(e));
         }
         self.submit(|done| Op::Settings {
             user,
             conv,
-            settings,
+            change,
             done,
         })
     }
@@ -1326,15 +1327,24 @@ mod tests {
             ..ConversationSettings::default()
         };
         s.inner.db.hooks.fail_commits.store(1, SeqCst);
-        assert!(s.set_conversation_settings(1, c, pinned).wait().is_err());
+        assert!(
+            s.set_conversation_settings(1, c, pinned.into())
+                .wait()
+                .is_err()
+        );
         assert_eq!(
             s.conversation_settings(1, c).unwrap(),
             ConversationSettings::default()
         );
         // The builder's cache forgot it too: the same change is written again, not a no-op.
         assert_eq!(
-            s.set_conversation_settings(1, c, pinned).wait().unwrap(),
-            pinned
+            s.set_conversation_settings(1, c, pinned.into())
+                .wait()
+                .unwrap(),
+            SettingsUpdate {
+                settings: pinned,
+                changed: true
+            }
         );
         assert_eq!(s.conversation_settings(1, c).unwrap(), pinned);
 
@@ -2072,7 +2082,9 @@ mod tests {
             pinned: true,
             ..ConversationSettings::default()
         };
-        s.set_conversation_settings(1, c, pinned).wait().unwrap();
+        s.set_conversation_settings(1, c, pinned.into())
+            .wait()
+            .unwrap();
         let r = s
             .append(AppendRequest {
                 recall: Some(1),

@@ -65,8 +65,8 @@ use rocksdb::{ColumnFamily, WriteBatch, WriteOptions};
 use super::{CF_ACCOUNT_META, CF_CURSORS, CF_GROUPS, CF_JOURNAL, CF_MEMBERS, CF_MESSAGES, CF_META};
 use super::{CF_PROFILES, CF_RELATIONS, CF_USER_CONVS, CF_USER_GROUPS, Db, META_VERSION};
 use crate::api::{
-    AppendRequest, Appended, ConversationSettings, GroupChange, MetaChange, RelationChange,
-    StoreOptions, now_ms,
+    AppendRequest, Appended, GroupChange, MetaChange, RelationChange, SettingsChange,
+    SettingsUpdate, StoreOptions, now_ms,
 };
 use crate::completion::Completer;
 use crate::dedup::{DedupEntry, DedupIndex, DedupKey};
@@ -105,8 +105,8 @@ pub(crate) enum Op {
     Settings {
         user: UserId,
         conv: ConversationId,
-        settings: ConversationSettings,
-        done: Completer<ConversationSettings>,
+        change: SettingsChange,
+        done: Completer<SettingsUpdate>,
     },
     Relations(Vec<RelationChange>, Completer<()>),
     Profile {
@@ -138,10 +138,7 @@ enum Done {
     Append(Completer<Appended>, Result<Appended>),
     Seq(Completer<Seq>, Result<Seq>),
     Bool(Completer<bool>, Result<bool>),
-    Settings(
-        Completer<ConversationSettings>,
-        Result<ConversationSettings>,
-    ),
+    Settings(Completer<SettingsUpdate>, Result<SettingsUpdate>),
     Unit(Completer<()>, Result<()>),
 }
 
@@ -654,10 +651,10 @@ impl Writer {
                 Op::Settings {
                     user,
                     conv,
-                    settings,
+                    change,
                     done: tx,
                 } => {
-                    let r = self.set_settings(user, conv, settings);
+                    let r = self.set_settings(user, conv, change);
                     done.push(Done::Settings(tx, r));
                 }
                 Op::Relations(changes, tx) => {
@@ -939,17 +936,17 @@ impl Writer {
         &mut self,
         user: UserId,
         conv: ConversationId,
-        wanted: ConversationSettings,
-    ) -> Result<ConversationSettings> {
+        change: SettingsChange,
+    ) -> Result<SettingsUpdate> {
         let head = self.head(conv)?;
         let rec = self.user_conv(user, conv)?;
         let current = rec.map(|r| r.settings(head)).unwrap_or_default();
-        let result = ConversationSettings {
-            cleared_seq: wanted.cleared_seq.min(head).max(current.cleared_seq),
-            ..wanted
-        };
+        let result = change.apply(current, head);
         if result == current {
-            return Ok(current);
+            return Ok(SettingsUpdate {
+                settings: current,
+                changed: false,
+            });
         }
         let version = self.next_version();
         let mut rec = rec.unwrap_or(UserConvRecord {
@@ -960,7 +957,10 @@ impl Writer {
         rec.set_settings(&result, head);
         rec.settings_version = version;
         self.put_user_conv(user, conv, rec);
-        Ok(result)
+        Ok(SettingsUpdate {
+            settings: result,
+            changed: true,
+        })
     }
 
     fn set_read(&mut self, user: UserId, conv: ConversationId, seq: Seq) -> Result<Seq> {

@@ -10,7 +10,8 @@ use tern_storage::{
     AppendRequest, Appended, ConversationInfo, ConversationSettings, DedupWindow, GroupChange,
     MAX_CLIENT_MSG_ID_LEN, MAX_GROUP_ID, MAX_META_CHANGES, MAX_META_KEY_LEN, MAX_META_SCAN,
     MAX_META_VALUE_LEN, MAX_RELATION_CHANGES, MAX_USER_ID, MessageStore, MetaChange, Peer,
-    RelationChange, RelationKind, StorageError, direct_conversation, group_conversation,
+    RelationChange, RelationKind, SettingsChange, SettingsUpdate, StorageError,
+    direct_conversation, group_conversation,
 };
 
 /// A store plus whatever must live as long as it (a temporary directory).
@@ -656,6 +657,87 @@ pub fn sync_reports_the_peers_read_position(make: Factory) {
     assert_eq!((i.read_seq, i.peer_read_seq), (1, 1));
 }
 
+/// A change sets only the fields it names, against what is stored when it is written: two
+/// devices changing different settings at once both keep theirs, and a change that leaves
+/// `hidden` out does not hide again a conversation that a new message showed.
+pub fn a_settings_change_keeps_the_fields_it_leaves_out(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = &*f.store;
+    let c = direct_conversation(1, 2).unwrap();
+    let send = |id: &str| {
+        let mut r = msg(c, 2, id, "x");
+        r.participants = vec![1, 2];
+        append(s, r)
+    };
+    send("m1");
+    let change = |change: SettingsChange| s.set_conversation_settings(1, c, change).wait().unwrap();
+    let pin = SettingsChange {
+        pinned: Some(true),
+        ..SettingsChange::default()
+    };
+    let mute = SettingsChange {
+        muted: Some(true),
+        ..SettingsChange::default()
+    };
+    // Both submitted before either is written, as from two devices.
+    let (pinned, muted) = (
+        s.set_conversation_settings(1, c, pin),
+        s.set_conversation_settings(1, c, mute),
+    );
+    assert!(pinned.wait().unwrap().changed);
+    let both = ConversationSettings {
+        pinned: true,
+        muted: true,
+        ..ConversationSettings::default()
+    };
+    assert_eq!(muted.wait().unwrap().settings, both);
+    assert_eq!(s.conversation_settings(1, c).unwrap(), both);
+
+    // Hidden, then shown by a new message: unpinning leaves it shown.
+    let hide = SettingsChange {
+        hidden: Some(true),
+        ..SettingsChange::default()
+    };
+    assert!(change(hide).settings.hidden);
+    send("m2");
+    let unpin = SettingsChange {
+        pinned: Some(false),
+        ..SettingsChange::default()
+    };
+    let unpinned = ConversationSettings {
+        pinned: false,
+        ..both
+    };
+    assert_eq!(
+        change(unpin),
+        SettingsUpdate {
+            settings: unpinned,
+            changed: true
+        }
+    );
+    assert_eq!(conv_info(s, 1, c).unwrap().settings, unpinned);
+
+    // Clearing alone keeps the flags; an empty change writes nothing.
+    let clear = SettingsChange {
+        clear_upto_seq: 1,
+        ..SettingsChange::default()
+    };
+    let cleared = ConversationSettings {
+        cleared_seq: 1,
+        ..unpinned
+    };
+    assert_eq!(change(clear).settings, cleared);
+    let v = s.user_version(1).unwrap();
+    assert_eq!(
+        change(SettingsChange::default()),
+        SettingsUpdate {
+            settings: cleared,
+            changed: false
+        }
+    );
+    assert_eq!(s.user_version(1).unwrap(), v);
+}
+
 /// A hidden conversation shows again with the next message (in its sync entry and in the
 /// settings read back), stays hidden while none comes, and can be hidden again.
 pub fn a_hidden_conversation_shows_again_with_a_new_message(make: Factory) {
@@ -675,9 +757,10 @@ pub fn a_hidden_conversation_shows_again_with_a_new_message(make: Factory) {
     };
     // User 1's settings of `conv`, set.
     let set = |conv: u64, settings: ConversationSettings| {
-        s.set_conversation_settings(1, conv, settings)
+        s.set_conversation_settings(1, conv, settings.into())
             .wait()
             .unwrap()
+            .settings
     };
     assert_eq!(set(c, hidden), hidden);
     let v = s.user_version(1).unwrap();
@@ -1080,10 +1163,15 @@ pub fn conversation_settings(make: Factory) {
         muted: true,
         cleared_seq: 2,
     };
-    assert_eq!(
-        s.set_conversation_settings(1, c, want).wait().unwrap(),
-        want
-    );
+    // User 1's settings of `conv`, all set to `to`.
+    let set = |conv: u64, to: ConversationSettings| {
+        s.set_conversation_settings(1, conv, to.into())
+            .wait()
+            .unwrap()
+    };
+    let update =
+        |settings: ConversationSettings, changed: bool| SettingsUpdate { settings, changed };
+    assert_eq!(set(c, want), update(want, true));
     assert_eq!(s.conversation_settings(1, c).unwrap(), want);
     // The other user is untouched.
     assert_eq!(
@@ -1097,26 +1185,22 @@ pub fn conversation_settings(make: Factory) {
     assert_eq!(changed.len(), 1);
     assert_eq!(changed[0].settings, want);
     // Unchanged: no write, no new version.
-    assert_eq!(
-        s.set_conversation_settings(1, c, want).wait().unwrap(),
-        want
-    );
+    assert_eq!(set(c, want), update(want, false));
     assert_eq!(s.user_version(1).unwrap(), v1);
     // cleared_seq never moves backwards and is clamped to the latest seq (4).
     let back = ConversationSettings {
         cleared_seq: 1,
         ..want
     };
-    assert_eq!(
-        s.set_conversation_settings(1, c, back).wait().unwrap(),
-        want
-    );
+    assert_eq!(set(c, back), update(want, false));
     let far = ConversationSettings {
         cleared_seq: 99,
         pinned: false,
         ..want
     };
-    let got = s.set_conversation_settings(1, c, far).wait().unwrap();
+    let got = set(c, far);
+    assert!(got.changed);
+    let got = got.settings;
     assert_eq!((got.cleared_seq, got.pinned), (4, false));
     let v2 = s.user_version(1).unwrap();
     assert!(v2 > v1);
@@ -1129,10 +1213,7 @@ pub fn conversation_settings(make: Factory) {
         cleared_seq: 3,
         ..got
     };
-    assert_eq!(
-        s.set_conversation_settings(1, c, lower).wait().unwrap(),
-        got
-    );
+    assert_eq!(set(c, lower), update(got, false));
     assert_eq!(s.user_version(1).unwrap(), v2);
     assert!(
         s.conversations_changed_since(1, v2, None)
@@ -1148,12 +1229,7 @@ pub fn conversation_settings(make: Factory) {
         hidden: true,
         ..ConversationSettings::default()
     };
-    assert_eq!(
-        s.set_conversation_settings(1, other, hidden)
-            .wait()
-            .unwrap(),
-        hidden
-    );
+    assert_eq!(set(other, hidden), update(hidden, true));
     let info = conv_info(s, 1, other).unwrap();
     assert_eq!(
         (info.settings, info.active, info.latest_seq),
@@ -1164,10 +1240,7 @@ pub fn conversation_settings(make: Factory) {
         cleared_seq: 5,
         ..hidden
     };
-    assert_eq!(
-        s.set_conversation_settings(1, other, clear).wait().unwrap(),
-        hidden
-    );
+    assert_eq!(set(other, clear), update(hidden, false));
     // A group the user left keeps its membership state.
     let g = 6;
     let gc = group_conversation(g).unwrap();
@@ -1178,10 +1251,7 @@ pub fn conversation_settings(make: Factory) {
         muted: true,
         ..ConversationSettings::default()
     };
-    assert_eq!(
-        s.set_conversation_settings(1, gc, muted).wait().unwrap(),
-        muted
-    );
+    assert_eq!(set(gc, muted), update(muted, true));
     let info = conv_info(s, 1, gc).unwrap();
     assert_eq!(
         (info.active, info.left_seq, info.settings),
@@ -1190,7 +1260,7 @@ pub fn conversation_settings(make: Factory) {
     assert_eq!(s.membership(1, g).unwrap(), Some(1));
     for bad in [0, MAX_USER_ID + 1] {
         assert!(matches!(
-            s.set_conversation_settings(bad, c, want).wait(),
+            s.set_conversation_settings(bad, c, want.into()).wait(),
             Err(StorageError::InvalidArgument(_))
         ));
     }
@@ -1869,6 +1939,7 @@ macro_rules! suite {
             invalid_group_change_writes_nothing,
             member_calls_and_group_changes_agree,
             conversation_settings,
+            a_settings_change_keeps_the_fields_it_leaves_out,
             a_hidden_conversation_shows_again_with_a_new_message,
             recall_empties_a_message_with_its_event,
             recall_of_a_message_in_flight,
