@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod notify;
 pub mod outbound;
 pub mod park;
+pub mod ports;
 pub mod presence;
 pub mod push;
 pub mod push_api;

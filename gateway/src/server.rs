@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::ports::Proto;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -193,6 +194,15 @@ fn run_cores(
         shutdown.clone(),
     )?;
     // Bind on core 0 first so that port 0 (tests) resolves to one port every core then shares.
+    for (addr, proto) in [
+        (cfg.plaintext.then_some(cfg.tcp), Proto::Tcp),
+        (cfg.tls, Proto::Tcp),
+        (cfg.quic, Proto::Udp),
+    ] {
+        if let Some(addr) = addr {
+            refuse_a_served_port(addr, proto)?;
+        }
+    }
     let addr = if cfg.plaintext {
         Some(
             resolve_listen_addr(cfg.tcp).map_err(|e| GatewayError::Listen {
@@ -403,6 +413,29 @@ fn quic_setup(
     transport.max_concurrent_uni_streams(tern_quic::VarInt::from_u32(0));
     server.transport_config(Arc::new(transport));
     Ok(tern_quic::QuicSetup::new(addr, cores, server).bind()?)
+}
+
+/// Fails if another process serves `addr` already (see [`crate::ports`]). Where `/proc/net`
+/// cannot be read the check is skipped, with a warning.
+fn refuse_a_served_port(addr: SocketAddr, proto: Proto) -> Result<(), GatewayError> {
+    match crate::ports::in_use(addr, proto) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(GatewayError::Listen {
+            addr,
+            message: format!(
+                "another process already {} this port (a second gateway would share it through \
+                 SO_REUSEPORT and take part of the connections); stop it or choose another address",
+                match proto {
+                    Proto::Tcp => "listens on",
+                    Proto::Udp => "receives on",
+                }
+            ),
+        }),
+        Err(e) => {
+            warn!(%addr, error = %e, "cannot read /proc/net to check that the port is free");
+            Ok(())
+        }
+    }
 }
 
 /// Binds once to learn the port (when 0 is asked for) and to fail early on a bad address. With

@@ -231,3 +231,44 @@ fn a_client_that_changes_address_keeps_its_session() {
         "the connection was replaced"
     );
 }
+
+#[test]
+fn a_second_gateway_on_a_served_port_is_refused() {
+    let gw = gateway();
+    let quic = gw.quic.expect("QUIC address");
+    let dir = tempfile::tempdir().unwrap();
+    // Runs a second gateway, which must exit by itself; its standard error.
+    let second = |args: &[&str]| {
+        let log = dir.path().join("stderr");
+        let mut child = std::process::Command::new(tern_tests::binary("tern-gateway"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--api", "127.0.0.1:0"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("run tern-gateway");
+        let status = tern_tests::wait_child(&mut child, tern_tests::WAIT);
+        assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let refused = |args: &[&str], addr: &str, verb: &str| {
+        let err = second(args);
+        let want = format!("cannot listen on {addr}: another process already {verb} this port");
+        assert!(err.contains(&want), "{err}");
+    };
+    let tcp = gw.addr.to_string();
+    refused(&["--tcp", &tcp], &tcp, "listens on");
+    let wildcard = format!("0.0.0.0:{}", gw.addr.port());
+    refused(&["--tcp", &wildcard], &wildcard, "listens on");
+    let quic = quic.to_string();
+    refused(
+        &["--tcp", "127.0.0.1:0", "--quic", &quic],
+        &quic,
+        "receives on",
+    );
+    // The first gateway serves on, alone.
+    let (mut alice, _) = gw.login(tern_tests::Via::Tcp, &gw.token("alice"), "phone");
+    send_acked(&mut alice, "alice", "a1", "still here");
+}
