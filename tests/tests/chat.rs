@@ -382,3 +382,91 @@ fn requests_pipelined_with_hello_survive_the_hand_off_to_the_users_core(via: Via
         assert_eq!(ack.seq, 1);
     }
 }
+
+/// With every log level on, the log names what happened but never a message body, a token or
+/// a secret: not for a client's Send, an API message, a token minted by the API, or a login
+/// refused for a bad signature.
+#[test]
+fn logs_never_carry_bodies_tokens_or_secrets() {
+    let mut gw = Gateway::start(&["--log", "trace"]);
+    let alice = gw.token("alice");
+    let (mut a, _) = gw.login(Via::Tcp, &alice, "phone");
+    let (mut b, _) = gw.login(Via::Tcp, &gw.token("bob"), "phone");
+    let canary = "canary-body-5f1e9b";
+    send_acked(&mut a, "bob", "m1", canary);
+    assert_eq!(text(&expect_deliver(&mut b)), canary);
+    let api_canary = "canary-api-body-77c2d0";
+    let (status, _) = gw.api_call(
+        "POST",
+        "/v1/messages",
+        Some(&serde_json::json!({"from": "alice", "to_user": "bob", "text": api_canary})),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(text(&expect_deliver(&mut b)), api_canary);
+    let (status, minted) = gw.api_call("POST", "/v1/users/carol/token", None);
+    assert_eq!(status, 200);
+    let minted = minted["token"].as_str().expect("a token").to_string();
+    // The same token with its signature's last character changed.
+    let mut forged = alice.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    let mut refused = gw.connect(Via::Tcp);
+    refused.send_body(Body::Hello(hello(&forged, "laptop")));
+    assert!(matches!(refused.recv_frame().body, Some(Body::Error(_))));
+
+    let secret = std::fs::read_to_string(gw.data_dir.join("secret")).unwrap();
+    let api_secret = gw.api_secret();
+    gw.stop();
+    let log = gw.log();
+    // Logging was on at every level: the logins are there, and trace lines.
+    assert!(
+        log.contains("logged in") && log.contains(" TRACE "),
+        "{log}"
+    );
+    for (what, s) in [
+        ("a body", canary),
+        ("an API body", api_canary),
+        ("a token", alice.as_str()),
+        ("a minted token", minted.as_str()),
+        ("a forged token", forged.as_str()),
+        ("the token secret", secret.trim()),
+        ("the API secret", api_secret.as_str()),
+    ] {
+        assert!(!log.contains(s), "the log carries {what}:\n{log}");
+    }
+}
+
+/// SIGTERM with a client that reads nothing while megabytes wait for it: the gateway still
+/// exits cleanly within its shutdown bound (`shutdown_timeout_ms`, here 1 s, plus the store's
+/// close), a reading client is told why, and the stuck connection is reset.
+#[test]
+fn shutdown_keeps_its_bound_with_a_client_that_reads_nothing() {
+    let mut gw = Gateway::start(&["--set", "shutdown_timeout_ms=1000"]);
+    let (mut alice, _) = gw.login(Via::Tcp, &gw.token("alice"), "phone");
+    let bob = gw.connect(Via::Tcp);
+    // A small receive buffer that cannot grow: the gateway's writer for Bob blocks soon.
+    socket2::SockRef::from(bob.stream())
+        .set_recv_buffer_size(16 << 10)
+        .unwrap();
+    let (mut bob, _) = bob.hello_ok(&gw.token("bob"), "phone");
+    let body = "z".repeat(60 << 10);
+    for i in 0..100 {
+        send_acked(&mut alice, "bob", &format!("z{i}"), &body);
+    }
+    let start = std::time::Instant::now();
+    gw.stop();
+    let took = start.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(4),
+        "shutdown took {took:?}:\n{}",
+        gw.log()
+    );
+    alice.expect_kick(tern_protocol::KickReason::Shutdown);
+    // Bob gets what was in flight, then the reset; never the 6 MB queued for him.
+    let mut delivered = 0;
+    while let tern_tests::Recv::Frame(f) = bob.recv() {
+        assert!(matches!(f.body, Some(Body::Deliver(_))), "{f:?}");
+        delivered += 1;
+    }
+    assert!(delivered < 100, "{delivered}");
+}
