@@ -2,9 +2,15 @@
 //! second gateway started on the same address: the kernel would then share the port between
 //! the two and hand each a part of the connections, with nothing said. Before binding, the
 //! gateway looks for a listening TCP socket (or a bound UDP socket, for QUIC) on the port in
-//! `/proc/net`. Sockets left in TIME_WAIT by a gateway that crashed do not count.
+//! `/proc/net`, and for one it finds, asks the kernel whether a plain bind (without
+//! SO_REUSEPORT) to the address would be refused: an IPv6 socket that takes no IPv4 traffic
+//! (IPV6_V6ONLY, which `/proc/net` does not show) then does not count. Sockets left in
+//! TIME_WAIT by a gateway that crashed do not count either. Two gateways started at the same
+//! moment can both pass the check.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use socket2::{Domain, Socket, Type};
 
 /// The transport a port is wanted for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,13 +22,33 @@ pub enum Proto {
 /// TCP's LISTEN state in `/proc/net/tcp`.
 const TCP_LISTEN: &str = "0A";
 
-/// Whether a socket of this machine's network namespace already serves `addr`'s port: a
-/// listening TCP socket, or any bound UDP socket, on `addr`'s IP or on a wildcard address (or
-/// on any IP, when `addr` is a wildcard). Port 0 never is.
+/// Whether a socket of this machine's network namespace already serves `addr`: a listening
+/// TCP socket, or a bound UDP socket, that `/proc/net` lists on `addr`'s port (on its IP or a
+/// wildcard address, or any IP when `addr` is a wildcard) and that a plain bind to `addr`
+/// collides with. Port 0 never is.
 pub fn in_use(addr: SocketAddr, proto: Proto) -> std::io::Result<bool> {
-    if addr.port() == 0 {
-        return Ok(false);
+    Ok(addr.port() != 0 && listed(addr, proto)? && plain_bind_refused(addr, proto))
+}
+
+/// Whether the kernel refuses a socket without SO_REUSEPORT on `addr` because the address is
+/// in use (TCP with SO_REUSEADDR, so that TIME_WAIT sockets do not count).
+fn plain_bind_refused(addr: SocketAddr, proto: Proto) -> bool {
+    let ty = match proto {
+        Proto::Tcp => Type::STREAM,
+        Proto::Udp => Type::DGRAM,
+    };
+    let Ok(socket) = Socket::new(Domain::for_address(addr), ty, None) else {
+        // No socket to ask with: go by the listing.
+        return true;
+    };
+    if proto == Proto::Tcp {
+        let _ = socket.set_reuse_address(true);
     }
+    matches!(socket.bind(&addr.into()), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+}
+
+/// Whether `/proc/net` lists a socket that may serve `addr` (see [`in_use`]).
+fn listed(addr: SocketAddr, proto: Proto) -> std::io::Result<bool> {
     let files: [&str; 2] = match proto {
         Proto::Tcp => ["/proc/net/tcp", "/proc/net/tcp6"],
         Proto::Udp => ["/proc/net/udp", "/proc/net/udp6"],
@@ -94,6 +120,8 @@ mod tests {
         s.parse().unwrap()
     }
 
+    // The tables print each 32-bit word of an address in the machine's order.
+    #[cfg(target_endian = "little")]
     #[test]
     fn reads_the_kernels_tables() {
         let v4 = "   0: 0100007F:1DB0 00000000:0000 0A 00000000:00000000 00:00000000 00000000  0 \
@@ -146,5 +174,21 @@ mod tests {
         drop(udp);
         assert!(!in_use(at, Proto::Udp).unwrap());
         assert!(!in_use(addr("127.0.0.1:0"), Proto::Tcp).unwrap());
+    }
+
+    #[test]
+    fn an_ipv6_only_socket_leaves_the_ipv4_port_free() {
+        let v6 = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+        if v6.set_only_v6(true).is_err() || v6.bind(&addr("[::]:0").into()).is_err() {
+            // No IPv6 on this machine: nothing to check.
+            return;
+        }
+        v6.listen(8).unwrap();
+        let port = v6.local_addr().unwrap().as_socket().unwrap().port();
+        let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), port);
+        // Listed as [::]:port, which may take IPv4 too; the kernel says it does not.
+        assert!(in_use(at("::1"), Proto::Tcp).unwrap());
+        assert!(!in_use(at("127.0.0.1"), Proto::Tcp).unwrap());
+        assert!(!in_use(at("0.0.0.0"), Proto::Tcp).unwrap());
     }
 }

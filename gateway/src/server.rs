@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::ports::Proto;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -17,6 +16,7 @@ use tracing::{info, warn};
 use crate::config::{Config, Durability};
 use crate::core::{Core, ShardMsg};
 use crate::limits::ConnLimits;
+use crate::ports::Proto;
 use crate::route::Router;
 use crate::token::Secret;
 
@@ -101,9 +101,19 @@ pub fn load_secret(cfg: &Config) -> Result<Secret, GatewayError> {
     })
 }
 
-/// Checks the config and creates the data directory.
+/// Checks the config and that no other process serves its ports, and creates the data
+/// directory: before anything is opened or started.
 fn prepare(cfg: &Config) -> Result<(), GatewayError> {
     cfg.validate()?;
+    for (addr, proto) in [
+        (cfg.plaintext.then_some(cfg.tcp), Proto::Tcp),
+        (cfg.tls, Proto::Tcp),
+        (cfg.quic, Proto::Udp),
+    ] {
+        if let Some(addr) = addr {
+            refuse_a_served_port(addr, proto)?;
+        }
+    }
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| GatewayError::DataDir {
         path: cfg.data_dir.display().to_string(),
         message: e.to_string(),
@@ -194,15 +204,6 @@ fn run_cores(
         shutdown.clone(),
     )?;
     // Bind on core 0 first so that port 0 (tests) resolves to one port every core then shares.
-    for (addr, proto) in [
-        (cfg.plaintext.then_some(cfg.tcp), Proto::Tcp),
-        (cfg.tls, Proto::Tcp),
-        (cfg.quic, Proto::Udp),
-    ] {
-        if let Some(addr) = addr {
-            refuse_a_served_port(addr, proto)?;
-        }
-    }
     let addr = if cfg.plaintext {
         Some(
             resolve_listen_addr(cfg.tcp).map_err(|e| GatewayError::Listen {

@@ -464,8 +464,13 @@ fn conversation_settings_reach_every_device_and_clearing_hides_history() {
         muted: false,
         cleared_seq: 2,
     };
-    // The tablet got both changes, the later one with both applied.
-    tablet.pushed();
+    // The tablet got both changes, in the order they were written (all of Alice's sessions
+    // live on her core, which hears of each write in order): the first with one field
+    // changed, the second with both.
+    let Body::ConversationSettings(first) = tablet.pushed() else {
+        panic!("expected the first change");
+    };
+    assert!(first.pinned != first.muted, "{first:?}");
     assert_eq!(tablet.pushed(), Body::ConversationSettings(both));
     let unchanged = SetConversation {
         conversation_id: conv,
@@ -473,6 +478,7 @@ fn conversation_settings_reach_every_device_and_clearing_hides_history() {
     };
     assert_eq!(set_conversation(&mut tablet, unchanged), both);
     phone.nothing_pending();
+    laptop.nothing_pending();
     // Not a conversation of hers.
     let rid = bob.send_body(Body::SetConversation(SetConversation {
         conversation_id: conv + 1,

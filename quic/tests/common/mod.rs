@@ -314,7 +314,8 @@ pub async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> quinn::Con
 /// Returns once the server has also acknowledged everything sent. A connection closed while its
 /// congestion window is still full of unacknowledged data may never send its CONNECTION_CLOSE
 /// (quinn-proto 0.11.19 holds the close back behind congestion control, quinn issue 2785), and
-/// the server would then learn of the close only from its idle timeout.
+/// the server would then learn of the close only from its idle timeout. (quinn's fix, pull
+/// request 2787, sends the close regardless; with a release that has it, this wait can go.)
 pub async fn echo(conn: &quinn::Connection, data: &[u8], chunk: usize) -> Vec<u8> {
     let (mut send, mut recv) = conn.open_bi().await.expect("open stream");
     let write = async {
