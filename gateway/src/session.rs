@@ -683,7 +683,17 @@ async fn log_in(start: Start) -> Option<LoggedIn> {
     let user_name: Arc<str> = Arc::from(login.user.as_str());
     info!(session = session.id, logical = session.logical, "logged in");
     let writer = glommio::spawn_local(write_loop(core.clone(), stream.clone(), session.clone()));
-    let user_version = core.store.user_version(user).unwrap_or(0);
+    // A device that syncs at login gets HelloOk's version and its sync from one read of the
+    // store. Live messages wait for the sync from here on: nothing is awaited before the read.
+    let view = login.sync_on_login.then(|| {
+        session.out.begin_sync();
+        core.store
+            .sync_view(user, login.sync_version, Some(&login.device))
+    });
+    let user_version = match &view {
+        Some(Ok(v)) => v.user_version,
+        _ => core.store.user_version(user).unwrap_or(0),
+    };
     session.out.push(core.encode(&Frame::new(
         login.request_id,
         HelloOk {
@@ -713,14 +723,8 @@ async fn log_in(start: Start) -> Option<LoggedIn> {
     if login.resume == 0 {
         core.send_pending_pushes(&session, &login.user);
     }
-    if login.sync_on_login {
-        // begin_sync happens before the first await inside, so no live message slips between
-        // registration and the sync.
-        Box::pin(
-            live.ctx
-                .sync(login.request_id, login.sync_version, 0, Some(user_version)),
-        )
-        .await;
+    if let Some(view) = view {
+        Box::pin(live.ctx.sync_with(login.request_id, 0, view)).await;
     }
     let inbuf = (!inbuf.is_empty()).then(|| Box::new(inbuf));
     Some((live, stream, inbuf, writer))
@@ -1279,7 +1283,7 @@ impl Ctx {
             }
             // Boxed: the sync state is large and rare; it must not size every idle session's task.
             Some(Body::Sync(req)) => {
-                Box::pin(self.sync(rid, req.since_version, req.page_size, None)).await
+                Box::pin(self.sync(rid, req.since_version, req.page_size)).await
             }
             Some(Body::History(req)) => self.history(rid, req),
             Some(Body::Group(req)) => self.group(rid, req).await,
@@ -1760,13 +1764,35 @@ impl Ctx {
     /// sync already carried.
     /// `version` is the user's version if the caller read it after this session was registered
     /// and before calling (the login sync reuses HelloOk's); otherwise the sync reads it.
-    async fn sync(&mut self, rid: u64, since: u64, page_size: u32, version: Option<u64>) {
+    async fn sync(&mut self, rid: u64, since: u64, page_size: u32) {
+        // Live messages from here on wait for the end of the sync.
         self.session.out.begin_sync();
+        // The device's acks first: the view then has its delivered cursors.
         self.flush_acks().await;
+        let view = self
+            .core
+            .store
+            .sync_view(self.user, since, Some(&self.session.device));
+        self.sync_with(rid, page_size, view).await;
+    }
+
+    /// Sends the sync of `view` (read after `begin_sync`, so that a message committed after
+    /// the read is either live after the sync or newer than the version in SyncDone), then
+    /// ends the sync.
+    async fn sync_with(
+        &mut self,
+        rid: u64,
+        page_size: u32,
+        view: Result<tern_storage::SyncView, tern_storage::StorageError>,
+    ) {
         let mut synced_upto: HashMap<u64, u64> = HashMap::new();
-        let result = self
-            .sync_pages(rid, since, page_size, version, &mut synced_upto)
-            .await;
+        let result = match view {
+            Ok(view) => {
+                self.sync_pages(rid, page_size, view, &mut synced_upto)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
             let (code, msg) = crate::core::storage_error_code(&e);
             self.error(rid, code, msg);
@@ -1777,9 +1803,8 @@ impl Ctx {
     async fn sync_pages(
         &mut self,
         rid: u64,
-        since: u64,
         page_size: u32,
-        version: Option<u64>,
+        view: tern_storage::SyncView,
         synced_upto: &mut HashMap<u64, u64>,
     ) -> Result<(), tern_storage::StorageError> {
         let store = self.core.store.clone();
@@ -1788,14 +1813,7 @@ impl Ctx {
         } else {
             page_size.min(self.core.cfg.max_page)
         } as usize;
-        // The version is read before the conversations: anything committed after this point
-        // is either in this sync or newer than the version reported in SyncDone.
-        let version = match version {
-            Some(v) => v,
-            None => store.user_version(self.user)?,
-        };
-        let convs =
-            store.conversations_changed_since(self.user, since, Some(&self.session.device))?;
+        let (convs, version) = (view.conversations, view.user_version);
         let mut names = HashMap::new();
         let mut targets = Vec::with_capacity(convs.len());
         for chunk in convs.chunks(256) {

@@ -102,6 +102,15 @@ impl From<ConversationSettings> for SettingsChange {
     }
 }
 
+/// What [`MessageStore::sync_view`] read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SyncView {
+    /// The conversations changed since the version asked for, by conversation id.
+    pub conversations: Vec<ConversationInfo>,
+    /// The user's version in the same view.
+    pub user_version: u64,
+}
+
 /// What [`MessageStore::set_conversation_settings`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SettingsUpdate {
@@ -602,16 +611,26 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
     /// The latest acknowledged sequence number of `conv` (0 if empty).
     fn latest_seq(&self, conv: ConversationId) -> Result<Seq>;
 
-    /// The user's conversations whose `last_version > since_version`, by conversation id.
-    /// `device` selects whose delivered cursor is reported.
+    /// What a sync needs, read in one pass over one consistent view of the store: the user's
+    /// conversations whose `last_version > since_version`, by conversation id (`device`
+    /// selects whose delivered cursor is reported), and the user's version, the maximum
+    /// `last_version` over all the user's conversations in the same view. Every change with a
+    /// version up to that one is in the view, so a later sync from it misses nothing.
+    fn sync_view(&self, user: UserId, since_version: u64, device: Option<&str>)
+    -> Result<SyncView>;
+    /// The conversations of [`MessageStore::sync_view`] alone.
     fn conversations_changed_since(
         &self,
         user: UserId,
         since_version: u64,
         device: Option<&str>,
-    ) -> Result<Vec<ConversationInfo>>;
-    /// The user's version: the maximum `last_version` over the user's conversations.
-    fn user_version(&self, user: UserId) -> Result<u64>;
+    ) -> Result<Vec<ConversationInfo>> {
+        Ok(self.sync_view(user, since_version, device)?.conversations)
+    }
+    /// The user's version alone: the maximum `last_version` over the user's conversations.
+    fn user_version(&self, user: UserId) -> Result<u64> {
+        Ok(self.sync_view(user, u64::MAX, None)?.user_version)
+    }
     /// Moves the user's read position in `conv` forward to `seq` (clamped to the latest
     /// seq; never backwards). Resolves to the resulting read position.
     fn set_read(&self, user: UserId, conv: ConversationId, seq: Seq) -> Completion<Seq>;

@@ -247,6 +247,7 @@ pub use api::{
     ConversationInfo, ConversationSettings, Durability, GroupChange, MAX_META_CHANGES,
     MAX_META_KEY_LEN, MAX_META_SCAN, MAX_META_VALUE_LEN, MAX_RELATION_CHANGES, MessageStore,
     MetaChange, RelationChange, RelationKind, SettingsChange, SettingsUpdate, StoreOptions,
+    SyncView,
 };
 #[cfg(feature = "mem")]
 pub use completion::Completion;

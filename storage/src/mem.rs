@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 
 use crate::api::{
-    AppendRequest, Appended, ConversationInfo, ConversationSettings, GroupChange, MAX_META_SCAN,
-    MessageStore, MetaChange, RelationChange, RelationKind, SettingsChange, SettingsUpdate,
+    AppendRequest, Appended, ConversationSettings, GroupChange, MAX_META_SCAN, MessageStore,
+    MetaChange, RelationChange, RelationKind, SettingsChange, SettingsUpdate, SyncView,
     check_device, check_meta, check_name, check_relations, check_user, meta_scan_start, now_ms,
 };
 use crate::completion::Completion;
@@ -613,23 +613,25 @@ impl MessageStore for MemStore {
         Ok(self.lock()?.latest(conv))
     }
 
-    fn conversations_changed_since(
+    fn sync_view(
         &self,
         user: UserId,
         since_version: u64,
         device: Option<&str>,
-    ) -> Result<Vec<ConversationInfo>> {
+    ) -> Result<SyncView> {
         if let Some(d) = device {
             check_device(d)?;
         }
+        // One lock for the whole pass: the view is consistent.
         let s = self.lock()?;
-        let mut out = Vec::new();
+        let mut view = SyncView::default();
         for (&(_, conv), rec) in s.user_convs.range((user, 0)..=(user, u64::MAX)) {
             let head = s.head(conv).map_or((0, 0), |m| (m.seq, m.version));
             let peer = rec.peer(user, conv, |other| {
                 Ok(s.user_convs.get(&(other, conv)).copied())
             })?;
             let mut info = rec.info(user, conv, head, peer.as_ref());
+            view.user_version = view.user_version.max(info.last_version);
             if info.last_version <= since_version {
                 continue;
             }
@@ -639,18 +641,9 @@ impl MessageStore for MemStore {
                     .copied()
                     .unwrap_or(0)
             });
-            out.push(info);
+            view.conversations.push(info);
         }
-        Ok(out)
-    }
-
-    fn user_version(&self, user: UserId) -> Result<u64> {
-        Ok(self
-            .conversations_changed_since(user, 0, None)?
-            .iter()
-            .map(|c| c.last_version)
-            .max()
-            .unwrap_or(0))
+        Ok(view)
     }
 
     fn set_read(&self, user: UserId, conv: ConversationId, seq: Seq) -> Completion<Seq> {

@@ -16,10 +16,10 @@ use rocksdb::{
 };
 
 use crate::api::{
-    AppendRequest, Appended, ConversationInfo, ConversationSettings, Durability, MAX_META_SCAN,
-    MessageStore, MetaChange, RelationChange, RelationKind, SettingsChange, SettingsUpdate,
-    StoreOptions, check_device, check_meta, check_name, check_relations, check_user,
-    meta_scan_start, now_ms, prefix_end,
+    AppendRequest, Appended, ConversationSettings, Durability, MAX_META_SCAN, MessageStore,
+    MetaChange, RelationChange, RelationKind, SettingsChange, SettingsUpdate, StoreOptions,
+    SyncView, check_device, check_meta, check_name, check_relations, check_user, meta_scan_start,
+    now_ms, prefix_end,
 };
 use crate::completion::Completion;
 use crate::dedup::{DedupEntry, DedupIndex};
@@ -133,7 +133,15 @@ impl Db {
     }
 
     fn get_u64(&self, cf: &str, key: &[u8]) -> Result<Option<u64>> {
-        match self.db.get_pinned_cf(self.cf(cf), key).map_err(backend)? {
+        self.get_u64_at(cf, key, &ReadOptions::default())
+    }
+
+    fn get_u64_at(&self, cf: &str, key: &[u8], ro: &ReadOptions) -> Result<Option<u64>> {
+        match self
+            .db
+            .get_pinned_cf_opt(self.cf(cf), key, ro)
+            .map_err(backend)?
+        {
             Some(v) => decode_u64(&v).map(Some),
             None => Ok(None),
         }
@@ -148,9 +156,19 @@ impl Db {
     }
 
     pub fn user_conv(&self, user: UserId, conv: ConversationId) -> Result<Option<UserConvRecord>> {
+        self.user_conv_at(user, conv, &ReadOptions::default())
+    }
+
+    /// [`Db::user_conv`] read with `ro` (a snapshot's, say).
+    fn user_conv_at(
+        &self,
+        user: UserId,
+        conv: ConversationId,
+        ro: &ReadOptions,
+    ) -> Result<Option<UserConvRecord>> {
         match self
             .db
-            .get_pinned_cf(self.cf(CF_USER_CONVS), pair_key(user, conv))
+            .get_pinned_cf_opt(self.cf(CF_USER_CONVS), pair_key(user, conv), ro)
             .map_err(backend)?
         {
             Some(v) => UserConvRecord::decode(&v).map(Some),
@@ -1049,25 +1067,32 @@ impl MessageStore for RocksStore {
         Ok(self.inner.db.head(conv)?.map_or(0, |(s, _)| s))
     }
 
-    fn conversations_changed_since(
+    fn sync_view(
         &self,
         user: UserId,
         since_version: u64,
         device: Option<&str>,
-    ) -> Result<Vec<ConversationInfo>> {
+    ) -> Result<SyncView> {
         self.check_open()?;
         if let Some(d) = device {
             check_device(d)?;
         }
         let db = &self.inner.db;
+        // Every read from one snapshot: the version and the conversations agree.
+        let snapshot = db.db.snapshot();
+        let at = |mut ro: ReadOptions| {
+            ro.set_snapshot(&snapshot);
+            ro
+        };
+        let point = at(ReadOptions::default());
         let mut heads = db
             .db
-            .raw_iterator_cf_opt(db.cf(CF_MESSAGES), prefix_read_opts());
+            .raw_iterator_cf_opt(db.cf(CF_MESSAGES), at(prefix_read_opts()));
         let mut it = db
             .db
-            .raw_iterator_cf_opt(db.cf(CF_USER_CONVS), bounded_opts(user));
+            .raw_iterator_cf_opt(db.cf(CF_USER_CONVS), at(bounded_opts(user)));
         it.seek(pair_key(user, 0));
-        let mut out = Vec::new();
+        let mut view = SyncView::default();
         while let Some((k, v)) = it.item() {
             let (u, conv) = split_pair_key(k)?;
             if u != user {
@@ -1075,27 +1100,21 @@ impl MessageStore for RocksStore {
             }
             let rec = UserConvRecord::decode(v)?;
             let head = head_with(&mut heads, conv)?.unwrap_or((0, 0));
-            let peer = rec.peer(user, conv, |other| db.user_conv(other, conv))?;
+            let peer = rec.peer(user, conv, |other| db.user_conv_at(other, conv, &point))?;
             let mut info = rec.info(user, conv, head, peer.as_ref());
+            view.user_version = view.user_version.max(info.last_version);
             if info.last_version > since_version {
                 if let Some(d) = device {
-                    info.delivered_seq = db.cursor(&cursor_key(user, conv, d))?;
+                    info.delivered_seq = db
+                        .get_u64_at(CF_CURSORS, &cursor_key(user, conv, d), &point)?
+                        .unwrap_or(0);
                 }
-                out.push(info);
+                view.conversations.push(info);
             }
             it.next();
         }
         it.status().map_err(backend)?;
-        Ok(out)
-    }
-
-    fn user_version(&self, user: UserId) -> Result<u64> {
-        Ok(self
-            .conversations_changed_since(user, 0, None)?
-            .iter()
-            .map(|c| c.last_version)
-            .max()
-            .unwrap_or(0))
+        Ok(view)
     }
 
     fn set_read(&self, user: UserId, conv: ConversationId, seq: Seq) -> Completion<Seq> {

@@ -657,6 +657,65 @@ pub fn sync_reports_the_peers_read_position(make: Factory) {
     assert_eq!((i.read_seq, i.peer_read_seq), (1, 1));
 }
 
+/// A sync view taken while messages and read positions are written is one consistent view:
+/// every change with a version up to the view's user version is in it, so a sync from that
+/// version later misses nothing. The parts (changed conversations, user version) agree with it.
+pub fn sync_view_is_consistent_while_written(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = &*f.store;
+    let convs: Vec<u64> = (2..10)
+        .map(|peer| direct_conversation(1, peer).unwrap())
+        .collect();
+    let views = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            for i in 0..300u64 {
+                let (c, peer) = (convs[(i % 8) as usize], i % 8 + 2);
+                // Peer's message, then user 1 reads an earlier conversation: message versions
+                // and record versions interleave.
+                let mut r = msg(c, peer, &format!("m{i}"), "x");
+                r.participants = vec![1, peer];
+                append(s, r);
+                let earlier = convs[((i + 3) % 8) as usize];
+                s.set_read(1, earlier, u64::MAX).wait().unwrap();
+            }
+        });
+        let mut views = Vec::new();
+        while !writer.is_finished() {
+            views.push(s.sync_view(1, 0, None).unwrap());
+        }
+        writer.join().unwrap();
+        views
+    });
+    let last = s.sync_view(1, 0, Some("d")).unwrap();
+    assert_eq!(last.conversations.len(), 8);
+    assert_eq!(s.user_version(1).unwrap(), last.user_version);
+    assert_eq!(
+        s.conversations_changed_since(1, 0, Some("d")).unwrap(),
+        last.conversations
+    );
+    assert!(
+        s.sync_view(1, last.user_version, None)
+            .unwrap()
+            .conversations
+            .is_empty()
+    );
+    assert!(views.len() > 1, "no view was taken while writing");
+    for view in &views {
+        // A conversation whose last change is covered by the view's version shows that change.
+        for c in &last.conversations {
+            if c.last_version <= view.user_version {
+                let seen = view
+                    .conversations
+                    .iter()
+                    .find(|v| v.conversation == c.conversation);
+                assert_eq!(seen.map(|v| v.last_version), Some(c.last_version));
+            }
+        }
+        let newest = view.conversations.iter().map(|c| c.last_version).max();
+        assert_eq!(newest.unwrap_or(0), view.user_version);
+    }
+}
+
 /// A change sets only the fields it names, against what is stored when it is written: two
 /// devices changing different settings at once both keep theirs, and a change that leaves
 /// `hidden` out does not hide again a conversation that a new message showed.
@@ -679,7 +738,8 @@ pub fn a_settings_change_keeps_the_fields_it_leaves_out(make: Factory) {
         muted: Some(true),
         ..SettingsChange::default()
     };
-    // Both submitted before either is written, as from two devices.
+    // Both submitted before the first is waited for, as from two devices (the RocksDB store
+    // may write them in one batch).
     let (pinned, muted) = (
         s.set_conversation_settings(1, c, pin),
         s.set_conversation_settings(1, c, mute),
@@ -1939,6 +1999,7 @@ macro_rules! suite {
             invalid_group_change_writes_nothing,
             member_calls_and_group_changes_agree,
             conversation_settings,
+            sync_view_is_consistent_while_written,
             a_settings_change_keeps_the_fields_it_leaves_out,
             a_hidden_conversation_shows_again_with_a_new_message,
             recall_empties_a_message_with_its_event,
