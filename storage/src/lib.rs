@@ -14,7 +14,8 @@
 //! * **Read** pages forward from a seq or backward from a seq, and the latest seq.
 //! * **Sync state**: each user's conversations with latest seq, read position, per-device
 //!   delivered cursors, and a per-user version so that a device that knows version V asks
-//!   [`MessageStore::conversations_changed_since`] for only what changed.
+//!   [`MessageStore::sync_view`] for only what changed (and the version to ask from next time,
+//!   read from the same snapshot).
 //! * **Metadata**: string user and group ids interned to compact `u64`s, group membership.
 //! * **Groups**: an append may carry a [`GroupChange`] (the group's record, members joining,
 //!   leaving or changing attributes) that commits atomically with the message recording it;
