@@ -1,5 +1,5 @@
-//! Storage micro-benchmarks: append throughput per durability policy and batch size, and
-//! 50-message page reads. Run with `cargo bench -p tern-benches --bench storage`.
+//! Storage micro-benchmarks: append throughput per durability policy and batch size,
+//! 50-message page reads, and a sync's read of a user's 1,000 conversations. Run with `cargo bench -p tern-benches --bench storage`.
 //!
 //! A "batch" of N is N appends (to N different conversations) submitted together and then
 //! awaited, so the writer thread sees up to N queued appends per commit. Bodies are 200
@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tern_storage::{
-    AppendRequest, Durability, MessageStore, RocksStore, StoreOptions, group_conversation,
+    AppendRequest, Durability, MessageStore, RocksStore, StoreOptions, direct_conversation,
+    group_conversation,
 };
 
 const BODY: usize = 200;
@@ -139,5 +140,78 @@ fn reads(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, append, reads);
+/// What a login with sync reads: a user's conversations changed since a version, and the
+/// user's version. One pass over one snapshot (`sync_view`), against the two passes of asking
+/// for the version and then for the conversations. The user has 1,000 conversations: 900 1:1
+/// (each also reads the peer's read position) and 100 groups, 10 messages each, 100 of them
+/// changed since the device's version.
+fn sync_reads(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RocksStore::open(
+        dir.path(),
+        StoreOptions::with_durability(Durability::Memory),
+    )
+    .unwrap();
+    let user = 1;
+    let convs: Vec<(u64, u64)> = (0..1000u64)
+        .map(|i| match i {
+            0..900 => (direct_conversation(user, i + 2).unwrap(), i + 2),
+            _ => {
+                let g = i - 899;
+                assert!(store.add_member(g, user).wait().unwrap());
+                (group_conversation(g).unwrap(), 5000 + i)
+            }
+        })
+        .collect();
+    let mut since = 0;
+    for round in 0..10u64 {
+        if round == 9 {
+            since = store.user_version(user).unwrap();
+        }
+        let pending: Vec<_> = convs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| round < 9 || i % 10 == 0)
+            .map(|(i, &(conv, peer))| {
+                store.append(AppendRequest {
+                    conversation: conv,
+                    sender: peer,
+                    client_msg_id: format!("s-{round}-{i}"),
+                    content_type: 1,
+                    payload: Bytes::from_static(b"hello"),
+                    participants: if i < 900 {
+                        vec![user, peer]
+                    } else {
+                        Vec::new()
+                    },
+                    ..AppendRequest::default()
+                })
+            })
+            .collect();
+        pending.into_iter().for_each(|p| {
+            p.wait().unwrap();
+        });
+    }
+    let view = store.sync_view(user, since, Some("phone")).unwrap();
+    assert_eq!(view.conversations.len(), 100);
+    let mut g = c.benchmark_group("storage_sync_1000_conversations");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    g.bench_function("one_pass", |b| {
+        b.iter(|| black_box(store.sync_view(user, since, Some("phone")).unwrap()))
+    });
+    g.bench_function("two_passes", |b| {
+        b.iter(|| {
+            let version = store.user_version(user).unwrap();
+            let changed = store
+                .conversations_changed_since(user, since, Some("phone"))
+                .unwrap();
+            black_box((version, changed))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, append, reads, sync_reads);
 criterion_main!(benches);
