@@ -496,6 +496,8 @@ async fn import_users(
         }
         st.store.intern_user(&u.id)?;
     }
+    // Registered means registered: one sync for the whole import.
+    st.store.sync_interned()?;
     Ok(axum::Json(
         json!({ "imported": req.users.len(), "created": created }),
     ))

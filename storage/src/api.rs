@@ -481,15 +481,22 @@ pub struct ConversationInfo {
 /// (RocksDB point and short range reads served from memtables and the block cache take
 /// microseconds).
 pub trait MessageStore: Send + Sync + fmt::Debug {
-    /// The internal id of user `name`, allocated on first use (durably, before returning).
-    /// Blocks for one WAL sync under [`Durability::Fsync`] the first time only.
+    /// The internal id of user `name`, allocated on first use. A new id is in the log before
+    /// this returns (it survives a crash of the process) but not synced by itself: it becomes
+    /// durable against power loss with the next synced write, such as any append that
+    /// refers to it ("Interned ids" in the crate's invariants). [`MessageStore::sync_interned`]
+    /// syncs at once.
     fn intern_user(&self, name: &str) -> Result<UserId>;
     /// The internal id of user `name`, if allocated.
     fn lookup_user(&self, name: &str) -> Result<Option<UserId>>;
     /// The name of internal user `id`.
     fn user_name(&self, id: UserId) -> Result<Option<String>>;
-    /// The internal id of group `name`, allocated on first use.
+    /// The internal id of group `name`, allocated on first use, as
+    /// [`MessageStore::intern_user`] allocates users'.
     fn intern_group(&self, name: &str) -> Result<GroupId>;
+    /// Makes every id interned so far durable under the store's policy: one WAL sync under
+    /// [`Durability::Fsync`], nothing under the others (`Wal` syncs on its own schedule).
+    fn sync_interned(&self) -> Result<()>;
     /// The internal id of group `name`, if allocated.
     fn lookup_group(&self, name: &str) -> Result<Option<GroupId>>;
     /// The name of internal group `id`.

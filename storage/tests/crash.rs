@@ -1,8 +1,10 @@
 //! Crash test: a child process appends as fast as it can under `Durability::Fsync` and
 //! prints every acknowledged (conversation, seq, client message id); the parent SIGKILLs it
 //! at a random moment, reopens the store and checks that every acknowledged message is
-//! there, in order, with no gaps and no duplicates. Five rounds on the same directory, then
-//! appends continue after the last reopen.
+//! there, in order, with no gaps and no duplicates. Every 64th append comes from a user the
+//! child interns just before it (printing the new id): every id printed survives too, with
+//! its name, and no two names share an id. Five rounds on the same directory, then appends
+//! continue after the last reopen.
 //!
 //! The child is this test binary itself, re-executed with `TERN_CRASH_CHILD_DIR` set and
 //! filtered to the `crash_child` test.
@@ -45,9 +47,17 @@ fn crash_child() {
         while pending.len() < OUTSTANDING {
             let c = n % CONVS;
             let id = format!("r{round}-c{c}-n{n}");
+            let sender = if n.is_multiple_of(64) {
+                let name = format!("u{round}-{n}");
+                let user = store.intern_user(&name).unwrap();
+                writeln!(out, "INTERN {name} {user}").unwrap();
+                user
+            } else {
+                1
+            };
             let p = store.append(AppendRequest {
                 conversation: conv(c),
-                sender: 1,
+                sender,
                 client_msg_id: id.clone(),
                 content_type: 0,
                 custom_type: String::new(),
@@ -86,7 +96,9 @@ struct Ack {
 }
 
 /// Runs one child, kills it, returns the acknowledgements it printed.
-fn run_child(dir: &std::path::Path, round: u32) -> Vec<Ack> {
+/// What the child printed before it was killed: its acknowledged appends and the users it
+/// interned (name, id).
+fn run_child(dir: &std::path::Path, round: u32) -> (Vec<Ack>, Vec<(String, u64)>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
         .env("TERN_CRASH_CHILD_DIR", dir)
@@ -133,7 +145,9 @@ fn run_child(dir: &std::path::Path, round: u32) -> Vec<Ack> {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     reader.join().unwrap();
-    rx.try_iter()
+    let lines: Vec<String> = rx.try_iter().collect();
+    let acks = lines
+        .iter()
         .filter_map(|l| {
             let mut f = l.strip_prefix("ACK ")?.split(' ');
             Some(Ack {
@@ -142,7 +156,28 @@ fn run_child(dir: &std::path::Path, round: u32) -> Vec<Ack> {
                 id: f.next()?.to_owned(),
             })
         })
-        .collect()
+        .collect();
+    let interned = lines
+        .iter()
+        .filter_map(|l| {
+            let (name, id) = l.strip_prefix("INTERN ")?.split_once(' ')?;
+            Some((name.to_owned(), id.parse().ok()?))
+        })
+        .collect();
+    (acks, interned)
+}
+
+/// Every interned user kept its id and name, and no two share an id.
+fn check_interned(store: &RocksStore, interned: &[(String, u64)]) {
+    let mut ids = HashSet::new();
+    for (name, id) in interned {
+        assert_eq!(store.lookup_user(name).unwrap(), Some(*id), "{name} lost");
+        assert_eq!(
+            store.user_name(*id).unwrap().as_deref(),
+            Some(name.as_str())
+        );
+        assert!(ids.insert(*id), "id {id} given twice");
+    }
 }
 
 /// Parses `r{round}-c{c}-n{n}`.
@@ -194,8 +229,9 @@ fn acknowledged_appends_survive_sigkill() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mut acked = Vec::new();
+    let mut interned = Vec::new();
     for round in 0..ROUNDS {
-        let acks = run_child(dir.path(), round);
+        let (acks, users) = run_child(dir.path(), round);
         assert!(
             !acks.is_empty(),
             "round {round}: the child acknowledged nothing"
@@ -205,8 +241,14 @@ fn acknowledged_appends_survive_sigkill() {
             acks.len()
         );
         acked.extend(acks);
+        assert!(
+            !users.is_empty(),
+            "round {round}: the child interned nobody"
+        );
+        interned.extend(users);
         let store = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
         check(&store, &acked);
+        check_interned(&store, &interned);
     }
     // Appends continue where the log ends.
     let store = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();

@@ -413,6 +413,17 @@ fn write_options(d: Durability) -> WriteOptions {
     wo
 }
 
+/// Interning's writes: to the WAL (unless `memory`), not synced by themselves. A new id is
+/// durable once any later synced write is (the WAL is one sequence), and every write that
+/// can refer to it comes later; see "Invariants" in the crate docs.
+fn intern_write_options(d: Durability) -> WriteOptions {
+    let mut wo = WriteOptions::default();
+    if d == Durability::Memory {
+        wo.disable_wal(true);
+    }
+    wo
+}
+
 /// Bytes of the conversation id at the front of a `messages` key (and of the user or group id
 /// in `user_convs`, `members`, `user_groups`): their prefix extractors' length.
 const ID_PREFIX_LEN: usize = 8;
@@ -580,7 +591,7 @@ impl RocksStore {
         let (dedup, journal) = load_journal(&db, &opts)?;
 
         let (tx, rx) = crossbeam_channel::unbounded();
-        let write_opts = write_options(opts.durability);
+        let write_opts = intern_write_options(opts.durability);
         let link = writer::spawn_committer(db.clone(), write_options(opts.durability))?;
         let w = Writer::new(db.clone(), rx, link, &opts, version, dedup, journal);
         let writer = std::thread::Builder::new()
@@ -799,6 +810,14 @@ impl MessageStore for RocksStore {
 
     fn lookup_group(&self, name: &str) -> Result<Option<GroupId>> {
         self.lookup(name, true)
+    }
+
+    fn sync_interned(&self) -> Result<()> {
+        self.check_open()?;
+        match self.inner.durability {
+            Durability::Fsync => self.inner.db.db.flush_wal(true).map_err(backend),
+            Durability::Wal { .. } | Durability::Memory => Ok(()),
+        }
     }
 
     fn group_name(&self, id: GroupId) -> Result<Option<String>> {

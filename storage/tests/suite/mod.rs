@@ -1185,6 +1185,8 @@ pub fn close_rejects_later_calls(make: Factory) {
     let s = &*f.store;
     let c = group_conversation(1).unwrap();
     append(s, msg(c, 1, "a", ""));
+    s.intern_user("y").unwrap();
+    assert_eq!(s.sync_interned(), Ok(()));
     s.close().unwrap();
     s.close().unwrap();
     assert_eq!(
@@ -1195,6 +1197,7 @@ pub fn close_rejects_later_calls(make: Factory) {
     assert_eq!(s.read_forward(c, 1, 1), Err(StorageError::Closed));
     assert_eq!(s.set_read(1, c, 1).wait(), Err(StorageError::Closed));
     assert_eq!(s.intern_user("x"), Err(StorageError::Closed));
+    assert_eq!(s.sync_interned(), Err(StorageError::Closed));
     assert_eq!(
         s.set_meta(vec![put(b"k", b"v")]).wait(),
         Err(StorageError::Closed)
