@@ -1,5 +1,6 @@
 //! Storage micro-benchmarks: append throughput per durability policy and batch size,
-//! 50-message page reads, and a sync's read of a user's 1,000 conversations. Run with `cargo bench -p tern-benches --bench storage`.
+//! 50-message page reads, and a sync's read of a user's 1,000 conversations. Run with
+//! `cargo bench -p tern-benches --bench storage`.
 //!
 //! A "batch" of N is N appends (to N different conversations) submitted together and then
 //! awaited, so the writer thread sees up to N queued appends per commit. Bodies are 200

@@ -692,7 +692,9 @@ async fn log_in(start: Start) -> Option<LoggedIn> {
     });
     let user_version = match &view {
         Some(Ok(v)) => v.user_version,
-        _ => core.store.user_version(user).unwrap_or(0),
+        // The sync reports the error; reading again would fail the same way.
+        Some(Err(_)) => 0,
+        None => core.store.user_version(user).unwrap_or(0),
     };
     session.out.push(core.encode(&Frame::new(
         login.request_id,
@@ -1762,8 +1764,6 @@ impl Ctx {
     /// conversation's messages after this device's delivered cursor, then SyncDone. Live
     /// messages committed meanwhile wait in the session and follow SyncDone, minus those the
     /// sync already carried.
-    /// `version` is the user's version if the caller read it after this session was registered
-    /// and before calling (the login sync reuses HelloOk's); otherwise the sync reads it.
     async fn sync(&mut self, rid: u64, since: u64, page_size: u32) {
         // Live messages from here on wait for the end of the sync.
         self.session.out.begin_sync();

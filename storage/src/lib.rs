@@ -200,14 +200,17 @@
 //!   reused and no retry is answered from an uncommitted append. The committer reports the
 //!   failure to the builder before it resolves the failed completions, so a write submitted
 //!   after seeing the failure is built on the rolled-back state.
-//! * **Interned ids.** Interning writes a new id (its name, and the next id's counter) to the
-//!   WAL without syncing it, under a mutex, from the calling thread. The WAL is one sequence
-//!   and RocksDB recovers a prefix of it, so the id is durable once any later write is
-//!   synced. Every write that can refer to an id (an append, a membership, a relation) comes
-//!   after the intern that returned it, so whatever survives a power loss never refers to an
-//!   id that did not; an id lost with its intern was known only to the process that crashed,
-//!   and the name gets a fresh id when next interned. Callers that report an intern outside
-//!   the process before any write (the admin API's user import) call
+//! * **Interned ids.** Interning writes a new id (its name both ways) to the WAL without
+//!   syncing it, under a mutex, from the calling thread. The WAL is one sequence and RocksDB
+//!   recovers a prefix of it, so the id is durable once any later write is synced, and every
+//!   write that refers to an id (an append, a membership, a relation) comes after the intern
+//!   that returned it: what survives a power loss never refers to an id that did not. Ids are
+//!   reserved in blocks of 1,024: the first id of a block stores the block's end with a synced
+//!   write (under `Wal` too), and a store reopened after a crash hands out ids from there on,
+//!   so an id that a client saw (in a conversation id, say) and that was lost is never given
+//!   to another name; the name gets a fresh id when next interned. A clean close stores the
+//!   next id itself, so ids continue without a gap. Callers that report an intern outside the
+//!   process before any write (the admin API's user import) call
 //!   [`MessageStore::sync_interned`] first.
 //! * **Ordering.** Appends are sequenced in the order the writer receives them; appends
 //!   submitted from one thread (the conversation's owner core) are sequenced in submission

@@ -2,8 +2,9 @@
 //! prints every acknowledged (conversation, seq, client message id); the parent SIGKILLs it
 //! at a random moment, reopens the store and checks that every acknowledged message is
 //! there, in order, with no gaps and no duplicates. Every 64th append comes from a user the
-//! child interns just before it (printing the new id): every id printed survives too, with
-//! its name, and no two names share an id. Five rounds on the same directory, then appends
+//! child interns just before it (printing the new id): every id printed survives the crash
+//! of the process too, with its name, no two names share an id, and each round's ids are
+//! above the last round's. Five rounds on the same directory, then appends
 //! continue after the last reopen.
 //!
 //! The child is this test binary itself, re-executed with `TERN_CRASH_CHILD_DIR` set and
@@ -245,6 +246,9 @@ fn acknowledged_appends_survive_sigkill() {
             !users.is_empty(),
             "round {round}: the child interned nobody"
         );
+        // After a crash ids go on from the end of the reserved block: above all earlier ones.
+        let before = interned.iter().map(|(_, id)| *id).max().unwrap_or(0);
+        assert!(users.iter().all(|(_, id)| *id > before), "round {round}");
         interned.extend(users);
         let store = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
         check(&store, &acked);

@@ -366,16 +366,25 @@ fn bounded_opts(prefix: u64) -> ReadOptions {
 }
 
 #[derive(Debug)]
+/// The next ids to hand out, and the end of the block of ids reserved for them (what the
+/// `meta` column family stores; see "Interned ids" in the crate docs).
 struct Counters {
     next_user: u64,
     next_group: u64,
+    reserved_user: u64,
+    reserved_group: u64,
 }
+
+/// Ids reserved with one synced write.
+const ID_BLOCK: u64 = 1024;
 
 struct Inner {
     tx: Sender<Op>,
     closed: AtomicBool,
     durability: Durability,
+    /// Interning's writes (unsynced), and those that reserve a block of ids (synced).
     write_opts: WriteOptions,
+    reserve_opts: WriteOptions,
     counters: Mutex<Counters>,
     writer: Mutex<Option<JoinHandle<()>>>,
     syncer: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
@@ -415,11 +424,14 @@ fn write_options(d: Durability) -> WriteOptions {
 
 /// Interning's writes: to the WAL (unless `memory`), not synced by themselves. A new id is
 /// durable once any later synced write is (the WAL is one sequence), and every write that
-/// can refer to it comes later; see "Invariants" in the crate docs.
-fn intern_write_options(d: Durability) -> WriteOptions {
+/// can refer to it comes later; see "Invariants" in the crate docs. With `sync`, for the
+/// write that reserves a block of ids (under `wal` too, so no id is handed out twice).
+fn intern_write_options(d: Durability, sync: bool) -> WriteOptions {
     let mut wo = WriteOptions::default();
     if d == Durability::Memory {
         wo.disable_wal(true);
+    } else {
+        wo.set_sync(sync);
     }
     wo
 }
@@ -583,15 +595,22 @@ impl RocksStore {
             }
         }
 
+        // Ids up to the stored end of the last reserved block may have been handed out before
+        // a crash: continue after it.
+        let next_user = db.get_u64(CF_META, META_NEXT_USER)?.unwrap_or(1);
+        let next_group = db.get_u64(CF_META, META_NEXT_GROUP)?.unwrap_or(1);
         let counters = Counters {
-            next_user: db.get_u64(CF_META, META_NEXT_USER)?.unwrap_or(1),
-            next_group: db.get_u64(CF_META, META_NEXT_GROUP)?.unwrap_or(1),
+            next_user,
+            next_group,
+            reserved_user: next_user,
+            reserved_group: next_group,
         };
         let version = db.meta_version()?;
         let (dedup, journal) = load_journal(&db, &opts)?;
 
         let (tx, rx) = crossbeam_channel::unbounded();
-        let write_opts = intern_write_options(opts.durability);
+        let write_opts = intern_write_options(opts.durability, false);
+        let reserve_opts = intern_write_options(opts.durability, true);
         let link = writer::spawn_committer(db.clone(), write_options(opts.durability))?;
         let w = Writer::new(db.clone(), rx, link, &opts, version, dedup, journal);
         let writer = std::thread::Builder::new()
@@ -608,6 +627,7 @@ impl RocksStore {
                 closed: AtomicBool::new(false),
                 durability: opts.durability,
                 write_opts,
+                reserve_opts,
                 counters: Mutex::new(counters),
                 writer: Mutex::new(Some(writer)),
                 syncer: Mutex::new(syncer),
@@ -660,14 +680,27 @@ impl RocksStore {
             return Ok(id);
         }
         let mut c = lock(&self.inner.counters);
+        // A close that took the lock first has stored the next ids already.
+        self.check_open()?;
         // Another thread may have interned it while we waited for the lock.
         if let Some(id) = db.get_u64(ids_cf, name.as_bytes())? {
             return Ok(id);
         }
-        let (next, max, key) = if group {
-            (&mut c.next_group, MAX_GROUP_ID, META_NEXT_GROUP)
+        let c = &mut *c;
+        let (next, reserved, max, key) = if group {
+            (
+                &mut c.next_group,
+                &mut c.reserved_group,
+                MAX_GROUP_ID,
+                META_NEXT_GROUP,
+            )
         } else {
-            (&mut c.next_user, MAX_USER_ID, META_NEXT_USER)
+            (
+                &mut c.next_user,
+                &mut c.reserved_user,
+                MAX_USER_ID,
+                META_NEXT_USER,
+            )
         };
         let id = *next;
         if id > max {
@@ -679,11 +712,20 @@ impl RocksStore {
         named.push(crate::record::RECORD_VERSION);
         named.extend_from_slice(name.as_bytes());
         b.put_cf(db.cf(names_cf), id.to_be_bytes(), named);
-        b.put_cf(db.cf(CF_META), key, encode_u64(id + 1));
-        db.db
-            .write_opt(b, &self.inner.write_opts)
-            .map_err(backend)?;
+        // The first id past the reserved block reserves the next block, synced with it.
+        let block_end = (id >= *reserved).then(|| id.saturating_add(ID_BLOCK).min(max + 1));
+        let opts = match block_end {
+            Some(end) => {
+                b.put_cf(db.cf(CF_META), key, encode_u64(end));
+                &self.inner.reserve_opts
+            }
+            None => &self.inner.write_opts,
+        };
+        db.db.write_opt(b, opts).map_err(backend)?;
         *next = id + 1;
+        if let Some(end) = block_end {
+            *reserved = end;
+        }
         Ok(id)
     }
 
@@ -1201,6 +1243,16 @@ impl Inner {
             let _ = h.join();
         }
         let db = &self.db;
+        {
+            // A clean close gives back what is left of the reserved blocks: ids continue from
+            // the next one after a restart. `intern` checks `closed` under this lock, so none is
+            // handed out after this. If the write fails, the stored block ends stand (safe).
+            let c = lock(&self.counters);
+            let mut b = WriteBatch::default();
+            b.put_cf(db.cf(CF_META), META_NEXT_USER, encode_u64(c.next_user));
+            b.put_cf(db.cf(CF_META), META_NEXT_GROUP, encode_u64(c.next_group));
+            let _ = db.db.write_opt(b, &self.write_opts);
+        }
         match self.durability {
             Durability::Fsync | Durability::Wal { .. } => db.db.flush_wal(true).map_err(backend),
             Durability::Memory => {

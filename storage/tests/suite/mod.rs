@@ -10,7 +10,7 @@ use tern_storage::{
     AppendRequest, Appended, ConversationInfo, ConversationSettings, DedupWindow, GroupChange,
     MAX_CLIENT_MSG_ID_LEN, MAX_GROUP_ID, MAX_META_CHANGES, MAX_META_KEY_LEN, MAX_META_SCAN,
     MAX_META_VALUE_LEN, MAX_RELATION_CHANGES, MAX_USER_ID, MessageStore, MetaChange, Peer,
-    RelationChange, RelationKind, SettingsChange, SettingsUpdate, StorageError,
+    RelationChange, RelationKind, SettingsChange, SettingsUpdate, StorageError, SyncView,
     direct_conversation, group_conversation,
 };
 
@@ -666,25 +666,38 @@ pub fn sync_view_is_consistent_while_written(make: Factory) {
     let convs: Vec<u64> = (2..10)
         .map(|peer| direct_conversation(1, peer).unwrap())
         .collect();
-    let views = std::thread::scope(|scope| {
+    // Views taken, so that the writer can wait for one now and then.
+    let taken = std::sync::atomic::AtomicUsize::new(0);
+    let (views, appended) = std::thread::scope(|scope| {
         let writer = scope.spawn(|| {
+            let mut appended = Vec::new();
             for i in 0..300u64 {
+                if i % 25 == 10 {
+                    // Let a view be taken in the middle of the writes.
+                    let seen = taken.load(std::sync::atomic::Ordering::Acquire);
+                    while taken.load(std::sync::atomic::Ordering::Acquire) == seen {
+                        std::thread::yield_now();
+                    }
+                }
                 let (c, peer) = (convs[(i % 8) as usize], i % 8 + 2);
                 // Peer's message, then user 1 reads an earlier conversation: message versions
                 // and record versions interleave.
                 let mut r = msg(c, peer, &format!("m{i}"), "x");
                 r.participants = vec![1, peer];
-                append(s, r);
+                let a = append(s, r);
+                appended.push((c, a.seq, a.version));
                 let earlier = convs[((i + 3) % 8) as usize];
                 s.set_read(1, earlier, u64::MAX).wait().unwrap();
             }
+            appended
         });
         let mut views = Vec::new();
         while !writer.is_finished() {
-            views.push(s.sync_view(1, 0, None).unwrap());
+            let device = (views.len() % 2 == 0).then_some("d");
+            views.push(s.sync_view(1, 0, device).unwrap());
+            taken.fetch_add(1, std::sync::atomic::Ordering::Release);
         }
-        writer.join().unwrap();
-        views
+        (views, writer.join().unwrap())
     });
     let last = s.sync_view(1, 0, Some("d")).unwrap();
     assert_eq!(last.conversations.len(), 8);
@@ -699,17 +712,23 @@ pub fn sync_view_is_consistent_while_written(make: Factory) {
             .conversations
             .is_empty()
     );
-    assert!(views.len() > 1, "no view was taken while writing");
+    // Views taken while messages were still being written, not all before or after.
+    let mid = |v: &&SyncView| v.user_version > 0 && v.user_version < last.user_version;
+    assert!(
+        views.iter().filter(mid).count() > 1,
+        "no view was taken while writing"
+    );
     for view in &views {
-        // A conversation whose last change is covered by the view's version shows that change.
-        for c in &last.conversations {
-            if c.last_version <= view.user_version {
-                let seen = view
-                    .conversations
-                    .iter()
-                    .find(|v| v.conversation == c.conversation);
-                assert_eq!(seen.map(|v| v.last_version), Some(c.last_version));
-            }
+        // Each conversation's latest seq is that of its newest message with a version up to
+        // the view's: every message the version covers is in the view, none after it.
+        for &c in &convs {
+            let want = appended
+                .iter()
+                .filter(|&&(conv, _, version)| conv == c && version <= view.user_version)
+                .map(|&(_, seq, _)| seq)
+                .max();
+            let seen = view.conversations.iter().find(|v| v.conversation == c);
+            assert_eq!(seen.map(|v| v.latest_seq), want, "{view:?}");
         }
         let newest = view.conversations.iter().map(|c| c.last_version).max();
         assert_eq!(newest.unwrap_or(0), view.user_version);
