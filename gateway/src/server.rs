@@ -136,7 +136,7 @@ pub fn run(
         cfg.data_dir.join("log"),
         store_options(&cfg),
     )?);
-    run_with_store(cfg, store, shutdown, handle_signals, on_ready)
+    serve(cfg, store, shutdown, handle_signals, on_ready)
 }
 
 /// Runs the gateway on `store` (which it closes when it stops), as [`run`] does on its
@@ -149,6 +149,17 @@ pub fn run_with_store(
     on_ready: impl FnOnce(Ready),
 ) -> Result<(), GatewayError> {
     prepare(&cfg)?;
+    serve(cfg, store, shutdown, handle_signals, on_ready)
+}
+
+/// [`run_with_store`] once `cfg` is prepared.
+fn serve(
+    cfg: Config,
+    store: Arc<dyn MessageStore>,
+    shutdown: Arc<AtomicBool>,
+    handle_signals: bool,
+    on_ready: impl FnOnce(Ready),
+) -> Result<(), GatewayError> {
     let secret = load_secret(&cfg)?;
     crate::sys::ignore_broken_pipe_signal();
     if handle_signals {

@@ -120,6 +120,21 @@ pub struct SettingsUpdate {
     pub changed: bool,
 }
 
+impl SettingsUpdate {
+    /// `change` applied to `current`, in a conversation whose latest seq is `latest_seq`.
+    pub(crate) fn of(
+        change: SettingsChange,
+        current: ConversationSettings,
+        latest_seq: Seq,
+    ) -> Self {
+        let settings = change.apply(current, latest_seq);
+        SettingsUpdate {
+            settings,
+            changed: settings != current,
+        }
+    }
+}
+
 /// Kinds of directed user-to-user relations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]

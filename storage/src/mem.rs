@@ -338,12 +338,9 @@ impl State {
             .get(&(user, conv))
             .map(|r| r.settings(head))
             .unwrap_or_default();
-        let result = change.apply(current, head);
-        if result == current {
-            return SettingsUpdate {
-                settings: current,
-                changed: false,
-            };
+        let update = SettingsUpdate::of(change, current, head);
+        if !update.changed {
+            return update;
         }
         let version = self.next_version();
         let rec = self
@@ -354,12 +351,9 @@ impl State {
                 member_version: version,
                 ..UserConvRecord::default()
             });
-        rec.set_settings(&result, head);
+        rec.set_settings(&update.settings, head);
         rec.settings_version = version;
-        SettingsUpdate {
-            settings: result,
-            changed: true,
-        }
+        update
     }
 
     fn set_delivered(&mut self, user: UserId, device: &str, conv: ConversationId, seq: Seq) -> Seq {

@@ -365,9 +365,9 @@ fn bounded_opts(prefix: u64) -> ReadOptions {
     ro
 }
 
-#[derive(Debug)]
 /// The next ids to hand out, and the end of the block of ids reserved for them (what the
 /// `meta` column family stores; see "Interned ids" in the crate docs).
+#[derive(Debug)]
 struct Counters {
     next_user: u64,
     next_group: u64,

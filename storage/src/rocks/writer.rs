@@ -941,12 +941,9 @@ impl Writer {
         let head = self.head(conv)?;
         let rec = self.user_conv(user, conv)?;
         let current = rec.map(|r| r.settings(head)).unwrap_or_default();
-        let result = change.apply(current, head);
-        if result == current {
-            return Ok(SettingsUpdate {
-                settings: current,
-                changed: false,
-            });
+        let update = SettingsUpdate::of(change, current, head);
+        if !update.changed {
+            return Ok(update);
         }
         let version = self.next_version();
         let mut rec = rec.unwrap_or(UserConvRecord {
@@ -954,13 +951,10 @@ impl Writer {
             member_version: version,
             ..UserConvRecord::default()
         });
-        rec.set_settings(&result, head);
+        rec.set_settings(&update.settings, head);
         rec.settings_version = version;
         self.put_user_conv(user, conv, rec);
-        Ok(SettingsUpdate {
-            settings: result,
-            changed: true,
-        })
+        Ok(update)
     }
 
     fn set_read(&mut self, user: UserId, conv: ConversationId, seq: Seq) -> Result<Seq> {
