@@ -80,6 +80,15 @@ pub struct ClientConfig {
     /// Ask the server to sync right after login (default true). A send-only client can turn it
     /// off; reconnects always sync.
     pub sync_on_login: bool,
+    /// For a client without a sync position (`sync_version` 0, e.g. a new installation): its
+    /// first sync brings at most the latest this many unacknowledged messages of each
+    /// conversation (0, the default: all of them). The ones left out stay on the server for
+    /// [`Client::history`](crate::Client::history); the conversation's
+    /// [`ConversationState::skipped_to_seq`](tern_protocol::ConversationState) names the last
+    /// one. Auto-ack then acknowledges past them, so later syncs of this device do not bring
+    /// them either. Once that sync completes (or a live message arrived first), every sync,
+    /// after a reconnect too, brings every message this device has not acknowledged.
+    pub initial_sync_limit: u32,
     /// Acknowledge delivered messages automatically (default true): one `Ack` per conversation
     /// for the highest seq up to which every message was handed to the application, coalesced
     /// over everything read from the socket at once. Off: call [`Client::ack`](crate::Client::ack).
@@ -117,6 +126,7 @@ impl ClientConfig {
             client_version: concat!("tern-rs/", env!("CARGO_PKG_VERSION")).to_owned(),
             sync_version: 0,
             sync_on_login: true,
+            initial_sync_limit: 0,
             auto_ack: true,
             reconnect: true,
             backoff: BackoffConfig::default(),

@@ -13,8 +13,10 @@
 //!
 //! `contiguous` only means something once the client knows where the conversation starts for
 //! this device. The base comes from, in order of preference:
-//! - `ConversationState.delivered_seq` in a `SyncConversations` page (the device's cursor on the
-//!   server, which the sync continues from) — [`Dedup::raise_floor`];
+//! - `ConversationState` in a `SyncConversations` page: the sync continues from the highest of
+//!   the device's cursor on the server (`delivered_seq`), what the user cleared
+//!   (`settings.cleared_seq`) and what a bounded sync left out (`skipped_to_seq`) —
+//!   [`Dedup::raise_floor`];
 //! - the first message of a `SyncMessages` page (pages start right after the cursor) —
 //!   [`Dedup::floor_if_unknown`];
 //! - outside a sync, the first live message of a conversation not seen before (the server pushes
@@ -118,13 +120,13 @@ impl Dedup {
         true
     }
 
-    /// Records that the device's delivered cursor on the server is at least `delivered_seq`:
-    /// every seq up to it counts as seen. Never lowers the state.
-    pub fn raise_floor(&mut self, conversation_id: u64, delivered_seq: u64) {
+    /// Records that every seq up to `floor` counts as seen (a sync continues after it, see the
+    /// module docs), also as acknowledged. Never lowers the state.
+    pub fn raise_floor(&mut self, conversation_id: u64, floor: u64) {
         self.windows
             .entry(conversation_id)
             .or_default()
-            .set_base(delivered_seq);
+            .set_base(floor);
     }
 
     /// Sets the base to `floor` if the conversation's base is not known yet.

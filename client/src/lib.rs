@@ -278,7 +278,8 @@ pub use tern_protocol::{
 pub enum Event {
     /// A message, live or from a sync page. Each (conversation_id, seq) comes once.
     Message(Deliver),
-    /// The conversations that changed, from a sync (before their messages).
+    /// The conversations that changed, from a sync (before their messages). `skipped_to_seq`
+    /// names messages a bounded first sync left out ([`ClientConfig::initial_sync_limit`]).
     Conversations(Vec<ConversationState>),
     /// A sync finished; `user_version` is the new sync position.
     SyncDone {

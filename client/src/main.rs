@@ -127,6 +127,11 @@ enum Command {
         /// Stop after this many seconds (exit 0, or 1 if --count was not reached).
         #[arg(long)]
         timeout: Option<f64>,
+        /// Of the messages this device has not acknowledged, print at most the latest N of each
+        /// conversation (0: all). The older ones stay on the server for `tern history`, but
+        /// count as delivered to this device: a later `listen` does not print them either.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        recent: u32,
     },
     /// Enter a live room and print each of its messages as it arrives, in the `listen` format:
     /// `conversation=<id> seq=<n> from=<user> time=<ms> text=<text>`.
@@ -618,6 +623,10 @@ async fn run(cli: Cli) -> ExitCode {
         // Live messages only: rooms are never synced.
         config.sync_on_login = false;
     }
+    if let Command::Listen { recent, .. } = &cli.command {
+        // The CLI keeps no sync position: every run is a first sync.
+        config.initial_sync_limit = *recent;
+    }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(cli.wait);
     let mut delay = std::time::Duration::from_millis(20);
     let mut told = false;
@@ -679,7 +688,7 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Command::Listen { count, timeout } => listen(&client, count, timeout, None).await,
+        Command::Listen { count, timeout, .. } => listen(&client, count, timeout, None).await,
         Command::Room {
             room,
             count,

@@ -25,6 +25,10 @@ pub(crate) type Completion = (u64, Result<Body, ClientError>);
 pub(crate) struct Session {
     dedup: Dedup,
     sync_version: u64,
+    /// The per-conversation bound of the syncs until the first one completes
+    /// ([`ClientConfig::initial_sync_limit`] for a client without a sync position); 0 from
+    /// then on, and as soon as a message was handed over outside a sync.
+    initial_sync_limit: u32,
     /// Request ids of the syncs in flight (a login sync has its Hello's id).
     syncs: BTreeSet<u64>,
     /// The server sent SyncNeeded since the driver last asked ([`Session::take_sync_needed`]).
@@ -49,6 +53,11 @@ impl Session {
         Self {
             dedup: Dedup::new(),
             sync_version: config.sync_version,
+            initial_sync_limit: if config.sync_version == 0 {
+                config.initial_sync_limit
+            } else {
+                0
+            },
             syncs: BTreeSet::new(),
             sync_needed: false,
             auto_ack: config.auto_ack,
@@ -73,6 +82,11 @@ impl Session {
     /// The position the next sync starts from (the last `SyncDone.user_version`).
     pub(crate) fn sync_version(&self) -> u64 {
         self.sync_version
+    }
+
+    /// The per-conversation bound of the next sync (0: none).
+    fn sync_limit(&self) -> u32 {
+        self.initial_sync_limit
     }
 
     fn is_syncing(&self) -> bool {
@@ -105,6 +119,7 @@ impl Session {
                 sync_version: self.sync_version,
                 sync_on_login: sync,
                 resume_session_id,
+                sync_max_messages_per_conversation: self.sync_limit(),
             },
         )
     }
@@ -198,6 +213,7 @@ impl Session {
         let id = self.request(Body::Sync(SyncRequest {
             since_version,
             page_size: 0,
+            max_messages_per_conversation: self.sync_limit(),
         }));
         self.syncs.insert(id);
         id
@@ -244,8 +260,11 @@ impl Session {
             Body::Deliver(message) => self.deliver(message),
             Body::SyncConversations(page) => {
                 for state in &page.conversations {
-                    self.dedup
-                        .raise_floor(state.conversation_id, state.delivered_seq);
+                    // The sync starts after the device's cursor, what the user cleared and
+                    // what the initial limit left out: all of that counts as seen.
+                    let cleared = state.settings.as_ref().map_or(0, |s| s.cleared_seq);
+                    let floor = state.delivered_seq.max(cleared).max(state.skipped_to_seq);
+                    self.dedup.raise_floor(state.conversation_id, floor);
                 }
                 self.events
                     .push_back(Event::Conversations(page.conversations));
@@ -265,6 +284,8 @@ impl Session {
             Body::SyncDone(done) => {
                 self.syncs.remove(&request_id);
                 self.sync_version = self.sync_version.max(done.user_version);
+                // Every later sync brings every message this device has not acknowledged.
+                self.initial_sync_limit = 0;
                 if !self.is_syncing() {
                     // Conversations still without a base kept their place in `touched` (see
                     // `flush_acks`), so the next flush acks what settling bases.
@@ -377,6 +398,10 @@ impl Session {
         if self.dedup.accept(conversation_id, message.seq, syncing) {
             if !room {
                 self.touched.insert(conversation_id);
+                if !syncing {
+                    // Live messages were handed over: a later sync must not skip any.
+                    self.initial_sync_limit = 0;
+                }
             }
             self.events.push_back(Event::Message(message));
         }

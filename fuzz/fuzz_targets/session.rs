@@ -815,6 +815,7 @@ impl Harness {
             sync_version: u64::from(sync_version),
             sync_on_login,
             resume_session_id: 0,
+            sync_max_messages_per_conversation: 0,
         };
         if !conn.write_frame(&Frame::new(rid, hello)) {
             return;
@@ -1097,6 +1098,8 @@ impl Harness {
                     Some(Body::Sync(v1::SyncRequest {
                         since_version: since,
                         page_size: u32::from(page_size % 8),
+                        // 0 (every message) in a quarter of the syncs, else at most 1..=3.
+                        max_messages_per_conversation: u32::from(page_size >> 6),
                     })),
                 );
             }
@@ -1595,6 +1598,7 @@ impl Harness {
                 sync_version: 0,
                 sync_on_login: true,
                 resume_session_id: 0,
+                sync_max_messages_per_conversation: 0,
             },
         )));
         let mut view = View::new();

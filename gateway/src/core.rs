@@ -38,6 +38,8 @@ pub struct Login {
     pub request_id: u64,
     pub sync_version: u64,
     pub sync_on_login: bool,
+    /// `Hello.sync_max_messages_per_conversation`.
+    pub sync_max: u32,
     /// `Hello.resume_session_id`: the logical session this connection joins as another path
     /// (dual channel), or 0 for a new one.
     pub resume: u64,

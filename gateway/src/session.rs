@@ -402,6 +402,7 @@ fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static 
         request_id: frame.request_id,
         sync_version: hello.sync_version,
         sync_on_login: hello.sync_on_login,
+        sync_max: hello.sync_max_messages_per_conversation,
         resume: hello.resume_session_id,
         platform: hello.platform,
     })
@@ -726,7 +727,15 @@ async fn log_in(start: Start) -> Option<LoggedIn> {
         core.send_pending_pushes(&session, &login.user);
     }
     if let Some(view) = view {
-        Box::pin(live.ctx.sync_with(login.request_id, 0, view)).await;
+        Box::pin(live.ctx.sync_with(
+            login.request_id,
+            SyncLimits {
+                page_size: 0,
+                per_conversation: login.sync_max,
+            },
+            view,
+        ))
+        .await;
     }
     let inbuf = (!inbuf.is_empty()).then(|| Box::new(inbuf));
     Some((live, stream, inbuf, writer))
@@ -1285,7 +1294,11 @@ impl Ctx {
             }
             // Boxed: the sync state is large and rare; it must not size every idle session's task.
             Some(Body::Sync(req)) => {
-                Box::pin(self.sync(rid, req.since_version, req.page_size)).await
+                let limits = SyncLimits {
+                    page_size: req.page_size,
+                    per_conversation: req.max_messages_per_conversation,
+                };
+                Box::pin(self.sync(rid, req.since_version, limits)).await
             }
             Some(Body::History(req)) => self.history(rid, req),
             Some(Body::Group(req)) => self.group(rid, req).await,
@@ -1761,10 +1774,11 @@ impl Ctx {
     }
 
     /// Sends everything that changed since `since`: conversation states, then each
-    /// conversation's messages after this device's delivered cursor, then SyncDone. Live
+    /// conversation's messages after this device's delivered cursor (within `limits`), then
+    /// SyncDone. Live
     /// messages committed meanwhile wait in the session and follow SyncDone, minus those the
     /// sync already carried.
-    async fn sync(&mut self, rid: u64, since: u64, page_size: u32) {
+    async fn sync(&mut self, rid: u64, since: u64, limits: SyncLimits) {
         // Live messages from here on wait for the end of the sync.
         self.session.out.begin_sync();
         // The device's acks first: the view then has its delivered cursors.
@@ -1773,7 +1787,7 @@ impl Ctx {
             .core
             .store
             .sync_view(self.user, since, Some(&self.session.device));
-        self.sync_with(rid, page_size, view).await;
+        self.sync_with(rid, limits, view).await;
     }
 
     /// Sends the sync of `view` (read after `begin_sync`, so that a message committed after
@@ -1782,15 +1796,12 @@ impl Ctx {
     async fn sync_with(
         &mut self,
         rid: u64,
-        page_size: u32,
+        limits: SyncLimits,
         view: Result<tern_storage::SyncView, tern_storage::StorageError>,
     ) {
         let mut synced_upto: HashMap<u64, u64> = HashMap::new();
         let result = match view {
-            Ok(view) => {
-                self.sync_pages(rid, page_size, view, &mut synced_upto)
-                    .await
-            }
+            Ok(view) => self.sync_pages(rid, limits, view, &mut synced_upto).await,
             Err(e) => Err(e),
         };
         if let Err(e) = result {
@@ -1803,15 +1814,15 @@ impl Ctx {
     async fn sync_pages(
         &mut self,
         rid: u64,
-        page_size: u32,
+        limits: SyncLimits,
         view: tern_storage::SyncView,
         synced_upto: &mut HashMap<u64, u64>,
     ) -> Result<(), tern_storage::StorageError> {
         let store = self.core.store.clone();
-        let page = if page_size == 0 {
+        let page = if limits.page_size == 0 {
             100
         } else {
-            page_size.min(self.core.cfg.max_page)
+            limits.page_size.min(self.core.cfg.max_page)
         } as usize;
         let (convs, version) = (view.conversations, view.user_version);
         let mut names = HashMap::new();
@@ -1834,6 +1845,7 @@ impl Ctx {
                     delivered_seq: c.delivered_seq,
                     version: c.last_version,
                     settings: Some(crate::social::wire_settings(c.conversation, &c.settings)),
+                    skipped_to_seq: limits.sync_range(c).2,
                 });
             }
             let f = self.core.encode(&Frame::new(
@@ -1845,9 +1857,7 @@ impl Ctx {
             self.session.out.push_wait(f).await;
         }
         for (c, target) in convs.iter().zip(targets) {
-            // Nothing the user cleared.
-            let mut from = c.delivered_seq.max(c.settings.cleared_seq) + 1;
-            let upto = readable_upto(c);
+            let (mut from, upto, _) = limits.sync_range(c);
             while from <= upto {
                 let want = page.min((upto - from + 1) as usize);
                 let msgs = store.read_forward(c.conversation, from, want)?;
@@ -1989,6 +1999,30 @@ impl Ctx {
     }
 }
 
+/// What a sync sends: messages per page (0: the server's default) and per conversation (0: all).
+#[derive(Debug, Clone, Copy)]
+struct SyncLimits {
+    page_size: u32,
+    per_conversation: u32,
+}
+
+impl SyncLimits {
+    /// The seqs `from..=upto` of `c` the sync sends to the device (after its delivered cursor
+    /// and what the user cleared, up to the last readable one, at most the latest
+    /// `per_conversation`), and the last seq left out by that bound (0 if none was):
+    /// `ConversationState.skipped_to_seq`.
+    fn sync_range(&self, c: &ConversationInfo) -> (u64, u64, u64) {
+        let upto = readable_upto(c);
+        let from = c.delivered_seq.max(c.settings.cleared_seq) + 1;
+        let n = u64::from(self.per_conversation);
+        if n > 0 && upto >= from && upto - from + 1 > n {
+            (upto - n + 1, upto, upto - n)
+        } else {
+            (from, upto, 0)
+        }
+    }
+}
+
 /// The last seq of a conversation the user may read: the latest, or for a group they left the
 /// event that removed them.
 fn readable_upto(c: &ConversationInfo) -> u64 {
@@ -2061,5 +2095,46 @@ mod tests {
         // A message larger than the budget goes alone.
         let groups = split_by_size(vec![msg(1, 5000), msg(2, 10)], 3500);
         assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1]);
+    }
+
+    #[test]
+    fn a_bounded_sync_sends_the_latest_readable_messages_after_the_cursor() {
+        // (latest, left_seq, delivered, cleared) of a conversation.
+        let conv = |latest, left_seq, delivered_seq, cleared_seq| ConversationInfo {
+            conversation: 1 << 63,
+            peer: Peer::Group(1),
+            active: left_seq == 0,
+            latest_seq: latest,
+            last_version: 1,
+            read_seq: 0,
+            peer_read_seq: 0,
+            left_seq,
+            delivered_seq,
+            settings: tern_storage::ConversationSettings {
+                cleared_seq,
+                ..Default::default()
+            },
+        };
+        let range = |per_conversation, c| {
+            SyncLimits {
+                page_size: 0,
+                per_conversation,
+            }
+            .sync_range(&c)
+        };
+        // (from, upto, skipped_to)
+        assert_eq!(range(0, conv(12, 0, 0, 0)), (1, 12, 0));
+        assert_eq!(range(3, conv(12, 0, 0, 0)), (10, 12, 9));
+        assert_eq!(range(12, conv(12, 0, 0, 0)), (1, 12, 0));
+        assert_eq!(range(3, conv(12, 0, 4, 0)), (10, 12, 9));
+        assert_eq!(range(8, conv(12, 0, 4, 0)), (5, 12, 0));
+        assert_eq!(range(1, conv(12, 0, 4, 10)), (12, 12, 11));
+        assert_eq!(range(2, conv(12, 0, 4, 10)), (11, 12, 0));
+        // Removed from the group at seq 6: nothing after it, and the bound counts from there.
+        assert_eq!(range(2, conv(20, 6, 0, 0)), (5, 6, 4));
+        assert_eq!(range(0, conv(20, 6, 0, 0)), (1, 6, 0));
+        // Everything readable seen already: an empty range, nothing skipped.
+        assert_eq!(range(2, conv(20, 6, 9, 0)), (10, 6, 0));
+        assert_eq!(range(2, conv(12, 0, 12, 0)), (13, 12, 0));
     }
 }

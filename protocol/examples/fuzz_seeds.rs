@@ -50,6 +50,7 @@ fn main() -> io::Result<()> {
                         sync_version: 3,
                         sync_on_login: true,
                         resume_session_id: 0,
+                        sync_max_messages_per_conversation: 0,
                     },
                 ),
                 Frame::new(
@@ -117,6 +118,7 @@ fn main() -> io::Result<()> {
                     SyncRequest {
                         since_version: 0,
                         page_size: 100,
+                        max_messages_per_conversation: 0,
                     },
                 ),
                 Frame::new(

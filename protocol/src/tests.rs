@@ -90,6 +90,7 @@ fn every_body() -> Vec<Frame> {
             sync_version: 17,
             sync_on_login: true,
             resume_session_id: 99,
+            sync_max_messages_per_conversation: 20,
         }
         .into(),
         HelloOk {
@@ -146,6 +147,7 @@ fn every_body() -> Vec<Frame> {
         SyncRequest {
             since_version: 3,
             page_size: 100,
+            max_messages_per_conversation: 20,
         }
         .into(),
         SyncConversations {
@@ -159,6 +161,7 @@ fn every_body() -> Vec<Frame> {
                     version: 18,
                     left: false,
                     peer_read_seq: 6,
+                    skipped_to_seq: 1,
                     settings: Some(ConversationSettings {
                         conversation_id: 42,
                         pinned: true,
@@ -177,6 +180,7 @@ fn every_body() -> Vec<Frame> {
                     left: true,
                     settings: None,
                     peer_read_seq: 0,
+                    skipped_to_seq: 0,
                 },
             ],
         }

@@ -796,6 +796,7 @@ pub fn hello(token: &str, device: &str) -> Hello {
         sync_version: 0,
         sync_on_login: false,
         resume_session_id: 0,
+        sync_max_messages_per_conversation: 0,
     }
 }
 

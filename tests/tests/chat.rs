@@ -3,7 +3,9 @@
 
 use bytes::Bytes;
 use tern_protocol::v1::frame::Body;
-use tern_protocol::{Frame, HistoryRequest, SyncRequest, Target};
+use tern_protocol::{
+    ConversationState, Deliver, Frame, HistoryRequest, SetConversation, SyncRequest, Target,
+};
 use tern_tests::{
     Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_ack, expect_deliver, hello,
     over_every_transport, send_acked, text,
@@ -13,6 +15,7 @@ over_every_transport!(
     one_to_one_both_ways,
     every_device_of_the_recipient_and_the_senders_other_devices_receive,
     offline_recipient_gets_everything_in_order_on_login,
+    a_sync_may_bring_only_the_latest_messages_of_each_conversation,
     nothing_acknowledged_is_lost_across_restart_and_kill,
     retried_send_gets_the_same_ack_and_is_delivered_once,
     sync_racing_with_live_sends_has_no_gap_and_no_duplicate,
@@ -101,10 +104,139 @@ fn offline_recipient_gets_everything_in_order_on_login(via: Via) {
     let rid = bob.send_body(Body::Sync(SyncRequest {
         since_version: 0,
         page_size: 0,
+        ..Default::default()
     }));
     let (convs, msgs, _) = collect_sync(&mut bob, rid);
     assert_eq!(convs[0].delivered_seq, 250, "{}", gw.log());
     assert!(msgs.is_empty(), "{msgs:?}");
+}
+
+/// A sync's conversations by the other user, each with (skipped_to_seq, delivered_seq, the seqs
+/// of its messages in the order they came).
+fn by_peer(convs: &[ConversationState], msgs: &[Deliver]) -> Vec<(String, u64, u64, Vec<u64>)> {
+    let mut out: Vec<_> = convs
+        .iter()
+        .map(|c| {
+            let seqs = msgs
+                .iter()
+                .filter(|m| m.conversation_id == c.conversation_id)
+                .map(|m| m.seq)
+                .collect();
+            let peer = c.target.as_ref().unwrap().id.clone();
+            (peer, c.skipped_to_seq, c.delivered_seq, seqs)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn a_sync_may_bring_only_the_latest_messages_of_each_conversation(via: Via) {
+    let gw = Gateway::start_via(via, &[]);
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
+    let (mut carol, _) = gw.login(via, &gw.token("carol"), "phone");
+    for i in 1..=12 {
+        send_acked(
+            &mut alice,
+            "bob",
+            &format!("a{i}"),
+            &format!("from alice {i}"),
+        );
+    }
+    for i in 1..=2 {
+        send_acked(
+            &mut carol,
+            "bob",
+            &format!("c{i}"),
+            &format!("from carol {i}"),
+        );
+    }
+    let sync = |c: &mut Conn, max: u32| {
+        let rid = c.send_body(Body::Sync(SyncRequest {
+            since_version: 0,
+            page_size: 2,
+            max_messages_per_conversation: max,
+        }));
+        let (convs, msgs, _) = collect_sync(c, rid);
+        by_peer(&convs, &msgs)
+    };
+    let row = |peer: &str, skipped: u64, delivered: u64, seqs: std::ops::RangeInclusive<u64>| {
+        (
+            peer.to_string(),
+            skipped,
+            delivered,
+            seqs.collect::<Vec<_>>(),
+        )
+    };
+
+    // A new device logs in with at most 3 per conversation: alice's 10..=12, all of carol's.
+    let mut phone = gw.connect(via);
+    let mut h = hello(&gw.token("bob"), "phone");
+    h.sync_on_login = true;
+    h.sync_max_messages_per_conversation = 3;
+    let rid = phone.send_body(Body::Hello(h));
+    assert!(matches!(phone.recv_frame().body, Some(Body::HelloOk(_))));
+    let (convs, msgs, _) = collect_sync(&mut phone, rid);
+    assert_eq!(
+        by_peer(&convs, &msgs),
+        vec![row("alice", 9, 0, 10..=12), row("carol", 0, 0, 1..=2)]
+    );
+    assert_eq!(
+        text(msgs.iter().find(|m| m.seq == 12).unwrap()),
+        "from alice 12"
+    );
+    let alice_conv = if convs[0].target == Some(Target::user("alice")) {
+        convs[0].conversation_id
+    } else {
+        convs[1].conversation_id
+    };
+
+    // What was left out stays on the server: history pages it, and a sync without the bound
+    // (nothing was acknowledged) brings everything.
+    let rid = phone.send_body(Body::History(HistoryRequest {
+        conversation_id: alice_conv,
+        target: None,
+        before_seq: 10,
+        limit: 50,
+    }));
+    let Body::HistoryPage(page) = phone.answer(rid) else {
+        panic!("expected a HistoryPage")
+    };
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=9).rev().collect::<Vec<_>>()
+    );
+    // A bound at least as large as what is unseen leaves nothing out either.
+    for max in [0, 12] {
+        assert_eq!(
+            sync(&mut phone, max),
+            vec![row("alice", 0, 0, 1..=12), row("carol", 0, 0, 1..=2)]
+        );
+    }
+
+    // The bound counts from the device's delivered cursor and from what the user cleared.
+    phone.send_body(Body::Ack(tern_protocol::Ack {
+        conversation_id: alice_conv,
+        seq: 4,
+    }));
+    assert_eq!(
+        sync(&mut phone, 5),
+        vec![row("alice", 7, 4, 8..=12), row("carol", 0, 0, 1..=2)]
+    );
+    let rid = phone.send_body(Body::SetConversation(SetConversation {
+        conversation_id: alice_conv,
+        clear_upto_seq: 10,
+        ..SetConversation::default()
+    }));
+    assert!(matches!(phone.answer(rid), Body::ConversationSettings(_)));
+    let (mut laptop, _) = gw.login(via, &gw.token("bob"), "laptop");
+    assert_eq!(
+        sync(&mut laptop, 1),
+        vec![row("alice", 11, 0, 12..=12), row("carol", 1, 0, 2..=2)]
+    );
+    assert_eq!(
+        sync(&mut laptop, 2),
+        vec![row("alice", 0, 0, 11..=12), row("carol", 0, 0, 1..=2)]
+    );
 }
 
 fn nothing_acknowledged_is_lost_across_restart_and_kill(via: Via) {
@@ -248,6 +380,7 @@ fn sync_and_history_of_large_messages_are_split_to_fit_the_frame_limit(via: Via)
     let rid = bob.send_body(Body::Sync(SyncRequest {
         since_version: 0,
         page_size: 100,
+        ..Default::default()
     }));
     let (_, msgs, _) = collect_sync(&mut bob, rid);
     assert_eq!(
@@ -331,6 +464,7 @@ fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync(via: Via) 
     let rid = bob.send_body(Body::Sync(SyncRequest {
         since_version: 0,
         page_size: 100,
+        ..Default::default()
     }));
     let (_, msgs, _) = collect_sync(&mut bob, rid);
     let synced: Vec<u64> = msgs.iter().map(|m| m.seq).collect();

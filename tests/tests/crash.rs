@@ -283,6 +283,7 @@ fn receiver(addr: SocketAddr, token: String, n: u64) -> BTreeMap<u64, Deliver> {
                         c.send(Body::Sync(SyncRequest {
                             since_version: 0,
                             page_size: 0,
+                            ..Default::default()
                         }))?;
                         continue;
                     }

@@ -72,6 +72,7 @@ fn synced_seqs(gw: &Gateway) -> Vec<u64> {
     let rid = bob.send_body(Body::Sync(SyncRequest {
         since_version: 0,
         page_size: 0,
+        ..Default::default()
     }));
     let mut seqs = Vec::new();
     loop {

@@ -148,6 +148,7 @@ fn offline_quic_device_catches_up_by_sync_and_reads_history() {
     let rid = carol.send_body(Body::Sync(SyncRequest {
         since_version: 0,
         page_size: 0,
+        ..Default::default()
     }));
     loop {
         let f = carol.recv_frame();

@@ -14,6 +14,17 @@ fn tern(gw: &Gateway, token: &str) -> Command {
     c
 }
 
+/// Runs `command` to its end; its stdout, or a panic with its stderr if it failed.
+fn succeeds(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn quick_start_send_listen_history() {
     let gw = Gateway::start(&[]);
@@ -37,16 +48,7 @@ fn quick_start_send_listen_history() {
     assert!(logged_in, "listen did not report its login");
     std::thread::spawn(move || for _ in lines {});
 
-    let out = tern(&gw, &alice)
-        .args(["send", "--to", "bob", "hello bob"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ack = String::from_utf8(out.stdout).unwrap();
+    let ack = succeeds(tern(&gw, &alice).args(["send", "--to", "bob", "hello bob"]));
     assert!(ack.starts_with("sent conversation="), "{ack}");
     assert!(ack.contains(" seq=1 "), "{ack}");
     let conv = ack
@@ -66,16 +68,7 @@ fn quick_start_send_listen_history() {
     );
     assert!(line.ends_with(" text=hello bob"), "{line}");
 
-    let out = tern(&gw, &bob)
-        .args(["history", "--with", "alice"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let history = String::from_utf8(out.stdout).unwrap();
+    let history = succeeds(tern(&gw, &bob).args(["history", "--with", "alice"]));
     let lines: Vec<&str> = history.lines().collect();
     assert_eq!(lines.len(), 1, "{history}");
     assert!(
@@ -92,6 +85,35 @@ fn quick_start_send_listen_history() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NOT_FOUND (3003)"), "{err}");
+}
+
+#[test]
+fn listen_recent_prints_only_the_latest_messages_of_each_conversation() {
+    let gw = Gateway::start(&[]);
+    let (alice, bob) = (gw.token("alice"), gw.token("bob"));
+    for i in 1..=4 {
+        succeeds(tern(&gw, &alice).args(["send", "--to", "bob", &format!("m{i}")]));
+    }
+    let printed = succeeds(tern(&gw, &bob).args([
+        "listen",
+        "--recent",
+        "2",
+        "--count",
+        "2",
+        "--timeout",
+        "20",
+    ]));
+    let got: Vec<(&str, &str)> = printed
+        .lines()
+        .map(|l| {
+            let seq = l
+                .split_whitespace()
+                .find(|w| w.starts_with("seq="))
+                .unwrap();
+            (seq, l.rsplit("text=").next().unwrap())
+        })
+        .collect();
+    assert_eq!(got, [("seq=3", "m3"), ("seq=4", "m4")], "{printed}");
 }
 
 /// Runs the README's quick-start block itself (with a free port and a temporary directory in
@@ -125,9 +147,9 @@ fn readme_quick_start_runs_as_written() {
     // The listener runs in the background; give it until it printed one line, then stop all.
     let listen_out = dir.path().join("listen.out");
     let script = script.replace("listen &", &format!("listen > {} &", listen_out.display()));
-    let stdout = run_script(&script, &listen_out, "text=hello bob");
+    let (stdout, stderr) = run_script(&script, &listen_out, "text=hello bob");
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines.len(), 2, "{stdout}\n{stderr}");
     assert!(
         lines[0].starts_with("sent conversation=") && lines[0].contains(" seq=1 "),
         "{stdout}"
@@ -137,7 +159,7 @@ fn readme_quick_start_runs_as_written() {
         "{stdout}"
     );
     let listened = std::fs::read_to_string(&listen_out).unwrap();
-    assert_eq!(listened.lines().count(), 1, "{listened}");
+    assert_eq!(listened.lines().count(), 1, "{listened}\n{stderr}");
     assert!(
         listened.contains(" seq=1 from=alice ") && listened.trim_end().ends_with("text=hello bob")
     );
@@ -186,9 +208,9 @@ fn readme_quic_quick_start_runs_as_written() {
         .replace("listen &", &format!("listen > {} &", listen_out.display()));
     // Nothing waits for the gateway: minting a token creates or reads the same secret, and
     // `tern` waits for the certificate file and the port (`--wait`, here TERN_WAIT).
-    let stdout = run_script(&script, &listen_out, "text=over both paths");
+    let (stdout, stderr) = run_script(&script, &listen_out, "text=over both paths");
     let sent: Vec<&str> = stdout.lines().collect();
-    assert_eq!(sent.len(), 2, "{stdout}");
+    assert_eq!(sent.len(), 2, "{stdout}\n{stderr}");
     for (line, seq) in sent.iter().zip([" seq=1 ", " seq=2 "]) {
         assert!(
             line.starts_with("sent conversation=") && line.contains(seq),
@@ -198,7 +220,11 @@ fn readme_quic_quick_start_runs_as_written() {
     // The dual send was stored once (seq 2) and reached the listener once.
     let listened = std::fs::read_to_string(&listen_out).unwrap();
     let got: Vec<&str> = listened.lines().collect();
-    assert_eq!(got.len(), 2, "{listened}");
+    assert_eq!(
+        got.len(),
+        2,
+        "the listener printed:\n{listened}\nthe script's stderr:\n{stderr}"
+    );
     assert!(
         got[0].contains(" seq=1 from=alice ") && got[0].ends_with("text=over QUIC"),
         "{listened}"
@@ -211,12 +237,13 @@ fn readme_quic_quick_start_runs_as_written() {
 
 /// Runs a README block with bash, the built binaries first on PATH. The block starts a gateway
 /// and a listener in the background (`%1`, `%2`); once the listener's output (`listen_out`)
-/// shows `wait_for` (bounded: 200 × 50 ms), both are stopped. Returns stdout; panics if the
-/// script failed.
-fn run_script(script: &str, listen_out: &std::path::Path, wait_for: &str) -> String {
+/// shows `wait_for` (bounded: 400 × 50 ms), both are stopped. Returns stdout and stderr (the
+/// gateway's log and the listener's messages, for the callers' failure messages); panics if
+/// the script failed.
+fn run_script(script: &str, listen_out: &std::path::Path, wait_for: &str) -> (String, String) {
     let bin_dir = binary("tern").parent().unwrap().to_path_buf();
     let script = format!(
-        "set -e\n{script}\nfor i in $(seq 1 200); do grep -q '{wait_for}' \"$LISTEN_OUT\" && break; \
+        "set -e\n{script}\nfor i in $(seq 1 400); do grep -q '{wait_for}' \"$LISTEN_OUT\" && break; \
          sleep 0.05; done\nkill %2 %1\nwait || true\n"
     );
     let out = Command::new("bash")
@@ -235,10 +262,7 @@ fn run_script(script: &str, listen_out: &std::path::Path, wait_for: &str) -> Str
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    (stdout, stderr)
 }

@@ -107,6 +107,7 @@ fn synced_state(c: &mut Conn, since: u64) -> (tern_protocol::ConversationState, 
     let rid = c.send_body(Body::Sync(SyncRequest {
         since_version: since,
         page_size: 0,
+        ..Default::default()
     }));
     let (mut convs, _, version) = collect_sync(c, rid);
     assert_eq!(convs.len(), 1, "{convs:?}");
@@ -181,6 +182,7 @@ fn unread_leaves_out_own_messages_and_sync_carries_the_peers_read_position() {
     let rid = laptop.send_body(Body::Sync(SyncRequest {
         since_version: version,
         page_size: 0,
+        ..Default::default()
     }));
     let (convs, msgs, later) = collect_sync(&mut laptop, rid);
     assert_eq!(convs.len(), 1, "{convs:?}");
@@ -198,6 +200,7 @@ fn unread_leaves_out_own_messages_and_sync_carries_the_peers_read_position() {
     let rid = laptop.send_body(Body::Sync(SyncRequest {
         since_version: later,
         page_size: 0,
+        ..Default::default()
     }));
     let (convs, msgs, _) = collect_sync(&mut laptop, rid);
     assert!(convs.is_empty() && msgs.is_empty(), "{convs:?} {msgs:?}");

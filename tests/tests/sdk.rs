@@ -296,3 +296,151 @@ async fn followed_users_stay_followed_across_a_reconnect() {
     carol.close().await;
     alice.close().await;
 }
+
+/// Everything a login's sync hands over, up to its SyncDone: the conversations'
+/// `skipped_to_seq` and the seqs of the messages, in the order they came.
+async fn login_sync(incoming: &mut Incoming) -> (Vec<u64>, Vec<u64>) {
+    let (mut skipped, mut seqs) = (Vec::new(), Vec::new());
+    loop {
+        let e = next(incoming, Some).await;
+        match e {
+            Event::Conversations(convs) => skipped.extend(convs.iter().map(|c| c.skipped_to_seq)),
+            Event::Message(m) => seqs.push(m.seq),
+            Event::SyncDone { .. } => return (skipped, seqs),
+            _ => {}
+        }
+    }
+}
+
+/// Once the live message `seq` arrived (and was auto-acknowledged), a sync's report of the
+/// device's delivered cursors; no message may come again.
+async fn cursors_after(client: &Client, incoming: &mut Incoming, seq: u64) -> Vec<u64> {
+    next(incoming, |e| {
+        matches!(e, Event::Message(m) if m.seq == seq).then_some(())
+    })
+    .await;
+    client.sync().await.unwrap();
+    next(incoming, |e| match e {
+        Event::Conversations(c) => Some(c.iter().map(|c| c.delivered_seq).collect()),
+        Event::Message(m) => panic!("seq {} came again", m.seq),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_installation_may_sync_only_the_latest_messages() {
+    let gw = Gateway::start(&[]);
+    let (alice, _alice_in) = connect(&gw, "alice", "phone").await;
+    let send = async |n: usize| {
+        for _ in 0..n {
+            alice
+                .send(Target::user("bob"), ContentType::Text as u32, "hi")
+                .await
+                .unwrap();
+        }
+    };
+    let bob = |device: &str, sync_version: u64| {
+        let mut c = ClientConfig::new(gw.addr.to_string(), gw.token("bob"), device);
+        c.initial_sync_limit = 2;
+        c.sync_version = sync_version;
+        c
+    };
+    send(5).await;
+    // No sync position: the latest 2.
+    let phone = Client::connect(bob("phone", 0)).await.unwrap();
+    let mut phone_in = phone.incoming();
+    assert_eq!(login_sync(&mut phone_in).await, (vec![3], vec![4, 5]));
+    let version = phone.sync_version();
+    assert!(version > 0);
+
+    // The phone acknowledged what it got (it counts the messages left out as seen): its next
+    // sync finds its cursor at the latest message and sends nothing again.
+    send(4).await;
+    assert_eq!(cursors_after(&phone, &mut phone_in, 9).await, vec![9]);
+
+    // From a stored position a sync brings every unseen message, whatever the limit: the
+    // tablet has seen none of the 9.
+    let tablet = Client::connect(bob("tablet", version)).await.unwrap();
+    let mut tablet_in = tablet.incoming();
+    assert_eq!(
+        login_sync(&mut tablet_in).await,
+        (vec![0], (1..=9).collect())
+    );
+    let laptop = Client::connect(bob("laptop", 0)).await.unwrap();
+    let mut laptop_in = laptop.incoming();
+    assert_eq!(login_sync(&mut laptop_in).await, (vec![7], vec![8, 9]));
+    // The application pages what was left out.
+    let page = laptop.history(Target::user("alice"), 8, 0).await.unwrap();
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=7).rev().collect::<Vec<_>>()
+    );
+
+    // A sync that starts after what the user cleared: the device acknowledges what it got.
+    let conversation_id = page.conversation_id;
+    phone
+        .set_conversation(SetConversation {
+            conversation_id,
+            clear_upto_seq: 9,
+            ..SetConversation::default()
+        })
+        .await
+        .unwrap();
+    send(1).await;
+    let watch = Client::connect(ClientConfig::new(
+        gw.addr.to_string(),
+        gw.token("bob"),
+        "watch",
+    ))
+    .await
+    .unwrap();
+    let mut watch_in = watch.incoming();
+    assert_eq!(login_sync(&mut watch_in).await, (vec![0], vec![10]));
+    send(1).await;
+    assert_eq!(cursors_after(&watch, &mut watch_in, 11).await, vec![11]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_first_sync_is_bounded_by_the_initial_limit() {
+    let gw = Gateway::start(&[]);
+    let proxy = tern_tests::proxy::TcpProxy::start(gw.addr);
+    let (alice, _alice_in) = connect(&gw, "alice", "phone").await;
+    let mut config = quick_reconnects(&gw, "bob");
+    config.server = proxy.addr.to_string();
+    config.initial_sync_limit = 2;
+    // A user with no conversation yet: the first sync completes at version 0.
+    let bob = Client::connect(config).await.unwrap();
+    let mut bob_in = bob.incoming();
+    assert_eq!(login_sync(&mut bob_in).await, (vec![], vec![]));
+    assert_eq!(bob.sync_version(), 0);
+    let send = async |text: &str| {
+        alice
+            .send(
+                Target::user("bob"),
+                ContentType::Text as u32,
+                text.to_owned(),
+            )
+            .await
+            .unwrap()
+    };
+    send("live").await;
+    next(&mut bob_in, |e| {
+        matches!(e, Event::Message(m) if m.seq == 1).then_some(())
+    })
+    .await;
+
+    // Five messages while bob's connection is cut; the sync after its reconnect brings them all.
+    proxy.stall();
+    for i in 2..=6 {
+        assert_eq!(send(&format!("m{i}")).await.seq, i);
+    }
+    proxy.reset_all();
+    proxy.resume();
+    next(&mut bob_in, |e| {
+        matches!(e, Event::Reconnected).then_some(())
+    })
+    .await;
+    let (_, seqs) = login_sync(&mut bob_in).await;
+    assert_eq!(seqs, (2..=6).collect::<Vec<_>>());
+}

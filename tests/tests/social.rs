@@ -425,6 +425,7 @@ fn conversation_settings_reach_every_device_and_clearing_hides_history() {
     let rid = tablet.send_body(Body::Sync(SyncRequest {
         since_version: since,
         page_size: 0,
+        ..Default::default()
     }));
     let (convs, _, _) = collect_sync(&mut tablet, rid);
     assert_eq!(

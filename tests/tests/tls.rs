@@ -95,6 +95,7 @@ fn tls_devices_chat_with_tcp_and_quic_devices_and_sync() {
     let rid = carol.send_body(Body::Sync(SyncRequest {
         since_version: 0,
         page_size: 0,
+        ..Default::default()
     }));
     loop {
         let f = carol.recv_frame();

@@ -250,6 +250,7 @@ async fn hello(
             sync_on_login,
             sync_version: 0,
             resume_session_id,
+            sync_max_messages_per_conversation: 0,
         },
     );
     let mut out = BytesMut::new();
