@@ -926,6 +926,10 @@ impl Driver {
             if let Some(event) = self.rooms.answered(request_id, &result) {
                 self.emit(event);
             }
+            let mut result = result;
+            if let Ok(Body::RoomResponse(response)) = &mut result {
+                self.session.admit_recent(response);
+            }
             match (self.pending.remove(&request_id), result) {
                 (Some(reply), result) => {
                     let _ = reply.send(result);

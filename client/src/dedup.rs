@@ -46,6 +46,8 @@ struct Window {
     based: bool,
     /// Highest seq acknowledged to the server (or known to be acknowledged already).
     acked: u64,
+    /// The lowest seq handed over (0: none yet).
+    first: u64,
 }
 
 impl Window {
@@ -113,11 +115,26 @@ impl Dedup {
         if !window.above.insert(seq) {
             return false;
         }
+        if window.first == 0 || seq < window.first {
+            window.first = seq;
+        }
         if window.based {
             window.advance();
         }
         window.bound();
         true
+    }
+
+    /// For a live room's earlier messages handed over outside its stream of messages
+    /// (`RoomResponse.recent`, in ascending seq): whether `seq` may be handed over, i.e. it
+    /// was not handed over from the stream already. One above everything handed over from the
+    /// stream is recorded, so that a copy the stream brings later (on another path) is not
+    /// handed over again; one below it never will be.
+    pub fn accept_earlier(&mut self, conversation_id: u64, seq: u64) -> bool {
+        match self.windows.get(&conversation_id) {
+            Some(w) if w.first != 0 && seq < w.first => true,
+            _ => self.accept(conversation_id, seq, false),
+        }
     }
 
     /// Records that every seq up to `floor` counts as seen (a sync continues after it, see the
@@ -199,6 +216,26 @@ mod tests {
             .copied()
             .filter(|&s| d.accept(conv, s, syncing))
             .collect()
+    }
+
+    fn earlier(d: &mut Dedup, conv: u64, seqs: &[u64]) -> Vec<u64> {
+        seqs.iter()
+            .copied()
+            .filter(|&s| d.accept_earlier(conv, s))
+            .collect()
+    }
+
+    #[test]
+    fn a_rooms_earlier_messages_and_its_stream_share_nothing() {
+        // Nothing from the stream yet: all of them, and the stream's copies are duplicates.
+        let mut d = Dedup::new();
+        assert_eq!(earlier(&mut d, 9, &[3, 4, 5]), [3, 4, 5]);
+        assert_eq!(accepted(&mut d, 9, &[4, 5, 6], false), [6]);
+        // The stream brought 7 and 8 first (on another path): the rest, and never 9 again.
+        let mut d = Dedup::new();
+        assert_eq!(accepted(&mut d, 9, &[7, 8], false), [7, 8]);
+        assert_eq!(earlier(&mut d, 9, &[5, 6, 7, 8, 9]), [5, 6, 9]);
+        assert_eq!(accepted(&mut d, 9, &[6, 9, 10], false), [10]);
     }
 
     #[test]

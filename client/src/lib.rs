@@ -47,8 +47,9 @@
 //! Live rooms ([`Client::enter_room`], [`Client::leave_room`], [`Client::send_room`]) are for
 //! live streams: anyone may enter, and a room's messages reach only the connections in it at
 //! that moment, as [`Event::Message`] with a `ROOM` target and the room's conversation id
-//! ([`is_room_conversation`]). Nothing is stored: no history, no sync, no acks (the client sends
-//! none for rooms), and the seqs number the room's messages of one server run. A viewer that
+//! ([`is_room_conversation`]). Nothing is stored: no history beyond the latest few messages
+//! [`Client::enter_room_with_recent`] may ask for, no sync, no acks (the client sends none for
+//! rooms), and the seqs number the room's messages of one server run. A viewer that
 //! falls behind misses room messages, priority ones last (`send_room(.., priority: true)` for
 //! gifts and notices). Membership belongs to a connection, so the client remembers the rooms
 //! the application entered and enters them again on each new connection: after a reconnect,

@@ -136,8 +136,8 @@ enum Command {
     /// Enter a live room and print each of its messages as it arrives, in the `listen` format:
     /// `conversation=<id> seq=<n> from=<user> time=<ms> text=<text>`.
     ///
-    /// Rooms keep no history: only messages sent while this command is in the room are
-    /// printed. After a reconnect the room is entered again.
+    /// Rooms store no history: only messages sent while this command is in the room are
+    /// printed, after the latest few with --recent. After a reconnect the room is entered again.
     Room {
         /// The room id.
         room: String,
@@ -147,6 +147,11 @@ enum Command {
         /// Stop after this many seconds (exit 0, or 1 if --count was not reached).
         #[arg(long)]
         timeout: Option<f64>,
+        /// First print up to N of the room's latest messages from before it entered (by default
+        /// the server keeps the last 20 of each room, none older than 5 minutes); they count
+        /// towards --count.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        recent: u32,
     },
     /// Print a conversation's history, oldest first, in the `listen` format.
     History {
@@ -693,12 +698,23 @@ async fn run(cli: Cli) -> ExitCode {
             room,
             count,
             timeout,
-        } => match client.enter_room(&room).await {
+            recent,
+        } => match client.enter_room_with_recent(&room, recent).await {
             Ok(entered) => {
                 eprintln!(
                     "# in room={} conversation={}",
                     entered.room_id, entered.conversation_id
                 );
+                // The latest of them, if --count allows fewer.
+                let recent = &entered.recent;
+                let skip = count.map_or(0, |n| recent.len().saturating_sub(n as usize));
+                for m in &recent[skip..] {
+                    if !print_line(&line::message(m)) {
+                        return close_with(&client, ExitCode::SUCCESS).await;
+                    }
+                }
+                let shown = (recent.len() - skip) as u64;
+                let count = count.map(|n| n.saturating_sub(shown));
                 listen(&client, count, timeout, Some(entered.conversation_id)).await
             }
             Err(e) => fail(&e),

@@ -33,13 +33,26 @@ impl Client {
 
     /// Enters live room `room` (at most 16 at once: `LIMIT_EXCEEDED`); returns the room's
     /// conversation id. Its messages then arrive as [`Event::Message`] with a `ROOM` target and
-    /// that conversation id, only while the client is in the room: rooms have no history and
+    /// that conversation id, only while the client is in the room: rooms store no history and
     /// are never synced.
     ///
     /// The client stays in the room until [`Client::leave_room`] or a refusal by the server: it
     /// enters it again on each new connection (see the crate docs, Rooms).
     pub async fn enter_room(&self, room: impl Into<String>) -> Result<RoomResponse> {
-        self.room(room, Op::Enter(EnterRoom {})).await
+        self.enter_room_with_recent(room, 0).await
+    }
+
+    /// Enters live room `room` as [`Client::enter_room`] does, and gets back up to `recent` of
+    /// the room's latest messages in `RoomResponse::recent`, oldest first (by default the server
+    /// keeps the last 20 of each room, none older than 5 minutes). The room's next messages
+    /// arrive as events; none is in both, over both paths of the dual channel too. None if the
+    /// client is in the room already; entering again after a reconnect asks for none.
+    pub async fn enter_room_with_recent(
+        &self,
+        room: impl Into<String>,
+        recent: u32,
+    ) -> Result<RoomResponse> {
+        self.room(room, Op::Enter(EnterRoom { recent })).await
     }
 
     /// Leaves live room `room`; it is no longer entered again after a reconnect.
@@ -148,7 +161,7 @@ impl Rooms {
             .map(|room| {
                 let f = frame(Body::Room(RoomRequest {
                     room_id: room.clone(),
-                    op: Some(Op::Enter(EnterRoom {})),
+                    op: Some(Op::Enter(EnterRoom::default())),
                 }));
                 let again = Some(Again { leg, new_session });
                 let call = Call {
@@ -222,7 +235,7 @@ mod tests {
     fn enter(room: &str) -> Body {
         Body::Room(RoomRequest {
             room_id: room.into(),
-            op: Some(Op::Enter(EnterRoom {})),
+            op: Some(Op::Enter(EnterRoom::default())),
         })
     }
 
@@ -244,6 +257,7 @@ mod tests {
         Ok(Body::RoomResponse(RoomResponse {
             room_id: room.into(),
             conversation_id: 1 << 62 | 5,
+            recent: Vec::new(),
         }))
     }
 

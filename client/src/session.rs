@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 use tern_protocol::{
     Ack, Body, Deliver, Frame, Hello, Kick, KickReason, PROTOCOL_VERSION, Ping, PushAck,
-    PushNotice, SyncRequest,
+    PushNotice, RoomResponse, SyncRequest,
 };
 
 use crate::{
@@ -405,6 +405,16 @@ impl Session {
             }
             self.events.push_back(Event::Message(message));
         }
+    }
+
+    /// Takes out of an EnterRoom's answer the earlier messages that came as events already
+    /// (a dual-channel session's other path may have been in the room first), and makes sure
+    /// the rest never come as events too.
+    pub(crate) fn admit_recent(&mut self, response: &mut RoomResponse) {
+        let room = response.conversation_id;
+        response
+            .recent
+            .retain(|m| self.dedup.accept_earlier(room, m.seq));
     }
 
     /// With auto-ack on, queues one Ack per conversation whose contiguous seq advanced since

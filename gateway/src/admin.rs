@@ -96,6 +96,9 @@ pub struct CoreStats {
     pub appends_pending: usize,
     /// Room messages waiting to be numbered and fanned out.
     pub room_queue: usize,
+    /// Bytes of room messages kept for viewers entering (counted against
+    /// `room_history_bytes`).
+    pub room_history_bytes: usize,
 }
 
 /// The API thread's handle on the cores.
@@ -341,6 +344,7 @@ impl Core {
             devices,
             appends_pending: self.queue_depths().0,
             room_queue: self.queue_depths().1,
+            room_history_bytes: self.room_history_size().1,
         }
     }
 

@@ -335,7 +335,7 @@ async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, ApiError> 
         &'static str,
         fn(&crate::admin::CoreStats) -> usize,
     );
-    let gauges: [Gauge; 6] = [
+    let gauges: [Gauge; 7] = [
         ("tern_connections", "Open connections.", |c| c.connections),
         ("tern_sessions", "Logged-in sessions (paths).", |c| {
             c.sessions
@@ -355,6 +355,11 @@ async fn metrics(State(st): State<Arc<ApiState>>) -> Result<Response, ApiError> 
             "tern_room_queue",
             "Room messages waiting for fan-out.",
             |c| c.room_queue,
+        ),
+        (
+            "tern_room_history_bytes",
+            "Bytes of room messages kept for viewers entering.",
+            |c| c.room_history_bytes,
         ),
     ];
     for (name, help, get) in gauges {

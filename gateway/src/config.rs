@@ -148,6 +148,14 @@ pub struct Config {
     /// is longer than `room_batch_ms`, so a bigger room is flushed less often instead of costing
     /// more. Default 10,000 (about a tenth of a core).
     pub room_writes_per_sec: u32,
+    /// The latest messages of each live room kept in memory for viewers who ask for them when
+    /// they enter (`EnterRoom.recent`), at most 1,000; 0 keeps none. Default 20.
+    pub room_history_messages: usize,
+    /// The oldest such message a viewer entering gets, in seconds (1..=86,400). Default 300.
+    pub room_history_secs: u64,
+    /// Bytes of room messages kept per core for entering viewers, over all rooms (at least
+    /// 65,536); past it the core's oldest go first. Default 16 MiB.
+    pub room_history_bytes: usize,
     /// Most friends one user may have; more fail with LIMIT_EXCEEDED. Default 3,000.
     pub max_friends: u32,
     /// How long after sending its sender may recall a message (ms; group owners and admins may
@@ -218,6 +226,9 @@ impl Default for Config {
             room_batch_viewers: 1_000,
             room_batch_ms: 200,
             room_writes_per_sec: 10_000,
+            room_history_messages: 20,
+            room_history_secs: 300,
+            room_history_bytes: 16 << 20,
             max_friends: 3000,
             recall_window_ms: 120_000,
             api: Some("127.0.0.1:7680".parse().expect("static address")),
@@ -373,6 +384,15 @@ impl Config {
         if self.room_writes_per_sec < 100 {
             return bad("room_writes_per_sec", "must be at least 100");
         }
+        if self.room_history_messages > 1000 {
+            return bad("room_history_messages", "must be at most 1000");
+        }
+        if self.room_history_secs == 0 || self.room_history_secs > 86_400 {
+            return bad("room_history_secs", "must be between 1 and 86400");
+        }
+        if self.room_history_bytes < 65_536 {
+            return bad("room_history_bytes", "must be at least 65536");
+        }
         if self.dedup_window_entries < 1000 {
             return bad("dedup_window_entries", "must be at least 1000");
         }
@@ -468,9 +488,17 @@ mod tests {
         let cfg = Config::from_toml("max_frame_bytes = 10\n").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("`max_frame_bytes`"), "{err}");
-        let cfg = Config::from_toml("room_batch_ms = 0\n").unwrap();
-        let err = cfg.validate().unwrap_err().to_string();
-        assert!(err.contains("`room_batch_ms`"), "{err}");
+        for bad in [
+            "room_batch_ms = 0",
+            "room_history_messages = 1001",
+            "room_history_secs = 0",
+            "room_history_bytes = 1000",
+        ] {
+            let cfg = Config::from_toml(&format!("{bad}\n")).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(err.contains(&format!("`{key}`")), "{err}");
+        }
         let err = Config::from_toml("durability = \"sometimes\"\n").unwrap_err();
         assert!(err.contains("durability"), "{err}");
         let cfg = Config::from_toml("min_sync_interval_us = 100001\n").unwrap();

@@ -1,4 +1,4 @@
-//! Live chat rooms: anyone may enter, no member limit, nothing stored.
+//! Live chat rooms: anyone may enter, no member limit, nothing written to disk.
 //!
 //! A room lives only in memory, per server run:
 //!
@@ -31,7 +31,13 @@
 //!   quarters or twice the bytes; and a viewer whose queue holds [`QUEUE_BYTES`] misses
 //!   batches until it has read them.
 //!
-//! Rooms have no history, no unread counts and never appear in sync.
+//! * Each core keeps the latest messages of each room ([`RoomHistory`]; every core gets every
+//!   room message) for viewers who ask for some when they enter: they come back in the answer,
+//!   read in the same step that adds the viewer, so that none of them is also pushed to that
+//!   connection; the messages a big room holds on the core are left out, since its next flush
+//!   gives them to the new viewer too.
+//!
+//! Rooms have no stored history, no unread counts and never appear in sync.
 //!
 //! [`Router::conversation`]: crate::route::Router::conversation
 
@@ -92,6 +98,8 @@ pub struct RoomOwned {
 #[derive(Debug, Default)]
 pub struct LocalRooms {
     viewers: crate::FastMap<u64, Vec<Rc<SessionHandle>>>,
+    /// The rooms' latest messages, for viewers entering.
+    history: RoomHistory,
     /// Big rooms' messages waiting for the next batch flush, by room.
     held: crate::FastMap<u64, Held>,
     /// The batch flush task, while it waits for a room to hold something.
@@ -124,13 +132,18 @@ pub struct Held {
     /// (encoded Deliver frame, its sender's logical session, priority).
     frames: Vec<(Bytes, u64, bool)>,
     bytes: usize,
+    /// The lowest seq held, 0 if the room's numbering started again while it held messages:
+    /// a viewer entering then gets none of the room's kept messages ([`Core::room_recent`]).
+    first_seq: u64,
+    /// The seq of the last message held.
+    last_seq: u64,
 }
 
 impl Held {
     /// Holds a frame unless the room holds too much already (see [`HELD_BYTES`]; a first
     /// frame is always held); `cap` is `outbound_queue_frames`. Returns false if it was
     /// dropped.
-    fn hold(&mut self, frame: Bytes, sender: u64, priority: bool, cap: usize) -> bool {
+    fn hold(&mut self, frame: Bytes, seq: u64, sender: u64, priority: bool, cap: usize) -> bool {
         let frames = room_bound(cap, priority);
         let bytes = if priority { 2 * HELD_BYTES } else { HELD_BYTES };
         // The first frame is always held, however big (up to `max_frame_bytes`).
@@ -139,6 +152,12 @@ impl Held {
         {
             return false;
         }
+        if self.frames.is_empty() {
+            self.first_seq = seq;
+        } else if seq <= self.last_seq {
+            self.first_seq = 0;
+        }
+        self.last_seq = seq;
         self.bytes += frame.len();
         self.frames.push((frame, sender, priority));
         true
@@ -161,6 +180,138 @@ impl Held {
     }
 }
 
+/// What [`RoomHistory`] keeps: per room, per core and how long.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryLimits {
+    /// Messages per room (`room_history_messages`); 0 keeps none.
+    pub messages: usize,
+    /// Age of the oldest kept, in milliseconds (`room_history_secs`).
+    pub max_age_ms: u64,
+    /// Bytes over all rooms on the core (`room_history_bytes`).
+    pub bytes: usize,
+}
+
+/// The latest messages of each room, for viewers who ask for them when they enter
+/// (`EnterRoom.recent`). Every core keeps its own (each gets every room message), so entering
+/// reads only the core's memory, in the same step that adds the viewer: a message kept then is
+/// not pushed to the viewer afterwards.
+///
+/// Bounded three ways ([`HistoryLimits`]): messages per room, their age, and bytes over all rooms
+/// on the core, the oldest message of the core going first. The bytes are the messages'
+/// encoding plus their bookkeeping ([`weight`]); the payloads are shared by the cores.
+#[derive(Debug, Default)]
+pub struct RoomHistory {
+    /// Per room, its messages (oldest first) with their [`weight`].
+    rooms: crate::FastMap<u64, VecDeque<(Arc<Deliver>, usize)>>,
+    /// (room, seq) of each message kept, oldest first over all rooms. An entry whose message a
+    /// room's own bound dropped already is skipped when it comes first, and such entries are
+    /// removed once they are as many as the kept ones.
+    order: VecDeque<(u64, u64)>,
+    kept: usize,
+    bytes: usize,
+}
+
+/// The memory a kept message stands for: its encoding (payload and strings), the message
+/// itself, and the entries that point at it.
+fn weight(message: &Deliver) -> usize {
+    use prost::Message;
+    message.encoded_len() + std::mem::size_of::<Deliver>() + 64
+}
+
+impl RoomHistory {
+    /// Keeps `message` of `room`, then drops what the limits no longer allow (`now_ms`: the
+    /// server's clock, against the messages' `server_time_ms`).
+    pub fn keep(&mut self, room: u64, message: &Arc<Deliver>, limits: &HistoryLimits, now_ms: u64) {
+        if limits.messages == 0 {
+            return;
+        }
+        let ring = self.rooms.entry(room).or_default();
+        if ring.back().is_some_and(|(last, _)| last.seq >= message.seq) {
+            // The owner numbers the room afresh (it forgot it): the old numbers mean nothing.
+            self.kept -= ring.len();
+            self.bytes -= ring.iter().map(|(_, w)| w).sum::<usize>();
+            ring.clear();
+        }
+        let w = weight(message);
+        ring.push_back((message.clone(), w));
+        self.kept += 1;
+        self.bytes += w;
+        self.order.push_back((room, message.seq));
+        while ring.len() > limits.messages {
+            let (_, w) = ring.pop_front().expect("longer than the bound");
+            self.kept -= 1;
+            self.bytes -= w;
+        }
+        self.expire(limits, now_ms);
+        if self.order.len() > 2 * self.kept + 1024 {
+            let rooms = &self.rooms;
+            self.order.retain(|(room, seq)| {
+                rooms.get(room).is_some_and(|ring| {
+                    ring.front().is_some_and(|(m, _)| m.seq <= *seq)
+                        && ring.back().is_some_and(|(m, _)| *seq <= m.seq)
+                })
+            });
+        }
+    }
+
+    /// Drops the core's oldest messages while they are too old or the core keeps too many
+    /// bytes, and the entries of messages dropped already that come first.
+    fn expire(&mut self, limits: &HistoryLimits, now_ms: u64) {
+        while let Some(&(room, seq)) = self.order.front() {
+            let mut emptied = false;
+            if let Some(ring) = self.rooms.get_mut(&room)
+                && let Some((first, w)) = ring.front()
+                && first.seq == seq
+            {
+                let w = *w;
+                let old = now_ms.saturating_sub(first.server_time_ms) > limits.max_age_ms;
+                if !old && self.bytes <= limits.bytes {
+                    return;
+                }
+                self.bytes -= w;
+                self.kept -= 1;
+                ring.pop_front();
+                emptied = ring.is_empty();
+            }
+            if emptied {
+                self.rooms.remove(&room);
+            }
+            self.order.pop_front();
+        }
+    }
+
+    /// The latest `n` messages of `room` (oldest first) numbered below `below` and not older than
+    /// the age limit.
+    pub fn recent(
+        &self,
+        room: u64,
+        n: usize,
+        below: u64,
+        limits: &HistoryLimits,
+        now_ms: u64,
+    ) -> Vec<Arc<Deliver>> {
+        let Some(ring) = self.rooms.get(&room) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Arc<Deliver>> = ring
+            .iter()
+            .rev()
+            .map(|(m, _)| m)
+            .filter(|m| m.seq < below)
+            .take_while(|m| now_ms.saturating_sub(m.server_time_ms) <= limits.max_age_ms)
+            .take(n)
+            .cloned()
+            .collect();
+        out.reverse();
+        out
+    }
+
+    /// Messages kept on this core, and their bytes (as counted against the limit).
+    pub fn size(&self) -> (usize, usize) {
+        (self.kept, self.bytes)
+    }
+}
+
 impl LocalRooms {
     /// Number of this core's connections in `room`.
     pub fn viewers(&self, room: u64) -> usize {
@@ -168,15 +319,26 @@ impl LocalRooms {
     }
 }
 
+/// What [`Core::enter_room`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entered {
+    /// The connection is in the room from now on.
+    Now,
+    /// It was in the room already.
+    Already,
+    /// It is in [`MAX_ROOMS_PER_CONNECTION`] rooms already.
+    TooMany,
+}
+
 impl Core {
-    /// Adds `session` to `room`. Returns false if it is in too many rooms.
-    pub fn enter_room(&self, session: &Rc<SessionHandle>, room: u64) -> bool {
+    /// Adds `session` to `room`.
+    pub fn enter_room(&self, session: &Rc<SessionHandle>, room: u64) -> Entered {
         let mut rooms = session.rooms.borrow_mut();
         if rooms.contains(&room) {
-            return true;
+            return Entered::Already;
         }
         if rooms.len() >= MAX_ROOMS_PER_CONNECTION {
-            return false;
+            return Entered::TooMany;
         }
         rooms.push(room);
         self.local_rooms
@@ -185,7 +347,31 @@ impl Core {
             .entry(room)
             .or_default()
             .push(session.clone());
-        true
+        Entered::Now
+    }
+
+    /// The latest `n` messages of `room` kept on this core (oldest first) that its viewers will
+    /// not get otherwise: those a big room holds here are left out, the next flush gives them
+    /// to every viewer there is then. Call it in the same step that added the viewer.
+    pub fn room_recent(&self, room: u64, n: usize) -> Vec<Arc<Deliver>> {
+        let local = self.local_rooms.borrow();
+        let below = local.held.get(&room).map_or(u64::MAX, |h| h.first_seq);
+        let limits = self.history_limits();
+        let n = n.min(limits.messages);
+        local.history.recent(room, n, below, &limits, now_ms())
+    }
+
+    /// Room messages kept on this core for viewers entering, and their bytes.
+    pub fn room_history_size(&self) -> (usize, usize) {
+        self.local_rooms.borrow().history.size()
+    }
+
+    fn history_limits(&self) -> HistoryLimits {
+        HistoryLimits {
+            messages: self.cfg.room_history_messages,
+            max_age_ms: self.cfg.room_history_secs * 1000,
+            bytes: self.cfg.room_history_bytes,
+        }
     }
 
     /// Removes `session` from `room` (if it was in it).
@@ -281,7 +467,13 @@ impl Core {
                 client_msg_id: msg.client_msg_id.clone(),
                 content_type: msg.content_type,
                 custom_type: msg.custom_type,
-                payload: msg.payload,
+                // The payload is a slice of the sender's read buffer: a message kept for
+                // viewers entering gets its own copy, so that it does not hold that buffer.
+                payload: if self.cfg.room_history_messages > 0 {
+                    Bytes::copy_from_slice(&msg.payload)
+                } else {
+                    msg.payload
+                },
                 recalled: false,
             });
             for core in 0..self.router.cores() {
@@ -323,23 +515,33 @@ impl Core {
     /// misses it (see the module docs); nobody becomes lagging. A big room's message (at least
     /// `room_batch_viewers` viewers here, or messages held already) is held for
     /// [`Core::run_room_flush`] instead.
-    pub fn deliver_room(&self, room: u64, except: u64, priority: bool, message: &Deliver) {
+    pub fn deliver_room(&self, room: u64, except: u64, priority: bool, message: &Arc<Deliver>) {
         let mut local = self.local_rooms.borrow_mut();
         let local = &mut *local;
-        let Some(list) = local.viewers.get(&room) else {
-            return;
+        if self.cfg.room_history_messages > 0 {
+            local
+                .history
+                .keep(room, message, &self.history_limits(), now_ms());
+        }
+        let holding = local.held.contains_key(&room);
+        let list = match local.viewers.get(&room) {
+            Some(list) => list.as_slice(),
+            // A room that holds messages holds this one too, for whoever enters before the
+            // flush (its kept messages stop below what is held).
+            None if holding => &[],
+            None => return,
         };
         let cap = self.cfg.outbound_queue_frames;
         let batch = self.cfg.room_batch_viewers;
         // A room with messages held keeps holding until they are flushed, even if it just
         // fell below the threshold: a message written at once would overtake them.
-        if batch > 0 && (list.len() >= batch || local.held.contains_key(&room)) {
+        if batch > 0 && (list.len() >= batch || holding) {
             let frame = self.encode_deliver(message);
             if local
                 .held
                 .entry(room)
                 .or_default()
-                .hold(frame, except, priority, cap)
+                .hold(frame, message.seq, except, priority, cap)
                 && let Some(w) = local.flush_waker.take()
             {
                 w.wake();
@@ -460,13 +662,126 @@ mod tests {
         Bytes::from(vec![n; len])
     }
 
+    /// Message `seq` of a room, sent at `time` (ms), with a payload of `len` bytes.
+    fn msg(seq: u64, time: u64, len: usize) -> Arc<Deliver> {
+        Arc::new(Deliver {
+            conversation_id: ROOM_BIT | 1,
+            seq,
+            server_time_ms: time,
+            payload: Bytes::from(vec![0; len]),
+            ..Default::default()
+        })
+    }
+
+    fn seqs(messages: &[Arc<Deliver>]) -> Vec<u64> {
+        messages.iter().map(|m| m.seq).collect()
+    }
+
+    const ALL: u64 = u64::MAX;
+
+    #[test]
+    fn a_room_keeps_its_latest_messages_within_the_age_limit() {
+        let limits = HistoryLimits {
+            messages: 3,
+            max_age_ms: 1000,
+            bytes: 1 << 20,
+        };
+        let mut h = RoomHistory::default();
+        for seq in 1..=5 {
+            h.keep(1, &msg(seq, 100 * seq, 10), &limits, 100 * seq);
+        }
+        assert_eq!(seqs(&h.recent(1, 10, ALL, &limits, 500)), [3, 4, 5]);
+        assert_eq!(seqs(&h.recent(1, 2, ALL, &limits, 500)), [4, 5]);
+        assert_eq!(h.recent(1, 0, ALL, &limits, 500), []);
+        // Below the first message a big room holds.
+        assert_eq!(seqs(&h.recent(1, 10, 5, &limits, 500)), [3, 4]);
+        assert_eq!(seqs(&h.recent(1, 1, 5, &limits, 500)), [4]);
+        assert_eq!(h.recent(1, 10, 0, &limits, 500), []);
+        // At 1,350 ms message 3 (sent at 300) is too old, 4 (at 400) is not.
+        assert_eq!(seqs(&h.recent(1, 10, ALL, &limits, 1350)), [4, 5]);
+        assert_eq!(h.recent(2, 10, ALL, &limits, 500), []);
+        // Messages of the same encoded size (times 300-500 and seqs 3-5 take as many bytes).
+        let w = weight(&msg(3, 300, 10));
+        assert_eq!(h.size(), (3, 3 * w));
+
+        // The next message kept, of any room, drops those too old by then: 3 and 4 at 1,450.
+        h.keep(2, &msg(1, 1450, 10), &limits, 1450);
+        assert_eq!(h.size(), (2, w + weight(&msg(1, 1450, 10))));
+        assert_eq!(seqs(&h.recent(1, 10, ALL, &limits, 1450)), [5]);
+        // A room numbered afresh (its owner forgot it) starts again.
+        h.keep(1, &msg(1, 1460, 10), &limits, 1460);
+        assert_eq!(seqs(&h.recent(1, 10, ALL, &limits, 1460)), [1]);
+        assert_eq!(h.size(), (2, 2 * weight(&msg(1, 1450, 10))));
+
+        let off = HistoryLimits {
+            messages: 0,
+            ..limits
+        };
+        let mut h = RoomHistory::default();
+        h.keep(1, &msg(1, 0, 10), &off, 0);
+        assert_eq!(h.size(), (0, 0));
+    }
+
+    #[test]
+    fn a_cores_bytes_go_oldest_first_over_all_rooms() {
+        // Each message's encoding has the same size (seqs and times below 128).
+        let w = weight(&msg(1, 1, 1000));
+        let limits = HistoryLimits {
+            messages: 10,
+            max_age_ms: 1000,
+            bytes: 3 * w,
+        };
+        let mut h = RoomHistory::default();
+        for room in 1..=3 {
+            h.keep(room, &msg(1, room, 1000), &limits, room);
+        }
+        assert_eq!(h.size(), (3, 3 * w));
+        // A fourth message: room 1's first, the oldest of the core, goes.
+        h.keep(1, &msg(2, 4, 1000), &limits, 4);
+        assert_eq!(seqs(&h.recent(1, 10, ALL, &limits, 4)), [2]);
+        assert_eq!(seqs(&h.recent(2, 10, ALL, &limits, 4)), [1]);
+        h.keep(4, &msg(1, 5, 1000), &limits, 5);
+        assert_eq!(h.recent(2, 10, ALL, &limits, 5), []);
+        assert!(!h.rooms.contains_key(&2));
+        assert_eq!(seqs(&h.recent(3, 10, ALL, &limits, 5)), [1]);
+        assert_eq!(h.size(), (3, 3 * w));
+    }
+
+    #[test]
+    fn a_busy_room_keeps_memory_bounded_and_the_order_of_the_rest() {
+        let limits = HistoryLimits {
+            messages: 2,
+            max_age_ms: 100_000,
+            bytes: 1 << 20,
+        };
+        let mut h = RoomHistory::default();
+        // A quiet room's message first, then a busy room's 10,000, of which the room keeps 2.
+        h.keep(1, &msg(1, 0, 1), &limits, 0);
+        for seq in 1..=10_000 {
+            h.keep(2, &msg(seq, 0, 1), &limits, 0);
+            assert!(h.order.len() <= 2 * h.kept + 1024);
+        }
+        assert_eq!(seqs(&h.recent(2, 10, ALL, &limits, 0)), [9_999, 10_000]);
+        let busy = weight(&msg(9_999, 0, 1)) + weight(&msg(10_000, 0, 1));
+        assert_eq!(h.size(), (3, weight(&msg(1, 0, 1)) + busy));
+        // The core's byte limit still drops the oldest first: the quiet room's message.
+        let tight = HistoryLimits {
+            bytes: busy + weight(&msg(3, 0, 1)),
+            ..limits
+        };
+        h.keep(3, &msg(1, 0, 1), &tight, 0);
+        assert_eq!(h.recent(1, 10, ALL, &tight, 0), []);
+        assert_eq!(seqs(&h.recent(2, 10, ALL, &tight, 0)), [9_999, 10_000]);
+        assert_eq!(seqs(&h.recent(3, 10, ALL, &tight, 0)), [1]);
+    }
+
     #[test]
     fn each_viewer_gets_one_buffer_without_its_own_messages() {
         let mut held = Held::default();
         // Messages 1 and 3 from session 7, 2 (priority) from session 9.
-        assert!(held.hold(frame(1, 2), 7, false, 16));
-        assert!(held.hold(frame(2, 2), 9, true, 16));
-        assert!(held.hold(frame(3, 2), 7, false, 16));
+        assert!(held.hold(frame(1, 2), 1, 7, false, 16));
+        assert!(held.hold(frame(2, 2), 2, 9, true, 16));
+        assert!(held.hold(frame(3, 2), 3, 7, false, 16));
         assert_eq!(
             held.for_viewer(None, false),
             (Bytes::from(vec![1, 1, 2, 2, 3, 3]), 3)
@@ -481,6 +796,10 @@ mod tests {
         );
         assert_eq!(held.for_viewer(None, true), (Bytes::from(vec![2, 2]), 1));
         assert_eq!(held.for_viewer(Some(9), true), (Bytes::new(), 0));
+        assert_eq!(held.first_seq, 1);
+        // The room's numbering starts again: no kept message is below what is held.
+        assert!(held.hold(frame(4, 2), 1, 7, false, 16));
+        assert_eq!(held.first_seq, 0);
     }
 
     #[test]
@@ -488,28 +807,28 @@ mod tests {
         // cap 16: ordinary messages up to 8 frames, priority ones up to 12.
         let mut held = Held::default();
         for i in 0..8 {
-            assert!(held.hold(frame(i, 1), 1, false, 16));
+            assert!(held.hold(frame(i, 1), u64::from(i) + 1, 1, false, 16));
         }
-        assert!(!held.hold(frame(8, 1), 1, false, 16));
+        assert!(!held.hold(frame(8, 1), 9, 1, false, 16));
         for i in 0..4 {
-            assert!(held.hold(frame(i, 1), 1, true, 16));
+            assert!(held.hold(frame(i, 1), u64::from(i) + 10, 1, true, 16));
         }
-        assert!(!held.hold(frame(4, 1), 1, true, 16));
+        assert!(!held.hold(frame(4, 1), 14, 1, true, 16));
         assert_eq!(held.frames.len(), 12);
 
         // Bytes: ordinary messages up to HELD_BYTES, priority ones up to twice that.
         let mut held = Held::default();
         let half = HELD_BYTES / 2;
-        assert!(held.hold(frame(1, half), 1, false, 4096));
-        assert!(held.hold(frame(2, half), 1, false, 4096));
-        assert!(!held.hold(frame(3, 1), 1, false, 4096));
-        assert!(held.hold(frame(4, HELD_BYTES), 1, true, 4096));
-        assert!(!held.hold(frame(5, 1), 1, true, 4096));
+        assert!(held.hold(frame(1, half), 5, 1, false, 4096));
+        assert!(held.hold(frame(2, half), 6, 1, false, 4096));
+        assert!(!held.hold(frame(3, 1), 7, 1, false, 4096));
+        assert!(held.hold(frame(4, HELD_BYTES), 8, 1, true, 4096));
+        assert!(!held.hold(frame(5, 1), 9, 1, true, 4096));
         assert_eq!(held.bytes, 2 * HELD_BYTES);
 
         // A first frame is held whatever its size.
         let mut held = Held::default();
-        assert!(held.hold(frame(1, 3 * HELD_BYTES), 1, false, 4096));
-        assert!(!held.hold(frame(2, 1), 1, true, 4096));
+        assert!(held.hold(frame(1, 3 * HELD_BYTES), 10, 1, false, 4096));
+        assert!(!held.hold(frame(2, 1), 11, 1, true, 4096));
     }
 }

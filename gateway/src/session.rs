@@ -36,7 +36,7 @@ use crate::core::{
 use crate::groups::{GroupJob, GroupWhat, HiddenOp};
 use crate::limits::{ConnSlot, Gcra, Refused, mono_nanos};
 use crate::outbound::Outbound;
-use crate::rooms::{MAX_ROOMS_PER_CONNECTION, RoomSend, is_room, room_conversation};
+use crate::rooms::{Entered, MAX_ROOMS_PER_CONNECTION, RoomSend, is_room, room_conversation};
 use crate::token::{self, valid_id};
 use crate::transport::{Relay, Transport};
 
@@ -1683,24 +1683,46 @@ impl Ctx {
             );
         }
         let room = room_conversation(&req.room_id);
+        let mut recent = Vec::new();
         match req.op {
-            Some(RoomOp::Enter(_)) => {
-                if !self.core.enter_room(&self.session, room) {
+            Some(RoomOp::Enter(enter)) => match self.core.enter_room(&self.session, room) {
+                Entered::TooMany => {
                     return self.error(
                         rid,
                         ErrorCode::LimitExceeded,
                         format!("a connection may be in at most {MAX_ROOMS_PER_CONNECTION} rooms"),
                     );
                 }
-            }
+                // In the step that added the viewer: what comes back is not pushed to it too.
+                Entered::Now => recent = self.core.room_recent(room, enter.recent as usize),
+                // Pushed to this connection already: nothing again.
+                Entered::Already => {}
+            },
             Some(RoomOp::Leave(_)) => self.core.leave_room(&self.session, room),
             None => return self.error(rid, ErrorCode::InvalidArgument, "op is required"),
         }
+        // The newest that fit in one frame (each with its field key and length).
+        let mut room_left = self.frame_budget();
+        let fit = recent
+            .iter()
+            .rev()
+            .take_while(|m| {
+                let len = prost::Message::encoded_len(&***m) + 8;
+                let fits = len <= room_left;
+                room_left = room_left.saturating_sub(len);
+                fits
+            })
+            .count();
+        let recent = recent[recent.len() - fit..]
+            .iter()
+            .map(|m| Deliver::clone(m))
+            .collect();
         self.reply(&Frame::new(
             rid,
             RoomResponse {
                 room_id: req.room_id,
                 conversation_id: room,
+                recent,
             },
         ));
     }

@@ -162,7 +162,7 @@ fn main() -> io::Result<()> {
                     7,
                     RoomRequest {
                         room_id: "live".into(),
-                        op: Some(room_request::Op::Enter(EnterRoom {})),
+                        op: Some(room_request::Op::Enter(EnterRoom::default())),
                     },
                 ),
                 Frame::new(

@@ -247,12 +247,13 @@ fn every_body() -> Vec<Frame> {
         .into(),
         RoomRequest {
             room_id: "live-1".into(),
-            op: Some(room_request::Op::Enter(EnterRoom {})),
+            op: Some(room_request::Op::Enter(EnterRoom { recent: 20 })),
         }
         .into(),
         RoomResponse {
             room_id: "live-1".into(),
             conversation_id: 1 << 62 | 77,
+            recent: vec![deliver(3), deliver(4)],
         }
         .into(),
         MarkRead {

@@ -87,23 +87,9 @@ fn quick_start_send_listen_history() {
     assert!(err.contains("NOT_FOUND (3003)"), "{err}");
 }
 
-#[test]
-fn listen_recent_prints_only_the_latest_messages_of_each_conversation() {
-    let gw = Gateway::start(&[]);
-    let (alice, bob) = (gw.token("alice"), gw.token("bob"));
-    for i in 1..=4 {
-        succeeds(tern(&gw, &alice).args(["send", "--to", "bob", &format!("m{i}")]));
-    }
-    let printed = succeeds(tern(&gw, &bob).args([
-        "listen",
-        "--recent",
-        "2",
-        "--count",
-        "2",
-        "--timeout",
-        "20",
-    ]));
-    let got: Vec<(&str, &str)> = printed
+/// The `seq=` word and the text of each line `tern` printed in the `listen` format.
+fn seqs_and_texts(printed: &str) -> Vec<(&str, &str)> {
+    printed
         .lines()
         .map(|l| {
             let seq = l
@@ -112,8 +98,29 @@ fn listen_recent_prints_only_the_latest_messages_of_each_conversation() {
                 .unwrap();
             (seq, l.rsplit("text=").next().unwrap())
         })
-        .collect();
-    assert_eq!(got, [("seq=3", "m3"), ("seq=4", "m4")], "{printed}");
+        .collect()
+}
+
+/// `listen --recent` and `room --recent` print only the latest messages that came before them.
+#[test]
+fn recent_prints_only_the_latest_messages() {
+    let gw = Gateway::start(&[]);
+    let (alice, bob) = (gw.token("alice"), gw.token("bob"));
+    for (flag, target) in [("--to", "bob"), ("--room", "live")] {
+        for i in 1..=4 {
+            succeeds(tern(&gw, &alice).args(["send", flag, target, &format!("m{i}")]));
+        }
+    }
+    for command in [&["listen"][..], &["room", "live"]] {
+        let mut args = command.to_vec();
+        args.extend(["--recent", "2", "--count", "2", "--timeout", "20"]);
+        let printed = succeeds(tern(&gw, &bob).args(&args));
+        assert_eq!(
+            seqs_and_texts(&printed),
+            [("seq=3", "m3"), ("seq=4", "m4")],
+            "{command:?}: {printed}"
+        );
+    }
 }
 
 /// Runs the README's quick-start block itself (with a free port and a temporary directory in

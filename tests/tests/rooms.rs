@@ -33,7 +33,7 @@ fn room_op(c: &mut Conn, room: &str, op: Op) -> RoomResponse {
 }
 
 fn enter(c: &mut Conn, room: &str) -> RoomResponse {
-    room_op(c, room, Op::Enter(EnterRoom {}))
+    room_op(c, room, Op::Enter(EnterRoom::default()))
 }
 
 fn send_room(c: &mut Conn, room: &str, id: &str, body: Bytes, priority: bool) -> u64 {
@@ -158,7 +158,7 @@ fn bad_room_requests_get_their_error_codes() {
     assert_eq!(c.expect_error(ErrorCode::InvalidArgument), (rid, false));
     let rid = c.send_body(Body::Room(RoomRequest {
         room_id: String::new(),
-        op: Some(Op::Enter(EnterRoom {})),
+        op: Some(Op::Enter(EnterRoom::default())),
     }));
     assert_eq!(c.expect_error(ErrorCode::InvalidArgument), (rid, false));
     for i in 0..16 {
@@ -168,7 +168,7 @@ fn bad_room_requests_get_their_error_codes() {
     enter(&mut c, "room0");
     let rid = c.send_body(Body::Room(RoomRequest {
         room_id: "room16".into(),
-        op: Some(Op::Enter(EnterRoom {})),
+        op: Some(Op::Enter(EnterRoom::default())),
     }));
     assert_eq!(c.expect_error(ErrorCode::LimitExceeded), (rid, false));
 }
@@ -358,27 +358,120 @@ fn a_room_that_shrinks_keeps_its_order() {
     for c in [&mut host, &mut stays, &mut leaves] {
         enter(c, "live");
     }
-    let post = |host: &mut Conn, i: u64| {
-        let rid = send_room(
-            host,
-            "live",
-            &format!("m{i}"),
-            format!("m{i}").into(),
-            false,
-        );
-        assert_eq!(expect_ack(host, rid).seq, i);
-    };
     // The first message to a quiet room goes out at once; the second waits for the next
     // flush, five seconds later (long enough for the Leave to be answered first).
-    post(&mut host, 1);
+    post(&mut host, "live", 1);
     assert_eq!(text(&expect_deliver(&mut stays)), "m1");
     assert_eq!(text(&expect_deliver(&mut leaves)), "m1");
-    post(&mut host, 2);
+    post(&mut host, "live", 2);
     room_op(&mut leaves, "live", Op::Leave(LeaveRoom {}));
-    post(&mut host, 3);
+    post(&mut host, "live", 3);
     let seqs: Vec<u64> = (0..2).map(|_| expect_deliver(&mut stays).seq).collect();
     assert_eq!(seqs, [2, 3]);
     for c in [&mut host, &mut stays, &mut leaves] {
+        c.nothing_pending();
+    }
+}
+
+fn enter_recent(c: &mut Conn, room: &str, recent: u32) -> Vec<(u64, String)> {
+    let r = room_op(c, room, Op::Enter(EnterRoom { recent }));
+    r.recent
+        .iter()
+        .map(|d| (d.seq, text(d).to_string()))
+        .collect()
+}
+
+fn post(host: &mut Conn, room: &str, i: u64) {
+    let rid = send_room(host, room, &format!("m{i}"), format!("m{i}").into(), false);
+    assert_eq!(expect_ack(host, rid).seq, i);
+}
+
+/// (seq, text) of messages `seqs` as `post` sent them.
+fn posted(seqs: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
+    seqs.map(|i| (i, format!("m{i}"))).collect()
+}
+
+/// A viewer may ask for the room's latest messages when it enters: they come in the answer, at
+/// most `room_history_messages` of them, and the room's next message is the next it gets.
+#[test]
+fn a_viewer_entering_gets_the_latest_messages_and_then_the_next_ones() {
+    let gw = Gateway::start_with_config(
+        &format!("{NO_RATE_LIMITS}room_history_messages = 3\n"),
+        &["--cores", "2"],
+    );
+    let mut host = login(&gw, "host");
+    assert_eq!(enter_recent(&mut host, "live", 10), []);
+    for i in 1..=5 {
+        post(&mut host, "live", i);
+    }
+    // Viewers on both cores (users hash to either).
+    let mut viewers: Vec<Conn> = (0..4).map(|i| login(&gw, &format!("viewer{i}"))).collect();
+    for v in &mut viewers {
+        assert_eq!(enter_recent(v, "live", 10), posted(3..=5));
+    }
+    let mut late = login(&gw, "late");
+    assert_eq!(enter_recent(&mut late, "live", 2), posted(4..=5));
+    // Entering again gives nothing again.
+    assert_eq!(enter_recent(&mut late, "live", 2), []);
+    let mut plain = login(&gw, "plain");
+    assert_eq!(enter_recent(&mut plain, "live", 0), []);
+    // Another room's history is its own.
+    assert_eq!(enter_recent(&mut plain, "other", 10), []);
+    let metrics = gw.metrics();
+    let per_core =
+        |name: &str| ["core=\"0\"", "core=\"1\""].map(|core| metric(&metrics, name, core));
+    assert!(
+        !per_core("tern_sessions").contains(&0),
+        "viewers on both cores"
+    );
+    // Each core keeps the same three messages.
+    let kept = per_core("tern_room_history_bytes");
+    assert!(kept[0] == kept[1] && kept[0] > 0, "{kept:?}");
+
+    for i in 6..=8 {
+        post(&mut host, "live", i);
+        for v in viewers.iter_mut().chain([&mut late, &mut plain]) {
+            let d = expect_deliver(v);
+            assert_eq!((d.seq, text(&d)), (i, format!("m{i}").as_str()));
+        }
+    }
+    for v in viewers.iter_mut().chain([&mut late, &mut plain]) {
+        v.nothing_pending();
+    }
+    // Three messages of the same sizes replaced the three kept.
+    let metrics = gw.metrics();
+    let now =
+        ["core=\"0\"", "core=\"1\""].map(|core| metric(&metrics, "tern_room_history_bytes", core));
+    assert_eq!(now, kept);
+    let mut last = login(&gw, "last");
+    assert_eq!(enter_recent(&mut last, "live", 10), posted(6..=8));
+}
+
+/// What a big room holds on the core for its next flush is not in the answer: the flush gives
+/// it to the new viewer, once.
+#[test]
+fn a_viewer_entering_a_big_room_gets_each_message_once() {
+    let gw = Gateway::start_with_config(
+        &format!("{NO_RATE_LIMITS}room_batch_viewers = 2\nroom_batch_ms = 5000\n"),
+        &["--cores", "1"],
+    );
+    let mut host = login(&gw, "host");
+    let mut viewer = login(&gw, "viewer");
+    enter(&mut host, "live");
+    enter(&mut viewer, "live");
+    // The first message to a quiet room goes out at once; the next waits for the next flush,
+    // five seconds later.
+    post(&mut host, "live", 1);
+    assert_eq!(text(&expect_deliver(&mut viewer)), "m1");
+    post(&mut host, "live", 2);
+    let mut newcomer = login(&gw, "newcomer");
+    assert_eq!(enter_recent(&mut newcomer, "live", 10), posted(1..=1));
+    post(&mut host, "live", 3);
+    for v in [&mut viewer, &mut newcomer] {
+        let got: Vec<u64> = (0..2).map(|_| expect_deliver(v).seq).collect();
+        assert_eq!(got, [2, 3]);
+    }
+    for c in [&mut host, &mut viewer, &mut newcomer] {
         c.nothing_pending();
     }
 }

@@ -149,7 +149,7 @@ pub async fn run(a: FanoutArgs) -> Result<bool, String> {
             if let Some(room) = room {
                 let enter = Body::Room(RoomRequest {
                     room_id: room,
-                    op: Some(room_request::Op::Enter(EnterRoom {})),
+                    op: Some(room_request::Op::Enter(EnterRoom::default())),
                 });
                 if let Body::RoomResponse(r) = request(&mut c, 2, enter).await? {
                     conv = r.conversation_id;

@@ -534,6 +534,7 @@ pub fn room_response(request_id: u64, room: &str, conversation_id: u64) -> Frame
         RoomResponse {
             room_id: room.into(),
             conversation_id,
+            recent: Vec::new(),
         },
     )
 }
