@@ -1573,8 +1573,9 @@ impl Harness {
         }
     }
 
-    /// A fresh device of `user` syncs everything; checks the answer's shape.
-    fn view(&mut self, user: usize) -> Option<View> {
+    /// A fresh device of `user` syncs everything, or with `bound` > 0 the latest `bound` of
+    /// each conversation (another fresh device); checks the answer's shape.
+    fn view(&mut self, user: usize, bound: u32) -> Option<View> {
         let mut conn = Conn::connect(self.addr);
         let token = tern_gateway::token::mint(
             &self.secret,
@@ -1592,13 +1593,13 @@ impl Harness {
             v1::Hello {
                 protocol_version: PROTOCOL_VERSION,
                 token,
-                device_id: "check".into(),
+                device_id: if bound == 0 { "check" } else { "check-bounded" }.into(),
                 platform: v1::Platform::Linux as i32,
                 client_version: "session-fuzz".into(),
                 sync_version: 0,
                 sync_on_login: true,
                 resume_session_id: 0,
-                sync_max_messages_per_conversation: 0,
+                sync_max_messages_per_conversation: bound,
             },
         )));
         let mut view = View::new();
@@ -1659,6 +1660,12 @@ impl Harness {
         for (id, (state, msgs)) in &view {
             let group = id >> 63 == 1;
             let cleared = state.settings.as_ref().map_or(0, |s| s.cleared_seq);
+            if bound == 0 {
+                assert_eq!(
+                    state.skipped_to_seq, 0,
+                    "conversation {id}: skipped without a bound"
+                );
+            }
             let Some((&first, _)) = msgs.first_key_value() else {
                 assert!(
                     group || state.latest_seq <= cleared,
@@ -1676,7 +1683,7 @@ impl Harness {
             if !group {
                 assert_eq!(
                     first,
-                    cleared + 1,
+                    cleared.max(state.skipped_to_seq) + 1,
                     "1:1 conversation {id}: a fresh device's sync starts at {first}"
                 );
             }
@@ -1684,8 +1691,41 @@ impl Harness {
         Some(view)
     }
 
+    /// A fresh device's sync bounded to 2 per conversation brings the latest 2 of what the
+    /// unbounded one (`full`) brought, and names the last one it left out.
+    fn check_bounded(&mut self, user: usize, full: &View) {
+        let Some(bounded) = self.view(user, 2) else {
+            return;
+        };
+        assert_eq!(
+            bounded.keys().collect::<Vec<_>>(),
+            full.keys().collect::<Vec<_>>(),
+            "a bounded sync lists other conversations"
+        );
+        for (id, (_, msgs)) in full {
+            let (state, got) = &bounded[id];
+            let mut want: Vec<u64> = msgs.keys().rev().take(2).copied().collect();
+            want.reverse();
+            assert_eq!(
+                got.keys().copied().collect::<Vec<_>>(),
+                want,
+                "conversation {id}: the bounded sync's messages"
+            );
+            let skipped = if msgs.len() > 2 { want[0] - 1 } else { 0 };
+            assert_eq!(
+                state.skipped_to_seq, skipped,
+                "conversation {id}: skipped_to_seq of the bounded sync"
+            );
+        }
+    }
+
     fn check(&mut self) {
-        let views: Vec<Option<View>> = (0..USERS).map(|u| self.view(u)).collect();
+        let views: Vec<Option<View>> = (0..USERS).map(|u| self.view(u, 0)).collect();
+        for (u, full) in views.iter().enumerate() {
+            if let Some(full) = full {
+                self.check_bounded(u, full);
+            }
+        }
         for m in &self.acked {
             let readers: &[usize] = if m.group { &m.readers[..1] } else { &m.readers };
             for &r in readers {
