@@ -908,6 +908,10 @@ impl Driver {
                 }
             }
         }
+        // Before the events: an application that saw SyncDone reads the new position.
+        self.shared
+            .sync_version
+            .store(self.session.sync_version(), Ordering::Relaxed);
         while let Some(event) = self.session.poll_event() {
             self.emit(event);
         }
@@ -941,9 +945,6 @@ impl Driver {
                 (None, _) => {}
             }
         }
-        self.shared
-            .sync_version
-            .store(self.session.sync_version(), Ordering::Relaxed);
         for (leg, conn) in paths.iter_mut().enumerate() {
             if let Some(conn) = conn
                 && let Err(error) = conn.flush()
