@@ -84,11 +84,6 @@ impl Session {
         self.sync_version
     }
 
-    /// The per-conversation bound of the next sync (0: none).
-    fn sync_limit(&self) -> u32 {
-        self.initial_sync_limit
-    }
-
     fn is_syncing(&self) -> bool {
         !self.syncs.is_empty()
     }
@@ -119,7 +114,7 @@ impl Session {
                 sync_version: self.sync_version,
                 sync_on_login: sync,
                 resume_session_id,
-                sync_max_messages_per_conversation: self.sync_limit(),
+                sync_max_messages_per_conversation: self.initial_sync_limit,
             },
         )
     }
@@ -213,7 +208,7 @@ impl Session {
         let id = self.request(Body::Sync(SyncRequest {
             since_version,
             page_size: 0,
-            max_messages_per_conversation: self.sync_limit(),
+            max_messages_per_conversation: self.initial_sync_limit,
         }));
         self.syncs.insert(id);
         id

@@ -518,11 +518,9 @@ impl Core {
     pub fn deliver_room(&self, room: u64, except: u64, priority: bool, message: &Arc<Deliver>) {
         let mut local = self.local_rooms.borrow_mut();
         let local = &mut *local;
-        if self.cfg.room_history_messages > 0 {
-            local
-                .history
-                .keep(room, message, &self.history_limits(), now_ms());
-        }
+        local
+            .history
+            .keep(room, message, &self.history_limits(), now_ms());
         let holding = local.held.contains_key(&room);
         let list = match local.viewers.get(&room) {
             Some(list) => list.as_slice(),

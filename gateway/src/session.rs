@@ -1797,9 +1797,8 @@ impl Ctx {
 
     /// Sends everything that changed since `since`: conversation states, then each
     /// conversation's messages after this device's delivered cursor (within `limits`), then
-    /// SyncDone. Live
-    /// messages committed meanwhile wait in the session and follow SyncDone, minus those the
-    /// sync already carried.
+    /// SyncDone. Live messages committed meanwhile wait in the session and follow SyncDone,
+    /// minus those the sync already carried.
     async fn sync(&mut self, rid: u64, since: u64, limits: SyncLimits) {
         // Live messages from here on wait for the end of the sync.
         self.session.out.begin_sync();
@@ -1848,7 +1847,7 @@ impl Ctx {
         } as usize;
         let (convs, version) = (view.conversations, view.user_version);
         let mut names = HashMap::new();
-        let mut targets = Vec::with_capacity(convs.len());
+        let mut to_send = Vec::with_capacity(convs.len());
         for chunk in convs.chunks(256) {
             let mut states = Vec::with_capacity(chunk.len());
             for c in chunk {
@@ -1856,18 +1855,19 @@ impl Ctx {
                     Peer::User(_) | Peer::Group(_) => self.target_of(&mut names, c.conversation),
                     _ => None,
                 };
-                targets.push(target.clone());
+                let (from, upto, skipped_to_seq) = limits.sync_range(c);
+                to_send.push((target.clone(), from, upto));
                 states.push(ConversationState {
                     conversation_id: c.conversation,
                     target,
-                    latest_seq: readable_upto(c),
+                    latest_seq: upto,
                     left: c.left_seq > 0,
                     read_seq: c.read_seq,
                     peer_read_seq: c.peer_read_seq,
                     delivered_seq: c.delivered_seq,
                     version: c.last_version,
                     settings: Some(crate::social::wire_settings(c.conversation, &c.settings)),
-                    skipped_to_seq: limits.sync_range(c).2,
+                    skipped_to_seq,
                 });
             }
             let f = self.core.encode(&Frame::new(
@@ -1878,8 +1878,7 @@ impl Ctx {
             ));
             self.session.out.push_wait(f).await;
         }
-        for (c, target) in convs.iter().zip(targets) {
-            let (mut from, upto, _) = limits.sync_range(c);
+        for (c, (target, mut from, upto)) in convs.iter().zip(to_send) {
             while from <= upto {
                 let want = page.min((upto - from + 1) as usize);
                 let msgs = store.read_forward(c.conversation, from, want)?;
