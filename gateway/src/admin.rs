@@ -383,7 +383,10 @@ impl Core {
             logical: session_id,
             user: id,
             device: API_DEVICE.to_owned(),
-            out: Outbound::new(self.cfg.outbound_queue_frames),
+            out: Outbound::new(
+                self.cfg.outbound_queue_frames,
+                self.cfg.outbound_queue_bytes,
+            ),
             ending: Default::default(),
             last_active: std::cell::Cell::new(now_ms()),
             end_waker: Default::default(),

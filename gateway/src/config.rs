@@ -78,8 +78,14 @@ pub struct Config {
     pub park_after_ms: u64,
     /// Maximum simultaneously connected devices per user.
     pub max_devices_per_user: usize,
-    /// Frames queued for one connection before the server stops pushing to it and asks it to sync.
+    /// Frames queued for one connection before the server stops pushing to it and asks it to sync
+    /// (default 4,096, at least 16).
     pub outbound_queue_frames: usize,
+    /// Bytes queued for one connection before the server stops pushing to it and asks it to sync
+    /// (default 4 MiB, at least 65,536; a queue with nothing in it takes any one frame). With
+    /// `outbound_queue_frames` it bounds what a device that does not read costs the server: live
+    /// messages that arrive during its sync wait within the same bounds.
+    pub outbound_queue_bytes: usize,
     /// Messages per sync or history page (upper bound on what a client may ask for).
     pub max_page: u32,
     /// Graceful shutdown bound in milliseconds.
@@ -207,6 +213,7 @@ impl Default for Config {
             park_after_ms: 2_000,
             max_devices_per_user: 10,
             outbound_queue_frames: 4096,
+            outbound_queue_bytes: 4 << 20,
             max_page: 200,
             shutdown_timeout_ms: 5_000,
             io_memory_bytes: 512 << 10,
@@ -378,6 +385,9 @@ impl Config {
         if self.outbound_queue_frames < 16 {
             return bad("outbound_queue_frames", "must be at least 16");
         }
+        if self.outbound_queue_bytes < 65_536 {
+            return bad("outbound_queue_bytes", "must be at least 65536");
+        }
         if self.room_batch_ms == 0 || self.room_batch_ms > 10_000 {
             return bad("room_batch_ms", "must be between 1 and 10000");
         }
@@ -493,6 +503,7 @@ mod tests {
             "room_history_messages = 1001",
             "room_history_secs = 0",
             "room_history_bytes = 1000",
+            "outbound_queue_bytes = 65535",
         ] {
             let cfg = Config::from_toml(&format!("{bad}\n")).unwrap();
             let err = cfg.validate().unwrap_err().to_string();

@@ -16,6 +16,8 @@ pub enum DeliveryState {
     /// minus those the sync already carried.
     Syncing {
         pending: Vec<(u64, u64, Bytes)>,
+        /// Bytes in `pending`.
+        pending_bytes: usize,
         overflow: bool,
     },
     /// The device fell behind: live messages are dropped until it syncs. `notified` says whether
@@ -45,15 +47,17 @@ pub enum Offered {
 
 /// Frames waiting to be written to one connection.
 ///
-/// Live deliveries are refused when `cap` frames are queued (the caller then switches the
-/// session to lagging); responses to the client's own requests are always accepted, because the
-/// reader allows only a bounded number of requests in flight. Holds no allocation when empty.
+/// Live deliveries are refused when `cap` frames or `cap_bytes` bytes are queued (the caller
+/// then switches the session to lagging; an empty queue takes any frame); responses to the
+/// client's own requests are always accepted, because the reader allows only a bounded number of
+/// requests in flight. Holds no allocation when empty.
 #[derive(Debug)]
 pub struct Outbound {
     queue: RefCell<VecDeque<Bytes>>,
     /// Bytes in `queue`.
     bytes: Cell<usize>,
     cap: usize,
+    cap_bytes: usize,
     writer: RefCell<Option<Waker>>,
     space: RefCell<Vec<Waker>>,
     closed: Cell<bool>,
@@ -102,11 +106,14 @@ impl Highs {
 }
 
 impl Outbound {
-    pub fn new(cap: usize) -> Outbound {
+    /// A queue bounded at `cap` frames and `cap_bytes` bytes (`outbound_queue_frames`,
+    /// `outbound_queue_bytes`).
+    pub fn new(cap: usize, cap_bytes: usize) -> Outbound {
         Outbound {
             queue: RefCell::new(VecDeque::new()),
             bytes: Cell::new(0),
             cap,
+            cap_bytes,
             writer: RefCell::new(None),
             space: RefCell::new(Vec::new()),
             closed: Cell::new(false),
@@ -147,24 +154,28 @@ impl Outbound {
         queued
     }
 
-    /// Queues a frame if fewer than `bound` are queued (room messages, which a full queue
-    /// misses without the session becoming lagging). Returns false if it was dropped.
-    pub fn push_below(&self, frame: Bytes, bound: usize) -> bool {
-        self.push_within(frame, bound, usize::MAX)
+    /// Whether a queue of `len` frames may take one more of `add` bytes within a share of its
+    /// bounds: fewer than `frames` frames (at most `cap`), and at most the same share of
+    /// `cap_bytes` bytes. An empty queue takes any frame.
+    fn fits(&self, len: usize, frames: usize, add: usize) -> bool {
+        let frames = frames.min(self.cap);
+        let bytes = (self.cap_bytes as u128 * frames as u128 / self.cap.max(1) as u128) as usize;
+        len == 0 || (len < frames && self.bytes.get() + add <= bytes)
     }
 
-    /// As [`Outbound::push_below`], and only if the queue would then hold at most `max_bytes`
-    /// (an empty queue takes any frame): a live room's batch is one entry of many frames.
-    pub fn push_within(&self, frame: Bytes, bound: usize, max_bytes: usize) -> bool {
+    /// Queues a frame if fewer than `bound` frames are queued and the bytes stay within the same
+    /// share of the byte bound (room messages, which a full queue misses without the session
+    /// becoming lagging; a live room's batch is one entry of many frames). Returns false if it
+    /// was dropped.
+    pub fn push_below(&self, frame: Bytes, bound: usize) -> bool {
         if self.closed.get() {
             return true;
         }
         let mut q = self.queue.borrow_mut();
-        let bytes = self.bytes.get() + frame.len();
-        if q.len() >= bound || (!q.is_empty() && bytes > max_bytes) {
+        if !self.fits(q.len(), bound, frame.len()) {
             return false;
         }
-        self.bytes.set(bytes);
+        self.bytes.set(self.bytes.get() + frame.len());
         q.push_back(frame);
         drop(q);
         self.wake_writer();
@@ -173,11 +184,12 @@ impl Outbound {
 
     /// Whether [`Outbound::wait_room`] would return at once.
     pub fn has_room(&self) -> bool {
-        self.closed.get() || self.queue.borrow().len() < self.cap
+        self.closed.get()
+            || (self.queue.borrow().len() < self.cap && self.bytes.get() < self.cap_bytes)
     }
 
-    /// Waits until fewer than `cap` frames are queued. The reader calls it before each request,
-    /// so a client that does not read its socket stops being read too.
+    /// Waits until fewer than `cap` frames and `cap_bytes` bytes are queued. The reader calls
+    /// it before each request, so a client that does not read its socket stops being read too.
     pub async fn wait_room(&self) {
         std::future::poll_fn(|cx| {
             if self.has_room() {
@@ -219,8 +231,16 @@ impl Outbound {
                     }
                 }
             }
-            DeliveryState::Syncing { pending, overflow } => {
-                if pending.len() < pending_cap {
+            DeliveryState::Syncing {
+                pending,
+                pending_bytes,
+                overflow,
+            } => {
+                if pending.is_empty()
+                    || (pending.len() < pending_cap
+                        && *pending_bytes + frame.len() <= self.cap_bytes)
+                {
+                    *pending_bytes += frame.len();
                     pending.push((conv, seq, frame.clone()));
                 } else {
                     *overflow = true;
@@ -238,7 +258,7 @@ impl Outbound {
             return Some(Offered::Done);
         }
         let mut q = self.queue.borrow_mut();
-        if q.len() >= self.cap {
+        if !self.fits(q.len(), self.cap, frame.len()) {
             return None;
         }
         let first = q.is_empty();
@@ -304,6 +324,7 @@ impl Outbound {
     pub fn begin_sync(&self) {
         *self.state.borrow_mut() = DeliveryState::Syncing {
             pending: Vec::new(),
+            pending_bytes: 0,
             overflow: false,
         };
     }
@@ -312,7 +333,10 @@ impl Outbound {
     /// already carry, then goes live (or lagging, if too many arrived).
     pub fn end_sync(&self, synced_upto: &HashMap<u64, u64>) {
         let old = std::mem::replace(&mut *self.state.borrow_mut(), DeliveryState::Live);
-        if let DeliveryState::Syncing { pending, overflow } = old {
+        if let DeliveryState::Syncing {
+            pending, overflow, ..
+        } = old
+        {
             {
                 let mut high = self.high.borrow_mut();
                 for (&conv, &upto) in synced_upto {
@@ -548,7 +572,7 @@ mod tests {
         std::sync::Arc<Woken>,
     ) {
         let (ours, peer) = record_pair();
-        let o = Outbound::new(100);
+        let o = Outbound::new(100, 1 << 20);
         o.set_direct(std::os::fd::AsRawFd::as_raw_fd(&ours));
         let woken = writer_waits(&o);
         (o, ours, peer, woken)
@@ -594,8 +618,8 @@ mod tests {
     fn flusher_leaves_the_queue_of_a_stopping_or_closed_writer_to_it() {
         use std::os::fd::AsRawFd;
         let (ours, peer) = record_pair();
-        let stopping = Outbound::new(100);
-        let closed = Outbound::new(100);
+        let stopping = Outbound::new(100, 1 << 20);
+        let closed = Outbound::new(100, 1 << 20);
         for o in [&stopping, &closed] {
             o.set_direct(ours.as_raw_fd());
             writer_waits(o);
@@ -613,13 +637,13 @@ mod tests {
 
     #[test]
     fn writer_is_woken_without_a_direct_socket_or_while_it_writes() {
-        let o = Outbound::new(100);
+        let o = Outbound::new(100, 1 << 20);
         let woken = writer_waits(&o);
         assert_eq!(o.deliver(1, 1, &b(1), 10), Offered::Done);
         assert!(woken.get());
 
         let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        let o = Outbound::new(100);
+        let o = Outbound::new(100, 1 << 20);
         o.set_direct(std::os::fd::AsRawFd::as_raw_fd(&ours));
         let woken = writer_waits(&o);
         // A response wakes the writer, which takes it to write.
@@ -653,7 +677,7 @@ mod tests {
                 }
             }
         }
-        let o = Outbound::new(100);
+        let o = Outbound::new(100, 1 << 20);
         o.set_direct(ours.as_raw_fd());
         let woken = writer_waits(&o);
         assert_eq!(
@@ -675,7 +699,7 @@ mod tests {
 
     #[test]
     fn live_overflow_turns_lagging_and_drops() {
-        let o = Outbound::new(2);
+        let o = Outbound::new(2, 1 << 20);
         assert_eq!(o.deliver(1, 1, &b(1), 10), Offered::Done);
         assert_eq!(o.deliver(1, 2, &b(2), 10), Offered::Done);
         assert_eq!(o.deliver(1, 3, &b(3), 10), Offered::Lagging);
@@ -691,7 +715,7 @@ mod tests {
 
     #[test]
     fn sync_holds_live_and_skips_what_sync_carried() {
-        let o = Outbound::new(100);
+        let o = Outbound::new(100, 1 << 20);
         o.begin_sync();
         o.deliver(7, 5, &b(5), 10);
         o.deliver(7, 6, &b(6), 10);
@@ -707,7 +731,7 @@ mod tests {
 
     #[test]
     fn late_live_copy_of_a_synced_message_is_dropped() {
-        let o = Outbound::new(100);
+        let o = Outbound::new(100, 1 << 20);
         o.begin_sync();
         o.end_sync(&HashMap::from([(7u64, 5u64)]));
         // seq 5 was read by the sync while its Deliver was still in flight.
@@ -721,7 +745,7 @@ mod tests {
 
     #[test]
     fn sync_pending_overflow_lags() {
-        let o = Outbound::new(100);
+        let o = Outbound::new(100, 1 << 20);
         o.begin_sync();
         for s in 1..=3 {
             o.deliver(1, s, &b(s as u8), 2);
@@ -754,7 +778,7 @@ mod tests {
 
     #[test]
     fn only_a_large_first_frame_is_taken_whole() {
-        let out = Outbound::new(16);
+        let out = Outbound::new(16, 1 << 20);
         assert_eq!(out.pop_large(4), None);
         out.push(b(1));
         out.push(Bytes::from(vec![2; 4]));
@@ -769,7 +793,7 @@ mod tests {
     #[test]
     fn the_writer_is_idle_only_while_it_waits_at_an_empty_queue() {
         use std::future::Future;
-        let out = Outbound::new(4);
+        let out = Outbound::new(4, 1 << 20);
         let mut cx = std::task::Context::from_waker(Waker::noop());
         assert!(!out.writer_idle(), "a writer that never waited");
         let mut wait = Box::pin(out.wait_ready());
@@ -791,7 +815,7 @@ mod tests {
     #[test]
     fn a_stopped_writer_writes_what_is_queued_first() {
         use std::future::Future;
-        let out = Outbound::new(4);
+        let out = Outbound::new(4, 1 << 20);
         let mut cx = std::task::Context::from_waker(Waker::noop());
         let mut wait = Box::pin(out.wait_ready());
         assert!(wait.as_mut().poll(&mut cx).is_pending());
@@ -816,7 +840,7 @@ mod tests {
 
     #[test]
     fn an_empty_queue_gives_its_buffer_back() {
-        let out = Outbound::new(16);
+        let out = Outbound::new(16, 1 << 20);
         out.push(b(1));
         out.release_if_empty();
         assert!(out.queue.borrow().capacity() > 0, "a queued frame keeps it");
@@ -833,22 +857,71 @@ mod tests {
 
     #[test]
     fn a_byte_bound_counts_what_is_queued() {
-        let out = Outbound::new(16);
+        // 16 frames and 20 bytes: a bound of 8 frames is half of each, 10 bytes.
+        let out = Outbound::new(16, 20);
         let big = |n: u8| Bytes::from(vec![n; 6]);
-        assert!(
-            out.push_within(big(1), 8, 10),
-            "an empty queue takes any frame"
-        );
-        assert!(!out.push_within(big(2), 8, 10), "6 + 6 bytes is over 10");
+        assert!(out.push_below(big(1), 8), "an empty queue takes any frame");
+        assert!(!out.push_below(big(2), 8), "6 + 6 bytes is over 10");
         out.push(b(3));
         assert_eq!(out.bytes.get(), 7);
-        assert!(!out.push_within(b(4), 8, 7));
-        assert!(out.push_within(b(4), 8, 8));
+        assert!(out.push_below(b(4), 8));
+        assert!(out.push_below(b(5), 8));
+        assert!(out.push_below(b(6), 8));
+        assert!(!out.push_below(b(7), 8), "10 bytes are queued");
+        assert!(out.push_below(b(7), 16), "the whole bound is 20 bytes");
         assert_eq!(out.pop_large(6), Some(big(1)));
         let mut buf = Vec::new();
         assert!(out.drain_into(&mut buf, usize::MAX));
-        assert_eq!(buf, [3, 4]);
+        assert_eq!(buf, [3, 4, 5, 6, 7]);
         assert_eq!(out.bytes.get(), 0);
-        assert!(out.push_within(big(5), 8, 6));
+        assert!(out.push_below(Bytes::from(vec![8; 30]), 8));
+    }
+
+    #[test]
+    fn live_deliveries_stop_at_the_byte_bound() {
+        let out = Outbound::new(100, 10);
+        let big = |n: u8| Bytes::from(vec![n; 30]);
+        assert_eq!(
+            out.deliver(1, 1, &big(1), 100),
+            Offered::Done,
+            "an empty queue takes it"
+        );
+        assert!(!out.has_room(), "30 bytes are over the bound of 10");
+        assert_eq!(out.deliver(1, 2, &b(2), 100), Offered::Lagging);
+        assert!(out.lagging_since().is_some());
+        let mut buf = Vec::new();
+        assert!(out.drain_into(&mut buf, usize::MAX));
+        assert_eq!(buf, vec![1; 30]);
+        assert!(out.has_room());
+        assert!(out.take_sync_needed());
+
+        let out = Outbound::new(100, 10);
+        for seq in 1..=10 {
+            assert_eq!(out.deliver(1, seq, &b(seq as u8), 100), Offered::Done);
+        }
+        assert!(!out.has_room(), "10 bytes queued");
+        assert_eq!(out.deliver(1, 11, &b(11), 100), Offered::Lagging);
+    }
+
+    #[test]
+    fn sync_pending_overflows_at_the_byte_bound() {
+        let out = Outbound::new(100, 10);
+        out.begin_sync();
+        for seq in 1..=10 {
+            out.deliver(1, seq, &b(seq as u8), 100);
+        }
+        out.end_sync(&HashMap::new());
+        assert!(out.lagging_since().is_none(), "10 bytes fit");
+        let mut buf = Vec::new();
+        assert!(out.drain_into(&mut buf, usize::MAX));
+        assert_eq!(buf, (1..=10).collect::<Vec<u8>>());
+
+        out.begin_sync();
+        for seq in 11..=21 {
+            out.deliver(1, seq, &b(seq as u8), 100);
+        }
+        out.end_sync(&HashMap::new());
+        assert!(out.lagging_since().is_some(), "11 bytes do not");
+        assert!(out.take_sync_needed());
     }
 }

@@ -10,8 +10,9 @@
 //!   retried or dual-channel Send is answered with the first's seq instead of being sent twice,
 //!   and fans each message out once per core ([`ShardMsg::RoomDeliver`]).
 //! * Each core pushes a room message to its viewers' queues without ever making them lag or
-//!   grow: a viewer whose queue holds half its bound (`outbound_queue_frames`) misses ordinary
-//!   room messages, and priority ones (gifts, notices) once it holds three quarters. Room
+//!   grow: a viewer whose queue holds half its bounds (`outbound_queue_frames` frames,
+//!   `outbound_queue_bytes` bytes) misses ordinary room messages, and priority ones (gifts,
+//!   notices) once it holds three quarters. Room
 //!   messages never cause `SyncNeeded`, and a busy room always leaves a quarter of each queue
 //!   to the viewer's own messages, which are never dropped.
 //! * A big room (at least `room_batch_viewers` viewers on a core) is written in batches on that
@@ -28,8 +29,9 @@
 //!   flushed, so that none is overtaken. Held
 //!   messages are bounded like a queue: ordinary ones are dropped for everyone once a room
 //!   holds half of `outbound_queue_frames` frames or [`HELD_BYTES`], priority ones at three
-//!   quarters or twice the bytes; and a viewer whose queue holds [`QUEUE_BYTES`] misses
-//!   batches until it has read them.
+//!   quarters or twice the bytes; and a viewer's queue takes a batch (one entry) only within
+//!   the same share of its byte bound, so a viewer that does not read misses batches until it
+//!   has read them.
 //!
 //! * Each core keeps the latest messages of each room ([`RoomHistory`]; every core gets every
 //!   room message) for viewers who ask for some when they enter: they come back in the answer,
@@ -114,14 +116,10 @@ pub const MAX_SPACING: Duration = Duration::from_secs(10);
 /// messages: twice this); more are dropped, as a full queue drops them.
 pub const HELD_BYTES: usize = 1 << 20;
 
-/// Bytes a viewer's queue may hold for a big room's batch to be added to it (a batch is one
-/// queue entry of many frames, so the entry bound alone would not limit its memory); a viewer
-/// over it misses the batch, as a full queue misses a message.
-pub const QUEUE_BYTES: usize = 4 << 20;
-
 /// How many frames a viewer's queue (or a big room's held messages) may hold for another room
 /// message to be added: half of `outbound_queue_frames` (`cap`), three quarters for priority
-/// messages; the last quarter is left to the viewer's own messages.
+/// messages; the last quarter is left to the viewer's own messages. A viewer's queue applies the
+/// same share to its byte bound ([`Outbound::push_below`](crate::outbound::Outbound::push_below)).
 fn room_bound(cap: usize, priority: bool) -> usize {
     if priority { cap * 3 / 4 } else { cap / 2 }
 }
@@ -570,8 +568,8 @@ impl Core {
 
     /// Gives each viewer of every room in `held` its batch: everything held if its queue is
     /// below half its bound, only the priority messages below three quarters, nothing above
-    /// (the bounds of [`Core::deliver_room`]), and nothing that would take its queue over
-    /// [`QUEUE_BYTES`]. Returns the number of viewers written to.
+    /// (the bounds of [`Core::deliver_room`], in frames and bytes; a batch is one queue entry).
+    /// Returns the number of viewers written to.
     fn flush_rooms(&self, held: crate::FastMap<u64, Held>) -> usize {
         let local = self.local_rooms.borrow();
         let cap = self.cfg.outbound_queue_frames;
@@ -602,7 +600,7 @@ impl Core {
                     if n == 0 {
                         break;
                     }
-                    if s.out.push_within(bytes, bound, QUEUE_BYTES) {
+                    if s.out.push_below(bytes, bound) {
                         writes += 1;
                         delivered += n;
                         break;

@@ -936,7 +936,10 @@ fn register(
         logical,
         user,
         device: login.device.clone(),
-        out: Outbound::new(core.cfg.outbound_queue_frames),
+        out: Outbound::new(
+            core.cfg.outbound_queue_frames,
+            core.cfg.outbound_queue_bytes,
+        ),
         ending: Default::default(),
         last_active: std::cell::Cell::new(now_ms()),
         rooms: Default::default(),

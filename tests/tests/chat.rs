@@ -22,6 +22,7 @@ over_every_transport!(
     history_pages_backwards,
     sync_and_history_of_large_messages_are_split_to_fit_the_frame_limit,
     slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync,
+    slow_consumer_of_big_messages_is_paused_at_the_byte_bound,
     requests_pipelined_with_hello_survive_the_hand_off_to_the_users_core,
 );
 
@@ -446,7 +447,33 @@ fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync(via: Via) 
         "gateway grew by {} MiB",
         (rss_after - rss_before) >> 20
     );
-    // Bob now reads: some live messages, then SyncNeeded; a sync brings the rest.
+    reads_until_sync_needed_then_syncs_everything(&mut bob, total);
+}
+
+/// With a byte bound of 64 KiB and the default 4,096 frames, a device that does not read while
+/// 3,000 messages of 8 KiB are sent (fewer frames than the frame bound) is paused too.
+fn slow_consumer_of_big_messages_is_paused_at_the_byte_bound(via: Via) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("tern.toml"),
+        format!("outbound_queue_bytes = 65536\nwrite_timeout_ms = 600000\n{NO_RATE_LIMITS}"),
+    )
+    .unwrap();
+    let cfg = dir.path().join("tern.toml");
+    let gw = Gateway::start_via(via, &["--config", cfg.to_str().unwrap()]);
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
+    let (mut bob, _) = gw.login(via, &gw.token("bob"), "phone");
+    let body = "y".repeat(8 << 10);
+    let total = 3000u64;
+    for i in 1..=total {
+        send_acked(&mut alice, "bob", &format!("s{i}"), &body);
+    }
+    reads_until_sync_needed_then_syncs_everything(&mut bob, total);
+}
+
+/// Reads live messages 1, 2, ... until SyncNeeded (which must come before message `total`),
+/// then syncs and checks that the sync brings all `total` messages (nothing was acked).
+fn reads_until_sync_needed_then_syncs_everything(bob: &mut Conn, total: u64) {
     let mut seen = Vec::new();
     loop {
         let f = bob.recv_frame();
@@ -466,7 +493,7 @@ fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync(via: Via) 
         page_size: 100,
         ..Default::default()
     }));
-    let (_, msgs, _) = collect_sync(&mut bob, rid);
+    let (_, msgs, _) = collect_sync(bob, rid);
     let synced: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
     assert_eq!(
         synced,
