@@ -96,10 +96,65 @@ pub struct RoomOwned {
     recent: VecDeque<(u64, u64, u64)>,
 }
 
+/// The connections of this core in one room, in no particular order, with each one's place in
+/// the list and how many connections of each logical session are in it: entering, leaving and
+/// checking whether a session is in the room cost the same however big the room is (a room of
+/// 19,000 viewers that all leave at once would otherwise cost the core 180 million steps).
+#[derive(Debug, Default)]
+pub struct Viewers {
+    list: Vec<Rc<SessionHandle>>,
+    /// Connection id -> its index in `list`.
+    at: crate::FastMap<u64, usize>,
+    /// Logical session id -> its connections in the room (a dual-channel session has two).
+    logical: crate::FastMap<u64, u32>,
+}
+
+impl Viewers {
+    /// Adds a connection (not in the room yet).
+    fn add(&mut self, session: Rc<SessionHandle>) {
+        self.at.insert(session.id, self.list.len());
+        *self.logical.entry(session.logical).or_default() += 1;
+        self.list.push(session);
+    }
+
+    /// Removes connection `id` if it is in the room.
+    fn remove(&mut self, id: u64) {
+        let Some(i) = self.at.remove(&id) else {
+            return;
+        };
+        let gone = self.list.swap_remove(i);
+        if let Some(moved) = self.list.get(i) {
+            self.at.insert(moved.id, i);
+        }
+        match self.logical.get_mut(&gone.logical) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                self.logical.remove(&gone.logical);
+            }
+        }
+    }
+
+    fn has_logical(&self, logical: u64) -> bool {
+        self.logical.contains_key(&logical)
+    }
+
+    fn as_slice(&self) -> &[Rc<SessionHandle>] {
+        &self.list
+    }
+
+    fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
 /// The connections of this core in each room.
 #[derive(Debug, Default)]
 pub struct LocalRooms {
-    viewers: crate::FastMap<u64, Vec<Rc<SessionHandle>>>,
+    viewers: crate::FastMap<u64, Viewers>,
     /// The rooms' latest messages, for viewers entering.
     history: RoomHistory,
     /// Big rooms' messages waiting for the next batch flush, by room.
@@ -313,7 +368,7 @@ impl RoomHistory {
 impl LocalRooms {
     /// Number of this core's connections in `room`.
     pub fn viewers(&self, room: u64) -> usize {
-        self.viewers.get(&room).map_or(0, Vec::len)
+        self.viewers.get(&room).map_or(0, Viewers::len)
     }
 }
 
@@ -344,7 +399,7 @@ impl Core {
             .viewers
             .entry(room)
             .or_default()
-            .push(session.clone());
+            .add(session.clone());
         Entered::Now
     }
 
@@ -377,7 +432,7 @@ impl Core {
         session.rooms.borrow_mut().retain(|&r| r != room);
         let mut local = self.local_rooms.borrow_mut();
         if let Some(list) = local.viewers.get_mut(&room) {
-            list.retain(|s| s.id != session.id);
+            list.remove(session.id);
             if list.is_empty() {
                 local.viewers.remove(&room);
             }
@@ -399,7 +454,7 @@ impl Core {
             .borrow()
             .viewers
             .get(&room)
-            .is_some_and(|list| list.iter().any(|s| s.logical == logical))
+            .is_some_and(|list| list.has_logical(logical))
     }
 
     /// Queues a room message that arrived at its owner core.
@@ -583,7 +638,7 @@ impl Core {
             senders.dedup();
             let all = held.for_viewer(None, false);
             let priority = held.for_viewer(None, true);
-            for s in list {
+            for s in list.as_slice() {
                 let sender = senders.binary_search(&s.logical).is_ok();
                 let pick = |priority_only: bool| {
                     if sender {
@@ -653,6 +708,61 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn connection(id: u64, logical: u64) -> Rc<SessionHandle> {
+        Rc::new(SessionHandle {
+            id,
+            logical,
+            user: 1,
+            device: String::new(),
+            out: crate::outbound::Outbound::new(16, 1 << 20),
+            ending: Default::default(),
+            last_active: Default::default(),
+            end_waker: Default::default(),
+            rooms: Default::default(),
+            fd: std::cell::Cell::new(-1),
+            park: Default::default(),
+            push: Default::default(),
+        })
+    }
+
+    fn ids(v: &Viewers) -> Vec<u64> {
+        let mut ids: Vec<u64> = v.as_slice().iter().map(|s| s.id).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn viewers_leave_from_anywhere_and_count_each_logical_session() {
+        let mut v = Viewers::default();
+        // Connections 1..=5; 4 is a second path of logical session 3.
+        for (id, logical) in [(1, 1), (2, 2), (3, 3), (4, 3), (5, 5)] {
+            v.add(connection(id, logical));
+        }
+        assert_eq!(v.len(), 5);
+        v.remove(1);
+        assert_eq!(ids(&v), [2, 3, 4, 5]);
+        assert!(!v.has_logical(1));
+        v.remove(3);
+        assert!(v.has_logical(3), "its other path is still in the room");
+        v.remove(9);
+        assert_eq!(ids(&v), [2, 4, 5], "an unknown id changes nothing");
+        for (place, s) in v.as_slice().iter().enumerate() {
+            assert_eq!(v.at[&s.id], place);
+        }
+        v.remove(4);
+        assert!(!v.has_logical(3));
+        // Every place stays right after the swaps: each one can still leave.
+        for (i, id) in [5, 2].into_iter().enumerate() {
+            v.remove(id);
+            assert_eq!(v.len(), 1 - i);
+            for (place, s) in v.as_slice().iter().enumerate() {
+                assert_eq!(v.at[&s.id], place);
+            }
+        }
+        assert!(v.is_empty());
+        assert!(v.at.is_empty() && v.logical.is_empty());
+    }
 
     fn frame(n: u8, len: usize) -> Bytes {
         Bytes::from(vec![n; len])
