@@ -217,6 +217,8 @@ impl Client {
             rooms: Rooms::default(),
             presence_leg: leg,
             notices: VecDeque::new(),
+            sends: HashMap::new(),
+            outbox: Vec::new(),
         };
         let request_timeout = driver.config.request_timeout;
         tokio::spawn(driver.run(leg, conn));
@@ -302,9 +304,12 @@ impl Client {
             .await
     }
 
-    /// Sends a message with the given client message id. Retrying with the same id after
-    /// [`ClientError::Disconnected`] or [`ClientError::Timeout`] is safe: the server stores the
-    /// message once and answers with the original SendAck (`duplicate` set).
+    /// Sends a message with the given client message id. A Send cut off by a lost connection,
+    /// or made while the client reconnects, goes out again with the same id once it is
+    /// connected, within [`ClientConfig::request_timeout`](crate::ClientConfig::request_timeout)
+    /// of the call; the server stores the message once and answers a repeat with the original
+    /// SendAck (`duplicate` set). Retrying with the same id after [`ClientError::Timeout`] (or
+    /// [`ClientError::Disconnected`], with reconnects off) is safe for the same reason.
     pub async fn send_with_id(
         &self,
         client_msg_id: impl Into<String>,
@@ -728,6 +733,12 @@ struct Driver {
     presence_leg: usize,
     /// Request ids of the latest notifications ([`Command::Notify`]), to log their refusals.
     notices: VecDeque<u64>,
+    /// The Sends in flight, by request id: sent again (same client message id) if the
+    /// connection they were written on is lost.
+    sends: HashMap<u64, Box<Body>>,
+    /// Sends waiting for the next connection: those in flight when the session was lost, and
+    /// those made while reconnecting. Their callers' `request_timeout` bounds the wait.
+    outbox: Vec<(Box<Body>, oneshot::Sender<Result<Body>>)>,
 }
 
 /// The session's connections, by leg.
@@ -762,7 +773,13 @@ impl Driver {
                 }
                 End::Lost(error) => {
                     tracing::info!(%error, "connection lost");
+                    let held = if self.config.reconnect {
+                        self.held_sends()
+                    } else {
+                        Vec::new()
+                    };
                     self.fail_pending(&ClientError::Disconnected);
+                    self.outbox = held;
                     self.emit(Event::Disconnected {
                         reason: error.clone(),
                     });
@@ -782,8 +799,43 @@ impl Driver {
 
     fn fail_pending(&mut self, error: &ClientError) {
         self.copies.clear();
+        self.sends.clear();
         for (_, reply) in self.pending.drain() {
             let _ = reply.send(Err(error.clone()));
+        }
+        for (_, reply) in self.outbox.drain(..) {
+            let _ = reply.send(Err(error.clone()));
+        }
+    }
+
+    /// The session is lost: its Sends in flight, to wait for the next connection in the order
+    /// they were made (with those already waiting).
+    fn held_sends(&mut self) -> Vec<(Box<Body>, oneshot::Sender<Result<Body>>)> {
+        let mut sends: Vec<(u64, Box<Body>)> = self.sends.drain().collect();
+        sends.sort_unstable_by_key(|&(id, _)| id);
+        let mut held = std::mem::take(&mut self.outbox);
+        for (id, body) in sends {
+            if let Some(reply) = self.pending.remove(&id) {
+                held.push((body, reply));
+            }
+        }
+        held
+    }
+
+    /// Makes Send request `body` for the caller waiting on `reply` (a Send kept for another
+    /// connection, or the application's).
+    fn request_send(&mut self, body: Box<Body>, reply: oneshot::Sender<Result<Body>>) {
+        let id = self.session.request((*body).clone());
+        self.sends.insert(id, body);
+        self.pending.insert(id, reply);
+    }
+
+    /// On a new connection: sends again what waited for it, unless its caller gave up.
+    fn send_outbox(&mut self) {
+        for (body, reply) in std::mem::take(&mut self.outbox) {
+            if !reply.is_closed() {
+                self.request_send(body, reply);
+            }
         }
     }
 
@@ -804,6 +856,9 @@ impl Driver {
                         Some(Command::Close { done }) => {
                             let _ = done.send(());
                             return None;
+                        }
+                        Some(Command::Request { body, reply }) if matches!(*body, Body::Send(_)) => {
+                            self.outbox.push((body, reply));
                         }
                         Some(Command::Request { reply, .. } | Command::Sync { reply }) => {
                             let _ = reply.send(Err(ClientError::Disconnected));
@@ -831,6 +886,7 @@ impl Driver {
                     self.session_id = ok.session_id;
                     self.presence_leg = leg;
                     *lock(&self.shared.login) = Some(ok);
+                    self.send_outbox();
                     self.emit(Event::Reconnected);
                     return Some((leg, conn));
                 }
@@ -927,6 +983,7 @@ impl Driver {
                 continue;
             }
             self.copies.remove(&request_id);
+            self.sends.remove(&request_id);
             if let Some(event) = self.rooms.answered(request_id, &result) {
                 self.emit(event);
             }
@@ -957,6 +1014,9 @@ impl Driver {
 
     fn command(&mut self, command: Command) -> Option<End> {
         match command {
+            Command::Request { body, reply } if matches!(*body, Body::Send(_)) => {
+                self.request_send(body, reply);
+            }
             Command::Request { body, reply } => {
                 let room = room_op(&body);
                 let id = self.session.request(*body);
@@ -1158,6 +1218,7 @@ impl Driver {
                     self.pending.retain(|_, reply| !reply.is_closed());
                     let pending = &self.pending;
                     self.copies.retain(|id, _| pending.contains_key(id));
+                    self.sends.retain(|id, _| pending.contains_key(id));
                 }
             }
         }
@@ -1201,8 +1262,9 @@ impl Driver {
     }
 
     /// One path of a session that goes on over another is gone: what was asked on it only is
-    /// asked again (a sync) or fails with [`ClientError::Disconnected`]; a Send also made on
-    /// another path waits for that path's answer.
+    /// asked again on the paths left (a sync, a Send: same client message id) or fails with
+    /// [`ClientError::Disconnected`]; a Send also made on another path waits for that path's
+    /// answer.
     fn path_lost(&mut self, conn: Conn, leg: usize, reason: ClientError) {
         let transport = self.legs[leg].transport;
         tracing::info!(%transport, %reason, "path lost; the session goes on");
@@ -1217,6 +1279,11 @@ impl Driver {
             if let Some(again) = self.session.sync_lost(*id) {
                 if let Some(reply) = self.pending.remove(id) {
                     self.pending.insert(again, reply);
+                }
+            } else if let Some(body) = self.sends.remove(id) {
+                // A Send goes again on the paths that are left.
+                if let Some(reply) = self.pending.remove(id) {
+                    self.request_send(body, reply);
                 }
             } else if let Some(reply) = self.pending.remove(id) {
                 let error = Err(ClientError::Disconnected);

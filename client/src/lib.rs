@@ -180,8 +180,11 @@
 //! (sync pages and live pushes overlap; see [`dedup`]), acknowledges delivered messages
 //! (coalesced per conversation; not those of rooms), pings when idle, and reconnects with
 //! exponential backoff and full jitter, resuming from the last sync position, entering its
-//! rooms and following its users again. Requests in flight when a connection drops fail with
-//! [`ClientError::Disconnected`]; retry sends with [`Client::send_with_id`].
+//! rooms and following its users again. A Send in flight when the connection drops, or made
+//! while the client reconnects, is sent again with the same client message id once the client
+//! is connected again (the server stores it once; its SendAck may then say `duplicate`), within
+//! the call's [`ClientConfig::request_timeout`]; other requests in flight fail with
+//! [`ClientError::Disconnected`].
 //!
 //! Transports ([`ClientConfig::transport`]), each carrying the same frames, with timeouts,
 //! heartbeats and reconnects working the same:
@@ -204,7 +207,7 @@
 //!   joins enters the rooms again. SubscribePresence goes on the path that carries presence
 //!   (see Presence). Other requests use one path. When a path fails
 //!   ([`Event::PathDown`]) the session goes on over the other; requests made on the failed path
-//!   only fail with [`ClientError::Disconnected`] (a sync is asked again); the path is joined
+//!   only fail with [`ClientError::Disconnected`] (a sync and a Send are asked again); the path is joined
 //!   again with its own backoff ([`Event::PathUp`]). Each path has its own heartbeat, so a path
 //!   whose network goes silent is noticed within three heartbeat intervals. Only when both
 //!   paths are down does the client reconnect as a new session, alternating between TCP and
@@ -290,7 +293,8 @@ pub enum Event {
     /// The server kicked this connection. For `REPLACED` and `REVOKED` the client stops
     /// ([`Event::Stopped`] follows); otherwise it reconnects.
     Kicked(Kick),
-    /// The connection was lost; requests in flight failed with [`ClientError::Disconnected`].
+    /// The connection was lost; requests in flight failed with [`ClientError::Disconnected`],
+    /// except Sends, which go out again once the client is connected (see [`Client::send_with_id`]).
     Disconnected {
         /// What ended it.
         reason: ClientError,
@@ -302,8 +306,8 @@ pub enum Event {
     /// [`Event::Presence`] follows for each followed user whose online state changed meanwhile.
     Reconnected,
     /// Dual channel only: one path (TCP or QUIC) failed and the session goes on over the other.
-    /// Requests sent on that path only failed with [`ClientError::Disconnected`] (a sync is
-    /// asked again on the other path); the path is added again in the background.
+    /// Requests sent on that path only failed with [`ClientError::Disconnected`] (a sync or a
+    /// Send is asked again on the other path); the path is added again in the background.
     PathDown {
         /// The transport of the lost path.
         transport: Transport,

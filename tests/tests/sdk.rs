@@ -444,3 +444,61 @@ async fn only_the_first_sync_is_bounded_by_the_initial_limit() {
     let (_, seqs) = login_sync(&mut bob_in).await;
     assert_eq!(seqs, (2..=6).collect::<Vec<_>>());
 }
+
+/// A Send cut off by a lost connection, and one made while the client reconnects, go out again
+/// with their client message ids once it is connected: each is stored and delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_cut_off_by_a_lost_connection_go_out_after_the_reconnect() {
+    let gw = Gateway::start(&[]);
+    let proxy = tern_tests::proxy::TcpProxy::start(gw.addr);
+    let (_bob, mut bob_in) = connect(&gw, "bob", "phone").await;
+    assert_eq!(login_sync(&mut bob_in).await, (vec![], vec![]));
+    let mut config = quick_reconnects(&gw, "alice");
+    config.server = proxy.addr.to_string();
+    let alice = std::sync::Arc::new(Client::connect(config).await.unwrap());
+    let mut alice_in = alice.incoming();
+    let send = |text: &'static str| {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            alice
+                .send_with_id(text, Target::user("bob"), ContentType::Text as u32, text)
+                .await
+        })
+    };
+
+    // "one" is written while the network holds everything back, then the connection is cut.
+    proxy.stall();
+    let one = send("one");
+    proxy.reset_all();
+    next(&mut alice_in, |e| {
+        matches!(e, Event::Disconnected { .. }).then_some(())
+    })
+    .await;
+    // "two" is made while the client cannot log in again.
+    let two = send("two");
+    proxy.resume();
+    let one = one.await.unwrap().expect("sent after the reconnect");
+    let two = two.await.unwrap().expect("sent after the reconnect");
+    assert_eq!((one.seq, one.client_msg_id.as_str()), (1, "one"));
+    assert_eq!((two.seq, two.client_msg_id.as_str()), (2, "two"));
+    for (seq, text) in [(1, "one"), (2, "two")] {
+        let m = next(&mut bob_in, |e| match e {
+            Event::Message(m) => Some(m),
+            _ => None,
+        })
+        .await;
+        assert_eq!((m.seq, m.payload.as_ref()), (seq, text.as_bytes()));
+    }
+    // Each was stored once: a third message gets seq 3, and bob's next message is that one.
+    let three = alice
+        .send(Target::user("bob"), ContentType::Text as u32, "three")
+        .await
+        .unwrap();
+    assert_eq!(three.seq, 3);
+    let m = next(&mut bob_in, |e| match e {
+        Event::Message(m) => Some(m),
+        _ => None,
+    })
+    .await;
+    assert_eq!(m.seq, 3);
+}
