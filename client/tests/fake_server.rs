@@ -165,6 +165,7 @@ async fn sync_pages_and_live_pushes_are_deduplicated_and_acked() {
                 settings: None,
                 peer_read_seq: 0,
                 skipped_to_seq: 0,
+                unread: 4,
             }],
         },
     ))

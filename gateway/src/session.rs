@@ -1871,6 +1871,7 @@ impl Ctx {
                     version: c.last_version,
                     settings: Some(crate::social::wire_settings(c.conversation, &c.settings)),
                     skipped_to_seq,
+                    unread: upto.saturating_sub(c.read_seq.max(c.settings.cleared_seq)),
                 });
             }
             let f = self.core.encode(&Frame::new(

@@ -162,6 +162,7 @@ fn every_body() -> Vec<Frame> {
                     left: false,
                     peer_read_seq: 6,
                     skipped_to_seq: 1,
+                    unread: 4,
                     settings: Some(ConversationSettings {
                         conversation_id: 42,
                         pinned: true,
@@ -181,6 +182,7 @@ fn every_body() -> Vec<Frame> {
                     settings: None,
                     peer_read_seq: 0,
                     skipped_to_seq: 0,
+                    unread: 1,
                 },
             ],
         }

@@ -8,7 +8,7 @@ use tern_protocol::v1::group_request::Op;
 use tern_protocol::v1::{CreateGroup, InviteMembers};
 use tern_protocol::{
     ErrorCode, GetReadCounts, GroupRequest, MarkRead, Presence, ReadCounts, ReadReceipt, ReadState,
-    SubscribePresence, SyncRequest, Target, Typing,
+    SetConversation, SubscribePresence, SyncRequest, Target, Typing,
 };
 use tern_tests::{Conn, Gateway, Via, collect_sync, expect_deliver, send_acked, send_group_acked};
 
@@ -138,12 +138,16 @@ fn unread_leaves_out_own_messages_and_sync_carries_the_peers_read_position() {
             state.conversation_id,
             state.latest_seq,
             state.read_seq,
-            state.peer_read_seq
+            state.peer_read_seq,
+            state.unread
         ),
-        (conv, 3, 2, 3)
+        (conv, 3, 2, 3, 1)
     );
     let (state, _) = synced_state(&mut alice, 0);
-    assert_eq!((state.read_seq, state.peer_read_seq), (3, 2));
+    assert_eq!(
+        (state.read_seq, state.peer_read_seq, state.unread),
+        (3, 2, 0)
+    );
     drop(laptop);
 
     // Bob writes again. The laptop comes back, gets it, acknowledges it and goes away again
@@ -238,10 +242,56 @@ fn a_new_group_member_starts_with_nothing_unread() {
     let mut bob = login(&gw, "bob", "phone");
     let (state, _) = synced_state(&mut bob, 0);
     assert_eq!(
-        (state.latest_seq, state.read_seq, state.peer_read_seq),
-        (6, 5, 0),
+        (
+            state.latest_seq,
+            state.read_seq,
+            state.peer_read_seq,
+            state.unread
+        ),
+        (6, 5, 0, 1),
         "one unread: the message after the invitation"
     );
+}
+
+#[test]
+fn cleared_messages_are_not_unread_and_send_no_receipt() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let mut alice = login(&gw, "alice", "phone");
+    let mut bob = login(&gw, "bob", "phone");
+    let mut conv = 0;
+    for i in 1..=4 {
+        conv = send_acked(&mut bob, "alice", &format!("b{i}"), "hi").conversation_id;
+        assert_eq!(expect_deliver(&mut alice).seq, i);
+    }
+    assert_eq!(mark_read(&mut alice, conv, 1), 1);
+    assert!(matches!(bob.pushed(), Body::ReadReceipt(r) if r.read_seq == 1));
+    let (state, _) = synced_state(&mut alice, 0);
+    assert_eq!((state.latest_seq, state.read_seq, state.unread), (4, 1, 3));
+
+    let rid = alice.send_body(Body::SetConversation(SetConversation {
+        conversation_id: conv,
+        clear_upto_seq: 3,
+        ..SetConversation::default()
+    }));
+    assert!(matches!(alice.answer(rid), Body::ConversationSettings(_)));
+    let mut laptop = login(&gw, "alice", "laptop");
+    let (state, _) = synced_state(&mut laptop, 0);
+    assert_eq!(
+        (
+            state.latest_seq,
+            state.read_seq,
+            state.settings.unwrap().cleared_seq,
+            state.unread
+        ),
+        (4, 1, 3, 1),
+        "only 4 is unread; the read position stays"
+    );
+    // Clearing is not reading: bob gets no receipt.
+    bob.nothing_pending();
+    assert_eq!(send_acked(&mut bob, "alice", "b5", "hi").seq, 5);
+    assert_eq!(expect_deliver(&mut laptop).seq, 5);
+    let (state, _) = synced_state(&mut laptop, 0);
+    assert_eq!((state.latest_seq, state.unread), (5, 2));
 }
 
 #[test]
