@@ -421,54 +421,47 @@ fn sync_and_history_of_large_messages_are_split_to_fit_the_frame_limit(via: Via)
 }
 
 fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync(via: Via) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("tern.toml"),
-        // Bob's blocked writer must not be reset while Alice's 3,000 synced sends run.
-        format!("outbound_queue_frames = 64\nwrite_timeout_ms = 600000\n{NO_RATE_LIMITS}"),
-    )
-    .unwrap();
-    let cfg = dir.path().join("tern.toml");
-    let gw = Gateway::start_via(via, &["--config", cfg.to_str().unwrap()]);
-    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
-    let (mut bob, _) = gw.login(via, &gw.token("bob"), "phone");
-    // Bob does not read while 3,000 messages of 8 KiB (24 MiB) are sent to him: far more than
-    // the socket buffers hold, so the server's queue for him fills.
-    let body = "y".repeat(8 << 10);
-    let rss_before = tern_tests::rss_bytes(gw.pid());
-    let total = 3000u64;
-    for i in 1..=total {
-        send_acked(&mut alice, "bob", &format!("s{i}"), &body);
-    }
-    let rss_after = tern_tests::rss_bytes(gw.pid());
+    let (_gw, mut bob, grew) =
+        bob_does_not_read_while_alice_sends(via, "outbound_queue_frames = 64");
     // The queue holds at most 64 frames; the rest is RocksDB's memtable and caches.
-    assert!(
-        rss_after.saturating_sub(rss_before) < 160 << 20,
-        "gateway grew by {} MiB",
-        (rss_after - rss_before) >> 20
-    );
-    reads_until_sync_needed_then_syncs_everything(&mut bob, total);
+    assert!(grew < 160 << 20, "gateway grew by {} MiB", grew >> 20);
+    reads_until_sync_needed_then_syncs_everything(&mut bob, SENT);
 }
 
 /// With a byte bound of 64 KiB and the default 4,096 frames, a device that does not read while
 /// 3,000 messages of 8 KiB are sent (fewer frames than the frame bound) is paused too.
 fn slow_consumer_of_big_messages_is_paused_at_the_byte_bound(via: Via) {
+    let (_gw, mut bob, _) =
+        bob_does_not_read_while_alice_sends(via, "outbound_queue_bytes = 65536");
+    reads_until_sync_needed_then_syncs_everything(&mut bob, SENT);
+}
+
+/// Messages alice sends bob while he does not read.
+const SENT: u64 = 3000;
+
+/// Starts a gateway with `config` (plus no rate limits), logs alice and bob in over `via`, and
+/// has alice send bob [`SENT`] messages of 8 KiB (24 MiB: far more than the socket buffers
+/// hold, so the server's queue for him fills) while bob does not read. Returns the gateway, bob,
+/// and how much the gateway's memory grew meanwhile.
+fn bob_does_not_read_while_alice_sends(via: Via, config: &str) -> (Gateway, Conn, u64) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("tern.toml"),
-        format!("outbound_queue_bytes = 65536\nwrite_timeout_ms = 600000\n{NO_RATE_LIMITS}"),
+        // Bob's blocked writer must not be reset while Alice's synced sends run.
+        format!("{config}\nwrite_timeout_ms = 600000\n{NO_RATE_LIMITS}"),
     )
     .unwrap();
     let cfg = dir.path().join("tern.toml");
     let gw = Gateway::start_via(via, &["--config", cfg.to_str().unwrap()]);
     let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
-    let (mut bob, _) = gw.login(via, &gw.token("bob"), "phone");
+    let (bob, _) = gw.login(via, &gw.token("bob"), "phone");
     let body = "y".repeat(8 << 10);
-    let total = 3000u64;
-    for i in 1..=total {
+    let rss_before = tern_tests::rss_bytes(gw.pid());
+    for i in 1..=SENT {
         send_acked(&mut alice, "bob", &format!("s{i}"), &body);
     }
-    reads_until_sync_needed_then_syncs_everything(&mut bob, total);
+    let grew = tern_tests::rss_bytes(gw.pid()).saturating_sub(rss_before);
+    (gw, bob, grew)
 }
 
 /// Reads live messages 1, 2, ... until SyncNeeded (which must come before message `total`),
