@@ -885,8 +885,13 @@ struct SendMessage {
     from: Option<String>,
     /// A user id (1:1) ...
     to_user: Option<String>,
-    /// ... or a group id.
+    /// ... or a group id ...
     to_group: Option<String>,
+    /// ... or a live room's id (the room's viewers get it; no viewer needed).
+    to_room: Option<String>,
+    /// A priority room message (a gift, a notice): kept for viewers whose queue is fuller.
+    #[serde(default)]
+    priority: bool,
     /// UTF-8 text (content type TEXT unless `content_type` says otherwise) ...
     text: Option<String>,
     /// ... or the payload's bytes in base64.
@@ -906,16 +911,22 @@ async fn send_message(
 ) -> ApiResult {
     let req: SendMessage = parse(&headers, &body)?;
     let (from, admin) = acting(&st, req.from)?;
-    let target = match (req.to_user, req.to_group) {
-        (Some(u), None) => Target {
-            kind: TargetKind::User as i32,
-            id: u,
-        },
-        (None, Some(g)) => Target {
-            kind: TargetKind::Group as i32,
-            id: g,
-        },
-        _ => return Err(ApiError::bad("give exactly one of to_user and to_group")),
+    let (kind, id) = match (req.to_user, req.to_group, req.to_room) {
+        (Some(u), None, None) => (TargetKind::User, u),
+        (None, Some(g), None) => (TargetKind::Group, g),
+        (None, None, Some(r)) => (TargetKind::Room, r),
+        _ => {
+            return Err(ApiError::bad(
+                "give exactly one of to_user, to_group and to_room",
+            ));
+        }
+    };
+    if req.priority && kind != TargetKind::Room {
+        return Err(ApiError::bad("priority is for to_room only"));
+    }
+    let target = Target {
+        kind: kind as i32,
+        id,
     };
     let payload = payload_of(req.text, req.payload_base64)?;
     let content_type = content_type_of(req.content_type.as_deref())?;
@@ -928,7 +939,7 @@ async fn send_message(
         content_type: content_type as u32,
         custom_type: req.custom_type,
         payload,
-        ..Default::default()
+        priority: req.priority,
     };
     answer(st.bridge.request(&from, admin, Frame::new(1, send)).await?)
 }

@@ -1462,7 +1462,8 @@ impl Ctx {
                     );
                 }
                 let room = room_conversation(&target.id);
-                if !self.core.in_room(self.session.logical, room) {
+                // The HTTP API posts to a room without entering it (a system notice).
+                if !self.api && !self.core.in_room(self.session.logical, room) {
                     return self.error(rid, ErrorCode::NotMember, "enter the room first");
                 }
                 Dest::Room { room }

@@ -157,11 +157,11 @@ fn bad_json_and_bad_fields_are_named() {
     for (body, message) in [
         (
             json!({"text": "x"}),
-            "give exactly one of to_user and to_group",
+            "give exactly one of to_user, to_group and to_room",
         ),
         (
             json!({"to_user": "bob", "to_group": "g", "text": "x"}),
-            "give exactly one of to_user and to_group",
+            "give exactly one of to_user, to_group and to_room",
         ),
         (
             json!({"to_user": "bob"}),

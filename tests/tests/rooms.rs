@@ -475,3 +475,70 @@ fn a_viewer_entering_a_big_room_gets_each_message_once() {
         c.nothing_pending();
     }
 }
+
+/// The HTTP API posts to a room without entering it: as the system user (a notice, here marked
+/// priority) or as a named user; a repeated client message id is answered with the first seq.
+#[test]
+fn the_api_posts_to_a_room_without_entering_it() {
+    use serde_json::json;
+    let gw = Gateway::start(&["--cores", "2"]);
+    let mut viewers: Vec<Conn> = (0..3).map(|i| login(&gw, &format!("viewer{i}"))).collect();
+    let mut outsider = login(&gw, "outsider");
+    let conv = enter(&mut viewers[0], "live").conversation_id;
+    for v in &mut viewers[1..] {
+        enter(v, "live");
+    }
+    let post = |body: serde_json::Value| gw.api_call("POST", "/v1/messages", Some(&body));
+    let notice =
+        json!({"to_room": "live", "text": "gift!", "priority": true, "client_msg_id": "n1"});
+    let (status, answer) = post(notice.clone());
+    assert_eq!(status, 200, "{answer}");
+    let ack = &answer["sendAck"];
+    assert_eq!(
+        (&ack["seq"], &ack["conversationId"]),
+        (&json!("1"), &json!(conv.to_string()))
+    );
+    let (status, answer) = post(json!({"from": "host", "to_room": "live", "text": "hello"}));
+    assert_eq!(
+        (status, &answer["sendAck"]["seq"]),
+        (200, &json!("2")),
+        "{answer}"
+    );
+    for v in &mut viewers {
+        for (seq, sender, body) in [(1, "administrator", "gift!"), (2, "host", "hello")] {
+            let d = expect_deliver(v);
+            assert_eq!(
+                (d.conversation_id, d.seq, d.sender.as_str(), text(&d)),
+                (conv, seq, sender, body)
+            );
+            assert_eq!(d.target, Some(Target::new(TargetKind::Room, "live")));
+        }
+    }
+    let (status, answer) = post(notice);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (&answer["sendAck"]["seq"], &answer["sendAck"]["duplicate"]),
+        (&json!("1"), &json!(true))
+    );
+    for (bad, code) in [
+        (
+            json!({"to_room": "live", "to_user": "bob", "text": "x"}),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            json!({"to_user": "bob", "text": "x", "priority": true}),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            json!({"to_room": "", "text": "x"}),
+            ErrorCode::InvalidArgument,
+        ),
+    ] {
+        let (status, answer) = post(bad);
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["error"]["code"], json!(code as i32), "{answer}");
+    }
+    for v in viewers.iter_mut().chain([&mut outsider]) {
+        v.nothing_pending();
+    }
+}
