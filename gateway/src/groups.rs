@@ -610,6 +610,17 @@ impl Core {
             return Ok(None);
         }
         let Some(me) = me else {
+            // A group one may ask to join shows its public face to anyone who might.
+            if matches!(op, Op::Get(_)) && join_policy(&record) != JoinPolicy::InviteOnly {
+                let info = self.public_info(&job.name, state, &record, conv);
+                return Ok(Some(self.group_response(
+                    job,
+                    conv,
+                    0,
+                    Some(Box::new(info)),
+                    None,
+                )));
+            }
             return refuse(ErrorCode::NotMember, "not a member of this group");
         };
         let admin = me.is_admin();
@@ -1124,6 +1135,32 @@ impl Core {
             max_members: self.cfg.group_max_members,
             created_at_ms: record.created_at_ms,
             latest_seq: self.store.latest_seq(conv).unwrap_or(0),
+        }
+    }
+
+    /// What a non-member sees of a `FREE` or `APPROVAL` group: its id, owner, name,
+    /// introduction, avatar, join policy, member counts and creation time; not its notice,
+    /// custom fields, mute state or latest seq.
+    fn public_info(
+        &self,
+        name: &str,
+        state: &GroupState,
+        record: &GroupRecord,
+        conv: u64,
+    ) -> GroupInfo {
+        let full = self.group_info(name, state, record, conv);
+        let profile = full.profile.map(|p| GroupProfile {
+            name: p.name,
+            introduction: p.introduction,
+            avatar_url: p.avatar_url,
+            join_policy: p.join_policy,
+            ..GroupProfile::default()
+        });
+        GroupInfo {
+            profile,
+            muted_all: false,
+            latest_seq: 0,
+            ..full
         }
     }
 

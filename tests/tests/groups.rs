@@ -380,7 +380,9 @@ fn roles_mutes_and_removals_are_enforced_and_recorded_in_order() {
     }
     dave.nothing_pending();
     send_group_err(&mut dave, "g", "d2", ErrorCode::NotMember);
-    group_err(&mut dave, "g", Op::Get(GetGroup {}), ErrorCode::NotMember);
+    // A free group shows dave its public face only (no latest seq).
+    let seen = info(&mut dave, "g");
+    assert_eq!((seen.member_count, seen.latest_seq), (3, 0));
     // Dave's history ends at the event that removed him.
     let rid = dave.send_body(Body::History(HistoryRequest {
         target: Some(Target::group("g")),
@@ -1068,4 +1070,61 @@ fn a_member_back_from_offline_syncs_from_its_version() {
     // Live from here on.
     send_group_acked(&mut alice, "team", "4", "four");
     assert_eq!(expect_deliver(&mut bob).seq, 8);
+}
+
+#[test]
+fn non_members_see_only_the_public_face_of_groups_they_may_ask_to_join() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let mut alice = login(&gw, "alice");
+    let mut outsider = login(&gw, "outsider");
+    let profile = GroupProfile {
+        name: Some("open name".into()),
+        notice: Some("members only".into()),
+        introduction: Some("we talk".into()),
+        avatar_url: Some("https://example.com/a.png".into()),
+        join_policy: Some(JoinPolicy::Approval.into()),
+        custom: [("k".to_string(), "v".to_string())].into(),
+    };
+    group_ok(
+        &mut alice,
+        "open",
+        Op::Create(CreateGroup {
+            profile: Some(Box::new(profile.clone())),
+            members: vec![],
+        }),
+    );
+    create(&mut alice, "closed", &[], JoinPolicy::InviteOnly);
+    assert_eq!(send_group_acked(&mut alice, "open", "a1", "hi"), 2);
+    let full = info(&mut alice, "open");
+    assert_eq!(
+        (full.profile.as_ref(), full.latest_seq),
+        (Some(&profile), 2)
+    );
+    assert_eq!(
+        info(&mut outsider, "open"),
+        GroupInfo {
+            profile: Some(GroupProfile {
+                name: profile.name,
+                introduction: profile.introduction,
+                avatar_url: profile.avatar_url,
+                join_policy: profile.join_policy,
+                ..GroupProfile::default()
+            }),
+            latest_seq: 0,
+            ..full
+        }
+    );
+    group_err(
+        &mut outsider,
+        "closed",
+        Op::Get(GetGroup {}),
+        ErrorCode::NotMember,
+    );
+    group_err(
+        &mut outsider,
+        "open",
+        Op::ListMembers(ListMembers::default()),
+        ErrorCode::NotMember,
+    );
+    outsider.nothing_pending();
 }
