@@ -191,7 +191,9 @@ impl Client {
         self.group(group_id, Op::Dissolve(DissolveGroup {})).await
     }
 
-    /// The group's info: owner, profile, member count, latest sequence number (members only).
+    /// The group's info: owner, profile, member count, latest sequence number. Members get all
+    /// of it; anyone else gets a `FREE` or `APPROVAL` group's public part (docs/PROTOCOL.md,
+    /// `get`) and [`ErrorCode::NotMember`](crate::ErrorCode::NotMember) for an `INVITE_ONLY` one.
     pub async fn group_info(&self, group_id: impl Into<String>) -> Result<GroupInfo> {
         let response = self.group(group_id, Op::Get(GetGroup {})).await?;
         response
