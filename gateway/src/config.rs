@@ -82,7 +82,8 @@ pub struct Config {
     /// (default 4,096, at least 16).
     pub outbound_queue_frames: usize,
     /// Bytes queued for one connection before the server stops pushing to it and asks it to sync
-    /// (default 4 MiB, at least 65,536; a queue with nothing in it takes any one frame). With
+    /// (default 4 MiB, at least 4 × (`max_payload_bytes` + 1024), so that a quarter of it holds
+    /// a message of any size; a queue with nothing in it takes any one frame). With
     /// `outbound_queue_frames` it bounds what a device that does not read costs the server: live
     /// messages that arrive during its sync wait within the same bounds.
     pub outbound_queue_bytes: usize,
@@ -385,8 +386,12 @@ impl Config {
         if self.outbound_queue_frames < 16 {
             return bad("outbound_queue_frames", "must be at least 16");
         }
-        if self.outbound_queue_bytes < 65_536 {
-            return bad("outbound_queue_bytes", "must be at least 65536");
+        let least = 4 * (self.max_payload_bytes as usize + 1024);
+        if self.outbound_queue_bytes < least {
+            return bad(
+                "outbound_queue_bytes",
+                format!("must be at least 4 x (max_payload_bytes + 1024) = {least}"),
+            );
         }
         if self.room_batch_ms == 0 || self.room_batch_ms > 10_000 {
             return bad("room_batch_ms", "must be between 1 and 10000");

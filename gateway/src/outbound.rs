@@ -145,15 +145,6 @@ impl Outbound {
         self.wake_writer();
     }
 
-    /// Queues a live delivery if there is room, for the writer (no flusher is asked).
-    fn try_push(&self, frame: Bytes) -> bool {
-        let queued = self.queue_live(frame).is_some();
-        if queued {
-            self.wake_writer();
-        }
-        queued
-    }
-
     /// Whether a queue of `len` frames may take one more of `add` bytes within a share of its
     /// bounds: fewer than `frames` frames (at most `cap`), and at most the same share of
     /// `cap_bytes` bytes. An empty queue takes any frame.
@@ -185,11 +176,13 @@ impl Outbound {
     /// Whether [`Outbound::wait_room`] would return at once.
     pub fn has_room(&self) -> bool {
         self.closed.get()
-            || (self.queue.borrow().len() < self.cap && self.bytes.get() < self.cap_bytes)
+            || (self.queue.borrow().len() < self.cap && self.bytes.get() < self.cap_bytes / 2)
     }
 
-    /// Waits until fewer than `cap` frames and `cap_bytes` bytes are queued. The reader calls
-    /// it before each request, so a client that does not read its socket stops being read too.
+    /// Waits until fewer than `cap` frames and half of `cap_bytes` bytes are queued. The reader
+    /// calls it before each request, so a client that does not read its socket stops being read
+    /// too; sync pages wait for it, so that a sync's pages (a frame each, up to
+    /// `max_frame_bytes`) leave the other half of the bytes to the live messages after it.
     pub async fn wait_room(&self) {
         std::future::poll_fn(|cx| {
             if self.has_room() {
@@ -330,7 +323,8 @@ impl Outbound {
     }
 
     /// Ends a sync: pushes the live messages that arrived during it and that the sync did not
-    /// already carry, then goes live (or lagging, if too many arrived).
+    /// already carry (bounded as they were held, so they are queued whatever the sync's pages
+    /// still take), then goes live (or lagging, if too many arrived).
     pub fn end_sync(&self, synced_upto: &HashMap<u64, u64>) {
         let old = std::mem::replace(&mut *self.state.borrow_mut(), DeliveryState::Live);
         if let DeliveryState::Syncing {
@@ -353,13 +347,8 @@ impl Outbound {
                 if seq <= *self.high.borrow_mut().slot(conv) {
                     continue;
                 }
-                if self.try_push(frame) {
-                    *self.high.borrow_mut().slot(conv) = seq;
-                } else {
-                    *self.state.borrow_mut() = DeliveryState::lagging();
-                    self.wake_writer();
-                    return;
-                }
+                self.push(frame);
+                *self.high.borrow_mut().slot(conv) = seq;
             }
         }
     }
@@ -901,6 +890,33 @@ mod tests {
         }
         assert!(!out.has_room(), "10 bytes queued");
         assert_eq!(out.deliver(1, 11, &b(11), 100), Offered::Lagging);
+    }
+
+    #[test]
+    fn live_messages_held_by_a_sync_are_queued_after_its_pages() {
+        let out = Outbound::new(100, 40);
+        out.begin_sync();
+        for seq in 5..=7 {
+            assert_eq!(
+                out.deliver(1, seq, &b(seq as u8), 100),
+                Offered::Done,
+                "held"
+            );
+        }
+        // The sync's pages: each waits for room, below half the byte bound (20 bytes).
+        out.push(Bytes::from(vec![0; 19]));
+        assert!(out.has_room());
+        out.push(Bytes::from(vec![0; 19]));
+        assert!(!out.has_room(), "38 bytes queued");
+        out.end_sync(&HashMap::new());
+        assert!(
+            out.lagging_since().is_none(),
+            "all three held messages are queued"
+        );
+        assert_eq!(out.deliver(1, 8, &b(8), 100), Offered::Lagging, "41 bytes");
+        let mut buf = Vec::new();
+        assert!(out.drain_into(&mut buf, usize::MAX));
+        assert_eq!(buf[38..], [5, 6, 7]);
     }
 
     #[test]

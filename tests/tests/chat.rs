@@ -428,11 +428,12 @@ fn slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync(via: Via) 
     reads_until_sync_needed_then_syncs_everything(&mut bob, SENT);
 }
 
-/// With a byte bound of 64 KiB and the default 4,096 frames, a device that does not read while
-/// 3,000 messages of 8 KiB are sent (fewer frames than the frame bound) is paused too.
+/// With a byte bound of 260 KiB (the least the default maximum payload allows) and the default
+/// 4,096 frames, a device that does not read while 3,000 messages of 8 KiB are sent (fewer
+/// frames than the frame bound) is paused too.
 fn slow_consumer_of_big_messages_is_paused_at_the_byte_bound(via: Via) {
     let (_gw, mut bob, _) =
-        bob_does_not_read_while_alice_sends(via, "outbound_queue_bytes = 65536");
+        bob_does_not_read_while_alice_sends(via, "outbound_queue_bytes = 266240");
     reads_until_sync_needed_then_syncs_everything(&mut bob, SENT);
 }
 
