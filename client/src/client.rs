@@ -15,8 +15,8 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use rand::RngCore;
 use tern_protocol::{
-    Body, Codec, Frame, HelloOk, HistoryPage, HistoryRequest, Kick, KickReason, Ping, SendAck,
-    Target,
+    Body, Codec, CodecError, Frame, HelloOk, HistoryPage, HistoryRequest, Kick, KickReason, Ping,
+    SendAck, Target,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -830,6 +830,24 @@ impl Driver {
         self.pending.insert(id, reply);
     }
 
+    /// Fails request `id`, which was not written: it cannot be sent (see [`Driver::pump`]).
+    fn refuse(&mut self, id: u64, error: ClientError) {
+        self.sends.remove(&id);
+        self.copies.remove(&id);
+        self.session.request_lost(id);
+        let error = Err(error);
+        if let Some(event) = self.rooms.answered(id, &error) {
+            self.emit(event);
+        }
+        match (self.pending.remove(&id), error) {
+            (Some(reply), error) => {
+                let _ = reply.send(error);
+            }
+            (None, Err(error)) => tracing::warn!(request_id = id, %error, "request not sent"),
+            (None, Ok(_)) => {}
+        }
+    }
+
     /// On a new connection: sends again what waited for it, unless its caller gave up.
     fn send_outbox(&mut self) {
         for (body, reply) in std::mem::take(&mut self.outbox) {
@@ -858,6 +876,8 @@ impl Driver {
                             return None;
                         }
                         Some(Command::Request { body, reply }) if matches!(*body, Body::Send(_)) => {
+                            // Only Sends whose callers still wait are kept.
+                            self.outbox.retain(|(_, reply)| !reply.is_closed());
                             self.outbox.push((body, reply));
                         }
                         Some(Command::Request { reply, .. } | Command::Sync { reply }) => {
@@ -946,6 +966,7 @@ impl Driver {
                 } else {
                     Some(primary)
                 };
+                let mut refused = None;
                 for &leg in &live {
                     if one.is_some_and(|one| one != leg) {
                         continue;
@@ -953,11 +974,21 @@ impl Driver {
                     let Some(conn) = paths[leg].as_mut() else {
                         continue;
                     };
-                    if let Err(error) = conn.queue(&frame) {
-                        lost.push((leg, error));
-                    } else if frame.request_id != 0 {
-                        conn.requests.push(frame.request_id);
+                    match conn.queue(&frame) {
+                        Ok(()) if frame.request_id != 0 => conn.requests.push(frame.request_id),
+                        Ok(()) => {}
+                        // Over the server's frame limit (the same on every path): the request
+                        // fails, nothing was written and the connection is fine.
+                        Err(ClientError::Codec(CodecError::FrameTooLarge { len, max })) => {
+                            refused = Some(ClientError::RequestTooLarge { len, max });
+                            break;
+                        }
+                        Err(error) => lost.push((leg, error)),
                     }
+                }
+                if let Some(error) = refused {
+                    self.refuse(frame.request_id, error);
+                    continue;
                 }
                 if one.is_none() && live.len() > 1 && frame.request_id != 0 {
                     self.copies.insert(frame.request_id, live.len());
@@ -1079,7 +1110,9 @@ impl Driver {
             // Lost paths go first, so that nothing more is written to them; then what is due
             // goes out (even when the session ends: the events and answers read before the end),
             // which may lose a path in turn.
-            for round in 0..2 {
+            // Three rounds: a path lost in the second (by what the first wrote) may have had
+            // requests to ask again on the path that is left, written by the second pump.
+            for round in 0..3 {
                 for (leg, error) in std::mem::take(&mut lost) {
                     let Some(conn) = paths[leg].take() else {
                         continue;
@@ -1104,7 +1137,7 @@ impl Driver {
                         }
                     }
                 }
-                if round == 0 {
+                if round < 2 {
                     lost.extend(self.pump(paths));
                 }
             }

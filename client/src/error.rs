@@ -17,8 +17,10 @@ pub enum ClientError {
         message: String,
     },
     /// The connection was lost before the answer arrived, or the client is between connections.
-    /// The request may or may not have reached the server: retry a send with
-    /// [`Client::send_with_id`](crate::Client::send_with_id) and the same id.
+    /// The request may or may not have reached the server. Sends do not fail this way while the
+    /// client reconnects (they go out again, see
+    /// [`Client::send_with_id`](crate::Client::send_with_id)); with reconnects off, retry a send
+    /// with the same id.
     #[error("disconnected from the server")]
     Disconnected,
     /// The client was closed, or stopped for good (see [`Event::Stopped`](crate::Event)).
@@ -41,6 +43,15 @@ pub enum ClientError {
     /// The server sent bytes that are not a valid frame.
     #[error("invalid frame from the server: {0}")]
     Codec(#[from] CodecError),
+    /// A request is larger than the server's frame limit (`HelloOk.max_frame_bytes`): it was not
+    /// sent, and the connection goes on.
+    #[error("request of {len} bytes exceeds the server's frame limit of {max} bytes")]
+    RequestTooLarge {
+        /// The encoded request's size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The server sent a frame that makes no sense at this point (e.g. no HelloOk to Hello).
     #[error("protocol violation by the server: {0}")]
     Protocol(String),

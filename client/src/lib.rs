@@ -207,7 +207,9 @@
 //!   joins enters the rooms again. SubscribePresence goes on the path that carries presence
 //!   (see Presence). Other requests use one path. When a path fails
 //!   ([`Event::PathDown`]) the session goes on over the other; requests made on the failed path
-//!   only fail with [`ClientError::Disconnected`] (a sync and a Send are asked again); the path is joined
+//!   only fail with [`ClientError::Disconnected`] (a sync and a Send are asked again: such a
+//!   Send, made while only the failed path was up, may then be stored after Sends made later
+//!   on both paths); the path is joined
 //!   again with its own backoff ([`Event::PathUp`]). Each path has its own heartbeat, so a path
 //!   whose network goes silent is noticed within three heartbeat intervals. Only when both
 //!   paths are down does the client reconnect as a new session, alternating between TCP and

@@ -1147,18 +1147,42 @@ async fn chat(client: &Client, user: &str) -> ExitCode {
     if let Some(ok) = client.login() {
         eprintln!("# chatting with {user} as {}; end with Ctrl-D", ok.user_id);
     }
+    // Lines are sent one after the other, in the order typed, by their own task: a send that
+    // waits for a reconnect holds up the later lines, not the incoming messages.
+    let (lines, mut to_send) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let sender = {
+        let (client, user) = (client.clone(), user.to_owned());
+        tokio::spawn(async move {
+            while let Some(text) = to_send.recv().await {
+                match client
+                    .send(Target::user(&user), ContentType::Text as u32, text)
+                    .await
+                {
+                    Ok(ack) => {
+                        print_line(&line::send_ack(&ack));
+                    }
+                    Err(e) => eprintln!("{}", line::error(&e)),
+                }
+            }
+        })
+    };
+    let mut lines = Some(lines);
+    let mut sender = Some(sender);
     loop {
         tokio::select! {
             read = stdin.next_line() => match read {
                 Ok(Some(text)) if text.trim().is_empty() => {}
                 Ok(Some(text)) => {
-                    match client.send(Target::user(user), ContentType::Text as u32, text).await {
-                        Ok(ack) => { print_line(&line::send_ack(&ack)); }
-                        Err(e) => eprintln!("{}", line::error(&e)),
+                    if let Some(lines) = &lines {
+                        let _ = lines.send(text);
                     }
                 }
                 Ok(None) => {
-                    // End of input: print what has already arrived, then leave.
+                    // End of input: the lines typed are sent, then what has arrived is printed.
+                    drop(lines.take());
+                    if let Some(sender) = sender.take() {
+                        let _ = sender.await;
+                    }
                     while let Some(event) = incoming.try_recv() {
                         if let Err(code) = show(Some(event)) {
                             return code;

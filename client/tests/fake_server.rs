@@ -328,6 +328,16 @@ async fn reconnects_from_the_sync_position_and_sends_again_what_was_in_flight() 
         next_event(&mut incoming).await,
         Some(Event::Disconnected { .. })
     ));
+    // A Send made while the client is disconnected (polled once: it is with the client now).
+    let mut two = std::pin::pin!(client.send_with_id("two", Target::user("alice"), 1, "y"));
+    tokio::select! {
+        biased;
+        answer = &mut two => panic!("answered while disconnected: {answer:?}"),
+        () = std::future::ready(()) => {}
+    }
+    // The next login fails (closed before HelloOk), so the client waits out a backoff with the
+    // Send in hand whether it came before or during that attempt.
+    drop(server.accept().await);
 
     let mut peer = server.accept_login(0).await;
     assert_eq!(
@@ -367,6 +377,15 @@ async fn reconnects_from_the_sync_position_and_sends_again_what_was_in_flight() 
         .await;
     let ack = sending.await.unwrap().unwrap();
     assert_eq!((ack.seq, ack.duplicate), (3, true));
+    // Then the Send made while disconnected.
+    let frame = peer.recv_request().await;
+    assert!(
+        matches!(&frame.body, Some(Body::Send(s)) if s.client_msg_id == "two"),
+        "{frame:?}"
+    );
+    peer.send(common::send_ack(frame.request_id, "two", 4, false))
+        .await;
+    assert_eq!(two.await.unwrap().seq, 4);
     // A retry by the application with the same id is answered the same way.
     let ack = common::send_answered(&client, &mut peer, "retry-me", 3, true).await;
     assert!(ack.duplicate);

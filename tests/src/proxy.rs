@@ -41,6 +41,8 @@ fn runtime() -> Runtime {
 struct Control {
     /// No bytes move while set.
     stalled: bool,
+    /// No bytes move from the upstream server to the clients while set.
+    replies_stalled: bool,
     /// Bumped by each reset; a connection accepted under an older generation is reset.
     generation: u64,
 }
@@ -121,10 +123,21 @@ impl TcpProxy {
             .send_if_modified(|c| !std::mem::replace(&mut c.stalled, true));
     }
 
-    /// Moves bytes again after [`TcpProxy::stall`], in the order they were sent.
-    pub fn resume(&self) {
+    /// As [`TcpProxy::stall`], in one direction only: what the upstream server sends waits,
+    /// what clients send goes on to it (a request arrives, its answer is held back).
+    pub fn stall_replies(&self) {
         self.control
-            .send_if_modified(|c| std::mem::replace(&mut c.stalled, false));
+            .send_if_modified(|c| !std::mem::replace(&mut c.replies_stalled, true));
+    }
+
+    /// Moves bytes again after [`TcpProxy::stall`] or [`TcpProxy::stall_replies`], in the
+    /// order they were sent.
+    pub fn resume(&self) {
+        self.control.send_if_modified(|c| {
+            let was = c.stalled || c.replies_stalled;
+            (c.stalled, c.replies_stalled) = (false, false);
+            was
+        });
     }
 
     /// Closes every current proxied connection on both sides with a reset (SO_LINGER 0), as a
@@ -239,8 +252,8 @@ async fn tcp_connection(
         let (upward, downward) = (control.clone(), control.clone());
         let both_ways = async {
             tokio::try_join!(
-                pump(client_read, server_write, upward),
-                pump(server_read, client_write, downward),
+                pump(client_read, server_write, upward, false),
+                pump(server_read, client_write, downward, true),
             )
         };
         tokio::select! {
@@ -255,50 +268,57 @@ async fn tcp_connection(
     }
 }
 
-/// Waits until bytes may move.
-async fn running(control: &mut watch::Receiver<Control>) -> io::Result<()> {
-    match control.wait_for(|c| !c.stalled).await {
+/// Whether bytes are held in this direction (`replies`: from the upstream server).
+fn held(c: &Control, replies: bool) -> bool {
+    c.stalled || (replies && c.replies_stalled)
+}
+
+/// Waits until bytes may move in this direction.
+async fn running(control: &mut watch::Receiver<Control>, replies: bool) -> io::Result<()> {
+    match control.wait_for(|c| !held(c, replies)).await {
         Ok(_) => Ok(()),
         Err(_) => Err(io::Error::other("proxy stopped")),
     }
 }
 
-/// Waits until the proxy is stalled.
-async fn stalled(control: &mut watch::Receiver<Control>) -> io::Result<()> {
-    match control.wait_for(|c| c.stalled).await {
+/// Waits until this direction is stalled.
+async fn stalled(control: &mut watch::Receiver<Control>, replies: bool) -> io::Result<()> {
+    match control.wait_for(|c| held(c, replies)).await {
         Ok(_) => Ok(()),
         Err(_) => Err(io::Error::other("proxy stopped")),
     }
 }
 
 /// Copies bytes from `from` to `to` until end of stream, then shuts down `to`'s writing half.
-/// Neither reads nor writes while the proxy is stalled: an operation under way when the stall
-/// begins is abandoned (both are cancel safe) and started again on resume.
+/// Neither reads nor writes while the proxy is stalled (in this direction; `replies`: from the
+/// upstream server): an operation under way when the stall begins is abandoned (both are cancel
+/// safe) and started again on resume.
 async fn pump(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
     mut control: watch::Receiver<Control>,
+    replies: bool,
 ) -> io::Result<()> {
     let mut buffer = vec![0u8; TCP_BUFFER];
     loop {
         let read = loop {
-            running(&mut control).await?;
+            running(&mut control, replies).await?;
             tokio::select! {
                 biased;
-                stop = stalled(&mut control) => stop?,
+                stop = stalled(&mut control, replies) => stop?,
                 read = from.read(&mut buffer) => break read?,
             }
         };
         if read == 0 {
-            running(&mut control).await?;
+            running(&mut control, replies).await?;
             return to.shutdown().await;
         }
         let mut written = 0;
         while written < read {
-            running(&mut control).await?;
+            running(&mut control, replies).await?;
             tokio::select! {
                 biased;
-                stop = stalled(&mut control) => stop?,
+                stop = stalled(&mut control, replies) => stop?,
                 n = to.write(&buffer[written..read]) => match n? {
                     0 => return Err(io::ErrorKind::WriteZero.into()),
                     n => written += n,

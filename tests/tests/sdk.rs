@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use tern_client::{
-    Client, ClientConfig, ContentType, Event, Incoming, ListKind, SetConversation, SocialEventKind,
-    Target, TargetKind, recall_event,
+    Client, ClientConfig, ClientError, ContentType, Event, Incoming, ListKind, SetConversation,
+    SocialEventKind, Target, TargetKind, recall_event,
 };
 use tern_tests::Gateway;
 
@@ -446,7 +446,8 @@ async fn only_the_first_sync_is_bounded_by_the_initial_limit() {
 }
 
 /// A Send cut off by a lost connection, and one made while the client reconnects, go out again
-/// with their client message ids once it is connected: each is stored and delivered once.
+/// with their client message ids once it is connected: each is stored and delivered once, and
+/// the one the server had stored before the cut is answered with its first seq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_cut_off_by_a_lost_connection_go_out_after_the_reconnect() {
     let gw = Gateway::start(&[]);
@@ -465,40 +466,66 @@ async fn sends_cut_off_by_a_lost_connection_go_out_after_the_reconnect() {
                 .await
         })
     };
+    let message = |e| match e {
+        Event::Message(m) => Some((m.seq, String::from_utf8(m.payload.to_vec()).unwrap())),
+        _ => None,
+    };
 
-    // "one" is written while the network holds everything back, then the connection is cut.
-    proxy.stall();
+    // "one" reaches the server and is stored, but its SendAck is held back; then the connection
+    // is cut.
+    proxy.stall_replies();
     let one = send("one");
+    assert_eq!(next(&mut bob_in, message).await, (1, "one".into()));
     proxy.reset_all();
     next(&mut alice_in, |e| {
         matches!(e, Event::Disconnected { .. }).then_some(())
     })
     .await;
-    // "two" is made while the client cannot log in again.
+    // "two" is made while the client is disconnected (its next login waits for the replies).
     let two = send("two");
     proxy.resume();
-    let one = one.await.unwrap().expect("sent after the reconnect");
+    let one = one.await.unwrap().expect("sent again after the reconnect");
     let two = two.await.unwrap().expect("sent after the reconnect");
-    assert_eq!((one.seq, one.client_msg_id.as_str()), (1, "one"));
-    assert_eq!((two.seq, two.client_msg_id.as_str()), (2, "two"));
-    for (seq, text) in [(1, "one"), (2, "two")] {
-        let m = next(&mut bob_in, |e| match e {
-            Event::Message(m) => Some(m),
-            _ => None,
-        })
-        .await;
-        assert_eq!((m.seq, m.payload.as_ref()), (seq, text.as_bytes()));
-    }
-    // Each was stored once: a third message gets seq 3, and bob's next message is that one.
+    assert_eq!(
+        (one.seq, one.duplicate, one.client_msg_id.as_str()),
+        (1, true, "one")
+    );
+    assert_eq!(
+        (two.seq, two.duplicate, two.client_msg_id.as_str()),
+        (2, false, "two")
+    );
+    // Bob got each once: after "one", "two", then a third message.
+    assert_eq!(next(&mut bob_in, message).await, (2, "two".into()));
     let three = alice
         .send(Target::user("bob"), ContentType::Text as u32, "three")
         .await
         .unwrap();
     assert_eq!(three.seq, 3);
-    let m = next(&mut bob_in, |e| match e {
-        Event::Message(m) => Some(m),
-        _ => None,
-    })
-    .await;
-    assert_eq!(m.seq, 3);
+    assert_eq!(next(&mut bob_in, message).await, (3, "three".into()));
+}
+
+/// A request over the server's frame limit fails by itself: nothing is written, the connection
+/// goes on (it is not lost and opened again), and the next request is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_over_the_frame_limit_fails_alone() {
+    let gw = Gateway::start(&[]);
+    let proxy = tern_tests::proxy::TcpProxy::start(gw.addr);
+    let mut config = quick_reconnects(&gw, "alice");
+    config.server = proxy.addr.to_string();
+    let alice = Client::connect(config).await.unwrap();
+    let text = ContentType::Text as u32;
+    let error = alice
+        .send(Target::user("bob"), text, vec![b'x'; 2 << 20])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, ClientError::RequestTooLarge { len, max } if len > 2 << 20 && max == 1 << 20),
+        "{error}"
+    );
+    let ack = alice
+        .send(Target::user("bob"), text, "small")
+        .await
+        .unwrap();
+    assert_eq!(ack.seq, 1);
+    assert_eq!(proxy.accepted(), 1, "one connection all along");
 }
