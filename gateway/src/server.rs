@@ -48,6 +48,11 @@ pub enum GatewayError {
         limit_kib: u64,
         suggest_kib: u64,
     },
+    #[error("io_uring is not available ({error}), and Tern's cores need it. {advice}")]
+    IoUring {
+        error: std::io::Error,
+        advice: &'static str,
+    },
     #[error(
         "cannot start the watcher of parked connections (epoll): {0}; park_after_ms = 0 runs \
          without parking"
@@ -466,6 +471,10 @@ fn resolve_listen_addr(addr: SocketAddr) -> std::io::Result<SocketAddr> {
 }
 
 fn executor_error(core: usize, io_memory: usize, message: String) -> GatewayError {
+    if let Some(error) = crate::sys::io_uring_refused() {
+        let advice = io_uring_advice(error.raw_os_error());
+        return GatewayError::IoUring { error, advice };
+    }
     let (soft, _) = crate::sys::rlimit(libc::RLIMIT_MEMLOCK);
     let need_kib = (io_memory as u64 / 1024) + 256;
     GatewayError::Executor {
@@ -474,6 +483,19 @@ fn executor_error(core: usize, io_memory: usize, message: String) -> GatewayErro
         need_kib,
         limit_kib: soft / 1024,
         suggest_kib: (need_kib * 4).max(65536),
+    }
+}
+
+/// What to change when the kernel refuses io_uring with `errno`.
+fn io_uring_advice(errno: Option<i32>) -> &'static str {
+    if errno == Some(libc::EPERM) {
+        "It is turned off: set `sysctl kernel.io_uring_disabled=0` (with 1, only members of the \
+         group in kernel.io_uring_group may use it), or a security policy (seccomp, SELinux) \
+         forbids it for this process."
+    } else {
+        "This kernel has no io_uring (Linux 5.8 or later is needed), or a seccomp filter hides \
+         it, as container runtimes' default profiles do: allow the io_uring_setup, \
+         io_uring_enter and io_uring_register system calls."
     }
 }
 
@@ -648,5 +670,36 @@ async fn core_main(
     drop(loops);
     for _ in 0..4 {
         futures_lite::future::yield_now().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_io_uring_is_named_with_what_to_change() {
+        assert!(
+            crate::sys::io_uring_refused().is_none(),
+            "the gateway's tests need io_uring"
+        );
+        let refused = |errno| {
+            GatewayError::IoUring {
+                error: std::io::Error::from_raw_os_error(errno),
+                advice: io_uring_advice(Some(errno)),
+            }
+            .to_string()
+        };
+        let off = refused(libc::EPERM);
+        assert!(
+            off.starts_with("io_uring is not available (Operation not permitted")
+                && off.contains("sysctl kernel.io_uring_disabled=0"),
+            "{off}"
+        );
+        let missing = refused(libc::ENOSYS);
+        assert!(
+            missing.contains("Linux 5.8") && missing.contains("allow the io_uring_setup"),
+            "{missing}"
+        );
     }
 }

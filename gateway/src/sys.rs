@@ -59,6 +59,24 @@ pub fn adopt_stream(fd: MovedFd) -> TcpStream {
     unsafe { TcpStream::from_raw_fd(raw) }
 }
 
+/// Sets up (and closes) a one-entry io_uring to see whether the kernel lets this process use
+/// io_uring at all: the error if it does not (ENOSYS: no io_uring, or a seccomp filter hides
+/// it; EPERM: turned off by `kernel.io_uring_disabled` or a security policy), None if it does
+/// or failed for another reason (such as locked memory).
+pub fn io_uring_refused() -> Option<std::io::Error> {
+    // struct io_uring_params: 120 bytes, zeroed asks for nothing special.
+    let mut params = [0u8; 120];
+    // SAFETY: io_uring_setup reads and writes only `params`, which is large enough.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd >= 0 {
+        // SAFETY: `fd` is the ring's descriptor, ours alone.
+        unsafe { libc::close(fd as libc::c_int) };
+        return None;
+    }
+    let e = std::io::Error::last_os_error();
+    matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)).then_some(e)
+}
+
 /// The soft and hard value of a resource limit (0, 0 if it cannot be read).
 pub fn rlimit(resource: libc::__rlimit_resource_t) -> (u64, u64) {
     let mut r = libc::rlimit {
