@@ -21,6 +21,17 @@ pub enum Durability {
     Memory,
 }
 
+/// What a login over `max_devices_per_user` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceLimitPolicy {
+    /// The new login is refused with `TOO_MANY_DEVICES` (default).
+    Refuse,
+    /// The device of the user that logged in first (of those connected) is kicked with
+    /// `Kick{REPLACED}`, and the new login goes on.
+    KickOldest,
+}
+
 /// Every option of the gateway. Field docs are the reference; `tern-gateway --help` and
 /// docs/architecture.md point here.
 #[derive(Debug, Clone, Deserialize)]
@@ -76,8 +87,12 @@ pub struct Config {
     /// session keeps only its state, no read buffer, tasks or I/O requests (docs/architecture.md,
     /// "Parked connections"). It comes back on the next frame, delivery or kick. 0: never park.
     pub park_after_ms: u64,
-    /// Maximum simultaneously connected devices per user.
+    /// Maximum simultaneously connected devices per user (default 10; a dual-channel session is
+    /// one device).
     pub max_devices_per_user: usize,
+    /// A login over `max_devices_per_user`: `"refuse"` (default; `TOO_MANY_DEVICES`) or
+    /// `"kick_oldest"` (the device connected longest is kicked with `Kick{REPLACED}`).
+    pub device_limit_policy: DeviceLimitPolicy,
     /// Frames queued for one connection before the server stops pushing to it and asks it to sync
     /// (default 4,096, at least 16).
     pub outbound_queue_frames: usize,
@@ -213,6 +228,7 @@ impl Default for Config {
             idle_timeout_ms: 60_000,
             park_after_ms: 2_000,
             max_devices_per_user: 10,
+            device_limit_policy: DeviceLimitPolicy::Refuse,
             outbound_queue_frames: 4096,
             outbound_queue_bytes: 4 << 20,
             max_page: 200,
@@ -517,6 +533,10 @@ mod tests {
         }
         let err = Config::from_toml("durability = \"sometimes\"\n").unwrap_err();
         assert!(err.contains("durability"), "{err}");
+        let err = Config::from_toml("device_limit_policy = \"kick_newest\"\n").unwrap_err();
+        assert!(err.contains("device_limit_policy"), "{err}");
+        let cfg = Config::from_toml("device_limit_policy = \"kick_oldest\"\n").unwrap();
+        assert_eq!(cfg.device_limit_policy, DeviceLimitPolicy::KickOldest);
         let cfg = Config::from_toml("min_sync_interval_us = 100001\n").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("`min_sync_interval_us`"), "{err}");

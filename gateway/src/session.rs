@@ -924,10 +924,26 @@ fn register(
         logicals.sort_unstable();
         logicals.dedup();
         if logicals.len() >= core.cfg.max_devices_per_user {
-            return Err((
-                ErrorCode::TooManyDevices,
-                "the user has the maximum number of connected devices",
-            ));
+            if core.cfg.device_limit_policy == crate::config::DeviceLimitPolicy::Refuse {
+                return Err((
+                    ErrorCode::TooManyDevices,
+                    "the user has the maximum number of connected devices",
+                ));
+            }
+            // Sessions are listed in the order they logged in: the first is the oldest, and
+            // every path of its logical session goes.
+            let oldest = list[0].logical;
+            list.retain(|old| {
+                if old.logical != oldest {
+                    return true;
+                }
+                old.out.push(core.encode(&Frame::kick(
+                    KickReason::Replaced,
+                    "the user logged in on another device, over the device limit",
+                )));
+                old.end();
+                false
+            });
         }
         id
     };

@@ -408,7 +408,33 @@ fn the_idempotency_window_holds_the_configured_number_of_sends() {
     assert_eq!((again.seq, again.duplicate), (1002, false));
 }
 
-/// Any key of the configuration file can be set on the command line.
+/// With `device_limit_policy = "kick_oldest"`, a login over the device limit goes on and the
+/// device connected longest is kicked (REPLACED), both paths of it; the others stay.
+#[test]
+fn over_the_device_limit_the_oldest_device_may_be_kicked() {
+    let gw = Gateway::start(&[
+        "--set",
+        "max_devices_per_user=2",
+        "--set",
+        "device_limit_policy=kick_oldest",
+    ]);
+    let (mut phone, ok) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    // A second path of the phone's session: still one device.
+    let mut phone_path = Conn::connect(gw.addr);
+    let mut again = hello(&gw.token("alice"), "phone");
+    again.resume_session_id = ok.session_id;
+    let rid = phone_path.send_body(Body::Hello(again));
+    assert!(matches!(phone_path.answer(rid), Body::HelloOk(_)));
+    let (mut tablet, _) = Conn::login(gw.addr, &gw.token("alice"), "tablet");
+    let (mut laptop, _) = Conn::login(gw.addr, &gw.token("alice"), "laptop");
+    phone.expect_kick(KickReason::Replaced);
+    phone_path.expect_kick(KickReason::Replaced);
+    tablet.nothing_pending();
+    laptop.nothing_pending();
+}
+
+/// Any key of the configuration file can be set on the command line (here the device limit,
+/// over which a login is refused by default).
 #[test]
 fn any_key_can_be_set_on_the_command_line() {
     let gw = Gateway::start(&["--set", "max_devices_per_user=1"]);
