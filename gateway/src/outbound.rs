@@ -149,9 +149,12 @@ impl Outbound {
     /// bounds: fewer than `frames` frames (at most `cap`), and at most the same share of
     /// `cap_bytes` bytes. An empty queue takes any frame.
     fn fits(&self, len: usize, frames: usize, add: usize) -> bool {
-        let frames = frames.min(self.cap);
-        let bytes = (self.cap_bytes as u128 * frames as u128 / self.cap.max(1) as u128) as usize;
-        len == 0 || (len < frames && self.bytes.get() + add <= bytes)
+        let bytes = if frames >= self.cap {
+            self.cap_bytes
+        } else {
+            (self.cap_bytes as u128 * frames as u128 / self.cap as u128) as usize
+        };
+        len == 0 || (len < frames.min(self.cap) && self.bytes.get() + add <= bytes)
     }
 
     /// Queues a frame if fewer than `bound` frames are queued and the bytes stay within the same
