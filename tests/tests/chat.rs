@@ -24,6 +24,7 @@ over_every_transport!(
     slow_consumer_is_paused_with_bounded_memory_and_catches_up_by_sync,
     slow_consumer_of_big_messages_is_paused_at_the_byte_bound,
     requests_pipelined_with_hello_survive_the_hand_off_to_the_users_core,
+    custom_messages_pass_through_untouched,
 );
 
 fn one_to_one_both_ways(via: Via) {
@@ -624,4 +625,51 @@ fn shutdown_keeps_its_bound_with_a_client_that_reads_nothing() {
         delivered += 1;
     }
     assert!(delivered < 100, "{delivered}");
+}
+
+/// A custom message (an application's type and opaque bytes, here not UTF-8) reaches the peer
+/// live, a new device's sync and the history exactly as sent.
+fn custom_messages_pass_through_untouched(via: Via) {
+    let gw = Gateway::start_via(via, &[]);
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
+    let (mut bob, _) = gw.login(via, &gw.token("bob"), "phone");
+    let payload = Bytes::from_static(&[0, 159, 146, 150, 255, b'\n', 0]);
+    let custom = tern_protocol::ContentType::Custom as u32;
+    let rid = alice.send_body(Body::Send(tern_protocol::Send {
+        client_msg_id: "c1".into(),
+        target: Some(Target::user("bob")),
+        content_type: custom,
+        custom_type: "shop.order".into(),
+        payload: payload.clone(),
+        priority: false,
+    }));
+    let ack = expect_ack(&mut alice, rid);
+    let check = |d: &Deliver| {
+        assert_eq!(
+            (
+                d.seq,
+                d.content_type,
+                d.custom_type.as_str(),
+                &d.payload,
+                d.sender.as_str(),
+                d.client_msg_id.as_str()
+            ),
+            (ack.seq, custom, "shop.order", &payload, "alice", "c1")
+        );
+    };
+    check(&expect_deliver(&mut bob));
+    let (mut laptop, _) = gw.login(via, &gw.token("bob"), "laptop");
+    let rid = laptop.send_body(Body::Sync(SyncRequest::default()));
+    let (_, msgs, _) = collect_sync(&mut laptop, rid);
+    assert_eq!(msgs.len(), 1);
+    check(&msgs[0]);
+    let rid = laptop.send_body(Body::History(HistoryRequest {
+        target: Some(Target::user("alice")),
+        ..HistoryRequest::default()
+    }));
+    let Body::HistoryPage(page) = laptop.answer(rid) else {
+        panic!("expected HistoryPage")
+    };
+    assert_eq!(page.messages.len(), 1);
+    check(&page.messages[0]);
 }
