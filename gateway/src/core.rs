@@ -222,6 +222,8 @@ pub enum Park {
 impl SessionHandle {
     pub fn end(&self) {
         self.ending.set(true);
+        // Its writer may be gone: whoever waits for room in its queue must not wait forever.
+        self.out.release();
         self.wake_reader();
     }
 

@@ -61,6 +61,8 @@ pub struct Outbound {
     writer: RefCell<Option<Waker>>,
     space: RefCell<Vec<Waker>>,
     closed: Cell<bool>,
+    /// The session ends: waiting for room is over ([`Outbound::release`]).
+    released: Cell<bool>,
     /// The last poll of [`Outbound::wait_ready`] found nothing to do (and none found work
     /// since): the writer is parked there, not in the middle of a write.
     waiting: Cell<bool>,
@@ -117,6 +119,7 @@ impl Outbound {
             writer: RefCell::new(None),
             space: RefCell::new(Vec::new()),
             closed: Cell::new(false),
+            released: Cell::new(false),
             waiting: Cell::new(false),
             stopping: Cell::new(false),
             wrote: Cell::new(false),
@@ -179,13 +182,24 @@ impl Outbound {
     /// Whether [`Outbound::wait_room`] would return at once.
     pub fn has_room(&self) -> bool {
         self.closed.get()
-            || (self.queue.borrow().len() < self.cap && self.bytes.get() < self.cap_bytes / 2)
+            || self.released.get()
+            || (self.queue.borrow().len() < self.cap && self.bytes.get() < self.cap_bytes)
     }
 
-    /// Waits until fewer than `cap` frames and half of `cap_bytes` bytes are queued. The reader
-    /// calls it before each request, so a client that does not read its socket stops being read
-    /// too; sync pages wait for it, so that a sync's pages (a frame each, up to
-    /// `max_frame_bytes`) leave the other half of the bytes to the live messages after it.
+    /// Lets whoever waits for room go on, now and from now on: the session ends, and its
+    /// writer may be gone with nothing left to drain the queue (they check that the session
+    /// ends and stop).
+    pub fn release(&self) {
+        self.released.set(true);
+        for w in self.space.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Waits until fewer than `cap` frames and `cap_bytes` bytes are queued (or the session
+    /// ends, [`Outbound::release`]). The reader calls it before each request, so a client that
+    /// does not read its socket stops being read too; sync pages wait for it. Room messages never
+    /// fill more than three quarters of the bytes, so they cannot hold either up.
     pub async fn wait_room(&self) {
         std::future::poll_fn(|cx| {
             if self.has_room() {
@@ -906,20 +920,33 @@ mod tests {
                 "held"
             );
         }
-        // The sync's pages: each waits for room, below half the byte bound (20 bytes).
+        // The sync's pages: each waits for room, below the byte bound.
         out.push(Bytes::from(vec![0; 19]));
         assert!(out.has_room());
-        out.push(Bytes::from(vec![0; 19]));
-        assert!(!out.has_room(), "38 bytes queued");
+        out.push(Bytes::from(vec![0; 21]));
+        assert!(!out.has_room(), "40 bytes queued");
         out.end_sync(&HashMap::new());
         assert!(
             out.lagging_since().is_none(),
             "all three held messages are queued"
         );
-        assert_eq!(out.deliver(1, 8, &b(8), 100), Offered::Lagging, "41 bytes");
+        assert_eq!(out.deliver(1, 8, &b(8), 100), Offered::Lagging, "44 bytes");
         let mut buf = Vec::new();
         assert!(out.drain_into(&mut buf, usize::MAX));
-        assert_eq!(buf[38..], [5, 6, 7]);
+        assert_eq!(buf[40..], [5, 6, 7]);
+    }
+
+    #[test]
+    fn a_released_queue_lets_waiters_go() {
+        use std::future::Future;
+        let out = Outbound::new(100, 10);
+        out.push(Bytes::from(vec![0; 10]));
+        let mut cx = std::task::Context::from_waker(Waker::noop());
+        let mut wait = Box::pin(out.wait_room());
+        assert!(wait.as_mut().poll(&mut cx).is_pending(), "full");
+        out.release();
+        assert!(wait.as_mut().poll(&mut cx).is_ready());
+        assert!(out.has_room());
     }
 
     #[test]

@@ -1177,6 +1177,9 @@ impl Ctx {
                             } else {
                                 let frame = Box::new(frame);
                                 self.session.out.wait_room().await;
+                                if self.session.ending.get() {
+                                    return ReadEnd::Closed;
+                                }
                                 *frame
                             };
                             // Boxed: request handling has the largest state of the session; inline
@@ -1901,6 +1904,10 @@ impl Ctx {
         }
         for (c, (target, mut from, upto)) in convs.iter().zip(to_send) {
             while from <= upto {
+                // An ending session's queue is not drained any more: stop reading for it.
+                if self.session.ending.get() {
+                    return Ok(());
+                }
                 let want = page.min((upto - from + 1) as usize);
                 let msgs = store.read_forward(c.conversation, from, want)?;
                 let Some(last) = msgs.last().map(|m| m.seq) else {

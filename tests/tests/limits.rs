@@ -340,6 +340,44 @@ fn a_client_that_never_reads_is_reset_after_the_write_timeout() {
     assert_eq!(synced_seqs(&gw), (1..=n as u64).collect::<Vec<_>>());
 }
 
+/// A connection reset after the write timeout while its login sync waits for room in the full
+/// queue gives its session and connection slot back.
+#[test]
+fn a_reset_connection_whose_sync_waits_for_room_is_released() {
+    let (gw, _cfg) = gateway_with(&format!(
+        "write_timeout_ms = 300\noutbound_queue_frames = 16\n{NO_RATES}"
+    ));
+    // 400 messages of 32 KiB wait for bob, far more than his socket takes.
+    let (mut alice, _) = Conn::login(gw.addr, &gw.token("alice"), "phone");
+    let payload = Bytes::from(vec![3u8; 32 << 10]);
+    for i in 0..400 {
+        alice.send_body(send("bob", &format!("m{i}"), payload.clone()));
+    }
+    for _ in 0..400 {
+        assert!(matches!(alice.recv_frame().body, Some(Body::SendAck(_))));
+    }
+    drop(alice);
+    // Bob logs in asking for the sync and never reads.
+    let mut bob = Conn::connect_with(gw.addr, None, Some(4096));
+    let mut login = hello(&gw.token("bob"), "phone");
+    login.sync_on_login = true;
+    bob.send_body(Body::Hello(login));
+    expect_reset(&mut bob);
+    // Polled, bounded: the reset session closes on the gateway's own time.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let open = tern_tests::metric(&gw.metrics(), "tern_connections", "");
+        if open == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} connections still held {WAIT:?} after the reset"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A session that ends while its writer waits on a full socket (here: replaced by a new login
 /// from the same device, long before the write timeout) resets the connection, so that the
 /// writer's write fails and the writer ends by itself.
