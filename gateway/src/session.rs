@@ -920,7 +920,12 @@ fn register(
                 i += 1;
             }
         }
-        let mut logicals: Vec<u64> = list.iter().map(|s| s.logical).collect();
+        // Devices connected now: sessions already ending hold no place.
+        let mut logicals: Vec<u64> = list
+            .iter()
+            .filter(|s| !s.ending.get())
+            .map(|s| s.logical)
+            .collect();
         logicals.sort_unstable();
         logicals.dedup();
         if logicals.len() >= core.cfg.max_devices_per_user {
@@ -930,9 +935,9 @@ fn register(
                     "the user has the maximum number of connected devices",
                 ));
             }
-            // Sessions are listed in the order they logged in: the first is the oldest, and
-            // every path of its logical session goes.
-            let oldest = list[0].logical;
+            // A logical session's id is its first connection's, and ids grow: the lowest is
+            // the device connected longest. Every path of it goes.
+            let oldest = logicals[0];
             list.retain(|old| {
                 if old.logical != oldest {
                     return true;

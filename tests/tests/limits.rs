@@ -469,6 +469,19 @@ fn over_the_device_limit_the_oldest_device_may_be_kicked() {
     phone_path.expect_kick(KickReason::Replaced);
     tablet.nothing_pending();
     laptop.nothing_pending();
+    // The kicked session is gone: a path cannot join it.
+    let mut late = Conn::connect(gw.addr);
+    let mut join = hello(&gw.token("alice"), "phone");
+    join.resume_session_id = ok.session_id;
+    let rid = late.send_body(Body::Hello(join));
+    assert_eq!(late.expect_error(ErrorCode::SessionNotFound), (rid, true));
+    // Two devices are connected: the next login takes the tablet's place, then the laptop's.
+    let (mut desktop, _) = Conn::login(gw.addr, &gw.token("alice"), "desktop");
+    tablet.expect_kick(KickReason::Replaced);
+    laptop.nothing_pending();
+    let (_watch, _) = Conn::login(gw.addr, &gw.token("alice"), "watch");
+    laptop.expect_kick(KickReason::Replaced);
+    desktop.nothing_pending();
 }
 
 /// Any key of the configuration file can be set on the command line (here the device limit,
