@@ -1192,6 +1192,11 @@ async fn chat(client: &Client, user: &str) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("error: reading stdin: {e}");
+                    // The lines read before it are still sent.
+                    drop(lines.take());
+                    if let Some(sender) = sender.take() {
+                        let _ = sender.await;
+                    }
                     return ExitCode::FAILURE;
                 }
             },

@@ -504,22 +504,23 @@ async fn sends_cut_off_by_a_lost_connection_go_out_after_the_reconnect() {
     assert_eq!(next(&mut bob_in, message).await, (3, "three".into()));
 }
 
-/// A request over the server's frame limit fails by itself: nothing is written, the connection
-/// goes on (it is not lost and opened again), and the next request is answered.
+/// A request over the server's frame limit (here 256 KiB, below the client's own 1 MiB) fails
+/// by itself: nothing is written, the connection goes on (it is not lost and opened again), and
+/// the next request is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_over_the_frame_limit_fails_alone() {
-    let gw = Gateway::start(&[]);
+    let gw = Gateway::start(&["--set", "max_frame_bytes=262144"]);
     let proxy = tern_tests::proxy::TcpProxy::start(gw.addr);
     let mut config = quick_reconnects(&gw, "alice");
     config.server = proxy.addr.to_string();
     let alice = Client::connect(config).await.unwrap();
     let text = ContentType::Text as u32;
     let error = alice
-        .send(Target::user("bob"), text, vec![b'x'; 2 << 20])
+        .send(Target::user("bob"), text, vec![b'x'; 300 << 10])
         .await
         .unwrap_err();
     assert!(
-        matches!(error, ClientError::RequestTooLarge { len, max } if len > 2 << 20 && max == 1 << 20),
+        matches!(error, ClientError::RequestTooLarge { len, max } if len > 300 << 10 && max == 256 << 10),
         "{error}"
     );
     let ack = alice
