@@ -489,13 +489,13 @@ fn executor_error(core: usize, io_memory: usize, message: String) -> GatewayErro
 /// What to change when the kernel refuses io_uring with `errno`.
 fn io_uring_advice(errno: Option<i32>) -> &'static str {
     if errno == Some(libc::EPERM) {
-        "It is turned off: set `sysctl kernel.io_uring_disabled=0` (with 1, only members of the \
-         group in kernel.io_uring_group may use it), or a security policy (seccomp, SELinux) \
-         forbids it for this process."
+        "Either a seccomp profile forbids it, as container runtimes' default profiles do (allow \
+         the io_uring_setup, io_uring_enter and io_uring_register system calls), or it is turned \
+         off: set `sysctl kernel.io_uring_disabled=0` (with 1, only members of the group in \
+         kernel.io_uring_group may use it)."
     } else {
         "This kernel has no io_uring (Linux 5.8 or later is needed), or a seccomp filter hides \
-         it, as container runtimes' default profiles do: allow the io_uring_setup, \
-         io_uring_enter and io_uring_register system calls."
+         it: allow the io_uring_setup, io_uring_enter and io_uring_register system calls."
     }
 }
 
@@ -693,6 +693,7 @@ mod tests {
         let off = refused(libc::EPERM);
         assert!(
             off.starts_with("io_uring is not available (Operation not permitted")
+                && off.contains("seccomp profile")
                 && off.contains("sysctl kernel.io_uring_disabled=0"),
             "{off}"
         );
