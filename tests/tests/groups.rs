@@ -1095,10 +1095,11 @@ fn non_members_see_only_the_public_face_of_groups_they_may_ask_to_join() {
     );
     create(&mut alice, "closed", &[], JoinPolicy::InviteOnly);
     assert_eq!(send_group_acked(&mut alice, "open", "a1", "hi"), 2);
+    group_ok(&mut alice, "open", Op::MuteAll(MuteAll { muted: true }));
     let full = info(&mut alice, "open");
     assert_eq!(
-        (full.profile.as_ref(), full.latest_seq),
-        (Some(&profile), 2)
+        (full.profile.as_ref(), full.latest_seq, full.muted_all),
+        (Some(&profile), 3, true)
     );
     assert_eq!(
         info(&mut outsider, "open"),
@@ -1111,6 +1112,7 @@ fn non_members_see_only_the_public_face_of_groups_they_may_ask_to_join() {
                 ..GroupProfile::default()
             }),
             latest_seq: 0,
+            muted_all: false,
             ..full
         }
     );
