@@ -609,18 +609,24 @@ impl Core {
             self.submit_group_change(state, job, event, pending);
             return Ok(None);
         }
+        if matches!(op, Op::Get(_)) {
+            let info = match me {
+                Some(_) => self.group_info(&job.name, state, &record, conv),
+                // A group one may ask to join shows its public face to anyone who might.
+                None if join_policy(&record) != JoinPolicy::InviteOnly => {
+                    self.public_info(&job.name, state, &record, conv)
+                }
+                None => return refuse(ErrorCode::NotMember, "not a member of this group"),
+            };
+            return Ok(Some(self.group_response(
+                job,
+                conv,
+                0,
+                Some(Box::new(info)),
+                None,
+            )));
+        }
         let Some(me) = me else {
-            // A group one may ask to join shows its public face to anyone who might.
-            if matches!(op, Op::Get(_)) && join_policy(&record) != JoinPolicy::InviteOnly {
-                let info = self.public_info(&job.name, state, &record, conv);
-                return Ok(Some(self.group_response(
-                    job,
-                    conv,
-                    0,
-                    Some(Box::new(info)),
-                    None,
-                )));
-            }
             return refuse(ErrorCode::NotMember, "not a member of this group");
         };
         let admin = me.is_admin();
@@ -631,17 +637,7 @@ impl Core {
         };
         let mut pending = Pending::new(record.clone());
         match op {
-            Op::Create(_) | Op::Join(_) => unreachable!("handled above"),
-            Op::Get(_) => {
-                let info = self.group_info(&job.name, state, &record, conv);
-                return Ok(Some(self.group_response(
-                    job,
-                    conv,
-                    0,
-                    Some(Box::new(info)),
-                    None,
-                )));
-            }
+            Op::Create(_) | Op::Join(_) | Op::Get(_) => unreachable!("handled above"),
             Op::ListMembers(req) => {
                 let limit = if req.limit == 0 {
                     100
