@@ -539,8 +539,9 @@ struct Conn {
     rbuf: BytesMut,
     wbuf: BytesMut,
     codec: Codec,
-    /// Largest frame the server takes (`HelloOk.max_frame_bytes`); 0 until it said.
-    server_max: usize,
+    /// Encodes what is written, within the largest frame the server takes
+    /// (`HelloOk.max_frame_bytes`) once it said, even where `codec` reads bigger ones.
+    encoder: Codec,
     heartbeat: Duration,
     last_read: Instant,
     last_write: Instant,
@@ -565,15 +566,7 @@ impl Conn {
     /// Encodes `frame` into the write buffer; a frame over the server's limit is refused
     /// (`FrameTooLarge`) with nothing written, whatever this side accepts.
     fn queue(&mut self, frame: &Frame) -> Result<()> {
-        let len = prost::Message::encoded_len(frame);
-        if self.server_max > 0 && len > self.server_max {
-            return Err(CodecError::FrameTooLarge {
-                len,
-                max: self.server_max,
-            }
-            .into());
-        }
-        Ok(self.codec.encode(frame, &mut self.wbuf)?)
+        Ok(self.encoder.encode(frame, &mut self.wbuf)?)
     }
 
     /// Hands what was queued to the writer task.
@@ -634,7 +627,7 @@ async fn establish(config: &ClientConfig, leg: &Leg, hello: &Frame) -> Result<(C
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::new(),
             codec: Codec::new(config.max_frame_bytes),
-            server_max: 0,
+            encoder: Codec::new(config.max_frame_bytes),
             heartbeat: config.heartbeat_interval,
             last_read: Instant::now(),
             last_write: Instant::now(),
@@ -653,7 +646,7 @@ async fn establish(config: &ClientConfig, leg: &Leg, hello: &Frame) -> Result<(C
                 if ok.max_frame_bytes > 0 {
                     let server_max = ok.max_frame_bytes as usize;
                     conn.codec = Codec::new(server_max.max(config.max_frame_bytes));
-                    conn.server_max = server_max;
+                    conn.encoder = Codec::new(server_max);
                 }
                 if ok.heartbeat_interval_ms > 0 {
                     conn.heartbeat = Duration::from_millis(ok.heartbeat_interval_ms.into());

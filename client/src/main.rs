@@ -1166,38 +1166,18 @@ async fn chat(client: &Client, user: &str) -> ExitCode {
             }
         })
     };
-    let mut lines = Some(lines);
-    let mut sender = Some(sender);
-    loop {
+    // Until the input ends (or cannot be read): true if it ended.
+    let ended = loop {
         tokio::select! {
             read = stdin.next_line() => match read {
                 Ok(Some(text)) if text.trim().is_empty() => {}
                 Ok(Some(text)) => {
-                    if let Some(lines) = &lines {
-                        let _ = lines.send(text);
-                    }
+                    let _ = lines.send(text);
                 }
-                Ok(None) => {
-                    // End of input: the lines typed are sent, then what has arrived is printed.
-                    drop(lines.take());
-                    if let Some(sender) = sender.take() {
-                        let _ = sender.await;
-                    }
-                    while let Some(event) = incoming.try_recv() {
-                        if let Err(code) = show(Some(event)) {
-                            return code;
-                        }
-                    }
-                    return ExitCode::SUCCESS;
-                }
+                Ok(None) => break true,
                 Err(e) => {
                     eprintln!("error: reading stdin: {e}");
-                    // The lines read before it are still sent.
-                    drop(lines.take());
-                    if let Some(sender) = sender.take() {
-                        let _ = sender.await;
-                    }
-                    return ExitCode::FAILURE;
+                    break false;
                 }
             },
             event = incoming.recv() => {
@@ -1206,7 +1186,19 @@ async fn chat(client: &Client, user: &str) -> ExitCode {
                 }
             }
         }
+    };
+    // The lines read are sent, then what has arrived is printed.
+    drop(lines);
+    let _ = sender.await;
+    if !ended {
+        return ExitCode::FAILURE;
     }
+    while let Some(event) = incoming.try_recv() {
+        if let Err(code) = show(Some(event)) {
+            return code;
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

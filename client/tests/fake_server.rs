@@ -368,23 +368,11 @@ async fn reconnects_from_the_sync_position_and_sends_again_what_was_in_flight() 
 
     // The Send goes out again with the same id on the new connection, and its answer (the
     // server had stored it) answers the call.
-    let frame = peer.recv_request().await;
-    assert!(
-        matches!(&frame.body, Some(Body::Send(s)) if s.client_msg_id == "retry-me"),
-        "{frame:?}"
-    );
-    peer.send(common::send_ack(frame.request_id, "retry-me", 3, true))
-        .await;
+    common::answer_send(&mut peer, "retry-me", 3, true).await;
     let ack = sending.await.unwrap().unwrap();
     assert_eq!((ack.seq, ack.duplicate), (3, true));
     // Then the Send made while disconnected.
-    let frame = peer.recv_request().await;
-    assert!(
-        matches!(&frame.body, Some(Body::Send(s)) if s.client_msg_id == "two"),
-        "{frame:?}"
-    );
-    peer.send(common::send_ack(frame.request_id, "two", 4, false))
-        .await;
+    common::answer_send(&mut peer, "two", 4, false).await;
     assert_eq!(two.await.unwrap().seq, 4);
     // A retry by the application with the same id is answered the same way.
     let ack = common::send_answered(&client, &mut peer, "retry-me", 3, true).await;

@@ -610,14 +610,12 @@ impl Core {
             return Ok(None);
         }
         if matches!(op, Op::Get(_)) {
-            let info = match me {
-                Some(_) => self.group_info(&job.name, state, &record, conv),
-                // A group one may ask to join shows its public face to anyone who might.
-                None if join_policy(&record) != JoinPolicy::InviteOnly => {
-                    self.public_info(&job.name, state, &record, conv)
-                }
-                None => return refuse(ErrorCode::NotMember, "not a member of this group"),
-            };
+            // A group one may ask to join shows its public face to anyone who might.
+            let member = me.is_some();
+            if !member && join_policy(&record) == JoinPolicy::InviteOnly {
+                return refuse(ErrorCode::NotMember, "not a member of this group");
+            }
+            let info = self.group_info(&job.name, state, &record, conv, member);
             return Ok(Some(self.group_response(
                 job,
                 conv,
@@ -1114,49 +1112,45 @@ impl Core {
         self.store.user_name(id).ok().flatten().unwrap_or_default()
     }
 
+    /// The group's info as its members see it, or (`member` false) the public part a non-member
+    /// of a `FREE` or `APPROVAL` group sees: its id, owner, name, introduction, avatar, join
+    /// policy, member counts and creation time; not its notice, custom fields, mute state or
+    /// latest seq.
     fn group_info(
         &self,
         name: &str,
         state: &GroupState,
         record: &GroupRecord,
         conv: u64,
+        member: bool,
     ) -> GroupInfo {
+        let profile = record.profile.as_ref().map(|p| {
+            if member {
+                p.clone()
+            } else {
+                GroupProfile {
+                    name: p.name.clone(),
+                    introduction: p.introduction.clone(),
+                    avatar_url: p.avatar_url.clone(),
+                    join_policy: p.join_policy,
+                    ..GroupProfile::default()
+                }
+            }
+        });
         GroupInfo {
             group_id: name.to_owned(),
             conversation_id: conv,
             owner: self.name_of(record.owner),
-            profile: record.profile.clone(),
-            muted_all: record.muted_all,
+            profile,
+            muted_all: member && record.muted_all,
             member_count: state.visible_count() as u32,
             max_members: self.cfg.group_max_members,
             created_at_ms: record.created_at_ms,
-            latest_seq: self.store.latest_seq(conv).unwrap_or(0),
-        }
-    }
-
-    /// What a non-member sees of a `FREE` or `APPROVAL` group: its id, owner, name,
-    /// introduction, avatar, join policy, member counts and creation time; not its notice,
-    /// custom fields, mute state or latest seq.
-    fn public_info(
-        &self,
-        name: &str,
-        state: &GroupState,
-        record: &GroupRecord,
-        conv: u64,
-    ) -> GroupInfo {
-        let full = self.group_info(name, state, record, conv);
-        let profile = full.profile.map(|p| GroupProfile {
-            name: p.name,
-            introduction: p.introduction,
-            avatar_url: p.avatar_url,
-            join_policy: p.join_policy,
-            ..GroupProfile::default()
-        });
-        GroupInfo {
-            profile,
-            muted_all: false,
-            latest_seq: 0,
-            ..full
+            latest_seq: if member {
+                self.store.latest_seq(conv).unwrap_or(0)
+            } else {
+                0
+            },
         }
     }
 
@@ -1299,6 +1293,7 @@ impl Core {
                             state,
                             &record,
                             a.conversation,
+                            true,
                         )));
                     }
                 }

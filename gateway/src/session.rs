@@ -865,6 +865,25 @@ fn leave_glommio(session: &SessionHandle, stream: Stream) -> Result<crate::sys::
 /// Past it the path silent the longest is closed.
 pub const MAX_PATHS: usize = 4;
 
+/// Ends the user's connections that `replaced` picks, with `Kick{REPLACED, message}`, and takes
+/// them out of `list`.
+fn replace_where(
+    core: &Core,
+    list: &mut crate::core::Sessions,
+    message: &str,
+    replaced: impl Fn(&SessionHandle) -> bool,
+) {
+    list.retain(|old| {
+        if !replaced(old) {
+            return true;
+        }
+        old.out
+            .push(core.encode(&Frame::kick(KickReason::Replaced, message)));
+        old.end();
+        false
+    });
+}
+
 /// Adds a logged-in connection to its user's sessions on this core: a new logical session (an
 /// older one of the same device is kicked with REPLACED, all its paths), or with
 /// `Hello.resume_session_id` one more path of a live logical session of the same device.
@@ -907,19 +926,12 @@ fn register(
         }
         login.resume
     } else {
-        let mut i = 0;
-        while i < list.len() {
-            if list[i].device == login.device {
-                let old = list.remove(i);
-                old.out.push(core.encode(&Frame::kick(
-                    KickReason::Replaced,
-                    "the same device logged in on another connection",
-                )));
-                old.end();
-            } else {
-                i += 1;
-            }
-        }
+        replace_where(
+            core,
+            list,
+            "the same device logged in on another connection",
+            |old| old.device == login.device,
+        );
         // Devices connected now: sessions already ending hold no place.
         let mut logicals: Vec<u64> = list
             .iter()
@@ -938,17 +950,12 @@ fn register(
             // A logical session's id is its first connection's, and ids grow: the lowest is
             // the device connected longest. Every path of it goes.
             let oldest = logicals[0];
-            list.retain(|old| {
-                if old.logical != oldest {
-                    return true;
-                }
-                old.out.push(core.encode(&Frame::kick(
-                    KickReason::Replaced,
-                    "the user logged in on another device, over the device limit",
-                )));
-                old.end();
-                false
-            });
+            replace_where(
+                core,
+                list,
+                "the user logged in on another device, over the device limit",
+                |old| old.logical == oldest,
+            );
         }
         id
     };

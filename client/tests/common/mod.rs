@@ -434,11 +434,20 @@ pub async fn send_answered(
         let client = client.clone();
         async move { client.send_with_id(id, Target::user("alice"), 1, "x").await }
     });
+    answer_send(peer, id, seq, duplicate).await;
+    sending.await.unwrap().unwrap()
+}
+
+/// Checks that the next request on `peer` is a Send with client message id `id`, and answers it
+/// with a SendAck of `seq` (`duplicate` as given).
+pub async fn answer_send(peer: &mut Peer, id: &str, seq: u64, duplicate: bool) {
     let frame = peer.recv_request().await;
-    assert!(matches!(&frame.body, Some(Body::Send(s)) if s.client_msg_id == id));
+    assert!(
+        matches!(&frame.body, Some(Body::Send(s)) if s.client_msg_id == id),
+        "{frame:?}"
+    );
     peer.send(send_ack(frame.request_id, id, seq, duplicate))
         .await;
-    sending.await.unwrap().unwrap()
 }
 
 /// Pings through `client`, checks that the next frame on `peer` is the Ping, answers it with a
