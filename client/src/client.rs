@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use rand::RngCore;
 use tern_protocol::{
     Body, Codec, CodecError, Frame, HelloOk, HistoryPage, HistoryRequest, Kick, KickReason, Ping,
-    SendAck, Target,
+    Refresh, SendAck, Target,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -219,6 +219,7 @@ impl Client {
             notices: VecDeque::new(),
             sends: HashMap::new(),
             outbox: Vec::new(),
+            refreshes: HashMap::new(),
         };
         let request_timeout = driver.config.request_timeout;
         tokio::spawn(driver.run(leg, conn));
@@ -392,6 +393,27 @@ impl Client {
         match self.request(body).await? {
             Body::HistoryPage(page) => Ok(page),
             other => Err(unexpected("HistoryPage", &other)),
+        }
+    }
+
+    /// Replaces the session's token with `token` (a newer one of the same user) before the
+    /// current one expires, without reconnecting, and returns the new expiry (Unix seconds, also
+    /// in [`Client::login`]'s `token_expires_at`). When the current token expires without a
+    /// refresh, the server ends the session with Kick `EXPIRED` and the client stops
+    /// ([`ClientError::Kicked`]). The server refuses a token that is invalid, expired, revoked,
+    /// of another user or bound to another device ([`ClientError::Server`] with `TOKEN_INVALID`,
+    /// `TOKEN_EXPIRED` or `TOKEN_REVOKED`), and the session keeps its current token. Reconnects
+    /// log in with the last accepted token; while the client is reconnecting, the call fails
+    /// with [`ClientError::Disconnected`] and the next login presents `token`.
+    pub async fn refresh_token(&self, token: impl Into<String>) -> Result<u64> {
+        match self
+            .request(Body::Refresh(Refresh {
+                token: token.into(),
+            }))
+            .await?
+        {
+            Body::RefreshOk(ok) => Ok(ok.token_expires_at),
+            other => Err(unexpected("RefreshOk", &other)),
         }
     }
 
@@ -746,6 +768,9 @@ struct Driver {
     /// Sends waiting for the next connection: those in flight when the session was lost, and
     /// those made while reconnecting. Their callers' `request_timeout` bounds the wait.
     outbox: Vec<(Box<Body>, oneshot::Sender<Result<Body>>)>,
+    /// The tokens of the Refresh requests in flight, by request id: the one the server accepts
+    /// becomes the token of the next logins.
+    refreshes: HashMap<u64, String>,
 }
 
 /// The session's connections, by leg.
@@ -887,6 +912,13 @@ impl Driver {
                             self.outbox.retain(|(_, reply)| !reply.is_closed());
                             self.outbox.push((body, reply));
                         }
+                        Some(Command::Request { body, reply }) if matches!(*body, Body::Refresh(_)) => {
+                            // The next login presents it; the server checks it then.
+                            if let Body::Refresh(r) = *body {
+                                self.config.token = r.token;
+                            }
+                            let _ = reply.send(Err(ClientError::Disconnected));
+                        }
                         Some(Command::Request { reply, .. } | Command::Sync { reply }) => {
                             let _ = reply.send(Err(ClientError::Disconnected));
                         }
@@ -1022,6 +1054,14 @@ impl Driver {
             }
             self.copies.remove(&request_id);
             self.sends.remove(&request_id);
+            if let Some(token) = self.refreshes.remove(&request_id)
+                && let Ok(Body::RefreshOk(ok)) = &result
+            {
+                self.config.token = token;
+                if let Some(login) = lock(&self.shared.login).as_mut() {
+                    login.token_expires_at = ok.token_expires_at;
+                }
+            }
             if let Some(event) = self.rooms.answered(request_id, &result) {
                 self.emit(event);
             }
@@ -1057,9 +1097,18 @@ impl Driver {
             }
             Command::Request { body, reply } => {
                 let room = room_op(&body);
+                let token = match &*body {
+                    Body::Refresh(r) => Some(r.token.clone()),
+                    _ => None,
+                };
                 let id = self.session.request(*body);
                 if let Some(room) = room {
                     self.rooms.requested(id, room);
+                }
+                if let Some(token) = token {
+                    // Refreshes cut off by a lost connection are never answered.
+                    self.refreshes.retain(|id, _| self.pending.contains_key(id));
+                    self.refreshes.insert(id, token);
                 }
                 self.pending.insert(id, reply);
             }

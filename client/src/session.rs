@@ -330,6 +330,7 @@ impl Session {
             | Body::RecallOk(_)
             | Body::SocialResponse(_)
             | Body::Pong(_)
+            | Body::RefreshOk(_)
             | Body::HelloOk(_)) => {
                 self.completions.push_back((request_id, Ok(body)));
             }
@@ -463,7 +464,7 @@ impl Session {
 pub(crate) fn kick_is_final(kick: &Kick) -> bool {
     matches!(
         KickReason::try_from(kick.reason),
-        Ok(KickReason::Replaced | KickReason::Revoked)
+        Ok(KickReason::Replaced | KickReason::Revoked | KickReason::Expired)
     )
 }
 

@@ -394,6 +394,7 @@ impl Core {
             fd: std::cell::Cell::new(-1),
             park: std::cell::Cell::new(crate::core::Park::Never),
             push: Default::default(),
+            token_expires_at: std::cell::Cell::new(u64::MAX),
         });
         self.sessions
             .borrow_mut()

@@ -45,6 +45,8 @@ pub struct Login {
     pub resume: u64,
     /// `Hello.platform`.
     pub platform: i32,
+    /// When the token expires (Unix seconds).
+    pub token_expires_at: u64,
 }
 
 /// Where to send the answer to a Send.
@@ -201,6 +203,9 @@ pub struct SessionHandle {
     pub park: Cell<Park>,
     /// Server pushes delivered on this connection and the device's cursor.
     pub push: RefCell<crate::push::PushState>,
+    /// When the session's token expires (Unix seconds): the idle sweep kicks it then (Kick
+    /// EXPIRED). A Refresh moves it.
+    pub token_expires_at: Cell<u64>,
 }
 
 /// Where a connection is with parking (`park.rs`).
@@ -526,8 +531,9 @@ impl Core {
         }
     }
 
-    /// Ends sessions that sent nothing for `idle_timeout`. One sweep per core instead of a timer
-    /// per connection: idle connections cost no timer, and reads arm nothing. Also frees the
+    /// Ends sessions that sent nothing for `idle_timeout`, and those whose token expired. One
+    /// sweep per core instead of a timer per connection: idle connections cost no timer, and
+    /// reads arm nothing. Also frees the
     /// buffers of empty outbound queues, and asks connections quiet for `park_after_ms` to park.
     pub async fn run_idle_sweep(self: Rc<Self>) {
         let idle = self.cfg.idle_timeout_ms;
@@ -541,6 +547,10 @@ impl Core {
             tern_protocol::KickReason::Idle,
             "no frame within the idle timeout",
         ));
+        let expired = self.encode(&Frame::kick(
+            tern_protocol::KickReason::Expired,
+            "the session's token expired",
+        ));
         while !self.stopping.get() {
             glommio::timer::sleep(period).await;
             let now = now_ms();
@@ -551,7 +561,10 @@ impl Core {
                 s.out.release_if_empty();
                 let wrote = s.out.take_wrote();
                 let quiet = now.saturating_sub(s.last_active.get());
-                if quiet > idle {
+                if now / 1000 >= s.token_expires_at.get() {
+                    s.out.push(expired.clone());
+                    s.end();
+                } else if quiet > idle {
                     s.out.push(kick.clone());
                     s.end();
                 } else if let Some(since) = s.out.lagging_since()

@@ -711,6 +711,7 @@ mod tests {
 
     fn connection(id: u64, logical: u64) -> Rc<SessionHandle> {
         Rc::new(SessionHandle {
+            token_expires_at: std::cell::Cell::new(u64::MAX),
             id,
             logical,
             user: 1,

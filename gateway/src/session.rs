@@ -18,8 +18,8 @@ use glommio::net::{TcpListener, TcpStream};
 use tern_protocol::v1::group_request::Op as GroupOp;
 use tern_protocol::v1::room_request::Op as RoomOp;
 use tern_protocol::v1::{
-    ConversationState, Deliver, HelloOk, HistoryPage, HistoryRequest, Pong, SyncConversations,
-    SyncDone, SyncMessages, SyncNeeded, Target, TargetKind, frame::Body,
+    ConversationState, Deliver, HelloOk, HistoryPage, HistoryRequest, Pong, RefreshOk,
+    SyncConversations, SyncDone, SyncMessages, SyncNeeded, Target, TargetKind, frame::Body,
 };
 use tern_protocol::v1::{GroupRequest, RoomRequest, RoomResponse};
 use tern_protocol::{
@@ -366,7 +366,34 @@ fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static 
             "unsupported protocol_version (this server speaks 1)",
         ));
     }
-    let claims = token::verify(&core.secret, &hello.token, token::now_secs()).map_err(|e| {
+    if !valid_id(&hello.device_id) {
+        return Err((
+            ErrorCode::InvalidArgument,
+            "device_id must be 1..=64 bytes without control characters",
+        ));
+    }
+    let claims = check_token(core, &hello.token, &hello.device_id)?;
+    Ok(Login {
+        user: claims.sub,
+        device: hello.device_id,
+        request_id: frame.request_id,
+        sync_version: hello.sync_version,
+        sync_on_login: hello.sync_on_login,
+        sync_max: hello.sync_max_messages_per_conversation,
+        resume: hello.resume_session_id,
+        platform: hello.platform,
+        token_expires_at: claims.exp,
+    })
+}
+
+/// Whether `token` lets `device` log in (Hello) or stay logged in (Refresh): signed by this
+/// server, not expired, bound to no other device, its user not banned and the token not revoked.
+pub(crate) fn check_token(
+    core: &Core,
+    token: &str,
+    device: &str,
+) -> Result<token::Claims, (ErrorCode, &'static str)> {
+    let claims = token::verify(&core.secret, token, token::now_secs()).map_err(|e| {
         (
             e.code(),
             match e {
@@ -376,15 +403,7 @@ fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static 
             },
         )
     })?;
-    if !valid_id(&hello.device_id) {
-        return Err((
-            ErrorCode::InvalidArgument,
-            "device_id must be 1..=64 bytes without control characters",
-        ));
-    }
-    if let Some(dev) = &claims.dev
-        && dev != &hello.device_id
-    {
+    if claims.dev.as_deref().is_some_and(|dev| dev != device) {
         return Err((
             ErrorCode::TokenInvalid,
             "the token is bound to another device_id",
@@ -396,16 +415,7 @@ fn check_hello(core: &Core, frame: Frame) -> Result<Login, (ErrorCode, &'static 
     if crate::admin::revoked(&*core.store, &claims.sub, claims.iat_ms) {
         return Err((ErrorCode::TokenRevoked, "the token was revoked"));
     }
-    Ok(Login {
-        user: claims.sub,
-        device: hello.device_id,
-        request_id: frame.request_id,
-        sync_version: hello.sync_version,
-        sync_on_login: hello.sync_on_login,
-        sync_max: hello.sync_max_messages_per_conversation,
-        resume: hello.resume_session_id,
-        platform: hello.platform,
-    })
+    Ok(claims)
 }
 
 /// A connection handed over by another core. A plain function returning the session's future
@@ -708,6 +718,7 @@ async fn log_in(start: Start) -> Option<LoggedIn> {
             max_frame_bytes: core.cfg.max_frame_bytes,
             max_payload_bytes: core.cfg.max_payload_bytes,
             heartbeat_interval_ms: core.cfg.heartbeat_interval_ms,
+            token_expires_at: login.token_expires_at,
         },
     )));
     let mut live = Box::new(Live {
@@ -975,6 +986,7 @@ fn register(
         fd: std::cell::Cell::new(fd),
         park: Default::default(),
         push: Default::default(),
+        token_expires_at: std::cell::Cell::new(login.token_expires_at),
     });
     list.push(session.clone());
     core.sessions
@@ -1154,6 +1166,28 @@ impl Ctx {
         self.session.out.push(self.core.encode(frame));
     }
 
+    /// Refresh: the session (every path of it) stays logged in until the new token expires.
+    fn refresh(&self, rid: u64, token: &str) {
+        let claims = match check_token(&self.core, token, &self.session.device) {
+            Ok(claims) if claims.sub != *self.user_name => {
+                return self.error(rid, ErrorCode::TokenInvalid, "the token names another user");
+            }
+            Ok(claims) => claims,
+            Err((code, msg)) => return self.error(rid, code, msg),
+        };
+        if let Some(list) = self.core.users.borrow().get(&self.user) {
+            for s in list.iter().filter(|s| s.logical == self.session.logical) {
+                s.token_expires_at.set(claims.exp);
+            }
+        }
+        self.reply(&Frame::new(
+            rid,
+            RefreshOk {
+                token_expires_at: claims.exp,
+            },
+        ));
+    }
+
     pub(crate) fn error(&self, request_id: u64, code: ErrorCode, msg: impl Into<String>) {
         self.core.m().error(code);
         self.reply(&Frame::error(request_id, code, msg, false));
@@ -1294,6 +1328,7 @@ impl Ctx {
                     },
                 ));
             }
+            Some(Body::Refresh(r)) if !self.api => self.refresh(rid, &r.token),
             Some(Body::Send(send)) => self.send(rid, send).await,
             // Room messages are not stored: there is no cursor to move.
             Some(Body::Ack(ack)) if is_room(ack.conversation_id) => {}

@@ -64,6 +64,7 @@ fn main() -> io::Result<()> {
                         max_frame_bytes: 1_048_576,
                         max_payload_bytes: 65_536,
                         heartbeat_interval_ms: 30_000,
+                        token_expires_at: 1_700_086_400,
                     },
                 ),
             ],

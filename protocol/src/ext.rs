@@ -4,10 +4,10 @@ use crate::v1::{
     Ack, ConversationSettings, Deliver, DeviceSettings, Error, ErrorCode, Frame, GetReadCounts,
     GroupRequest, GroupResponse, Hello, HelloOk, HistoryPage, HistoryRequest, Kick, KickReason,
     MarkRead, Ping, Pong, Presence, PresenceSubscribed, PushAck, PushNotice, ReadCounts,
-    ReadReceipt, ReadState, Recall, RecallOk, RoomRequest, RoomResponse, Send, SendAck,
-    SetConversation, SetDevice, SocialEvent, SocialRequest, SocialResponse, SubscribePresence,
-    SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target, TargetKind, Typing,
-    frame::Body,
+    ReadReceipt, ReadState, Recall, RecallOk, Refresh, RefreshOk, RoomRequest, RoomResponse, Send,
+    SendAck, SetConversation, SetDevice, SocialEvent, SocialRequest, SocialResponse,
+    SubscribePresence, SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target,
+    TargetKind, Typing, frame::Body,
 };
 
 impl Frame {
@@ -101,6 +101,8 @@ bodies! {
     Ping(Ping) = "Ping",
     Pong(Pong) = "Pong",
     Kick(Kick) = "Kick",
+    Refresh(Refresh) = "Refresh",
+    RefreshOk(RefreshOk) = "RefreshOk",
     Send(Send) = "Send",
     SendAck(SendAck) = "SendAck",
     Deliver(Deliver) = "Deliver",

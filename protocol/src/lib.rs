@@ -41,10 +41,10 @@ pub use v1::{
     GroupMember, GroupProfile, GroupRequest, GroupResponse, GroupRole, Hello, HelloOk, HistoryPage,
     HistoryRequest, JoinPolicy, Kick, KickReason, ListKind, MarkRead, MemberPage, Ping, Platform,
     Pong, Presence, PresenceSubscribed, PushAck, PushNotice, ReadCounts, ReadReceipt, ReadState,
-    Recall, RecallEvent, RecallOk, RoomRequest, RoomResponse, Send, SendAck, SetConversation,
-    SetDevice, SocialEvent, SocialEventKind, SocialRequest, SocialResponse, SubscribePresence,
-    SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target, TargetKind, Typing,
-    UserProfile,
+    Recall, RecallEvent, RecallOk, Refresh, RefreshOk, RoomRequest, RoomResponse, Send, SendAck,
+    SetConversation, SetDevice, SocialEvent, SocialEventKind, SocialRequest, SocialResponse,
+    SubscribePresence, SyncConversations, SyncDone, SyncMessages, SyncNeeded, SyncRequest, Target,
+    TargetKind, Typing, UserProfile,
 };
 
 /// `custom_type` of the SYSTEM messages that record a group's changes (payload: [`GroupEvent`]).

@@ -63,9 +63,11 @@ fn variant_index(body: &Body) -> usize {
         Body::DeviceSettings(_) => 38,
         Body::PushNotice(_) => 39,
         Body::PushAck(_) => 40,
+        Body::Refresh(_) => 41,
+        Body::RefreshOk(_) => 42,
     }
 }
-const VARIANTS: usize = 41;
+const VARIANTS: usize = 43;
 
 fn profile() -> GroupProfile {
     GroupProfile {
@@ -102,6 +104,7 @@ fn every_body() -> Vec<Frame> {
             max_frame_bytes: 1_048_576,
             max_payload_bytes: 65_536,
             heartbeat_interval_ms: 30_000,
+            token_expires_at: 1_700_086_400,
         }
         .into(),
         Error {
@@ -391,6 +394,14 @@ fn every_body() -> Vec<Frame> {
         }
         .into(),
         PushAck { push_id: 7 }.into(),
+        Refresh {
+            token: "eyJ2IjoxfQ.c2ln".into(),
+        }
+        .into(),
+        RefreshOk {
+            token_expires_at: 1_700_086_400,
+        }
+        .into(),
     ];
     let frames: Vec<Frame> = bodies
         .into_iter()

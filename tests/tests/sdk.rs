@@ -530,3 +530,72 @@ async fn a_send_over_the_frame_limit_fails_alone() {
     assert_eq!(ack.seq, 1);
     assert_eq!(proxy.accepted(), 1, "one connection all along");
 }
+
+/// A client that refreshed its token outlives the first one, and logs in with the new one after
+/// a reconnect; a client that did not is stopped with Kick EXPIRED when its token expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_token_outlives_the_first_and_serves_the_reconnect() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let proxy = tern_tests::proxy::TcpProxy::start(gw.addr);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let other_user = gw.token("bob");
+    let long_exp = now() + 3600;
+    let long = gw.token_with("alice", &["--expires-at", &long_exp.to_string()]);
+    let exp = now() + 3;
+    let short = gw.token_with("alice", &["--expires-at", &exp.to_string()]);
+
+    let mut config = quick_reconnects(&gw, "alice");
+    config.server = proxy.addr.to_string();
+    config.token = short.clone();
+    let phone = Client::connect(config).await.unwrap();
+    let mut phone_in = phone.incoming();
+    assert_eq!(phone.login().unwrap().token_expires_at, exp);
+    match phone.refresh_token(other_user).await {
+        Err(ClientError::Server { code, .. }) => {
+            assert_eq!(code, tern_client::ErrorCode::TokenInvalid);
+        }
+        other => panic!("expected TOKEN_INVALID, got {other:?}"),
+    }
+    assert_eq!(phone.login().unwrap().token_expires_at, exp);
+    assert_eq!(phone.refresh_token(long).await.unwrap(), long_exp);
+    assert_eq!(phone.login().unwrap().token_expires_at, long_exp);
+
+    // The tablet, on the same core with the first token, is stopped when it expires; by then the
+    // phone's old expiry has passed as well.
+    let tablet = Client::connect(ClientConfig::new(gw.addr.to_string(), short, "tablet"))
+        .await
+        .unwrap();
+    let mut tablet_in = tablet.incoming();
+    let stopped = next(&mut tablet_in, |e| match e {
+        Event::Stopped(error) => Some(error),
+        _ => None,
+    })
+    .await;
+    assert!(
+        matches!(
+            stopped,
+            ClientError::Kicked {
+                reason: tern_client::KickReason::Expired,
+                ..
+            }
+        ),
+        "{stopped:?}"
+    );
+    phone.ping().await.expect("the refreshed session goes on");
+
+    // A reconnect logs in with the refreshed token (the first one is refused by now).
+    proxy.reset_all();
+    next(&mut phone_in, |e| match e {
+        Event::Reconnected => Some(()),
+        Event::Stopped(error) => panic!("stopped: {error:?}"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(phone.login().unwrap().token_expires_at, long_exp);
+    phone.ping().await.unwrap();
+}

@@ -386,6 +386,7 @@ impl Peer {
             max_frame_bytes: 1 << 20,
             max_payload_bytes: 1 << 16,
             heartbeat_interval_ms: heartbeat_ms,
+            token_expires_at: u64::MAX,
         };
         self.send(Frame::new(self.hello_id, ok)).await;
     }
