@@ -85,6 +85,9 @@ impl Running {
             data_dir: dir.path().to_path_buf(),
             secret: Some("session-fuzz-secret-0123456789abcdef".into()),
             group_max_members: 8,
+            // The model checks that a sender finds its group messages in its own sync, also
+            // after it left the group and joined again: members read the whole log.
+            new_members_see_history: true,
             recall_window_ms: 60_000,
             // Any room of two connections on a core takes the batched path.
             room_batch_viewers: 2,

@@ -154,6 +154,12 @@ pub struct Config {
     /// everything and are listed to nobody; they do not count against `group_max_members`).
     /// 1..=10,000; default 100. Adding one past it fails with `LIMIT_EXCEEDED`.
     pub group_max_hidden_members: u32,
+    /// Whether a user who joins a group may read its messages from before they joined (default
+    /// false). When false, a member's sync and history start at the event that added them (their
+    /// latest join: a member who left and came back starts at the return), as in most chat
+    /// apps; members who joined before the server recorded where (older data directories) read
+    /// the whole group. Applies to hidden members too.
+    pub new_members_see_history: bool,
     /// Whether users who are not friends may send each other 1:1 messages (default true). When
     /// false, such a Send (or Typing notice) fails with FORBIDDEN.
     pub allow_non_friend_messages: bool,
@@ -246,6 +252,7 @@ impl Default for Config {
             write_timeout_ms: 30_000,
             group_max_members: 100_000,
             group_max_hidden_members: 100,
+            new_members_see_history: false,
             allow_non_friend_messages: true,
             room_batch_viewers: 1_000,
             room_batch_ms: 200,

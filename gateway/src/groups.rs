@@ -1192,6 +1192,8 @@ impl Core {
                 .iter()
                 .map(|(u, m)| (*u, m.as_ref().map(|m| Bytes::from(m.encode_to_vec()))))
                 .collect(),
+            // A hidden member (support, moderation) reads the conversation they were added to.
+            joiners_read_history: pending.hidden.is_some(),
         };
         // A hidden member's change is sent by the system user: its sender would name them.
         let (sender, sender_name) = if pending.hidden.is_some() {

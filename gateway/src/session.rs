@@ -1915,7 +1915,15 @@ impl Ctx {
         } else {
             limits.page_size.min(self.core.cfg.max_page)
         } as usize;
-        let (convs, version) = (view.conversations, view.user_version);
+        let (mut convs, version) = (view.conversations, view.user_version);
+        if !self.core.cfg.new_members_see_history {
+            // Nothing before the event that added the user to a group: for the sync, as if the
+            // device had been delivered everything before it (a client takes its base from
+            // `delivered_seq` and acknowledges from there).
+            for c in &mut convs {
+                c.delivered_seq = c.delivered_seq.max(c.joined_seq.saturating_sub(1));
+            }
+        }
         let mut names = HashMap::new();
         let mut to_send = Vec::with_capacity(convs.len());
         for chunk in convs.chunks(256) {
@@ -2055,13 +2063,24 @@ impl Ctx {
             Ok(settings) => settings.cleared_seq,
             Err(e) => return self.storage_error(rid, &e),
         };
+        // Nothing before the event that added the user to a group.
+        let joined = match conversation_kind(conv) {
+            Some(ConversationKind::Group(g)) if !self.core.cfg.new_members_see_history => {
+                match store.joined_seq(self.user, g) {
+                    Ok(joined) => joined,
+                    Err(e) => return self.storage_error(rid, &e),
+                }
+            }
+            _ => 0,
+        };
+        let floor = cleared.max(joined.saturating_sub(1));
         match store.read_backward(conv, before_seq, limit + 1) {
             Ok(mut msgs) => {
                 let mut has_more = msgs.len() > limit;
                 msgs.truncate(limit);
-                // Nothing the user cleared.
-                if let Some(first_cleared) = msgs.iter().position(|m| m.seq <= cleared) {
-                    msgs.truncate(first_cleared);
+                // Nothing the user cleared, nor from before they joined.
+                if let Some(first_hidden) = msgs.iter().position(|m| m.seq <= floor) {
+                    msgs.truncate(first_hidden);
                     has_more = false;
                 }
                 let mut names = HashMap::new();
@@ -2205,6 +2224,7 @@ mod tests {
             read_seq: 0,
             peer_read_seq: 0,
             left_seq,
+            joined_seq: 0,
             delivered_seq,
             settings: tern_storage::ConversationSettings {
                 cleared_seq,

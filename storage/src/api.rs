@@ -302,6 +302,9 @@ pub struct GroupChange {
     /// In order: members to add or update with their attributes (opaque bytes, may be
     /// empty), or remove (None).
     pub members: Vec<(UserId, Option<Bytes>)>,
+    /// The members this change adds get [`ConversationInfo::joined_seq`] 0 (they may read the
+    /// group from its start) instead of this append's seq.
+    pub joiners_read_history: bool,
 }
 
 impl AppendRequest {
@@ -480,6 +483,10 @@ pub struct ConversationInfo {
     /// 0 while the user is a member (and always for 1:1); otherwise the seq of the event that
     /// removed the user: they may read up to and including it and no further.
     pub left_seq: Seq,
+    /// For a group: the first seq after the user's latest join (the event that added them); 0
+    /// for 1:1 conversations and for members who joined before the store recorded it. Whether
+    /// the messages before it are shown to the user is the caller's policy.
+    pub joined_seq: Seq,
     /// The asking device's delivered cursor (0 when no device was given).
     pub delivered_seq: Seq,
     /// The user's own settings of it.
@@ -544,6 +551,8 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
     /// has (or had) the group's conversation in their index (0 = still a member), None if
     /// never. See [`ConversationInfo::left_seq`].
     fn membership(&self, user: UserId, group: GroupId) -> Result<Option<Seq>>;
+    /// [`ConversationInfo::joined_seq`] of `user` in `group` (0 if they never were a member).
+    fn joined_seq(&self, user: UserId, group: GroupId) -> Result<Seq>;
 
     /// Applies `change` to the user's settings of `conv` as stored when the change is written
     /// (see [`SettingsChange::apply`]). A real change gets a new version, so

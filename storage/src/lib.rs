@@ -48,7 +48,7 @@
 //! | column family | key | value | why |
 //! |---|---|---|---|
 //! | `messages` | conv BE ++ seq BE | message record (version 2 once recalled: no payload) | a conversation is one contiguous key range in seq order: a page read is one seek plus `next`/`prev`; a fixed 8-byte prefix extractor with prefix bloom filters (SST and memtable) makes seeks into a conversation skip files that do not hold it; the latest seq is one `seek_for_prev`; since a conversation's keys arrive in order, each memtable insert starts from a hint kept per conversation (`memtable_insert_with_hint_prefix_extractor`) instead of a skiplist search |
-//! | `user_convs` | user BE ++ conv BE | user-conversation record (member flag, read position, versions, seq the user left at, the user's settings: pinned, hidden and the seq it was hidden at, muted, cleared seq) | all conversations of a user in one range scan (prefix 8) |
+//! | `user_convs` | user BE ++ conv BE | user-conversation record (member flag, read position, versions, seqs the user last joined and left at, the user's settings: pinned, hidden and the seq it was hidden at, muted, cleared seq) | all conversations of a user in one range scan (prefix 8) |
 //! | `cursors` | user BE ++ conv BE ++ device | delivered seq | point reads; whole-key bloom |
 //! | `members`, `user_groups` | group ++ user, user ++ group | the member's attributes (opaque, as given; empty from `add_member`), empty | paged member lists (with attributes) and a user's groups, each a prefix scan |
 //! | `groups` | group BE | the group's record (opaque, as given) | point read |
@@ -131,12 +131,13 @@
 //! the message and the change get the same seq and version and are written in the same
 //! `WriteBatch`, so after a crash either both are there or neither. A duplicate append (an
 //! idempotency hit) applies nothing. A member who joins gets the conversation active in
-//! their index with the append's version; a member who is removed keeps it, inactive, with
+//! their index with the append's version and [`ConversationInfo::joined_seq`] = the append's
+//! seq (the gateway may hide what came before it); a member who is removed keeps it, inactive, with
 //! the append's version and [`ConversationInfo::left_seq`] = the append's seq (the removal
 //! event is the last message they may read). Changing only a member's attributes changes
 //! nothing in their index (the message itself is news to every member, as any message). [`MessageStore::add_member`] and [`MessageStore::remove_member`] are
-//! the same without a message: they get their own version, and a removal's `left_seq` is
-//! the conversation's latest seq.
+//! the same without a message: they get their own version, a removal's `left_seq` is
+//! the conversation's latest seq, and an addition's `joined_seq` the seq after it.
 //!
 //! # Durability
 //!

@@ -223,7 +223,7 @@ impl State {
         let version = self.next_version();
         let head = self.latest(conv);
         if add {
-            self.join(group, user, conv, Bytes::new(), version);
+            self.join(group, user, conv, Bytes::new(), head + 1, version);
             // A new member has nothing unread.
             self.advance_read(user, conv, head, version);
         } else {
@@ -245,11 +245,12 @@ impl State {
         if let Some(record) = change.record {
             self.group_records.insert(group, record);
         }
+        let first_seq = if change.joiners_read_history { 0 } else { seq };
         for (user, attrs) in change.members {
             match (attrs, self.members.get_mut(&(group, user))) {
                 (Some(attrs), Some(current)) => *current = attrs,
                 (Some(attrs), None) => {
-                    self.join(group, user, conv, attrs, version);
+                    self.join(group, user, conv, attrs, first_seq, version);
                     // A new member has read everything up to the event that added them.
                     self.advance_read(user, conv, seq, version);
                 }
@@ -271,6 +272,7 @@ impl State {
         user: UserId,
         conv: ConversationId,
         attrs: Bytes,
+        first_seq: Seq,
         version: u64,
     ) {
         self.members.insert((group, user), attrs);
@@ -278,6 +280,7 @@ impl State {
         let rec = self.user_convs.entry((user, conv)).or_default();
         rec.active = true;
         rec.left_seq = 0;
+        rec.joined_seq = first_seq;
         rec.member_version = version;
     }
 
@@ -452,6 +455,14 @@ impl MessageStore for MemStore {
             return Ok(None);
         };
         Ok(s.user_convs.get(&(user, conv)).map(|r| r.left_seq))
+    }
+
+    fn joined_seq(&self, user: UserId, group: GroupId) -> Result<Seq> {
+        let s = self.lock()?;
+        let Some(conv) = group_conversation(group) else {
+            return Ok(0);
+        };
+        Ok(s.user_convs.get(&(user, conv)).map_or(0, |r| r.joined_seq))
     }
 
     fn set_conversation_settings(
@@ -708,6 +719,7 @@ mod tests {
                 group: g,
                 record: None,
                 members: vec![(4, Some(Bytes::from_static(attrs)))],
+                joiners_read_history: false,
             })),
             ..AppendRequest::default()
         };

@@ -194,7 +194,7 @@ impl StoredMessage {
 
 /// Per (user, conversation) state, stored in the user-conversation index.
 ///
-/// Version 1 layout (59 bytes, written by this build):
+/// Version 1 layout (67 bytes, written by this build):
 ///
 /// ```text
 /// 0      u8   record version (1)
@@ -207,16 +207,19 @@ impl StoredMessage {
 /// 35..43 u64  cleared_seq
 /// 43..51 u64  settings_version
 /// 51..59 u64  hidden_seq
+/// 59..67 u64  joined_seq
 /// ```
 ///
-/// Three older forms are prefixes of it and still decode: records written before `left_seq`
+/// Four older forms are prefixes of it and still decode: records written before `left_seq`
 /// existed are the first 26 bytes (they decode with `left_seq` 0: right for members and 1:1
 /// conversations; for a user who had already left, the seq they left at was not recorded,
 /// `active` is false), records written before the settings existed the first 34 bytes (they
 /// decode with the default settings and `settings_version` 0), records written before
 /// `hidden_seq` existed the first 51 bytes (a hidden one decodes with `hidden_seq`
-/// `u64::MAX`: hidden until unhidden, as it was stored). All are rewritten in the 59-byte form
-/// on their next change. Any other length is corrupt. Flag bits other than those listed are
+/// `u64::MAX`: hidden until unhidden, as it was stored), records written before `joined_seq`
+/// existed the first 59 bytes (they decode with `joined_seq` 0: the member joined before the
+/// server recorded where, and may read the group from its start, as then). All are rewritten in
+/// the 67-byte form on their next change. Any other length is corrupt. Flag bits other than those listed are
 /// ignored (and written as 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct UserConvRecord {
@@ -237,10 +240,16 @@ pub(crate) struct UserConvRecord {
     /// With the hidden flag: the conversation's latest readable seq when it was hidden. It is
     /// hidden while no message after this one arrived (see [`UserConvRecord::settings`]).
     pub hidden_seq: Seq,
+    /// For a group: the first seq of the conversation after the user's latest join (the event
+    /// that added them, or the next message for [`crate::MessageStore::add_member`]); 0 if they
+    /// joined before it was recorded, and for 1:1 conversations.
+    pub joined_seq: Seq,
 }
 
 /// The current form.
-const USER_CONV_LEN: usize = 59;
+const USER_CONV_LEN: usize = 67;
+/// The form without `joined_seq`.
+const USER_CONV_LEN_NO_JOINED_SEQ: usize = 59;
 /// The form without `hidden_seq`.
 const USER_CONV_LEN_NO_HIDDEN_SEQ: usize = 51;
 /// The form without the settings.
@@ -261,15 +270,17 @@ impl UserConvRecord {
         b[35..43].copy_from_slice(&self.cleared_seq.to_le_bytes());
         b[43..51].copy_from_slice(&self.settings_version.to_le_bytes());
         b[51..59].copy_from_slice(&self.hidden_seq.to_le_bytes());
+        b[59..67].copy_from_slice(&self.joined_seq.to_le_bytes());
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
         check_version(b)?;
         let left_seq = match b.len() {
-            USER_CONV_LEN | USER_CONV_LEN_NO_HIDDEN_SEQ | USER_CONV_LEN_NO_SETTINGS => {
-                u64_at(b, 26)
-            }
+            USER_CONV_LEN
+            | USER_CONV_LEN_NO_JOINED_SEQ
+            | USER_CONV_LEN_NO_HIDDEN_SEQ
+            | USER_CONV_LEN_NO_SETTINGS => u64_at(b, 26),
             USER_CONV_LEN_SHORT => 0,
             _ => {
                 return Err(StorageError::Corrupt(
@@ -289,9 +300,14 @@ impl UserConvRecord {
             cleared_seq: if has_settings { u64_at(b, 35) } else { 0 },
             settings_version: if has_settings { u64_at(b, 43) } else { 0 },
             hidden_seq: match b.len() {
-                USER_CONV_LEN => u64_at(b, 51),
+                USER_CONV_LEN | USER_CONV_LEN_NO_JOINED_SEQ => u64_at(b, 51),
                 _ if flags & 2 != 0 => u64::MAX,
                 _ => 0,
+            },
+            joined_seq: if b.len() == USER_CONV_LEN {
+                u64_at(b, 59)
+            } else {
+                0
             },
         })
     }
@@ -328,6 +344,7 @@ impl UserConvRecord {
             read_seq: self.read_seq,
             peer_read_seq,
             left_seq: self.left_seq,
+            joined_seq: self.joined_seq,
             delivered_seq: 0,
             settings: self.settings(latest_seq),
         }
@@ -684,6 +701,7 @@ mod tests {
             cleared_seq: 6,
             settings_version: 7,
             hidden_seq: 8,
+            joined_seq: 9,
         };
         for b in [
             rec,
@@ -817,8 +835,14 @@ mod tests {
             cleared_seq: 3,
             settings_version: 12,
             hidden_seq: 8,
+            joined_seq: 4,
         };
-        assert_eq!(r.encode().len(), 59);
+        assert_eq!(r.encode().len(), 67);
+        // The form without joined_seq: joined before it was recorded.
+        assert_eq!(
+            UserConvRecord::decode(&r.encode()[..59]).unwrap(),
+            UserConvRecord { joined_seq: 0, ..r }
+        );
         assert_eq!(r.last_version(), 12);
         let settings = crate::api::ConversationSettings {
             pinned: false,
@@ -841,6 +865,7 @@ mod tests {
             no_hidden_seq,
             UserConvRecord {
                 hidden_seq: u64::MAX,
+                joined_seq: 0,
                 ..r
             }
         );
@@ -860,6 +885,7 @@ mod tests {
                 cleared_seq: 0,
                 settings_version: 0,
                 hidden_seq: 0,
+                joined_seq: 0,
                 ..r
             }
         );
@@ -911,11 +937,11 @@ mod tests {
             }
         );
         assert_eq!(r.encode()[..26], old[..]);
-        assert_eq!(r.encode()[26..], [0u8; 33]);
+        assert_eq!(r.encode()[26..], [0u8; 41]);
         check_decoders(&old);
 
         let long = UserConvRecord { left_seq: 7, ..r }.encode();
-        for len in (0..=70).filter(|&n| ![26, 34, 51, 59].contains(&n)) {
+        for len in (0..=80).filter(|&n| ![26, 34, 51, 59, 67].contains(&n)) {
             let mut b = long.to_vec();
             b.resize(len, 0);
             assert!(

@@ -206,6 +206,7 @@ fn group_changes_survive_reopen() {
                     (2, Some(Bytes::new())),
                     (3, Some(Bytes::from_static(b"x"))),
                 ],
+                joiners_read_history: false,
             }));
             assert_eq!(s.append(r).wait().unwrap().seq, 1);
             let mut r = msg(conv, 1, "kick");
@@ -213,6 +214,7 @@ fn group_changes_survive_reopen() {
                 group: g,
                 record: None,
                 members: vec![(3, None)],
+                joiners_read_history: false,
             }));
             assert_eq!(s.append(r).wait().unwrap().seq, 2);
             s.close().unwrap();
@@ -230,6 +232,10 @@ fn group_changes_survive_reopen() {
         );
         assert_eq!(s.membership(3, g).unwrap(), Some(2));
         assert_eq!(s.membership(2, g).unwrap(), Some(0));
+        assert_eq!(
+            (s.joined_seq(2, g).unwrap(), s.joined_seq(3, g).unwrap()),
+            (1, 1)
+        );
         let i = s.conversations_changed_since(3, 0, None).unwrap();
         assert_eq!(
             (i[0].conversation, i[0].active, i[0].left_seq),
@@ -239,6 +245,7 @@ fn group_changes_survive_reopen() {
         assert!(!s.add_member(g, 2).wait().unwrap());
         assert!(s.add_member(g, 3).wait().unwrap());
         assert_eq!(s.membership(3, g).unwrap(), Some(0));
+        assert_eq!(s.joined_seq(3, g).unwrap(), 3);
     }
 }
 

@@ -1130,3 +1130,82 @@ fn non_members_see_only_the_public_face_of_groups_they_may_ask_to_join() {
     );
     outsider.nothing_pending();
 }
+
+/// The seqs of a history page of `conv` read by `c` (newest first), and its `has_more`.
+fn history_seqs(c: &mut Conn, conv: u64) -> (Vec<u64>, bool) {
+    let rid = c.send_body(Body::History(HistoryRequest {
+        conversation_id: conv,
+        ..HistoryRequest::default()
+    }));
+    match c.recv_frame() {
+        Frame {
+            request_id,
+            body: Some(Body::HistoryPage(p)),
+        } if request_id == rid => (p.messages.iter().map(|m| m.seq).collect(), p.has_more),
+        other => panic!("expected HistoryPage for {rid}, got {other:?}"),
+    }
+}
+
+/// A new member's sync, unread count and history start at the event that added them, and a
+/// member added again at the return; with `new_members_see_history = true` the whole log is
+/// theirs. Members from the creation read it all either way.
+#[test]
+fn a_new_member_reads_the_group_from_the_event_that_added_them() {
+    for see_history in [false, true] {
+        let setting = format!("new_members_see_history={see_history}");
+        let gw = Gateway::start(&["--cores", "2", "--set", &setting]);
+        let mut alice = login(&gw, "alice");
+        let conv = create(&mut alice, "team", &["bob"], JoinPolicy::Free).conversation_id;
+        send_group_acked(&mut alice, "team", "1", "one");
+        send_group_acked(&mut alice, "team", "2", "two");
+        let invited = group_ok(&mut alice, "team", invite(&["carol"])).event_seq;
+        assert_eq!(invited, 4);
+        send_group_acked(&mut alice, "team", "3", "three");
+
+        // Carol was offline when she was added.
+        let (mut carol, (convs, msgs, _)) = gw.login_synced(Via::Tcp, "carol", "phone", 0);
+        let first = if see_history { 1 } else { invited };
+        let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (first..=5).collect::<Vec<_>>(), "{setting}");
+        assert_eq!(
+            (
+                convs[0].latest_seq,
+                convs[0].delivered_seq,
+                convs[0].read_seq,
+                convs[0].unread
+            ),
+            (5, first - 1, invited, 1),
+            "{setting}"
+        );
+        assert_eq!(event(&msgs[0]).kind, {
+            if see_history {
+                GroupEventKind::GroupCreated as i32
+            } else {
+                GroupEventKind::GroupInvited as i32
+            }
+        });
+        let all_after = |from: u64, to: u64| (from..=to).rev().collect::<Vec<_>>();
+        assert_eq!(history_seqs(&mut carol, conv), (all_after(first, 5), false));
+        drop(carol);
+
+        // Kicked, then added again: from the return on.
+        group_ok(&mut alice, "team", kick(&["carol"]));
+        send_group_acked(&mut alice, "team", "4", "four");
+        let back = group_ok(&mut alice, "team", invite(&["carol"])).event_seq;
+        assert_eq!(back, 8);
+        send_group_acked(&mut alice, "team", "5", "five");
+        let first = if see_history { 1 } else { back };
+        let (mut tablet, (_, msgs, _)) = gw.login_synced(Via::Tcp, "carol", "tablet", 0);
+        let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (first..=9).collect::<Vec<_>>(), "{setting}");
+        assert_eq!(
+            history_seqs(&mut tablet, conv),
+            (all_after(first, 9), false)
+        );
+
+        // Bob was there from the start.
+        let (mut bob, (_, msgs, _)) = gw.login_synced(Via::Tcp, "bob", "phone", 0);
+        assert_eq!(msgs.len(), 9);
+        assert_eq!(history_seqs(&mut bob, conv), (all_after(1, 9), false));
+    }
+}

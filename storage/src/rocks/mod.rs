@@ -928,6 +928,18 @@ impl MessageStore for RocksStore {
         Ok(self.inner.db.user_conv(user, conv)?.map(|r| r.left_seq))
     }
 
+    fn joined_seq(&self, user: UserId, group: GroupId) -> Result<Seq> {
+        self.check_open()?;
+        let Some(conv) = group_conversation(group) else {
+            return Ok(0);
+        };
+        Ok(self
+            .inner
+            .db
+            .user_conv(user, conv)?
+            .map_or(0, |r| r.joined_seq))
+    }
+
     fn set_conversation_settings(
         &self,
         user: UserId,
@@ -1945,6 +1957,7 @@ mod tests {
                     .iter()
                     .map(|&(u, a)| (u, a.map(Bytes::from)))
                     .collect(),
+                joiners_read_history: false,
             })),
             ..AppendRequest::default()
         }
@@ -2206,7 +2219,7 @@ mod tests {
                 .unwrap()
                 .len()
         };
-        assert_eq!((raw(1), raw(2)), (59, 34), "rewritten on change only");
+        assert_eq!((raw(1), raw(2)), (67, 34), "rewritten on change only");
         // Read up to the recall notice user 1 sent.
         let uc = s.inner.db.user_conv(1, c).unwrap().unwrap();
         assert_eq!((uc.read_seq, uc.member_version), (2, 4));

@@ -1027,7 +1027,7 @@ impl Writer {
         let head = self.head(conv)?;
         let version = self.next_version();
         if add {
-            self.join(group, user, conv, b"", version, batch);
+            self.join(group, user, conv, b"", head + 1, version, batch);
             // A new member has nothing unread.
             self.advance_read(user, conv, head, version);
         } else {
@@ -1058,7 +1058,8 @@ impl Writer {
                     batch.put_cf(self.db.cf(CF_MEMBERS), pair_key(group, user), attrs);
                 }
                 Some(attrs) => {
-                    self.join(group, user, conv, attrs, version, batch);
+                    let first_seq = if change.joiners_read_history { 0 } else { seq };
+                    self.join(group, user, conv, attrs, first_seq, version, batch);
                     // A new member has read everything up to the event that added them.
                     self.advance_read(user, conv, seq, version);
                 }
@@ -1074,14 +1075,16 @@ impl Writer {
         }
     }
 
-    /// Makes a non-member `user` a member of `group` with `attrs`. The user's record for the
-    /// group's conversation `conv`, if any, must be cached.
+    /// Makes a non-member `user` a member of `group` with `attrs` from seq `first_seq` of the
+    /// group's conversation `conv`. The user's record for `conv`, if any, must be cached.
+    #[allow(clippy::too_many_arguments)]
     fn join(
         &mut self,
         group: GroupId,
         user: UserId,
         conv: ConversationId,
         attrs: &[u8],
+        first_seq: Seq,
         version: u64,
         batch: &mut WriteBatch,
     ) {
@@ -1092,6 +1095,7 @@ impl Writer {
         let mut rec = self.cached_user_conv(user, conv);
         rec.active = true;
         rec.left_seq = 0;
+        rec.joined_seq = first_seq;
         rec.member_version = version;
         self.put_user_conv(user, conv, rec);
     }

@@ -361,6 +361,8 @@ pub fn membership(make: Factory) {
     }
     assert!(!s.add_member(g, 3).wait().unwrap(), "already a member");
     assert!(s.add_member(g2, 3).wait().unwrap());
+    // Added without a message: they may read from the group's next message on.
+    assert_eq!(s.joined_seq(3, g).unwrap(), 1);
     assert_eq!(s.members(g, 0, 2).unwrap(), vec![1, 2]);
     assert_eq!(s.members(g, 2, 2).unwrap(), vec![3, 4]);
     assert_eq!(s.members(g, 4, 2).unwrap(), vec![5]);
@@ -920,6 +922,7 @@ pub fn group_msg(
             .iter()
             .map(|&(u, a)| (u, a.map(Bytes::from)))
             .collect(),
+        joiners_read_history: false,
     }));
     r
 }
@@ -973,11 +976,14 @@ pub fn group_change_commits_with_its_append(make: Factory) {
     assert_eq!(s.membership(2, g).unwrap(), Some(0));
     assert_eq!(s.membership(3, g).unwrap(), None);
     assert_eq!(s.membership(1, 0).unwrap(), None);
+    assert_eq!(s.joined_seq(3, g).unwrap(), 0);
+    assert_eq!(s.joined_seq(1, 0).unwrap(), 0);
     for u in [1, 2] {
         let i = conv_info(s, u, conv).unwrap();
         assert!(i.active);
         assert_eq!(i.peer, Peer::Group(g));
-        assert_eq!((i.latest_seq, i.left_seq), (1, 0));
+        assert_eq!((i.latest_seq, i.left_seq, i.joined_seq), (1, 0, 1));
+        assert_eq!(s.joined_seq(u, g).unwrap(), 1);
         assert_eq!(i.last_version, created.version);
         assert_eq!(s.user_version(u).unwrap(), created.version);
     }
@@ -1005,7 +1011,7 @@ pub fn group_change_commits_with_its_append(make: Factory) {
     assert_eq!(s.membership(1, g).unwrap(), Some(0));
     let i = conv_info(s, 2, conv).unwrap();
     assert!(!i.active);
-    assert_eq!((i.left_seq, i.latest_seq), (3, 3));
+    assert_eq!((i.left_seq, i.latest_seq, i.joined_seq), (3, 3, 1));
     assert_eq!(i.last_version, removed.version);
     assert_eq!(
         s.conversations_changed_since(2, created.version, None)
@@ -1015,17 +1021,24 @@ pub fn group_change_commits_with_its_append(make: Factory) {
         "the removal is a change since the creation"
     );
 
-    // Re-adding resets left_seq and makes the conversation active again.
+    // Re-adding resets left_seq, makes the conversation active again and moves joined_seq to
+    // the event that added them back.
     let back = append(s, group_msg(g, "back", Some("v2"), &[(2, Some("guest"))]));
     assert_eq!(s.group_record(g).unwrap(), Some(Bytes::from_static(b"v2")));
     assert_eq!(s.membership(2, g).unwrap(), Some(0));
     let i = conv_info(s, 2, conv).unwrap();
     assert!(i.active);
-    assert_eq!((i.left_seq, i.last_version), (0, back.version));
+    assert_eq!(
+        (i.left_seq, i.last_version, i.joined_seq),
+        (0, back.version, back.seq)
+    );
+    assert_eq!(s.joined_seq(2, g).unwrap(), back.seq);
+    assert_eq!(s.joined_seq(1, g).unwrap(), 1);
     assert_eq!(s.groups_of(2).unwrap(), vec![g]);
 
     // An attribute update of a member is not a join: membership and index unchanged.
     append(s, group_msg(g, "promote", None, &[(2, Some("admin"))]));
+    assert_eq!(s.joined_seq(2, g).unwrap(), back.seq);
     assert_eq!(
         s.member_records(g, 0, 10).unwrap(),
         records(&[(1, "owner"), (2, "admin")])
@@ -1033,6 +1046,21 @@ pub fn group_change_commits_with_its_append(make: Factory) {
     assert_eq!(s.membership(2, g).unwrap(), Some(0));
     assert!(conv_info(s, 2, conv).unwrap().active);
     assert_eq!(s.groups_of(2).unwrap(), vec![g]);
+
+    // A change that lets its joiners read the history: joined_seq 0.
+    let mut r = group_msg(g, "moderator", None, &[(5, Some("m"))]);
+    if let Some(change) = r.group_change.as_mut() {
+        change.joiners_read_history = true;
+    }
+    s.append(r).wait().unwrap();
+    assert_eq!(s.membership(5, g).unwrap(), Some(0));
+    assert_eq!(
+        (
+            s.joined_seq(5, g).unwrap(),
+            conv_info(s, 5, conv).unwrap().joined_seq
+        ),
+        (0, 0)
+    );
 
     // Entries apply in order; removing a non-member is a no-op.
     let r = append(
@@ -1057,9 +1085,9 @@ pub fn group_change_commits_with_its_append(make: Factory) {
     assert_eq!(s.membership(9, g).unwrap(), Some(0));
     assert_eq!(
         s.member_records(g, 0, 10).unwrap(),
-        records(&[(1, "owner"), (2, "admin"), (9, "y")])
+        records(&[(1, "owner"), (2, "admin"), (5, "m"), (9, "y")])
     );
-    assert_eq!(s.members(g, 0, 10).unwrap(), vec![1, 2, 9]);
+    assert_eq!(s.members(g, 0, 10).unwrap(), vec![1, 2, 5, 9]);
     assert_eq!(s.latest_seq(conv).unwrap(), r.seq);
 }
 
