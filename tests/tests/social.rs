@@ -595,3 +595,51 @@ fn recalled_messages_lose_their_body_and_everyone_sees_the_tombstone() {
         c.nothing_pending();
     }
 }
+
+/// The server's clock, read from a Pong.
+fn server_now(c: &mut Conn) -> u64 {
+    let rid = c.send_body(Body::Ping(tern_protocol::Ping { client_time_ms: 0 }));
+    match c.answer(rid) {
+        Body::Pong(p) => p.server_time_ms,
+        other => panic!("expected Pong, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_message_older_than_the_recall_window_stays() {
+    const WINDOW_MS: u64 = 1_500;
+    let window = format!("recall_window_ms={WINDOW_MS}");
+    let gw = Gateway::start(&["--set", &window]);
+    let mut alice = login(&gw, "alice", "phone");
+    let mut bob = login(&gw, "bob", "phone");
+    let old = send_acked(&mut alice, "bob", "a1", "kept");
+    let fresh = send_acked(&mut alice, "bob", "a2", "taken back");
+    let conv = old.conversation_id;
+    for seq in [1, 2] {
+        assert_eq!(expect_deliver(&mut bob).seq, seq);
+    }
+    // Within the window.
+    assert_eq!(recall(&mut alice, conv, fresh.seq).unwrap().event_seq, 3);
+    assert_eq!(tombstone(&expect_deliver(&mut bob)).seq, fresh.seq);
+    // Past it, by the server's clock: refused, and nothing changes.
+    while server_now(&mut alice) <= old.server_time_ms + WINDOW_MS {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(recall(&mut alice, conv, old.seq), Err(ErrorCode::Forbidden));
+    bob.nothing_pending();
+    let rid = bob.send_body(Body::History(HistoryRequest {
+        conversation_id: conv,
+        ..HistoryRequest::default()
+    }));
+    match bob.answer(rid) {
+        Body::HistoryPage(p) => {
+            let bodies: Vec<(u64, bool, &[u8])> = p
+                .messages
+                .iter()
+                .map(|m| (m.seq, m.recalled, &m.payload[..]))
+                .collect();
+            assert_eq!(bodies[1..], [(2, true, &b""[..]), (1, false, &b"kept"[..])]);
+        }
+        other => panic!("expected HistoryPage, got {other:?}"),
+    }
+}
