@@ -220,6 +220,9 @@ impl Client {
             sends: HashMap::new(),
             outbox: Vec::new(),
             refreshes: HashMap::new(),
+            refresh_at: None,
+            fetching: None,
+            expired: false,
         };
         let request_timeout = driver.config.request_timeout;
         tokio::spawn(driver.run(leg, conn));
@@ -718,6 +721,22 @@ impl Drop for Adding {
     }
 }
 
+/// Shortest wait between two refreshes (a source of very short tokens must not spin).
+const MIN_REFRESH_DELAY: Duration = Duration::from_millis(500);
+
+/// The token source's answer, once the fetch in `task` ends (never without one).
+async fn next_token(
+    task: &mut Option<tokio::task::JoinHandle<std::result::Result<String, String>>>,
+) -> std::result::Result<String, String> {
+    match task {
+        Some(task) => match task.await {
+            Ok(result) => result,
+            Err(e) => Err(format!("token source task failed: {e}")),
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// The next path added (or that failed to be), by leg. Never ready without an attempt.
 async fn next_added(adding: &mut [Option<Adding>]) -> (usize, Result<(Conn, HelloOk)>) {
     std::future::poll_fn(|cx| {
@@ -771,7 +790,16 @@ struct Driver {
     /// The tokens of the Refresh requests in flight, by request id: the one the server accepts
     /// becomes the token of the next logins.
     refreshes: HashMap<u64, String>,
+    /// With a [`TokenSource`](crate::TokenSource): when to ask it for the next token.
+    refresh_at: Option<tokio::time::Instant>,
+    /// The token source's answer being awaited.
+    fetching: Option<tokio::task::JoinHandle<std::result::Result<String, String>>>,
+    /// The session ended because its token expired: the next login needs a fresh token.
+    expired: bool,
 }
+
+/// How long to wait before asking a token source again after it or the server refused.
+const TOKEN_RETRY: Duration = Duration::from_secs(5);
 
 /// The session's connections, by leg.
 type Paths = Vec<Option<Conn>>;
@@ -805,6 +833,13 @@ impl Driver {
                 }
                 End::Lost(error) => {
                     tracing::info!(%error, "connection lost");
+                    if let ClientError::Kicked {
+                        reason: KickReason::Expired,
+                        ..
+                    } = error
+                    {
+                        self.expired = true;
+                    }
                     let held = if self.config.reconnect {
                         self.held_sends()
                     } else {
@@ -928,6 +963,24 @@ impl Driver {
                     },
                 }
             }
+            if self.expired
+                && let Some(source) = self.config.token_source.clone()
+            {
+                match tokio::time::timeout(self.config.connect_timeout, source.fetch()).await {
+                    Ok(Ok(token)) => {
+                        self.config.token = token;
+                        self.expired = false;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "the token source gave no token");
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::warn!("the token source did not answer in time");
+                        continue;
+                    }
+                }
+            }
             let leg = attempt as usize % self.legs.len();
             let hello = self.session.hello(&self.config, true);
             let login = establish(&self.config, &self.legs[leg], &hello).await;
@@ -948,6 +1001,13 @@ impl Driver {
                     self.send_outbox();
                     self.emit(Event::Reconnected);
                     return Some((leg, conn));
+                }
+                Err(error)
+                    if error.code() == Some(tern_protocol::ErrorCode::TokenExpired)
+                        && self.config.token_source.is_some() =>
+                {
+                    tracing::info!("the token expired; asking the token source for a fresh one");
+                    self.expired = true;
                 }
                 Err(error) if error.is_permanent() => {
                     tracing::warn!(%error, "cannot log in again; stopping");
@@ -1054,12 +1114,20 @@ impl Driver {
             }
             self.copies.remove(&request_id);
             self.sends.remove(&request_id);
-            if let Some(token) = self.refreshes.remove(&request_id)
-                && let Ok(Body::RefreshOk(ok)) = &result
-            {
-                self.config.token = token;
-                if let Some(login) = lock(&self.shared.login).as_mut() {
-                    login.token_expires_at = ok.token_expires_at;
+            if let Some(token) = self.refreshes.remove(&request_id) {
+                match &result {
+                    Ok(Body::RefreshOk(ok)) => {
+                        self.config.token = token;
+                        if let Some(login) = lock(&self.shared.login).as_mut() {
+                            login.token_expires_at = ok.token_expires_at;
+                        }
+                        self.schedule_refresh(ok.token_expires_at);
+                    }
+                    Err(error) if self.config.token_source.is_some() => {
+                        tracing::warn!(%error, "the server refused the fresh token");
+                        self.refresh_at = Some(tokio::time::Instant::now() + TOKEN_RETRY);
+                    }
+                    _ => {}
                 }
             }
             if let Some(event) = self.rooms.answered(request_id, &result) {
@@ -1144,6 +1212,12 @@ impl Driver {
             .unwrap_or(self.config.heartbeat_interval);
         let mut tick = tokio::time::interval((heartbeat / 4).max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if self.fetching.is_none() {
+            let expires_at = lock(&self.shared.login)
+                .as_ref()
+                .map_or(0, |l| l.token_expires_at);
+            self.schedule_refresh(expires_at);
+        }
         let dual = self.legs.len() > 1;
         let mut adding: Vec<Option<Adding>> = self.legs.iter().map(|_| None).collect();
         let mut backoffs: Vec<Backoff> = self
@@ -1229,7 +1303,32 @@ impl Driver {
                 .flatten()
                 .any(|c| c.writer.queued() < HIGH_WATER);
             let (first, rest) = paths.split_at_mut(1);
+            let (refresh_at, fetching) = (self.refresh_at, self.fetching.is_some());
             tokio::select! {
+                () = async {
+                    match refresh_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                }, if !fetching => {
+                    self.refresh_at = None;
+                    if let Some(source) = &self.config.token_source {
+                        self.fetching = Some(tokio::spawn(source.fetch()));
+                    }
+                }
+                token = next_token(&mut self.fetching), if fetching => {
+                    self.fetching = None;
+                    match token {
+                        Ok(token) => {
+                            let id = self.session.request(Body::Refresh(Refresh { token: token.clone() }));
+                            self.refreshes.insert(id, token);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "the token source gave no token");
+                            self.refresh_at = Some(tokio::time::Instant::now() + TOKEN_RETRY);
+                        }
+                    }
+                }
                 () = self.legs[0].drained.notified(), if !accepting => {}
                 command = self.commands.recv(), if accepting => match command {
                     // Every handle is gone: nobody can use the client any more.
@@ -1387,10 +1486,26 @@ impl Driver {
         self.emit(Event::PathDown { transport, reason });
     }
 
+    /// With a token source: asks it for the next token when a tenth of the lifetime of the
+    /// token expiring at `expires_at` (Unix seconds), at least a second, is left.
+    fn schedule_refresh(&mut self, expires_at: u64) {
+        if self.config.token_source.is_none() || expires_at == 0 {
+            return;
+        }
+        let left = expires_at.saturating_mul(1000).saturating_sub(now_ms());
+        let margin = (left / 10).max(1000);
+        let delay = Duration::from_millis(left.saturating_sub(margin)).max(MIN_REFRESH_DELAY);
+        self.refresh_at = Some(tokio::time::Instant::now() + delay);
+    }
+
     fn check_session(&self) -> Option<End> {
         if let Some(kick) = self.session.kick() {
             let error = kicked(kick.clone());
-            return Some(if kick_is_final(kick) {
+            let expired = kick.reason == KickReason::Expired as i32;
+            return Some(if expired && self.config.token_source.is_some() {
+                // Logs in again with a fresh token.
+                End::Lost(error)
+            } else if kick_is_final(kick) {
                 End::Final(error)
             } else {
                 End::Lost(error)

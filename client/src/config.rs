@@ -1,6 +1,6 @@
 //! Client configuration.
 
-use std::{path::PathBuf, time::Duration};
+use std::{future::Future, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
 
 use tern_protocol::{MAX_FRAME_DEFAULT, Platform};
 
@@ -107,6 +107,41 @@ pub struct ClientConfig {
     pub heartbeat_interval: Duration,
     /// Largest frame accepted from the server before HelloOk says otherwise (default 1 MiB).
     pub max_frame_bytes: usize,
+    /// Where fresh tokens come from (default none). With one, the client refreshes its token
+    /// before it expires (when a tenth of its lifetime, at least a second, is left: `Refresh`,
+    /// without reconnecting), and logs in with a fresh one when the server ended the session
+    /// for an expired token (Kick `EXPIRED`, or `TOKEN_EXPIRED` at a reconnect) instead of
+    /// stopping. Without one, see [`Client::refresh_token`](crate::Client::refresh_token).
+    pub token_source: Option<TokenSource>,
+}
+
+/// Future of a [`TokenSource`]: a new token, or why there is none (logged; asked again later).
+pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+
+/// Gives the client a fresh token of the same user, typically from the application's backend
+/// (which mints it with the gateway's secret or its token endpoint).
+#[derive(Clone)]
+pub struct TokenSource(Arc<dyn Fn() -> TokenFuture + Send + Sync>);
+
+impl TokenSource {
+    /// A source that calls `fetch` for each new token.
+    pub fn new<F, Fut>(fetch: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        Self(Arc::new(move || Box::pin(fetch())))
+    }
+
+    pub(crate) fn fetch(&self) -> TokenFuture {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSource(..)")
+    }
 }
 
 impl ClientConfig {
@@ -134,6 +169,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(30),
             max_frame_bytes: MAX_FRAME_DEFAULT,
+            token_source: None,
         }
     }
 

@@ -186,6 +186,24 @@
 //! the call's [`ClientConfig::request_timeout`]; other requests in flight fail with
 //! [`ClientError::Disconnected`].
 //!
+//! Tokens expire (`HelloOk.token_expires_at` in [`Client::login`]): the server ends a session
+//! whose token expired (Kick `EXPIRED`). With a [`TokenSource`] in
+//! [`ClientConfig::token_source`] the client asks it for a fresh token before that and hands it
+//! to the server without reconnecting, and logs in again with a fresh one if the session ended
+//! anyway; without one, call [`Client::refresh_token`], or the client stops
+//! ([`Event::Stopped`]) when the token expires.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tern_client::ClientError> {
+//! use tern_client::{Client, ClientConfig, TokenSource};
+//!
+//! let mut config = ClientConfig::new("127.0.0.1:7600", "TOKEN", "laptop");
+//! // Typically an HTTPS call to the application's backend, which mints tokens.
+//! config.token_source = Some(TokenSource::new(|| async { Ok("NEW TOKEN".to_owned()) }));
+//! let client = Client::connect(config).await?;
+//! # Ok(()) }
+//! ```
+//!
 //! Transports ([`ClientConfig::transport`]), each carrying the same frames, with timeouts,
 //! heartbeats and reconnects working the same:
 //!
@@ -261,7 +279,7 @@ mod transport;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use client::{Client, Conversation, Incoming, new_client_msg_id};
-pub use config::{ClientConfig, Transport};
+pub use config::{ClientConfig, TokenFuture, TokenSource, Transport};
 pub use error::{ClientError, Result};
 pub use group::group_event;
 pub use rooms::is_room_conversation;

@@ -599,3 +599,103 @@ async fn a_refreshed_token_outlives_the_first_and_serves_the_reconnect() {
     assert_eq!(phone.login().unwrap().token_expires_at, long_exp);
     phone.ping().await.unwrap();
 }
+
+/// With a token source the client refreshes its token before it expires; when the source
+/// failed and the server ended the session (Kick EXPIRED), it logs in again with a fresh token
+/// instead of stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_source_keeps_the_client_logged_in_past_each_expiry() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let gw = Gateway::start(&["--cores", "2"]);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let long_exp = now() + 3600;
+    let long = gw.token_with("alice", &["--expires-at", &long_exp.to_string()]);
+    let exp = now() + 3;
+    let short = gw.token_with("alice", &["--expires-at", &exp.to_string()]);
+    let with_source = |device: &str, fails: usize| {
+        let mut config = quick_reconnects(&gw, "alice");
+        config.token = short.clone();
+        config.device_id = device.to_owned();
+        let (long, calls) = (long.clone(), std::sync::Arc::new(AtomicUsize::new(0)));
+        let counted = calls.clone();
+        config.token_source = Some(tern_client::TokenSource::new(move || {
+            let (long, n) = (long.clone(), counted.fetch_add(1, Ordering::SeqCst));
+            async move {
+                if n < fails {
+                    Err("the backend is down".to_owned())
+                } else {
+                    Ok(long)
+                }
+            }
+        }));
+        (config, calls)
+    };
+    let (config, phone_calls) = with_source("phone", 0);
+    let phone = Client::connect(config).await.unwrap();
+    let mut phone_in = phone.incoming();
+    let (config, laptop_calls) = with_source("laptop", 1);
+    let laptop = Client::connect(config).await.unwrap();
+    let mut laptop_in = laptop.incoming();
+    let tablet = Client::connect(ClientConfig::new(gw.addr.to_string(), short, "tablet"))
+        .await
+        .unwrap();
+    let mut tablet_in = tablet.incoming();
+
+    // The tablet has no source: it stops when the token expires.
+    let stopped = next(&mut tablet_in, |e| match e {
+        Event::Stopped(error) => Some(error),
+        _ => None,
+    })
+    .await;
+    assert!(
+        matches!(
+            stopped,
+            ClientError::Kicked {
+                reason: tern_client::KickReason::Expired,
+                ..
+            }
+        ),
+        "{stopped:?}"
+    );
+    // The phone refreshed before that, on the same connection.
+    assert_eq!(phone.login().unwrap().token_expires_at, long_exp);
+    assert_eq!(phone_calls.load(Ordering::SeqCst), 1);
+    phone.ping().await.unwrap();
+    while let Some(event) = phone_in.try_recv() {
+        assert!(
+            !matches!(event, Event::Disconnected { .. } | Event::Stopped(_)),
+            "{event:?}"
+        );
+    }
+    // The laptop's source failed: it was kicked, and logged in again with a fresh token.
+    let reason = next(&mut laptop_in, |e| match e {
+        Event::Disconnected { reason } => Some(reason),
+        Event::Stopped(error) => panic!("stopped: {error:?}"),
+        _ => None,
+    })
+    .await;
+    assert!(
+        matches!(
+            reason,
+            ClientError::Kicked {
+                reason: tern_client::KickReason::Expired,
+                ..
+            }
+        ),
+        "{reason:?}"
+    );
+    next(&mut laptop_in, |e| match e {
+        Event::Reconnected => Some(()),
+        Event::Stopped(error) => panic!("stopped: {error:?}"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(laptop.login().unwrap().token_expires_at, long_exp);
+    assert_eq!(laptop_calls.load(Ordering::SeqCst), 2);
+    laptop.ping().await.unwrap();
+}
