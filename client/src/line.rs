@@ -301,13 +301,26 @@ pub fn conversation_settings(s: &ConversationSettings) -> String {
 
 /// The line for a friend event: `friend event=<kind> user=<user> message=<text>`, kind
 /// `request`, `added`, `declined` or `deleted` (another value: its number), `user` the other
-/// user, the message (a request's) escaped and running to the end of the line.
+/// user, the message (a request's) escaped and running to the end of the line. A decision on
+/// the user's join request: `group event=join_approved|join_declined group=<group> by=<admin>`.
 pub fn social_event(e: &SocialEvent) -> String {
     let kind = match SocialEventKind::try_from(e.kind) {
         Ok(SocialEventKind::FriendRequest) => "request".to_owned(),
         Ok(SocialEventKind::FriendAdded) => "added".to_owned(),
         Ok(SocialEventKind::FriendDeclined) => "declined".to_owned(),
         Ok(SocialEventKind::FriendDeleted) => "deleted".to_owned(),
+        Ok(SocialEventKind::JoinApproved) => {
+            return format!(
+                "group event=join_approved group={} by={}",
+                e.group_id, e.user_id
+            );
+        }
+        Ok(SocialEventKind::JoinDeclined) => {
+            return format!(
+                "group event=join_declined group={} by={}",
+                e.group_id, e.user_id
+            );
+        }
         Ok(SocialEventKind::Unspecified) | Err(_) => e.kind.to_string(),
     };
     format!(
@@ -824,6 +837,7 @@ mod tests {
             kind: SocialEventKind::FriendRequest.into(),
             user_id: "alice".into(),
             message: "hi,\nit's me".into(),
+            group_id: String::new(),
         };
         assert_eq!(
             social_event(&e),
@@ -843,6 +857,17 @@ mod tests {
         }
         e.kind = 9;
         assert_eq!(social_event(&e), "friend event=9 user=alice message=");
+        e.group_id = "books".into();
+        e.kind = SocialEventKind::JoinApproved.into();
+        assert_eq!(
+            social_event(&e),
+            "group event=join_approved group=books by=alice"
+        );
+        e.kind = SocialEventKind::JoinDeclined.into();
+        assert_eq!(
+            social_event(&e),
+            "group event=join_declined group=books by=alice"
+        );
     }
 
     #[test]

@@ -1600,6 +1600,7 @@ async fn listen_prints_pushed_events_and_recalls_readably() {
             kind: SocialEventKind::FriendRequest.into(),
             user_id: "carol".into(),
             message: "hi, it's carol".into(),
+            group_id: String::new(),
         }
         .into(),
         tombstone.into(),

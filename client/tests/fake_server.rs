@@ -1441,6 +1441,7 @@ async fn pushed_frames_arrive_as_events_and_typing_waits_for_nothing() {
             kind: SocialEventKind::FriendRequest.into(),
             user_id: "carol".into(),
             message: "hello".into(),
+            group_id: String::new(),
         }
         .into(),
         Deliver {

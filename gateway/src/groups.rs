@@ -40,7 +40,8 @@ use prost::Message;
 use tern_protocol::v1::group_request::Op;
 use tern_protocol::v1::{
     ContentType, Deliver, Frame, GroupEvent, GroupEventKind, GroupInfo, GroupMember, GroupProfile,
-    GroupResponse, GroupRole, JoinPolicy, JoinRequest, MemberPage, RecallOk, SendAck, Target,
+    GroupResponse, GroupRole, JoinPolicy, JoinRequest, MemberPage, RecallOk, SendAck, SocialEvent,
+    SocialEventKind, Target,
 };
 use tern_protocol::{ErrorCode, GROUP_EVENT_TYPE};
 use tern_storage::{AppendRequest, Appended, GroupChange, GroupId, StorageError, UserId};
@@ -196,6 +197,9 @@ pub struct Pending {
     /// A hidden member's change: who, and `added`, `removed` or `left` (for the webhook, which
     /// names them; the event does not). Such events are sent by the system user.
     hidden: Option<(String, &'static str)>,
+    /// A reviewed join request: the applicant (id, name) and whether it was approved. They are
+    /// told once the decision is stored.
+    decision: Option<(UserId, String, bool)>,
 }
 
 impl Pending {
@@ -209,6 +213,7 @@ impl Pending {
             join_pending: false,
             join_approved: false,
             hidden: None,
+            decision: None,
         }
     }
 }
@@ -616,13 +621,17 @@ impl Core {
                 return refuse(ErrorCode::NotMember, "not a member of this group");
             }
             let info = self.group_info(&job.name, state, &record, conv, member);
-            return Ok(Some(self.group_response(
-                job,
-                conv,
-                0,
-                Some(Box::new(info)),
-                None,
-            )));
+            return Ok(Some(self.encode(&Frame::new(
+                job.reply.request_id,
+                GroupResponse {
+                    group_id: job.name.to_string(),
+                    conversation_id: conv,
+                    info: Some(Box::new(info)),
+                    // Whether the asker's join request still waits.
+                    pending: !member && record.pending.iter().any(|p| p.user == job.actor),
+                    ..GroupResponse::default()
+                },
+            ))));
         }
         let Some(me) = me else {
             return refuse(ErrorCode::NotMember, "not a member of this group");
@@ -698,6 +707,7 @@ impl Core {
                 };
                 let user = pending.record.pending.remove(i).user;
                 event.user_ids = vec![req.user_id.clone()];
+                pending.decision = Some((user, req.user_id.clone(), req.approve));
                 if req.approve {
                     self.check_room(state, 1)?;
                     pending
@@ -1175,6 +1185,43 @@ impl Core {
         ))
     }
 
+    /// Tells the online devices of `user` (`name`) that `reviewer` decided on their request to
+    /// join `group`.
+    async fn tell_applicant(
+        self: &Rc<Self>,
+        user: UserId,
+        name: &str,
+        approved: bool,
+        reviewer: &str,
+        group: &str,
+    ) {
+        let kind = if approved {
+            SocialEventKind::JoinApproved
+        } else {
+            SocialEventKind::JoinDeclined
+        };
+        let frame = self.encode(&Frame::new(
+            0,
+            SocialEvent {
+                kind: kind.into(),
+                user_id: reviewer.to_owned(),
+                message: String::new(),
+                group_id: group.to_owned(),
+            },
+        ));
+        let core = self.router.user(name).core;
+        self.send_to_core(
+            core,
+            ShardMsg::ToUser {
+                user,
+                except_logical: 0,
+                frame,
+                droppable: false,
+            },
+        )
+        .await;
+    }
+
     /// Appends the event of a change with the change itself; the group waits until committed.
     fn submit_group_change(
         self: &Rc<Self>,
@@ -1248,6 +1295,10 @@ impl Core {
                 let mut join_pending = false;
                 if let Some(p) = after.change {
                     join_pending = p.join_pending;
+                    if let Some((user, name, approved)) = &p.decision {
+                        self.tell_applicant(*user, name, *approved, &sender_name, &after.name)
+                            .await;
+                    }
                     if self.webhooks.wants(crate::webhook::GROUP_EVENT) {
                         // The event was encoded here a moment ago; it decodes.
                         if let Ok(event) = GroupEvent::decode(req.payload.clone()) {

@@ -170,6 +170,7 @@ impl Ctx {
                 kind: kind.into(),
                 user_id: self.user_name.to_string(),
                 message: message.to_owned(),
+                group_id: String::new(),
             },
         ));
         let core = self.core.router.user(other_name).core;
@@ -191,6 +192,7 @@ impl Ctx {
                     kind: kind.into(),
                     user_id: other_name.to_owned(),
                     message: String::new(),
+                    group_id: String::new(),
                 },
             ));
             self.core

@@ -353,6 +353,7 @@ fn every_body() -> Vec<Frame> {
             kind: SocialEventKind::FriendRequest.into(),
             user_id: "alice".into(),
             message: "hi".into(),
+            group_id: "g1".into(),
         }
         .into(),
         Presence {

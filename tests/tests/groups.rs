@@ -15,7 +15,7 @@ use tern_protocol::v1::{
 use tern_protocol::{
     ContentType, Deliver, ErrorCode, Frame, GROUP_EVENT_TYPE, GroupEvent, GroupEventKind,
     GroupInfo, GroupProfile, GroupRequest, GroupResponse, GroupRole, HistoryRequest, JoinPolicy,
-    SyncRequest, Target,
+    SocialEvent, SocialEventKind, SyncRequest, Target,
 };
 use tern_tests::{
     Conn, Gateway, NO_RATE_LIMITS, Via, collect_sync, expect_deliver, send_group, send_group_acked,
@@ -678,6 +678,10 @@ fn approval_groups_take_join_requests_that_admins_review() {
     for c in [&mut alice, &mut bob] {
         expect_event(c, GroupEventKind::GroupJoinRequested);
     }
+    // The applicant sees that the request waits; others do not see theirs.
+    assert!(group_ok(&mut erin, "club", Op::Get(GetGroup {})).pending);
+    let mut dave = login(&gw, "dave");
+    assert!(!group_ok(&mut dave, "club", Op::Get(GetGroup {})).pending);
     let list = Op::ListJoinRequests(ListJoinRequests {});
     group_err(&mut bob, "club", list.clone(), ErrorCode::Forbidden);
     let pending: Vec<(String, String)> = group_ok(&mut alice, "club", list.clone())
@@ -708,19 +712,38 @@ fn approval_groups_take_join_requests_that_admins_review() {
         group_ok(&mut alice, "club", review("carol", true)).event_seq,
         4
     );
-    // Carol is in before the event: she hears her own admission.
-    for c in [&mut bob, &mut carol] {
-        let (d, e) = expect_event(c, GroupEventKind::GroupJoined);
-        assert_eq!(
-            (d.sender.as_str(), e.user_ids),
-            ("alice", users(&["carol"]))
-        );
+    // Carol is in before the event: she hears her own admission, and is told of the decision.
+    let decision = |kind: SocialEventKind| {
+        Body::SocialEvent(SocialEvent {
+            kind: kind.into(),
+            user_id: "alice".into(),
+            message: String::new(),
+            group_id: "club".into(),
+        })
+    };
+    let joined = expect_event(&mut bob, GroupEventKind::GroupJoined);
+    let mut told = Vec::new();
+    for _ in 0..2 {
+        match carol.pushed() {
+            Body::Deliver(d) => {
+                assert_eq!(event(&d), joined.1);
+                assert_eq!((d.seq, d.sender.as_str()), (joined.0.seq, "alice"));
+            }
+            other => told.push(other),
+        }
     }
+    assert_eq!(told, [decision(SocialEventKind::JoinApproved)]);
+    assert_eq!(
+        (joined.0.sender.as_str(), joined.1.user_ids),
+        ("alice", users(&["carol"]))
+    );
     group_ok(&mut alice, "club", review("erin", false));
     for c in [&mut bob, &mut carol] {
         expect_event(c, GroupEventKind::GroupJoinDeclined);
     }
+    assert_eq!(erin.pushed(), decision(SocialEventKind::JoinDeclined));
     erin.nothing_pending();
+    assert!(!group_ok(&mut erin, "club", Op::Get(GetGroup {})).pending);
     group_err(
         &mut alice,
         "club",

@@ -40,6 +40,7 @@ fn event(kind: SocialEventKind, user: &str, message: &str) -> Body {
         kind: kind.into(),
         user_id: user.into(),
         message: message.into(),
+        group_id: String::new(),
     })
 }
 
