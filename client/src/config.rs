@@ -65,6 +65,12 @@ pub struct ClientConfig {
     /// trust the Mozilla root certificates compiled into the client (`webpki-roots`); system
     /// certificate stores are not read. Read once by [`Client::connect`](crate::Client::connect).
     pub ca: Option<PathBuf>,
+    /// TLS and QUIC only: the SHA-256 of the server's certificate (DER), to trust exactly that
+    /// certificate, whatever its issuer, names and dates (the gateway logs it at start; for a
+    /// PEM file: `openssl x509 -in cert.pem -outform DER | sha256sum`). The handshake's
+    /// signature is still checked. Instead of `ca`, not with it: for a development certificate
+    /// reached by a name it was not made for (a LAN address). Default `None`.
+    pub pin: Option<[u8; 32]>,
     /// Signed token minted by the gateway (`tern-gateway token`).
     pub token: String,
     /// Stable id of this device or installation, 1..=64 bytes. A second login with the same id
@@ -155,6 +161,7 @@ impl ClientConfig {
             server: server.to_string(),
             transport: Transport::Tcp,
             ca: None,
+            pin: None,
             token: token.into(),
             device_id: device_id.into(),
             platform: Platform::Other,
@@ -195,6 +202,9 @@ impl ClientConfig {
         }
         if self.heartbeat_interval.is_zero() {
             return bad("heartbeat_interval: must be > 0");
+        }
+        if self.pin.is_some() && self.ca.is_some() {
+            return bad("pin: give either a CA file or a certificate pin, not both");
         }
         if self.max_frame_bytes < 1024 {
             return bad("max_frame_bytes: must be at least 1024");

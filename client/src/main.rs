@@ -48,6 +48,11 @@ struct Cli {
     /// certificates].
     #[arg(long, env = "TERN_CA", value_name = "PEM", global = true)]
     ca: Option<PathBuf>,
+    /// TLS, QUIC and dual only: trust exactly the server certificate with this SHA-256 (64 hex
+    /// digits; colons and a `sha256:` prefix are allowed), whatever its names, e.g. the
+    /// development certificate reached by a LAN address. The gateway logs it at start.
+    #[arg(long, env = "TERN_PIN", value_name = "SHA256", global = true, conflicts_with = "ca", value_parser = parse_pin)]
+    pin: Option<[u8; 32]>,
     /// Login token (mint one with `tern-gateway token --user NAME`).
     #[arg(long, env = "TERN_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
@@ -610,6 +615,7 @@ async fn run(cli: Cli) -> ExitCode {
     config.platform = platform();
     config.transport = transport;
     config.ca = cli.ca;
+    config.pin = cli.pin;
     if matches!(
         cli.command,
         Command::Send { .. }
@@ -1201,9 +1207,53 @@ async fn chat(client: &Client, user: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `--pin`: 64 hex digits (colons between bytes allowed), with or without `sha256:`.
+fn parse_pin(text: &str) -> Result<[u8; 32], String> {
+    let digits: String = text
+        .strip_prefix("sha256:")
+        .unwrap_or(text)
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    if digits.len() != 64 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "expected the certificate's SHA-256 as 64 hex digits, got {} characters",
+            digits.len()
+        ));
+    }
+    let mut pin = [0u8; 32];
+    for (i, byte) in pin.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&digits[2 * i..2 * i + 2], 16)
+            .map_err(|e| format!("not hex: {e}"))?;
+    }
+    Ok(pin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pins() {
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+        let mut want = [0u8; 32];
+        for (i, b) in want.iter_mut().enumerate() {
+            *b = u8::try_from(i % 16).unwrap() * 0x11;
+        }
+        assert_eq!(parse_pin(hex), Ok(want));
+        assert_eq!(parse_pin(&format!("sha256:{hex}")), Ok(want));
+        let colons: Vec<String> = (0..32).map(|i| hex[2 * i..2 * i + 2].to_owned()).collect();
+        assert_eq!(parse_pin(&colons.join(":")), Ok(want));
+        for bad in [
+            "",
+            "abc",
+            &hex[1..],
+            &format!("{hex}00"),
+            &hex.replace('f', "g"),
+        ] {
+            assert!(parse_pin(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn durations() {

@@ -230,28 +230,108 @@ fn root_store(ca: Option<&Path>) -> Result<(rustls::RootCertStore, String)> {
 /// The rustls client configuration of both TLS transports: ring, the roots of [`root_store`],
 /// `versions`, ALPN [`ALPN`], no client certificate. Returns it with the trust description.
 fn tls_client_config(
-    ca: Option<&Path>,
+    config: &ClientConfig,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Result<(rustls::ClientConfig, Arc<str>)> {
-    let (roots, trust) = root_store(ca)?;
     // Explicitly ring, whatever other crypto provider another crate in the process enables.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
-        .map_err(|e| ClientError::Config(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .map_err(|e| ClientError::Config(format!("TLS: {e}")))?;
+    let (mut tls, trust) = match config.pin {
+        Some(pin) => (
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Pinned { pin, provider }))
+                .with_no_client_auth(),
+            format!("trusting only the certificate with SHA-256 {}", hex(&pin)),
+        ),
+        None => {
+            let (roots, trust) = root_store(config.ca.as_deref())?;
+            (
+                builder.with_root_certificates(roots).with_no_client_auth(),
+                trust,
+            )
+        }
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     Ok((tls, trust.into()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Trusts the one server certificate whose SHA-256 is `pin` ([`ClientConfig::pin`]), and
+/// checks the handshake's signatures with it as rustls' own verifier does.
+#[derive(Debug)]
+struct Pinned {
+    pin: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest;
+        let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
+        if got == self.pin {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the server's certificate has SHA-256 {}, not the pinned {}",
+                hex(&got),
+                hex(&self.pin)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 impl TlsConnector {
     fn new(config: &ClientConfig) -> Result<Self> {
         let server_name = server_name(&config.server)?;
-        let (tls, trust) = tls_client_config(
-            config.ca.as_deref(),
-            &[&rustls::version::TLS13, &rustls::version::TLS12],
-        )?;
+        let (tls, trust) =
+            tls_client_config(config, &[&rustls::version::TLS13, &rustls::version::TLS12])?;
         Ok(Self {
             config: Arc::new(tls),
             server_name,
@@ -331,7 +411,7 @@ impl TlsConnector {
 impl QuicConnector {
     fn new(config: &ClientConfig) -> Result<Self> {
         let server_name = server_name(&config.server)?;
-        let (tls, trust) = tls_client_config(config.ca.as_deref(), &[&rustls::version::TLS13])?;
+        let (tls, trust) = tls_client_config(config, &[&rustls::version::TLS13])?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
             .map_err(|e| ClientError::Config(format!("TLS: {e}")))?;
         let mut transport = quinn::TransportConfig::default();

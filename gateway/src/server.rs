@@ -410,6 +410,18 @@ fn tls_identity(cfg: &Config) -> Result<tern_quic::tls::TlsIdentity, GatewayErro
             "generated a self-signed development certificate (clients trust it with --ca)"
         );
     }
+    if let Some(cert) = identity.cert_chain().first() {
+        use sha2::Digest;
+        let sha256: String = sha2::Sha256::digest(cert.as_ref())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        info!(
+            cert = %identity.cert_path().display(),
+            %sha256,
+            "TLS certificate (clients may pin it with --pin)"
+        );
+    }
     Ok(identity)
 }
 

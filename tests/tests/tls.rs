@@ -305,3 +305,68 @@ fn a_server_that_leaves_out_the_intermediate_is_not_trusted() {
         },
     );
 }
+
+/// A development certificate reached by an address it was not made for (127.0.0.2): a client
+/// trusting it as a CA refuses the name, a client pinning its SHA-256 (as the gateway logs it)
+/// logs in over TLS and QUIC, and a wrong pin is refused.
+#[test]
+fn a_pinned_certificate_is_trusted_whatever_its_names() {
+    let gw = Gateway::start(&["--tls", "127.0.0.2:0", "--quic", "127.0.0.2:0"]);
+    let log = gw.log();
+    let logged = log
+        .lines()
+        .find(|l| l.contains("clients may pin it"))
+        .and_then(|l| l.split("sha256=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no fingerprint in the log:\n{log}"))
+        .to_owned();
+    assert_eq!(logged.len(), 64, "{logged}");
+    let mut pin = [0u8; 32];
+    for (i, b) in pin.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&logged[2 * i..2 * i + 2], 16).unwrap();
+    }
+    let mut wrong = pin;
+    wrong[0] ^= 1;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (transport, addr) in [
+        (tern_client::Transport::Tls, gw.tls.unwrap()),
+        (tern_client::Transport::Quic, gw.quic.unwrap()),
+    ] {
+        assert_eq!(addr.ip().to_string(), "127.0.0.2");
+        let config = |ca: bool, pin: Option<[u8; 32]>| {
+            let mut config = tern_client::ClientConfig::new(addr, gw.token("carol"), "laptop");
+            config.transport = transport;
+            config.ca = ca.then(|| gw.dev_cert());
+            config.pin = pin;
+            config.connect_timeout = std::time::Duration::from_secs(5);
+            config
+        };
+        match rt.block_on(tern_client::Client::connect(config(true, None))) {
+            Err(tern_client::ClientError::Tls { reason, .. }) => {
+                assert!(
+                    reason.contains("not valid for name"),
+                    "{transport}: {reason}"
+                );
+            }
+            other => panic!("{transport}: expected a TLS error, got {other:?}"),
+        }
+        match rt.block_on(tern_client::Client::connect(config(false, Some(wrong)))) {
+            Err(tern_client::ClientError::Tls { reason, .. }) => {
+                assert!(reason.contains("not the pinned"), "{transport}: {reason}");
+            }
+            other => panic!("{transport}: expected a TLS error, got {other:?}"),
+        }
+        let client = rt
+            .block_on(tern_client::Client::connect(config(false, Some(pin))))
+            .unwrap_or_else(|e| panic!("{transport}: {e}"));
+        assert_eq!(client.login().unwrap().user_id, "carol");
+        rt.block_on(client.close());
+        assert!(matches!(
+            rt.block_on(tern_client::Client::connect(config(true, Some(pin)))),
+            Err(tern_client::ClientError::Config(_))
+        ));
+    }
+}
