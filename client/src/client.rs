@@ -156,6 +156,11 @@ pub fn new_client_msg_id() -> String {
     crate::line::hex(&bytes)
 }
 
+/// The server's clock (`server_time_ms` of a HelloOk just read) minus this machine's.
+fn clock_skew(server_time_ms: u64) -> i64 {
+    i64::try_from(server_time_ms).unwrap_or(i64::MAX) - i64::try_from(now_ms()).unwrap_or(i64::MAX)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -198,7 +203,7 @@ impl Client {
         shared
             .sync_version
             .store(session.sync_version(), Ordering::Relaxed);
-        let session_id = ok.session_id;
+        let (session_id, server_time_ms) = (ok.session_id, ok.server_time_ms);
         *lock(&shared.login) = Some(ok);
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (events, event_rx) = mpsc::unbounded_channel();
@@ -223,6 +228,7 @@ impl Client {
             refresh_at: None,
             fetching: None,
             expired: false,
+            clock_skew_ms: clock_skew(server_time_ms),
         };
         let request_timeout = driver.config.request_timeout;
         tokio::spawn(driver.run(leg, conn));
@@ -403,11 +409,12 @@ impl Client {
     /// current one expires, without reconnecting, and returns the new expiry (Unix seconds, also
     /// in [`Client::login`]'s `token_expires_at`). When the current token expires without a
     /// refresh, the server ends the session with Kick `EXPIRED` and the client stops
-    /// ([`ClientError::Kicked`]). The server refuses a token that is invalid, expired, revoked,
-    /// of another user or bound to another device ([`ClientError::Server`] with `TOKEN_INVALID`,
-    /// `TOKEN_EXPIRED` or `TOKEN_REVOKED`), and the session keeps its current token. Reconnects
-    /// log in with the last accepted token; while the client is reconnecting, the call fails
-    /// with [`ClientError::Disconnected`] and the next login presents `token`.
+    /// ([`ClientError::Kicked`]), unless it has a [`TokenSource`](crate::TokenSource) to log in
+    /// again with. The server refuses a token that is invalid, expired, revoked, of another user
+    /// or bound to another device ([`ClientError::Server`] with `TOKEN_INVALID`, `TOKEN_EXPIRED`
+    /// or `TOKEN_REVOKED`), and the session keeps its current token. Reconnects log in with the
+    /// last accepted token; while the client is reconnecting, the call fails with
+    /// [`ClientError::Disconnected`] and changes nothing.
     pub async fn refresh_token(&self, token: impl Into<String>) -> Result<u64> {
         match self
             .request(Body::Refresh(Refresh {
@@ -796,6 +803,8 @@ struct Driver {
     fetching: Option<tokio::task::JoinHandle<std::result::Result<String, String>>>,
     /// The session ended because its token expired: the next login needs a fresh token.
     expired: bool,
+    /// The server's clock minus this machine's, as of the last login (ms).
+    clock_skew_ms: i64,
 }
 
 /// How long to wait before asking a token source again after it or the server refused.
@@ -947,13 +956,6 @@ impl Driver {
                             self.outbox.retain(|(_, reply)| !reply.is_closed());
                             self.outbox.push((body, reply));
                         }
-                        Some(Command::Request { body, reply }) if matches!(*body, Body::Refresh(_)) => {
-                            // The next login presents it; the server checks it then.
-                            if let Body::Refresh(r) = *body {
-                                self.config.token = r.token;
-                            }
-                            let _ = reply.send(Err(ClientError::Disconnected));
-                        }
                         Some(Command::Request { reply, .. } | Command::Sync { reply }) => {
                             let _ = reply.send(Err(ClientError::Disconnected));
                         }
@@ -997,6 +999,7 @@ impl Driver {
                     tracing::info!(session = ok.session_id, transport = %self.legs[leg].transport, "reconnected");
                     self.session_id = ok.session_id;
                     self.presence_leg = leg;
+                    self.clock_skew_ms = clock_skew(ok.server_time_ms);
                     *lock(&self.shared.login) = Some(ok);
                     self.send_outbox();
                     self.emit(Event::Reconnected);
@@ -1313,7 +1316,12 @@ impl Driver {
                 }, if !fetching => {
                     self.refresh_at = None;
                     if let Some(source) = &self.config.token_source {
-                        self.fetching = Some(tokio::spawn(source.fetch()));
+                        let (fetch, wait) = (source.fetch(), self.config.request_timeout);
+                        self.fetching = Some(tokio::spawn(async move {
+                            tokio::time::timeout(wait, fetch)
+                                .await
+                                .unwrap_or_else(|_| Err("no answer in time".to_owned()))
+                        }));
                     }
                 }
                 token = next_token(&mut self.fetching), if fetching => {
@@ -1398,9 +1406,13 @@ impl Driver {
                                 lost.push((leg, error));
                             }
                         }
-                        let (pending, session) = (&self.pending, &self.session);
-                        conn.requests
-                            .retain(|id| pending.contains_key(id) || session.is_sync(*id));
+                        let (pending, session, refreshes) =
+                            (&self.pending, &self.session, &self.refreshes);
+                        conn.requests.retain(|id| {
+                            pending.contains_key(id)
+                                || session.is_sync(*id)
+                                || refreshes.contains_key(id)
+                        });
                     }
                     // Requests whose caller gave up (timeout) need no answer.
                     self.pending.retain(|_, reply| !reply.is_closed());
@@ -1464,7 +1476,16 @@ impl Driver {
                 continue;
             }
             self.copies.remove(id);
-            if let Some(again) = self.session.sync_lost(*id) {
+            if let Some(token) = self.refreshes.remove(id) {
+                // A Refresh goes again on the paths that are left.
+                let again = self.session.request(Body::Refresh(Refresh {
+                    token: token.clone(),
+                }));
+                self.refreshes.insert(again, token);
+                if let Some(reply) = self.pending.remove(id) {
+                    self.pending.insert(again, reply);
+                }
+            } else if let Some(again) = self.session.sync_lost(*id) {
                 if let Some(reply) = self.pending.remove(id) {
                     self.pending.insert(again, reply);
                 }
@@ -1492,7 +1513,9 @@ impl Driver {
         if self.config.token_source.is_none() || expires_at == 0 {
             return;
         }
-        let left = expires_at.saturating_mul(1000).saturating_sub(now_ms());
+        // By the server's clock, which decides.
+        let server_now = now_ms().saturating_add_signed(self.clock_skew_ms);
+        let left = expires_at.saturating_mul(1000).saturating_sub(server_now);
         let margin = (left / 10).max(1000);
         let delay = Duration::from_millis(left.saturating_sub(margin)).max(MIN_REFRESH_DELAY);
         self.refresh_at = Some(tokio::time::Instant::now() + delay);

@@ -158,7 +158,8 @@ pub struct Config {
     /// false). When false, a member's sync and history start at the event that added them (their
     /// latest join: a member who left and came back starts at the return), as in most chat
     /// apps; members who joined before the server recorded where (older data directories) read
-    /// the whole group. Applies to hidden members too.
+    /// the whole group. Hidden members (added through the admin API) always read the whole
+    /// log.
     pub new_members_see_history: bool,
     /// Whether users who are not friends may send each other 1:1 messages (default true). When
     /// false, such a Send (or Typing notice) fails with FORBIDDEN.

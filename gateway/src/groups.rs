@@ -1293,12 +1293,10 @@ impl Core {
                 let mut removed = Vec::new();
                 let mut info = None;
                 let mut join_pending = false;
+                let mut decision = None;
                 if let Some(p) = after.change {
                     join_pending = p.join_pending;
-                    if let Some((user, name, approved)) = &p.decision {
-                        self.tell_applicant(*user, name, *approved, &sender_name, &after.name)
-                            .await;
-                    }
+                    decision = p.decision.clone();
                     if self.webhooks.wants(crate::webhook::GROUP_EVENT) {
                         // The event was encoded here a moment ago; it decodes.
                         if let Ok(event) = GroupEvent::decode(req.payload.clone()) {
@@ -1412,6 +1410,11 @@ impl Core {
                         )
                         .await;
                     }
+                }
+                // After the event: an approved applicant is a member by then.
+                if let Some((user, name, approved)) = decision {
+                    self.tell_applicant(user, &name, approved, &sender_name, &after.name)
+                        .await;
                 }
                 if !removed.is_empty() {
                     let removed = Arc::new(removed);

@@ -290,14 +290,33 @@ impl Ctx {
                 senders.insert(seq, m.sender);
             }
         }
+        // Unless new members see the history, a member has not read what came before the
+        // event that added them (their read position starts there), and the asker gets no
+        // count of a message they cannot read.
+        let hide = !self.core.cfg.new_members_see_history
+            && matches!(conversation_kind(conv), Some(ConversationKind::Group(_)));
+        let own_floor = if hide {
+            match store.read_and_joined_seq(self.user, conv) {
+                Ok((_, joined)) => joined,
+                Err(e) => return self.storage_error(rid, &e),
+            }
+        } else {
+            0
+        };
         let mut counts = vec![0u32; req.seqs.len()];
         for (i, &member) in members.iter().enumerate() {
-            let read = match store.read_seq(member, conv) {
-                Ok(r) => r,
+            let (read, joined) = match store.read_and_joined_seq(member, conv) {
+                Ok((read, joined)) if hide => (read, joined),
+                Ok((read, _)) => (read, 0),
                 Err(e) => return self.storage_error(rid, &e),
             };
             for (count, seq) in counts.iter_mut().zip(&req.seqs) {
-                if *seq > 0 && read >= *seq && senders.get(seq) != Some(&member) {
+                if *seq > 0
+                    && *seq >= joined
+                    && *seq >= own_floor
+                    && read >= *seq
+                    && senders.get(seq) != Some(&member)
+                {
                     *count += 1;
                 }
             }

@@ -718,7 +718,7 @@ async fn log_in(start: Start) -> Option<LoggedIn> {
             max_frame_bytes: core.cfg.max_frame_bytes,
             max_payload_bytes: core.cfg.max_payload_bytes,
             heartbeat_interval_ms: core.cfg.heartbeat_interval_ms,
-            token_expires_at: login.token_expires_at,
+            token_expires_at: session.token_expires_at.get(),
         },
     )));
     let mut live = Box::new(Live {
@@ -907,6 +907,8 @@ fn register(
     let mut users = core.users.borrow_mut();
     let list = users.entry(user).or_default();
     let id = core.new_session_id();
+    // A path joining a session keeps the session's expiry if a Refresh moved it past its own.
+    let mut token_expires_at = login.token_expires_at;
     let logical = if login.resume != 0 {
         let paths: Vec<usize> = (0..list.len())
             .filter(|&i| {
@@ -914,6 +916,9 @@ fn register(
                 s.logical == login.resume && s.device == login.device && !s.ending.get()
             })
             .collect();
+        for &i in &paths {
+            token_expires_at = token_expires_at.max(list[i].token_expires_at.get());
+        }
         if paths.is_empty() {
             if list.is_empty() {
                 users.remove(&user);
@@ -986,7 +991,7 @@ fn register(
         fd: std::cell::Cell::new(fd),
         park: Default::default(),
         push: Default::default(),
-        token_expires_at: std::cell::Cell::new(login.token_expires_at),
+        token_expires_at: std::cell::Cell::new(token_expires_at),
     });
     list.push(session.clone());
     core.sessions
@@ -2076,7 +2081,8 @@ impl Ctx {
         let floor = cleared.max(joined.saturating_sub(1));
         match store.read_backward(conv, before_seq, limit + 1) {
             Ok(mut msgs) => {
-                let mut has_more = msgs.len() > limit;
+                // More only if the one past the page may be read.
+                let mut has_more = msgs.len() > limit && msgs[limit].seq > floor;
                 msgs.truncate(limit);
                 // Nothing the user cleared, nor from before they joined.
                 if let Some(first_hidden) = msgs.iter().position(|m| m.seq <= floor) {

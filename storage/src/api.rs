@@ -667,6 +667,9 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
     fn set_read(&self, user: UserId, conv: ConversationId, seq: Seq) -> Completion<Seq>;
     /// The user's read position in `conv`.
     fn read_seq(&self, user: UserId, conv: ConversationId) -> Result<Seq>;
+    /// [`MessageStore::read_seq`] and [`ConversationInfo::joined_seq`] of `user` in `conv`,
+    /// from one read.
+    fn read_and_joined_seq(&self, user: UserId, conv: ConversationId) -> Result<(Seq, Seq)>;
     /// Moves a device's delivered cursor forward to `seq` (clamped to the latest seq; never
     /// backwards). Resolves to the resulting cursor.
     fn set_delivered(

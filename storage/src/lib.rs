@@ -68,8 +68,10 @@
 //! existing directory are created on open (`groups`, `relations`, `profiles` and
 //! `account_meta` in a directory written before they existed); the format version is the
 //! same, and records in the older forms decode (see [`decode_record`]; user-conversation
-//! records of 26 and 34 bytes get default values for the newer fields and are rewritten on
-//! their next change).
+//! records of 26, 34, 51 and 59 bytes get default values for the newer fields and are
+//! rewritten on their next change). The reverse does not hold: a build refuses record forms
+//! newer than itself as corrupt, so a data directory goes forward only (keep a backup to go
+//! back to an older build).
 //!
 //! **Keys written per message**: one (`messages`) in the steady state. Per committed batch:
 //! one `meta` key (the version counter) and, if the batch had idempotent appends, one

@@ -668,6 +668,14 @@ impl MessageStore for MemStore {
             .map_or(0, |r| r.read_seq))
     }
 
+    fn read_and_joined_seq(&self, user: UserId, conv: ConversationId) -> Result<(Seq, Seq)> {
+        Ok(self
+            .lock()?
+            .user_convs
+            .get(&(user, conv))
+            .map_or((0, 0), |r| (r.read_seq, r.joined_seq)))
+    }
+
     fn set_delivered(
         &self,
         user: UserId,

@@ -219,8 +219,9 @@ impl StoredMessage {
 /// `u64::MAX`: hidden until unhidden, as it was stored), records written before `joined_seq`
 /// existed the first 59 bytes (they decode with `joined_seq` 0: the member joined before the
 /// server recorded where, and may read the group from its start, as then). All are rewritten in
-/// the 67-byte form on their next change. Any other length is corrupt. Flag bits other than those listed are
-/// ignored (and written as 0).
+/// the 67-byte form on their next change. Any other length is corrupt, so a build older than a
+/// form refuses it: a data directory is not meant to go back to an older build. Flag bits
+/// other than those listed are ignored (and written as 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct UserConvRecord {
     pub active: bool,

@@ -722,17 +722,13 @@ fn approval_groups_take_join_requests_that_admins_review() {
         })
     };
     let joined = expect_event(&mut bob, GroupEventKind::GroupJoined);
-    let mut told = Vec::new();
-    for _ in 0..2 {
-        match carol.pushed() {
-            Body::Deliver(d) => {
-                assert_eq!(event(&d), joined.1);
-                assert_eq!((d.seq, d.sender.as_str()), (joined.0.seq, "alice"));
-            }
-            other => told.push(other),
-        }
-    }
-    assert_eq!(told, [decision(SocialEventKind::JoinApproved)]);
+    let (d, e) = expect_event(&mut carol, GroupEventKind::GroupJoined);
+    assert_eq!(
+        (d.seq, d.sender.as_str(), &e),
+        (joined.0.seq, "alice", &joined.1)
+    );
+    // Then the decision, once she is a member.
+    assert_eq!(carol.pushed(), decision(SocialEventKind::JoinApproved));
     assert_eq!(
         (joined.0.sender.as_str(), joined.1.user_ids),
         ("alice", users(&["carol"]))
@@ -1156,8 +1152,14 @@ fn non_members_see_only_the_public_face_of_groups_they_may_ask_to_join() {
 
 /// The seqs of a history page of `conv` read by `c` (newest first), and its `has_more`.
 fn history_seqs(c: &mut Conn, conv: u64) -> (Vec<u64>, bool) {
+    history_page(c, conv, 0)
+}
+
+/// [`history_seqs`] with a page of at most `limit` messages (0: the server's default).
+fn history_page(c: &mut Conn, conv: u64, limit: u32) -> (Vec<u64>, bool) {
     let rid = c.send_body(Body::History(HistoryRequest {
         conversation_id: conv,
+        limit,
         ..HistoryRequest::default()
     }));
     match c.recv_frame() {
@@ -1209,6 +1211,19 @@ fn a_new_member_reads_the_group_from_the_event_that_added_them() {
         });
         let all_after = |from: u64, to: u64| (from..=to).rev().collect::<Vec<_>>();
         assert_eq!(history_seqs(&mut carol, conv), (all_after(first, 5), false));
+        // A page that ends at the event that added her has nothing more.
+        assert_eq!(history_page(&mut carol, conv, 2), (vec![5, 4], see_history));
+        // Her read position starts at that event: she has not read what came before it.
+        let rid = alice.send_body(Body::GetReadCounts(tern_protocol::GetReadCounts {
+            conversation_id: conv,
+            seqs: vec![2, 5],
+        }));
+        match alice.answer(rid) {
+            Body::ReadCounts(r) => {
+                assert_eq!((r.counts, r.members), (vec![u32::from(see_history), 0], 3));
+            }
+            other => panic!("expected ReadCounts, got {other:?}"),
+        }
         drop(carol);
 
         // Kicked, then added again: from the return on.

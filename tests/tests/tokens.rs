@@ -121,12 +121,23 @@ fn a_session_ends_when_its_token_expires_unless_it_refreshed_it() {
         Body::RefreshOk(ok) => assert_eq!(ok.token_expires_at, long_exp),
         other => panic!("expected RefreshOk, got {other:?}"),
     }
+    // A path that joins the session afterwards, still with the first token, takes the
+    // session's expiry.
+    let mut late = gw.connect(Via::Tcp);
+    let mut h = hello(&short, "phone");
+    h.resume_session_id = ok.session_id;
+    late.send_body(Body::Hello(h));
+    match late.recv_frame().body {
+        Some(Body::HelloOk(joined)) => assert_eq!(joined.token_expires_at, long_exp),
+        other => panic!("expected HelloOk, got {other:?}"),
+    }
 
     // The laptop's session, on the same core with the same expiry, is kicked by the sweep that
     // would have kicked both of the phone's paths: they had a Kick queued before this Pong.
     laptop.expect_kick(KickReason::Expired);
     phone.nothing_pending();
     path.nothing_pending();
+    late.nothing_pending();
     // The expired token no longer logs in.
     let mut again = gw.connect(Via::Tcp);
     let rid = again.send_body(Body::Hello(hello(&short, "laptop")));

@@ -1208,6 +1208,15 @@ impl MessageStore for RocksStore {
             .map_or(0, |r| r.read_seq))
     }
 
+    fn read_and_joined_seq(&self, user: UserId, conv: ConversationId) -> Result<(Seq, Seq)> {
+        self.check_open()?;
+        Ok(self
+            .inner
+            .db
+            .user_conv(user, conv)?
+            .map_or((0, 0), |r| (r.read_seq, r.joined_seq)))
+    }
+
     fn set_delivered(
         &self,
         user: UserId,

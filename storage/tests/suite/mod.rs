@@ -984,6 +984,7 @@ pub fn group_change_commits_with_its_append(make: Factory) {
         assert_eq!(i.peer, Peer::Group(g));
         assert_eq!((i.latest_seq, i.left_seq, i.joined_seq), (1, 0, 1));
         assert_eq!(s.joined_seq(u, g).unwrap(), 1);
+        assert_eq!(s.read_and_joined_seq(u, conv).unwrap(), (1, 1));
         assert_eq!(i.last_version, created.version);
         assert_eq!(s.user_version(u).unwrap(), created.version);
     }
@@ -1033,6 +1034,11 @@ pub fn group_change_commits_with_its_append(make: Factory) {
         (0, back.version, back.seq)
     );
     assert_eq!(s.joined_seq(2, g).unwrap(), back.seq);
+    assert_eq!(
+        s.read_and_joined_seq(2, conv).unwrap(),
+        (back.seq, back.seq)
+    );
+    assert_eq!(s.read_and_joined_seq(3, conv).unwrap(), (0, 0));
     assert_eq!(s.joined_seq(1, g).unwrap(), 1);
     assert_eq!(s.groups_of(2).unwrap(), vec![g]);
 
