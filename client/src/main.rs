@@ -56,6 +56,16 @@ struct Cli {
     /// Login token (mint one with `tern-gateway token --user NAME`).
     #[arg(long, env = "TERN_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// A shell command that prints a fresh login token, e.g. `tern-gateway token --data-dir
+    /// ./demo --user bob --ttl 1h`: run for the first token when --token is not given, and
+    /// again before each token expires, so that `listen` and `chat` stay logged in.
+    #[arg(
+        long,
+        env = "TERN_TOKEN_COMMAND",
+        value_name = "COMMAND",
+        global = true
+    )]
+    token_command: Option<String>,
     /// Device id to log in as [default: cli-COMMAND, e.g. cli-listen]. A second login with the same device id
     /// kicks the first.
     #[arg(long, env = "TERN_DEVICE", global = true)]
@@ -604,9 +614,31 @@ async fn run(cli: Cli) -> ExitCode {
         TransportArg::Quic => Transport::Quic,
         TransportArg::Dual => Transport::Dual,
     };
-    let Some(token) = cli.token.filter(|t| !t.is_empty()) else {
-        eprintln!("error: a token is required: --token TOKEN or TERN_TOKEN");
-        return ExitCode::from(2);
+    let source = cli.token_command.clone().map(|command| {
+        tern_client::TokenSource::new(move || {
+            let command = command.clone();
+            async move {
+                tokio::task::spawn_blocking(move || run_token_command(&command))
+                    .await
+                    .map_err(|e| format!("token command: {e}"))?
+            }
+        })
+    });
+    let token = match (cli.token.filter(|t| !t.is_empty()), &cli.token_command) {
+        (Some(token), _) => token,
+        (None, Some(command)) => match run_token_command(command) {
+            Ok(token) => token,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => {
+            eprintln!(
+                "error: a token is required: --token TOKEN, TERN_TOKEN or --token-command COMMAND"
+            );
+            return ExitCode::from(2);
+        }
     };
     let device = cli
         .device
@@ -616,6 +648,7 @@ async fn run(cli: Cli) -> ExitCode {
     config.transport = transport;
     config.ca = cli.ca;
     config.pin = cli.pin;
+    config.token_source = source;
     if matches!(
         cli.command,
         Command::Send { .. }
@@ -1205,6 +1238,31 @@ async fn chat(client: &Client, user: &str) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Runs `--token-command` with `sh -c` and returns the first line it printed.
+fn run_token_command(command: &str) -> Result<String, String> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("token command: cannot run sh: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "token command failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    match String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::trim)
+    {
+        Some(token) if !token.is_empty() => Ok(token.to_owned()),
+        _ => Err("token command printed no token".to_owned()),
+    }
 }
 
 /// `--pin`: 64 hex digits (colons between bytes allowed), with or without `sha256:`.

@@ -273,3 +273,74 @@ fn run_script(script: &str, listen_out: &std::path::Path, wait_for: &str) -> (St
     assert!(out.status.success(), "{stdout}\n{stderr}");
     (stdout, stderr)
 }
+
+/// `tern listen --token-command` stays logged in past the expiry of each token: it runs the
+/// command again before each token expires (here every second, for tokens of 2 s).
+#[test]
+fn listen_with_a_token_command_outlives_its_tokens() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let command = format!(
+        "echo x >> '{}' && '{}' token --data-dir '{}' --user bob --ttl 2s",
+        calls.display(),
+        binary("tern-gateway").display(),
+        gw.data_dir.display()
+    );
+    let mut listen = Command::new(binary("tern"))
+        .arg("--server")
+        .arg(gw.addr.to_string())
+        .arg("--token-command")
+        .arg(&command)
+        .args(["listen", "--count", "2", "--timeout", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = listen.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let logged_in = lines
+        .by_ref()
+        .take(20)
+        .any(|l| l.unwrap_or_default().starts_with('#'));
+    assert!(logged_in, "listen did not report its login");
+    let errors = std::thread::spawn(move || {
+        lines
+            .map_while(Result::ok)
+            .filter(|l| {
+                !l.starts_with('#')
+                    || ["disconnected", "reconnected", "kicked"]
+                        .iter()
+                        .any(|w| l.contains(w))
+            })
+            .collect::<Vec<_>>()
+    });
+    let alice = gw.token("alice");
+    succeeds(tern(&gw, &alice).args(["send", "--to", "bob", "before"]));
+    // The fourth token is fetched at least 1.5 s after the first, which has expired by then.
+    let started = std::time::Instant::now();
+    let count = || {
+        std::fs::read_to_string(&calls)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    while count() < 4 {
+        assert!(
+            started.elapsed() < WAIT,
+            "the token command ran {} times",
+            count()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    succeeds(tern(&gw, &alice).args(["send", "--to", "bob", "after"]));
+    let status = wait_child(&mut listen, WAIT).expect("listen exits after two messages");
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut listen.stdout.take().unwrap(), &mut printed).unwrap();
+    assert!(status.success(), "{printed}");
+    assert_eq!(
+        seqs_and_texts(&printed),
+        [("seq=1", "before"), ("seq=2", "after")]
+    );
+    // Never kicked or reconnected: the same session all along.
+    assert_eq!(errors.join().unwrap(), Vec::<String>::new());
+}
