@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How durable an append must be before the sender gets its SendAck.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// Acknowledge after the write-ahead log is fsynced (one fsync per group commit). Default.
@@ -22,7 +22,7 @@ pub enum Durability {
 }
 
 /// What a login over `max_devices_per_user` does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceLimitPolicy {
     /// The new login is refused with `TOO_MANY_DEVICES` (default).
@@ -34,7 +34,7 @@ pub enum DeviceLimitPolicy {
 
 /// Every option of the gateway. Field docs are the reference; `tern-gateway --help` and
 /// docs/architecture.md point here.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// TCP listen address for client connections. Default `127.0.0.1:7600`.
@@ -71,6 +71,7 @@ pub struct Config {
     pub min_sync_interval_us: u64,
     /// Secret used to sign tokens (at least 32 characters). Default: generated on first start and
     /// stored in `<data_dir>/secret`.
+    #[serde(skip_serializing)]
     pub secret: Option<String>,
     /// Maximum frame size in bytes (the length prefix). Default 1 MiB.
     pub max_frame_bytes: u32,
@@ -195,6 +196,7 @@ pub struct Config {
     pub api: Option<SocketAddr>,
     /// The admin secret API requests present as `Authorization: Bearer <secret>` (at least 32
     /// characters). Default: generated on first start and stored in `<data_dir>/api_secret`.
+    #[serde(skip_serializing)]
     pub api_secret: Option<String>,
     /// API requests per second, all callers together (bursts up to twice that); more get 429
     /// RATE_LIMITED. 0 = no limit. Default 2,000.

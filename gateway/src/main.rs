@@ -22,7 +22,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "tern-gateway", version)]
 struct Cli {
-    /// TOML config file (see Config in gateway/src/config.rs for every key).
+    /// TOML config file (`tern-gateway config` prints every key; Config in
+    /// gateway/src/config.rs documents them).
     #[arg(long, env = "TERN_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Data directory (message log, secret). Default ./tern-data.
@@ -90,6 +91,10 @@ enum Command {
         #[arg(long, conflicts_with = "ttl")]
         expires_at: Option<u64>,
     },
+    /// Print the configuration the server would run with (every key: the defaults, the file,
+    /// TERN_SET, --set and the flags applied), as TOML a --config file may hold. Secrets are
+    /// left out.
+    Config,
 }
 
 fn load_config(cli: &Cli) -> Result<Config, String> {
@@ -165,6 +170,19 @@ fn main() -> ExitCode {
         }
     };
     match &cli.command {
+        Some(Command::Config) => match toml::to_string(&cfg) {
+            Ok(text) => {
+                println!(
+                    "# The configuration tern-gateway would run with. Not printed: secret,\n\
+                     # api_secret, webhook.secret and notify.webhook.secret.\n{text}"
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot print the configuration: {e}");
+                ExitCode::from(1)
+            }
+        },
         Some(Command::Token {
             user,
             ttl,

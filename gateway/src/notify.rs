@@ -117,7 +117,7 @@ const MAX_ANSWER_BYTES: usize = 64 << 10;
 const WARN_EVERY_MS: u64 = 10_000;
 
 /// The `[notify]` table of the gateway config. A provider is on when its table is present.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NotifyConfig {
     /// `[notify.webhook]`: notifications go to the app's server.
@@ -163,12 +163,13 @@ impl Default for NotifyConfig {
 }
 
 /// The `[notify.webhook]` table.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NotifyWebhookConfig {
     /// The app's endpoint, `http://` or `https://`. Required.
     pub url: String,
     /// HMAC-SHA256 key of the `X-Tern-Signature` header. Required; never logged.
+    #[serde(skip_serializing)]
     pub secret: String,
     /// Time limit of one attempt in milliseconds. Default 5000.
     pub timeout_ms: u64,
@@ -196,7 +197,7 @@ impl fmt::Debug for NotifyWebhookConfig {
 
 /// The `[notify.apns]` table: token-based authentication with a key from Apple's developer
 /// account.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApnsConfig {
     /// The 10-character team id. Required.
@@ -227,7 +228,7 @@ impl Default for ApnsConfig {
 }
 
 /// The `[notify.fcm]` table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FcmConfig {
     /// The service account's JSON key file from the Google Cloud console (`project_id`,

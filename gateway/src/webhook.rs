@@ -109,7 +109,7 @@ const DRAIN_BYTES: usize = 64 << 10;
 const WARN_EVERY_MS: u64 = 10_000;
 
 /// The `[webhook]` table of the gateway config.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhookConfig {
     /// The app's endpoint, `http://` or `https://`. Default empty: no webhooks (`emit` does
@@ -117,6 +117,7 @@ pub struct WebhookConfig {
     pub url: String,
     /// HMAC-SHA256 key signing every request; required when `url` is set. Default empty.
     /// Never logged.
+    #[serde(skip_serializing)]
     pub secret: String,
     /// Time limit of one after-event attempt (connect, send, answer), in milliseconds.
     /// Default 3000.

@@ -494,3 +494,87 @@ fn any_key_can_be_set_on_the_command_line() {
     let rid = laptop.send_body(Body::Hello(hello(&gw.token("alice"), "laptop")));
     assert_eq!(laptop.expect_error(ErrorCode::TooManyDevices), (rid, true));
 }
+
+/// `tern-gateway config` prints the configuration the server would run with: every key, with
+/// the file, TERN_SET, --set and the flags applied, as TOML that the server takes back as its
+/// --config file, without the secrets. It touches no data directory.
+#[test]
+fn the_effective_configuration_is_printed_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(&file, "max_page = 77\nrecall_window_ms = 5000\n").unwrap();
+    let data = dir.path().join("data");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(tern_tests::binary("tern-gateway"))
+            .arg("--config")
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(extra)
+            .env("TERN_SET", "max_friends=12;recall_window_ms=6000")
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "--tcp",
+        "127.0.0.1:9999",
+        "--set",
+        "recall_window_ms=7000",
+        "--set",
+        "secret=0123456789abcdef0123456789abcdef-not-printed",
+        "--set",
+        "webhook.url=http://127.0.0.1:9/hook",
+        "--set",
+        "webhook.secret=0123456789abcdef0123456789abcdef-not-printed",
+        "config",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("not-printed"), "{text}");
+    let printed: toml::Table = text.parse().unwrap();
+    for (key, want) in [
+        ("max_page", toml::Value::Integer(77)),
+        ("max_friends", toml::Value::Integer(12)),
+        ("recall_window_ms", toml::Value::Integer(7000)),
+        ("tcp", toml::Value::String("127.0.0.1:9999".into())),
+        ("durability", toml::Value::String("fsync".into())),
+        ("new_members_see_history", toml::Value::Boolean(false)),
+    ] {
+        assert_eq!(printed.get(key), Some(&want), "{key} in\n{text}");
+    }
+    assert_eq!(
+        printed["webhook"]["url"],
+        toml::Value::String("http://127.0.0.1:9/hook".into())
+    );
+    assert!(!data.exists(), "the data directory was created");
+    // The printout is a configuration file the server takes (with the webhook's secret given
+    // again): printed again from it, it is the same.
+    std::fs::write(&file, &text).unwrap();
+    let again = run(&[
+        "--set",
+        "webhook.secret=0123456789abcdef0123456789abcdef-not-printed",
+        "config",
+    ]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let reprinted: toml::Table = String::from_utf8(again.stdout).unwrap().parse().unwrap();
+    let mut expected = printed.clone();
+    // TERN_SET still sets recall_window_ms; the flags of the first run are not given again.
+    expected.insert("recall_window_ms".into(), toml::Value::Integer(6000));
+    assert_eq!(reprinted, expected);
+    // A bad value is refused naming its key, as when the server starts.
+    let bad = run(&["--set", "max_page=0", "config"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("`max_page`"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
