@@ -165,6 +165,10 @@ pub struct Config {
     /// Whether users who are not friends may send each other 1:1 messages (default true). When
     /// false, such a Send (or Typing notice) fails with FORBIDDEN.
     pub allow_non_friend_messages: bool,
+    /// Whether blocking a friend keeps the friendship (default false: blocking ends it both
+    /// ways, with `FRIEND_DELETED` to both users, and drops friend requests between the two,
+    /// as Tencent Cloud IM does by default).
+    pub block_keeps_friends: bool,
     /// A live room with at least this many viewers on one core gets its messages in batches on
     /// that core: each flush writes every viewer once, with everything that arrived since the
     /// last, instead of once per message. 0 turns batching off. Default 1,000.
@@ -257,6 +261,7 @@ impl Default for Config {
             group_max_hidden_members: 100,
             new_members_see_history: false,
             allow_non_friend_messages: true,
+            block_keeps_friends: false,
             room_batch_viewers: 1_000,
             room_batch_ms: 200,
             room_writes_per_sec: 10_000,

@@ -348,13 +348,28 @@ impl Ctx {
             }
             Op::Block(req) => {
                 let other = self.other_user(&req.user_id)?;
-                self.write_relations(vec![RelationChange {
+                let mut changes = vec![RelationChange {
                     user: me,
                     kind: RelationKind::Blocked,
                     other,
                     value: Some(bytes::Bytes::new()),
-                }])
-                .await?;
+                }];
+                // Blocking ends a friendship both ways, and any request between the two,
+                // unless the server keeps friends.
+                let were_friends = !self.core.cfg.block_keeps_friends
+                    && self.relation(me, RelationKind::Friend, other)?.is_some();
+                if !self.core.cfg.block_keeps_friends {
+                    changes.extend(
+                        Self::befriend(me, other)
+                            .into_iter()
+                            .map(|c| RelationChange { value: None, ..c }),
+                    );
+                }
+                self.write_relations(changes).await?;
+                if were_friends {
+                    self.notify(other, &req.user_id, SocialEventKind::FriendDeleted, "")
+                        .await;
+                }
             }
             Op::Unblock(req) => {
                 let other = self.other_user(&req.user_id)?;

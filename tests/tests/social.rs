@@ -644,3 +644,85 @@ fn a_message_older_than_the_recall_window_stays() {
         other => panic!("expected HistoryPage, got {other:?}"),
     }
 }
+
+/// Blocking a friend ends the friendship both ways (FRIEND_DELETED to the other user and to
+/// the blocker's other devices) and drops requests between the two; with
+/// `block_keeps_friends = true` the friendship stays. Either way the blocked user cannot
+/// message the blocker.
+#[test]
+fn blocking_a_friend_ends_the_friendship_unless_the_server_keeps_friends() {
+    for keep in [false, true] {
+        let setting = format!("block_keeps_friends={keep}");
+        let gw = Gateway::start(&["--cores", "2", "--set", &setting]);
+        let mut alice = login(&gw, "alice", "phone");
+        let mut bob = login(&gw, "bob", "phone");
+        let mut bob_laptop = login(&gw, "bob", "laptop");
+        let mut carol = login(&gw, "carol", "phone");
+        social(&mut alice, add("bob", "hi"));
+        for b in [&mut bob, &mut bob_laptop] {
+            b.pushed();
+        }
+        social(
+            &mut bob,
+            Op::AcceptFriend(AcceptFriend {
+                user_id: "alice".into(),
+            }),
+        );
+        alice.pushed();
+        bob_laptop.pushed();
+        // Bob asked carol, who has not answered, and blocks both.
+        social(&mut bob, add("carol", "hello"));
+        carol.pushed();
+        for user in ["alice", "carol"] {
+            social(
+                &mut bob,
+                Op::Block(Block {
+                    user_id: user.into(),
+                }),
+            );
+        }
+        if !keep {
+            assert_eq!(
+                alice.pushed(),
+                event(SocialEventKind::FriendDeleted, "bob", "")
+            );
+            assert_eq!(
+                bob_laptop.pushed(),
+                event(SocialEventKind::FriendDeleted, "alice", "")
+            );
+        }
+        let friends = if keep { vec!["alice"] } else { vec![] };
+        assert_eq!(
+            names(&list(&mut bob, ListKind::ListFriends, 10)),
+            friends,
+            "{setting}"
+        );
+        let friends = if keep { vec!["bob"] } else { vec![] };
+        assert_eq!(
+            names(&list(&mut alice, ListKind::ListFriends, 10)),
+            friends,
+            "{setting}"
+        );
+        let requests = if keep { vec!["bob"] } else { vec![] };
+        assert_eq!(
+            names(&list(&mut carol, ListKind::ListRequestsReceived, 10)),
+            requests,
+            "{setting}"
+        );
+        let requests = if keep { vec!["carol"] } else { vec![] };
+        assert_eq!(
+            names(&list(&mut bob, ListKind::ListRequestsSent, 10)),
+            requests,
+            "{setting}"
+        );
+        alice.nothing_pending();
+        bob_laptop.nothing_pending();
+        carol.nothing_pending();
+        assert_eq!(
+            names(&list(&mut bob, ListKind::ListBlocked, 10)),
+            ["alice", "carol"]
+        );
+        let rid = send(&mut alice, "bob", "a1", "still friends?");
+        assert_eq!(alice.expect_error(ErrorCode::Blocked), (rid, false));
+    }
+}
