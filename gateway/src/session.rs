@@ -558,6 +558,22 @@ pub async fn quic_accept_loop(core: Rc<Core>, listener: tern_quic::Listener) {
         })
         .detach();
     }
+    // Each session ends with Kick SHUTDOWN, and its connection then closes itself once the
+    // client has read that (see `run_quic_end`). Closing every connection now would throw the
+    // Kick away with whatever else is in flight: wait for them within the shutdown bound,
+    // turning away connections that arrive meanwhile, then close what is left.
+    let turn_away = async {
+        while let Some(conn) = listener.accept().await {
+            conn.close(tern_quic::VarInt::from_u32(0), b"shutting down");
+        }
+        std::future::pending::<()>().await;
+    };
+    let bound = Duration::from_millis(core.cfg.shutdown_timeout_ms);
+    future::or(
+        turn_away,
+        future::or(listener.wait_idle(), glommio::timer::sleep(bound)),
+    )
+    .await;
     listener.close(tern_quic::VarInt::from_u32(0), b"shutting down");
     let _ = future::or(
         listener.wait_idle(),

@@ -25,6 +25,7 @@ over_every_transport!(
     slow_consumer_of_big_messages_is_paused_at_the_byte_bound,
     requests_pipelined_with_hello_survive_the_hand_off_to_the_users_core,
     custom_messages_pass_through_untouched,
+    a_graceful_shutdown_tells_every_client_why,
 );
 
 fn one_to_one_both_ways(via: Via) {
@@ -672,4 +673,30 @@ fn custom_messages_pass_through_untouched(via: Via) {
     };
     assert_eq!(page.messages.len(), 1);
     check(&page.messages[0]);
+}
+
+/// SIGTERM: every logged-in client gets Kick SHUTDOWN and then the end of its connection, and
+/// the gateway exits 0; after a start on the same data directory the messages are there.
+fn a_graceful_shutdown_tells_every_client_why(via: Via) {
+    let mut gw = Gateway::start_via(via, &[]);
+    let (mut alice, _) = gw.login(via, &gw.token("alice"), "phone");
+    let (mut bob, _) = gw.login(via, &gw.token("bob"), "phone");
+    let ack = send_acked(&mut alice, "bob", "m1", "before the stop");
+    assert_eq!(text(&expect_deliver(&mut bob)), "before the stop");
+    gw.stop();
+    alice.expect_kick(tern_protocol::KickReason::Shutdown);
+    bob.expect_kick(tern_protocol::KickReason::Shutdown);
+    gw.start_again();
+    let (mut bob, _) = gw.login(via, &gw.token("bob"), "phone");
+    let rid = bob.send_body(Body::History(tern_protocol::HistoryRequest {
+        conversation_id: ack.conversation_id,
+        ..Default::default()
+    }));
+    match bob.answer(rid) {
+        Body::HistoryPage(p) => {
+            let got: Vec<(u64, &str)> = p.messages.iter().map(|m| (m.seq, text(m))).collect();
+            assert_eq!(got, [(1, "before the stop")]);
+        }
+        other => panic!("expected HistoryPage, got {other:?}"),
+    }
 }
