@@ -31,21 +31,10 @@ fn quick_start_send_listen_history() {
     let alice = gw.token("alice");
     let bob = gw.token("bob");
 
-    let mut listen = tern(&gw, &bob)
-        .args(["listen", "--count", "1", "--timeout", "20"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until the listener is logged in (it reports that on stderr) so the message arrives
-    // live rather than through its login sync; either way it must be printed exactly once.
-    let stderr = listen.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let logged_in = lines
-        .by_ref()
-        .take(20)
-        .any(|l| l.unwrap_or_default().starts_with('#'));
-    assert!(logged_in, "listen did not report its login");
+    // Once the listener is logged in the message arrives live rather than through its login
+    // sync; either way it must be printed exactly once.
+    let (mut listen, lines) =
+        spawn_logged_in(tern(&gw, &bob).args(["listen", "--count", "1", "--timeout", "20"]));
     std::thread::spawn(move || for _ in lines {});
 
     let ack = succeeds(tern(&gw, &alice).args(["send", "--to", "bob", "hello bob"]));
@@ -85,6 +74,28 @@ fn quick_start_send_listen_history() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NOT_FOUND (3003)"), "{err}");
+}
+
+/// Spawns `tern` `command` with its output piped, and waits until it reports its login (a `#`
+/// line on stderr); the child and the rest of its stderr.
+fn spawn_logged_in(
+    command: &mut Command,
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStderr>>,
+) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let logged_in = lines
+        .by_ref()
+        .take(20)
+        .any(|l| l.unwrap_or_default().starts_with('#'));
+    assert!(logged_in, "tern did not report its login");
+    (child, lines)
 }
 
 /// The `seq=` word and the text of each line `tern` printed in the `listen` format.
@@ -287,23 +298,14 @@ fn listen_with_a_token_command_outlives_its_tokens() {
         binary("tern-gateway").display(),
         gw.data_dir.display()
     );
-    let mut listen = Command::new(binary("tern"))
-        .arg("--server")
-        .arg(gw.addr.to_string())
-        .arg("--token-command")
-        .arg(&command)
-        .args(["listen", "--count", "2", "--timeout", "30"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = listen.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let logged_in = lines
-        .by_ref()
-        .take(20)
-        .any(|l| l.unwrap_or_default().starts_with('#'));
-    assert!(logged_in, "listen did not report its login");
+    let (mut listen, lines) = spawn_logged_in(
+        Command::new(binary("tern"))
+            .arg("--server")
+            .arg(gw.addr.to_string())
+            .arg("--token-command")
+            .arg(&command)
+            .args(["listen", "--count", "2", "--timeout", "30"]),
+    );
     let errors = std::thread::spawn(move || {
         lines
             .map_while(Result::ok)

@@ -531,23 +531,54 @@ async fn a_send_over_the_frame_limit_fails_alone() {
     assert_eq!(proxy.accepted(), 1, "one connection all along");
 }
 
-/// A client that refreshed its token outlives the first one, and logs in with the new one after
-/// a reconnect; a client that did not is stopped with Kick EXPIRED when its token expires.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refreshed_token_outlives_the_first_and_serves_the_reconnect() {
-    let gw = Gateway::start(&["--cores", "2"]);
-    let proxy = tern_tests::proxy::TcpProxy::start(gw.addr);
+/// Two tokens of alice minted now: one for an hour and one that expires in 2–3 s, each with
+/// its expiry (Unix seconds): `(long_exp, long, exp, short)`.
+fn long_and_short_tokens(gw: &Gateway) -> (u64, String, u64, String) {
     let now = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs()
     };
-    let other_user = gw.token("bob");
     let long_exp = now() + 3600;
     let long = gw.token_with("alice", &["--expires-at", &long_exp.to_string()]);
     let exp = now() + 3;
     let short = gw.token_with("alice", &["--expires-at", &exp.to_string()]);
+    (long_exp, long, exp, short)
+}
+
+/// Logs a tablet of alice in with `token` (no token source) and waits until it stops because
+/// the token expired (Kick EXPIRED).
+async fn tablet_stopped_at_expiry(gw: &Gateway, token: String) {
+    let tablet = Client::connect(ClientConfig::new(gw.addr.to_string(), token, "tablet"))
+        .await
+        .unwrap();
+    let mut tablet_in = tablet.incoming();
+    let stopped = next(&mut tablet_in, |e| match e {
+        Event::Stopped(error) => Some(error),
+        _ => None,
+    })
+    .await;
+    assert!(
+        matches!(
+            stopped,
+            ClientError::Kicked {
+                reason: tern_client::KickReason::Expired,
+                ..
+            }
+        ),
+        "{stopped:?}"
+    );
+}
+
+/// A client that refreshed its token outlives the first one, and logs in with the new one after
+/// a reconnect; a client that did not is stopped with Kick EXPIRED when its token expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_token_outlives_the_first_and_serves_the_reconnect() {
+    let gw = Gateway::start(&["--cores", "2"]);
+    let proxy = tern_tests::proxy::TcpProxy::start(gw.addr);
+    let other_user = gw.token("bob");
+    let (long_exp, long, exp, short) = long_and_short_tokens(&gw);
 
     let mut config = quick_reconnects(&gw, "alice");
     config.server = proxy.addr.to_string();
@@ -567,25 +598,7 @@ async fn a_refreshed_token_outlives_the_first_and_serves_the_reconnect() {
 
     // The tablet, on the same core with the first token, is stopped when it expires; by then the
     // phone's old expiry has passed as well.
-    let tablet = Client::connect(ClientConfig::new(gw.addr.to_string(), short, "tablet"))
-        .await
-        .unwrap();
-    let mut tablet_in = tablet.incoming();
-    let stopped = next(&mut tablet_in, |e| match e {
-        Event::Stopped(error) => Some(error),
-        _ => None,
-    })
-    .await;
-    assert!(
-        matches!(
-            stopped,
-            ClientError::Kicked {
-                reason: tern_client::KickReason::Expired,
-                ..
-            }
-        ),
-        "{stopped:?}"
-    );
+    tablet_stopped_at_expiry(&gw, short).await;
     phone.ping().await.expect("the refreshed session goes on");
 
     // A reconnect logs in with the refreshed token (the first one is refused by now).
@@ -607,16 +620,7 @@ async fn a_refreshed_token_outlives_the_first_and_serves_the_reconnect() {
 async fn a_token_source_keeps_the_client_logged_in_past_each_expiry() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let gw = Gateway::start(&["--cores", "2"]);
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    };
-    let long_exp = now() + 3600;
-    let long = gw.token_with("alice", &["--expires-at", &long_exp.to_string()]);
-    let exp = now() + 3;
-    let short = gw.token_with("alice", &["--expires-at", &exp.to_string()]);
+    let (long_exp, long, _, short) = long_and_short_tokens(&gw);
     let with_source = |device: &str, fails: usize| {
         let mut config = quick_reconnects(&gw, "alice");
         config.token = short.clone();
@@ -641,27 +645,9 @@ async fn a_token_source_keeps_the_client_logged_in_past_each_expiry() {
     let (config, laptop_calls) = with_source("laptop", 1);
     let laptop = Client::connect(config).await.unwrap();
     let mut laptop_in = laptop.incoming();
-    let tablet = Client::connect(ClientConfig::new(gw.addr.to_string(), short, "tablet"))
-        .await
-        .unwrap();
-    let mut tablet_in = tablet.incoming();
 
-    // The tablet has no source: it stops when the token expires.
-    let stopped = next(&mut tablet_in, |e| match e {
-        Event::Stopped(error) => Some(error),
-        _ => None,
-    })
-    .await;
-    assert!(
-        matches!(
-            stopped,
-            ClientError::Kicked {
-                reason: tern_client::KickReason::Expired,
-                ..
-            }
-        ),
-        "{stopped:?}"
-    );
+    // A tablet without a source stops when the token expires.
+    tablet_stopped_at_expiry(&gw, short).await;
     // The phone refreshed before that, on the same connection.
     assert_eq!(phone.login().unwrap().token_expires_at, long_exp);
     assert_eq!(phone_calls.load(Ordering::SeqCst), 1);
