@@ -237,7 +237,9 @@
 //! file in [`ClientConfig::ca`] (e.g. the gateway's development certificate,
 //! `<data-dir>/tls/cert.pem`) or, without one, the Mozilla roots compiled in; the server name is
 //! the host part of [`ClientConfig::server`] (an IP address for an IP literal, then no SNI is
-//! sent). Handshake failures — an untrusted certificate, one for another name, a TLS alert from
+//! sent). With [`ClientConfig::pin`] instead, the one certificate with that SHA-256 is trusted,
+//! whatever its issuer and names (the handshake's signatures are still checked); it applies to
+//! TLS and QUIC only, not to plain TCP (nor the TCP path of the dual channel). Handshake failures — an untrusted certificate, one for another name, a TLS alert from
 //! the server, a server that does not speak TLS — are [`ClientError::Tls`], whose reason names
 //! the problem and what was trusted; QUIC's ALPN refusal is [`ClientError::Alpn`]; an unusable
 //! CA file is [`ClientError::CaFile`], reported before any connection is made.

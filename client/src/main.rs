@@ -402,7 +402,8 @@ enum FriendCommand {
         /// The friend.
         user: String,
     },
-    /// Block a user: their 1:1 messages and friend requests are refused.
+    /// Block a user: their 1:1 messages and friend requests are refused, and a friendship with
+    /// them ends (unless the server keeps friends).
     Block {
         /// The user.
         user: String,
@@ -617,22 +618,26 @@ async fn run(cli: Cli) -> ExitCode {
     let source = cli.token_command.clone().map(|command| {
         tern_client::TokenSource::new(move || {
             let command = command.clone();
-            async move {
-                tokio::task::spawn_blocking(move || run_token_command(&command))
-                    .await
-                    .map_err(|e| format!("token command: {e}"))?
-            }
+            async move { run_token_command(&command).await }
         })
     });
     let token = match (cli.token.filter(|t| !t.is_empty()), &cli.token_command) {
         (Some(token), _) => token,
-        (None, Some(command)) => match run_token_command(command) {
-            Ok(token) => token,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(2);
+        (None, Some(command)) => {
+            match tokio::time::timeout(TOKEN_COMMAND_TIMEOUT, run_token_command(command))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "token command: no token within {TOKEN_COMMAND_TIMEOUT:?}"
+                    ))
+                }) {
+                Ok(token) => token,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
             }
-        },
+        }
         (None, None) => {
             eprintln!(
                 "error: a token is required: --token TOKEN, TERN_TOKEN or --token-command COMMAND"
@@ -1240,13 +1245,20 @@ async fn chat(client: &Client, user: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Runs `--token-command` with `sh -c` and returns the first line it printed.
-fn run_token_command(command: &str) -> Result<String, String> {
-    let out = std::process::Command::new("sh")
+/// How long the first `--token-command` may take (later ones are bounded by the client's
+/// request timeout).
+const TOKEN_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `--token-command` with `sh -c` and returns the first line it printed. The shell is
+/// killed if the future is dropped (a timeout).
+async fn run_token_command(command: &str) -> Result<String, String> {
+    let out = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)
         .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
         .output()
+        .await
         .map_err(|e| format!("token command: cannot run sh: {e}"))?;
     if !out.status.success() {
         return Err(format!(

@@ -169,7 +169,9 @@ impl Client {
         self.social(op).await.map(drop)
     }
 
-    /// Blocks `user`: their 1:1 messages and friend requests are refused with `BLOCKED`.
+    /// Blocks `user`: their 1:1 messages and friend requests are refused with `BLOCKED`, and a
+    /// friendship with them ends, with the requests between you (unless the server sets
+    /// `block_keeps_friends`).
     pub async fn block(&self, user: impl Into<String>) -> Result<()> {
         let op = Op::Block(Block {
             user_id: user.into(),

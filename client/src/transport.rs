@@ -284,11 +284,16 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
         if got == self.pin {
             Ok(rustls::client::danger::ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!(
-                "the server's certificate has SHA-256 {}, not the pinned {}",
-                hex(&got),
-                hex(&self.pin)
-            )))
+            // A certificate error, so that the server gets a bad_certificate alert.
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+                    std::io::Error::other(format!(
+                        "the server's certificate has SHA-256 {}, not the pinned {}",
+                        hex(&got),
+                        hex(&self.pin)
+                    )),
+                ))),
+            ))
         }
     }
 

@@ -32,6 +32,32 @@ pub enum DeviceLimitPolicy {
     KickOldest,
 }
 
+/// An optional listen address whose absence is written `"off"` (TOML has no null).
+mod address_or_off {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "off" {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            D::Error::custom(format!(
+                "expected an address such as \"127.0.0.1:7680\" or \"off\", got {text:?}"
+            ))
+        })
+    }
+}
+
 /// Every option of the gateway. Field docs are the reference; `tern-gateway --help` and
 /// docs/architecture.md point here.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -196,7 +222,8 @@ pub struct Config {
     /// recall any time). Default 120,000 (2 minutes).
     pub recall_window_ms: u64,
     /// Listen address of the admin and push HTTP API (docs/API.md). Default
-    /// `127.0.0.1:7680`; `--no-api` turns it off. HTTPS when `tls_cert` is set.
+    /// `127.0.0.1:7680`; `"off"` (or `--no-api`) turns it off. HTTPS when `tls_cert` is set.
+    #[serde(with = "address_or_off")]
     pub api: Option<SocketAddr>,
     /// The admin secret API requests present as `Authorization: Bearer <secret>` (at least 32
     /// characters). Default: generated on first start and stored in `<data_dir>/api_secret`.
