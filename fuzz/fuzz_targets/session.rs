@@ -87,7 +87,7 @@ impl Running {
             group_max_members: 8,
             // Both ways, by turns: the first gateway (the only one of a short run) with the
             // default, where a member who left and joined again reads from the return.
-            new_members_see_history: generation % 2 == 1,
+            new_members_see_history: !generation.is_multiple_of(2),
             recall_window_ms: 60_000,
             // Any room of two connections on a core takes the batched path.
             room_batch_viewers: 2,
@@ -1878,7 +1878,7 @@ fuzz_target!(|data: &[u8]| {
         unseen_requests: false,
         unanswered_sends: HashSet::new(),
         locked_out: HashSet::new(),
-        hide_history: gw.generation % 2 == 0,
+        hide_history: gw.generation.is_multiple_of(2),
     };
     for op in ops {
         h.apply(op);
