@@ -563,7 +563,9 @@ pub fn check_decoders(b: &[u8]) {
         }
         let hidden_for_good =
             expected.len() == USER_CONV_LEN_NO_HIDDEN_SEQ && expected[34] & 2 != 0;
-        expected.resize(USER_CONV_LEN, if hidden_for_good { 0xFF } else { 0 });
+        let len = expected.len().max(USER_CONV_LEN_NO_JOINED_SEQ);
+        expected.resize(len, if hidden_for_good { 0xFF } else { 0 });
+        expected.resize(USER_CONV_LEN, 0);
         assert_eq!(u.encode()[..], expected[..], "user-conversation record");
     }
     if let Ok(v) = decode_u64(b) {
@@ -871,6 +873,8 @@ mod tests {
             }
         );
         assert_eq!(no_hidden_seq.settings(1 << 40), settings);
+        check_decoders(&r.encode()[..51]);
+        check_decoders(&r.encode()[..59]);
         let mut shown_rec = r.encode();
         shown_rec[34] = 1;
         assert_eq!(
