@@ -43,7 +43,8 @@ use tern_gateway::token::{Claims, Secret};
 use tern_protocol::v1::frame::Body;
 use tern_protocol::v1::{self, group_request, social_request};
 use tern_protocol::{
-    Codec, ContentType, Deliver, ErrorCode, Frame, PROTOCOL_VERSION, Target, TargetKind,
+    Codec, ContentType, Deliver, ErrorCode, Frame, GROUP_EVENT_TYPE, PROTOCOL_VERSION, Target,
+    TargetKind,
 };
 use tern_storage::{MemStore, MessageStore};
 
@@ -1740,11 +1741,16 @@ impl Harness {
                 let Some(view) = &views[r] else {
                     continue; // banned or revoked: cannot log in to look
                 };
+                let name = self.user_name(r);
                 let found = view.get(&m.conv).is_some_and(|(state, msgs)| {
                     msgs.contains_key(&m.seq)
-                        // Sent before the sender's latest join: no longer theirs to read (the
-                        // checking device never acknowledges, so its cursor is the join's).
-                        || (self.hide_history && m.group && m.seq <= state.delivered_seq)
+                        // Sent before the sender's latest join: no longer theirs to read. The
+                        // checking device never acknowledges, so its cursor is the one before
+                        // the join, and the sync's first message must be that join.
+                        || (self.hide_history
+                            && m.group
+                            && m.seq <= state.delivered_seq
+                            && adds(msgs.get(&(state.delivered_seq + 1)), &name))
                 });
                 assert!(
                     found,
@@ -1756,6 +1762,20 @@ impl Harness {
             }
         }
     }
+}
+
+/// Whether `d` is a group event that made `user` a member (joined, or invited).
+fn adds(d: Option<&Deliver>, user: &str) -> bool {
+    let Some(d) = d else { return false };
+    if d.content_type != ContentType::System as u32 || d.custom_type != GROUP_EVENT_TYPE {
+        return false;
+    }
+    v1::GroupEvent::decode(d.payload.clone()).is_ok_and(|e| {
+        matches!(
+            v1::GroupEventKind::try_from(e.kind),
+            Ok(v1::GroupEventKind::GroupJoined | v1::GroupEventKind::GroupInvited)
+        ) && e.user_ids.iter().any(|u| u == user)
+    })
 }
 
 /// Percent-encodes a path segment or query value.
