@@ -145,8 +145,8 @@ pub struct Config {
     /// Idempotency window: a Send repeated within this many seconds with the same client message
     /// id is answered with the original SendAck.
     pub dedup_window_secs: u64,
-    /// Idempotency window by count: the most recent Sends remembered, over all users (about 120
-    /// bytes of memory each plus the id). A Send repeated after this many later Sends is stored
+    /// Idempotency window by count: the most recent Sends remembered, over all users (about 100
+    /// bytes of memory each, whatever the id's length). A Send repeated after this many later Sends is stored
     /// again even within `dedup_window_secs`: at 200,000 Sends a second the default million
     /// covers 5 seconds. At least 1000.
     pub dedup_window_entries: usize,

@@ -1,8 +1,10 @@
 //! The in-memory idempotency index shared by both stores.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::hash::Hasher;
 use std::time::Duration;
+
+use siphasher::sip128::{Hasher128, SipHasher13};
 
 use crate::ids::{ConversationId, Seq, UserId};
 use crate::sharded::ShardedMap;
@@ -25,8 +27,8 @@ const ORDER_RESERVE: usize = 1 << 20;
 /// empty client message id are never de-duplicated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DedupWindow {
-    /// Maximum number of remembered appends (default 1,000,000; about 120 bytes of memory
-    /// each plus the id).
+    /// Maximum number of remembered appends (default 1,000,000; about 100 bytes of memory
+    /// each, whatever the length of the id).
     pub max_entries: usize,
     /// Maximum age of a remembered append (default 24 h).
     pub max_age: Duration,
@@ -50,11 +52,22 @@ pub(crate) struct DedupEntry {
     pub version: u64,
 }
 
-pub(crate) type DedupKey = (UserId, Arc<str>);
+/// What identifies a remembered append: a 128-bit SipHash-1-3 of (sender, client message id)
+/// under a key drawn at random for each index ([`DedupIndex::key`]).
+///
+/// Holding a fixed-size fingerprint instead of the id keeps an entry's size independent of the
+/// id's length and spares the writer an allocation, a free and a string compare per append.
+/// Two different ids of one index share a fingerprint with a probability of about
+/// n² / 2¹²⁹ (10⁻²⁷ for the million entries of the default window), and without the key,
+/// which never leaves the process, a client cannot choose ids that collide. The index is
+/// rebuilt from the dedup journal, which stores the ids, whenever the store opens.
+pub(crate) type DedupKey = u128;
 
 #[derive(Debug)]
 pub(crate) struct DedupIndex {
     window: DedupWindow,
+    /// The SipHash key of [`DedupIndex::key`].
+    hash_key: (u64, u64),
     /// Sharded: it holds up to `max_entries` (a million by default) and must not stall the
     /// writer while it grows.
     map: ShardedMap<DedupKey, DedupEntry>,
@@ -66,9 +79,19 @@ impl DedupIndex {
     pub fn new(window: DedupWindow) -> Self {
         DedupIndex {
             window,
+            hash_key: rand::random(),
             map: ShardedMap::default(),
             order: VecDeque::with_capacity(window.max_entries.min(ORDER_RESERVE)),
         }
+    }
+
+    /// The key of `sender`'s append with `client_msg_id` in this index.
+    pub fn key(&self, sender: UserId, client_msg_id: &str) -> DedupKey {
+        let mut h = SipHasher13::new_with_keys(self.hash_key.0, self.hash_key.1);
+        // The sender has a fixed width, so (sender, id) pairs cannot run into each other.
+        h.write_u64(sender);
+        h.write(client_msg_id.as_bytes());
+        h.finish128().as_u128()
     }
 
     fn max_age_ms(&self) -> u64 {
@@ -89,7 +112,7 @@ impl DedupIndex {
         while self.order.len() >= self.window.max_entries {
             self.pop_front();
         }
-        self.order.push_back((key.clone(), e.time_ms, e.version));
+        self.order.push_back((key, e.time_ms, e.version));
         self.map.insert(key, e);
     }
 
@@ -154,24 +177,41 @@ mod tests {
             max_entries: 2,
             max_age: Duration::from_millis(100),
         });
-        let k = |s: &str| (1u64, Arc::<str>::from(s));
-        d.insert(k("a"), e(1, 1000));
-        d.insert(k("b"), e(2, 1000));
-        assert_eq!(d.get(&k("a"), 1000), Some(e(1, 1000)));
-        d.insert(k("c"), e(3, 1050));
-        assert_eq!(d.get(&k("a"), 1050), None, "evicted by count");
-        assert_eq!(
-            d.get(&k("b"), 1100),
-            Some(e(2, 1000)),
-            "exactly max_age old"
-        );
-        assert_eq!(d.get(&k("b"), 1101), None, "older than max_age");
+        let (a, b, c) = (d.key(1, "a"), d.key(1, "b"), d.key(1, "c"));
+        d.insert(a, e(1, 1000));
+        d.insert(b, e(2, 1000));
+        assert_eq!(d.get(&a, 1000), Some(e(1, 1000)));
+        d.insert(c, e(3, 1050));
+        assert_eq!(d.get(&a, 1050), None, "evicted by count");
+        assert_eq!(d.get(&b, 1100), Some(e(2, 1000)), "exactly max_age old");
+        assert_eq!(d.get(&b, 1101), None, "older than max_age");
         d.evict_old(1101);
         assert_eq!(d.len(), 1);
         assert_eq!(d.oldest_version(), Some(3));
         d.rollback(3);
         assert_eq!(d.len(), 0);
-        assert_eq!(d.get(&k("c"), 1050), None);
+        assert_eq!(d.get(&c, 1050), None);
+    }
+
+    #[test]
+    fn keys_tell_senders_and_ids_apart_and_differ_between_indexes() {
+        let d = DedupIndex::new(DedupWindow::default());
+        assert_eq!(d.key(1, "m1"), d.key(1, "m1"));
+        let keys = [
+            d.key(1, "m1"),
+            d.key(2, "m1"),
+            d.key(1, "m1 "),
+            d.key(1, ""),
+            d.key(0, ""),
+        ];
+        for (i, x) in keys.iter().enumerate() {
+            for y in &keys[i + 1..] {
+                assert_ne!(x, y);
+            }
+        }
+        // Each index draws its own hash key, so fingerprints cannot be precomputed.
+        let other = DedupIndex::new(DedupWindow::default());
+        assert_ne!(d.key(1, "m1"), other.key(1, "m1"));
     }
 
     #[test]
@@ -183,12 +223,12 @@ mod tests {
         let reserved = d.order.capacity();
         assert!(reserved >= 100);
         for i in 0..1_000u64 {
-            d.insert((1, Arc::from(format!("m{i}"))), e(i + 1, 1000));
+            d.insert(d.key(1, &format!("m{i}")), e(i + 1, 1000));
         }
         assert_eq!(d.len(), 100);
         assert_eq!(d.order.capacity(), reserved);
         assert_eq!(d.oldest_version(), Some(901));
-        assert_eq!(d.get(&(1, Arc::from("m899")), 1000), None);
-        assert_eq!(d.get(&(1, Arc::from("m900")), 1000), Some(e(901, 1000)));
+        assert_eq!(d.get(&d.key(1, "m899"), 1000), None);
+        assert_eq!(d.get(&d.key(1, "m900"), 1000), Some(e(901, 1000)));
     }
 }

@@ -135,8 +135,8 @@ impl State {
         let now = now_ms().max(self.last_time);
         self.last_time = now;
         self.dedup.evict_old(now);
-        let key = (!req.client_msg_id.is_empty())
-            .then(|| (req.sender, Arc::<str>::from(req.client_msg_id.as_str())));
+        let key =
+            (!req.client_msg_id.is_empty()).then(|| self.dedup.key(req.sender, &req.client_msg_id));
         if let Some(k) = &key
             && let Some(e) = self.dedup.get(k, now)
         {

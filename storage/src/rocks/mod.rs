@@ -798,8 +798,9 @@ fn load_journal(db: &Db, opts: &StoreOptions) -> Result<(DedupIndex, Vec<(u64, u
             let mut last = key;
             for e in entries {
                 last = last.max(e.version);
+                let k = dedup.key(e.sender, &e.client_msg_id);
                 dedup.insert(
-                    (e.sender, Arc::from(e.client_msg_id.as_str())),
+                    k,
                     DedupEntry {
                         conv: e.conv,
                         seq: e.seq,

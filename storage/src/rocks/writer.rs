@@ -769,8 +769,8 @@ impl Writer {
         batch: &mut WriteBatch,
     ) -> Result<Appended> {
         let conv = req.conversation;
-        let key: Option<DedupKey> = (!req.client_msg_id.is_empty())
-            .then(|| (req.sender, Arc::<str>::from(req.client_msg_id.as_str())));
+        let key: Option<DedupKey> =
+            (!req.client_msg_id.is_empty()).then(|| self.dedup.key(req.sender, &req.client_msg_id));
         if let Some(k) = &key
             && let Some(e) = self.dedup.get(k, now)
         {
