@@ -541,8 +541,45 @@ impl Config {
     }
 }
 
+/// `url` with the password of its user info, if it has one, replaced by `REDACTED`: how URLs
+/// from the configuration are printed (`tern-gateway config`) and logged.
+pub fn redact_url(url: &str) -> std::borrow::Cow<'_, str> {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Cannot fail: a URL with a password has a host.
+            let _ = parsed.set_password(Some("REDACTED"));
+            parsed.to_string().into()
+        }
+        _ => url.into(),
+    }
+}
+
+/// `#[serde(serialize_with)]` for a URL of the configuration: see [`redact_url`].
+pub(crate) fn serialize_redacted_url<S: serde::Serializer>(
+    url: &str,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redact_url(url))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn passwords_in_urls_are_redacted_and_nothing_else_changes() {
+        assert_eq!(
+            redact_url("https://app:hunter2@hooks.example.com:8443/tern?x=1"),
+            "https://app:REDACTED@hooks.example.com:8443/tern?x=1"
+        );
+        for kept in [
+            "https://hooks.example.com/tern",
+            "http://app@127.0.0.1:9/hook",
+            "",
+            "not a url",
+        ] {
+            assert_eq!(redact_url(kept), kept);
+        }
+    }
+
     use super::*;
 
     #[test]

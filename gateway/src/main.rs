@@ -174,7 +174,8 @@ fn main() -> ExitCode {
             Ok(text) => {
                 println!(
                     "# The configuration tern-gateway would run with. Not printed: secret,\n\
-                     # api_secret, webhook.secret and notify.webhook.secret.\n{text}"
+                     # api_secret, webhook.secret and notify.webhook.secret; a password in a\n\
+                     # URL is printed as REDACTED.\n{text}"
                 );
                 ExitCode::SUCCESS
             }

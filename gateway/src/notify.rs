@@ -166,7 +166,9 @@ impl Default for NotifyConfig {
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NotifyWebhookConfig {
-    /// The app's endpoint, `http://` or `https://`. Required.
+    /// The app's endpoint, `http://` or `https://`. Required. A password in it is printed and
+    /// logged as `REDACTED`.
+    #[serde(serialize_with = "crate::config::serialize_redacted_url")]
     pub url: String,
     /// HMAC-SHA256 key of the `X-Tern-Signature` header. Required; never logged.
     #[serde(skip_serializing)]
@@ -188,7 +190,7 @@ impl Default for NotifyWebhookConfig {
 impl fmt::Debug for NotifyWebhookConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NotifyWebhookConfig")
-            .field("url", &self.url)
+            .field("url", &crate::config::redact_url(&self.url))
             .field("secret", &"..")
             .field("timeout_ms", &self.timeout_ms)
             .finish()
@@ -209,6 +211,7 @@ pub struct ApnsConfig {
     /// The app's bundle id. Required.
     pub topic: String,
     /// `https://` base URL. Default [`DEFAULT_APNS_ENDPOINT`].
+    #[serde(serialize_with = "crate::config::serialize_redacted_url")]
     pub endpoint: String,
     /// Time limit of one attempt in milliseconds. Default 10,000.
     pub timeout_ms: u64,
@@ -235,6 +238,7 @@ pub struct FcmConfig {
     /// `client_email`, `private_key`, `token_uri`). Required.
     pub service_account_file: PathBuf,
     /// `https://` base URL. Default [`DEFAULT_FCM_ENDPOINT`].
+    #[serde(serialize_with = "crate::config::serialize_redacted_url")]
     pub endpoint: String,
     /// Time limit of one attempt, a token request included, in milliseconds. Default 10,000.
     pub timeout_ms: u64,

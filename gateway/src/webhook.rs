@@ -113,7 +113,9 @@ const WARN_EVERY_MS: u64 = 10_000;
 #[serde(default, deny_unknown_fields)]
 pub struct WebhookConfig {
     /// The app's endpoint, `http://` or `https://`. Default empty: no webhooks (`emit` does
-    /// nothing and before-send allows every message).
+    /// nothing and before-send allows every message). A password in it is printed and logged
+    /// as `REDACTED`.
+    #[serde(serialize_with = "crate::config::serialize_redacted_url")]
     pub url: String,
     /// HMAC-SHA256 key signing every request; required when `url` is set. Default empty.
     /// Never logged.
@@ -166,7 +168,7 @@ impl Default for WebhookConfig {
 impl fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookConfig")
-            .field("url", &self.url)
+            .field("url", &crate::config::redact_url(&self.url))
             .field("secret", &"..")
             .field("timeout_ms", &self.timeout_ms)
             .field("before_send", &self.before_send)

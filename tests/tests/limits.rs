@@ -497,7 +497,8 @@ fn any_key_can_be_set_on_the_command_line() {
 
 /// `tern-gateway config` prints the configuration the server would run with: every key, with
 /// the file, TERN_SET, --set and the flags applied, as TOML that the server takes back as its
-/// --config file, without the secrets. It touches no data directory.
+/// --config file, without the secrets (a password in a URL reads REDACTED). It touches no data
+/// directory.
 #[test]
 fn the_effective_configuration_is_printed_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
@@ -524,7 +525,7 @@ fn the_effective_configuration_is_printed_without_secrets() {
         "--set",
         "secret=0123456789abcdef0123456789abcdef-not-printed",
         "--set",
-        "webhook.url=http://127.0.0.1:9/hook",
+        "webhook.url=http://tern:pw-not-printed@127.0.0.1:9/hook",
         "--set",
         "webhook.secret=0123456789abcdef0123456789abcdef-not-printed",
         "config",
@@ -550,7 +551,7 @@ fn the_effective_configuration_is_printed_without_secrets() {
     }
     assert_eq!(
         printed["webhook"]["url"],
-        toml::Value::String("http://127.0.0.1:9/hook".into())
+        toml::Value::String("http://tern:REDACTED@127.0.0.1:9/hook".into())
     );
     assert!(!data.exists(), "the data directory was created");
     // The printout is a configuration file the server takes (with the webhook's secret given
