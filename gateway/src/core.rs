@@ -85,6 +85,27 @@ pub enum Recipient {
     Group(Box<GroupAfter>),
 }
 
+/// A 1:1 message as the sender's other devices see it: the recipient's [`Deliver`] (shared,
+/// not copied) with `target` naming the peer instead of the sender.
+#[derive(Debug)]
+pub struct OwnCopy {
+    pub message: Arc<Deliver>,
+    pub peer: Arc<str>,
+}
+
+impl OwnCopy {
+    /// The Deliver for the sender's devices.
+    fn deliver(&self) -> Deliver {
+        Deliver {
+            target: Some(Target {
+                kind: TargetKind::User as i32,
+                id: self.peer.to_string(),
+            }),
+            ..(*self.message).clone()
+        }
+    }
+}
+
 /// Messages between cores (one bounded lock-free SPSC queue per ordered pair of cores).
 #[derive(Debug)]
 pub enum ShardMsg {
@@ -111,11 +132,11 @@ pub enum ShardMsg {
     /// An append for a conversation this core owns.
     Append(AppendMsg),
     /// The result of an append, for the sender's session, with the message for the sender's
-    /// other devices (encoded only if the sender has any).
+    /// other devices (built and encoded only if the sender has any).
     Reply {
         reply: ReplyTo,
         frame: Bytes,
-        own_copy: Option<Arc<Deliver>>,
+        own_copy: Option<OwnCopy>,
     },
     /// A request about a group, for the group's owner core.
     Group(GroupJob),
@@ -645,8 +666,11 @@ impl Core {
                 if let Some(s) = self.sessions.borrow().get(&reply.session) {
                     s.out.push(frame);
                 }
-                if let Some(message) = own_copy {
-                    self.deliver_local(reply.user, reply.logical, &message);
+                // Most senders have no other device online: then the copy is never built.
+                if let Some(own) = own_copy
+                    && self.has_other_paths(reply.user, reply.logical)
+                {
+                    self.deliver_local(reply.user, reply.logical, &own.deliver());
                 }
             }
             ShardMsg::Deliver {
@@ -706,6 +730,14 @@ impl Core {
     /// Pushes a committed message to every local session of `user` except the paths of logical
     /// session `except`, encoding it once, on first need. Every path of a dual-channel session
     /// gets it; the client keeps the first copy.
+    /// Whether `user` has a session on this core outside logical session `except`.
+    fn has_other_paths(&self, user: UserId, except: u64) -> bool {
+        self.users
+            .borrow()
+            .get(&user)
+            .is_some_and(|list| list.iter().any(|s| s.logical != except))
+    }
+
     pub fn deliver_local(&self, user: UserId, except: u64, message: &Deliver) {
         let n = self.deliver_to_user(user, except, message, &mut None);
         self.m()
@@ -949,17 +981,16 @@ impl Core {
                         payload: job.req.payload,
                         recalled: false,
                     };
+                    let message = Arc::new(for_recipient);
+                    let recipient_core = self.router.user(&recipient_name).core;
                     if recipient != sender {
                         // The sender's other devices see their own message with the peer as
                         // target; it rides with the SendAck to the sender's core.
-                        let mut mine = for_recipient.clone();
-                        mine.target = Some(Target {
-                            kind: TargetKind::User as i32,
-                            id: recipient_name.to_string(),
+                        own_copy = Some(OwnCopy {
+                            message: message.clone(),
+                            peer: recipient_name,
                         });
-                        own_copy = Some(Arc::new(mine));
                     }
-                    let recipient_core = self.router.user(&recipient_name).core;
                     self.send_to_core(
                         recipient_core,
                         ShardMsg::Deliver {
@@ -969,7 +1000,7 @@ impl Core {
                             } else {
                                 0
                             },
-                            message: Arc::new(for_recipient),
+                            message,
                         },
                     )
                     .await;
