@@ -302,7 +302,9 @@ pub fn conversation_settings(s: &ConversationSettings) -> String {
 /// The line for a friend event: `friend event=<kind> user=<user> message=<text>`, kind
 /// `request`, `added`, `declined` or `deleted` (another value: its number), `user` the other
 /// user, the message (a request's) escaped and running to the end of the line. A decision on
-/// the user's join request: `group event=join_approved|join_declined group=<group> by=<admin>`.
+/// the user's join request: `group event=join_approved|join_declined group=<group> by=<admin>`;
+/// a request to join a group this user administers: `group event=join_request group=<group>
+/// user=<applicant> message=<text>` (escaped, to the end of the line).
 pub fn social_event(e: &SocialEvent) -> String {
     let kind = match SocialEventKind::try_from(e.kind) {
         Ok(SocialEventKind::FriendRequest) => "request".to_owned(),
@@ -319,6 +321,14 @@ pub fn social_event(e: &SocialEvent) -> String {
             return format!(
                 "group event=join_declined group={} by={}",
                 e.group_id, e.user_id
+            );
+        }
+        Ok(SocialEventKind::JoinRequested) => {
+            return format!(
+                "group event=join_request group={} user={} message={}",
+                e.group_id,
+                e.user_id,
+                escape(&e.message)
             );
         }
         Ok(SocialEventKind::Unspecified) | Err(_) => e.kind.to_string(),
@@ -867,6 +877,12 @@ mod tests {
         assert_eq!(
             social_event(&e),
             "group event=join_declined group=books by=alice"
+        );
+        e.kind = SocialEventKind::JoinRequested.into();
+        e.message = "let me\nin".into();
+        assert_eq!(
+            social_event(&e),
+            "group event=join_request group=books user=alice message=let me\\nin"
         );
     }
 

@@ -74,6 +74,17 @@ pub struct GroupRecord {
     pub pending: Vec<PendingJoin>,
 }
 
+/// Whom a change of a group's record alone tells ([`Core::submit_record_change`]).
+enum RecordNotice {
+    /// A join request: the owner and admins online, with a `SocialEvent` `JOIN_REQUESTED`.
+    Requested,
+    /// A declined request: the applicant online, with `JOIN_DECLINED`.
+    Declined {
+        applicant: UserId,
+        applicant_name: String,
+    },
+}
+
 /// A join request in a group's record.
 #[derive(Clone, PartialEq, Message)]
 pub struct PendingJoin {
@@ -189,8 +200,6 @@ pub struct Pending {
     removed: Vec<UserId>,
     /// Answer with the group's info (create).
     with_info: bool,
-    /// Answer with `pending` (a join request was filed).
-    join_pending: bool,
     /// A reviewer approved a join request: stored as GROUP_JOINED, reported to the webhook as
     /// `join_approved`.
     join_approved: bool,
@@ -210,7 +219,6 @@ impl Pending {
             added: Vec::new(),
             removed: Vec::new(),
             with_info: false,
-            join_pending: false,
             join_approved: false,
             hidden: None,
             decision: None,
@@ -583,6 +591,7 @@ impl Core {
                     message: join.message.clone(),
                     at_ms: now,
                 });
+                // Not an event of the group's log: only the owner and admins see a request.
                 let event = GroupEvent {
                     kind: GroupEventKind::GroupJoinRequested.into(),
                     actor: job.actor_name.to_string(),
@@ -590,11 +599,7 @@ impl Core {
                     reason: join.message.clone(),
                     ..GroupEvent::default()
                 };
-                let pending = Pending {
-                    join_pending: true,
-                    ..Pending::new(record)
-                };
-                self.submit_group_change(state, job, event, pending);
+                self.submit_record_change(state, job, record, event, RecordNotice::Requested);
                 return Ok(None);
             }
             let event = GroupEvent {
@@ -707,8 +712,19 @@ impl Core {
                 };
                 let user = pending.record.pending.remove(i).user;
                 event.user_ids = vec![req.user_id.clone()];
+                if !req.approve {
+                    // Nothing in the group's log: only the applicant and the admins' list
+                    // learn of it.
+                    event.kind = GroupEventKind::GroupJoinDeclined.into();
+                    let declined = RecordNotice::Declined {
+                        applicant: user,
+                        applicant_name: req.user_id.clone(),
+                    };
+                    self.submit_record_change(state, job, pending.record, event, declined);
+                    return Ok(None);
+                }
                 pending.decision = Some((user, req.user_id.clone(), req.approve));
-                if req.approve {
+                {
                     self.check_room(state, 1)?;
                     pending
                         .members
@@ -716,8 +732,6 @@ impl Core {
                     pending.added.push(user);
                     pending.join_approved = true;
                     event.kind = GroupEventKind::GroupJoined.into();
-                } else {
-                    event.kind = GroupEventKind::GroupJoinDeclined.into();
                 }
             }
             Op::ListJoinRequests(_) => {
@@ -1222,6 +1236,132 @@ impl Core {
         .await;
     }
 
+    /// Stores a change of the group's record alone, with no event in the group's log (a join
+    /// request, a declined one): the group waits until it is committed, then `notice` says whom
+    /// to tell. `event` is what the `group_event` webhook reports, with `event_seq` 0.
+    fn submit_record_change(
+        self: &Rc<Self>,
+        state: &mut GroupState,
+        job: &GroupJob,
+        record: GroupRecord,
+        event: GroupEvent,
+        notice: RecordNotice,
+    ) {
+        state.busy = true;
+        let write = self
+            .store
+            .set_group_record(job.group, Bytes::from(record.encode_to_vec()));
+        let core = self.clone();
+        let (group, name, reply) = (job.group, job.name.clone(), job.reply.clone());
+        glommio::spawn_local(async move {
+            let result = write.await;
+            core.finish_record_change(group, name, reply, record, event, notice, result)
+                .await;
+        })
+        .detach();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_record_change(
+        self: &Rc<Self>,
+        group: GroupId,
+        name: Arc<str>,
+        reply: ReplyTo,
+        record: GroupRecord,
+        event: GroupEvent,
+        notice: RecordNotice,
+        result: Result<(), StorageError>,
+    ) {
+        let conv = tern_storage::group_conversation(group).unwrap_or(0);
+        let frame = match result {
+            Ok(()) => {
+                if self.webhooks.wants(crate::webhook::GROUP_EVENT) {
+                    let at = Appended {
+                        conversation: conv,
+                        seq: 0,
+                        server_time_ms: now_ms(),
+                        version: 0,
+                        duplicate: false,
+                    };
+                    self.webhooks.emit(
+                        crate::webhook::GROUP_EVENT,
+                        group_event_hook(&name, &at, &event, false, None),
+                    );
+                }
+                let admins: Vec<UserId> = {
+                    let mut groups = self.groups.borrow_mut();
+                    let state = groups.entry(group).or_default();
+                    state.record = Some(record);
+                    state
+                        .members
+                        .iter()
+                        .filter(|(_, m)| m.is_admin() && !m.hidden)
+                        .map(|(&u, _)| u)
+                        .collect()
+                };
+                let pending = matches!(notice, RecordNotice::Requested);
+                match notice {
+                    RecordNotice::Requested => {
+                        let frame = self.encode(&Frame::new(
+                            0,
+                            SocialEvent {
+                                kind: SocialEventKind::JoinRequested.into(),
+                                user_id: event.actor.clone(),
+                                message: event.reason.clone(),
+                                group_id: name.to_string(),
+                            },
+                        ));
+                        for admin in admins {
+                            let core = self.router.user(&self.name_of(admin)).core;
+                            self.send_to_core(
+                                core,
+                                ShardMsg::ToUser {
+                                    user: admin,
+                                    except_logical: 0,
+                                    frame: frame.clone(),
+                                    droppable: false,
+                                },
+                            )
+                            .await;
+                        }
+                    }
+                    RecordNotice::Declined {
+                        applicant,
+                        applicant_name,
+                    } => {
+                        self.tell_applicant(applicant, &applicant_name, false, &event.actor, &name)
+                            .await;
+                    }
+                }
+                Frame::new(
+                    reply.request_id,
+                    GroupResponse {
+                        group_id: name.to_string(),
+                        conversation_id: conv,
+                        pending,
+                        ..GroupResponse::default()
+                    },
+                )
+            }
+            Err(e) => {
+                let (code, msg) = storage_error_code(&e);
+                Frame::error(reply.request_id, code, msg, false)
+            }
+        };
+        let frame = self.encode(&frame);
+        let to = reply.core;
+        self.send_to_core(
+            to,
+            ShardMsg::Reply {
+                reply,
+                frame,
+                own_copy: None,
+            },
+        )
+        .await;
+        self.release_group(group);
+    }
+
     /// Appends the event of a change with the change itself; the group waits until committed.
     fn submit_group_change(
         self: &Rc<Self>,
@@ -1292,10 +1432,8 @@ impl Core {
             Ok(a) => {
                 let mut removed = Vec::new();
                 let mut info = None;
-                let mut join_pending = false;
                 let mut decision = None;
                 if let Some(p) = after.change {
-                    join_pending = p.join_pending;
                     decision = p.decision.clone();
                     if self.webhooks.wants(crate::webhook::GROUP_EVENT) {
                         // The event was encoded here a moment ago; it decodes.
@@ -1438,7 +1576,6 @@ impl Core {
                             conversation_id: a.conversation,
                             event_seq: a.seq,
                             info,
-                            pending: join_pending,
                             ..GroupResponse::default()
                         },
                     )

@@ -537,8 +537,13 @@ pub trait MessageStore: Send + Sync + fmt::Debug {
     fn members(&self, group: GroupId, after: UserId, limit: usize) -> Result<Vec<UserId>>;
     /// The groups `user` is a member of, ascending.
     fn groups_of(&self, user: UserId) -> Result<Vec<GroupId>>;
-    /// The group's record as last stored by a [`GroupChange`] (committed writes only).
+    /// The group's record as last stored by a [`GroupChange`] or
+    /// [`MessageStore::set_group_record`] (committed writes only).
     fn group_record(&self, group: GroupId) -> Result<Option<Bytes>>;
+    /// Replaces the group's record without a message in its log: for state that members do
+    /// not see, such as pending join requests. Ordered with appends like every write (a
+    /// [`GroupChange`] submitted after it replaces it, one submitted before is replaced).
+    fn set_group_record(&self, group: GroupId, record: Bytes) -> Completion<()>;
     /// Up to `limit` members of `group` with ids greater than `after`, ascending, with their
     /// attributes (empty for members added by [`MessageStore::add_member`]).
     fn member_records(

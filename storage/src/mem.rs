@@ -432,6 +432,12 @@ impl MessageStore for MemStore {
         Ok(self.lock()?.group_records.get(&group).cloned())
     }
 
+    fn set_group_record(&self, group: GroupId, record: Bytes) -> Completion<()> {
+        Completion::ready(self.lock().map(|mut s| {
+            s.group_records.insert(group, record);
+        }))
+    }
+
     fn member_records(
         &self,
         group: GroupId,

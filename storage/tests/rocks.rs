@@ -250,6 +250,29 @@ fn group_changes_survive_reopen() {
 }
 
 #[test]
+fn a_group_record_set_without_a_message_survives_reopen() {
+    for d in [Durability::Fsync, Durability::Memory] {
+        let dir = tempfile::tempdir().unwrap();
+        let g = {
+            let s = open(dir.path(), d);
+            let g = s.intern_group("g").unwrap();
+            s.set_group_record(g, Bytes::from_static(b"pending"))
+                .wait()
+                .unwrap();
+            s.close().unwrap();
+            g
+        };
+        let s = open(dir.path(), d);
+        assert_eq!(
+            s.group_record(g).unwrap(),
+            Some(Bytes::from_static(b"pending")),
+            "{d:?}"
+        );
+        assert_eq!(s.latest_seq(group_conversation(g).unwrap()).unwrap(), 0);
+    }
+}
+
+#[test]
 fn idempotent_retry_after_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let c = group_conversation(3).unwrap();

@@ -645,57 +645,72 @@ fn bad_group_requests_get_their_error_codes() {
     assert_eq!(info(&mut alice, "g").latest_seq, 1);
 }
 
+/// A join request goes to the owner and the admins, not to the group: members see neither
+/// the request nor a decline, and neither takes a seq of the group's log.
 #[test]
 fn approval_groups_take_join_requests_that_admins_review() {
-    let gw = Gateway::start(&["--cores", "2"]);
+    let mut gw = Gateway::start(&["--cores", "2"]);
     let mut alice = login(&gw, "alice");
     let mut bob = login(&gw, "bob");
     let mut carol = login(&gw, "carol");
     let mut erin = login(&gw, "erin");
-    create(&mut alice, "club", &["bob"], JoinPolicy::Approval);
-    expect_event(&mut bob, GroupEventKind::GroupCreated);
+    let mut frank = login(&gw, "frank");
+    create(&mut alice, "club", &["bob", "frank"], JoinPolicy::Approval);
+    group_ok(&mut alice, "club", set_role("bob", GroupRole::RoleAdmin));
+    for c in [&mut bob, &mut frank] {
+        expect_event(c, GroupEventKind::GroupCreated);
+        expect_event(c, GroupEventKind::GroupRoleChanged);
+    }
 
     let join = |message: &str| {
         Op::Join(JoinGroup {
             message: message.into(),
         })
     };
+    let request = |user: &str, message: &str| {
+        Body::SocialEvent(SocialEvent {
+            kind: SocialEventKind::JoinRequested.into(),
+            user_id: user.into(),
+            message: message.into(),
+            group_id: "club".into(),
+        })
+    };
     let r = group_ok(&mut carol, "club", join("let me in"));
     assert!(r.pending);
-    assert_eq!(r.event_seq, 2);
-    for c in [&mut alice, &mut bob] {
-        let (d, e) = expect_event(c, GroupEventKind::GroupJoinRequested);
-        assert_eq!((d.seq, d.sender.as_str()), (2, "carol"));
-        assert_eq!(
-            (e.user_ids, e.reason.as_str()),
-            (users(&["carol"]), "let me in")
-        );
+    assert_eq!(r.event_seq, 0, "nothing in the group's log");
+    for admin in [&mut alice, &mut bob] {
+        assert_eq!(admin.pushed(), request("carol", "let me in"));
     }
     group_err(&mut carol, "club", join("again"), ErrorCode::Conflict);
     // Not a member yet.
     send_group_err(&mut carol, "club", "c0", ErrorCode::NotMember);
     group_ok(&mut erin, "club", join(""));
-    for c in [&mut alice, &mut bob] {
-        expect_event(c, GroupEventKind::GroupJoinRequested);
+    for admin in [&mut alice, &mut bob] {
+        assert_eq!(admin.pushed(), request("erin", ""));
     }
+    // A member who is not an admin heard of neither, and the log did not move.
+    frank.nothing_pending();
+    assert_eq!(info(&mut frank, "club").latest_seq, 2);
     // The applicant sees that the request waits; others do not see theirs.
     assert!(group_ok(&mut erin, "club", Op::Get(GetGroup {})).pending);
     let mut dave = login(&gw, "dave");
     assert!(!group_ok(&mut dave, "club", Op::Get(GetGroup {})).pending);
     let list = Op::ListJoinRequests(ListJoinRequests {});
-    group_err(&mut bob, "club", list.clone(), ErrorCode::Forbidden);
-    let pending: Vec<(String, String)> = group_ok(&mut alice, "club", list.clone())
-        .join_requests
-        .into_iter()
-        .map(|j| (j.user_id, j.message))
-        .collect();
-    assert_eq!(
-        pending,
-        vec![
-            ("carol".to_string(), "let me in".to_string()),
-            ("erin".to_string(), String::new())
-        ]
-    );
+    group_err(&mut frank, "club", list.clone(), ErrorCode::Forbidden);
+    for admin in [&mut alice, &mut bob] {
+        let pending: Vec<(String, String)> = group_ok(admin, "club", list.clone())
+            .join_requests
+            .into_iter()
+            .map(|j| (j.user_id, j.message))
+            .collect();
+        assert_eq!(
+            pending,
+            vec![
+                ("carol".to_string(), "let me in".to_string()),
+                ("erin".to_string(), String::new())
+            ]
+        );
+    }
     let review = |user: &str, approve| {
         Op::ReviewJoin(ReviewJoin {
             user_id: user.into(),
@@ -703,14 +718,14 @@ fn approval_groups_take_join_requests_that_admins_review() {
         })
     };
     group_err(
-        &mut bob,
+        &mut frank,
         "club",
         review("carol", true),
         ErrorCode::Forbidden,
     );
     assert_eq!(
         group_ok(&mut alice, "club", review("carol", true)).event_seq,
-        4
+        3
     );
     // Carol is in before the event: she hears her own admission, and is told of the decision.
     let decision = |kind: SocialEventKind| {
@@ -722,6 +737,10 @@ fn approval_groups_take_join_requests_that_admins_review() {
         })
     };
     let joined = expect_event(&mut bob, GroupEventKind::GroupJoined);
+    assert_eq!(
+        expect_event(&mut frank, GroupEventKind::GroupJoined),
+        joined
+    );
     let (d, e) = expect_event(&mut carol, GroupEventKind::GroupJoined);
     assert_eq!(
         (d.seq, d.sender.as_str(), &e),
@@ -733,12 +752,14 @@ fn approval_groups_take_join_requests_that_admins_review() {
         (joined.0.sender.as_str(), joined.1.user_ids),
         ("alice", users(&["carol"]))
     );
-    group_ok(&mut alice, "club", review("erin", false));
-    for c in [&mut bob, &mut carol] {
-        expect_event(c, GroupEventKind::GroupJoinDeclined);
-    }
+    // A decline reaches the applicant only.
+    let r = group_ok(&mut alice, "club", review("erin", false));
+    assert_eq!(r.event_seq, 0);
     assert_eq!(erin.pushed(), decision(SocialEventKind::JoinDeclined));
     erin.nothing_pending();
+    for c in [&mut bob, &mut carol, &mut frank] {
+        c.nothing_pending();
+    }
     assert!(!group_ok(&mut erin, "club", Op::Get(GetGroup {})).pending);
     group_err(
         &mut alice,
@@ -746,9 +767,31 @@ fn approval_groups_take_join_requests_that_admins_review() {
         review("erin", true),
         ErrorCode::NotFound,
     );
-    assert!(group_ok(&mut alice, "club", list).join_requests.is_empty());
-    assert_eq!(send_group_acked(&mut carol, "club", "c1", "thanks"), 6);
-    assert_eq!(info(&mut carol, "club").member_count, 3);
+    assert!(
+        group_ok(&mut bob, "club", list.clone())
+            .join_requests
+            .is_empty()
+    );
+    assert_eq!(send_group_acked(&mut carol, "club", "c1", "thanks"), 4);
+    assert_eq!(info(&mut carol, "club").member_count, 4);
+
+    // A request is stored: it outlives a restart.
+    let mut gina = login(&gw, "gina");
+    group_ok(&mut gina, "club", join("still there?"));
+    assert_eq!(expect_deliver(&mut alice).client_msg_id, "c1");
+    assert_eq!(alice.pushed(), request("gina", "still there?"));
+    drop((alice, bob, carol, dave, erin, frank, gina));
+    gw.restart();
+    let mut bob = login(&gw, "bob");
+    let listed = group_ok(&mut bob, "club", list).join_requests;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|j| (j.user_id.as_str(), j.message.as_str()))
+            .collect::<Vec<_>>(),
+        [("gina", "still there?")]
+    );
+    assert_eq!(info(&mut bob, "club").latest_seq, 4);
 }
 
 fn kick(users: &[&str]) -> Op {
@@ -884,7 +927,7 @@ fn role_and_limit_refusals_get_their_codes_and_store_nothing() {
     expect_event(&mut bob, GroupEventKind::GroupCreated);
     for c in [&mut dave, &mut erin] {
         group_ok(c, "club", join.clone());
-        expect_event(&mut alice, GroupEventKind::GroupJoinRequested);
+        assert!(matches!(alice.pushed(), Body::SocialEvent(_)));
     }
     let review = |user: &str| {
         Op::ReviewJoin(ReviewJoin {

@@ -907,6 +907,14 @@ impl MessageStore for RocksStore {
             .map(|v| Bytes::copy_from_slice(&v)))
     }
 
+    fn set_group_record(&self, group: GroupId, record: Bytes) -> Completion<()> {
+        self.submit(|done| Op::GroupRecord {
+            group,
+            record,
+            done,
+        })
+    }
+
     fn member_records(
         &self,
         group: GroupId,

@@ -115,6 +115,11 @@ pub(crate) enum Op {
         done: Completer<()>,
     },
     Meta(Vec<MetaChange>, Completer<()>),
+    GroupRecord {
+        group: GroupId,
+        record: bytes::Bytes,
+        done: Completer<()>,
+    },
     Shutdown,
 }
 
@@ -129,6 +134,7 @@ impl std::fmt::Debug for Op {
             Op::Relations(..) => "Relations",
             Op::Profile { .. } => "Profile",
             Op::Meta(..) => "Meta",
+            Op::GroupRecord { .. } => "GroupRecord",
             Op::Shutdown => "Shutdown",
         })
     }
@@ -674,6 +680,14 @@ impl Writer {
                     done: tx,
                 } => {
                     batch.put_cf(db.cf(CF_PROFILES), user.to_be_bytes(), &profile);
+                    done.push(Done::Unit(tx, Ok(())));
+                }
+                Op::GroupRecord {
+                    group,
+                    record,
+                    done: tx,
+                } => {
+                    batch.put_cf(db.cf(CF_GROUPS), group.to_be_bytes(), &record);
                     done.push(Done::Unit(tx, Ok(())));
                 }
                 Op::Meta(changes, tx) => {

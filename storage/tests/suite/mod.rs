@@ -941,6 +941,49 @@ fn records(v: &[(u64, &'static str)]) -> Vec<(u64, Bytes)> {
         .collect()
 }
 
+pub fn group_record_set_without_a_message(make: Factory) {
+    let f = make(DedupWindow::default());
+    let s = &*f.store;
+    let g = s.intern_group("reviewed").unwrap();
+    let conv = group_conversation(g).unwrap();
+    append(s, group_msg(g, "create", Some("v1"), &[(1, Some("owner"))]));
+    let version = s.user_version(1).unwrap();
+    s.set_group_record(g, Bytes::from_static(b"v1+request"))
+        .wait()
+        .unwrap();
+    assert_eq!(
+        s.group_record(g).unwrap(),
+        Some(Bytes::from_static(b"v1+request"))
+    );
+    // Nothing else moved: no message, no new version, the same members.
+    assert_eq!(s.latest_seq(conv).unwrap(), 1);
+    assert_eq!(s.user_version(1).unwrap(), version);
+    assert_eq!(
+        s.member_records(g, 0, 10).unwrap(),
+        records(&[(1, "owner")])
+    );
+    // A later change replaces it, and a later record replaces that.
+    append(s, group_msg(g, "joined", Some("v2"), &[(2, Some(""))]));
+    assert_eq!(s.group_record(g).unwrap(), Some(Bytes::from_static(b"v2")));
+    let set = s.set_group_record(g, Bytes::from_static(b"v2-declined"));
+    let chat = s.append(msg(conv, 1, "chat", "after"));
+    set.wait().unwrap();
+    assert_eq!(chat.wait().unwrap().seq, 3);
+    assert_eq!(
+        s.group_record(g).unwrap(),
+        Some(Bytes::from_static(b"v2-declined"))
+    );
+    // A group that had no record gets one.
+    let other = s.intern_group("fresh").unwrap();
+    s.set_group_record(other, Bytes::from_static(b"r"))
+        .wait()
+        .unwrap();
+    assert_eq!(
+        s.group_record(other).unwrap(),
+        Some(Bytes::from_static(b"r"))
+    );
+}
+
 pub fn group_change_commits_with_its_append(make: Factory) {
     let f = make(DedupWindow::default());
     let s = &*f.store;
@@ -2051,6 +2094,7 @@ macro_rules! suite {
             unread_leaves_out_own_messages_and_what_came_before_joining,
             sync_reports_the_peers_read_position,
             group_change_commits_with_its_append,
+            group_record_set_without_a_message,
             group_change_of_a_duplicate_is_not_applied,
             invalid_group_change_writes_nothing,
             member_calls_and_group_changes_agree,
