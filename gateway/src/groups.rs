@@ -1349,16 +1349,7 @@ impl Core {
             }
         };
         let frame = self.encode(&frame);
-        let to = reply.core;
-        self.send_to_core(
-            to,
-            ShardMsg::Reply {
-                reply,
-                frame,
-                own_copy: None,
-            },
-        )
-        .await;
+        self.send_reply(reply, frame).await;
         self.release_group(group);
     }
 
@@ -1607,15 +1598,7 @@ impl Core {
             }
         };
         let frame = self.encode(&frame);
-        self.send_to_core(
-            reply.core,
-            ShardMsg::Reply {
-                reply,
-                frame,
-                own_copy: None,
-            },
-        )
-        .await;
+        self.send_reply(reply, frame).await;
         if is_change {
             self.release_group(group);
         }
@@ -1644,19 +1627,21 @@ impl Core {
 
     fn group_reply(self: &Rc<Self>, reply: ReplyTo, frame: Bytes) {
         let core = self.clone();
-        glommio::spawn_local(async move {
-            let to = reply.core;
-            core.send_to_core(
-                to,
-                ShardMsg::Reply {
-                    reply,
-                    frame,
-                    own_copy: None,
-                },
-            )
-            .await;
-        })
-        .detach();
+        glommio::spawn_local(async move { core.send_reply(reply, frame).await }).detach();
+    }
+
+    /// Sends an answer to the requesting session's core.
+    async fn send_reply(self: &Rc<Self>, reply: ReplyTo, frame: Bytes) {
+        let to = reply.core;
+        self.send_to_core(
+            to,
+            ShardMsg::Reply {
+                reply,
+                frame,
+                own_copy: None,
+            },
+        )
+        .await;
     }
 
     fn group_reply_error(self: &Rc<Self>, job: &GroupJob, (code, msg): Refusal) {
