@@ -357,8 +357,10 @@ pub enum Event {
     Presence(Presence),
     /// Another device of this user changed a conversation's settings.
     ConversationSettings(ConversationSettings),
-    /// A friend request, or a friendship added, declined or deleted; or the decision on this
-    /// user's request to join a group (`JOIN_APPROVED`, `JOIN_DECLINED`, with `group_id`).
+    /// A friend request, or a friendship added, declined or deleted; the decision on this
+    /// user's request to join a group (`JOIN_APPROVED`, `JOIN_DECLINED`, with `group_id`); or,
+    /// for a group this user owns or administers, someone's request to join it
+    /// (`JOIN_REQUESTED`: `user_id` asks, with `message`).
     Social(SocialEvent),
     /// A server push (admin API). Each push id comes once; with auto-ack on it is acknowledged
     /// at once, otherwise call [`Client::ack_push`].
