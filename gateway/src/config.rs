@@ -146,9 +146,9 @@ pub struct Config {
     /// id is answered with the original SendAck.
     pub dedup_window_secs: u64,
     /// Idempotency window by count: the most recent Sends remembered, over all users (about 100
-    /// bytes of memory each, whatever the id's length). A Send repeated after this many later Sends is stored
-    /// again even within `dedup_window_secs`: at 200,000 Sends a second the default million
-    /// covers 5 seconds. At least 1000.
+    /// bytes of memory each, whatever the id's length). A Send repeated after this many later
+    /// Sends is stored again even within `dedup_window_secs`: at 200,000 Sends a second the
+    /// default million covers 5 seconds. At least 1000.
     pub dedup_window_entries: usize,
     /// Most connections the process holds (logged in or not); more are refused with
     /// `CONNECTION_LIMIT`. 0 (default) means the open-file limit minus 512 descriptors kept for

@@ -727,9 +727,6 @@ impl Core {
         }
     }
 
-    /// Pushes a committed message to every local session of `user` except the paths of logical
-    /// session `except`, encoding it once, on first need. Every path of a dual-channel session
-    /// gets it; the client keeps the first copy.
     /// Whether `user` has a session on this core outside logical session `except`.
     fn has_other_paths(&self, user: UserId, except: u64) -> bool {
         self.users
@@ -738,6 +735,9 @@ impl Core {
             .is_some_and(|list| list.iter().any(|s| s.logical != except))
     }
 
+    /// Pushes a committed message to every local session of `user` except the paths of logical
+    /// session `except`, encoding it once, on first need. Every path of a dual-channel session
+    /// gets it; the client keeps the first copy.
     pub fn deliver_local(&self, user: UserId, except: u64, message: &Deliver) {
         let n = self.deliver_to_user(user, except, message, &mut None);
         self.m()

@@ -608,6 +608,9 @@ impl Core {
                 user_ids: vec![job.actor_name.to_string()],
                 ..GroupEvent::default()
             };
+            // A request filed while the group took approvals is settled by joining.
+            let mut record = record;
+            record.pending.retain(|p| p.user != job.actor);
             let pending = Pending {
                 members: vec![(
                     job.actor,
@@ -711,6 +714,9 @@ impl Core {
                     );
                 };
                 let user = pending.record.pending.remove(i).user;
+                if req.approve && state.members.contains_key(&user) {
+                    return refuse(ErrorCode::Conflict, "already a member of this group");
+                }
                 event.user_ids = vec![req.user_id.clone()];
                 if !req.approve {
                     // Nothing in the group's log: only the applicant and the admins' list

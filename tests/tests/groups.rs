@@ -783,7 +783,7 @@ fn approval_groups_take_join_requests_that_admins_review() {
     drop((alice, bob, carol, dave, erin, frank, gina));
     gw.restart();
     let mut bob = login(&gw, "bob");
-    let listed = group_ok(&mut bob, "club", list).join_requests;
+    let listed = group_ok(&mut bob, "club", list.clone()).join_requests;
     assert_eq!(
         listed
             .iter()
@@ -792,6 +792,24 @@ fn approval_groups_take_join_requests_that_admins_review() {
         [("gina", "still there?")]
     );
     assert_eq!(info(&mut bob, "club").latest_seq, 4);
+    // Once the group takes anyone, joining settles the request: it leaves the list, and cannot
+    // be approved into a second membership.
+    group_ok(
+        &mut bob,
+        "club",
+        Op::Update(UpdateGroup {
+            profile: Some(Box::new(GroupProfile {
+                join_policy: Some(JoinPolicy::Free.into()),
+                ..GroupProfile::default()
+            })),
+        }),
+    );
+    let mut gina = login(&gw, "gina");
+    assert_eq!(group_ok(&mut gina, "club", join("")).event_seq, 6);
+    assert_eq!(expect_event(&mut bob, GroupEventKind::GroupJoined).0.seq, 6);
+    assert!(group_ok(&mut bob, "club", list).join_requests.is_empty());
+    group_err(&mut bob, "club", review("gina", true), ErrorCode::NotFound);
+    assert_eq!(info(&mut gina, "club").member_count, 5);
 }
 
 fn kick(users: &[&str]) -> Op {
