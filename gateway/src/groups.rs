@@ -200,15 +200,12 @@ pub struct Pending {
     removed: Vec<UserId>,
     /// Answer with the group's info (create).
     with_info: bool,
-    /// A reviewer approved a join request: stored as GROUP_JOINED, reported to the webhook as
-    /// `join_approved`.
-    join_approved: bool,
     /// A hidden member's change: who, and `added`, `removed` or `left` (for the webhook, which
     /// names them; the event does not). Such events are sent by the system user.
     hidden: Option<(String, &'static str)>,
-    /// A reviewed join request: the applicant (id, name) and whether it was approved. They are
-    /// told once the decision is stored.
-    decision: Option<(UserId, String, bool)>,
+    /// An approved join request: the applicant (id, name), told once the approval is stored.
+    /// Stored as GROUP_JOINED, reported to the webhook as `join_approved`.
+    approved: Option<(UserId, String)>,
 }
 
 impl Pending {
@@ -219,9 +216,8 @@ impl Pending {
             added: Vec::new(),
             removed: Vec::new(),
             with_info: false,
-            join_approved: false,
             hidden: None,
-            decision: None,
+            approved: None,
         }
     }
 }
@@ -729,16 +725,13 @@ impl Core {
                     self.submit_record_change(state, job, pending.record, event, declined);
                     return Ok(None);
                 }
-                pending.decision = Some((user, req.user_id.clone(), req.approve));
-                {
-                    self.check_room(state, 1)?;
-                    pending
-                        .members
-                        .push((user, Some(MemberRecord::new(GroupRole::RoleMember, now))));
-                    pending.added.push(user);
-                    pending.join_approved = true;
-                    event.kind = GroupEventKind::GroupJoined.into();
-                }
+                self.check_room(state, 1)?;
+                pending.approved = Some((user, req.user_id.clone()));
+                pending
+                    .members
+                    .push((user, Some(MemberRecord::new(GroupRole::RoleMember, now))));
+                pending.added.push(user);
+                event.kind = GroupEventKind::GroupJoined.into();
             }
             Op::ListJoinRequests(_) => {
                 if !admin {
@@ -1429,9 +1422,9 @@ impl Core {
             Ok(a) => {
                 let mut removed = Vec::new();
                 let mut info = None;
-                let mut decision = None;
+                let mut approved = None;
                 if let Some(p) = after.change {
-                    decision = p.decision.clone();
+                    approved = p.approved.clone();
                     if self.webhooks.wants(crate::webhook::GROUP_EVENT) {
                         // The event was encoded here a moment ago; it decodes.
                         if let Ok(event) = GroupEvent::decode(req.payload.clone()) {
@@ -1441,7 +1434,7 @@ impl Core {
                                     &after.name,
                                     &a,
                                     &event,
-                                    p.join_approved,
+                                    p.approved.is_some(),
                                     p.hidden.as_ref().map(|(u, c)| (u.as_str(), *c)),
                                 ),
                             );
@@ -1547,8 +1540,8 @@ impl Core {
                     }
                 }
                 // After the event: an approved applicant is a member by then.
-                if let Some((user, name, approved)) = decision {
-                    self.tell_applicant(user, &name, approved, &sender_name, &after.name)
+                if let Some((user, name)) = approved {
+                    self.tell_applicant(user, &name, true, &sender_name, &after.name)
                         .await;
                 }
                 if !removed.is_empty() {
